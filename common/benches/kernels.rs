@@ -1,0 +1,166 @@
+//! Throughput of the integer kernels on ResNet-20's layer shapes, per kernel path.
+//!
+//! `cargo bench -p ccq-common --bench kernels` reports each fused conv (u8 in, u8 out) at
+//! batch 64 in MAC/s (criterion's "elem/s"), the elementwise add in elements/s, and then a
+//! per-path estimate of ResNet-20's conv time per image. The reference path runs at batch 4
+//! (it is ~100x slower). Pass `-- vnni` etc. to filter.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use ccq_common::kernels::{self, AddParams, ConvGeom, KernelPath, OutputStage, PackedConv, Requant};
+use criterion::{BenchmarkId, Criterion, Throughput};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const BATCH: usize = 64;
+
+/// A ResNet-20 layer shape and how many times it occurs in the network.
+struct Layer {
+    name: &'static str,
+    geom: ConvGeom,
+    count: usize,
+}
+
+fn conv3x3(hw: usize, in_c: usize, out_c: usize, stride: usize) -> ConvGeom {
+    ConvGeom {
+        in_h: hw,
+        in_w: hw,
+        in_c,
+        out_c,
+        k_h: 3,
+        k_w: 3,
+        stride_h: stride,
+        stride_w: stride,
+        dil_h: 1,
+        dil_w: 1,
+        pad_t: 1,
+        pad_l: 1,
+        pad_b: 1,
+        pad_r: 1,
+    }
+}
+
+fn layers() -> Vec<Layer> {
+    let linear = ConvGeom {
+        k_h: 1,
+        k_w: 1,
+        pad_t: 0,
+        pad_l: 0,
+        pad_b: 0,
+        pad_r: 0,
+        ..conv3x3(1, 64, 10, 1)
+    };
+    vec![
+        Layer { name: "stem_32x32_3to16", geom: conv3x3(32, 3, 16, 1), count: 1 },
+        Layer { name: "s1_32x32_16to16", geom: conv3x3(32, 16, 16, 1), count: 6 },
+        Layer { name: "s2_32x32_16to32_s2", geom: conv3x3(32, 16, 32, 2), count: 1 },
+        Layer { name: "s2_16x16_32to32", geom: conv3x3(16, 32, 32, 1), count: 5 },
+        Layer { name: "s3_16x16_32to64_s2", geom: conv3x3(16, 32, 64, 2), count: 1 },
+        Layer { name: "s3_8x8_64to64", geom: conv3x3(8, 64, 64, 1), count: 5 },
+        Layer { name: "fc_64to10", geom: linear, count: 1 },
+    ]
+}
+
+struct Prepared {
+    conv: PackedConv,
+    stage: OutputStage,
+    input: Vec<u8>,
+}
+
+fn prepare(g: ConvGeom, batch: usize, rng: &mut ChaCha8Rng) -> Prepared {
+    let weights: Vec<i8> = (0..g.out_c * g.k_len()).map(|_| rng.random_range(-8..8)).collect();
+    let bias: Vec<i32> = (0..g.out_c).map(|_| rng.random_range(-1000..1000)).collect();
+    let stage = OutputStage {
+        requant: (0..g.out_c).map(|_| Requant::from_real(rng.random_range(0.001..0.01))).collect(),
+        out_zp: 0,
+        min: 0,
+        max: 255,
+    };
+    Prepared {
+        conv: PackedConv::new(g, &weights, &bias, 3),
+        stage,
+        input: (0..batch * g.in_len()).map(|_| rng.random()).collect(),
+    }
+}
+
+fn batch_for(path: KernelPath) -> usize {
+    if path == KernelPath::Reference {
+        4
+    } else {
+        BATCH
+    }
+}
+
+fn bench_convs(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut group = c.benchmark_group("conv");
+    group.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+    for layer in layers() {
+        for path in KernelPath::available() {
+            let batch = batch_for(path);
+            let p = prepare(layer.geom, batch, &mut rng);
+            let mut out = vec![0u8; batch * layer.geom.out_len()];
+            group.throughput(Throughput::Elements((batch * layer.geom.macs()) as u64));
+            group.bench_function(BenchmarkId::new(layer.name, path), |b| {
+                b.iter(|| p.conv.run_with(path, &p.stage, black_box(&p.input), batch, &mut out))
+            });
+        }
+    }
+    group.finish();
+}
+
+fn bench_add(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let len = BATCH * 32 * 32 * 16;
+    let a: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+    let b: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+    let mut out = vec![0u8; len];
+    let p = AddParams::new(0.02, 128, 0.03, 120, 0.04, 7, 7, 255);
+    let mut group = c.benchmark_group("add");
+    group.measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
+    group.throughput(Throughput::Elements(len as u64));
+    for path in KernelPath::available() {
+        group.bench_function(BenchmarkId::new("32x32x16", path), |bench| {
+            bench.iter(|| kernels::add_with(path, &p, black_box(&a), black_box(&b), &mut out))
+        });
+    }
+    group.finish();
+}
+
+/// Conv-only ResNet-20 throughput per path, from each layer's best time over a few runs.
+fn network_estimate() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    println!("\nResNet-20 convolutions, one thread, batch {BATCH} (reference: batch 4):");
+    for path in KernelPath::available() {
+        let batch = batch_for(path);
+        let mut seconds_per_image = 0.0;
+        let mut macs_per_image = 0;
+        for layer in layers() {
+            let p = prepare(layer.geom, batch, &mut rng);
+            let mut out = vec![0u8; batch * layer.geom.out_len()];
+            let best = (0..5)
+                .map(|_| {
+                    let start = Instant::now();
+                    p.conv.run_with(path, &p.stage, black_box(&p.input), batch, &mut out);
+                    start.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min);
+            seconds_per_image += layer.count as f64 * best / batch as f64;
+            macs_per_image += layer.count * layer.geom.macs();
+        }
+        println!(
+            "  {path:>9}: {:7.1} GMAC/s, {:8.0} images/s ({macs_per_image} MAC per image)",
+            macs_per_image as f64 / seconds_per_image / 1e9,
+            1.0 / seconds_per_image
+        );
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    bench_convs(&mut c);
+    bench_add(&mut c);
+    c.final_summary();
+    network_estimate();
+}

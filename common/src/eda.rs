@@ -1,0 +1,1567 @@
+//! The search model of ccq's training: a univariate estimation-of-distribution algorithm
+//! (UMDA) over the integer weight codes, plus the cooperative-coevolution grouping that
+//! decides which variables are searched together.
+//!
+//! This module owns only the algorithm state. The coordinator drives it: each cycle it
+//! asks for [`EdaState::groups`], and for every group it [`EdaState::sample`]s a
+//! population against the current global codes (the *context*), has workers score the
+//! candidates, adopts the best one into the context when it beats the context, and feeds
+//! the top-k back through [`EdaState::update`].
+//!
+//! # Search space
+//! Variable `i` starts at the post-training code `q0_i` and may only take
+//! `q0_i + d, d in [-r, r]`, clipped to its code range `[lo_i, hi_i]`. Its model is one
+//! categorical distribution over those values, initialised with mass `p0` on `q0_i` and
+//! the rest spread evenly over the other allowed values. A variable whose largest
+//! probability (its *confidence*) reaches the freeze threshold is frozen at its mode: it is
+//! left out of every later group, never updated, and always sampled as its mode.
+//!
+//! # Storage (the memory budget)
+//! The issue budget is at most 16 bytes of coordinator state per variable, so that a
+//! 25M-variable network fits well under 1 GB. Probabilities are therefore stored as
+//! `u16` fixed point (`count / 65535`) in one flat row-major vector with `2r + 1` slots per
+//! variable; slot `j` of variable `i` is the code `base_i + j`, and slots at or beyond the
+//! number of allowed values (`span_i`) are always zero. Per variable that is
+//! `2 (2r + 1) + 2` bytes: 8 at `r = 1`, 12 at `r = 2`, 16 at `r = 3`. Layer ids are stored
+//! as runs of consecutive variables (one run per layer when, as in a [`crate::qnet`]
+//! weight vector, layers are contiguous), so they cost nothing per variable. A cycle's
+//! groups add 4 bytes per free variable (`u32` indices) and the context 1 byte.
+//!
+//! Fixed point also makes every result exact and reproducible: rows always sum to
+//! exactly 65535, sampling maps one `u32` of the caller's ChaCha stream to a slot with
+//! integer arithmetic, and the only floating point (the update's targets, in `f64`) is
+//! evaluated in a fixed order. Each update rounds a probability by less than 1/65535.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::ops::RangeInclusive;
+
+use rand::RngCore;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Probability 1 in the fixed-point representation.
+const ONE: u32 = u16::MAX as u32;
+
+/// Largest supported search radius; it bounds the row width to 15 slots so per-row scratch
+/// space can live on the stack.
+pub const MAX_RADIUS: u8 = 7;
+const MAX_WIDTH: usize = 2 * MAX_RADIUS as usize + 1;
+
+/// Settings of the EDA and of the cooperative coevolution around it (the `[eda]` section
+/// of the coordinator's configuration). Missing fields take their defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdaParams {
+    /// Each variable may move at most this many codes away from its initial code.
+    pub radius: u8,
+    /// Initial probability of the initial (post-training) code.
+    pub p0: f64,
+    /// Learning rate of the update `p <- (1 - alpha) p + alpha freq`.
+    pub alpha: f64,
+    /// A variable whose largest probability reaches this is frozen at its mode.
+    pub freeze_threshold: f64,
+    /// Largest number of variables searched together.
+    pub group_size: usize,
+    /// Candidates per group, the current context included.
+    pub population: usize,
+    /// How many of the best candidates feed the update.
+    pub top_k: usize,
+}
+
+impl Default for EdaParams {
+    fn default() -> Self {
+        EdaParams {
+            radius: 1,
+            p0: 0.8,
+            alpha: 0.5,
+            freeze_threshold: 0.98,
+            group_size: 128,
+            population: 16,
+            top_k: 4,
+        }
+    }
+}
+
+impl EdaParams {
+    /// Rejects settings under which the algorithm cannot run.
+    pub fn validate(&self) -> Result<()> {
+        if self.radius == 0 || self.radius > MAX_RADIUS {
+            return Err(Error::setting(
+                "eda.radius",
+                self.radius,
+                format!("must be between 1 and {MAX_RADIUS}"),
+            ));
+        }
+        // Written as negated ranges so that NaN is rejected too.
+        if !(self.p0 > 0.0 && self.p0 < 1.0) {
+            return Err(Error::setting(
+                "eda.p0",
+                self.p0,
+                "must be strictly between 0 and 1",
+            ));
+        }
+        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
+            return Err(Error::setting("eda.alpha", self.alpha, "must be in (0, 1]"));
+        }
+        if !(self.freeze_threshold > 0.0 && self.freeze_threshold <= 1.0) {
+            return Err(Error::setting(
+                "eda.freeze_threshold",
+                self.freeze_threshold,
+                "must be in (0, 1]",
+            ));
+        }
+        if self.group_size == 0 {
+            return Err(Error::setting(
+                "eda.group_size",
+                self.group_size,
+                "must be at least 1",
+            ));
+        }
+        if self.population < 2 {
+            return Err(Error::setting(
+                "eda.population",
+                self.population,
+                "must be at least 2 (candidate 0 is the current context)",
+            ));
+        }
+        if self.top_k == 0 || self.top_k > self.population {
+            return Err(Error::setting(
+                "eda.top_k",
+                self.top_k,
+                format!("must be between 1 and the population ({})", self.population),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Slots per probability row.
+    fn width(&self) -> usize {
+        2 * usize::from(self.radius) + 1
+    }
+
+    /// The freeze threshold in fixed point: frozen iff `max count >= this`.
+    fn freeze_count(&self) -> u32 {
+        (self.freeze_threshold * f64::from(ONE)).ceil() as u32
+    }
+}
+
+/// One decision variable as the quantized network describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variable {
+    /// The round-to-nearest post-training code `q0`.
+    pub initial: i8,
+    /// Code range of the variable's layer, e.g. `[-8, 7]` for 4 bits.
+    pub lo: i8,
+    pub hi: i8,
+    pub layer: u32,
+}
+
+/// Variables searched together in one step of a cycle, all from one layer so that
+/// workers can reuse every activation computed before that layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub layer: u32,
+    /// Variable indices, least confident first.
+    pub vars: Vec<u32>,
+}
+
+/// Confidence statistics of one layer, for progress plots.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LayerSummary {
+    pub layer: u32,
+    pub variables: usize,
+    pub frozen: usize,
+    pub mean_confidence: f64,
+    /// `histogram[b]` counts variables with confidence in `[b / bins, (b + 1) / bins)`;
+    /// the last bin also holds confidence 1.
+    pub histogram: Vec<u64>,
+}
+
+/// Variables `start..` (up to the next run's start) belong to `layer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct LayerRun {
+    start: usize,
+    layer: u32,
+}
+
+/// The whole EDA state; serialisable for checkpoints (deserialising re-checks every
+/// invariant, so a corrupted checkpoint is an error, not a later panic).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "StateRepr")]
+pub struct EdaState {
+    params: EdaParams,
+    layer_runs: Vec<LayerRun>,
+    /// Lowest allowed code of each variable.
+    base: Vec<i8>,
+    /// Number of allowed codes of each variable (`1..=width`).
+    span: Vec<u8>,
+    /// `width` fixed-point probabilities per variable, each row summing to [`ONE`].
+    probs: Vec<u16>,
+    /// Derived from `probs` and the threshold; kept to make the counts O(1).
+    #[serde(skip_serializing)]
+    frozen: usize,
+}
+
+/// The serialised form of [`EdaState`], validated by `TryFrom` on the way in.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateRepr {
+    params: EdaParams,
+    layer_runs: Vec<LayerRun>,
+    base: Vec<i8>,
+    span: Vec<u8>,
+    probs: Vec<u16>,
+}
+
+impl EdaState {
+    /// Builds the initial model for the variables `0..n` given in order.
+    pub fn new(params: EdaParams, vars: impl IntoIterator<Item = Variable>) -> Result<Self> {
+        params.validate()?;
+        let width = params.width();
+        let radius = i16::from(params.radius);
+        let vars = vars.into_iter();
+        let (hint, _) = vars.size_hint();
+        let mut state = EdaState {
+            layer_runs: Vec::new(),
+            base: Vec::with_capacity(hint),
+            span: Vec::with_capacity(hint),
+            probs: Vec::with_capacity(hint * width),
+            frozen: 0,
+            params,
+        };
+        let mut targets = [0.0f64; MAX_WIDTH];
+        for (i, v) in vars.enumerate() {
+            if i > u32::MAX as usize {
+                return Err(Error::setting(
+                    "variables",
+                    i + 1,
+                    "more than 2^32 variables are not supported",
+                ));
+            }
+            if v.lo > v.hi {
+                return Err(Error::setting(
+                    &format!("variables[{i}].lo"),
+                    v.lo,
+                    format!("is above hi = {}", v.hi),
+                ));
+            }
+            if !(v.lo..=v.hi).contains(&v.initial) {
+                return Err(Error::setting(
+                    &format!("variables[{i}].initial"),
+                    v.initial,
+                    format!("is outside the code range [{}, {}]", v.lo, v.hi),
+                ));
+            }
+            let q0 = i16::from(v.initial);
+            let lo = (q0 - radius).max(i16::from(v.lo));
+            let hi = (q0 + radius).min(i16::from(v.hi));
+            let span = (hi - lo + 1) as usize;
+            state.base.push(lo as i8);
+            state.span.push(span as u8);
+            if state.layer_runs.last().map(|r| r.layer) != Some(v.layer) {
+                state.layer_runs.push(LayerRun {
+                    start: i,
+                    layer: v.layer,
+                });
+            }
+
+            let one = f64::from(ONE);
+            let initial_slot = (q0 - lo) as usize;
+            let rest = if span > 1 {
+                (1.0 - state.params.p0) * one / (span - 1) as f64
+            } else {
+                0.0
+            };
+            for (j, t) in targets[..span].iter_mut().enumerate() {
+                *t = if j != initial_slot {
+                    rest
+                } else if span > 1 {
+                    state.params.p0 * one
+                } else {
+                    one
+                };
+            }
+            let row_start = state.probs.len();
+            state.probs.resize(row_start + width, 0);
+            apportion(
+                &targets[..span],
+                &mut state.probs[row_start..row_start + span],
+            );
+        }
+        if state.base.is_empty() {
+            return Err(Error::setting(
+                "variables",
+                0,
+                "the network has no decision variables",
+            ));
+        }
+        state.frozen = state.count_frozen();
+        Ok(state)
+    }
+
+    pub fn params(&self) -> &EdaParams {
+        &self.params
+    }
+
+    pub fn num_variables(&self) -> usize {
+        self.base.len()
+    }
+
+    /// The allowed codes of variable `i` (its restricted search space).
+    /// Panics if `i` is out of range, like slice indexing.
+    pub fn allowed_values(&self, i: usize) -> RangeInclusive<i8> {
+        let lo = self.base[i];
+        lo..=(i16::from(lo) + i16::from(self.span[i]) - 1) as i8
+    }
+
+    /// Probability of `code` for variable `i` (0 for codes outside its allowed values).
+    pub fn probability(&self, i: usize, code: i8) -> f64 {
+        match self.slot(i, code) {
+            Some(j) => f64::from(self.row(i)[j]) / f64::from(ONE),
+            None => 0.0,
+        }
+    }
+
+    /// The most probable code of variable `i` (the lower code on a tie).
+    pub fn mode(&self, i: usize) -> i8 {
+        let row = &self.row(i)[..usize::from(self.span[i])];
+        let mut best = 0;
+        for (j, &p) in row.iter().enumerate() {
+            if p > row[best] {
+                best = j;
+            }
+        }
+        self.code(i, best)
+    }
+
+    /// Largest probability of variable `i`.
+    pub fn confidence(&self, i: usize) -> f64 {
+        f64::from(self.max_count(i)) / f64::from(ONE)
+    }
+
+    pub fn is_frozen(&self, i: usize) -> bool {
+        self.max_count(i) >= self.params.freeze_count()
+    }
+
+    pub fn frozen_count(&self) -> usize {
+        self.frozen
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.num_variables() - self.frozen
+    }
+
+    /// Layer id of variable `i`.
+    pub fn layer(&self, i: usize) -> u32 {
+        assert!(i < self.num_variables(), "variable {i} out of range");
+        let run = self.layer_runs.partition_point(|r| r.start <= i) - 1;
+        self.layer_runs[run].layer
+    }
+
+    /// Mean confidence over all variables, frozen ones included.
+    pub fn mean_confidence(&self) -> f64 {
+        // Summed as integers, so the result does not depend on summation order.
+        let total: u64 = (0..self.num_variables())
+            .map(|i| u64::from(self.max_count(i)))
+            .sum();
+        total as f64 / (self.num_variables() as f64 * f64::from(ONE))
+    }
+
+    /// Per-layer confidence statistics, in ascending layer id; `bins` (at least 1) is the
+    /// number of equal-width histogram bins over `[0, 1]`.
+    pub fn layer_summaries(&self, bins: usize) -> Vec<LayerSummary> {
+        let bins = bins.max(1);
+        let freeze = self.params.freeze_count();
+        let mut by_layer: BTreeMap<u32, (LayerSummary, u64)> = BTreeMap::new();
+        for (run, range) in self.runs() {
+            let (summary, total) = by_layer.entry(run.layer).or_insert_with(|| {
+                let summary = LayerSummary {
+                    layer: run.layer,
+                    variables: 0,
+                    frozen: 0,
+                    mean_confidence: 0.0,
+                    histogram: vec![0; bins],
+                };
+                (summary, 0)
+            });
+            for i in range {
+                let count = self.max_count(i);
+                summary.variables += 1;
+                summary.frozen += usize::from(count >= freeze);
+                *total += u64::from(count);
+                let bin = (u64::from(count) * bins as u64 / u64::from(ONE)) as usize;
+                summary.histogram[bin.min(bins - 1)] += 1;
+            }
+        }
+        by_layer
+            .into_values()
+            .map(|(mut summary, total)| {
+                summary.mean_confidence =
+                    total as f64 / (summary.variables as f64 * f64::from(ONE));
+                summary
+            })
+            .collect()
+    }
+
+    /// Partitions the free variables into one cycle's groups.
+    ///
+    /// Repeatedly: take the least confident remaining free variable (ties: lower index),
+    /// and group the up to `group_size` least confident remaining free variables of its
+    /// layer (ties: lower index). Groups are returned in that order.
+    ///
+    /// Every layer's free variables are sorted once; a layer's remaining variables are
+    /// then always a suffix of its sorted list, so the global least confident one is the
+    /// smallest of the layers' fronts, kept in a heap. O(n log n) overall.
+    pub fn groups(&self) -> Vec<Group> {
+        let group_size = self.params.group_size;
+        let freeze = self.params.freeze_count();
+        let mut layer_ids: Vec<u32> = self.layer_runs.iter().map(|r| r.layer).collect();
+        layer_ids.sort_unstable();
+        layer_ids.dedup();
+
+        // Key = (confidence count, index) packed so that integer order is the grouping order.
+        let mut sorted: Vec<Vec<u64>> = vec![Vec::new(); layer_ids.len()];
+        for (run, range) in self.runs() {
+            let slot = layer_ids
+                .binary_search(&run.layer)
+                .expect("every run's layer is in layer_ids");
+            for i in range {
+                let count = self.max_count(i);
+                if count < freeze {
+                    sorted[slot].push((u64::from(count) << 32) | i as u64);
+                }
+            }
+        }
+        for keys in &mut sorted {
+            keys.sort_unstable();
+        }
+
+        let mut next = vec![0usize; sorted.len()];
+        let mut fronts: BinaryHeap<Reverse<(u64, usize)>> = sorted
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, keys)| keys.first().map(|&key| Reverse((key, slot))))
+            .collect();
+        let mut groups = Vec::new();
+        while let Some(Reverse((_, slot))) = fronts.pop() {
+            let keys = &sorted[slot];
+            let start = next[slot];
+            let end = (start + group_size).min(keys.len());
+            groups.push(Group {
+                layer: layer_ids[slot],
+                vars: keys[start..end].iter().map(|&key| key as u32).collect(),
+            });
+            next[slot] = end;
+            if let Some(&key) = keys.get(end) {
+                fronts.push(Reverse((key, slot)));
+            }
+        }
+        groups
+    }
+
+    /// Draws `population` candidates for `group` against the global codes `context`.
+    ///
+    /// Candidate 0 is the context's codes for the group; every other candidate draws each
+    /// variable independently from its distribution (frozen variables give their mode).
+    /// Each candidate lists codes in the order of `group`. For a given state, group,
+    /// context and RNG state the result is always the same.
+    pub fn sample(
+        &self,
+        group: &[u32],
+        context: &[i8],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<Vec<i8>>> {
+        self.check_group(group)?;
+        if context.len() != self.num_variables() {
+            return Err(Error::setting(
+                "context",
+                format!("{} codes", context.len()),
+                format!("expected one code per variable ({})", self.num_variables()),
+            ));
+        }
+        let current: Vec<i8> = group.iter().map(|&v| context[v as usize]).collect();
+        for (&v, &code) in group.iter().zip(&current) {
+            self.check_allowed(&format!("context[{v}]"), v as usize, code)?;
+        }
+
+        let mut candidates = Vec::with_capacity(self.params.population);
+        candidates.push(current);
+        for _ in 1..self.params.population {
+            candidates.push(group.iter().map(|&v| self.draw(v as usize, rng)).collect());
+        }
+        Ok(candidates)
+    }
+
+    /// Moves the distributions of `group` toward the selected candidates:
+    /// `p <- (1 - alpha) p + alpha freq`, then freezes the variables whose confidence reached
+    /// the threshold. Returns the newly frozen variables; the caller should set their
+    /// codes in the context to [`EdaState::mode`] (or call [`EdaState::pin_frozen`]).
+    ///
+    /// Frozen variables in `group` are left untouched. Nothing changes when an error is
+    /// returned.
+    pub fn update<C: AsRef<[i8]>>(&mut self, group: &[u32], selected: &[C]) -> Result<Vec<u32>> {
+        self.check_group(group)?;
+        if selected.is_empty() {
+            return Err(Error::setting(
+                "selected",
+                0,
+                "the update needs at least one selected candidate",
+            ));
+        }
+        for (c, candidate) in selected.iter().enumerate() {
+            let candidate = candidate.as_ref();
+            if candidate.len() != group.len() {
+                return Err(Error::setting(
+                    &format!("selected[{c}]"),
+                    format!("{} codes", candidate.len()),
+                    format!("expected one code per group variable ({})", group.len()),
+                ));
+            }
+            for (pos, (&v, &code)) in group.iter().zip(candidate).enumerate() {
+                self.check_allowed(&format!("selected[{c}][{pos}]"), v as usize, code)?;
+            }
+        }
+
+        let alpha = self.params.alpha;
+        let one = f64::from(ONE);
+        let k = selected.len() as f64;
+        let width = self.params.width();
+        let mut newly_frozen = Vec::new();
+        for (pos, &v) in group.iter().enumerate() {
+            let i = v as usize;
+            if self.is_frozen(i) {
+                continue;
+            }
+            let base = i16::from(self.base[i]);
+            let span = usize::from(self.span[i]);
+            let mut counts = [0u32; MAX_WIDTH];
+            for candidate in selected {
+                counts[(i16::from(candidate.as_ref()[pos]) - base) as usize] += 1;
+            }
+            let row = &mut self.probs[i * width..i * width + span];
+            let mut targets = [0.0f64; MAX_WIDTH];
+            for j in 0..span {
+                let freq = f64::from(counts[j]) / k;
+                targets[j] = (1.0 - alpha) * f64::from(row[j]) + alpha * freq * one;
+            }
+            apportion(&targets[..span], row);
+            if self.is_frozen(i) {
+                self.frozen += 1;
+                newly_frozen.push(v);
+            }
+        }
+        Ok(newly_frozen)
+    }
+
+    /// Writes every frozen variable's mode into `codes` (the global context); returns how
+    /// many codes changed.
+    pub fn pin_frozen(&self, codes: &mut [i8]) -> Result<usize> {
+        if codes.len() != self.num_variables() {
+            return Err(Error::setting(
+                "codes",
+                format!("{} codes", codes.len()),
+                format!("expected one code per variable ({})", self.num_variables()),
+            ));
+        }
+        let mut changed = 0;
+        for (i, code) in codes.iter_mut().enumerate() {
+            if self.is_frozen(i) {
+                let mode = self.mode(i);
+                changed += usize::from(*code != mode);
+                *code = mode;
+            }
+        }
+        Ok(changed)
+    }
+
+    fn row(&self, i: usize) -> &[u16] {
+        let width = self.params.width();
+        &self.probs[i * width..(i + 1) * width]
+    }
+
+    fn max_count(&self, i: usize) -> u32 {
+        self.row(i).iter().copied().max().map_or(0, u32::from)
+    }
+
+    fn code(&self, i: usize, slot: usize) -> i8 {
+        (i16::from(self.base[i]) + slot as i16) as i8
+    }
+
+    fn slot(&self, i: usize, code: i8) -> Option<usize> {
+        let slot = i16::from(code) - i16::from(self.base[i]);
+        (0..i16::from(self.span[i]))
+            .contains(&slot)
+            .then_some(slot as usize)
+    }
+
+    /// Each layer run with its variable range.
+    fn runs(&self) -> impl Iterator<Item = (&LayerRun, std::ops::Range<usize>)> {
+        let n = self.num_variables();
+        self.layer_runs.iter().enumerate().map(move |(r, run)| {
+            let end = self.layer_runs.get(r + 1).map_or(n, |next| next.start);
+            (run, run.start..end)
+        })
+    }
+
+    fn count_frozen(&self) -> usize {
+        (0..self.num_variables())
+            .filter(|&i| self.is_frozen(i))
+            .count()
+    }
+
+    /// One draw for variable `i`: a uniform point of `[0, ONE)` from one `u32` of the
+    /// stream (multiply-shift; bias below 2^-16), located in the row's cumulative sums.
+    fn draw(&self, i: usize, rng: &mut ChaCha8Rng) -> i8 {
+        if self.is_frozen(i) {
+            return self.mode(i);
+        }
+        let point = ((u64::from(rng.next_u32()) * u64::from(ONE)) >> 32) as u32;
+        self.code(i, pick_slot(self.row(i), point))
+    }
+
+    fn check_group(&self, group: &[u32]) -> Result<()> {
+        match group
+            .iter()
+            .position(|&v| v as usize >= self.num_variables())
+        {
+            Some(pos) => Err(Error::setting(
+                &format!("group[{pos}]"),
+                group[pos],
+                format!("there are only {} variables", self.num_variables()),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn check_allowed(&self, field: &str, i: usize, code: i8) -> Result<()> {
+        if self.slot(i, code).is_some() {
+            return Ok(());
+        }
+        let allowed = self.allowed_values(i);
+        Err(Error::setting(
+            field,
+            code,
+            format!(
+                "variable {i} only allows codes {}..={}",
+                allowed.start(),
+                allowed.end()
+            ),
+        ))
+    }
+}
+
+impl TryFrom<StateRepr> for EdaState {
+    type Error = Error;
+
+    fn try_from(repr: StateRepr) -> Result<Self> {
+        repr.params.validate()?;
+        let n = repr.base.len();
+        let width = repr.params.width();
+        let bad = |field: &str, value: String, reason: String| {
+            Err(Error::setting(&format!("eda_state.{field}"), value, reason))
+        };
+        // Indices travel as u32 in groups.
+        if n == 0 || n - 1 > u32::MAX as usize {
+            return bad("base", format!("{n} variables"), "must be 1..=2^32".into());
+        }
+        if repr.span.len() != n || repr.probs.len() != n * width {
+            return bad(
+                "probs",
+                format!(
+                    "{} spans, {} probabilities",
+                    repr.span.len(),
+                    repr.probs.len()
+                ),
+                format!("expected {n} spans and {} probabilities", n * width),
+            );
+        }
+        let runs_ok = repr.layer_runs.first().is_some_and(|r| r.start == 0)
+            && repr.layer_runs.windows(2).all(|w| w[0].start < w[1].start)
+            && repr.layer_runs.last().is_some_and(|r| r.start < n);
+        if !runs_ok {
+            return bad(
+                "layer_runs",
+                format!("{} runs", repr.layer_runs.len()),
+                format!("run starts must begin at 0 and increase strictly below {n}"),
+            );
+        }
+        for i in 0..n {
+            let span = usize::from(repr.span[i]);
+            if span == 0 || span > width || i16::from(repr.base[i]) + span as i16 - 1 > 127 {
+                return bad(
+                    &format!("span[{i}]"),
+                    span.to_string(),
+                    format!("must be 1..={width} and keep codes within i8"),
+                );
+            }
+            let row = &repr.probs[i * width..(i + 1) * width];
+            let sum: u32 = row.iter().map(|&p| u32::from(p)).sum();
+            if sum != ONE || row[span..].iter().any(|&p| p != 0) {
+                return bad(
+                    &format!("probs[{i}]"),
+                    format!("{row:?}"),
+                    format!("must sum to {ONE} with zeros beyond the {span} allowed codes"),
+                );
+            }
+        }
+        let mut state = EdaState {
+            params: repr.params,
+            layer_runs: repr.layer_runs,
+            base: repr.base,
+            span: repr.span,
+            probs: repr.probs,
+            frozen: 0,
+        };
+        state.frozen = state.count_frozen();
+        Ok(state)
+    }
+}
+
+/// The slot whose cumulative interval `[sum before, sum through]` holds `point`, for a
+/// `row` summing to [`ONE`] and `point < ONE`. Zero-probability slots, including every
+/// slot outside the allowed values, have empty intervals and are never chosen.
+fn pick_slot(row: &[u16], point: u32) -> usize {
+    let mut cumulative = 0;
+    for (slot, &p) in row.iter().enumerate() {
+        cumulative += u32::from(p);
+        if point < cumulative {
+            return slot;
+        }
+    }
+    unreachable!("the row sums to {ONE}, above every point drawn")
+}
+
+/// Rounds non-negative `targets` that sum to [`ONE`] (up to f64 rounding) into integer
+/// counts summing to exactly [`ONE`], each less than one unit from its target: floors
+/// first, then the missing units go to the largest fractional parts (ties: lower slot),
+/// never to a slot whose target is zero.
+fn apportion(targets: &[f64], out: &mut [u16]) {
+    let mut total = 0u32;
+    for (count, &t) in out.iter_mut().zip(targets) {
+        *count = t.floor().clamp(0.0, f64::from(ONE)) as u16;
+        total += u32::from(*count);
+    }
+    let mut order = [0usize; MAX_WIDTH];
+    let mut candidates = 0;
+    for (j, &t) in targets.iter().enumerate() {
+        if t > 0.0 {
+            order[candidates] = j;
+            candidates += 1;
+        }
+    }
+    let order = &mut order[..candidates];
+    let fraction = |j: usize| targets[j] - targets[j].floor();
+    order.sort_by(|&a, &b| fraction(b).total_cmp(&fraction(a)).then(a.cmp(&b)));
+    let missing = ONE.saturating_sub(total) as usize;
+    for &j in order.iter().cycle().take(missing) {
+        out[j] += 1;
+    }
+    debug_assert_eq!(out.iter().map(|&c| u32::from(c)).sum::<u32>(), ONE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// One fixed-point quantum, written independently of the module's constant.
+    const Q: f64 = 1.0 / 65535.0;
+
+    fn var(initial: i8, lo: i8, hi: i8, layer: u32) -> Variable {
+        Variable {
+            initial,
+            lo,
+            hi,
+            layer,
+        }
+    }
+
+    /// `n` 4-bit variables at code 0 in `layer`.
+    fn four_bit(n: usize, layer: u32) -> impl Iterator<Item = Variable> {
+        std::iter::repeat_n(var(0, -8, 7, layer), n)
+    }
+
+    fn rng(seed: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(seed)
+    }
+
+    fn field_of(result: Result<impl std::fmt::Debug>) -> String {
+        match result {
+            Err(Error::InvalidSetting { field, .. }) => field,
+            other => panic!("expected InvalidSetting, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn params_validation_names_the_bad_field() {
+        let d = EdaParams::default();
+        assert!(d.validate().is_ok());
+        let bad = [
+            (
+                EdaParams {
+                    radius: 0,
+                    ..d.clone()
+                },
+                "eda.radius",
+            ),
+            (
+                EdaParams {
+                    radius: 8,
+                    ..d.clone()
+                },
+                "eda.radius",
+            ),
+            (
+                EdaParams {
+                    p0: 0.0,
+                    ..d.clone()
+                },
+                "eda.p0",
+            ),
+            (
+                EdaParams {
+                    p0: 1.0,
+                    ..d.clone()
+                },
+                "eda.p0",
+            ),
+            (
+                EdaParams {
+                    p0: f64::NAN,
+                    ..d.clone()
+                },
+                "eda.p0",
+            ),
+            (
+                EdaParams {
+                    alpha: 0.0,
+                    ..d.clone()
+                },
+                "eda.alpha",
+            ),
+            (
+                EdaParams {
+                    alpha: 1.01,
+                    ..d.clone()
+                },
+                "eda.alpha",
+            ),
+            (
+                EdaParams {
+                    alpha: f64::NAN,
+                    ..d.clone()
+                },
+                "eda.alpha",
+            ),
+            (
+                EdaParams {
+                    freeze_threshold: 0.0,
+                    ..d.clone()
+                },
+                "eda.freeze_threshold",
+            ),
+            (
+                EdaParams {
+                    freeze_threshold: 1.5,
+                    ..d.clone()
+                },
+                "eda.freeze_threshold",
+            ),
+            (
+                EdaParams {
+                    group_size: 0,
+                    ..d.clone()
+                },
+                "eda.group_size",
+            ),
+            (
+                EdaParams {
+                    population: 1,
+                    top_k: 1,
+                    ..d.clone()
+                },
+                "eda.population",
+            ),
+            (
+                EdaParams {
+                    top_k: 0,
+                    ..d.clone()
+                },
+                "eda.top_k",
+            ),
+            (
+                EdaParams {
+                    top_k: 17,
+                    ..d.clone()
+                },
+                "eda.top_k",
+            ),
+        ];
+        for (params, field) in bad {
+            assert_eq!(field_of(params.validate()), field, "{params:?}");
+            assert_eq!(field_of(EdaState::new(params, four_bit(3, 0))), field);
+        }
+        let edges = [
+            EdaParams {
+                radius: 7,
+                ..d.clone()
+            },
+            EdaParams {
+                alpha: 1.0,
+                ..d.clone()
+            },
+            EdaParams {
+                freeze_threshold: 1.0,
+                ..d.clone()
+            },
+            EdaParams {
+                population: 2,
+                top_k: 2,
+                ..d.clone()
+            },
+            EdaParams {
+                group_size: 1,
+                ..d.clone()
+            },
+        ];
+        for params in edges {
+            assert!(params.validate().is_ok(), "{params:?}");
+        }
+    }
+
+    #[test]
+    fn params_deserialize_with_defaults_and_reject_unknown_fields() {
+        let p: EdaParams = serde_json::from_str(r#"{"radius": 2, "top_k": 3}"#).unwrap();
+        assert_eq!(
+            p,
+            EdaParams {
+                radius: 2,
+                top_k: 3,
+                ..EdaParams::default()
+            }
+        );
+        assert_eq!(p.p0, 0.8);
+        assert_eq!(p.alpha, 0.5);
+        assert_eq!(p.freeze_threshold, 0.98);
+        assert_eq!((p.group_size, p.population), (128, 16));
+        let err = serde_json::from_str::<EdaParams>(r#"{"radious": 2}"#).unwrap_err();
+        assert!(err.to_string().contains("radious"), "{err}");
+    }
+
+    #[test]
+    fn new_rejects_bad_variables() {
+        let p = EdaParams::default;
+        let lo_above_hi = [var(0, -8, 7, 0), var(0, 3, 2, 0)];
+        assert_eq!(field_of(EdaState::new(p(), lo_above_hi)), "variables[1].lo");
+        let outside = [var(0, -8, 7, 0), var(0, -8, 7, 0), var(8, -8, 7, 0)];
+        assert_eq!(
+            field_of(EdaState::new(p(), outside)),
+            "variables[2].initial"
+        );
+        assert_eq!(field_of(EdaState::new(p(), [])), "variables");
+    }
+
+    #[test]
+    fn initial_distribution_respects_radius_and_code_range() {
+        let r1 = EdaParams::default();
+        let r2 = EdaParams {
+            radius: 2,
+            ..EdaParams::default()
+        };
+        // (params, variable, expected allowed values)
+        let cases = [
+            (&r1, var(0, -8, 7, 0), -1..=1),
+            (&r1, var(-8, -8, 7, 0), -8..=-7),
+            (&r1, var(7, -8, 7, 0), 6..=7),
+            (&r1, var(0, 0, 0, 0), 0..=0),
+            (&r2, var(0, -8, 7, 0), -2..=2),
+            (&r2, var(-7, -8, 7, 0), -8..=-5),
+            (&r2, var(7, -8, 7, 0), 5..=7),
+            (&r2, var(1, -2, 1, 0), -1..=1),
+        ];
+        for (params, v, allowed) in cases {
+            let s = EdaState::new(params.clone(), [v]).unwrap();
+            assert_eq!(s.allowed_values(0), allowed, "{v:?}");
+            let others = allowed.clone().count() as f64 - 1.0;
+            let mut total = 0.0;
+            for code in allowed.clone() {
+                let expected = match (code == v.initial, others) {
+                    (true, 0.0) => 1.0,
+                    (true, _) => params.p0,
+                    (false, _) => (1.0 - params.p0) / others,
+                };
+                let p = s.probability(0, code);
+                assert!(
+                    (p - expected).abs() <= Q,
+                    "{v:?} code {code}: {p} vs {expected}"
+                );
+                total += p;
+            }
+            assert!((total - 1.0).abs() < 1e-12, "{v:?} sums to {total}");
+            assert_eq!(s.probability(0, allowed.start() - 1), 0.0);
+            assert_eq!(s.probability(0, allowed.end().saturating_add(1)), 0.0);
+            assert_eq!(s.mode(0), v.initial);
+            // Only a variable without any alternative is sure enough to start frozen.
+            assert_eq!(s.frozen_count(), usize::from(others == 0.0), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn sampling_stays_in_allowed_values_and_candidate_zero_is_the_context() {
+        let params = EdaParams {
+            radius: 2,
+            population: 3000,
+            top_k: 4,
+            ..EdaParams::default()
+        };
+        let vars = [
+            var(0, -8, 7, 0),
+            var(-8, -8, 7, 0),
+            var(7, -8, 7, 0),
+            var(-7, -8, 7, 1),
+            var(1, -2, 1, 1),
+            var(-2, -2, 1, 1),
+            var(0, 0, 1, 2),
+            var(3, 3, 3, 2),
+        ];
+        let s = EdaState::new(params, vars).unwrap();
+        // A context away from the initial codes wherever there is room.
+        let context: Vec<i8> = (0..vars.len())
+            .map(|i| {
+                let allowed = s.allowed_values(i);
+                if *allowed.end() != vars[i].initial {
+                    *allowed.end()
+                } else {
+                    *allowed.start()
+                }
+            })
+            .collect();
+        let group: Vec<u32> = vec![5, 0, 7, 2, 4, 1, 6, 3];
+        let candidates = s.sample(&group, &context, &mut rng(7)).unwrap();
+        assert_eq!(candidates.len(), 3000);
+        let expected_first: Vec<i8> = group.iter().map(|&v| context[v as usize]).collect();
+        assert_eq!(candidates[0], expected_first);
+        for (pos, &v) in group.iter().enumerate() {
+            let allowed = s.allowed_values(v as usize);
+            let mut seen = vec![0usize; allowed.clone().count()];
+            for candidate in &candidates[1..] {
+                let code = candidate[pos];
+                assert!(allowed.contains(&code), "variable {v} drew {code}");
+                seen[(code - allowed.start()) as usize] += 1;
+            }
+            // Every allowed value has probability >= 0.2 / 4, so all must show up.
+            assert!(seen.iter().all(|&n| n > 0), "variable {v}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn slot_picking_never_lands_on_zero_probability() {
+        let row = [0u16, 3, 0, 65532, 0];
+        let picks: Vec<usize> = [0, 1, 2, 3, 4, 65534].map(|p| pick_slot(&row, p)).to_vec();
+        assert_eq!(picks, [1, 1, 1, 3, 3, 3]);
+    }
+
+    #[test]
+    fn sampling_rejects_bad_arguments() {
+        let s = EdaState::new(EdaParams::default(), four_bit(4, 0)).unwrap();
+        let context = vec![0i8; 4];
+        assert_eq!(
+            field_of(s.sample(&[0, 4], &context, &mut rng(1))),
+            "group[1]"
+        );
+        assert_eq!(
+            field_of(s.sample(&[0], &context[..3], &mut rng(1))),
+            "context"
+        );
+        let outside = vec![0, 0, 2, 0];
+        assert_eq!(
+            field_of(s.sample(&[1, 2], &outside, &mut rng(1))),
+            "context[2]"
+        );
+    }
+
+    /// Pearson's statistic of `observed` against `n * probs` (cells with p > 0 only).
+    fn chi_square(observed: &[usize], probs: &[f64]) -> (f64, usize) {
+        let n: usize = observed.iter().sum();
+        let mut stat = 0.0;
+        let mut cells = 0;
+        for (&o, &p) in observed.iter().zip(probs) {
+            if p > 0.0 {
+                let e = n as f64 * p;
+                stat += (o as f64 - e).powi(2) / e;
+                cells += 1;
+            }
+        }
+        (stat, cells - 1)
+    }
+
+    /// Chi-square critical values at p = 0.001, by degrees of freedom.
+    const CRITICAL: [f64; 5] = [f64::NAN, 10.83, 13.82, 16.27, 18.47];
+
+    fn assert_frequencies_match(s: &EdaState, group: &[u32], seed: u64) {
+        let context: Vec<i8> = (0..s.num_variables()).map(|i| s.mode(i)).collect();
+        let candidates = s.sample(group, &context, &mut rng(seed)).unwrap();
+        for (pos, &v) in group.iter().enumerate() {
+            let allowed = s.allowed_values(v as usize);
+            let probs: Vec<f64> = allowed
+                .clone()
+                .map(|c| s.probability(v as usize, c))
+                .collect();
+            let mut observed = vec![0usize; probs.len()];
+            for candidate in &candidates[1..] {
+                observed[(candidate[pos] - allowed.start()) as usize] += 1;
+            }
+            for (o, p) in observed.iter().zip(&probs) {
+                if *p == 0.0 {
+                    assert_eq!(*o, 0, "variable {v} drew a zero-probability value");
+                }
+            }
+            let (stat, df) = chi_square(&observed, &probs);
+            assert!(
+                stat < CRITICAL[df],
+                "variable {v}: chi2 = {stat} (df {df}), observed {observed:?}, probs {probs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sampling_frequencies_match_the_distribution() {
+        let draws = 40_000;
+        let params = EdaParams {
+            radius: 2,
+            population: draws + 1,
+            freeze_threshold: 1.0,
+            ..EdaParams::default()
+        };
+        let vars = [var(0, -8, 7, 0), var(-8, -8, 7, 0), var(1, -2, 1, 0)];
+        let mut s = EdaState::new(params, vars).unwrap();
+        assert_frequencies_match(&s, &[0, 1, 2], 11);
+        // Uneven distributions: [-2, -2, 1, 0] etc. as the selected candidates.
+        let selected = [[-2i8, -8, -1], [-2, -6, -1], [1, -7, 1], [0, -6, 0]];
+        s.update(&[0, 1, 2], &selected).unwrap();
+        assert_frequencies_match(&s, &[2, 0, 1], 12);
+
+        // alpha = 1 empties a value's probability; it must never be drawn again.
+        let params = EdaParams {
+            alpha: 1.0,
+            population: draws + 1,
+            freeze_threshold: 1.0,
+            ..EdaParams::default()
+        };
+        let mut s = EdaState::new(params, four_bit(1, 0)).unwrap();
+        s.update(&[0], &[[0i8], [1]]).unwrap();
+        assert_eq!(s.probability(0, -1), 0.0);
+        assert!((s.probability(0, 0) - 0.5).abs() <= Q);
+        assert_frequencies_match(&s, &[0], 13);
+    }
+
+    #[test]
+    fn update_follows_the_formula_and_keeps_rows_normalised() {
+        let alpha = 0.5;
+        let vars = [
+            var(0, -8, 7, 0),
+            var(0, -8, 7, 0),
+            var(0, -8, 7, 0),
+            var(7, -8, 7, 0),
+        ];
+        let mut s = EdaState::new(EdaParams::default(), vars).unwrap();
+        let group = [0u32, 1, 2, 3];
+        let selected = [[-1i8, 0, 1, 7], [-1, 0, 0, 6], [0, 1, 1, 6], [-1, 0, 1, 6]];
+        let before: Vec<Vec<f64>> = (0..4)
+            .map(|i| s.allowed_values(i).map(|c| s.probability(i, c)).collect())
+            .collect();
+        assert_eq!(s.update(&group, &selected).unwrap(), Vec::<u32>::new());
+        for (pos, &v) in group.iter().enumerate() {
+            let i = v as usize;
+            let mut total = 0.0;
+            for (j, code) in s.allowed_values(i).enumerate() {
+                let freq = selected.iter().filter(|c| c[pos] == code).count() as f64 / 4.0;
+                let expected = (1.0 - alpha) * before[i][j] + alpha * freq;
+                let p = s.probability(i, code);
+                assert!(
+                    (p - expected).abs() <= Q,
+                    "var {i} code {code}: {p} vs {expected}"
+                );
+                total += p;
+            }
+            assert!((total - 1.0).abs() < 1e-12);
+        }
+        // By hand for variable 0: [0.1, 0.8, 0.1] and frequencies [3/4, 1/4, 0].
+        for (code, expected) in [(-1, 0.425), (0, 0.525), (1, 0.05)] {
+            assert!((s.probability(0, code) - expected).abs() <= 2.0 * Q);
+        }
+        // Variable 3 lives at the top of the range: [0.2, 0.8] and frequencies [3/4, 1/4].
+        assert!((s.probability(3, 6) - 0.475).abs() <= 2.0 * Q);
+        assert!((s.probability(3, 7) - 0.525).abs() <= 2.0 * Q);
+    }
+
+    #[test]
+    fn repeated_updates_track_a_float_simulation() {
+        let params = EdaParams {
+            alpha: 0.3,
+            freeze_threshold: 1.0,
+            ..EdaParams::default()
+        };
+        let mut s = EdaState::new(params, four_bit(1, 0)).unwrap();
+        let mut exact = [0.1f64, 0.8, 0.1];
+        let rounds: [&[i8]; 6] = [&[-1, -1], &[1, 0, 1], &[-1], &[0, 0, 0, 1], &[1], &[-1, 1]];
+        for (t, selected) in rounds.iter().enumerate() {
+            let candidates: Vec<[i8; 1]> = selected.iter().map(|&c| [c]).collect();
+            s.update(&[0], &candidates).unwrap();
+            for (j, p) in exact.iter_mut().enumerate() {
+                let code = j as i8 - 1;
+                let freq = selected.iter().filter(|&&c| c == code).count() as f64;
+                *p = 0.7 * *p + 0.3 * freq / selected.len() as f64;
+            }
+            // Each step rounds by less than one quantum; earlier errors shrink by 1 - alpha.
+            for (j, &p) in exact.iter().enumerate() {
+                let got = s.probability(0, j as i8 - 1);
+                let tolerance = (t + 2) as f64 * Q;
+                assert!(
+                    (got - p).abs() <= tolerance,
+                    "step {t} code {}: {got} vs {p}",
+                    j as i8 - 1
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn update_rejects_bad_input_without_changing_anything() {
+        let vars = [var(0, -8, 7, 0), var(7, -8, 7, 0)];
+        let mut s = EdaState::new(EdaParams::default(), vars).unwrap();
+        let before = s.clone();
+        assert_eq!(
+            field_of(s.update(&[0, 1], &[[0i8, 7], [1, 5]])),
+            "selected[1][1]"
+        );
+        assert_eq!(
+            field_of(s.update(&[0, 1], &[vec![0i8, 7], vec![1]])),
+            "selected[1]"
+        );
+        assert_eq!(field_of(s.update::<[i8; 2]>(&[0, 1], &[])), "selected");
+        assert_eq!(field_of(s.update(&[0, 2], &[[0i8, 7]])), "group[1]");
+        assert_eq!(s, before);
+    }
+
+    /// Confidence after t consistent updates: p_t = 1 - (1 - p0)(1 - alpha)^t.
+    fn closed_form(p0: f64, alpha: f64, t: i32) -> f64 {
+        1.0 - (1.0 - p0) * (1.0 - alpha).powi(t)
+    }
+
+    #[test]
+    fn consistently_selected_variable_freezes_when_the_closed_form_says() {
+        for (p0, alpha, threshold) in [
+            (0.8, 0.5, 0.98),
+            (0.5, 0.3, 0.95),
+            (0.9, 0.1, 0.97),
+            (0.8, 0.25, 0.97),
+            (0.6, 1.0, 0.98),
+        ] {
+            let freeze_at = (1..)
+                .find(|&t| closed_form(p0, alpha, t) >= threshold)
+                .unwrap();
+            // The cases are chosen away from the threshold so that fixed-point rounding
+            // (under one quantum per step) cannot move the freezing step.
+            assert!(closed_form(p0, alpha, freeze_at) - threshold > 1e-3);
+            assert!(threshold - closed_form(p0, alpha, freeze_at - 1) > 1e-3);
+
+            let params = EdaParams {
+                p0,
+                alpha,
+                freeze_threshold: threshold,
+                // Enough draws that sampling a frozen variable's row would show.
+                population: 1000,
+                ..EdaParams::default()
+            };
+            let mut s = EdaState::new(params, four_bit(3, 0)).unwrap();
+            let always_zero = [[0i8]; 4];
+            for t in 1..=freeze_at {
+                let newly = s.update(&[0], &always_zero).unwrap();
+                let expected = closed_form(p0, alpha, t);
+                let confidence = s.confidence(0);
+                assert!(
+                    (confidence - expected).abs() <= f64::from(t + 1) * Q,
+                    "p0 {p0} alpha {alpha} t {t}: {confidence} vs {expected}"
+                );
+                assert_eq!(
+                    s.is_frozen(0),
+                    t == freeze_at,
+                    "p0 {p0} alpha {alpha} t {t}"
+                );
+                assert_eq!(newly, if t == freeze_at { vec![0] } else { vec![] });
+            }
+            assert_eq!((s.frozen_count(), s.free_count()), (1, 2));
+
+            // Frozen: out of every group, immune to updates, always sampled as its mode.
+            let groups = s.groups();
+            assert!(groups.iter().all(|g| !g.vars.contains(&0)), "{groups:?}");
+            let frozen_row: Vec<f64> = (-1..=1).map(|c| s.probability(0, c)).collect();
+            assert_eq!(s.update(&[0], &[[1i8]; 4]).unwrap(), Vec::<u32>::new());
+            let row_after: Vec<f64> = (-1..=1).map(|c| s.probability(0, c)).collect();
+            assert_eq!(row_after, frozen_row);
+            assert_eq!(s.mode(0), 0);
+            let mut context = vec![1i8, 0, 0];
+            let candidates = s.sample(&[0], &context, &mut rng(3)).unwrap();
+            assert!(candidates[1..].iter().all(|c| c == &[0]));
+            assert_eq!(s.pin_frozen(&mut context).unwrap(), 1);
+            assert_eq!(context, [0, 0, 0]);
+        }
+    }
+
+    #[test]
+    fn groups_prefer_least_confident_and_break_ties_by_index() {
+        let params = EdaParams {
+            group_size: 3,
+            ..EdaParams::default()
+        };
+        let layers = [0u32, 0, 1, 1, 0, 0];
+        let vars = layers.iter().map(|&l| var(0, -8, 7, l));
+        let mut s = EdaState::new(params, vars).unwrap();
+        // All equally confident: index order decides, inside the first variable's layer.
+        let expected = vec![
+            Group {
+                layer: 0,
+                vars: vec![0, 1, 4],
+            },
+            Group {
+                layer: 1,
+                vars: vec![2, 3],
+            },
+            Group {
+                layer: 0,
+                vars: vec![5],
+            },
+        ];
+        assert_eq!(s.groups(), expected);
+
+        // Variable 5 drops to [0.3, 0.4, 0.3] and variable 3 to [0.55, 0.4, 0.05].
+        s.update(&[5], &[[-1i8], [1]]).unwrap();
+        s.update(&[3], &[[-1i8]]).unwrap();
+        let expected = vec![
+            Group {
+                layer: 0,
+                vars: vec![5, 0, 1],
+            },
+            Group {
+                layer: 1,
+                vars: vec![3, 2],
+            },
+            Group {
+                layer: 0,
+                vars: vec![4],
+            },
+        ];
+        assert_eq!(s.groups(), expected);
+    }
+
+    /// A state with spread-out confidences, some frozen variables and a layer split over
+    /// two runs, built by random updates.
+    fn random_state(group_size: usize, n: usize, seed: u64) -> EdaState {
+        let params = EdaParams {
+            group_size,
+            freeze_threshold: 0.9,
+            ..EdaParams::default()
+        };
+        let layer_of = |i: usize| match i * 10 / n {
+            0..=2 => 4,
+            3 | 4 => 1,
+            5 => 9,
+            6..=8 => 2,
+            _ => 4,
+        };
+        let vars = (0..n).map(|i| var(((i % 16) as i8) - 8, -8, 7, layer_of(i)));
+        let mut s = EdaState::new(params, vars).unwrap();
+        let mut r = rng(seed);
+        for _ in 0..n / 4 {
+            let group: Vec<u32> = (0..8).map(|_| r.random_range(0..n as u32)).collect();
+            let selected: Vec<Vec<i8>> = (0..r.random_range(1..5))
+                .map(|_| {
+                    group
+                        .iter()
+                        .map(|&v| {
+                            let allowed = s.allowed_values(v as usize);
+                            r.random_range(*allowed.start()..=*allowed.end())
+                        })
+                        .collect()
+                })
+                .collect();
+            s.update(&group, &selected).unwrap();
+        }
+        s
+    }
+
+    /// The grouping rule implemented literally, quadratically.
+    fn naive_groups(s: &EdaState) -> Vec<Group> {
+        let m = s.params().group_size;
+        let order =
+            |a: usize, b: usize| s.confidence(a).total_cmp(&s.confidence(b)).then(a.cmp(&b));
+        let mut remaining: Vec<usize> = (0..s.num_variables())
+            .filter(|&i| !s.is_frozen(i))
+            .collect();
+        let mut groups = Vec::new();
+        while let Some(&first) = remaining.iter().min_by(|a, b| order(**a, **b)) {
+            let layer = s.layer(first);
+            let mut members: Vec<usize> = remaining
+                .iter()
+                .copied()
+                .filter(|&i| s.layer(i) == layer)
+                .collect();
+            members.sort_by(|a, b| order(*a, *b));
+            members.truncate(m);
+            remaining.retain(|i| !members.contains(i));
+            groups.push(Group {
+                layer,
+                vars: members.iter().map(|&i| i as u32).collect(),
+            });
+        }
+        groups
+    }
+
+    #[test]
+    fn groups_match_a_literal_implementation_of_the_rule() {
+        let n = 3000;
+        for group_size in [1, 7, 128, 5000] {
+            let s = random_state(group_size, n, 5);
+            assert!(s.frozen_count() > 0 && s.free_count() > 0);
+            assert_eq!(s.layer(0), 4);
+            assert_eq!(s.layer(n / 2), 9);
+            assert_eq!(s.layer(n - 1), 4);
+            assert_eq!(s.groups(), naive_groups(&s), "group_size {group_size}");
+        }
+    }
+
+    #[test]
+    fn groups_partition_free_variables_at_resnet20_scale() {
+        let n = 268_000;
+        let s = random_state(128, n, 9);
+        let groups = s.groups();
+        let mut seen = vec![0u8; n];
+        let mut previous_first = None;
+        for g in &groups {
+            assert!(!g.vars.is_empty() && g.vars.len() <= 128);
+            for &v in &g.vars {
+                seen[v as usize] += 1;
+                assert_eq!(s.layer(v as usize), g.layer);
+            }
+            let key = |v: u32| (s.confidence(v as usize), v);
+            assert!(g.vars.windows(2).all(|w| key(w[0]) < key(w[1])));
+            // Each group starts at the least confident variable left, so the starts rise.
+            let first = key(g.vars[0]);
+            assert!(previous_first < Some(first));
+            previous_first = Some(first);
+        }
+        for (i, &count) in seen.iter().enumerate() {
+            assert_eq!(
+                usize::from(count),
+                usize::from(!s.is_frozen(i)),
+                "variable {i}"
+            );
+        }
+        assert!(s.frozen_count() > 0);
+    }
+
+    #[test]
+    fn same_seed_same_results() {
+        let run = |seed: u64| {
+            let mut s = random_state(16, 500, 1);
+            let mut context: Vec<i8> = (0..500).map(|i| s.mode(i)).collect();
+            let mut r = rng(seed);
+            let mut history = Vec::new();
+            for group in s.groups() {
+                let candidates = s.sample(&group.vars, &context, &mut r).unwrap();
+                // Stand-in fitness: prefer low codes, so candidates matter.
+                let score = |c: &Vec<i8>| c.iter().map(|&x| i32::from(x)).sum::<i32>();
+                let mut ranked: Vec<&Vec<i8>> = candidates.iter().collect();
+                ranked.sort_by_key(|c| score(c));
+                if score(ranked[0]) < score(&candidates[0]) {
+                    for (&v, &code) in group.vars.iter().zip(ranked[0]) {
+                        context[v as usize] = code;
+                    }
+                }
+                s.update(&group.vars, &ranked[..4]).unwrap();
+                s.pin_frozen(&mut context).unwrap();
+                history.push(candidates);
+            }
+            (s, context, history)
+        };
+        let (a, context_a, history_a) = run(42);
+        let (b, context_b, history_b) = run(42);
+        assert_eq!(history_a, history_b);
+        assert_eq!(context_a, context_b);
+        assert_eq!(a, b);
+        let (c, _, history_c) = run(43);
+        assert_ne!(history_a, history_c);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn state_round_trips_through_serde_and_rejects_corruption() {
+        let s = random_state(32, 400, 2);
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::to_string(&s).unwrap(), json);
+        let restored: EdaState = serde_json::from_str(&json).unwrap();
+        assert_eq!(restored, s);
+        assert_eq!(restored.frozen_count(), s.frozen_count());
+        let context: Vec<i8> = (0..400).map(|i| s.mode(i)).collect();
+        let group = &s.groups()[0].vars;
+        assert_eq!(
+            restored.sample(group, &context, &mut rng(8)).unwrap(),
+            s.sample(group, &context, &mut rng(8)).unwrap()
+        );
+
+        let corrupt = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+            edit(&mut value);
+            serde_json::from_value::<EdaState>(value)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = corrupt(&|v| v["probs"][3] = (v["probs"][3].as_u64().unwrap() + 1).into());
+        assert!(err.contains("eda_state.probs[1]"), "{err}");
+        let err = corrupt(&|v| v["layer_runs"][0]["start"] = 5.into());
+        assert!(err.contains("eda_state.layer_runs"), "{err}");
+        let err = corrupt(&|v| v["span"][7] = 9.into());
+        assert!(err.contains("eda_state.span[7]"), "{err}");
+        let err = corrupt(&|v| v["params"]["alpha"] = 0.0.into());
+        assert!(err.contains("eda.alpha"), "{err}");
+    }
+
+    #[test]
+    fn confidence_summaries_agree_with_per_variable_confidence() {
+        let layers = [7u32, 7, 7, 2, 2, 7];
+        let vars = layers.iter().map(|&l| var(0, -8, 7, l));
+        let mut s = EdaState::new(EdaParams::default(), vars).unwrap();
+        assert!((s.mean_confidence() - 0.8).abs() <= Q);
+        let summaries = s.layer_summaries(10);
+        assert_eq!(
+            summaries.iter().map(|l| l.layer).collect::<Vec<_>>(),
+            [2, 7]
+        );
+        assert_eq!(summaries[1].histogram[8], 4);
+
+        s.update(&[0, 3], &[[-1i8, -1], [1, -1]]).unwrap();
+        for _ in 0..4 {
+            s.update(&[5], &[[0i8]]).unwrap();
+        }
+        assert!(s.is_frozen(5));
+        let expected_mean = (0..6).map(|i| s.confidence(i)).sum::<f64>() / 6.0;
+        assert!((s.mean_confidence() - expected_mean).abs() < 1e-12);
+        for summary in s.layer_summaries(10) {
+            let members: Vec<usize> = (0..6).filter(|&i| layers[i] == summary.layer).collect();
+            assert_eq!(summary.variables, members.len());
+            let frozen = members.iter().filter(|&&i| s.is_frozen(i)).count();
+            assert_eq!(summary.frozen, frozen);
+            let mean = members.iter().map(|&i| s.confidence(i)).sum::<f64>() / members.len() as f64;
+            assert!((summary.mean_confidence - mean).abs() < 1e-12);
+            let mut histogram = vec![0u64; 10];
+            for &i in &members {
+                histogram[((s.confidence(i) * 10.0) as usize).min(9)] += 1;
+            }
+            assert_eq!(summary.histogram, histogram, "layer {}", summary.layer);
+        }
+    }
+}

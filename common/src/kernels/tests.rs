@@ -1,0 +1,757 @@
+//! Tests of the kernels: the reference against hand-computed values and an independent
+//! formulation, and every fast path against the reference, bit for bit.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::*;
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// A u8 code, at an extreme a quarter of the time.
+fn code(rng: &mut ChaCha8Rng) -> u8 {
+    match rng.random_range(0..8) {
+        0 => 0,
+        1 => 255,
+        _ => rng.random(),
+    }
+}
+
+/// An i8 weight, at an extreme a quarter of the time.
+fn weight(rng: &mut ChaCha8Rng) -> i8 {
+    match rng.random_range(0..8) {
+        0 => -128,
+        1 => 127,
+        _ => rng.random(),
+    }
+}
+
+fn geom(
+    in_hw: (usize, usize),
+    in_c: usize,
+    out_c: usize,
+    k: (usize, usize),
+    stride: usize,
+    pad: usize,
+) -> ConvGeom {
+    ConvGeom {
+        in_h: in_hw.0,
+        in_w: in_hw.1,
+        in_c,
+        out_c,
+        k_h: k.0,
+        k_w: k.1,
+        stride_h: stride,
+        stride_w: stride,
+        dil_h: 1,
+        dil_w: 1,
+        pad_t: pad,
+        pad_l: pad,
+        pad_b: pad,
+        pad_r: pad,
+    }
+}
+
+fn random_geom(rng: &mut ChaCha8Rng) -> ConvGeom {
+    let mut g = ConvGeom {
+        in_h: 0,
+        in_w: 0,
+        in_c: rng.random_range(1..70),
+        out_c: rng.random_range(1..70),
+        k_h: rng.random_range(1..=5),
+        k_w: rng.random_range(1..=5),
+        stride_h: rng.random_range(1..=3),
+        stride_w: rng.random_range(1..=3),
+        dil_h: rng.random_range(1..=2),
+        dil_w: rng.random_range(1..=2),
+        pad_t: rng.random_range(0..=2),
+        pad_l: rng.random_range(0..=2),
+        pad_b: rng.random_range(0..=2),
+        pad_r: rng.random_range(0..=2),
+    };
+    // At least one output pixel; sometimes exactly one (the fully connected tiling).
+    let min_h = (g.dil_h * (g.k_h - 1) + 1)
+        .saturating_sub(g.pad_t + g.pad_b)
+        .max(1);
+    let min_w = (g.dil_w * (g.k_w - 1) + 1)
+        .saturating_sub(g.pad_l + g.pad_r)
+        .max(1);
+    g.in_h = min_h + rng.random_range(0..8);
+    g.in_w = min_w + rng.random_range(0..8);
+    g
+}
+
+fn random_requant(rng: &mut ChaCha8Rng) -> Requant {
+    match rng.random_range(0..10) {
+        0 => Requant::ZERO,
+        1 => Requant::MAX,
+        2 => Requant {
+            multiplier: rng.random_range(0..=i32::MAX),
+            shift: rng.random_range(1..=62),
+        },
+        _ => Requant::from_real(2f64.powf(rng.random_range(-20.0..4.0))),
+    }
+}
+
+fn random_stage(rng: &mut ChaCha8Rng, out_c: usize) -> OutputStage {
+    let out_zp = match rng.random_range(0..8) {
+        0 => i32::MIN,
+        1 => i32::MAX,
+        2 => rng.random(),
+        _ => rng.random_range(0..=255),
+    };
+    let (a, b) = (code(rng), code(rng));
+    // Mostly min <= max; sometimes inverted, which must not panic and must agree too.
+    let (min, max) = if rng.random_range(0..8) == 0 {
+        (a.max(b), a.min(b))
+    } else {
+        (a.min(b), a.max(b))
+    };
+    OutputStage {
+        requant: (0..out_c).map(|_| random_requant(rng)).collect(),
+        out_zp,
+        min,
+        max,
+    }
+}
+
+struct ConvCase {
+    geom: ConvGeom,
+    weights: Vec<i8>,
+    bias: Vec<i32>,
+    zp: u8,
+    n: usize,
+    input: Vec<u8>,
+}
+
+impl ConvCase {
+    fn random(rng: &mut ChaCha8Rng, geom: ConvGeom) -> ConvCase {
+        let bias_range = if rng.random_range(0..4) == 0 {
+            1 << 30
+        } else {
+            1 << 16
+        };
+        let n = rng.random_range(1..=3);
+        ConvCase {
+            weights: (0..geom.out_c * geom.k_len())
+                .map(|_| weight(rng))
+                .collect(),
+            bias: (0..geom.out_c)
+                .map(|_| rng.random_range(-bias_range..bias_range))
+                .collect(),
+            zp: code(rng),
+            n,
+            input: (0..n * geom.in_len()).map(|_| code(rng)).collect(),
+            geom,
+        }
+    }
+
+    fn packed(&self) -> PackedConv {
+        PackedConv::new(self.geom, &self.weights, &self.bias, self.zp)
+    }
+
+    fn acc(&self, path: KernelPath) -> Vec<i32> {
+        let mut out = vec![0; self.n * self.geom.out_len()];
+        self.packed()
+            .run_acc_with(path, &self.input, self.n, &mut out);
+        out
+    }
+
+    fn codes(&self, path: KernelPath, stage: &OutputStage) -> Vec<u8> {
+        let mut out = vec![0; self.n * self.geom.out_len()];
+        self.packed()
+            .run_with(path, stage, &self.input, self.n, &mut out);
+        out
+    }
+}
+
+/// An independent formulation of the convolution: materialise the zero-point-padded image,
+/// then sum `(x - zp) * w` in i64 with no bounds logic at all.
+fn naive_conv(c: &ConvCase, img: usize) -> Vec<i64> {
+    let g = &c.geom;
+    let (ph, pw) = (g.in_h + g.pad_t + g.pad_b, g.in_w + g.pad_l + g.pad_r);
+    let mut padded = vec![i64::from(c.zp); ph * pw * g.in_c];
+    for y in 0..g.in_h {
+        for x in 0..g.in_w {
+            for ch in 0..g.in_c {
+                padded[((y + g.pad_t) * pw + x + g.pad_l) * g.in_c + ch] =
+                    i64::from(c.input[img * g.in_len() + (y * g.in_w + x) * g.in_c + ch]);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for oy in 0..g.out_h() {
+        for ox in 0..g.out_w() {
+            for oc in 0..g.out_c {
+                let mut sum = i64::from(c.bias[oc]);
+                for ky in 0..g.k_h {
+                    for kx in 0..g.k_w {
+                        for ch in 0..g.in_c {
+                            let (y, x) = (
+                                oy * g.stride_h + ky * g.dil_h,
+                                ox * g.stride_w + kx * g.dil_w,
+                            );
+                            let w = c.weights[((oc * g.k_h + ky) * g.k_w + kx) * g.in_c + ch];
+                            sum += (padded[(y * pw + x) * g.in_c + ch] - i64::from(c.zp))
+                                * i64::from(w);
+                        }
+                    }
+                }
+                out.push(sum);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn reference_conv_1x1_by_hand() {
+    // One image of 1x2 pixels, 2 channels: pixel 0 = (10, 20), pixel 1 = (0, 255); zp 5.
+    // oc 0: w = (1, -2), bias 100; oc 1: w = (3, 4), bias -7.
+    let g = geom((1, 2), 2, 2, (1, 1), 1, 0);
+    let c = ConvCase {
+        geom: g,
+        weights: vec![1, -2, 3, 4],
+        bias: vec![100, -7],
+        zp: 5,
+        n: 1,
+        input: vec![10, 20, 0, 255],
+    };
+    let expected = vec![
+        100 + 5 - 2 * 15,     // (10-5)*1 + (20-5)*(-2)
+        -7 + 3 * 5 + 4 * 15,  // (10-5)*3 + (20-5)*4
+        100 - 5 - 2 * 250,    // (0-5)*1 + (255-5)*(-2)
+        -7 - 3 * 5 + 4 * 250, // (0-5)*3 + (255-5)*4
+    ];
+    assert_eq!(c.acc(KernelPath::Reference), expected);
+}
+
+#[test]
+fn reference_conv_3x3_padded_by_hand() {
+    // 2x2 single-channel image [[1, 2], [3, 4]], zp 1, 3x3 kernel of ones except the
+    // centre weight 2, pad 1: each output sums (x - 1) over the image (padding adds 0),
+    // plus one extra (x - 1) for the pixel under the centre.
+    let g = geom((2, 2), 1, 1, (3, 3), 1, 1);
+    let c = ConvCase {
+        geom: g,
+        weights: vec![1, 1, 1, 1, 2, 1, 1, 1, 1],
+        bias: vec![0],
+        zp: 1,
+        n: 1,
+        input: vec![1, 2, 3, 4],
+    };
+    // Sum of (x - 1) = 0 + 1 + 2 + 3 = 6; plus the centre pixel's (x - 1) once more.
+    assert_eq!(c.acc(KernelPath::Reference), vec![6, 6 + 1, 6 + 2, 6 + 3]);
+
+    // Stride 2 with the same padding: output 1x1 at the top-left, centre pixel 1.
+    let c = ConvCase {
+        geom: geom((2, 2), 1, 1, (3, 3), 2, 1),
+        ..c
+    };
+    assert_eq!(c.geom.out_len(), 1);
+    assert_eq!(c.acc(KernelPath::Reference), vec![6]);
+}
+
+#[test]
+fn reference_conv_fused_stage_by_hand() {
+    // acc = 2 * (x - 0) over a 1x1 conv; requant 0.5, out_zp 10, clamp to [12, 200].
+    let c = ConvCase {
+        geom: geom((1, 3), 1, 1, (1, 1), 1, 0),
+        weights: vec![2],
+        bias: vec![0],
+        zp: 0,
+        n: 1,
+        input: vec![0, 7, 255],
+    };
+    let stage = OutputStage {
+        requant: vec![Requant::from_real(0.5)],
+        out_zp: 10,
+        min: 12,
+        max: 200,
+    };
+    // 10 + 0 -> clamped up to 12; 10 + 7 = 17; 10 + 255 -> clamped down to 200.
+    assert_eq!(c.codes(KernelPath::Reference, &stage), vec![12, 17, 200]);
+}
+
+#[test]
+fn reference_conv_matches_independent_formula() {
+    let mut rng = rng(1);
+    for _ in 0..40 {
+        let mut g = random_geom(&mut rng);
+        g.in_c = g.in_c.min(9);
+        g.out_c = g.out_c.min(9);
+        let c = ConvCase::random(&mut rng, g);
+        let got = c.acc(KernelPath::Reference);
+        for img in 0..c.n {
+            let expected: Vec<i32> = naive_conv(&c, img).into_iter().map(|v| v as i32).collect();
+            assert_eq!(
+                &got[img * g.out_len()..][..g.out_len()],
+                &expected[..],
+                "{g:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_path_matches_reference_on_random_convs() {
+    let paths = KernelPath::available();
+    println!("testing paths {paths:?}");
+    let mut rng = rng(2);
+    for case in 0..150 {
+        let g = random_geom(&mut rng);
+        let c = ConvCase::random(&mut rng, g);
+        let stage = random_stage(&mut rng, g.out_c);
+        let (acc, codes) = (
+            c.acc(KernelPath::Reference),
+            c.codes(KernelPath::Reference, &stage),
+        );
+        for &path in &paths[1..] {
+            assert_eq!(c.acc(path), acc, "case {case}, {path}, acc, {g:?}");
+            assert_eq!(
+                c.codes(path, &stage),
+                codes,
+                "case {case}, {path}, codes, {g:?} {stage:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_path_matches_reference_on_network_shapes() {
+    // ResNet-20's layer shapes (incl. the 3-channel stem and the 64 -> 10 linear) and
+    // batch sizes that leave partial tiles; plus a linear layer over many images.
+    let shapes = [
+        (geom((32, 32), 3, 16, (3, 3), 1, 1), 2),
+        (geom((32, 32), 16, 16, (3, 3), 1, 1), 1),
+        (geom((32, 32), 16, 32, (3, 3), 2, 1), 1),
+        (geom((16, 16), 32, 32, (3, 3), 1, 1), 2),
+        (geom((16, 16), 32, 64, (3, 3), 2, 1), 1),
+        (geom((8, 8), 64, 64, (3, 3), 1, 1), 3),
+        (geom((1, 1), 64, 10, (1, 1), 1, 0), 37),
+        (geom((1, 1), 784, 100, (1, 1), 1, 0), 19),
+        (geom((7, 7), 8, 8, (7, 7), 1, 0), 5),
+    ];
+    let mut rng = rng(3);
+    for (g, n) in shapes {
+        let mut c = ConvCase::random(&mut rng, g);
+        c.n = n;
+        c.input = (0..n * g.in_len()).map(|_| code(&mut rng)).collect();
+        let mut stage = random_stage(&mut rng, g.out_c);
+        stage.out_zp = rng.random_range(0..=255);
+        stage.min = 0;
+        stage.max = 255;
+        let (acc, codes) = (
+            c.acc(KernelPath::Reference),
+            c.codes(KernelPath::Reference, &stage),
+        );
+        for path in KernelPath::available().into_iter().skip(1) {
+            assert_eq!(c.acc(path), acc, "{path}, {g:?}");
+            assert_eq!(c.codes(path, &stage), codes, "{path}, {g:?}");
+        }
+    }
+}
+
+#[test]
+fn empty_batch_writes_nothing() {
+    let mut rng = rng(4);
+    let c = ConvCase::random(&mut rng, geom((4, 4), 3, 5, (3, 3), 1, 1));
+    for path in KernelPath::available() {
+        c.packed().run_acc_with(path, &[], 0, &mut []);
+    }
+}
+
+#[test]
+fn accumulators_wrap_identically_on_every_path() {
+    // Bias near i32::MAX plus positive products overflows: every path must wrap the same way.
+    let g = geom((2, 2), 4, 3, (1, 1), 1, 0);
+    let c = ConvCase {
+        geom: g,
+        weights: vec![127; 12],
+        bias: vec![i32::MAX, i32::MIN, 0],
+        zp: 0,
+        n: 1,
+        input: vec![255; 16],
+    };
+    let acc = c.acc(KernelPath::Reference);
+    assert_eq!(acc[0], i32::MAX.wrapping_add(4 * 255 * 127));
+    for path in KernelPath::available() {
+        assert_eq!(c.acc(path), acc, "{path}");
+    }
+}
+
+/// `round_half_up(acc * m / 2^s)` by exact i128 floor division, saturated.
+fn exact_apply(r: Requant, acc: i32) -> i32 {
+    let den = 1i128 << r.shift;
+    let num = 2 * i128::from(acc) * i128::from(r.multiplier) + den;
+    // floor(num / (2 * den)) == floor(x + 1/2) with x = acc * m / den.
+    num.div_euclid(2 * den)
+        .clamp(i128::from(i32::MIN), i128::from(i32::MAX)) as i32
+}
+
+#[test]
+fn requant_rounds_half_up() {
+    let half = Requant::from_real(0.5);
+    assert_eq!(
+        half,
+        Requant {
+            multiplier: 1 << 30,
+            shift: 31
+        }
+    );
+    let cases = [
+        (5, 3),
+        (-5, -2),
+        (-7, -3),
+        (-1, 0),
+        (1, 1),
+        (-3, -1),
+        (0, 0),
+        (4, 2),
+    ];
+    for (acc, expected) in cases {
+        assert_eq!(half.apply(acc), expected, "{acc} * 0.5");
+    }
+    // -2 * 1.75 = -3.5 -> -3; 2 * 1.75 = 3.5 -> 4.
+    let r = Requant::from_real(1.75);
+    assert_eq!(r.apply(-2), -3, "-3.5 rounds to -3");
+    assert_eq!(r.apply(2), 4, "3.5 rounds to 4");
+}
+
+#[test]
+fn requant_zero_and_saturation() {
+    assert_eq!(Requant::from_real(0.0), Requant::ZERO);
+    for acc in [i32::MIN, -1, 0, 1, i32::MAX] {
+        assert_eq!(Requant::ZERO.apply(acc), 0);
+    }
+    assert_eq!(Requant::MAX.apply(i32::MAX), i32::MAX);
+    assert_eq!(Requant::MAX.apply(i32::MIN), i32::MIN);
+    assert_eq!(Requant::MAX.apply(1), 1 << 30, "(2^31 - 1) / 2 rounds up");
+    assert_eq!(
+        Requant::MAX.apply(-1),
+        -(1 << 30) + 1,
+        "-(2^31 - 1) / 2 rounds up"
+    );
+    assert_eq!(Requant::from_real(2.0).apply(i32::MAX), i32::MAX);
+    assert_eq!(Requant::from_real(2.0).apply(i32::MIN), i32::MIN);
+    assert_eq!(Requant::from_real(2.0).apply(1 << 29), 1 << 30);
+}
+
+#[test]
+fn requant_from_real_edge_cases() {
+    for m in [1e10, 2f64.powi(30), f64::INFINITY, f64::MAX] {
+        assert_eq!(Requant::from_real(m), Requant::MAX, "{m}");
+    }
+    for m in [
+        -1.0,
+        f64::NAN,
+        f64::MIN_POSITIVE / 4.0,
+        1e-20,
+        2f64.powi(-33),
+        f64::NEG_INFINITY,
+    ] {
+        assert_eq!(Requant::from_real(m), Requant::ZERO, "{m}");
+    }
+    // Just below 2^30 is still representable (shift 1).
+    let r = Requant::from_real(2f64.powi(30) - 1.0);
+    assert_eq!(r.shift, 1);
+    assert!(r.is_valid());
+    // Just above the "too small" limit is representable with shift 62.
+    let r = Requant::from_real(2f64.powi(-32) * 1.5);
+    assert_eq!(
+        r,
+        Requant {
+            multiplier: 3 << 29,
+            shift: 62
+        }
+    );
+    // "Too small" loses nothing: 2^-32 * 0.999 applied to any i32 rounds to 0 anyway.
+    let tiny = 2f64.powi(-32) * 0.999;
+    assert_eq!(Requant::from_real(tiny), Requant::ZERO);
+    assert_eq!((tiny * f64::from(i32::MIN) + 0.5).floor(), 0.0);
+}
+
+#[test]
+fn requant_from_real_round_trips_across_magnitudes() {
+    let mut rng = rng(5);
+    for _ in 0..20_000 {
+        let m = 2f64.powf(rng.random_range(-31.9..29.9));
+        let r = Requant::from_real(m);
+        assert!(
+            (1 << 30..=i32::MAX).contains(&r.multiplier) && (1..=62).contains(&r.shift),
+            "{m} -> {r:?}"
+        );
+        let rel = (r.to_real() - m).abs() / m;
+        assert!(rel < 2f64.powi(-30), "{m} -> {r:?}: relative error {rel}");
+    }
+    // Exact powers of two are exact.
+    for e in -32..30 {
+        let m = 2f64.powi(e);
+        assert_eq!(Requant::from_real(m).to_real(), m);
+    }
+}
+
+#[test]
+fn requant_apply_matches_exact_arithmetic() {
+    let mut rng = rng(6);
+    for _ in 0..50_000 {
+        let r = random_requant(&mut rng);
+        let acc = match rng.random_range(0..6) {
+            0 => i32::MIN,
+            1 => i32::MAX,
+            2 => rng.random_range(-1000..1000),
+            _ => rng.random(),
+        };
+        assert_eq!(r.apply(acc), exact_apply(r, acc), "{r:?} {acc}");
+    }
+}
+
+#[test]
+fn output_stage_code_clamps() {
+    let stage = OutputStage {
+        requant: vec![Requant::from_real(1.0)],
+        out_zp: 100,
+        min: 100,
+        max: 150,
+    };
+    assert_eq!(
+        stage.code(0, -5),
+        100,
+        "fused ReLU: below zero point clamps to it"
+    );
+    assert_eq!(stage.code(0, 20), 120);
+    assert_eq!(stage.code(0, i32::MAX), 150);
+    let extreme = OutputStage {
+        out_zp: i32::MIN,
+        ..stage.clone()
+    };
+    assert_eq!(
+        extreme.code(0, i32::MIN),
+        100,
+        "no i32 overflow in out_zp + v"
+    );
+    let inverted = OutputStage {
+        min: 200,
+        max: 10,
+        ..stage
+    };
+    assert_eq!(inverted.code(0, 50), 10, "min > max gives max");
+}
+
+fn f64_add(p: &AddParams, s_a: f64, s_b: f64, s_out: f64, a: u8, b: u8) -> f64 {
+    let real = (f64::from(a) - f64::from(p.a_zp)) * s_a + (f64::from(b) - f64::from(p.b_zp)) * s_b;
+    (real / s_out + f64::from(p.out_zp)).clamp(f64::from(p.min), f64::from(p.max))
+}
+
+#[test]
+fn add_matches_float_math_within_one_code() {
+    let mut rng = rng(7);
+    for _ in 0..300 {
+        let s_a = 2f64.powf(rng.random_range(-12.0..2.0));
+        let s_b = 2f64.powf(rng.random_range(-12.0..2.0));
+        let s_out = (s_a + s_b) * rng.random_range(0.3..1.5);
+        let p = AddParams::new(
+            s_a,
+            code(&mut rng).into(),
+            s_b,
+            code(&mut rng).into(),
+            s_out,
+            code(&mut rng).into(),
+            0,
+            255,
+        );
+        assert!(p.is_valid(), "{p:?}");
+        let a: Vec<u8> = (0..64).map(|_| code(&mut rng)).collect();
+        let b: Vec<u8> = (0..64).map(|_| code(&mut rng)).collect();
+        let mut out = vec![0; 64];
+        add(&p, &a, &b, &mut out);
+        for i in 0..64 {
+            let want = f64_add(&p, s_a, s_b, s_out, a[i], b[i]);
+            assert!(
+                (f64::from(out[i]) - want).abs() <= 1.0,
+                "{p:?} a={} b={}: {} vs {want}",
+                a[i],
+                b[i],
+                out[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn add_by_hand_with_saturation_and_zero_points() {
+    // Equal scales, output scale 1: out = out_zp + (a - a_zp) + (b - b_zp).
+    let p = AddParams::new(1.0, 10, 1.0, 20, 1.0, 5, 0, 255);
+    let mut out = [0u8; 4];
+    add(&p, &[10, 110, 255, 0], &[20, 30, 255, 0], &mut out);
+    assert_eq!(
+        out,
+        [5, 5 + 100 + 10, 255, 0],
+        "exact, saturated high, saturated low"
+    );
+    // Halving the output scale rounds half up: (1 + 0) * 0.5 -> 0.5 -> 1; (-1) * 0.5 -> 0.
+    let p = AddParams::new(0.5, 0, 0.5, 0, 1.0, 0, 0, 255);
+    let mut out = [0u8; 3];
+    add(&p, &[1, 3, 4], &[0, 0, 1], &mut out);
+    assert_eq!(out, [1, 2, 3]);
+    let p = AddParams::new(0.5, 2, 0.5, 0, 1.0, 10, 0, 255);
+    let mut out = [0u8; 2];
+    add(&p, &[1, 0], &[0, 1], &mut out);
+    assert_eq!(out, [10, 10], "-0.5 rounds to 0 and -1 + 0.5 = -0.5 too");
+    // A narrower clamp.
+    let p = AddParams::new(1.0, 0, 1.0, 0, 1.0, 0, 50, 60);
+    let mut out = [0u8; 3];
+    add(&p, &[10, 27, 200], &[10, 28, 0], &mut out);
+    assert_eq!(out, [50, 55, 60]);
+}
+
+#[test]
+fn add_with_degenerate_output_scale_is_constant() {
+    for s_out in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        let p = AddParams::new(1.0, 0, 2.0, 3, s_out, 42, 0, 255);
+        assert_eq!((p.a_mult, p.b_mult), (0, 0), "{s_out}");
+        let mut out = [0u8; 3];
+        add(&p, &[0, 100, 255], &[255, 7, 0], &mut out);
+        assert_eq!(out, [42; 3]);
+    }
+    // A huge ratio saturates the multiplier rather than overflowing.
+    let p = AddParams::new(1e30, 0, 1.0, 0, 1e-30, 100, 0, 255);
+    assert!(p.is_valid());
+    let mut out = [0u8; 3];
+    add(&p, &[0, 1, 2], &[0, 0, 0], &mut out);
+    assert_eq!(out, [100, 255, 255]);
+}
+
+#[test]
+fn add_paths_match_reference() {
+    let mut rng = rng(8);
+    for _ in 0..200 {
+        let p = AddParams {
+            a_zp: rng.random_range(-300..300),
+            a_mult: rng.random_range(-(1 << 30)..=(1 << 30)),
+            b_zp: if rng.random_range(0..4) == 0 {
+                i32::MIN
+            } else {
+                rng.random_range(0..256)
+            },
+            b_mult: rng.random_range(-(1 << 30)..=(1 << 30)),
+            shift: rng.random_range(1..=62),
+            out_zp: rng.random_range(-1000..1000),
+            min: code(&mut rng),
+            max: code(&mut rng),
+        };
+        let len = rng.random_range(0..300);
+        let a: Vec<u8> = (0..len).map(|_| code(&mut rng)).collect();
+        let b: Vec<u8> = (0..len).map(|_| code(&mut rng)).collect();
+        let mut want = vec![0; len];
+        reference::add(&p, &a, &b, &mut want);
+        for path in KernelPath::available() {
+            let mut got = vec![0; len];
+            add_with(path, &p, &a, &b, &mut got);
+            assert_eq!(got, want, "{path} {p:?}");
+        }
+    }
+}
+
+fn pool(k: usize, stride: usize, pads: [usize; 4], in_hw: (usize, usize), c: usize) -> PoolGeom {
+    PoolGeom {
+        in_h: in_hw.0,
+        in_w: in_hw.1,
+        c,
+        k_h: k,
+        k_w: k,
+        stride_h: stride,
+        stride_w: stride,
+        pad_t: pads[0],
+        pad_l: pads[1],
+        pad_b: pads[2],
+        pad_r: pads[3],
+    }
+}
+
+#[test]
+fn max_pool_by_hand() {
+    // 4x4 single channel, 2x2 stride 2.
+    #[rustfmt::skip]
+    let x = [
+        1, 5, 2, 0,
+        3, 4, 9, 8,
+        0, 0, 7, 7,
+        0, 6, 7, 255,
+    ];
+    let g = pool(2, 2, [0; 4], (4, 4), 1);
+    assert_eq!((g.out_h(), g.out_w()), (2, 2));
+    let mut out = [0; 4];
+    max_pool(&g, &x, 1, &mut out);
+    assert_eq!(out, [5, 9, 6, 255]);
+
+    // 3x3 stride 1 pad 1 on 2x2, two channels (second = 255 - first): padding is ignored,
+    // so channel 2's max is over real cells only.
+    let x = [10, 245, 20, 235, 30, 225, 40, 215];
+    let g = pool(3, 1, [1; 4], (2, 2), 2);
+    let mut out = [0; 8];
+    max_pool(&g, &x, 1, &mut out);
+    assert_eq!(out, [40, 245, 40, 245, 40, 245, 40, 245]);
+
+    // Batch of two, asymmetric padding (only bottom/right), 2x2 stride 2 on 3x3.
+    let x: Vec<u8> = (1..=18).collect();
+    let g = pool(2, 2, [0, 0, 1, 1], (3, 3), 1);
+    let mut out = [0; 8];
+    max_pool(&g, &x, 2, &mut out);
+    assert_eq!(out, [5, 6, 8, 9, 14, 15, 17, 18]);
+}
+
+#[test]
+fn avg_pool_by_hand_with_and_without_padding_count() {
+    // 2x2 image [[1, 2], [3, 5]], 3x3 window stride 1 pad 1, pad value 7.
+    let x = [1, 2, 3, 5];
+    let g = pool(3, 1, [1; 4], (2, 2), 1);
+    let mut out = [0; 4];
+    // Excluding padding: every window covers all 4 cells: 11 / 4 = 2.75 -> 3.
+    avg_pool(&g, false, 7, &x, 1, &mut out);
+    assert_eq!(out, [3; 4]);
+    // Including padding: (11 + 5 * 7) / 9 = 46 / 9 = 5.11 -> 5.
+    avg_pool(&g, true, 7, &x, 1, &mut out);
+    assert_eq!(out, [5; 4]);
+
+    // 2x2 stride 2 without padding, round half up: (1 + 2 + 3 + 4) / 4 = 2.5 -> 3.
+    let g = pool(2, 2, [0; 4], (2, 4), 1);
+    let mut out = [0; 2];
+    avg_pool(&g, false, 0, &[1, 2, 0, 0, 3, 4, 0, 2], 1, &mut out);
+    assert_eq!(out, [3, 1], "2.5 -> 3 and 0.5 -> 1");
+
+    // Corner windows with padding excluded count only real cells: 2x2 stride 1 pad 1 on 1x1.
+    let g = pool(2, 1, [1; 4], (1, 1), 1);
+    let mut out = [0; 4];
+    avg_pool(&g, false, 9, &[200], 1, &mut out);
+    assert_eq!(out, [200; 4]);
+    avg_pool(&g, true, 0, &[200], 1, &mut out);
+    assert_eq!(out, [50; 4]);
+}
+
+#[test]
+fn global_avg_pool_by_hand() {
+    // Two images of 2x2x2: channel means 2.5 -> 3, 1.25 -> 1; 255 and 0.
+    let x = [1, 0, 2, 1, 3, 1, 4, 3, 255, 0, 255, 0, 255, 0, 255, 0];
+    let mut out = [0; 4];
+    global_avg_pool(2, 2, 2, &x, 2, &mut out);
+    assert_eq!(out, [3, 1, 255, 0]);
+}
+
+#[test]
+fn kernel_path_names_parse() {
+    for path in KernelPath::ALL {
+        assert_eq!(path.name().parse::<KernelPath>().unwrap(), path);
+    }
+    assert_eq!(" VNNI ".parse::<KernelPath>().unwrap(), KernelPath::Vnni);
+    let err = "sse9".parse::<KernelPath>().unwrap_err().to_string();
+    assert!(err.contains("CCQ_KERNEL") && err.contains("sse9"), "{err}");
+    let available = KernelPath::available();
+    assert_eq!(
+        &available[..2],
+        &[KernelPath::Reference, KernelPath::Portable]
+    );
+    assert_eq!(KernelPath::best(), *available.last().unwrap());
+}

@@ -1,0 +1,363 @@
+//! x86-64 micro-kernels for the blocked convolution ([`super::blocked`]) and SIMD builds of
+//! the elementwise add. Each is compiled with `#[target_feature]` and only called after
+//! [`super::KernelPath::is_available`] confirmed the CPU has the features.
+//!
+//! - [`Vnni`]: AVX-512 VNNI. `VPDPBUSD` multiplies 4 u8 activations by 4 i8 weights and
+//!   adds the 4 products to an i32 lane, exactly and without saturation (wrapping, like
+//!   every accumulator here). A tile holds `P x J` zmm accumulators (pixels x blocks of
+//!   16 output channels); VPDPBUSD has a latency of about 5 cycles and two issue ports,
+//!   so a tile needs at least ~10 independent accumulators to keep both busy.
+//! - [`Avx2`]: `VPMADDWD` on values widened to i16, also exact (`VPMADDUBSW`, the u8 x i8
+//!   instruction, saturates its i16 pair sums and is therefore not used).
+//!
+//! The fused output stage computes the i64 products of the fixed-point multiplier on even
+//! and odd lanes separately (`VPMULDQ` multiplies the low 32 bits of each 64-bit lane).
+
+use std::arch::x86_64::*;
+
+use super::blocked::{MicroKernel, Stage, StageBlock, Tile, TileOut, LANES};
+use super::AddParams;
+
+pub(super) fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+}
+
+pub(super) fn has_vnni() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// Mask of the first `lanes` (<= 16) lanes.
+fn lane_mask(lanes: usize) -> u16 {
+    ((1u32 << lanes) - 1) as u16
+}
+
+/// Output channels of block `block` that a group of `width` channels writes.
+fn block_lanes(width: usize, block: usize) -> usize {
+    width.saturating_sub(block * LANES).min(LANES)
+}
+
+pub(super) struct Vnni;
+
+/// Calls `$f::<P, J>` for the runtime `(blocks, pixels)`, over every size
+/// `Vnni::max_pixels` allows.
+macro_rules! vnni_dispatch {
+    ($f:ident, $blocks:expr, $pixels:expr, $args:tt;
+     $($j:literal => [$($p:literal)*]),*) => {
+        match ($blocks, $pixels) {
+            $($(($j, $p) => $f::<$p, $j> $args,)*)*
+            (j, p) => unreachable!("no VNNI tile for {j} blocks x {p} pixels"),
+        }
+    };
+}
+
+impl MicroKernel for Vnni {
+    fn max_pixels(blocks: usize) -> usize {
+        // At most 24 accumulators, leaving registers for the weights and broadcasts.
+        [16, 12, 8, 6][blocks - 1]
+    }
+
+    fn tile(t: &Tile, out: TileOut) {
+        // SAFETY: the blocked driver only runs this kernel after `has_vnni()`.
+        unsafe {
+            vnni_dispatch!(vnni_tile, t.blocks, t.pixels, (t, out);
+                1 => [1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16],
+                2 => [1 2 3 4 5 6 7 8 9 10 11 12],
+                3 => [1 2 3 4 5 6 7 8],
+                4 => [1 2 3 4 5 6])
+        }
+    }
+}
+
+/// One tile of `P` pixels x `J` blocks.
+///
+/// # Safety
+/// The CPU has the enabled features, and `t` obeys its documented invariants: every read
+/// `p * step + tap + c` (`c < c4`) lies in `t.x`, `t.weights` holds `k4 * J` blocks and
+/// `t.bias` `J * 16` entries. Stores are masked to `t.width` channels, so `out` needs only
+/// `(P - 1) * out_stride + width` elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn vnni_tile<const P: usize, const J: usize>(t: &Tile, out: TileOut) {
+    debug_assert!(t.pixels == P && t.blocks == J);
+    debug_assert!(t.weights.len() == t.taps.len() * t.c4 / 4 * J * 4 * LANES);
+    let x = t.x.as_ptr();
+    let mut w = t.weights.as_ptr();
+    let mut acc = [[_mm512_setzero_si512(); J]; P];
+    for j in 0..J {
+        let bias = _mm512_loadu_si512(t.bias.as_ptr().add(j * LANES).cast());
+        for row in acc.iter_mut() {
+            row[j] = bias;
+        }
+    }
+    for &tap in t.taps {
+        let xt = x.add(tap);
+        let mut c = 0;
+        while c < t.c4 {
+            let mut wv = [_mm512_setzero_si512(); J];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(w.add(j * 4 * LANES).cast());
+            }
+            w = w.add(J * 4 * LANES);
+            for (p, row) in acc.iter_mut().enumerate() {
+                let xb = _mm512_set1_epi32(xt.add(p * t.step + c).cast::<i32>().read_unaligned());
+                for (a, &v) in row.iter_mut().zip(&wv) {
+                    *a = _mm512_dpbusd_epi32(*a, xb, v);
+                }
+            }
+            c += 4;
+        }
+    }
+
+    // Park the accumulators in memory with a loop simple enough to be fully unrolled: had
+    // the (long, not unrolled) output loops below indexed `acc` directly, the compiler would
+    // keep `acc` in memory and store it on every step of the loop above.
+    let mut sums = [[[0i32; LANES]; J]; P];
+    for p in 0..P {
+        for j in 0..J {
+            _mm512_storeu_si512(sums[p][j].as_mut_ptr().cast(), acc[p][j]);
+        }
+    }
+
+    match out {
+        TileOut::Acc(o) => {
+            debug_assert!(o.len() >= (P - 1) * t.out_stride + t.width);
+            for (p, row) in sums.iter().enumerate() {
+                for (j, block) in row.iter().enumerate() {
+                    let mask = lane_mask(block_lanes(t.width, j));
+                    let v = _mm512_loadu_si512(block.as_ptr().cast());
+                    _mm512_mask_storeu_epi32(
+                        o.as_mut_ptr().add(p * t.out_stride + j * LANES).cast(),
+                        mask,
+                        v,
+                    );
+                }
+            }
+        }
+        TileOut::Codes(o, stage, oc0) => {
+            debug_assert!(o.len() >= (P - 1) * t.out_stride + t.width);
+            let consts = ClampConsts::new(stage);
+            for j in 0..J {
+                let block = VnniBlock::load(&stage.blocks[oc0 / LANES + j]);
+                let mask = lane_mask(block_lanes(t.width, j));
+                for (p, row) in sums.iter().enumerate() {
+                    let codes = block.requant(_mm512_loadu_si512(row[j].as_ptr().cast()), &consts);
+                    _mm512_mask_cvtepi32_storeu_epi8(
+                        o.as_mut_ptr().add(p * t.out_stride + j * LANES).cast(),
+                        mask,
+                        codes,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The stage's clamp constants, broadcast to every i64 lane.
+#[derive(Clone, Copy)]
+struct ClampConsts {
+    zp: __m512i,
+    lo: __m512i,
+    hi: __m512i,
+}
+
+impl ClampConsts {
+    #[target_feature(enable = "avx512f")]
+    fn new(stage: &Stage) -> ClampConsts {
+        ClampConsts {
+            zp: _mm512_set1_epi64(stage.zp),
+            lo: _mm512_set1_epi64(stage.lo),
+            hi: _mm512_set1_epi64(stage.hi),
+        }
+    }
+}
+
+/// One [`StageBlock`] in registers.
+struct VnniBlock {
+    mult: __m512i,
+    mult_odd: __m512i,
+    shift_even: __m512i,
+    shift_odd: __m512i,
+    round_even: __m512i,
+    round_odd: __m512i,
+}
+
+impl VnniBlock {
+    #[target_feature(enable = "avx512f")]
+    fn load(b: &StageBlock) -> VnniBlock {
+        // SAFETY: each array is exactly 64 bytes.
+        unsafe {
+            let mult = _mm512_loadu_si512(b.mult.as_ptr().cast());
+            VnniBlock {
+                mult,
+                mult_odd: _mm512_srli_epi64::<32>(mult),
+                shift_even: _mm512_loadu_si512(b.shift_even.as_ptr().cast()),
+                shift_odd: _mm512_loadu_si512(b.shift_odd.as_ptr().cast()),
+                round_even: _mm512_loadu_si512(b.round_even.as_ptr().cast()),
+                round_odd: _mm512_loadu_si512(b.round_odd.as_ptr().cast()),
+            }
+        }
+    }
+
+    /// 16 accumulators to 16 codes (in the low byte of each i32 lane).
+    #[target_feature(enable = "avx512f")]
+    fn requant(&self, acc: __m512i, c: &ClampConsts) -> __m512i {
+        let even = _mm512_mul_epi32(acc, self.mult);
+        let odd = _mm512_mul_epi32(_mm512_srli_epi64::<32>(acc), self.mult_odd);
+        let even = _mm512_srav_epi64(_mm512_add_epi64(even, self.round_even), self.shift_even);
+        let odd = _mm512_srav_epi64(_mm512_add_epi64(odd, self.round_odd), self.shift_odd);
+        let clamp = |v| _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, c.zp), c.lo), c.hi);
+        // Both halves are now in [0, 255]: put the odd lanes' results in the high dwords.
+        _mm512_mask_blend_epi32(0xAAAA, clamp(even), _mm512_slli_epi64::<32>(clamp(odd)))
+    }
+}
+
+pub(super) struct Avx2;
+
+impl MicroKernel for Avx2 {
+    fn max_pixels(_blocks: usize) -> usize {
+        // 4 accumulators per pixel and block; 16 ymm registers in all.
+        3
+    }
+
+    fn tile(t: &Tile, out: TileOut) {
+        // SAFETY: the blocked driver only runs this kernel after `has_avx2()`.
+        unsafe {
+            match t.pixels {
+                1 => avx2_tile::<1>(t, out),
+                2 => avx2_tile::<2>(t, out),
+                3 => avx2_tile::<3>(t, out),
+                p => unreachable!("no AVX2 tile of {p} pixels"),
+            }
+        }
+    }
+}
+
+/// One tile of `P` pixels, one block of 16 output channels at a time. Per pixel and block
+/// the 4 accumulators hold, for output channels `4q..4q + 4`, the two half sums
+/// `x0 w0 + x1 w1` and `x2 w2 + x3 w3` of each 4-channel step; they are added pairwise at
+/// the end.
+///
+/// # Safety
+/// As for [`vnni_tile`], with AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_tile<const P: usize>(t: &Tile, mut out: TileOut) {
+    let x = t.x.as_ptr();
+    let k4 = t.taps.len() * t.c4 / 4;
+    let block_bytes = 4 * LANES;
+    for block in 0..t.blocks {
+        let mut acc = [[_mm256_setzero_si256(); 4]; P];
+        let mut w = t.weights.as_ptr().add(block * block_bytes);
+        for &tap in t.taps {
+            let xt = x.add(tap);
+            let mut c = 0;
+            while c < t.c4 {
+                let mut xb = [_mm256_setzero_si256(); P];
+                for (p, v) in xb.iter_mut().enumerate() {
+                    let bytes = xt.add(p * t.step + c).cast::<i32>().read_unaligned();
+                    *v = _mm256_cvtepu8_epi16(_mm_set1_epi32(bytes));
+                }
+                for q in 0..4 {
+                    let wq = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(q * 16).cast()));
+                    for (row, &xv) in acc.iter_mut().zip(&xb) {
+                        row[q] = _mm256_add_epi32(row[q], _mm256_madd_epi16(xv, wq));
+                    }
+                }
+                w = w.add(t.blocks * block_bytes);
+                c += 4;
+            }
+        }
+        debug_assert_eq!(
+            w,
+            t.weights
+                .as_ptr()
+                .add(block * block_bytes + k4 * t.blocks * block_bytes)
+        );
+
+        let lanes = block_lanes(t.width, block);
+        let bias_lo = _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES).cast());
+        let bias_hi = _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES + 8).cast());
+        for (p, row) in acc.iter().enumerate() {
+            // hadd gives [oc0 oc1 oc4 oc5 | oc2 oc3 oc6 oc7]; the permute restores order.
+            let lo = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[0], row[1]));
+            let hi = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[2], row[3]));
+            let sums = [_mm256_add_epi32(lo, bias_lo), _mm256_add_epi32(hi, bias_hi)];
+            let at = p * t.out_stride + block * LANES;
+            match &mut out {
+                TileOut::Acc(o) => {
+                    let mut tmp = [0i32; LANES];
+                    _mm256_storeu_si256(tmp.as_mut_ptr().cast(), sums[0]);
+                    _mm256_storeu_si256(tmp.as_mut_ptr().add(8).cast(), sums[1]);
+                    o[at..at + lanes].copy_from_slice(&tmp[..lanes]);
+                }
+                TileOut::Codes(o, stage, oc0) => {
+                    let sb = &stage.blocks[*oc0 / LANES + block];
+                    let mut tmp = [0i32; LANES];
+                    for (half, &s) in sums.iter().enumerate() {
+                        let codes = avx2_requant(s, sb, half, stage);
+                        _mm256_storeu_si256(tmp.as_mut_ptr().add(half * 8).cast(), codes);
+                    }
+                    for (o, &v) in o[at..at + lanes].iter_mut().zip(&tmp) {
+                        *o = v as u8;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Requantizes 8 accumulators (lanes `8 * half ..` of the block), giving codes in i32 lanes.
+#[target_feature(enable = "avx2")]
+fn avx2_requant(acc: __m256i, b: &StageBlock, half: usize, stage: &Stage) -> __m256i {
+    // SAFETY: `half` is 0 or 1, so each load reads 32 bytes inside its 64-byte array.
+    let (mult, shift_even, shift_odd, round_even, round_odd) = unsafe {
+        (
+            _mm256_loadu_si256(b.mult.as_ptr().add(8 * half).cast()),
+            _mm256_loadu_si256(b.shift_even.as_ptr().add(4 * half).cast()),
+            _mm256_loadu_si256(b.shift_odd.as_ptr().add(4 * half).cast()),
+            _mm256_loadu_si256(b.round_even.as_ptr().add(4 * half).cast()),
+            _mm256_loadu_si256(b.round_odd.as_ptr().add(4 * half).cast()),
+        )
+    };
+    let (zp, lo, hi) = (
+        _mm256_set1_epi64x(stage.zp),
+        _mm256_set1_epi64x(stage.lo),
+        _mm256_set1_epi64x(stage.hi),
+    );
+    // AVX2 has no arithmetic 64-bit shift: shift the one's complement of negative values
+    // logically instead (`!x >> s == !(x >> s)` for arithmetic shifts).
+    let sra = |v: __m256i, s: __m256i| {
+        let sign = _mm256_cmpgt_epi64(_mm256_setzero_si256(), v);
+        _mm256_xor_si256(_mm256_srlv_epi64(_mm256_xor_si256(v, sign), s), sign)
+    };
+    let clamp = |v: __m256i| {
+        let v = _mm256_add_epi64(v, zp);
+        let v = _mm256_blendv_epi8(v, lo, _mm256_cmpgt_epi64(lo, v));
+        _mm256_blendv_epi8(v, hi, _mm256_cmpgt_epi64(v, hi))
+    };
+    let even = _mm256_mul_epi32(acc, mult);
+    let odd = _mm256_mul_epi32(_mm256_srli_epi64::<32>(acc), _mm256_srli_epi64::<32>(mult));
+    let even = clamp(sra(_mm256_add_epi64(even, round_even), shift_even));
+    let odd = clamp(sra(_mm256_add_epi64(odd, round_odd), shift_odd));
+    _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd))
+}
+
+/// [`super::reference::add`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU supports AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn add_avx2(p: &AddParams, a: &[u8], b: &[u8], out: &mut [u8]) {
+    super::reference::add(p, a, b, out);
+}
+
+/// [`super::reference::add`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU supports the enabled features.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn add_avx512(p: &AddParams, a: &[u8], b: &[u8], out: &mut [u8]) {
+    super::reference::add(p, a, b, out);
+}

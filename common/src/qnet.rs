@@ -1,0 +1,830 @@
+//! The integer-only network ([`QNetwork`]) and its engine.
+//!
+//! A `QNetwork` is what post-training quantization ([`crate::quant`]) produces and what the
+//! evolutionary search mutates: u8 activation codes (per-tensor scale and zero point),
+//! i8 weight codes (per-output-channel scale), i32 biases and accumulators, fixed-point
+//! requantization. Inference starts from raw u8 pixels (the input normalisation is a
+//! per-channel lookup table) and ends with i32 logits at one common scale; nothing in
+//! between touches floating point, so the same input gives the same bits on every machine
+//! and thread count. Only the loss (cross-entropy on the final logits) uses f64.
+//!
+//! The weight codes of all Conv/Linear layers form one flat vector of decision variables
+//! ([`QNetwork::codes`], [`QNetwork::layers`]): layer by layer in graph order, each layer's
+//! codes in OHWI order (`[out][kh][kw][in]`), the layout the kernels read.
+//!
+//! Forward passes keep every intermediate value ([`Activations`]) so that a candidate that
+//! differs from the base network only from layer L on can be evaluated from L
+//! ([`QNetwork::forward_from`]) — the reuse cooperative coevolution relies on.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kernels::{self, AddParams, ConvGeom, OutputStage, PackedConv, PoolGeom, Requant};
+use crate::model::{Pad, Slice};
+use crate::{Error, Result};
+
+/// Per-tensor quantization of one activation value, NHWC shape.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct QValue {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    /// Real value = `(code - zp) * scale`.
+    pub scale: f64,
+    pub zp: u8,
+}
+
+impl QValue {
+    pub fn len(&self) -> usize {
+        self.h * self.w * self.c
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Raw u8 pixels (CHW planar, as datasets store them) to input codes (NHWC) through one
+/// lookup table per channel, which folds `(pixel / 255 - mean) / std` and the input
+/// quantization into a single step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputQuant {
+    /// `channels * 256` entries.
+    pub lut: Vec<u8>,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// A Conv or Linear layer: the decision variables live here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QConv {
+    pub geom: ConvGeom,
+    pub weight_bits: u8,
+    /// OHWI weight codes, each in `[-2^(b-1), 2^(b-1) - 1]`.
+    pub codes: Vec<i8>,
+    /// Per output channel, at scale `s_in * w_scale[oc]`.
+    pub bias: Vec<i32>,
+    pub input_zp: u8,
+    /// Metadata only (reports, export): the float weight scale of each output channel.
+    pub w_scale: Vec<f64>,
+    /// How accumulators become output codes; `None` for the logits layer, whose output
+    /// is i32 (see [`QNetwork::logit_requant`]).
+    pub stage: Option<OutputStage>,
+    #[serde(skip)]
+    packed: Option<PackedConv>,
+}
+
+impl QConv {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        geom: ConvGeom,
+        weight_bits: u8,
+        codes: Vec<i8>,
+        bias: Vec<i32>,
+        input_zp: u8,
+        w_scale: Vec<f64>,
+        stage: Option<OutputStage>,
+    ) -> QConv {
+        let mut conv = QConv {
+            geom,
+            weight_bits,
+            codes,
+            bias,
+            input_zp,
+            w_scale,
+            stage,
+            packed: None,
+        };
+        conv.repack();
+        conv
+    }
+
+    /// Rebuilds the kernel's packed weights after the codes changed.
+    pub fn repack(&mut self) {
+        self.packed = Some(PackedConv::new(
+            self.geom,
+            &self.codes,
+            &self.bias,
+            self.input_zp,
+        ));
+    }
+
+    pub fn packed(&self) -> &PackedConv {
+        self.packed
+            .as_ref()
+            .expect("QConv is always packed by its constructors")
+    }
+
+    /// Allowed code range of this layer's variables.
+    pub fn code_range(&self) -> (i8, i8) {
+        code_range(self.weight_bits)
+    }
+}
+
+/// Signed code range of a `bits`-bit weight: `[-2^(b-1), 2^(b-1) - 1]`.
+pub fn code_range(bits: u8) -> (i8, i8) {
+    let half = 1i16 << (bits - 1);
+    ((-half) as i8, (half - 1) as i8)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum QOp {
+    Conv(QConv),
+    Add(AddParams),
+    MaxPool(PoolGeom),
+    AvgPool {
+        geom: PoolGeom,
+        count_include_pad: bool,
+    },
+    GlobalAvgPool,
+    /// Strided crop in CHW axis order (applied to NHWC data).
+    Slice {
+        start: [usize; 3],
+        step: [usize; 3],
+    },
+    /// Padding with the zero point, CHW axis order.
+    Pad {
+        before: [usize; 3],
+    },
+    /// `[H, W, C] -> [H*W*C]`: a no-op on NHWC memory (the next Linear's weights were
+    /// permuted from CHW order at quantization time).
+    Flatten,
+    /// An activation that could not be fused into the layer before it.
+    Clamp {
+        min: u8,
+        max: u8,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QNode {
+    pub name: String,
+    pub op: QOp,
+    /// Value ids: 0 is the quantized input, `i >= 1` the output of `nodes[i - 1]`.
+    pub inputs: Vec<usize>,
+    pub out: QValue,
+}
+
+/// Where one layer's codes sit in the flat decision vector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerVars {
+    /// Index into [`QNetwork::nodes`].
+    pub node: usize,
+    pub name: String,
+    /// First variable of this layer in the flat vector.
+    pub offset: usize,
+    pub len: usize,
+    pub lo: i8,
+    pub hi: i8,
+    /// `[out, kh, kw, in]`.
+    pub dims: [usize; 4],
+}
+
+/// Everything about one decision variable, for reports and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VarInfo {
+    /// Index into [`QNetwork::layers`].
+    pub layer: usize,
+    /// `(out_channel, kh, kw, in_channel)`.
+    pub position: [usize; 4],
+    pub lo: i8,
+    pub hi: i8,
+}
+
+/// The integer network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QNetwork {
+    pub input: InputQuant,
+    /// Quantization of value 0 (the input codes).
+    pub input_value: QValue,
+    pub nodes: Vec<QNode>,
+    /// Node whose i32 output are the logits (always the last node).
+    pub num_classes: usize,
+    /// Per class: accumulator to common logit scale (per-channel weight scales differ).
+    pub logit_requant: Vec<Requant>,
+    /// Real logit = `logit * logit_scale`.
+    pub logit_scale: f64,
+    pub weight_bits: u8,
+    pub act_bits: u8,
+    pub layers: Vec<LayerVars>,
+}
+
+/// Per-batch fitness statistics, exact and order-independent: the loss is summed in fixed
+/// point so that adding shard results in any grouping gives the same bits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvalStats {
+    /// Sum of per-image cross-entropy, each rounded to a multiple of 2^-[`LOSS_FRAC_BITS`].
+    pub loss_fixed: u64,
+    pub correct: u64,
+    pub images: u64,
+}
+
+/// Fractional bits of [`EvalStats::loss_fixed`]: 2^-24 ≈ 6e-8 per image; 2^40 images of
+/// loss 64 would still fit in a u64.
+pub const LOSS_FRAC_BITS: u32 = 24;
+
+impl EvalStats {
+    pub fn add(&mut self, other: &EvalStats) {
+        self.loss_fixed += other.loss_fixed;
+        self.correct += other.correct;
+        self.images += other.images;
+    }
+    pub fn loss_sum(&self) -> f64 {
+        self.loss_fixed as f64 / (1u64 << LOSS_FRAC_BITS) as f64
+    }
+    pub fn mean_loss(&self) -> f64 {
+        if self.images == 0 {
+            0.0
+        } else {
+            self.loss_sum() / self.images as f64
+        }
+    }
+    pub fn top1(&self) -> f64 {
+        if self.images == 0 {
+            0.0
+        } else {
+            100.0 * self.correct as f64 / self.images as f64
+        }
+    }
+}
+
+/// Cross-entropy of one image's integer logits (real value `logit * scale`), rounded to
+/// fixed point; and whether the arg-max (first maximum) is the label.
+pub fn image_loss(logits: &[i32], scale: f64, label: u8) -> (u64, bool) {
+    let real: Vec<f64> = logits.iter().map(|&l| l as f64 * scale).collect();
+    cross_entropy(&real, label)
+}
+
+/// Cross-entropy of real logits in [`EvalStats`] fixed point, and arg-max == label.
+/// Computed in one fixed order, so it is reproducible bit for bit on a given platform.
+pub fn cross_entropy(logits: &[f64], label: u8) -> (u64, bool) {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    // Shift by the max logit so exp never overflows.
+    let max = logits.get(best).copied().unwrap_or(0.0);
+    let sum: f64 = logits.iter().map(|&l| (l - max).exp()).sum();
+    let target = logits
+        .get(label as usize)
+        .copied()
+        .unwrap_or(f64::NEG_INFINITY);
+    let loss = (max + sum.ln() - target).clamp(0.0, 1e6);
+    let fixed = (loss * (1u64 << LOSS_FRAC_BITS) as f64).round() as u64;
+    (fixed, best == label as usize)
+}
+
+/// All values of one forward pass over `n` images.
+#[derive(Debug, Clone, Default)]
+pub struct Activations {
+    pub n: usize,
+    /// Indexed by value id; the logits node's slot is empty.
+    pub values: Vec<Vec<u8>>,
+    /// `n * num_classes`.
+    pub logits: Vec<i32>,
+}
+
+impl QNetwork {
+    /// Total number of decision variables.
+    pub fn num_vars(&self) -> usize {
+        self.layers.iter().map(|l| l.len).sum()
+    }
+
+    /// The flat decision vector: all layers' weight codes in order.
+    pub fn codes(&self) -> Vec<i8> {
+        let mut out = Vec::with_capacity(self.num_vars());
+        for l in &self.layers {
+            out.extend_from_slice(&self.conv(l.node).codes);
+        }
+        out
+    }
+
+    /// Replaces every weight code; `codes.len()` must equal [`QNetwork::num_vars`] and every
+    /// code must lie in its layer's range.
+    pub fn set_codes(&mut self, codes: &[i8]) -> Result<()> {
+        if codes.len() != self.num_vars() {
+            return Err(Error::setting(
+                "codes",
+                codes.len(),
+                format!("the network has {} weight codes", self.num_vars()),
+            ));
+        }
+        for li in 0..self.layers.len() {
+            let l = self.layers[li].clone();
+            let slice = &codes[l.offset..l.offset + l.len];
+            if let Some(pos) = slice.iter().position(|&c| c < l.lo || c > l.hi) {
+                return Err(Error::setting(
+                    "codes",
+                    slice[pos],
+                    format!(
+                        "variable {} of layer '{}' must lie in [{}, {}]",
+                        l.offset + pos,
+                        l.name,
+                        l.lo,
+                        l.hi
+                    ),
+                ));
+            }
+            let conv = self.conv_mut(l.node);
+            if conv.codes != slice {
+                conv.codes.copy_from_slice(slice);
+                conv.repack();
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets individual variables (e.g. a search's adopted changes) and repacks the layers
+    /// they touch. Checks every index and code before changing anything.
+    pub fn apply_changes(&mut self, changes: &[(u32, i8)]) -> Result<()> {
+        let n = self.num_vars();
+        for &(var, code) in changes {
+            let l = self
+                .layers
+                .get(self.layer_of(var as usize))
+                .filter(|_| (var as usize) < n);
+            match l {
+                Some(l) if code >= l.lo && code <= l.hi => {}
+                _ => {
+                    return Err(Error::setting(
+                        "change",
+                        format!("var {var} = {code}"),
+                        format!("outside the network's {n} variables or their code range"),
+                    ))
+                }
+            }
+        }
+        let mut touched = vec![false; self.layers.len()];
+        for &(var, code) in changes {
+            let li = self.layer_of(var as usize);
+            let (node, offset) = (self.layers[li].node, self.layers[li].offset);
+            self.conv_mut(node).codes[var as usize - offset] = code;
+            touched[li] = true;
+        }
+        for (li, t) in touched.into_iter().enumerate() {
+            if t {
+                let node = self.layers[li].node;
+                self.conv_mut(node).repack();
+            }
+        }
+        Ok(())
+    }
+
+    /// The layer (index into [`QNetwork::layers`]) holding variable `var`.
+    pub fn layer_of(&self, var: usize) -> usize {
+        self.layers.partition_point(|l| l.offset + l.len <= var)
+    }
+
+    pub fn var_info(&self, var: usize) -> Option<VarInfo> {
+        let layer = self.layer_of(var);
+        let l = self.layers.get(layer)?;
+        let mut r = var - l.offset;
+        let [_, kh, kw, ic] = l.dims;
+        let i = r % ic;
+        r /= ic;
+        let x = r % kw;
+        r /= kw;
+        let y = r % kh;
+        let o = r / kh;
+        Some(VarInfo {
+            layer,
+            position: [o, y, x, i],
+            lo: l.lo,
+            hi: l.hi,
+        })
+    }
+
+    pub fn conv(&self, node: usize) -> &QConv {
+        match &self.nodes[node].op {
+            QOp::Conv(c) => c,
+            _ => unreachable!("layers only point at Conv nodes"),
+        }
+    }
+
+    pub fn conv_mut(&mut self, node: usize) -> &mut QConv {
+        match &mut self.nodes[node].op {
+            QOp::Conv(c) => c,
+            _ => unreachable!("layers only point at Conv nodes"),
+        }
+    }
+
+    pub fn input_channels(&self) -> usize {
+        self.input_value.c
+    }
+
+    /// Pixels per image (CHW).
+    pub fn image_len(&self) -> usize {
+        self.input_value.len()
+    }
+
+    /// Human precision tag, e.g. `w4a8`.
+    pub fn precision(&self) -> String {
+        format!("w{}a{}", self.weight_bits, self.act_bits)
+    }
+
+    /// Converts `n` CHW u8 images into NHWC input codes.
+    pub fn quantize_input(&self, pixels: &[u8], n: usize, out: &mut Vec<u8>) {
+        let QValue { h, w, c, .. } = self.input_value;
+        let plane = h * w;
+        out.clear();
+        out.resize(n * plane * c, 0);
+        for img in 0..n {
+            let src = &pixels[img * plane * c..(img + 1) * plane * c];
+            let dst = &mut out[img * plane * c..(img + 1) * plane * c];
+            for ch in 0..c {
+                let lut = &self.input.lut[ch * 256..(ch + 1) * 256];
+                for p in 0..plane {
+                    dst[p * c + ch] = lut[src[ch * plane + p] as usize];
+                }
+            }
+        }
+    }
+
+    /// Full forward pass over `n` CHW u8 images, keeping every value.
+    pub fn forward(&self, pixels: &[u8], n: usize, acts: &mut Activations) {
+        acts.n = n;
+        acts.values.resize_with(self.nodes.len() + 1, Vec::new);
+        let mut input = std::mem::take(&mut acts.values[0]);
+        self.quantize_input(pixels, n, &mut input);
+        acts.values[0] = input;
+        self.run_nodes(0, &[], acts);
+    }
+
+    /// Recomputes nodes `first..` of `acts` (which must hold a forward pass of the same
+    /// images), with the layers named in `patches` (node index, replacement) swapped in.
+    /// Values computed before node `first` are reused untouched.
+    pub fn forward_from(&self, first: usize, patches: &[(usize, QConv)], acts: &mut Activations) {
+        self.run_nodes(first, patches, acts);
+    }
+
+    fn run_nodes(&self, first: usize, patches: &[(usize, QConv)], acts: &mut Activations) {
+        let n = acts.n;
+        for (idx, node) in self.nodes.iter().enumerate().skip(first) {
+            // Take the output buffer out so inputs (strictly earlier values) can be borrowed.
+            let mut out = std::mem::take(&mut acts.values[idx + 1]);
+            let is_logits = idx + 1 == self.nodes.len();
+            match &node.op {
+                QOp::Conv(conv) => {
+                    let conv = patches
+                        .iter()
+                        .find(|(p, _)| *p == idx)
+                        .map_or(conv, |(_, c)| c);
+                    let input = &acts.values[node.inputs[0]];
+                    if is_logits {
+                        acts.logits.resize(n * self.num_classes, 0);
+                        conv.packed().run_acc(input, n, &mut acts.logits);
+                        for row in acts.logits.chunks_exact_mut(self.num_classes) {
+                            for (l, rq) in row.iter_mut().zip(&self.logit_requant) {
+                                *l = rq.apply(*l);
+                            }
+                        }
+                    } else {
+                        out.resize(n * node.out.len(), 0);
+                        let stage = conv
+                            .stage
+                            .as_ref()
+                            .expect("hidden layers have an output stage");
+                        conv.packed().run(stage, input, n, &mut out);
+                    }
+                }
+                QOp::Add(p) => {
+                    out.resize(n * node.out.len(), 0);
+                    let (a, b) = (&acts.values[node.inputs[0]], &acts.values[node.inputs[1]]);
+                    kernels::add(p, a, b, &mut out);
+                }
+                QOp::MaxPool(g) => {
+                    out.resize(n * node.out.len(), 0);
+                    kernels::max_pool(g, &acts.values[node.inputs[0]], n, &mut out);
+                }
+                QOp::AvgPool {
+                    geom,
+                    count_include_pad,
+                } => {
+                    out.resize(n * node.out.len(), 0);
+                    let zp = self.value(node.inputs[0]).zp;
+                    kernels::avg_pool(
+                        geom,
+                        *count_include_pad,
+                        zp,
+                        &acts.values[node.inputs[0]],
+                        n,
+                        &mut out,
+                    );
+                }
+                QOp::GlobalAvgPool => {
+                    out.resize(n * node.out.len(), 0);
+                    let v = self.value(node.inputs[0]);
+                    kernels::global_avg_pool(
+                        v.h,
+                        v.w,
+                        v.c,
+                        &acts.values[node.inputs[0]],
+                        n,
+                        &mut out,
+                    );
+                }
+                QOp::Slice { start, step } => {
+                    let src = self.value(node.inputs[0]);
+                    slice_nhwc(
+                        &acts.values[node.inputs[0]],
+                        n,
+                        &src,
+                        &node.out,
+                        *start,
+                        *step,
+                        &mut out,
+                    );
+                }
+                QOp::Pad { before } => {
+                    let src = self.value(node.inputs[0]);
+                    pad_nhwc(
+                        &acts.values[node.inputs[0]],
+                        n,
+                        &src,
+                        &node.out,
+                        *before,
+                        &mut out,
+                    );
+                }
+                QOp::Flatten => {
+                    out.clear();
+                    out.extend_from_slice(&acts.values[node.inputs[0]]);
+                }
+                QOp::Clamp { min, max } => {
+                    out.clear();
+                    out.extend(
+                        acts.values[node.inputs[0]]
+                            .iter()
+                            .map(|&x| x.clamp(*min, *max)),
+                    );
+                }
+            }
+            acts.values[idx + 1] = out;
+        }
+    }
+
+    /// Quantization of value `v`.
+    pub fn value(&self, v: usize) -> QValue {
+        if v == 0 {
+            self.input_value
+        } else {
+            self.nodes[v - 1].out
+        }
+    }
+
+    /// Loss and accuracy of the logits in `acts` against `labels`.
+    pub fn stats(&self, acts: &Activations, labels: &[u8]) -> EvalStats {
+        let mut s = EvalStats::default();
+        for (row, &label) in acts.logits.chunks_exact(self.num_classes).zip(labels) {
+            let (loss, ok) = image_loss(row, self.logit_scale, label);
+            s.loss_fixed += loss;
+            s.correct += ok as u64;
+            s.images += 1;
+        }
+        s
+    }
+
+    /// Evaluates the network on `n` CHW images in chunks of `batch`, with `threads`
+    /// threads, each taking a contiguous part of every chunk. Per-image results do not
+    /// depend on the split, so neither does the total.
+    pub fn evaluate(
+        &self,
+        pixels: &[u8],
+        labels: &[u8],
+        batch: usize,
+        threads: usize,
+    ) -> EvalStats {
+        let n = labels.len();
+        let il = self.image_len();
+        let threads = threads.max(1);
+        let per = n.div_ceil(threads).max(1);
+        let batch = batch.max(1);
+        let mut total = EvalStats::default();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .filter_map(|t| {
+                    let lo = (t * per).min(n);
+                    let hi = ((t + 1) * per).min(n);
+                    (lo < hi).then(|| {
+                        scope.spawn(move || {
+                            let mut acts = Activations::default();
+                            let mut s = EvalStats::default();
+                            let mut i = lo;
+                            while i < hi {
+                                let m = batch.min(hi - i);
+                                self.forward(&pixels[i * il..(i + m) * il], m, &mut acts);
+                                s.add(&self.stats(&acts, &labels[i..i + m]));
+                                i += m;
+                            }
+                            s
+                        })
+                    })
+                })
+                .collect();
+            for h in handles {
+                total.add(&h.join().expect("evaluation thread panicked"));
+            }
+        });
+        total
+    }
+
+    /// Checks internal consistency (after loading from a file): lengths, ranges, ids.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let bad = |reason: String| Error::NetworkFile {
+            path: origin.to_string(),
+            reason,
+        };
+        if self.input_value.c == 0 || self.input.lut.len() != self.input_value.c * 256 {
+            return Err(bad(
+                "input lookup table does not match the input channels".into()
+            ));
+        }
+        if !(2..=8).contains(&self.weight_bits) || !(2..=8).contains(&self.act_bits) {
+            return Err(bad(format!(
+                "bit widths w{} a{} outside 2..=8",
+                self.weight_bits, self.act_bits
+            )));
+        }
+        if self.nodes.is_empty() || self.logit_requant.len() != self.num_classes {
+            return Err(bad("no logits layer".into()));
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.inputs.iter().any(|&v| v > i) || node.inputs.is_empty() {
+                return Err(bad(format!(
+                    "node '{}' reads a value that is not computed before it",
+                    node.name
+                )));
+            }
+            if let QOp::Conv(c) = &node.op {
+                let g = &c.geom;
+                let src = self.value(node.inputs[0]);
+                if (src.h, src.w, src.c) != (g.in_h, g.in_w, g.in_c)
+                    || c.codes.len() != g.out_c * g.k_len()
+                    || c.bias.len() != g.out_c
+                    || g.stride_h == 0
+                    || g.stride_w == 0
+                    || g.dil_h == 0
+                    || g.dil_w == 0
+                {
+                    return Err(bad(format!(
+                        "layer '{}' has inconsistent dimensions",
+                        node.name
+                    )));
+                }
+                if let Some(s) = &c.stage {
+                    if s.requant.len() != g.out_c
+                        || s.requant.iter().any(|r| !(1..=62).contains(&r.shift))
+                    {
+                        return Err(bad(format!("layer '{}' has a bad output stage", node.name)));
+                    }
+                } else if i + 1 != self.nodes.len() {
+                    return Err(bad(format!("layer '{}' has no output stage", node.name)));
+                }
+                let (lo, hi) = code_range(c.weight_bits.clamp(2, 8));
+                if c.codes.iter().any(|&x| x < lo || x > hi) {
+                    return Err(bad(format!(
+                        "layer '{}' has codes outside [{lo}, {hi}]",
+                        node.name
+                    )));
+                }
+            }
+        }
+        let mut offset = 0;
+        for l in &self.layers {
+            if l.node >= self.nodes.len()
+                || !matches!(self.nodes[l.node].op, QOp::Conv(_))
+                || l.offset != offset
+            {
+                return Err(bad(format!(
+                    "variable map entry '{}' is inconsistent",
+                    l.name
+                )));
+            }
+            if self.conv(l.node).codes.len() != l.len {
+                return Err(bad(format!(
+                    "variable map entry '{}' has the wrong length",
+                    l.name
+                )));
+            }
+            offset += l.len;
+        }
+        Ok(())
+    }
+
+    /// Serialises to the `.ccq` file format (JSON; see the README).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let file = NetworkFile {
+            format: FORMAT_TAG.to_string(),
+            version: FORMAT_VERSION,
+            network: self.clone(),
+        };
+        serde_json::to_vec(&file).expect("a QNetwork always serialises")
+    }
+
+    pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<QNetwork> {
+        let bad = |reason: String| Error::NetworkFile {
+            path: origin.to_string(),
+            reason,
+        };
+        let file: NetworkFile = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if file.format != FORMAT_TAG {
+            return Err(bad(format!(
+                "format tag '{}' is not '{FORMAT_TAG}'",
+                file.format
+            )));
+        }
+        if file.version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {} (this build reads version {FORMAT_VERSION})",
+                file.version
+            )));
+        }
+        let mut net = file.network;
+        net.validate(origin)?;
+        for node in &mut net.nodes {
+            if let QOp::Conv(c) = &mut node.op {
+                c.repack();
+            }
+        }
+        Ok(net)
+    }
+
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        std::fs::write(path, self.to_bytes()).map_err(|e| Error::io(path, e))
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<QNetwork> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        QNetwork::from_bytes(&bytes, &path.display().to_string())
+    }
+}
+
+const FORMAT_TAG: &str = "ccq-network";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct NetworkFile {
+    format: String,
+    version: u32,
+    network: QNetwork,
+}
+
+/// NHWC strided crop; `start`/`step` are in CHW axis order.
+fn slice_nhwc(
+    src: &[u8],
+    n: usize,
+    s: &QValue,
+    d: &QValue,
+    start: [usize; 3],
+    step: [usize; 3],
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    out.reserve(n * d.len());
+    for img in 0..n {
+        let base = img * s.len();
+        for y in 0..d.h {
+            let sy = start[1] + y * step[1];
+            for x in 0..d.w {
+                let sx = start[2] + x * step[2];
+                let pix = base + (sy * s.w + sx) * s.c;
+                out.extend((0..d.c).map(|c| src[pix + start[0] + c * step[0]]));
+            }
+        }
+    }
+}
+
+/// NHWC padding with the zero point; `before` is in CHW axis order.
+fn pad_nhwc(src: &[u8], n: usize, s: &QValue, d: &QValue, before: [usize; 3], out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(n * d.len(), d.zp);
+    for img in 0..n {
+        for y in 0..s.h {
+            for x in 0..s.w {
+                let from = img * s.len() + (y * s.w + x) * s.c;
+                let to = img * d.len() + ((y + before[1]) * d.w + x + before[2]) * d.c + before[0];
+                out[to..to + s.c].copy_from_slice(&src[from..from + s.c]);
+            }
+        }
+    }
+}
+
+/// Output shape helpers shared with the quantizer.
+pub(crate) fn slice_value(src: &QValue, s: &Slice) -> QValue {
+    let len = |a: usize| (s.end[a].saturating_sub(s.start[a])).div_ceil(s.step[a]);
+    QValue {
+        c: len(0),
+        h: len(1),
+        w: len(2),
+        ..*src
+    }
+}
+
+pub(crate) fn pad_value(src: &QValue, p: &Pad) -> QValue {
+    QValue {
+        c: src.c + p.before[0] + p.after[0],
+        h: src.h + p.before[1] + p.after[1],
+        w: src.w + p.before[2] + p.after[2],
+        ..*src
+    }
+}

@@ -1,0 +1,673 @@
+//! Post-training quantization: float [`Graph`] + calibration images -> [`QNetwork`].
+//!
+//! - Weights: symmetric, per output channel, round-to-nearest from max-abs scales
+//!   (`s_w = max|w| / (2^(b-1) - 1)`); the float scales are kept only as metadata.
+//! - Activations: per tensor, calibrated on a few training images by max or by a
+//!   percentile of the observed range. Values that are non-negative in calibration (after a
+//!   ReLU) are unsigned with zero point 0; others are affine (min/max, zero point chosen so
+//!   that 0.0 is exact, which makes zero padding exact).
+//! - The network input is always 8-bit affine, and the normalisation `(p/255 - mean)/std`
+//!   is folded into a per-channel lookup table from raw pixels.
+//! - ReLU/Clip directly after a Conv, Linear or Add are fused into its output stage;
+//!   pooling, slicing, padding and flattening keep their input's quantization.
+//! - Biases become i32 at scale `s_in * s_w`; rescaling is a fixed-point multiplier.
+
+use crate::float;
+use crate::kernels::{AddParams, ConvGeom, OutputStage, PoolGeom, Requant};
+use crate::model::{Graph, Normalization, Op, Pool, Shape};
+use crate::qnet::{self, code_range, InputQuant, LayerVars, QConv, QNetwork, QNode, QOp, QValue};
+use crate::{Error, Result};
+
+/// How activation ranges are taken from calibration data.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Calibration {
+    /// The full observed range.
+    Max,
+    /// Clip the range to this percentile of observed values at each end (e.g. 99.99).
+    Percentile(f64),
+}
+
+impl std::str::FromStr for Calibration {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "max" {
+            return Ok(Calibration::Max);
+        }
+        let p = s
+            .strip_prefix("percentile:")
+            .or_else(|| s.strip_prefix('p'))
+            .and_then(|p| p.parse::<f64>().ok());
+        match p {
+            Some(p) if p > 50.0 && p <= 100.0 => Ok(Calibration::Percentile(p)),
+            _ => Err(Error::setting(
+                "calibration",
+                s,
+                "expected 'max' or 'percentile:P' with 50 < P <= 100",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantConfig {
+    pub weight_bits: u8,
+    pub act_bits: u8,
+    pub calibration: Calibration,
+}
+
+impl QuantConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(2..=8).contains(&self.weight_bits) {
+            return Err(Error::setting(
+                "weight_bits",
+                self.weight_bits,
+                "must be 2..=8",
+            ));
+        }
+        if !(2..=8).contains(&self.act_bits) {
+            return Err(Error::setting("act_bits", self.act_bits, "must be 2..=8"));
+        }
+        Ok(())
+    }
+}
+
+/// How one float value is represented in the integer network.
+#[derive(Clone, Copy)]
+enum Role {
+    /// Not materialised (a Conv/Add output whose ReLU was fused).
+    Fused,
+    /// Materialised as q value `id`.
+    At(usize),
+}
+
+/// Quantizes `graph`. `calib` holds `n` CHW u8 images (the first training images).
+pub fn quantize(
+    graph: &Graph,
+    norm: &Normalization,
+    calib: &[u8],
+    n: usize,
+    cfg: &QuantConfig,
+) -> Result<QNetwork> {
+    cfg.validate()?;
+    let ishape = graph.input_shape;
+    if norm.mean.len() != ishape.c || norm.std.len() != ishape.c {
+        return Err(Error::setting(
+            "mean/std",
+            norm.mean.len(),
+            format!("the model input has {} channels", ishape.c),
+        ));
+    }
+    if let Some(c) = norm.std.iter().position(|&s| s.is_nan() || s <= 0.0) {
+        return Err(Error::setting("std", norm.std[c], "must be > 0"));
+    }
+    if n == 0 || calib.len() != n * ishape.len() {
+        return Err(Error::setting(
+            "calib_images",
+            n,
+            "need at least one calibration image",
+        ));
+    }
+    let last = graph.nodes.len();
+    if graph.output != last
+        || !matches!(
+            graph.nodes.last().map(|n| &n.op),
+            Some(Op::Conv(_) | Op::Linear(_))
+        )
+    {
+        return Err(Error::InvalidModel {
+            node: graph.nodes.last().map_or("<none>".into(), |n| n.name.clone()),
+            reason: "the integer engine needs the graph to end with the logits layer (Gemm, MatMul or Conv)".into(),
+        });
+    }
+
+    // Which Conv/Linear/Add outputs are consumed only by a ReLU/Clip (fused)?
+    let mut consumers = vec![Vec::new(); last + 1];
+    for (i, node) in graph.nodes.iter().enumerate() {
+        for &v in &node.inputs {
+            consumers[v].push(i);
+        }
+    }
+    let fusable = |i: usize| -> Option<usize> {
+        let node = &graph.nodes[i];
+        if !matches!(node.op, Op::Conv(_) | Op::Linear(_) | Op::Add) || i + 1 == last {
+            return None;
+        }
+        match consumers[i + 1].as_slice() {
+            [c] if matches!(graph.nodes[*c].op, Op::Relu | Op::Clip { .. }) => Some(*c),
+            _ => None,
+        }
+    };
+    let mut fused_act = vec![None; last]; // producer node -> activation node
+    let mut absorbed = vec![false; last]; // activation nodes folded into their producer
+    for i in 0..last {
+        if let Some(a) = fusable(i) {
+            fused_act[i] = Some(a);
+            absorbed[a] = true;
+        }
+    }
+
+    // Which float values need calibration statistics: every value that gets its own scale.
+    let mut wanted = vec![false; last + 1];
+    for i in 0..last {
+        if absorbed[i] || i + 1 == last {
+            continue;
+        }
+        if matches!(graph.nodes[i].op, Op::Conv(_) | Op::Linear(_) | Op::Add) {
+            wanted[fused_act[i].map_or(i + 1, |a| a + 1)] = true;
+        }
+    }
+    let ranges = calibrate(graph, norm, calib, n, &wanted, cfg.calibration);
+
+    // The input: 8-bit affine over the exact range of normalised pixel values.
+    let (mut lo, mut hi) = (0f64, 0f64);
+    for c in 0..ishape.c {
+        for p in [0u8, 255] {
+            let x = norm.apply(c, p) as f64;
+            lo = lo.min(x);
+            hi = hi.max(x);
+        }
+    }
+    let input_value = affine(ishape, lo, hi, 8);
+    let mut lut = Vec::with_capacity(ishape.c * 256);
+    for c in 0..ishape.c {
+        for p in 0..=255u8 {
+            lut.push(quantize_real(norm.apply(c, p) as f64, &input_value, 255));
+        }
+    }
+    let input = InputQuant {
+        lut,
+        mean: norm.mean.clone(),
+        std: norm.std.clone(),
+    };
+
+    let amax = ((1u32 << cfg.act_bits) - 1) as u8;
+    let mut roles = vec![Role::At(0); last + 1];
+    let mut qvals: Vec<QValue> = vec![input_value];
+    // Pre-flatten shape of q values produced by Flatten (for Linear weight permutation).
+    let mut flat_from: Vec<Option<Shape>> = vec![None];
+    let mut nodes: Vec<QNode> = Vec::new();
+    let mut layers: Vec<LayerVars> = Vec::new();
+    let mut logits = None;
+
+    for (i, node) in graph.nodes.iter().enumerate() {
+        if absorbed[i] {
+            // Its producer already mapped this node's output to its materialised value.
+            continue;
+        }
+        let q_in: Vec<usize> = node
+            .inputs
+            .iter()
+            .map(|&v| match roles[v] {
+                Role::At(q) => q,
+                Role::Fused => unreachable!("fused values are never read"),
+            })
+            .collect();
+        let src = qvals[q_in[0]];
+        let own_scale = |i: usize| -> QValue {
+            let (v, act) = match fused_act[i] {
+                Some(a) => (a + 1, Some(&graph.nodes[a].op)),
+                None => (i + 1, None),
+            };
+            let (mut lo, mut hi) = ranges[v].unwrap_or((0.0, 0.0));
+            if let Some(Op::Relu) = act {
+                lo = lo.max(0.0);
+            }
+            if let Some(Op::Clip { min, max }) = act {
+                lo = lo.max(*min as f64);
+                hi = hi.min(*max as f64);
+            }
+            affine(graph.shape(v), lo, hi, cfg.act_bits)
+        };
+        let fused_bounds = |out: &QValue| -> (u8, u8) {
+            let (lo, hi) = match fused_act[i].map(|a| &graph.nodes[a].op) {
+                Some(Op::Relu) => (0.0, f64::INFINITY),
+                Some(Op::Clip { min, max }) => (*min as f64, *max as f64),
+                _ => (f64::NEG_INFINITY, f64::INFINITY),
+            };
+            (quantize_real(lo, out, amax), quantize_real(hi, out, amax))
+        };
+        let is_logits = i + 1 == last;
+        let (op, out, flat) = match &node.op {
+            Op::Conv(c) => {
+                if c.group != 1 {
+                    return Err(Error::UnsupportedOp {
+                        node: node.name.clone(),
+                        op: "Conv".into(),
+                        reason: format!(
+                            "group = {}: the integer engine supports group = 1 only",
+                            c.group
+                        ),
+                    });
+                }
+                let geom = ConvGeom {
+                    in_h: src.h,
+                    in_w: src.w,
+                    in_c: src.c,
+                    out_c: c.out_channels,
+                    k_h: c.kernel[0],
+                    k_w: c.kernel[1],
+                    stride_h: c.stride[0],
+                    stride_w: c.stride[1],
+                    dil_h: c.dilation[0],
+                    dil_w: c.dilation[1],
+                    pad_t: c.pads[0],
+                    pad_l: c.pads[1],
+                    pad_b: c.pads[2],
+                    pad_r: c.pads[3],
+                };
+                // ONNX OIHW -> OHWI.
+                let (kh, kw, ic) = (c.kernel[0], c.kernel[1], src.c);
+                let mut w = vec![0f32; c.weight.len()];
+                for o in 0..c.out_channels {
+                    for ci in 0..ic {
+                        for y in 0..kh {
+                            for x in 0..kw {
+                                w[((o * kh + y) * kw + x) * ic + ci] =
+                                    c.weight[((o * ic + ci) * kh + y) * kw + x];
+                            }
+                        }
+                    }
+                }
+                let out = if is_logits { src } else { own_scale(i) };
+                let bounds = fused_bounds(&out);
+                (
+                    QOp::Conv(layer(
+                        &node.name, geom, &w, &c.bias, &src, &out, cfg, bounds, is_logits,
+                    )),
+                    out,
+                    None,
+                )
+            }
+            Op::Linear(l) => {
+                // Columns follow the float (CHW) flattening; the integer engine flattens
+                // NHWC, so permute them when the input was a flattened feature map.
+                let mut w = l.weight.clone();
+                if let Some(s) = flat_from[q_in[0]] {
+                    let hw = s.h * s.w;
+                    for o in 0..l.out_features {
+                        let row = &l.weight[o * l.in_features..(o + 1) * l.in_features];
+                        let dst = &mut w[o * l.in_features..(o + 1) * l.in_features];
+                        for c in 0..s.c {
+                            for p in 0..hw {
+                                dst[p * s.c + c] = row[c * hw + p];
+                            }
+                        }
+                    }
+                } else if src.h * src.w != 1 {
+                    return Err(Error::InvalidModel {
+                        node: node.name.clone(),
+                        reason: "a fully connected layer must read a flattened or 1x1 value".into(),
+                    });
+                }
+                let geom = ConvGeom {
+                    in_h: 1,
+                    in_w: 1,
+                    in_c: l.in_features,
+                    out_c: l.out_features,
+                    k_h: 1,
+                    k_w: 1,
+                    stride_h: 1,
+                    stride_w: 1,
+                    dil_h: 1,
+                    dil_w: 1,
+                    pad_t: 0,
+                    pad_l: 0,
+                    pad_b: 0,
+                    pad_r: 0,
+                };
+                let out = if is_logits { src } else { own_scale(i) };
+                let bounds = fused_bounds(&out);
+                (
+                    QOp::Conv(layer(
+                        &node.name, geom, &w, &l.bias, &src, &out, cfg, bounds, is_logits,
+                    )),
+                    out,
+                    None,
+                )
+            }
+            Op::Add => {
+                let b = qvals[q_in[1]];
+                let out = own_scale(i);
+                let (min, max) = fused_bounds(&out);
+                let p = AddParams::new(
+                    src.scale,
+                    src.zp as i32,
+                    b.scale,
+                    b.zp as i32,
+                    out.scale,
+                    out.zp as i32,
+                    min,
+                    max,
+                );
+                (QOp::Add(p), out, None)
+            }
+            // Zero is exactly the zero point, so a ReLU is a clamp at it.
+            Op::Relu => (
+                QOp::Clamp {
+                    min: src.zp,
+                    max: 255,
+                },
+                src,
+                None,
+            ),
+            Op::Clip { min, max } => {
+                let lo = quantize_real(*min as f64, &src, 255);
+                let hi = quantize_real(*max as f64, &src, 255);
+                (QOp::Clamp { min: lo, max: hi }, src, None)
+            }
+            Op::MaxPool(p) => {
+                let g = pool_geom(&src, p);
+                (QOp::MaxPool(g), pooled(&src, &g), None)
+            }
+            Op::AveragePool(p) => {
+                let g = pool_geom(&src, p);
+                let out = pooled(&src, &g);
+                (
+                    QOp::AvgPool {
+                        geom: g,
+                        count_include_pad: p.count_include_pad,
+                    },
+                    out,
+                    None,
+                )
+            }
+            Op::GlobalAveragePool => (QOp::GlobalAvgPool, QValue { h: 1, w: 1, ..src }, None),
+            Op::Flatten => {
+                let s = graph.shape(node.inputs[0]);
+                let out = QValue {
+                    h: 1,
+                    w: 1,
+                    c: s.len(),
+                    ..src
+                };
+                (QOp::Flatten, out, (s.h * s.w > 1).then_some(s))
+            }
+            Op::Slice(s) => (
+                QOp::Slice {
+                    start: s.start,
+                    step: s.step,
+                },
+                qnet::slice_value(&src, s),
+                None,
+            ),
+            Op::Pad(p) => (
+                QOp::Pad { before: p.before },
+                qnet::pad_value(&src, p),
+                None,
+            ),
+        };
+        if let QOp::Conv(c) = &op {
+            let (lo, hi) = code_range(cfg.weight_bits);
+            let g = c.geom;
+            layers.push(LayerVars {
+                node: nodes.len(),
+                name: node.name.clone(),
+                offset: layers.last().map_or(0, |l: &LayerVars| l.offset + l.len),
+                len: c.codes.len(),
+                lo,
+                hi,
+                dims: [g.out_c, g.k_h, g.k_w, g.in_c],
+            });
+            if is_logits {
+                logits = Some(c.w_scale.clone());
+            }
+        }
+        nodes.push(QNode {
+            name: node.name.clone(),
+            op,
+            inputs: q_in,
+            out,
+        });
+        qvals.push(out);
+        flat_from.push(flat);
+        let q = Role::At(qvals.len() - 1);
+        match fused_act[i] {
+            Some(a) => {
+                roles[i + 1] = Role::Fused;
+                roles[a + 1] = q;
+            }
+            None => roles[i + 1] = q,
+        }
+    }
+
+    // Logits: bring every class to the scale of the largest weight scale.
+    let w_scale = logits.expect("the last node is a layer");
+    let s_in = nodes
+        .last()
+        .map(|n| qvals[n.inputs[0]].scale)
+        .unwrap_or(1.0);
+    let wmax = w_scale.iter().cloned().fold(0.0, f64::max);
+    let wmax = if wmax > 0.0 { wmax } else { 1.0 };
+    let logit_requant = w_scale
+        .iter()
+        .map(|&s| Requant::from_real(s / wmax))
+        .collect();
+    let num_classes = w_scale.len();
+    if let Some(n) = nodes.last_mut() {
+        n.out = QValue {
+            h: 1,
+            w: 1,
+            c: num_classes,
+            scale: s_in * wmax,
+            zp: 0,
+        };
+    }
+    let net = QNetwork {
+        input,
+        input_value,
+        nodes,
+        num_classes,
+        logit_requant,
+        logit_scale: s_in * wmax,
+        weight_bits: cfg.weight_bits,
+        act_bits: cfg.act_bits,
+        layers,
+    };
+    net.validate("<quantizer output>")?;
+    Ok(net)
+}
+
+/// Quantizes one Conv/Linear with OHWI float weights.
+#[allow(clippy::too_many_arguments)]
+fn layer(
+    _name: &str,
+    geom: ConvGeom,
+    w: &[f32],
+    bias: &[f32],
+    src: &QValue,
+    out: &QValue,
+    cfg: &QuantConfig,
+    (min, max): (u8, u8),
+    is_logits: bool,
+) -> QConv {
+    let k = geom.k_len();
+    let qmax = ((1i32 << (cfg.weight_bits - 1)) - 1) as f64;
+    let mut codes = Vec::with_capacity(w.len());
+    let mut w_scale = Vec::with_capacity(geom.out_c);
+    let mut b = Vec::with_capacity(geom.out_c);
+    let mut requant = Vec::with_capacity(geom.out_c);
+    for o in 0..geom.out_c {
+        let row = &w[o * k..(o + 1) * k];
+        let m = row.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+        // An all-zero channel gets scale 1: its codes are 0 either way, and its bias
+        // stays representable.
+        let s = if m > 0.0 { m / qmax } else { 1.0 };
+        codes.extend(
+            row.iter()
+                .map(|&x| ((x as f64) / s).round().clamp(-qmax, qmax) as i8),
+        );
+        let acc_scale = src.scale * s;
+        let bq = (bias.get(o).copied().unwrap_or(0.0) as f64 / acc_scale).round();
+        b.push(bq.clamp(i32::MIN as f64, i32::MAX as f64) as i32);
+        requant.push(Requant::from_real(acc_scale / out.scale));
+        w_scale.push(s);
+    }
+    let stage = (!is_logits).then(|| OutputStage {
+        requant,
+        out_zp: out.zp as i32,
+        min,
+        max,
+    });
+    QConv::new(geom, cfg.weight_bits, codes, b, src.zp, w_scale, stage)
+}
+
+/// Affine quantization of a value with real range `[lo, hi]` at `bits` bits; unsigned
+/// (zero point 0) when `lo >= 0`. Zero is always exactly representable.
+fn affine(shape: Shape, lo: f64, hi: f64, bits: u8) -> QValue {
+    let levels = ((1u32 << bits) - 1) as f64;
+    let lo = lo.min(0.0);
+    let hi = hi.max(0.0);
+    let range = hi - lo;
+    let (scale, zp) = if range > 0.0 && range.is_finite() {
+        let s = range / levels;
+        (s, (-lo / s).round().clamp(0.0, levels) as u8)
+    } else {
+        (1.0, 0)
+    };
+    QValue {
+        h: shape.h,
+        w: shape.w,
+        c: shape.c,
+        scale,
+        zp,
+    }
+}
+
+/// The code of real value `x` in `v`, clamped to `[0, max]`.
+fn quantize_real(x: f64, v: &QValue, max: u8) -> u8 {
+    let q = (x / v.scale).round() + v.zp as f64;
+    if q.is_nan() {
+        v.zp
+    } else {
+        q.clamp(0.0, max as f64) as u8
+    }
+}
+
+fn pool_geom(src: &QValue, p: &Pool) -> PoolGeom {
+    PoolGeom {
+        in_h: src.h,
+        in_w: src.w,
+        c: src.c,
+        k_h: p.kernel[0],
+        k_w: p.kernel[1],
+        stride_h: p.stride[0],
+        stride_w: p.stride[1],
+        pad_t: p.pads[0],
+        pad_l: p.pads[1],
+        pad_b: p.pads[2],
+        pad_r: p.pads[3],
+    }
+}
+
+fn pooled(src: &QValue, g: &PoolGeom) -> QValue {
+    QValue {
+        h: crate::model::window_out(g.in_h, g.k_h, g.stride_h, g.pad_t, g.pad_b, 1),
+        w: crate::model::window_out(g.in_w, g.k_w, g.stride_w, g.pad_l, g.pad_r, 1),
+        ..*src
+    }
+}
+
+/// Normalised float input (NCHW) for `n` CHW u8 images.
+pub fn normalize(norm: &Normalization, shape: Shape, pixels: &[u8], n: usize) -> Vec<f32> {
+    let plane = shape.h * shape.w;
+    let mut out = Vec::with_capacity(n * shape.len());
+    for img in 0..n {
+        for c in 0..shape.c {
+            let base = img * shape.len() + c * plane;
+            out.extend(pixels[base..base + plane].iter().map(|&p| norm.apply(c, p)));
+        }
+    }
+    out
+}
+
+/// Per wanted value: the calibrated real range `(lo, hi)`.
+fn calibrate(
+    graph: &Graph,
+    norm: &Normalization,
+    pixels: &[u8],
+    n: usize,
+    wanted: &[bool],
+    how: Calibration,
+) -> Vec<Option<(f64, f64)>> {
+    const CHUNK: usize = 32;
+    let il = graph.input_shape.len();
+    let mut minmax: Vec<Option<(f64, f64)>> = vec![None; wanted.len()];
+    let for_each_chunk = |f: &mut dyn FnMut(&[Vec<f32>])| {
+        let mut i = 0;
+        while i < n {
+            let m = CHUNK.min(n - i);
+            let x = normalize(norm, graph.input_shape, &pixels[i * il..(i + m) * il], m);
+            let vals = float::forward_all(graph, &x, m);
+            f(&vals);
+            i += m;
+        }
+    };
+    for_each_chunk(&mut |vals| {
+        for (v, vals) in vals.iter().enumerate() {
+            if !wanted.get(v).copied().unwrap_or(false) {
+                continue;
+            }
+            let (lo, hi) = vals
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                    (lo.min(x as f64), hi.max(x as f64))
+                });
+            let e = minmax[v].get_or_insert((lo, hi));
+            *e = (e.0.min(lo), e.1.max(hi));
+        }
+    });
+    let Calibration::Percentile(p) = how else {
+        return minmax;
+    };
+    // Second pass: histogram over [lo, hi] per value, then cut both tails.
+    const BINS: usize = 2048;
+    let mut hist: Vec<Vec<u64>> = wanted
+        .iter()
+        .map(|&w| if w { vec![0; BINS] } else { Vec::new() })
+        .collect();
+    for_each_chunk(&mut |vals| {
+        for (v, vals) in vals.iter().enumerate() {
+            let Some((lo, hi)) = minmax.get(v).copied().flatten() else {
+                continue;
+            };
+            if hist[v].is_empty() || hi <= lo {
+                continue;
+            }
+            let k = BINS as f64 / (hi - lo);
+            for &x in vals {
+                let b = (((x as f64 - lo) * k) as usize).min(BINS - 1);
+                hist[v][b] += 1;
+            }
+        }
+    });
+    minmax
+        .iter()
+        .zip(&hist)
+        .map(|(mm, h)| {
+            let (lo, hi) = (*mm)?;
+            let total: u64 = h.iter().sum();
+            if total == 0 || hi <= lo {
+                return Some((lo, hi));
+            }
+            let tail = ((1.0 - p / 100.0) * total as f64) as u64;
+            let width = (hi - lo) / BINS as f64;
+            let (mut acc, mut b_lo) = (0, 0);
+            while b_lo < BINS && acc + h[b_lo] <= tail {
+                acc += h[b_lo];
+                b_lo += 1;
+            }
+            let (mut acc, mut b_hi) = (0, BINS);
+            while b_hi > 0 && acc + h[b_hi - 1] <= tail {
+                acc += h[b_hi - 1];
+                b_hi -= 1;
+            }
+            // A non-negative range keeps its lower end so post-ReLU tensors stay unsigned.
+            let new_lo = if lo >= 0.0 {
+                lo
+            } else {
+                lo + b_lo as f64 * width
+            };
+            Some((new_lo, (lo + b_hi as f64 * width).min(hi)))
+        })
+        .collect()
+}

@@ -1,0 +1,269 @@
+//! The run configuration (`coordinator run --config FILE.toml`): what to train, on what
+//! data, with which search settings and budget. Every field has a default except the
+//! model and the data; unknown fields are errors, so a typo never silently does nothing.
+//! Relative paths are taken relative to the current directory.
+
+use std::path::{Path, PathBuf};
+
+use ccq_common::data::DataSource;
+use ccq_common::eda::EdaParams;
+use ccq_common::model::Normalization;
+use ccq_common::quant::{Calibration, QuantConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Seeds every random choice of the run (batches, candidates).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Output directory: model.ccq, report.json.
+    #[serde(default = "default_out")]
+    pub out: PathBuf,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub quant: QuantSection,
+    #[serde(default)]
+    pub eda: EdaParams,
+    #[serde(default)]
+    pub search: SearchConfig,
+    #[serde(default)]
+    pub budget: BudgetConfig,
+    #[serde(default)]
+    pub eval: EvalSchedule,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The pretrained float network.
+    pub onnx: PathBuf,
+    /// Per-channel mean and std of pixel/255 the model was trained with.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `cifar10:DIR` or `mnist:DIR`; workers read the same path on their machines.
+    pub source: String,
+    /// Images at the end of the training split held out for validation (model
+    /// selection); batches are drawn from the rest.
+    #[serde(default = "default_validation")]
+    pub validation: usize,
+    /// Evaluate on only the first N test images (reporting only).
+    #[serde(default)]
+    pub test_limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuantSection {
+    pub weight_bits: u8,
+    pub act_bits: u8,
+    pub calib_images: usize,
+    /// `max` or `percentile:P`.
+    pub calibration: String,
+}
+
+impl Default for QuantSection {
+    fn default() -> Self {
+        QuantSection {
+            weight_bits: 4,
+            act_bits: 8,
+            calib_images: 512,
+            calibration: "max".into(),
+        }
+    }
+}
+
+/// What a generation optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fitness {
+    /// Mean cross-entropy on the batch.
+    Loss,
+    /// Error rate on the batch, cross-entropy breaking ties.
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchConfig {
+    /// Generations spent on one group before moving to the next.
+    pub generations_per_group: usize,
+    /// Training images per generation (one fresh batch each generation).
+    pub batch_size: usize,
+    pub fitness: Fitness,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig {
+            generations_per_group: 4,
+            batch_size: 256,
+            fitness: Fitness::Loss,
+        }
+    }
+}
+
+/// The run stops at the first limit reached (at least one must be set).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Candidate evaluations (one candidate on one batch).
+    pub evaluations: Option<u64>,
+    /// Wall-clock seconds of search (not deterministic: prefer `evaluations`).
+    pub wall_seconds: Option<f64>,
+    /// Complete passes over the free variables.
+    pub cycles: Option<u64>,
+    /// Stop once validation top-1 (percent) reaches this.
+    pub target_val_top1: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSchedule {
+    /// Validation and test accuracy of the global network every N generations (and at
+    /// the end). Scheduled by generation, not time, so runs stay reproducible.
+    pub every_generations: u64,
+    /// Threads for these evaluations on the coordinator (0 = all cores).
+    pub threads: usize,
+}
+
+impl Default for EvalSchedule {
+    fn default() -> Self {
+        EvalSchedule {
+            every_generations: 100,
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// gRPC listen address.
+    pub listen: String,
+    /// Shards of the training data (default: the number of local workers, else 1).
+    pub shards: Option<usize>,
+    pub heartbeat_ms: u64,
+    /// A job not answered within this many seconds goes to another worker.
+    pub job_timeout_secs: f64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            listen: crate::DEFAULT_LISTEN.into(),
+            shards: None,
+            heartbeat_ms: 1000,
+            job_timeout_secs: 120.0,
+        }
+    }
+}
+
+fn default_seed() -> u64 {
+    1
+}
+fn default_out() -> PathBuf {
+    PathBuf::from("runs/latest")
+}
+fn default_validation() -> usize {
+    5000
+}
+
+impl RunConfig {
+    pub fn load(path: &Path) -> Result<RunConfig, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| ccq_common::Error::io(path, e))?;
+        let cfg: RunConfig = toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks everything that can be checked without reading the model or data.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.data_source()?;
+        self.quant_config()?;
+        self.eda.validate()?;
+        let bad = |field: &str, value: String, reason: &str| -> Result<(), Error> {
+            Err(ccq_common::Error::setting(field, value, reason).into())
+        };
+        if self.model.mean.len() != self.model.std.len() || self.model.mean.is_empty() {
+            return bad(
+                "model.mean/std",
+                format!("{}/{}", self.model.mean.len(), self.model.std.len()),
+                "need one value per input channel each",
+            );
+        }
+        if self.search.generations_per_group == 0 {
+            return bad(
+                "search.generations_per_group",
+                "0".into(),
+                "must be at least 1",
+            );
+        }
+        if self.search.batch_size == 0 {
+            return bad("search.batch_size", "0".into(), "must be at least 1");
+        }
+        if self.eval.every_generations == 0 {
+            return bad("eval.every_generations", "0".into(), "must be at least 1");
+        }
+        let b = &self.budget;
+        if b.evaluations.is_none()
+            && b.wall_seconds.is_none()
+            && b.cycles.is_none()
+            && b.target_val_top1.is_none()
+        {
+            return bad(
+                "budget",
+                "{}".into(),
+                "set at least one of evaluations, wall_seconds, cycles, target_val_top1",
+            );
+        }
+        if self.cluster.shards == Some(0) {
+            return bad("cluster.shards", "0".into(), "must be at least 1");
+        }
+        if !(self.cluster.job_timeout_secs > 0.0) || self.cluster.heartbeat_ms == 0 {
+            return bad(
+                "cluster",
+                format!(
+                    "{}s/{}ms",
+                    self.cluster.job_timeout_secs, self.cluster.heartbeat_ms
+                ),
+                "job_timeout_secs and heartbeat_ms must be > 0",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn data_source(&self) -> Result<DataSource, Error> {
+        Ok(self.data.source.parse()?)
+    }
+
+    pub fn quant_config(&self) -> Result<QuantConfig, Error> {
+        let q = QuantConfig {
+            weight_bits: self.quant.weight_bits,
+            act_bits: self.quant.act_bits,
+            calibration: self.quant.calibration.parse::<Calibration>()?,
+        };
+        q.validate()?;
+        Ok(q)
+    }
+
+    pub fn normalization(&self) -> Normalization {
+        Normalization {
+            mean: self.model.mean.clone(),
+            std: self.model.std.clone(),
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! `coordinator eval`: measure a network's accuracy on a dataset split, either the float
+//! reference (an ONNX model as is), the post-training-quantized integer network (an ONNX
+//! model plus bit widths), or a trained integer network (`.ccq`).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ccq_common::data::{self, DataSource, Dataset, Split};
+use ccq_common::model::{Graph, Normalization};
+use ccq_common::qnet::{cross_entropy, EvalStats, QNetwork};
+use ccq_common::quant::{self, Calibration, QuantConfig};
+use ccq_common::{float, onnx};
+use serde::Serialize;
+
+use crate::Error;
+
+/// What to evaluate and how; built from the CLI by `main`.
+#[derive(Debug, Clone)]
+pub struct EvalConfig {
+    pub model: PathBuf,
+    pub data: DataSource,
+    pub split: Split,
+    pub normalization: Option<Normalization>,
+    /// Quantize to these bits (ONNX input only); `None` evaluates the float model.
+    pub quant: Option<QuantConfig>,
+    pub calib_images: usize,
+    pub threads: usize,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub data: String,
+    pub split: String,
+    /// `float` or e.g. `w4a8`.
+    pub precision: String,
+    /// Test top-1, percent.
+    pub top1: f64,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    pub images: u64,
+    pub correct: u64,
+    /// Inference only: excludes loading, calibration and quantization.
+    pub images_per_sec: f64,
+    pub threads: usize,
+    pub calib_images: Option<usize>,
+    pub load_seconds: f64,
+    pub inference_seconds: f64,
+}
+
+impl std::fmt::Display for EvalReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "model      {}", self.model)?;
+        writeln!(
+            f,
+            "data       {} ({} split, {} images)",
+            self.data, self.split, self.images
+        )?;
+        writeln!(f, "precision  {}", self.precision)?;
+        writeln!(
+            f,
+            "top-1      {:.2} % ({} correct)",
+            self.top1, self.correct
+        )?;
+        writeln!(f, "loss       {:.4} (mean cross-entropy)", self.loss)?;
+        write!(
+            f,
+            "speed      {:.0} images/s on {} thread(s) ({:.2} s inference, {:.2} s loading/quantizing)",
+            self.images_per_sec, self.threads, self.inference_seconds, self.load_seconds
+        )
+    }
+}
+
+/// Images evaluated per forward call and thread.
+const BATCH: usize = 256;
+
+pub fn run(cfg: &EvalConfig) -> Result<EvalReport, Error> {
+    let start = Instant::now();
+    let total = data::split_len(&cfg.data, cfg.split)?;
+    let n = cfg.limit.map_or(total, |l| l.min(total));
+    let dataset = data::load(&cfg.data, cfg.split, Some(0..n))?;
+    let is_ccq = cfg.model.extension().is_some_and(|e| e == "ccq");
+
+    let (precision, stats, calib, load_seconds, inference_seconds) = if is_ccq {
+        if cfg.quant.is_some() {
+            return Err(Error::Usage(
+                "--weight-bits/--act-bits apply to ONNX models; a .ccq network is already quantized".into(),
+            ));
+        }
+        let net = QNetwork::load(&cfg.model)?;
+        check_normalization(&net, cfg.normalization.as_ref())?;
+        check_shape(
+            net.input_value.c,
+            net.input_value.h,
+            net.input_value.w,
+            &dataset,
+        )?;
+        let load = start.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let s = net.evaluate(&dataset.images, &dataset.labels, BATCH, cfg.threads);
+        (net.precision(), s, None, load, t.elapsed().as_secs_f64())
+    } else {
+        let graph = onnx::load_onnx(&cfg.model)?;
+        let s = graph.input_shape;
+        check_shape(s.c, s.h, s.w, &dataset)?;
+        let norm = cfg
+            .normalization
+            .clone()
+            .unwrap_or_else(|| Normalization::identity(s.c));
+        if norm.mean.len() != s.c || norm.std.len() != s.c {
+            return Err(Error::Usage(format!(
+                "--mean/--std need {} values (the model's input channels), got {} and {}",
+                s.c,
+                norm.mean.len(),
+                norm.std.len()
+            )));
+        }
+        match &cfg.quant {
+            None => {
+                let load = start.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let stats = float_evaluate(&graph, &norm, &dataset, cfg.threads);
+                (
+                    "float".to_string(),
+                    stats,
+                    None,
+                    load,
+                    t.elapsed().as_secs_f64(),
+                )
+            }
+            Some(q) => {
+                let net = quantize_from_train(&graph, &norm, &cfg.data, q, cfg.calib_images)?;
+                let load = start.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let stats = net.evaluate(&dataset.images, &dataset.labels, BATCH, cfg.threads);
+                (
+                    net.precision(),
+                    stats,
+                    Some(cfg.calib_images),
+                    load,
+                    t.elapsed().as_secs_f64(),
+                )
+            }
+        }
+    };
+    Ok(EvalReport {
+        model: cfg.model.display().to_string(),
+        data: cfg.data.to_string(),
+        split: cfg.split.to_string(),
+        precision,
+        top1: stats.top1(),
+        loss: stats.mean_loss(),
+        images: stats.images,
+        correct: stats.correct,
+        images_per_sec: stats.images as f64 / inference_seconds.max(1e-9),
+        threads: cfg.threads,
+        calib_images: calib,
+        load_seconds,
+        inference_seconds,
+    })
+}
+
+/// Post-training quantization calibrated on the first `calib_images` training images.
+pub fn quantize_from_train(
+    graph: &Graph,
+    norm: &Normalization,
+    source: &DataSource,
+    q: &QuantConfig,
+    calib_images: usize,
+) -> Result<QNetwork, Error> {
+    let total = data::split_len(source, Split::Train)?;
+    let n = calib_images.clamp(1, total.max(1));
+    let calib = data::load(source, Split::Train, Some(0..n))?;
+    Ok(quant::quantize(graph, norm, &calib.images, calib.len(), q)?)
+}
+
+fn check_shape(c: usize, h: usize, w: usize, d: &Dataset) -> Result<(), Error> {
+    if (c, h, w) != (d.channels, d.height, d.width) {
+        return Err(ccq_common::Error::ShapeMismatch {
+            expected: format!("[{c}, {h}, {w}]"),
+            found: format!("[{}, {}, {}]", d.channels, d.height, d.width),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+fn check_normalization(net: &QNetwork, given: Option<&Normalization>) -> Result<(), Error> {
+    if let Some(n) = given {
+        let same = |a: &[f32], b: &[f32]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+        };
+        if !same(&n.mean, &net.input.mean) || !same(&n.std, &net.input.std) {
+            return Err(Error::Usage(format!(
+                "--mean/--std differ from the ones this network was quantized with (mean {:?}, std {:?})",
+                net.input.mean, net.input.std
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Float reference accuracy, batches split across threads.
+pub fn float_evaluate(
+    graph: &Graph,
+    norm: &Normalization,
+    d: &Dataset,
+    threads: usize,
+) -> EvalStats {
+    let n = d.len();
+    let il = d.image_len();
+    let classes = graph.num_classes();
+    let per = n.div_ceil(threads.max(1)).max(1);
+    let mut total = EvalStats::default();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n.div_ceil(per))
+            .map(|t| {
+                let (lo, hi) = (t * per, ((t + 1) * per).min(n));
+                scope.spawn(move || {
+                    let mut s = EvalStats::default();
+                    let mut i = lo;
+                    while i < hi {
+                        let m = 64.min(hi - i);
+                        let x = quant::normalize(
+                            norm,
+                            graph.input_shape,
+                            &d.images[i * il..(i + m) * il],
+                            m,
+                        );
+                        let logits = float::forward(graph, &x, m);
+                        for (row, &label) in logits.chunks_exact(classes).zip(&d.labels[i..i + m]) {
+                            let real: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+                            let (loss, ok) = cross_entropy(&real, label);
+                            s.loss_fixed += loss;
+                            s.correct += ok as u64;
+                            s.images += 1;
+                        }
+                        i += m;
+                    }
+                    s
+                })
+            })
+            .collect();
+        for h in handles {
+            total.add(&h.join().expect("float evaluation thread panicked"));
+        }
+    });
+    total
+}
+
+/// `--calibration` values.
+pub fn parse_calibration(s: &str) -> Result<Calibration, Error> {
+    Ok(s.parse()?)
+}

@@ -1,0 +1,37 @@
+//! The ccq coordinator as a library, so that tests drive exactly what the binary runs.
+//!
+//! - [`eval`]: `coordinator eval` — accuracy and speed of a float, PTQ or trained network;
+//! - [`config`]: the run configuration (TOML);
+//! - [`trainer`]: EDA + cooperative coevolution as a pure state machine;
+//! - [`state`]: the event loop that owns all run state, dispatches jobs, tracks workers;
+//! - [`service`]: gRPC handlers, which validate and forward to the event loop;
+//! - [`run`]: `coordinator run` — wires it all together and writes the outputs.
+
+pub mod config;
+pub mod eval;
+pub mod run;
+pub mod service;
+pub mod state;
+pub mod status;
+pub mod trainer;
+
+/// Where `coordinator run` listens and `coordinator status` looks by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// Errors of the coordinator library; the binary adds context with anyhow at its edge.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Common(#[from] ccq_common::Error),
+
+    /// A combination of command-line options that cannot work together.
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("config {path}: {reason}")]
+    Config { path: String, reason: String },
+
+    /// Workers returned something that cannot belong to the job they were given.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}

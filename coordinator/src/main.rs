@@ -1,0 +1,255 @@
+//! The `coordinator` binary: parses the command line, sets up tracing and hands a domain
+//! config to the library. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use ccq_common::data::{DataSource, Split};
+use ccq_common::model::Normalization;
+use ccq_common::quant::QuantConfig;
+use ccq_coordinator::config::RunConfig;
+use ccq_coordinator::eval::{self, EvalConfig};
+use ccq_coordinator::run::{self, RunOptions};
+use ccq_coordinator::status;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "ccq coordinator: trains low-bit networks by cooperative coevolution"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Accuracy and speed of a network on a dataset split: the float model, its
+    /// post-training quantization (with --weight-bits), or a trained .ccq network.
+    Eval(EvalArgs),
+    /// Train: quantize the model, then search its weight codes with EDA + cooperative
+    /// coevolution, serving workers over gRPC.
+    Run(RunArgs),
+    /// Live state of a running coordinator.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The run configuration (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Start N workers inside this process (real gRPC over loopback).
+    #[arg(long, default_value_t = 0)]
+    local_workers: usize,
+    /// gRPC listen address (overrides the config's cluster.listen).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Output directory (overrides the config's out).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seed (overrides the config's seed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Threads per local worker.
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
+    /// `text` or `json` log lines.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Coordinator URL or address.
+    #[arg(long, default_value = ccq_coordinator::DEFAULT_LISTEN)]
+    addr: String,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Refresh every SECS seconds (default 2) until the run ends.
+    #[arg(long, num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<f64>,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// An ONNX model, or a .ccq integer network written by `coordinator run`.
+    #[arg(long)]
+    model: PathBuf,
+    /// `cifar10:DIR` (CIFAR-10 binary batches) or `mnist:DIR` (IDX files, raw or .gz).
+    #[arg(long)]
+    data: String,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Per-channel mean of pixel/255, comma separated (default 0).
+    #[arg(long, value_delimiter = ',')]
+    mean: Option<Vec<f32>>,
+    /// Per-channel std of pixel/255, comma separated (default 1).
+    #[arg(long, value_delimiter = ',')]
+    std: Option<Vec<f32>>,
+    /// Quantize weights to this many bits (2-8) and run the integer engine.
+    #[arg(long)]
+    weight_bits: Option<u8>,
+    /// Activation bits (2-8) for the integer engine.
+    #[arg(long, default_value_t = 8)]
+    act_bits: u8,
+    /// Training images used to calibrate activation ranges.
+    #[arg(long, default_value_t = 512)]
+    calib_images: usize,
+    /// `max` or `percentile:P` (e.g. percentile:99.99).
+    #[arg(long, default_value = "max")]
+    calibration: String,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Evaluate only the first N images of the split.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log_format = match &cli.command {
+        Command::Run(a) => a.log_format.as_str(),
+        _ => "text",
+    };
+    init_tracing(log_format);
+    if let Command::Status(a) = &cli.command {
+        // Scripts rely on exit code 2 for an unreachable coordinator.
+        return status::main(&a.addr, a.json, a.watch);
+    }
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(a) => {
+            let mut config = RunConfig::load(&a.config)?;
+            if let Some(out) = a.out {
+                config.out = out;
+            }
+            if let Some(seed) = a.seed {
+                config.seed = seed;
+            }
+            if let Some(listen) = a.listen {
+                config.cluster.listen = listen;
+            }
+            let opts = RunOptions {
+                config,
+                local_workers: a.local_workers,
+                worker_threads: a.worker_threads.max(1),
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(async {
+                let addr = &opts.config.cluster.listen;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listen on {addr}"))?;
+                anyhow::Ok(run::run(opts, listener, shutdown_signal()).await?)
+            })?;
+            let a = &report.accuracy;
+            println!(
+                "{}: float {:.2} %  ptq {:.2} %  ccq {:.2} %  (test top-1; {} evaluations, {:.0} s)",
+                report.precision, a.float, a.ptq, a.final_, report.evaluations, report.wall_seconds
+            );
+            println!(
+                "outputs: {} and {}/report.json",
+                report.model_file,
+                report.config.out.display()
+            );
+            Ok(())
+        }
+        Command::Status(_) => unreachable!("handled in main"),
+        Command::Eval(a) => {
+            let cfg = eval_config(&a)?;
+            let report = eval::run(&cfg)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn eval_config(a: &EvalArgs) -> anyhow::Result<EvalConfig> {
+    let data: DataSource = a.data.parse().context("--data")?;
+    let split: Split = a.split.parse().context("--split")?;
+    let normalization = match (&a.mean, &a.std) {
+        (None, None) => None,
+        (Some(m), Some(s)) => Some(Normalization {
+            mean: m.clone(),
+            std: s.clone(),
+        }),
+        _ => anyhow::bail!("--mean and --std go together"),
+    };
+    let quant = a
+        .weight_bits
+        .map(|w| {
+            let q = QuantConfig {
+                weight_bits: w,
+                act_bits: a.act_bits,
+                calibration: eval::parse_calibration(&a.calibration)?,
+            };
+            q.validate()?;
+            anyhow::Ok(q)
+        })
+        .transpose()?;
+    Ok(EvalConfig {
+        model: a.model.clone(),
+        data,
+        split,
+        normalization,
+        quant,
+        calib_images: a.calib_images,
+        threads: a.threads.unwrap_or_else(default_threads),
+        limit: a.limit,
+    })
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Logs go to stderr (stdout carries results and `--json` output), filtered by `RUST_LOG`.
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,288 @@
+//! `coordinator run`: the whole training run. Import and quantize, measure the float and
+//! PTQ references, serve workers over gRPC (and start local ones if asked), drive the
+//! event loop until the budget is spent, and write the outputs:
+//!
+//! - `model.ccq`: the best network by validation accuracy (the `.ccq` format; `coordinator
+//!   eval --model` reads it);
+//! - `report.json`: config, seed, accuracies, counters and history.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use ccq_common::data::{self, Split};
+use ccq_common::onnx;
+use ccq_proto::v1::coordinator_server::CoordinatorServer;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::config::RunConfig;
+use crate::eval::{float_evaluate, quantize_from_train};
+use crate::service::CoordinatorService;
+use crate::state::{EvalPoint, Setup, State};
+use crate::trainer::Trainer;
+use crate::Error;
+
+/// A run as the CLI describes it.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: RunConfig,
+    /// Workers started inside this process, talking gRPC over loopback.
+    pub local_workers: usize,
+    /// Threads for each local worker.
+    pub worker_threads: usize,
+}
+
+/// Top-1 accuracies in percent: test unless the name says validation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Accuracy {
+    pub float: f64,
+    /// The post-training-quantized network (the search's start).
+    pub ptq: f64,
+    /// The output network (`model.ccq`, best by validation).
+    #[serde(rename = "final")]
+    pub final_: f64,
+    pub ptq_val: f64,
+    pub final_val: f64,
+    /// The network at the end of the search (may differ from the output network).
+    pub last: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub seed: u64,
+    pub precision: String,
+    pub accuracy: Accuracy,
+    pub evaluations: u64,
+    pub generations: u64,
+    pub adoptions: u64,
+    pub cycles: u64,
+    pub wall_seconds: f64,
+    pub search_seconds: f64,
+    pub stop_reason: String,
+    pub selected: EvalPoint,
+    pub frozen_variables: usize,
+    pub variables: usize,
+    pub workers_seen: u64,
+    pub model_file: String,
+    pub history: Vec<EvalPoint>,
+    pub config: RunConfig,
+}
+
+/// Runs to completion (or `shutdown`), serving workers on `listener`.
+pub async fn run(
+    opts: RunOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunReport, Error> {
+    let t0 = Instant::now();
+    let cfg = opts.config.clone();
+    cfg.validate()?;
+    let source = cfg.data_source()?;
+    let quant = cfg.quant_config()?;
+    let norm = cfg.normalization();
+    let out_dir = cfg.out.clone();
+    std::fs::create_dir_all(&out_dir).map_err(|e| ccq_common::Error::io(&out_dir, e))?;
+
+    let graph = onnx::load_onnx(&cfg.model.onnx)?;
+    let train_len = data::split_len(&source, Split::Train)?;
+    if cfg.data.validation >= train_len {
+        return Err(ccq_common::Error::setting(
+            "data.validation",
+            cfg.data.validation,
+            format!("the training split has only {train_len} images"),
+        )
+        .into());
+    }
+    let search_len = train_len - cfg.data.validation;
+    let validation = data::load(&source, Split::Train, Some(search_len..train_len))?;
+    let test_len = data::split_len(&source, Split::Test)?;
+    let test = data::load(
+        &source,
+        Split::Test,
+        Some(0..cfg.data.test_limit.map_or(test_len, |l| l.min(test_len))),
+    )?;
+    let s = graph.input_shape;
+    if (s.c, s.h, s.w) != (test.channels, test.height, test.width) {
+        return Err(ccq_common::Error::ShapeMismatch {
+            expected: s.to_string(),
+            found: format!(
+                "[{}, {}, {}] ({})",
+                test.channels, test.height, test.width, cfg.data.source
+            ),
+        }
+        .into());
+    }
+    if norm.mean.len() != s.c {
+        return Err(ccq_common::Error::setting(
+            "model.mean",
+            norm.mean.len(),
+            format!("the model input has {} channels", s.c),
+        )
+        .into());
+    }
+    let eval_threads = match cfg.eval.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        t => t,
+    };
+
+    info!("measuring the float model on {} test images", test.len());
+    let float_top1 = {
+        let (g, n, t) = (graph.clone(), norm.clone(), test.clone());
+        tokio::task::spawn_blocking(move || float_evaluate(&g, &n, &t, eval_threads).top1())
+            .await
+            .expect("float evaluation panicked")
+    };
+    info!(
+        "float test top-1 {float_top1:.2} %; quantizing to {}",
+        format!("w{}a{}", quant.weight_bits, quant.act_bits)
+    );
+    let net = {
+        let (g, n, src, q, c) = (
+            graph.clone(),
+            norm.clone(),
+            source.clone(),
+            quant.clone(),
+            cfg.quant.calib_images,
+        );
+        tokio::task::spawn_blocking(move || quantize_from_train(&g, &n, &src, &q, c))
+            .await
+            .expect("quantization panicked")?
+    };
+    let precision = net.precision();
+    let variables = net.num_vars();
+    let shards = cfg.cluster.shards.unwrap_or(opts.local_workers.max(1));
+    let trainer = Trainer::new(
+        net,
+        cfg.eda.clone(),
+        cfg.search.clone(),
+        cfg.seed,
+        search_len,
+    )?;
+    let run_id = format!(
+        "{}-seed{}",
+        cfg.out
+            .file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or("run"),
+        cfg.seed
+    );
+
+    let (tx, rx) = mpsc::channel(1024);
+    let setup = Setup {
+        run_id: run_id.clone(),
+        config: cfg.clone(),
+        data_source: source.to_string(),
+        shards,
+        search_len,
+        validation,
+        test,
+        float_top1,
+        ptq_top1: None,
+        eval_threads,
+    };
+    let state = State::new(setup, trainer, tx.clone());
+
+    // Serve gRPC until the loop is done; workers inside this process connect like remote ones.
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ccq_common::Error::io("listener", e))?;
+    let (stop_tx, _) = broadcast::channel::<()>(1);
+    let mut stop_rx = stop_tx.subscribe();
+    let service = CoordinatorServer::new(CoordinatorService::new(tx))
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(256 << 20);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop_rx.recv().await;
+            }),
+    );
+    info!(
+        "listening on {addr}; {shards} shard(s), {} local worker(s)",
+        opts.local_workers
+    );
+    let workers = spawn_local_workers(addr, opts.local_workers, opts.worker_threads, &stop_tx);
+
+    let search_start = Instant::now();
+    let finished = state.run(rx, shutdown).await?;
+    let search_seconds = search_start.elapsed().as_secs_f64();
+    let _ = stop_tx.send(());
+    for w in workers {
+        let _ = w.await;
+    }
+    let _ = server.await;
+
+    let (best_net, best_point) = finished.best;
+    let model_file = out_dir.join("model.ccq");
+    best_net.save(&model_file)?;
+    let ptq = finished
+        .history
+        .first()
+        .cloned()
+        .unwrap_or_else(|| best_point.clone());
+    let report = RunReport {
+        run_id,
+        seed: cfg.seed,
+        precision,
+        accuracy: Accuracy {
+            float: float_top1,
+            ptq: ptq.test_top1,
+            final_: best_point.test_top1,
+            ptq_val: ptq.val_top1,
+            final_val: best_point.val_top1,
+            last: finished.last.test_top1,
+        },
+        evaluations: finished.progress.evaluations,
+        generations: finished.progress.generations,
+        adoptions: finished.progress.adoptions,
+        cycles: finished.progress.cycles,
+        wall_seconds: t0.elapsed().as_secs_f64(),
+        search_seconds,
+        stop_reason: finished.stop_reason,
+        selected: best_point,
+        frozen_variables: finished.frozen,
+        variables,
+        workers_seen: finished.workers_seen,
+        model_file: model_file.display().to_string(),
+        history: finished.history,
+        config: cfg,
+    };
+    let path = out_dir.join("report.json");
+    let json = serde_json::to_vec_pretty(&report).expect("the report always serialises");
+    std::fs::write(&path, json).map_err(|e| ccq_common::Error::io(&path, e))?;
+    Ok(report)
+}
+
+fn spawn_local_workers(
+    addr: SocketAddr,
+    n: usize,
+    threads: usize,
+    stop: &broadcast::Sender<()>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let cfg = ccq_worker::WorkerConfig {
+                coordinator: format!("http://{addr}"),
+                shard: None,
+                threads,
+                name: format!("local-{i}"),
+                data_override: None,
+            };
+            let mut stop = stop.subscribe();
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.recv().await;
+                };
+                if let Err(e) = ccq_worker::run(cfg, shutdown).await {
+                    tracing::error!("local worker {i} failed: {e}");
+                }
+            })
+        })
+        .collect()
+}

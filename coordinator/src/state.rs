@@ -1,0 +1,863 @@
+//! The coordinator's state and the one event loop that owns it.
+//!
+//! gRPC handlers ([`crate::service`]) turn requests into [`Event`]s; timers and background
+//! evaluations do the same. Handling an event never blocks: CPU-heavy work (validation and
+//! test evaluations) runs on the blocking pool and reports back as an event.
+//!
+//! Work flow: the [`Trainer`] produces a generation; it is cut into jobs, one per (shard,
+//! slice of candidates) so that several workers of one shard share the candidates; a
+//! worker's poll takes a job of its shard; results are summed per candidate (exact integer
+//! sums, so arrival order never matters); when every job of the generation is in, the
+//! trainer completes it and the next generation starts.
+//!
+//! Liveness: every request from a worker refreshes it; a worker silent for three heartbeat
+//! intervals is dropped and its job goes back to the queue, as does a job held longer than
+//! the job timeout. A result for a job the worker no longer holds is refused, so nothing
+//! is counted twice.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use ccq_common::data::Dataset;
+use ccq_common::qnet::{EvalStats, QNetwork};
+use ccq_proto::v1::{
+    poll_job_response, CandidateResult, Done, HeartbeatResponse, Job, PollJobResponse,
+    RegisterRequest, RegisterResponse, StatusResponse, SubmitResultRequest, SyncNetworkRequest,
+    SyncNetworkResponse, Unknown, VarChange, WorkerStatus,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use crate::config::RunConfig;
+use crate::trainer::{Generation, Trainer};
+
+pub enum Event {
+    Register {
+        req: RegisterRequest,
+        reply: oneshot::Sender<Result<RegisterResponse, Status>>,
+    },
+    Heartbeat {
+        worker: u64,
+        reply: oneshot::Sender<HeartbeatResponse>,
+    },
+    Poll {
+        worker: u64,
+        reply: oneshot::Sender<PollJobResponse>,
+    },
+    Submit {
+        req: SubmitResultRequest,
+        reply: oneshot::Sender<bool>,
+    },
+    Sync {
+        req: SyncNetworkRequest,
+        reply: oneshot::Sender<Result<SyncNetworkResponse, Status>>,
+    },
+    Status {
+        reply: oneshot::Sender<StatusResponse>,
+    },
+    /// A validation/test evaluation scheduled by [`State::schedule_eval`] finished.
+    EvalDone(EvalPoint, Box<QNetwork>),
+}
+
+/// One row of the run's history: the global network measured at a generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalPoint {
+    pub generation: u64,
+    pub evaluations: u64,
+    pub wall_seconds: f64,
+    /// Mean batch cross-entropy of the latest generation's best candidate.
+    pub best_fitness: Option<f64>,
+    pub train_top1: Option<f64>,
+    pub val_top1: f64,
+    pub val_loss: f64,
+    pub test_top1: f64,
+    pub network_version: u64,
+    #[serde(skip)]
+    pub is_final: bool,
+}
+
+/// Fixed inputs of the loop.
+pub struct Setup {
+    pub run_id: String,
+    pub config: RunConfig,
+    pub data_source: String,
+    pub shards: usize,
+    pub search_len: usize,
+    pub validation: Dataset,
+    pub test: Dataset,
+    pub float_top1: f64,
+    pub ptq_top1: Option<f64>,
+    pub eval_threads: usize,
+}
+
+/// What the loop hands back when the run is over.
+pub struct Finished {
+    pub history: Vec<EvalPoint>,
+    /// The network with the best validation accuracy, and where it was measured.
+    pub best: (QNetwork, EvalPoint),
+    pub last: EvalPoint,
+    pub progress: crate::trainer::Progress,
+    pub frozen: usize,
+    pub wall_seconds: f64,
+    pub workers_seen: u64,
+    pub stop_reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Training,
+    Evaluating,
+    Done,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Training => "training",
+            Phase::Evaluating => "evaluating",
+            Phase::Done => "done",
+        }
+    }
+}
+
+struct WorkerEntry {
+    name: String,
+    shard: usize,
+    last_seen: Instant,
+    job: Option<u64>,
+    jobs_done: u64,
+    images: u64,
+    eval_micros: u64,
+}
+
+struct JobEntry {
+    shard: usize,
+    /// Candidate range of the generation.
+    first: usize,
+    count: usize,
+    images: Vec<u64>,
+    assigned: Option<(u64, Instant)>,
+}
+
+struct GenInProgress {
+    generation: Generation,
+    version: u64,
+    sums: Vec<EvalStats>,
+    outstanding: usize,
+}
+
+pub struct State {
+    setup: Setup,
+    trainer: Trainer,
+    started: Instant,
+    phase: Phase,
+    workers: BTreeMap<u64, WorkerEntry>,
+    next_worker: u64,
+    workers_seen: u64,
+    jobs: HashMap<u64, JobEntry>,
+    pending: Vec<VecDeque<u64>>,
+    next_job: u64,
+    gen: Option<GenInProgress>,
+    parked: Vec<(u64, oneshot::Sender<PollJobResponse>)>,
+    /// `log[v]` turns network version v into v + 1.
+    log: Vec<Vec<(u32, i8)>>,
+    history: Vec<EvalPoint>,
+    best: Option<(QNetwork, EvalPoint)>,
+    evals_in_flight: usize,
+    last_best_loss: Option<f64>,
+    last_train_top1: Option<f64>,
+    stop_reason: Option<String>,
+    events: mpsc::Sender<Event>,
+    /// (time, evaluations) samples for the recent evaluation rate.
+    rate: VecDeque<(Instant, u64)>,
+}
+
+impl State {
+    pub fn new(setup: Setup, trainer: Trainer, events: mpsc::Sender<Event>) -> State {
+        let shards = setup.shards;
+        State {
+            setup,
+            trainer,
+            started: Instant::now(),
+            phase: Phase::Training,
+            workers: BTreeMap::new(),
+            next_worker: 1,
+            workers_seen: 0,
+            jobs: HashMap::new(),
+            pending: vec![VecDeque::new(); shards],
+            next_job: 1,
+            gen: None,
+            parked: Vec::new(),
+            log: Vec::new(),
+            history: Vec::new(),
+            best: None,
+            evals_in_flight: 0,
+            last_best_loss: None,
+            last_train_top1: None,
+            stop_reason: None,
+            events,
+            rate: VecDeque::new(),
+        }
+    }
+
+    fn version(&self) -> u64 {
+        self.log.len() as u64
+    }
+
+    /// Runs the loop until the run is finished and workers were told, or `shutdown`.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Event>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<Finished, crate::Error> {
+        tokio::pin!(shutdown);
+        let hb = Duration::from_millis(self.setup.config.cluster.heartbeat_ms);
+        let mut tick = tokio::time::interval(hb);
+        // The PTQ network, measured before any search, is history's first row.
+        self.schedule_eval(false);
+        self.start_generation()?;
+        let mut done_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    self.handle(ev)?;
+                }
+                _ = tick.tick() => self.reap(hb),
+                _ = &mut shutdown => {
+                    warn!("shutdown requested before the run finished");
+                    self.stop_reason.get_or_insert_with(|| "interrupted".into());
+                    break;
+                }
+            }
+            if self.phase == Phase::Done {
+                // Linger so workers hear "done" from a poll or heartbeat, then leave.
+                let since = *done_since.get_or_insert_with(Instant::now);
+                let told = self.workers.is_empty();
+                if told || since.elapsed() > hb * 3 {
+                    break;
+                }
+            }
+        }
+        let (best_net, best_point) = self.best.take().ok_or_else(|| {
+            crate::Error::Protocol("the run ended before the PTQ network was evaluated".into())
+        })?;
+        let last = self
+            .history
+            .last()
+            .cloned()
+            .unwrap_or_else(|| best_point.clone());
+        Ok(Finished {
+            history: self.history,
+            best: (best_net, best_point),
+            last,
+            progress: self.trainer.progress(),
+            frozen: self.trainer.eda().frozen_count(),
+            wall_seconds: self.started.elapsed().as_secs_f64(),
+            workers_seen: self.workers_seen,
+            stop_reason: self.stop_reason.unwrap_or_else(|| "interrupted".into()),
+        })
+    }
+
+    fn handle(&mut self, ev: Event) -> Result<(), crate::Error> {
+        match ev {
+            Event::Register { req, reply } => {
+                let _ = reply.send(self.register(req));
+            }
+            Event::Heartbeat { worker, reply } => {
+                let known = self.touch(worker);
+                let _ = reply.send(HeartbeatResponse {
+                    known,
+                    done: self.phase == Phase::Done,
+                });
+                if self.phase == Phase::Done {
+                    self.workers.remove(&worker);
+                }
+            }
+            Event::Poll { worker, reply } => self.poll(worker, reply),
+            Event::Submit { req, reply } => {
+                let accepted = self.submit(req)?;
+                let _ = reply.send(accepted);
+            }
+            Event::Sync { req, reply } => {
+                let _ = reply.send(Ok(self.sync(req)));
+            }
+            Event::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Event::EvalDone(point, net) => self.eval_done(point, *net),
+        }
+        Ok(())
+    }
+
+    fn register(&mut self, req: RegisterRequest) -> Result<RegisterResponse, Status> {
+        let shards = self.setup.shards;
+        let shard = match (req.shard_index, req.shard_count) {
+            (Some(k), Some(s)) => {
+                if s as usize != shards || k as usize >= shards {
+                    return Err(Status::failed_precondition(format!(
+                        "worker asked for shard {k}/{s}, but this run has {shards} shard(s) (0..{shards})"
+                    )));
+                }
+                k as usize
+            }
+            // The shard with the fewest live workers; ties to the lowest index.
+            _ => (0..shards)
+                .min_by_key(|&s| (self.workers.values().filter(|w| w.shard == s).count(), s))
+                .unwrap_or(0),
+        };
+        let id = self.next_worker;
+        self.next_worker += 1;
+        self.workers_seen += 1;
+        info!(worker = id, name = %req.name, shard, "worker registered");
+        self.workers.insert(
+            id,
+            WorkerEntry {
+                name: req.name,
+                shard,
+                last_seen: Instant::now(),
+                job: None,
+                jobs_done: 0,
+                images: 0,
+                eval_micros: 0,
+            },
+        );
+        Ok(RegisterResponse {
+            worker_id: id,
+            run_id: self.setup.run_id.clone(),
+            shard_index: shard as u32,
+            shard_count: shards as u32,
+            data_source: self.setup.data_source.clone(),
+            search_len: self.setup.search_len as u64,
+            heartbeat_interval_ms: self.setup.config.cluster.heartbeat_ms as u32,
+        })
+    }
+
+    /// Marks a worker alive; false if unknown.
+    fn touch(&mut self, worker: u64) -> bool {
+        match self.workers.get_mut(&worker) {
+            Some(w) => {
+                w.last_seen = Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn poll(&mut self, worker: u64, reply: oneshot::Sender<PollJobResponse>) {
+        let reply_with = |r| PollJobResponse { reply: Some(r) };
+        if self.phase == Phase::Done {
+            let _ = reply.send(reply_with(poll_job_response::Reply::Done(Done {})));
+            self.workers.remove(&worker);
+            return;
+        }
+        if !self.touch(worker) {
+            let _ = reply.send(reply_with(poll_job_response::Reply::Unknown(Unknown {})));
+            return;
+        }
+        // A worker works on one job at a time: polling means it holds none, so a job we
+        // think it holds was lost in transit and goes back to the queue.
+        if let Some(job) = self.workers.get_mut(&worker).and_then(|w| w.job.take()) {
+            self.requeue(job);
+        }
+        self.parked.retain(|(w, _)| *w != worker);
+        self.parked.push((worker, reply));
+        self.dispatch();
+    }
+
+    /// Hands pending jobs to parked polls of the right shard.
+    fn dispatch(&mut self) {
+        let parked = std::mem::take(&mut self.parked);
+        for (worker, reply) in parked {
+            if reply.is_closed() {
+                continue;
+            }
+            let Some(shard) = self.workers.get(&worker).map(|w| w.shard) else {
+                continue;
+            };
+            let Some(job_id) = self.pending[shard].pop_front() else {
+                self.parked.push((worker, reply));
+                continue;
+            };
+            let job = self.job_message(job_id);
+            let msg = PollJobResponse {
+                reply: Some(poll_job_response::Reply::Job(job)),
+            };
+            if reply.send(msg).is_err() {
+                // The poll timed out just now; keep the job for the next one.
+                self.pending[shard].push_front(job_id);
+                continue;
+            }
+            if let Some(j) = self.jobs.get_mut(&job_id) {
+                j.assigned = Some((worker, Instant::now()));
+            }
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.job = Some(job_id);
+            }
+        }
+    }
+
+    fn job_message(&self, job_id: u64) -> Job {
+        let j = &self.jobs[&job_id];
+        let g = self
+            .gen
+            .as_ref()
+            .expect("jobs exist only during a generation");
+        Job {
+            job_id,
+            network_version: g.version,
+            images: j.images.clone(),
+            group_vars: g.generation.vars.clone(),
+            candidates: g.generation.candidates[j.first..j.first + j.count]
+                .iter()
+                .map(|c| c.iter().map(|&x| x as u8).collect())
+                .collect(),
+            first_candidate: j.first as u32,
+        }
+    }
+
+    fn requeue(&mut self, job_id: u64) {
+        if let Some(j) = self.jobs.get_mut(&job_id) {
+            if j.assigned.take().is_some() {
+                debug!(job = job_id, "job back in the queue");
+                self.pending[j.shard].push_front(job_id);
+            }
+        }
+    }
+
+    fn submit(&mut self, req: SubmitResultRequest) -> Result<bool, crate::Error> {
+        self.touch(req.worker_id);
+        let holds = self
+            .jobs
+            .get(&req.job_id)
+            .is_some_and(|j| matches!(j.assigned, Some((w, _)) if w == req.worker_id));
+        if !holds {
+            debug!(
+                job = req.job_id,
+                worker = req.worker_id,
+                "ignoring a result for a job the worker does not hold"
+            );
+            return Ok(false);
+        }
+        let j = &self.jobs[&req.job_id];
+        let valid = req.results.len() == j.count
+            && req
+                .results
+                .iter()
+                .all(|r| r.images == j.images.len() as u64 && r.correct <= r.images);
+        if !valid {
+            warn!(
+                job = req.job_id,
+                worker = req.worker_id,
+                "malformed result refused; the job goes to another worker"
+            );
+            if let Some(w) = self.workers.get_mut(&req.worker_id) {
+                w.job = None;
+            }
+            self.requeue(req.job_id);
+            self.dispatch();
+            return Ok(false);
+        }
+        let j = self.jobs.remove(&req.job_id).expect("checked above");
+        if let Some(w) = self.workers.get_mut(&req.worker_id) {
+            w.job = None;
+            w.jobs_done += 1;
+            w.images += (j.images.len() * j.count) as u64;
+            w.eval_micros += req.eval_micros;
+        }
+        let g = self
+            .gen
+            .as_mut()
+            .expect("jobs exist only during a generation");
+        for (sum, r) in g.sums[j.first..j.first + j.count]
+            .iter_mut()
+            .zip(&req.results)
+        {
+            sum.add(&from_proto(r));
+        }
+        g.outstanding -= 1;
+        if g.outstanding == 0 {
+            self.finish_generation()?;
+        }
+        Ok(true)
+    }
+
+    fn finish_generation(&mut self) -> Result<(), crate::Error> {
+        let g = self.gen.take().expect("a generation is in progress");
+        let outcome = self.trainer.complete(&g.generation, &g.sums)?;
+        if !outcome.changes.is_empty() {
+            self.log.push(outcome.changes);
+        }
+        self.last_best_loss = Some(outcome.best_loss);
+        self.last_train_top1 = Some(outcome.best_top1);
+        let p = self.trainer.progress();
+        self.rate.push_back((Instant::now(), p.evaluations));
+        while self.rate.len() > 50 {
+            self.rate.pop_front();
+        }
+        if p.generations % self.setup.config.eval.every_generations == 0 {
+            self.schedule_eval(false);
+        }
+        self.start_generation()
+    }
+
+    /// Starts the next generation, or finishes the run when the budget is spent.
+    fn start_generation(&mut self) -> Result<(), crate::Error> {
+        if self.phase != Phase::Training {
+            return Ok(());
+        }
+        if let Some(reason) = self.budget_spent() {
+            return self.finish(reason);
+        }
+        let Some(generation) = self.trainer.next_generation()? else {
+            return self.finish("every variable is frozen".into());
+        };
+        let shards = self.setup.shards;
+        let mut per_shard: Vec<Vec<u64>> = vec![Vec::new(); shards];
+        for &i in &generation.images {
+            per_shard[shard_of(i as usize, self.setup.search_len, shards)].push(i);
+        }
+        let n = generation.candidates.len();
+        let mut outstanding = 0;
+        for (shard, images) in per_shard.into_iter().enumerate() {
+            if images.is_empty() {
+                continue;
+            }
+            // One job per live worker of the shard, each a slice of the candidates.
+            let live = self
+                .workers
+                .values()
+                .filter(|w| w.shard == shard)
+                .count()
+                .clamp(1, n);
+            let per = n.div_ceil(live);
+            let mut first = 0;
+            while first < n {
+                let count = per.min(n - first);
+                let id = self.next_job;
+                self.next_job += 1;
+                self.jobs.insert(
+                    id,
+                    JobEntry {
+                        shard,
+                        first,
+                        count,
+                        images: images.clone(),
+                        assigned: None,
+                    },
+                );
+                self.pending[shard].push_back(id);
+                outstanding += 1;
+                first += count;
+            }
+        }
+        self.gen = Some(GenInProgress {
+            version: self.version(),
+            sums: vec![EvalStats::default(); n],
+            generation,
+            outstanding,
+        });
+        self.dispatch();
+        Ok(())
+    }
+
+    fn budget_spent(&self) -> Option<String> {
+        if let Some(r) = &self.stop_reason {
+            return Some(r.clone());
+        }
+        let b = &self.setup.config.budget;
+        let p = self.trainer.progress();
+        if b.evaluations.is_some_and(|e| p.evaluations >= e) {
+            return Some(format!("evaluation budget ({}) spent", p.evaluations));
+        }
+        if b.cycles.is_some_and(|c| p.cycles >= c) {
+            return Some(format!("{} cycle(s) done", p.cycles));
+        }
+        if b.wall_seconds
+            .is_some_and(|s| self.started.elapsed().as_secs_f64() >= s)
+        {
+            return Some("wall-time budget spent".into());
+        }
+        None
+    }
+
+    fn finish(&mut self, reason: String) -> Result<(), crate::Error> {
+        info!("search finished: {reason}");
+        self.stop_reason = Some(reason);
+        self.phase = Phase::Evaluating;
+        self.schedule_eval(true);
+        Ok(())
+    }
+
+    /// Measures the current global network on validation and test data off the loop.
+    fn schedule_eval(&mut self, is_final: bool) {
+        let p = self.trainer.progress();
+        let net = self.trainer.network().clone();
+        let point = EvalPoint {
+            generation: p.generations,
+            evaluations: p.evaluations,
+            wall_seconds: self.started.elapsed().as_secs_f64(),
+            best_fitness: self.last_best_loss,
+            train_top1: self.last_train_top1,
+            val_top1: 0.0,
+            val_loss: 0.0,
+            test_top1: 0.0,
+            network_version: self.version(),
+            is_final,
+        };
+        let (val, test) = (self.setup.validation.clone(), self.setup.test.clone());
+        let threads = self.setup.eval_threads;
+        let tx = self.events.clone();
+        self.evals_in_flight += 1;
+        tokio::task::spawn_blocking(move || {
+            let v = net.evaluate(&val.images, &val.labels, 256, threads);
+            let t = net.evaluate(&test.images, &test.labels, 256, threads);
+            let point = EvalPoint {
+                val_top1: v.top1(),
+                val_loss: v.mean_loss(),
+                test_top1: t.top1(),
+                ..point
+            };
+            let _ = tx.blocking_send(Event::EvalDone(point, Box::new(net)));
+        });
+    }
+
+    fn eval_done(&mut self, point: EvalPoint, net: QNetwork) {
+        self.evals_in_flight -= 1;
+        info!(
+            generation = point.generation,
+            evaluations = point.evaluations,
+            "val top-1 {:.2} %, test top-1 {:.2} %",
+            point.val_top1,
+            point.test_top1
+        );
+        // Model selection uses validation only; the earliest best wins ties.
+        let better = self
+            .best
+            .as_ref()
+            .is_none_or(|(_, b)| point.val_top1 > b.val_top1);
+        if better {
+            self.best = Some((net, point.clone()));
+        }
+        if let Some(t) = self.setup.config.budget.target_val_top1 {
+            if point.val_top1 >= t && self.stop_reason.is_none() {
+                self.stop_reason = Some(format!(
+                    "validation top-1 {:.2} % reached the target {t} %",
+                    point.val_top1
+                ));
+            }
+        }
+        if point.generation == 0 && self.setup.ptq_top1.is_none() {
+            self.setup.ptq_top1 = Some(point.test_top1);
+        }
+        let is_final = point.is_final;
+        self.history.push(point);
+        // Evaluations can finish out of order; keep history in generation order.
+        self.history.sort_by_key(|p| (p.generation, p.is_final));
+        if is_final || (self.phase == Phase::Evaluating && self.evals_in_flight == 0) {
+            if self.evals_in_flight == 0 {
+                self.phase = Phase::Done;
+                // Wake parked polls so workers learn the run is over.
+                for (w, reply) in std::mem::take(&mut self.parked) {
+                    let _ = reply.send(PollJobResponse {
+                        reply: Some(poll_job_response::Reply::Done(Done {})),
+                    });
+                    self.workers.remove(&w);
+                }
+            }
+        }
+    }
+
+    fn sync(&self, req: SyncNetworkRequest) -> SyncNetworkResponse {
+        let version = self.version();
+        // Changes are cheaper than the whole network unless the worker is far behind.
+        let changes: Option<Vec<VarChange>> =
+            req.have_version.filter(|&h| h <= version).and_then(|h| {
+                let list: Vec<VarChange> = self.log[h as usize..]
+                    .iter()
+                    .flatten()
+                    .map(|&(var, code)| VarChange {
+                        var,
+                        code: code as i32,
+                    })
+                    .collect();
+                (list.len() < self.trainer.network().num_vars() / 8 + 1024).then_some(list)
+            });
+        match changes {
+            Some(changes) => SyncNetworkResponse {
+                version,
+                full: Vec::new(),
+                changes,
+            },
+            None => SyncNetworkResponse {
+                version,
+                full: self.trainer.network().to_bytes(),
+                changes: Vec::new(),
+            },
+        }
+    }
+
+    fn reap(&mut self, hb: Duration) {
+        let now = Instant::now();
+        let dead: Vec<u64> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.duration_since(w.last_seen) > hb * 3)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in dead {
+            if let Some(w) = self.workers.remove(&id) {
+                warn!(worker = id, name = %w.name, "worker lost (no heartbeat)");
+                if let Some(job) = w.job {
+                    self.requeue(job);
+                }
+            }
+        }
+        let timeout = Duration::from_secs_f64(self.setup.config.cluster.job_timeout_secs);
+        let expired: Vec<(u64, u64)> = self
+            .jobs
+            .iter()
+            .filter_map(|(&id, j)| {
+                j.assigned
+                    .filter(|(_, t)| now.duration_since(*t) > timeout)
+                    .map(|(w, _)| (id, w))
+            })
+            .collect();
+        for (job, worker) in expired {
+            warn!(
+                job,
+                worker, "job lease expired; giving it to another worker"
+            );
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.job = None;
+            }
+            self.requeue(job);
+        }
+        self.dispatch();
+    }
+
+    fn status(&self) -> StatusResponse {
+        let p = self.trainer.progress();
+        let eda = self.trainer.eda();
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let rate = match (self.rate.front(), self.rate.back()) {
+            (Some(a), Some(b)) if b.0 > a.0 => {
+                (b.1 - a.1) as f64 / b.0.duration_since(a.0).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        let b = &self.setup.config.budget;
+        let eta = b
+            .evaluations
+            .filter(|_| rate > 0.0)
+            .map(|e| e.saturating_sub(p.evaluations) as f64 / rate)
+            .into_iter()
+            .chain(b.wall_seconds.map(|w| (w - elapsed).max(0.0)))
+            .reduce(f64::min);
+        let latest = self
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.generation > 0 || self.history.len() == 1);
+        let layer = self
+            .trainer
+            .current_layer()
+            .and_then(|l| self.trainer.network().layers.get(l as usize))
+            .map(|l| l.name.clone())
+            .unwrap_or_default();
+        let now = Instant::now();
+        StatusResponse {
+            run_id: self.setup.run_id.clone(),
+            phase: self.phase.as_str().into(),
+            elapsed_secs: elapsed,
+            cycle: p.cycles,
+            group: p.groups,
+            generation: p.generations,
+            layer,
+            evaluations: p.evaluations,
+            evaluations_per_sec: rate,
+            best_fitness: self.last_best_loss.unwrap_or(f64::NAN),
+            train_top1: self.last_train_top1,
+            val_top1: latest.map(|h| h.val_top1),
+            test_top1: latest.map(|h| h.test_top1),
+            float_top1: self.setup.float_top1,
+            ptq_top1: self.setup.ptq_top1.unwrap_or(f64::NAN),
+            frozen_variables: eda.frozen_count() as u64,
+            free_variables: eda.free_count() as u64,
+            mean_confidence: eda.mean_confidence(),
+            eta_secs: eta,
+            workers: self
+                .workers
+                .iter()
+                .map(|(&id, w)| WorkerStatus {
+                    id,
+                    name: w.name.clone(),
+                    shard: w.shard as u32,
+                    state: if w.job.is_some() { "busy" } else { "idle" }.into(),
+                    jobs_done: w.jobs_done,
+                    jobs_in_flight: w.job.is_some() as u32,
+                    last_heartbeat_secs: now.duration_since(w.last_seen).as_secs_f64(),
+                    images_per_sec: if w.eval_micros > 0 {
+                        w.images as f64 / (w.eval_micros as f64 / 1e6)
+                    } else {
+                        0.0
+                    },
+                })
+                .collect(),
+            network_version: self.version(),
+        }
+    }
+}
+
+/// The shard holding global training index `i`: the inverse of `Shard::range`.
+pub fn shard_of(i: usize, total: usize, shards: usize) -> usize {
+    // Shard k holds [k*N/S, (k+1)*N/S); find the largest k with k*N/S <= i.
+    let mut k = ((i as u128 * shards as u128) / total.max(1) as u128) as usize;
+    k = k.min(shards - 1);
+    while k > 0 && (k as u128 * total as u128 / shards as u128) as usize > i {
+        k -= 1;
+    }
+    while k + 1 < shards && ((k + 1) as u128 * total as u128 / shards as u128) as usize <= i {
+        k += 1;
+    }
+    k
+}
+
+fn from_proto(r: &CandidateResult) -> EvalStats {
+    EvalStats {
+        loss_fixed: r.loss_fixed,
+        correct: r.correct,
+        images: r.images,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ccq_common::data::Shard;
+
+    #[test]
+    fn shard_of_inverts_shard_ranges() {
+        for total in [1usize, 7, 100, 1001, 49_000] {
+            for shards in 1..=9usize {
+                for k in 0..shards {
+                    let r = Shard {
+                        index: k,
+                        count: shards,
+                    }
+                    .range(total);
+                    for i in r {
+                        assert_eq!(
+                            shard_of(i, total, shards),
+                            k,
+                            "i={i} total={total} shards={shards}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

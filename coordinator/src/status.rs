@@ -1,0 +1,160 @@
+//! `coordinator status`: a read-only client of the coordinator's Status RPC, printing a
+//! compact summary and worker table (or JSON), optionally refreshing until the run ends.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ccq_proto::v1::coordinator_client::CoordinatorClient;
+use ccq_proto::v1::{StatusRequest, StatusResponse};
+use serde_json::json;
+
+/// Exit code for an unreachable coordinator (scripts depend on it).
+pub const UNREACHABLE: u8 = 2;
+
+pub fn main(addr: &str, as_json: bool, watch: Option<f64>) -> ExitCode {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        loop {
+            let s = match fetch(&url).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: coordinator at {url} is unreachable: {e}");
+                    return ExitCode::from(UNREACHABLE);
+                }
+            };
+            if as_json {
+                println!("{}", to_json(&s));
+            } else {
+                if watch.is_some() {
+                    // Clear the screen and home the cursor: refresh in place.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", render(&s));
+            }
+            match watch {
+                Some(secs) if s.phase != "done" => {
+                    tokio::time::sleep(Duration::from_secs_f64(secs.max(0.2))).await
+                }
+                _ => return ExitCode::SUCCESS,
+            }
+        }
+    })
+}
+
+async fn fetch(url: &str) -> Result<StatusResponse, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let mut client = CoordinatorClient::new(channel);
+    client
+        .status(StatusRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| s.message().to_string())
+}
+
+pub fn to_json(s: &StatusResponse) -> serde_json::Value {
+    let nan_null = |x: f64| if x.is_finite() { json!(x) } else { json!(null) };
+    json!({
+        "run_id": s.run_id,
+        "phase": s.phase,
+        "elapsed_secs": s.elapsed_secs,
+        "cycle": s.cycle,
+        "group": s.group,
+        "generation": s.generation,
+        "layer": s.layer,
+        "evaluations": s.evaluations,
+        "evaluations_per_sec": s.evaluations_per_sec,
+        "best_fitness": nan_null(s.best_fitness),
+        "train_top1": s.train_top1,
+        "val_top1": s.val_top1,
+        "test_top1": s.test_top1,
+        "float_top1": nan_null(s.float_top1),
+        "ptq_top1": nan_null(s.ptq_top1),
+        "frozen_variables": s.frozen_variables,
+        "free_variables": s.free_variables,
+        "mean_confidence": s.mean_confidence,
+        "eta_secs": s.eta_secs,
+        "network_version": s.network_version,
+        "workers": s.workers.iter().map(|w| json!({
+            "id": w.id,
+            "name": w.name,
+            "shard": w.shard,
+            "state": w.state,
+            "jobs_done": w.jobs_done,
+            "jobs_in_flight": w.jobs_in_flight,
+            "last_heartbeat_secs": w.last_heartbeat_secs,
+            "images_per_sec": w.images_per_sec,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn render(s: &StatusResponse) -> String {
+    let pct = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2} %"));
+    let mut out = String::new();
+    out += &format!(
+        "run {}  phase {}  elapsed {:.0} s",
+        s.run_id, s.phase, s.elapsed_secs
+    );
+    if let Some(eta) = s.eta_secs {
+        out += &format!("  eta {eta:.0} s");
+    }
+    out += "\n";
+    out += &format!(
+        "cycle {}  group {}  generation {}  layer {}\n",
+        s.cycle,
+        s.group,
+        s.generation,
+        if s.layer.is_empty() { "-" } else { &s.layer }
+    );
+    out += &format!(
+        "evaluations {} ({:.1}/s)  best fitness {:.4}\n",
+        s.evaluations, s.evaluations_per_sec, s.best_fitness
+    );
+    out += &format!(
+        "top-1: float {:.2} %  batch {}  val {}  test {}\n",
+        s.float_top1,
+        pct(s.train_top1),
+        pct(s.val_top1),
+        pct(s.test_top1)
+    );
+    out += &format!(
+        "variables: {} frozen, {} free, mean confidence {:.3}\n\n",
+        s.frozen_variables, s.free_variables, s.mean_confidence
+    );
+    out += &format!(
+        "{:>4}  {:<20} {:>5}  {:<5} {:>8} {:>6} {:>9} {:>9}\n",
+        "id", "name", "shard", "state", "jobs", "flight", "heartbeat", "img/s"
+    );
+    for w in &s.workers {
+        let name: String = w.name.chars().take(20).collect();
+        out += &format!(
+            "{:>4}  {:<20} {:>5}  {:<5} {:>8} {:>6} {:>8.1}s {:>9.0}\n",
+            w.id,
+            name,
+            w.shard,
+            w.state,
+            w.jobs_done,
+            w.jobs_in_flight,
+            w.last_heartbeat_secs,
+            w.images_per_sec
+        );
+    }
+    out
+}

@@ -1,0 +1,246 @@
+//! EDA + cooperative coevolution as a pure state machine, free of networking and time.
+//!
+//! The coordinator's event loop asks for the next [`Generation`] (a batch, a group of
+//! variables and the candidates to evaluate), has the workers evaluate it, and hands the
+//! summed results back to [`Trainer::complete`]. Everything random comes from two ChaCha
+//! streams seeded from the run seed: one draws batches, one draws candidates. Results are
+//! exact integer sums, so the sequence of networks depends on the seed alone — never on
+//! how many workers there were or in which order they answered.
+
+use std::collections::VecDeque;
+
+use ccq_common::eda::{EdaParams, EdaState, Group, Variable};
+use ccq_common::qnet::{EvalStats, QNetwork};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Fitness, SearchConfig};
+use crate::Error;
+
+/// One generation: the work handed to the workers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Generation number, from 0.
+    pub id: u64,
+    /// Global training-split indices of the batch, ascending.
+    pub images: Vec<u64>,
+    /// The group's variables; every candidate gives one code per variable.
+    pub vars: Vec<u32>,
+    /// Candidate 0 is the context (the current global network).
+    pub candidates: Vec<Vec<i8>>,
+    /// Index into the network's layer list.
+    pub layer: u32,
+}
+
+/// What one completed generation changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// The best candidate beat the context and was adopted.
+    pub adopted: bool,
+    /// Variables set in the global network, by adoption and by freezing.
+    pub changes: Vec<(u32, i8)>,
+    /// Mean cross-entropy of the best candidate on the batch.
+    pub best_loss: f64,
+    /// Its top-1 on the batch, percent.
+    pub best_top1: f64,
+}
+
+/// Counters that reports and budgets read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub generations: u64,
+    pub evaluations: u64,
+    /// Completed passes over the free variables.
+    pub cycles: u64,
+    pub groups: u64,
+    pub adoptions: u64,
+}
+
+pub struct Trainer {
+    search: SearchConfig,
+    net: QNetwork,
+    codes: Vec<i8>,
+    eda: EdaState,
+    batch_rng: ChaCha8Rng,
+    sample_rng: ChaCha8Rng,
+    /// Batches are drawn from training indices `0..search_len`.
+    search_len: usize,
+    /// Groups left in this cycle, and the one in progress with its generations done.
+    queue: VecDeque<Group>,
+    current: Option<(Group, usize)>,
+    progress: Progress,
+}
+
+impl Trainer {
+    pub fn new(
+        net: QNetwork,
+        eda: EdaParams,
+        search: SearchConfig,
+        seed: u64,
+        search_len: usize,
+    ) -> Result<Trainer, Error> {
+        if search_len == 0 {
+            return Err(ccq_common::Error::setting(
+                "data.validation",
+                search_len,
+                "leaves no training images to search on",
+            )
+            .into());
+        }
+        let codes = net.codes();
+        let layers = &net.layers;
+        let vars = layers.iter().enumerate().flat_map(|(li, l)| {
+            let codes = &codes[l.offset..l.offset + l.len];
+            codes.iter().map(move |&c| Variable {
+                initial: c,
+                lo: l.lo,
+                hi: l.hi,
+                layer: li as u32,
+            })
+        });
+        let eda = EdaState::new(eda, vars)?;
+        Ok(Trainer {
+            search,
+            net,
+            codes,
+            eda,
+            // Distinct streams: changing the batch size must not change the candidates.
+            batch_rng: ChaCha8Rng::seed_from_u64(seed ^ 0xba7c_4e5),
+            sample_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5a3b_1e),
+            search_len,
+            queue: VecDeque::new(),
+            current: None,
+            progress: Progress::default(),
+        })
+    }
+
+    pub fn network(&self) -> &QNetwork {
+        &self.net
+    }
+    pub fn eda(&self) -> &EdaState {
+        &self.eda
+    }
+    pub fn progress(&self) -> Progress {
+        self.progress
+    }
+
+    /// The layer of the group in progress, if any.
+    pub fn current_layer(&self) -> Option<u32> {
+        self.current.as_ref().map(|(g, _)| g.layer)
+    }
+
+    /// The next generation, or `None` when every variable is frozen.
+    pub fn next_generation(&mut self) -> Result<Option<Generation>, Error> {
+        if self.current.is_none() {
+            if self.queue.is_empty() {
+                if self.progress.groups > 0 {
+                    self.progress.cycles += 1;
+                }
+                self.queue = self.eda.groups().into();
+                if self.queue.is_empty() {
+                    return Ok(None);
+                }
+            }
+            let g = self.queue.pop_front().expect("queue is not empty");
+            self.current = Some((g, 0));
+        }
+        let (group, _) = self.current.as_ref().expect("a group is in progress");
+        let batch = self.search.batch_size.min(self.search_len);
+        let mut images: Vec<u64> =
+            rand::seq::index::sample(&mut self.batch_rng, self.search_len, batch)
+                .into_iter()
+                .map(|i| i as u64)
+                .collect();
+        images.sort_unstable();
+        let candidates = self
+            .eda
+            .sample(&group.vars, &self.codes, &mut self.sample_rng)?;
+        Ok(Some(Generation {
+            id: self.progress.generations,
+            images,
+            vars: group.vars.clone(),
+            candidates,
+            layer: group.layer,
+        }))
+    }
+
+    /// Selection, distribution update, adoption and freezing for a generation whose
+    /// candidates scored `stats` (summed over the whole batch, in candidate order).
+    pub fn complete(
+        &mut self,
+        generation: &Generation,
+        stats: &[EvalStats],
+    ) -> Result<Outcome, Error> {
+        let n = generation.candidates.len();
+        if stats.len() != n
+            || stats
+                .iter()
+                .any(|s| s.images != generation.images.len() as u64)
+        {
+            return Err(Error::Protocol(format!(
+                "generation {} got {} results over {:?} images for {n} candidates of {} images",
+                generation.id,
+                stats.len(),
+                stats.iter().map(|s| s.images).collect::<Vec<_>>(),
+                generation.images.len()
+            )));
+        }
+        let key = |i: usize| -> (u64, u64, usize) {
+            let s = &stats[i];
+            match self.search.fitness {
+                Fitness::Loss => (s.loss_fixed, 0, i),
+                Fitness::Error => (s.images - s.correct, s.loss_fixed, i),
+            }
+        };
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| key(i));
+        let k = self.eda.params().top_k.min(n);
+        let selected: Vec<&Vec<i8>> = order[..k]
+            .iter()
+            .map(|&i| &generation.candidates[i])
+            .collect();
+        let best = order[0];
+        let adopted = best != 0 && key(best) < key(0);
+
+        let mut changes = Vec::new();
+        if adopted {
+            for (&v, &c) in generation.vars.iter().zip(&generation.candidates[best]) {
+                if self.codes[v as usize] != c {
+                    self.codes[v as usize] = c;
+                    changes.push((v, c));
+                }
+            }
+        }
+        let frozen = self.eda.update(&generation.vars, &selected)?;
+        for v in frozen {
+            let mode = self.eda.mode(v as usize);
+            if self.codes[v as usize] != mode {
+                self.codes[v as usize] = mode;
+                changes.retain(|&(x, _)| x != v);
+                changes.push((v, mode));
+            }
+        }
+        if !changes.is_empty() {
+            self.net.apply_changes(&changes)?;
+        }
+
+        self.progress.generations += 1;
+        self.progress.evaluations += n as u64;
+        self.progress.adoptions += adopted as u64;
+        if let Some((_, done)) = self.current.as_mut() {
+            *done += 1;
+            if *done >= self.search.generations_per_group {
+                self.current = None;
+                self.progress.groups += 1;
+            }
+        }
+        let s = &stats[best];
+        Ok(Outcome {
+            adopted,
+            changes,
+            best_loss: s.mean_loss(),
+            best_top1: s.top1(),
+        })
+    }
+}

@@ -1,0 +1,9 @@
+//! ccq's wire protocol: the code generated from `proto/ccq.proto` (at build time; nothing
+//! generated is committed) and the protocol version both ends compare on registration.
+
+/// Bumped on any incompatible change to `ccq.proto` or to the meaning of its fields.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+pub mod v1 {
+    tonic::include_proto!("ccq.v1");
+}

@@ -1,0 +1,378 @@
+//! The ccq worker: stateless fitness evaluation on one data shard.
+//!
+//! A worker connects to the coordinator (retrying with backoff, so start-up order never
+//! matters), registers with the protocol version, loads its shard of the training split,
+//! and then long-polls for jobs. For each job it brings its copy of the network to the
+//! job's version (changes since the version it holds, or the whole network), evaluates the
+//! candidates on the job's images ([`ccq_common::fitness`]) and submits the sums.
+//! It heartbeats in the background; when the coordinator no longer knows it (restart,
+//! reaping) it registers again; when the run is done it returns `Ok`.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use ccq_common::data::{self, DataSource, Dataset, Shard, Split};
+use ccq_common::fitness;
+use ccq_common::qnet::QNetwork;
+use ccq_proto::v1::coordinator_client::CoordinatorClient;
+use ccq_proto::v1::{
+    poll_job_response, CandidateResult, HeartbeatRequest, Job, PollJobRequest, RegisterRequest,
+    RegisterResponse, SubmitResultRequest, SyncNetworkRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Common(#[from] ccq_common::Error),
+    #[error("coordinator address '{addr}': {reason}")]
+    Address { addr: String, reason: String },
+    /// The coordinator refused this worker for good (protocol version, bad shard, ...).
+    #[error("coordinator refused registration: {0}")]
+    Refused(String),
+    #[error("coordinator sent an invalid job {job}: {reason}")]
+    BadJob { job: u64, reason: String },
+    #[error("coordinator RPC failed: {0}")]
+    Rpc(#[from] tonic::Status),
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// e.g. `http://127.0.0.1:50051`.
+    pub coordinator: String,
+    /// `None`: the coordinator assigns one.
+    pub shard: Option<Shard>,
+    /// Threads for evaluation.
+    pub threads: usize,
+    /// Label shown in `coordinator status`.
+    pub name: String,
+    /// Read data from here instead of the path the coordinator names (containers that
+    /// mount the data elsewhere).
+    pub data_override: Option<DataSource>,
+}
+
+/// Runs until the coordinator reports the run done (`Ok`) or `shutdown` completes (`Ok`).
+pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    tokio::select! {
+        r = run_inner(&cfg) => r,
+        _ = shutdown => {
+            info!("shutdown requested; abandoning any job in progress");
+            Ok(())
+        }
+    }
+}
+
+/// What survives re-registration: the loaded shard and the network copy.
+#[derive(Default)]
+struct Local {
+    shard: Option<(String, Shard, Dataset)>,
+    net: Option<(u64, QNetwork)>,
+}
+
+async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
+    let endpoint = Endpoint::from_shared(cfg.coordinator.clone()).map_err(|e| Error::Address {
+        addr: cfg.coordinator.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut local = Local::default();
+    let mut backoff = Backoff::new();
+    loop {
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                let wait = backoff.next();
+                debug!(
+                    "coordinator {} not reachable ({e}); retrying in {wait:?}",
+                    cfg.coordinator
+                );
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        };
+        let mut client = CoordinatorClient::new(channel).max_decoding_message_size(256 << 20);
+        let reg = match register(&mut client, cfg).await {
+            Ok(r) => r,
+            Err(Error::Rpc(s)) if is_transient(&s) => {
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        backoff.reset();
+        info!(
+            worker = reg.worker_id,
+            shard = format!("{}/{}", reg.shard_index, reg.shard_count),
+            "registered with run {}",
+            reg.run_id
+        );
+        match serve(&mut client, cfg, &reg, &mut local).await {
+            Ok(Served::Done) => {
+                info!("run finished; exiting");
+                return Ok(());
+            }
+            Ok(Served::Reregister) => {
+                info!("coordinator lost track of this worker; registering again")
+            }
+            Err(Error::Rpc(s)) if is_transient(&s) => {
+                warn!(
+                    "connection to the coordinator lost ({}); reconnecting",
+                    s.message()
+                );
+                tokio::time::sleep(backoff.next()).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn is_transient(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+    )
+}
+
+async fn register(
+    client: &mut CoordinatorClient<Channel>,
+    cfg: &WorkerConfig,
+) -> Result<RegisterResponse, Error> {
+    let req = RegisterRequest {
+        protocol_version: ccq_proto::PROTOCOL_VERSION,
+        name: cfg.name.clone(),
+        shard_index: cfg.shard.map(|s| s.index as u32),
+        shard_count: cfg.shard.map(|s| s.count as u32),
+        threads: cfg.threads as u32,
+    };
+    match client.register(req).await {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+            ) =>
+        {
+            Err(Error::Refused(s.message().to_string()))
+        }
+        Err(s) => Err(Error::Rpc(s)),
+    }
+}
+
+enum Served {
+    Done,
+    Reregister,
+}
+
+async fn serve(
+    client: &mut CoordinatorClient<Channel>,
+    cfg: &WorkerConfig,
+    reg: &RegisterResponse,
+    local: &mut Local,
+) -> Result<Served, Error> {
+    let shard = Shard {
+        index: reg.shard_index as usize,
+        count: reg.shard_count as usize,
+    };
+    let source = match &cfg.data_override {
+        Some(s) => s.clone(),
+        None => reg.data_source.parse::<DataSource>()?,
+    };
+    let key = source.to_string();
+    if !matches!(&local.shard, Some((k, s, _)) if *k == key && *s == shard) {
+        let range = shard.range(reg.search_len as usize);
+        info!(
+            "loading shard {}/{} of {key}: images {range:?}",
+            shard.index, shard.count
+        );
+        let src = source.clone();
+        let d = tokio::task::spawn_blocking(move || data::load(&src, Split::Train, Some(range)))
+            .await
+            .expect("data loading task panicked")?;
+        local.shard = Some((key, shard, d));
+    }
+
+    // Heartbeats run beside the job loop; a heartbeat that finds us unknown ends the loop.
+    let (hb_tx, mut hb_rx) = tokio::sync::oneshot::channel::<Served>();
+    let hb = tokio::spawn(heartbeat(
+        client.clone(),
+        reg.worker_id,
+        Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64),
+        hb_tx,
+    ));
+    let result = async {
+        loop {
+            let poll = tokio::select! {
+                p = client.poll_job(PollJobRequest { worker_id: reg.worker_id }) => p?.into_inner(),
+                Ok(s) = &mut hb_rx => return Ok(s),
+            };
+            match poll.reply {
+                Some(poll_job_response::Reply::Job(job)) => {
+                    let job_id = job.job_id;
+                    let Some((results, micros)) =
+                        evaluate(client, reg.worker_id, local, job, cfg.threads.max(1)).await?
+                    else {
+                        continue;
+                    };
+                    client
+                        .submit_result(SubmitResultRequest {
+                            worker_id: reg.worker_id,
+                            job_id,
+                            results,
+                            eval_micros: micros,
+                        })
+                        .await?;
+                }
+                Some(poll_job_response::Reply::Idle(_)) | None => {}
+                Some(poll_job_response::Reply::Done(_)) => return Ok(Served::Done),
+                Some(poll_job_response::Reply::Unknown(_)) => return Ok(Served::Reregister),
+            }
+        }
+    }
+    .await;
+    hb.abort();
+    result
+}
+
+async fn heartbeat(
+    mut client: CoordinatorClient<Channel>,
+    worker_id: u64,
+    every: Duration,
+    tx: tokio::sync::oneshot::Sender<Served>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        match client.heartbeat(HeartbeatRequest { worker_id }).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                if r.done {
+                    let _ = tx.send(Served::Done);
+                    return;
+                }
+                if !r.known {
+                    let _ = tx.send(Served::Reregister);
+                    return;
+                }
+            }
+            // The job loop notices a dead connection itself.
+            Err(e) => debug!("heartbeat failed: {}", e.message()),
+        }
+    }
+}
+
+/// Brings the network to the job's version, then evaluates off the async runtime.
+/// `None` when the job is stale (the coordinator has moved to a newer network).
+async fn evaluate(
+    client: &mut CoordinatorClient<Channel>,
+    worker_id: u64,
+    local: &mut Local,
+    job: Job,
+    threads: usize,
+) -> Result<Option<(Vec<CandidateResult>, u64)>, Error> {
+    if !sync_network(client, worker_id, local, job.network_version).await? {
+        // The job belongs to a generation that is already over; its result would be refused.
+        debug!(job = job.job_id, "skipping a stale job");
+        return Ok(None);
+    }
+    let (_, _, data) = local.shard.as_ref().expect("shard loaded before jobs");
+    let bad = |reason: String| Error::BadJob {
+        job: job.job_id,
+        reason,
+    };
+    // Gather this job's images out of the shard.
+    let il = data.image_len();
+    let mut pixels = Vec::with_capacity(job.images.len() * il);
+    let mut labels = Vec::with_capacity(job.images.len());
+    for &g in &job.images {
+        let i = (g as usize)
+            .checked_sub(data.first_index)
+            .filter(|&i| i < data.len())
+            .ok_or_else(|| bad(format!("image {g} is not in this worker's shard")))?;
+        pixels.extend_from_slice(data.image(i));
+        labels.push(data.labels[i]);
+    }
+    let candidates: Vec<Vec<i8>> = job
+        .candidates
+        .iter()
+        .map(|c| c.iter().map(|&b| b as i8).collect())
+        .collect();
+    let (_, net) = local.net.take().expect("network synced");
+    let vars = job.group_vars.clone();
+    let started = Instant::now();
+    let (net, res) = tokio::task::spawn_blocking(move || {
+        let r = fitness::evaluate_candidates(&net, &pixels, &labels, &vars, &candidates, threads);
+        (net, r)
+    })
+    .await
+    .expect("evaluation task panicked");
+    local.net = Some((job.network_version, net));
+    let stats = res.map_err(|e| bad(e.to_string()))?;
+    let results = stats
+        .iter()
+        .map(|s| CandidateResult {
+            loss_fixed: s.loss_fixed,
+            correct: s.correct,
+            images: s.images,
+        })
+        .collect();
+    Ok(Some((results, started.elapsed().as_micros() as u64)))
+}
+
+async fn sync_network(
+    client: &mut CoordinatorClient<Channel>,
+    worker_id: u64,
+    local: &mut Local,
+    want: u64,
+) -> Result<bool, Error> {
+    if matches!(&local.net, Some((v, _)) if *v == want) {
+        return Ok(true);
+    }
+    let have = local.net.as_ref().map(|(v, _)| *v);
+    let r = client
+        .sync_network(SyncNetworkRequest {
+            worker_id,
+            have_version: have,
+        })
+        .await?
+        .into_inner();
+    if !r.full.is_empty() {
+        let net = QNetwork::from_bytes(&r.full, "network from the coordinator")?;
+        local.net = Some((r.version, net));
+    } else {
+        let (v, net) = local.net.as_mut().ok_or_else(|| Error::BadJob {
+            job: 0,
+            reason: "coordinator sent changes but this worker holds no network".into(),
+        })?;
+        let changes: Vec<(u32, i8)> = r
+            .changes
+            .iter()
+            .map(|c| (c.var, c.code.clamp(i8::MIN as i32, i8::MAX as i32) as i8))
+            .collect();
+        net.apply_changes(&changes)?;
+        *v = r.version;
+    }
+    Ok(local.net.as_ref().map(|(v, _)| *v) == Some(want))
+}
+
+/// Exponential backoff from 50 ms to 2 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(50))
+    }
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        d
+    }
+    fn reset(&mut self) {
+        *self = Backoff::new();
+    }
+}

@@ -1,0 +1,103 @@
+//! The `worker` binary: parses the command line, sets up tracing and runs the library's
+//! worker loop until the run is done or a signal arrives.
+
+use std::process::ExitCode;
+
+use ccq_common::data::{DataSource, Shard};
+use ccq_worker::WorkerConfig;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "worker",
+    version,
+    about = "ccq worker: evaluates candidate networks on one data shard"
+)]
+struct Cli {
+    /// Coordinator URL, e.g. http://coordinator:50051.
+    #[arg(long, env = "CCQ_COORDINATOR")]
+    coordinator: String,
+    /// Shard K/S of the training data; default: the Kubernetes Indexed-Job index
+    /// (JOB_COMPLETION_INDEX, with CCQ_SHARDS) if set, else the coordinator assigns one.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Evaluation threads (default 1: run one worker per core).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Read the training data from here instead of the path the coordinator names.
+    #[arg(long, env = "CCQ_DATA")]
+    data: Option<String>,
+    /// Name shown in `coordinator status` (default: host name).
+    #[arg(long, env = "HOSTNAME")]
+    name: Option<String>,
+    /// `text` or `json` log lines.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let shard = match (
+        &cli.shard,
+        std::env::var("JOB_COMPLETION_INDEX").ok(),
+        std::env::var("CCQ_SHARDS").ok(),
+    ) {
+        (Some(s), _, _) => Some(s.parse::<Shard>()?),
+        (None, Some(k), Some(n)) => Some(format!("{k}/{n}").parse::<Shard>()?),
+        _ => None,
+    };
+    let data_override = cli
+        .data
+        .as_deref()
+        .map(str::parse::<DataSource>)
+        .transpose()?;
+    let cfg = WorkerConfig {
+        coordinator: cli.coordinator,
+        shard,
+        threads: cli.threads.max(1),
+        name: cli.name.unwrap_or_else(|| "worker".into()),
+        data_override,
+    };
+    ccq_worker::run(cfg, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM (pod termination, `docker stop`).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
