@@ -13,12 +13,15 @@ so that together they exercise every lowering rule of common/src/onnx/:
                          Clip with min/max inputs (Constant node, initializer, absent),
                          AveragePool with count_include_pad 1 and 0, Dropout, Flatten,
                          MatMul + Add bias (initializer and Constant node)
-  legacy9      opset 9   Clip, Slice and Pad with attributes, Conv + BN, MaxPool,
+  legacy9      opset 9   Clip, Slice and Pad with attributes, Conv + BatchNormalization
+                         with tiny running variances (so that epsilon matters), MaxPool,
                          Flatten, MatMul + BatchNormalization over features
   misc17       opset 17  depthwise Conv, 1x1 Conv, BatchNormalization whose output feeds
-                         two branches, Slice with negative bounds and a step, Pad without
-                         a constant value, asymmetric kernel, Add, Dropout with a ratio
-                         input, Reshape [0, -1] from a Constant node, Gemm with C [1, K]
+                         two branches, Conv + bias + Add of a per-channel constant,
+                         asymmetric kernel, Slice with negative bounds and a step, Pad
+                         without a constant value, Add, padded MaxPool over signed values,
+                         Dropout with a ratio input, Reshape [0, -1] from a Constant node,
+                         Gemm with C of shape [1, K]
 
 For each fixture NAME it writes NAME.onnx, NAME.input.bin and NAME.output.bin
 (little-endian float32, NCHW / [N, classes]) and NAME.json giving their shapes; the
@@ -83,13 +86,16 @@ class Builder:
             inputs.append(self.small(f"{name}.bias", (cout,)))
         return self.node("Conv", inputs, name, kernel_shape=[kh, kw], group=group, **attrs)
 
-    def bn(self, x, channels, name):
+    def bn(self, x, channels, name, var_scale=1.0):
         r = self.rng
+        # With var_scale << 1 the variances are comparable to epsilon, which then matters;
+        # the scales shrink alike to keep activations O(1).
+        gain = np.sqrt(var_scale)
         params = [
-            self.init(f"{name}.weight", r.uniform(0.5, 1.5, channels).astype(np.float32)),
+            self.init(f"{name}.weight", (gain * r.uniform(0.5, 1.5, channels)).astype(np.float32)),
             self.init(f"{name}.bias", r.normal(0.0, 0.1, channels).astype(np.float32)),
             self.init(f"{name}.running_mean", r.normal(0.0, 0.1, channels).astype(np.float32)),
-            self.init(f"{name}.running_var", r.uniform(0.5, 1.5, channels).astype(np.float32)),
+            self.init(f"{name}.running_var", (var_scale * r.uniform(0.5, 1.5, channels)).astype(np.float32)),
         ]
         return self.node("BatchNormalization", [x] + params, name, epsilon=1e-5, momentum=0.9)
 
@@ -165,12 +171,13 @@ def misc11():
                         b.constant("clip_max", np.array(1.0, np.float32))], "clip1")
     x = b.node("AveragePool", [x], "avgpool_incl", kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1)
     x = b.node("Dropout", [x], "dropout", ratio=0.3)
-    x = b.conv(x, 6, 5, "conv2", k=3, bias=True, strides=[2, 2], auto_pad="SAME_UPPER")
+    x = b.conv(x, 6, 5, "conv2", k=2, bias=True, strides=[2, 2], auto_pad="SAME_UPPER")
     x = b.node("Clip", [x, "", b.init("clip2_max", np.array(0.8, np.float32))], "clip2")
     x = b.node("AveragePool", [x], "avgpool_excl", kernel_shape=[2, 2], strides=[2, 2],
                pads=[1, 0, 0, 1], count_include_pad=0)
     x = b.node("Flatten", [x], "flatten", axis=1)
-    # 11x10 -> conv1 (6, 6, 10) -> pool (6, 6, 10) -> conv2 (5, 3, 5) -> pool (5, 2, 3)
+    # 11x10 -> conv1 (6, 5, 9) -> pool (6, 5, 9) -> conv2 (5, 3, 5), SAME_UPPER padding
+    # (0, 0) top/left and (1, 1) bottom/right -> pool (5, 2, 3)
     x = b.node("MatMul", [x, b.weight("fc1.weight", (30, 12), 30)], "fc1.MatMul")
     x = b.node("Add", [x, b.small("fc1.bias", (12,))], "fc1.Add")
     x = b.node("Relu", [x], "relu")
@@ -182,7 +189,7 @@ def misc11():
 
 def legacy9():
     b = Builder(seed=4)
-    x = b.bn(b.conv("input", 4, 6, "conv", pads=[1] * 4), 6, "bn")
+    x = b.bn(b.conv("input", 4, 6, "conv", pads=[1] * 4), 6, "bn", var_scale=2e-5)
     x = b.node("Clip", [x], "relu6", min=0.0, max=6.0)
     x = b.node("Slice", [x], "slice", starts=[1, 1], ends=[5, 1000], axes=[1, 2])
     x = b.node("Pad", [x], "pad", pads=[0, 0, 1, 0, 0, 0, 0, 2], mode="constant", value=0.0)
@@ -205,9 +212,11 @@ def misc17():
                          b.init("sl.steps", np.array([1, 2], np.int64))], "slice")
     p = b.node("Pad", [s, b.init("pd.pads", np.array([0, 1, 0, 1, 0, 2, 1, 0], np.int64))], "pad")
     c = b.conv(trunk, 8, 8, "side", k=(1, 5), bias=True, pads=[1, 0, 0, 0])
-    x = b.node("Relu", [b.node("Add", [p, c], "add")], "relu")
+    c = b.node("Add", [c, b.small("side.extra_bias", (1, 8, 1, 1))], "side.Add")  # folds into the bias
+    # Max pooling over signed values (no Relu after it), so that padded cells must never win.
+    x = b.node("MaxPool", [b.node("Add", [p, c], "add")], "pool", kernel_shape=[3, 3], strides=[2, 2],
+               pads=[1, 1, 1, 1])
     x = b.node("Dropout", [x, b.init("drop.ratio", np.array(0.5, np.float32))], "dropout")
-    x = b.node("MaxPool", [x], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     # 9x9 -> slice (5, 9, 4) -> pad (8, 10, 5); side conv (8, 10, 5) -> pool (8, 5, 3)
     x = b.node("Reshape", [x, b.constant("flat_shape", np.array([0, -1], np.int64))], "reshape")
     logits = b.node("Gemm", [x, b.weight("fc.weight", (120, 10), 120), b.small("fc.bias", (1, 10))], "fc")

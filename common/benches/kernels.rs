@@ -2,8 +2,10 @@
 //!
 //! `cargo bench -p ccq-common --bench kernels` reports each fused conv (u8 in, u8 out) at
 //! batch 64 in MAC/s (criterion's "elem/s"), the elementwise add in elements/s, and then a
-//! per-path estimate of ResNet-20's conv time per image. The reference path runs at batch 4
-//! (it is ~100x slower). Pass `-- vnni` etc. to filter.
+//! per-path table of each layer's best-of-20 throughput (robust to other load on the
+//! machine) and the resulting conv-only ResNet-20 images/s. The reference path runs at
+//! batch 4 (it is ~100x slower). Pass `-- vnni` etc. to filter the criterion benchmarks,
+//! `-- table` (matching none) to print only the table.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -105,6 +107,13 @@ fn bench_convs(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new(layer.name, path), |b| {
                 b.iter(|| p.conv.run_with(path, &p.stage, black_box(&p.input), batch, &mut out))
             });
+            if path == KernelPath::best() {
+                // The same without the output stage: the cost of requantization.
+                let mut acc = vec![0i32; batch * layer.geom.out_len()];
+                group.bench_function(BenchmarkId::new(layer.name, format!("{path}-acc")), |b| {
+                    b.iter(|| p.conv.run_acc_with(path, black_box(&p.input), batch, &mut acc))
+                });
+            }
         }
     }
     group.finish();
@@ -128,31 +137,36 @@ fn bench_add(c: &mut Criterion) {
     group.finish();
 }
 
-/// Conv-only ResNet-20 throughput per path, from each layer's best time over a few runs.
+/// Per layer and path, the best of several runs (robust to other load on the machine), and
+/// the resulting conv-only ResNet-20 throughput.
 fn network_estimate() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    println!("\nResNet-20 convolutions, one thread, batch {BATCH} (reference: batch 4):");
+    println!("\nBest of 20 runs, one thread, batch {BATCH} (reference: batch 4), fused output stage:");
     for path in KernelPath::available() {
         let batch = batch_for(path);
+        let runs = if path == KernelPath::Reference { 3 } else { 20 };
         let mut seconds_per_image = 0.0;
         let mut macs_per_image = 0;
+        let mut per_layer = Vec::new();
         for layer in layers() {
             let p = prepare(layer.geom, batch, &mut rng);
             let mut out = vec![0u8; batch * layer.geom.out_len()];
-            let best = (0..5)
+            let best = (0..runs)
                 .map(|_| {
                     let start = Instant::now();
                     p.conv.run_with(path, &p.stage, black_box(&p.input), batch, &mut out);
                     start.elapsed().as_secs_f64()
                 })
                 .fold(f64::INFINITY, f64::min);
+            per_layer.push(format!("{} {:.1}", layer.name, (batch * layer.geom.macs()) as f64 / best / 1e9));
             seconds_per_image += layer.count as f64 * best / batch as f64;
             macs_per_image += layer.count * layer.geom.macs();
         }
         println!(
-            "  {path:>9}: {:7.1} GMAC/s, {:8.0} images/s ({macs_per_image} MAC per image)",
+            "  {path:>9}: ResNet-20 convs {:6.1} GMAC/s = {:6.0} images/s; per layer GMAC/s: {}",
             macs_per_image as f64 / seconds_per_image / 1e9,
-            1.0 / seconds_per_image
+            1.0 / seconds_per_image,
+            per_layer.join(", ")
         );
     }
 }
@@ -162,5 +176,8 @@ fn main() {
     bench_convs(&mut c);
     bench_add(&mut c);
     c.final_summary();
-    network_estimate();
+    // Only under `cargo bench` (which passes --bench), not `cargo test --benches`.
+    if std::env::args().any(|a| a == "--bench") {
+        network_estimate();
+    }
 }

@@ -159,3 +159,87 @@ fn eval_chunk(base: &QNetwork, pixels: &[u8], labels: &[u8], plans: &[Plan]) -> 
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Normalization;
+    use crate::quant::{quantize, Calibration, QuantConfig};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The random-weight MNIST-shaped CNN fixture, quantized on random images.
+    fn fixture_net(weight_bits: u8) -> (QNetwork, Vec<u8>, Vec<u8>) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mnist_cnn.onnx");
+        let graph = crate::onnx::load_onnx(&path).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let n = 40;
+        let pixels: Vec<u8> = (0..n * 784).map(|_| rng.random()).collect();
+        let labels: Vec<u8> = (0..n).map(|_| rng.random_range(0..10)).collect();
+        let cfg = QuantConfig {
+            weight_bits,
+            act_bits: 8,
+            calibration: Calibration::Max,
+        };
+        let net = quantize(&graph, &Normalization { mean: vec![0.13], std: vec![0.31] }, &pixels, n, &cfg).unwrap();
+        (net, pixels, labels)
+    }
+
+    /// Each candidate's fitness equals a from-scratch evaluation of the whole network
+    /// with the candidate's codes written in — prefix reuse, patching and de-duplication
+    /// change nothing — whether the group sits in one layer or spans several.
+    #[test]
+    fn candidates_match_full_evaluation_of_patched_networks() {
+        let (net, pixels, labels) = fixture_net(3);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let n = net.num_vars() as u32;
+        let last_layer = net.layers.last().unwrap().clone();
+        let groups: Vec<Vec<u32>> = vec![
+            (0..20).collect(),                                                  // first layer
+            (last_layer.offset as u32..last_layer.offset as u32 + 30).collect(), // logits layer
+            (0..40).map(|_| rng.random_range(0..n)).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+        ];
+        for vars in groups {
+            let context: Vec<i8> = net.codes();
+            let mut candidates = vec![vars.iter().map(|&v| context[v as usize]).collect::<Vec<i8>>()];
+            for _ in 0..5 {
+                candidates.push(
+                    vars.iter()
+                        .map(|&v| {
+                            let info = net.var_info(v as usize).unwrap();
+                            rng.random_range(info.lo..=info.hi)
+                        })
+                        .collect(),
+                );
+            }
+            candidates.push(candidates[2].clone()); // a duplicate
+            for threads in [1, 3] {
+                let got = evaluate_candidates(&net, &pixels, &labels, &vars, &candidates, threads).unwrap();
+                for (c, cand) in candidates.iter().enumerate() {
+                    let mut codes = context.clone();
+                    for (&v, &x) in vars.iter().zip(cand) {
+                        codes[v as usize] = x;
+                    }
+                    let mut full = net.clone();
+                    full.set_codes(&codes).unwrap();
+                    let want = full.evaluate(&pixels, &labels, 7, 1);
+                    assert_eq!(got[c], want, "candidate {c}, threads {threads}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_jobs_are_errors_not_panics() {
+        let (net, pixels, labels) = fixture_net(2);
+        let n = net.num_vars() as u32;
+        let e = evaluate_candidates(&net, &pixels, &labels, &[n], &[vec![0]], 1).unwrap_err();
+        assert!(e.to_string().contains("group_vars"), "{e}");
+        let e = evaluate_candidates(&net, &pixels, &labels, &[0, 1], &[vec![0]], 1).unwrap_err();
+        assert!(e.to_string().contains("candidate"), "{e}");
+        let e = evaluate_candidates(&net, &pixels, &labels, &[0], &[vec![5]], 1).unwrap_err();
+        assert!(e.to_string().contains("allows [-2, 1]"), "{e}");
+        let e = evaluate_candidates(&net, &pixels[1..], &labels, &[0], &[vec![0]], 1).unwrap_err();
+        assert!(e.to_string().contains("images"), "{e}");
+    }
+}

@@ -9,11 +9,13 @@
 //! - [`quant`]: post-training quantization of a float graph into a [`qnet::QNetwork`];
 //! - [`qnet`]: the integer-only network and its engine, with the weight codes exposed as
 //!   one flat vector of decision variables;
-//! - [`data`]: CIFAR-10 / MNIST readers and deterministic sharding.
+//! - [`data`]: CIFAR-10 / MNIST readers and deterministic sharding;
+//! - [`export`]: writing an integer network out as QDQ ONNX or plain arrays.
 
 pub mod data;
 pub mod eda;
 pub mod error;
+pub mod export;
 pub mod fitness;
 pub mod float;
 pub mod kernels;

@@ -671,3 +671,196 @@ fn calibrate(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qnet::Activations;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn fixture() -> Graph {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mnist_cnn.onnx");
+        crate::onnx::load_onnx(&path).unwrap()
+    }
+
+    fn images(n: usize, seed: u64) -> Vec<u8> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n * 784).map(|_| rng.random()).collect()
+    }
+
+    fn cfg(w: u8, a: u8) -> QuantConfig {
+        QuantConfig {
+            weight_bits: w,
+            act_bits: a,
+            calibration: Calibration::Max,
+        }
+    }
+
+    fn norm() -> Normalization {
+        Normalization {
+            mean: vec![0.1307],
+            std: vec![0.3081],
+        }
+    }
+
+    /// Max |integer logit - float logit| relative to the float logits' spread, on images
+    /// not used for calibration.
+    fn logit_error(w: u8, a: u8) -> f64 {
+        let g = fixture();
+        let net = quantize(&g, &norm(), &images(64, 1), 64, &cfg(w, a)).unwrap();
+        let test = images(32, 2);
+        let float = float::forward(&g, &normalize(&norm(), g.input_shape, &test, 32), 32);
+        let mut acts = Activations::default();
+        net.forward(&test, 32, &mut acts);
+        let spread = float.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+        let err = acts
+            .logits
+            .iter()
+            .zip(&float)
+            .fold(0f64, |m, (&q, &f)| m.max((q as f64 * net.logit_scale - f as f64).abs()));
+        err / spread
+    }
+
+    #[test]
+    fn integer_logits_track_float_logits_and_improve_with_bits() {
+        let e8 = logit_error(8, 8);
+        let e4 = logit_error(4, 8);
+        let e2 = logit_error(2, 8);
+        assert!(e8 < 0.05, "w8a8 relative logit error {e8}");
+        assert!(e8 < e4 && e4 < e2, "errors should grow as bits shrink: {e8} {e4} {e2}");
+    }
+
+    #[test]
+    fn input_lut_is_the_normalisation_quantized() {
+        let g = fixture();
+        let net = quantize(&g, &norm(), &images(8, 1), 8, &cfg(4, 8)).unwrap();
+        let v = net.input_value;
+        for p in 0..=255u8 {
+            let code = net.input.lut[p as usize];
+            let real = (code as f64 - v.zp as f64) * v.scale;
+            assert!((real - norm().apply(0, p) as f64).abs() <= v.scale / 2.0 + 1e-9, "pixel {p}");
+        }
+    }
+
+    #[test]
+    fn weight_codes_are_round_to_nearest_within_range() {
+        let g = fixture();
+        for bits in 2..=8u8 {
+            let net = quantize(&g, &norm(), &images(8, 1), 8, &cfg(bits, 8)).unwrap();
+            let (lo, hi) = code_range(bits);
+            let codes = net.codes();
+            assert_eq!(codes.len(), net.num_vars());
+            assert!(codes.iter().all(|&c| c >= lo && c <= hi));
+            // RTN from max-abs uses the symmetric range and reaches its end in every
+            // channel that has a nonzero weight.
+            let qmax = (1i8 << (bits - 1)) - 1;
+            assert!(codes.iter().all(|&c| c >= -qmax));
+            let first = net.conv(net.layers[0].node);
+            let k = first.geom.k_len();
+            for row in first.codes.chunks(k) {
+                assert_eq!(row.iter().map(|c| c.abs()).max(), Some(qmax));
+            }
+        }
+    }
+
+    #[test]
+    fn impossible_settings_are_refused() {
+        let g = fixture();
+        for (w, a) in [(1, 8), (9, 8), (4, 1), (4, 9), (0, 0)] {
+            let e = quantize(&g, &norm(), &images(4, 1), 4, &cfg(w, a)).unwrap_err();
+            assert!(matches!(e, Error::InvalidSetting { .. }), "{e}");
+        }
+        let bad_norm = Normalization {
+            mean: vec![0.1, 0.2],
+            std: vec![1.0, 1.0],
+        };
+        assert!(quantize(&g, &bad_norm, &images(4, 1), 4, &cfg(4, 8)).is_err());
+        let zero_std = Normalization {
+            mean: vec![0.1],
+            std: vec![0.0],
+        };
+        assert!(quantize(&g, &zero_std, &images(4, 1), 4, &cfg(4, 8)).is_err());
+        assert!(quantize(&g, &norm(), &[], 0, &cfg(4, 8)).is_err());
+        assert!("percentile:30".parse::<Calibration>().is_err());
+        assert!("median".parse::<Calibration>().is_err());
+        assert_eq!("percentile:99.9".parse::<Calibration>().unwrap(), Calibration::Percentile(99.9));
+    }
+
+    #[test]
+    fn percentile_calibration_never_widens_ranges() {
+        let g = fixture();
+        let max = quantize(&g, &norm(), &images(64, 1), 64, &cfg(4, 8)).unwrap();
+        let mut c = cfg(4, 8);
+        c.calibration = Calibration::Percentile(99.0);
+        let pct = quantize(&g, &norm(), &images(64, 1), 64, &c).unwrap();
+        let mut narrower = 0;
+        for (a, b) in max.nodes.iter().zip(&pct.nodes) {
+            assert!(b.out.scale <= a.out.scale * (1.0 + 1e-12), "{}", a.name);
+            narrower += (b.out.scale < a.out.scale) as usize;
+        }
+        assert!(narrower > 0);
+    }
+
+    #[test]
+    fn network_files_round_trip_byte_for_byte_and_bad_ones_are_refused() {
+        let g = fixture();
+        let net = quantize(&g, &norm(), &images(16, 1), 16, &cfg(3, 8)).unwrap();
+        let bytes = net.to_bytes();
+        let back = QNetwork::from_bytes(&bytes, "mem").unwrap();
+        let again = back.to_bytes();
+        if let Some(i) = again.iter().zip(&bytes).position(|(a, b)| a != b) {
+            let ctx = |b: &[u8]| String::from_utf8_lossy(&b[i.saturating_sub(60)..(i + 40).min(b.len())]).to_string();
+            panic!("re-serialised file differs at byte {i}:\n{}\n{}", ctx(&bytes), ctx(&again));
+        }
+        assert_eq!(again.len(), bytes.len());
+        let x = images(10, 4);
+        let labels = [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 0];
+        assert_eq!(back.evaluate(&x, &labels, 4, 2), net.evaluate(&x, &labels, 3, 1));
+
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let cases = [
+            (bytes[..bytes.len() / 2].to_vec(), "EOF"),
+            (text.replacen("ccq-network", "onnx", 1).into_bytes(), "format tag"),
+            (text.replacen("\"version\":1", "\"version\":7", 1).into_bytes(), "format version 7"),
+            (b"\x00\x01garbage".to_vec(), "expected value"),
+        ];
+        for (bad, why) in cases {
+            let e = QNetwork::from_bytes(&bad, "bad.ccq").unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("bad.ccq") && msg.contains(why), "{msg}");
+        }
+        // A code outside the layer's range.
+        let mut broken = net.clone();
+        let node = broken.layers[0].node;
+        broken.conv_mut(node).codes[0] = 100;
+        let e = QNetwork::from_bytes(&broken.to_bytes(), "range.ccq").unwrap_err();
+        assert!(e.to_string().contains("outside"), "{e}");
+    }
+
+    #[test]
+    fn variables_map_to_layers_and_changes_are_checked() {
+        let g = fixture();
+        let mut net = quantize(&g, &norm(), &images(16, 1), 16, &cfg(4, 8)).unwrap();
+        let n = net.num_vars();
+        let mut seen = 0;
+        for (li, l) in net.layers.iter().enumerate() {
+            assert_eq!(l.offset, seen);
+            assert_eq!(l.len, l.dims.iter().product::<usize>());
+            assert_eq!(net.var_info(l.offset).unwrap().layer, li);
+            let last = net.var_info(l.offset + l.len - 1).unwrap();
+            assert_eq!(last.position, [l.dims[0] - 1, l.dims[1] - 1, l.dims[2] - 1, l.dims[3] - 1]);
+            seen += l.len;
+        }
+        assert_eq!(seen, n);
+        assert!(net.var_info(n).is_none());
+        let before = net.codes();
+        assert!(net.apply_changes(&[(0, 7), (n as u32, 0)]).is_err());
+        assert!(net.apply_changes(&[(0, 8)]).is_err());
+        assert_eq!(net.codes(), before, "a refused change set changes nothing");
+        net.apply_changes(&[(0, 7), (n as u32 - 1, -8)]).unwrap();
+        let after = net.codes();
+        assert_eq!((after[0], after[n - 1]), (7, -8));
+        assert_eq!(after[1..n - 1], before[1..n - 1]);
+    }
+}

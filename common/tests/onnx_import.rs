@@ -48,7 +48,10 @@ fn shape_of(meta: &serde_json::Value) -> Vec<usize> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -114,7 +117,7 @@ fn find_op<'g>(graph: &'g Graph, name: &str) -> &'g Op {
         .nodes
         .iter()
         .find(|n| n.name == name)
-        .unwrap_or_else(|| panic!("no IR node '{name}' in {:?}", graph.nodes.iter().map(|n| &n.name).collect::<Vec<_>>()))
+        .unwrap_or_else(|| panic!("no IR node '{name}'"))
         .op
 }
 
@@ -127,10 +130,22 @@ fn tiny_resnet_matches_onnx_runtime() {
     assert_eq!(
         op_names(&f.graph),
         [
-            "Conv", "Relu", // stem
-            "Conv", "Relu", "Conv", "Add", "Relu", // identity block
-            "Conv", "Relu", "Conv", "Slice", "Pad", "Add", "Relu", // option-A block
-            "GlobalAveragePool", "Linear",
+            "Conv",
+            "Relu", // stem
+            "Conv",
+            "Relu",
+            "Conv",
+            "Add",
+            "Relu", // identity block
+            "Conv",
+            "Relu",
+            "Conv",
+            "Slice",
+            "Pad",
+            "Add",
+            "Relu", // option-A block
+            "GlobalAveragePool",
+            "Linear",
         ]
     );
     let Op::Slice(slice) = find_op(&f.graph, "layer2.0.shortcut.Slice") else {
@@ -167,11 +182,25 @@ fn misc11_matches_onnx_runtime() {
     assert_eq!(
         op_names(&f.graph),
         [
-            "Conv", "Clip", "AveragePool", "Conv", "Clip", "AveragePool", "Flatten", "Linear",
-            "Relu", "Linear"
+            "Conv",
+            "Clip",
+            "AveragePool",
+            "Conv",
+            "Clip",
+            "AveragePool",
+            "Flatten",
+            "Linear",
+            "Relu",
+            "Linear"
         ]
     );
-    assert_eq!(find_op(&f.graph, "clip1"), &Op::Clip { min: -0.5, max: 1.0 });
+    assert_eq!(
+        find_op(&f.graph, "clip1"),
+        &Op::Clip {
+            min: -0.5,
+            max: 1.0
+        }
+    );
     assert_eq!(
         find_op(&f.graph, "clip2"),
         &Op::Clip {
@@ -210,10 +239,7 @@ fn misc17_matches_onnx_runtime() {
     let f = check_fixture("misc17");
     assert_eq!(
         op_names(&f.graph),
-        [
-            "Conv", "Relu", "Conv", "Slice", "Pad", "Conv", "Add", "Relu", "MaxPool", "Flatten",
-            "Linear"
-        ]
+        ["Conv", "Relu", "Conv", "Slice", "Pad", "Conv", "Add", "MaxPool", "Flatten", "Linear"]
     );
     let Op::Conv(dw) = find_op(&f.graph, "dw") else {
         panic!("not a conv")
@@ -267,7 +293,12 @@ fn images_are_independent_of_their_batch() {
 fn cifar_test_images(shared: &Path, count: usize) -> (Vec<f32>, Vec<u8>) {
     let pre = &read_json(&shared.join("models/resnet20-cifar10.json"))["preprocessing"];
     let stat = |key: &str| -> Vec<f32> {
-        pre[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+        pre[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
     };
     let (mean, std) = (stat("mean"), stat("std"));
     let path = shared.join("datasets/cifar10-jpeg/cifar-10-batches-bin/test_batch.bin");
@@ -281,7 +312,12 @@ fn cifar_test_images(shared: &Path, count: usize) -> (Vec<f32>, Vec<u8>) {
             images.push((pixel as f32 / 255.0 - mean[c]) / std[c]);
         }
     }
-    assert_eq!(labels.len(), count, "{} holds fewer than {count} images", path.display());
+    assert_eq!(
+        labels.len(),
+        count,
+        "{} holds fewer than {count} images",
+        path.display()
+    );
     (images, labels)
 }
 
@@ -294,7 +330,10 @@ fn resnet20_matches_onnx_runtime_logits() {
     let graph = load_onnx(&shared.join("models/resnet20-cifar10.onnx")).unwrap();
     assert_eq!(graph.input_shape, Shape::new(3, 32, 32));
     assert_eq!(graph.num_classes(), 10);
-    assert_eq!(op_names(&graph).iter().filter(|&&op| op == "Conv").count(), 19);
+    assert_eq!(
+        op_names(&graph).iter().filter(|&&op| op == "Conv").count(),
+        19
+    );
 
     let meta = read_json(&fixtures().join("resnet20_first8.json"));
     let expected = read_f32(&fixtures().join("resnet20_first8.output.bin"));
@@ -305,7 +344,10 @@ fn resnet20_matches_onnx_runtime_logits() {
         .iter()
         .map(|l| l.as_u64().unwrap() as u8)
         .collect();
-    assert_eq!(labels, fixture_labels, "the fixture was made from other images");
+    assert_eq!(
+        labels, fixture_labels,
+        "the fixture was made from other images"
+    );
 
     let logits = float::forward(&graph, &images, 8);
     let diff = max_abs_diff(&logits, &expected);
@@ -344,7 +386,10 @@ fn resnet20_float_top1_on_full_test_batch() {
         10_000.0 / secs
     );
     // Rounding differences may flip an image or two whose top logits are nearly tied.
-    assert!((8100..=8106).contains(&correct), "{correct} correct, ONNX Runtime has 8103");
+    assert!(
+        (8100..=8106).contains(&correct),
+        "{correct} correct, ONNX Runtime has 8103"
+    );
 }
 
 // ---- error paths --------------------------------------------------------------------------
@@ -366,11 +411,19 @@ fn graph_mut(model: &mut ModelProto) -> &mut proto::GraphProto {
 }
 
 fn node_mut<'m>(model: &'m mut ModelProto, name: &str) -> &'m mut NodeProto {
-    graph_mut(model).node.iter_mut().find(|n| n.name == name).unwrap()
+    graph_mut(model)
+        .node
+        .iter_mut()
+        .find(|n| n.name == name)
+        .unwrap()
 }
 
 fn initializer_mut<'m>(model: &'m mut ModelProto, name: &str) -> &'m mut TensorProto {
-    graph_mut(model).initializer.iter_mut().find(|t| t.name == name).unwrap()
+    graph_mut(model)
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == name)
+        .unwrap()
 }
 
 fn attr_mut<'n>(node: &'n mut NodeProto, name: &str) -> &'n mut AttributeProto {
@@ -405,8 +458,15 @@ fn edited_fixture_still_imports_unchanged() {
 fn truncated_file_is_a_decode_error_naming_it() {
     let bytes = fixture_bytes("tiny_resnet");
     let err = import_onnx(&bytes[..bytes.len() / 2], "half.onnx").unwrap_err();
-    assert!(matches!(&err, Error::OnnxDecode { path, .. } if path == "half.onnx"), "{err:?}");
-    assert!(err.to_string().starts_with("half.onnx: not a valid ONNX model"), "{err}");
+    assert!(
+        matches!(&err, Error::OnnxDecode { path, .. } if path == "half.onnx"),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("half.onnx: not a valid ONNX model"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -414,18 +474,28 @@ fn random_bytes_are_a_decode_error() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let bytes: Vec<u8> = (0..4096).map(|_| rng.random()).collect();
     let err = import_onnx(&bytes, "noise.bin").unwrap_err();
-    assert!(matches!(&err, Error::OnnxDecode { path, .. } if path == "noise.bin"), "{err:?}");
+    assert!(
+        matches!(&err, Error::OnnxDecode { path, .. } if path == "noise.bin"),
+        "{err:?}"
+    );
     // An empty file decodes as an empty message, which has no graph.
     let err = import_onnx(&[], "empty.onnx").unwrap_err();
-    assert!(matches!(&err, Error::OnnxDecode { reason, .. } if reason.contains("no graph")), "{err:?}");
+    let no_graph = matches!(&err, Error::OnnxDecode { reason, .. } if reason.contains("no graph"));
+    assert!(no_graph, "{err:?}");
 }
 
 #[test]
 fn nonexistent_file_error_names_the_path() {
     let path = Path::new("/nonexistent/dir/model.onnx");
     let err = load_onnx(path).unwrap_err();
-    assert!(matches!(&err, Error::Io { path: p, .. } if p == path), "{err:?}");
-    assert!(err.to_string().contains("/nonexistent/dir/model.onnx"), "{err}");
+    assert!(
+        matches!(&err, Error::Io { path: p, .. } if p == path),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("/nonexistent/dir/model.onnx"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -435,7 +505,10 @@ fn unsupported_op_names_node_op_and_supported_ops() {
     let (node, op, reason) = unsupported(import_model(&model));
     assert_eq!((node.as_str(), op.as_str()), ("layer1.0.relu1", "Sigmoid"));
     for listed in ["Conv", "BatchNormalization", "Gemm", "Slice", "Pad"] {
-        assert!(reason.contains(listed), "reason does not list {listed}: {reason}");
+        assert!(
+            reason.contains(listed),
+            "reason does not list {listed}: {reason}"
+        );
     }
 }
 
@@ -455,19 +528,29 @@ fn grouped_conv_is_unsupported() {
 #[test]
 fn missing_conv_weight_is_an_invalid_model() {
     let mut model = fixture_model("tiny_resnet");
-    graph_mut(&mut model).initializer.retain(|t| t.name != "layer1.0.conv1.weight");
+    graph_mut(&mut model)
+        .initializer
+        .retain(|t| t.name != "layer1.0.conv1.weight");
     let (node, reason) = invalid(import_model(&model));
     assert_eq!(node, "layer1.0.conv1");
-    assert!(reason.contains("'layer1.0.conv1.weight' is missing"), "{reason}");
+    assert!(
+        reason.contains("'layer1.0.conv1.weight' is missing"),
+        "{reason}"
+    );
 }
 
 #[test]
 fn corrupt_initializer_names_tensor_and_node() {
     let mut model = fixture_model("tiny_resnet");
-    initializer_mut(&mut model, "conv1.weight").raw_data.truncate(100);
+    initializer_mut(&mut model, "conv1.weight")
+        .raw_data
+        .truncate(100);
     let (node, reason) = invalid(import_model(&model));
     assert_eq!(node, "conv1");
-    assert!(reason.contains("conv1.weight") && reason.contains("100 bytes"), "{reason}");
+    assert!(
+        reason.contains("conv1.weight") && reason.contains("100 bytes"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -501,8 +584,37 @@ fn batch_norm_after_a_non_linear_op_is_rejected() {
     let mut model = fixture_model("tiny_resnet");
     node_mut(&mut model, "layer1.0.bn1").input[0] = "relu_output_0".into();
     let (node, op, reason) = unsupported(import_model(&model));
-    assert_eq!((node.as_str(), op.as_str()), ("layer1.0.bn1", "BatchNormalization"));
+    assert_eq!(
+        (node.as_str(), op.as_str()),
+        ("layer1.0.bn1", "BatchNormalization")
+    );
     assert!(reason.contains("'relu' (Relu)"), "{reason}");
+}
+
+#[test]
+fn slice_or_pad_of_the_batch_axis_is_unsupported() {
+    let mut model = fixture_model("tiny_resnet");
+    let axes = initializer_mut(&mut model, "layer2.0.axes");
+    axes.raw_data = [0i64, 3].iter().flat_map(|a| a.to_le_bytes()).collect();
+    let (node, op, reason) = unsupported(import_model(&model));
+    assert_eq!(
+        (node.as_str(), op.as_str()),
+        ("layer2.0.shortcut.Slice", "Slice")
+    );
+    assert!(reason.contains("batch axis"), "{reason}");
+
+    let mut model = fixture_model("tiny_resnet");
+    let pads = initializer_mut(&mut model, "layer2.0.pads");
+    pads.raw_data = [1i64, 4, 0, 0, 0, 4, 0, 0]
+        .iter()
+        .flat_map(|a| a.to_le_bytes())
+        .collect();
+    let (node, op, reason) = unsupported(import_model(&model));
+    assert_eq!(
+        (node.as_str(), op.as_str()),
+        ("layer2.0.shortcut.Pad", "Pad")
+    );
+    assert!(reason.contains("batch axis"), "{reason}");
 }
 
 #[test]
@@ -512,7 +624,10 @@ fn add_of_different_shapes_is_an_invalid_model() {
     node_mut(&mut model, "layer2.0.Add").input[1] = "layer2.0.shortcut.Slice_output_0".into();
     let (node, reason) = invalid(import_model(&model));
     assert_eq!(node, "layer2.0.Add");
-    assert!(reason.contains("[N, 16, 8, 8]") && reason.contains("[N, 8, 8, 8]"), "{reason}");
+    assert!(
+        reason.contains("[N, 16, 8, 8]") && reason.contains("[N, 8, 8, 8]"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -535,7 +650,10 @@ fn linear_feature_mismatch_is_an_invalid_model() {
     shape.int64_data = vec![0, -1];
     let (node, reason) = invalid(import_model(&model));
     assert_eq!(node, "fc");
-    assert!(reason.contains("expects 200 input features, the input has 800"), "{reason}");
+    assert!(
+        reason.contains("expects 200 input features, the input has 800"),
+        "{reason}"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `coordinator eval`: measure a network's accuracy on a dataset split, either the float
 //! reference (an ONNX model as is), the post-training-quantized integer network (an ONNX
-//! model plus bit widths), or a trained integer network (`.ccq`).
+//! model plus bit widths), or a trained integer network (`.ccq`, or a quantized ONNX file
+//! from `coordinator export`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -81,14 +82,20 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, Error> {
     let n = cfg.limit.map_or(total, |l| l.min(total));
     let dataset = data::load(&cfg.data, cfg.split, Some(0..n))?;
     let is_ccq = cfg.model.extension().is_some_and(|e| e == "ccq");
+    // A trained .ccq network, or a quantized ONNX file written by `coordinator export`.
+    let integer_net = if is_ccq {
+        Some(QNetwork::load(&cfg.model)?)
+    } else {
+        onnx::load_quantized(&cfg.model, cfg.normalization.as_ref())?
+    };
 
-    let (precision, stats, calib, load_seconds, inference_seconds) = if is_ccq {
+    let (precision, stats, calib, load_seconds, inference_seconds) = if let Some(net) = integer_net
+    {
         if cfg.quant.is_some() {
             return Err(Error::Usage(
-                "--weight-bits/--act-bits apply to ONNX models; a .ccq network is already quantized".into(),
+                "--weight-bits/--act-bits apply to float ONNX models; this network is already quantized".into(),
             ));
         }
-        let net = QNetwork::load(&cfg.model)?;
         check_normalization(&net, cfg.normalization.as_ref())?;
         check_shape(
             net.input_value.c,

@@ -1,6 +1,7 @@
 //! The ccq coordinator as a library, so that tests drive exactly what the binary runs.
 //!
 //! - [`eval`]: `coordinator eval` — accuracy and speed of a float, PTQ or trained network;
+//! - [`export`]: `coordinator export` — the integer network as QDQ ONNX or plain arrays;
 //! - [`config`]: the run configuration (TOML);
 //! - [`trainer`]: EDA + cooperative coevolution as a pure state machine;
 //! - [`state`]: the event loop that owns all run state, dispatches jobs, tracks workers;
@@ -9,6 +10,7 @@
 
 pub mod config;
 pub mod eval;
+pub mod export;
 pub mod run;
 pub mod service;
 pub mod state;

@@ -35,6 +35,8 @@ enum Command {
     Run(RunArgs),
     /// Live state of a running coordinator.
     Status(StatusArgs),
+    /// Write an integer network for other runtimes: QDQ ONNX or plain integer arrays.
+    Export(ccq_coordinator::export::ExportArgs),
 }
 
 #[derive(clap::Args)]
@@ -173,6 +175,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status(_) => unreachable!("handled in main"),
+        Command::Export(a) => {
+            let report = ccq_coordinator::export::run(&a.config()?)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(())
+        }
         Command::Eval(a) => {
             let cfg = eval_config(&a)?;
             let report = eval::run(&cfg)?;

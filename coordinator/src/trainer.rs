@@ -244,3 +244,97 @@ impl Trainer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ccq_common::fitness::evaluate_candidates;
+    use ccq_common::model::Normalization;
+    use ccq_common::quant::{quantize, Calibration, QuantConfig};
+    use rand::Rng;
+
+    fn setup() -> (QNetwork, Vec<u8>, Vec<u8>) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../common/tests/fixtures/mnist_cnn.onnx");
+        let graph = ccq_common::onnx::load_onnx(&path).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let n = 120;
+        let pixels: Vec<u8> = (0..n * 784).map(|_| rng.random()).collect();
+        let labels: Vec<u8> = (0..n).map(|_| rng.random_range(0..10)).collect();
+        let q = QuantConfig {
+            weight_bits: 2,
+            act_bits: 8,
+            calibration: Calibration::Max,
+        };
+        let net = quantize(&graph, &Normalization::identity(1), &pixels, n, &q).unwrap();
+        (net, pixels, labels)
+    }
+
+    /// Candidates only carry the group's variables and candidate 0 is the context; a
+    /// generation changes nothing outside its group; a frozen variable never changes
+    /// again and sits at its mode.
+    #[test]
+    fn generations_touch_only_their_group_and_frozen_variables_stay_put() {
+        let (net, pixels, labels) = setup();
+        let eda = EdaParams {
+            population: 6,
+            top_k: 2,
+            group_size: 16,
+            alpha: 0.9,
+            freeze_threshold: 0.95,
+            ..EdaParams::default()
+        };
+        let search = SearchConfig {
+            generations_per_group: 2,
+            batch_size: 48,
+            fitness: Fitness::Loss,
+        };
+        let mut t = Trainer::new(net, eda, search, 11, labels.len()).unwrap();
+        let mut frozen_at: std::collections::HashMap<usize, i8> = Default::default();
+        let mut adoptions = 0;
+        for _ in 0..150 {
+            let g = t.next_generation().unwrap().unwrap();
+            let before = t.network().codes();
+            assert!(g.candidates.iter().all(|c| c.len() == g.vars.len()));
+            let context: Vec<i8> = g.vars.iter().map(|&v| before[v as usize]).collect();
+            assert_eq!(g.candidates[0], context, "candidate 0 is the context");
+            let layer = t.network().layer_of(g.vars[0] as usize);
+            assert!(g.vars.iter().all(|&v| t.network().layer_of(v as usize) == layer), "one layer per group");
+            let il = 784;
+            let px: Vec<u8> = g.images.iter().flat_map(|&i| pixels[i as usize * il..(i as usize + 1) * il].to_vec()).collect();
+            let lb: Vec<u8> = g.images.iter().map(|&i| labels[i as usize]).collect();
+            let stats = evaluate_candidates(t.network(), &px, &lb, &g.vars, &g.candidates, 1).unwrap();
+            let out = t.complete(&g, &stats).unwrap();
+            adoptions += out.adopted as usize;
+            let after = t.network().codes();
+            for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+                if a != b {
+                    assert!(g.vars.contains(&(i as u32)), "variable {i} outside the group changed");
+                }
+            }
+            for (&v, &code) in &frozen_at {
+                assert_eq!(after[v], code, "frozen variable {v} changed");
+            }
+            for i in 0..after.len() {
+                if t.eda().is_frozen(i) {
+                    assert_eq!(after[i], t.eda().mode(i), "frozen variable {i} is not at its mode");
+                    frozen_at.entry(i).or_insert(after[i]);
+                }
+            }
+        }
+        assert!(!frozen_at.is_empty(), "the test must exercise freezing");
+        assert!(adoptions > 0, "the test must exercise adoption");
+    }
+
+    /// Same seed, same sequence of batches and candidates.
+    #[test]
+    fn generations_are_reproducible() {
+        let (net, _, labels) = setup();
+        let mk = || Trainer::new(net.clone(), EdaParams::default(), SearchConfig::default(), 3, labels.len()).unwrap();
+        let (mut a, mut b) = (mk(), mk());
+        for _ in 0..3 {
+            assert_eq!(a.next_generation().unwrap(), b.next_generation().unwrap());
+        }
+        let mut c = Trainer::new(net.clone(), EdaParams::default(), SearchConfig::default(), 4, labels.len()).unwrap();
+        assert_ne!(mk().next_generation().unwrap(), c.next_generation().unwrap());
+    }
+}

@@ -218,7 +218,12 @@ impl Plan {
         for grp in &self.groups {
             // Even tiles: 32 pixels with at most 12 per tile run as 11 + 11 + 10, not
             // 12 + 12 + 8, so no tile runs with few accumulators.
-            let pmax = K::max_pixels(grp.blocks);
+            let kind = TileKind {
+                blocks: grp.blocks,
+                k_w: self.geom.k_w,
+                dense_rows: step == self.c4 && self.geom.dil_w == 1,
+            };
+            let pmax = K::max_pixels(kind);
             let tiles = count.div_ceil(pmax);
             let per_tile = count.div_ceil(tiles);
             let mut start = 0;
@@ -238,7 +243,7 @@ impl Plan {
                     taps: &self.taps,
                     c4: self.c4,
                     weights: &self.weights[grp.weights..][..grp.blocks * LANES * self.k4() * 4],
-                    blocks: grp.blocks,
+                    kind,
                     width: grp.width,
                     bias: &self.bias[grp.oc0..][..grp.blocks * LANES],
                     out_stride: out_c,
@@ -267,14 +272,27 @@ impl Plan {
             let row =
                 &mut dst[((iy + g.pad_t) * self.pad_w + g.pad_l) * self.c4..][..g.in_w * self.c4];
             let src = &x[iy * g.in_w * g.in_c..][..g.in_w * g.in_c];
-            if self.c4 == g.in_c {
-                row.copy_from_slice(src);
-            } else {
-                for (d, s) in row.chunks_exact_mut(self.c4).zip(src.chunks_exact(g.in_c)) {
-                    d[..g.in_c].copy_from_slice(s);
+            // Constant-length copies for the few-channel image inputs (RGB, grey), where a
+            // per-pixel copy of variable length would cost more than the convolution.
+            match g.in_c {
+                c if c == self.c4 => row.copy_from_slice(src),
+                1 => spread_pixels::<1>(src, row, self.c4),
+                2 => spread_pixels::<2>(src, row, self.c4),
+                3 => spread_pixels::<3>(src, row, self.c4),
+                c => {
+                    for (d, s) in row.chunks_exact_mut(self.c4).zip(src.chunks_exact(c)) {
+                        d[..c].copy_from_slice(s);
+                    }
                 }
             }
         }
+    }
+}
+
+/// Copies pixels of `C` channels to the start of `stride`-byte cells.
+fn spread_pixels<const C: usize>(src: &[u8], dst: &mut [u8], stride: usize) {
+    for (d, s) in dst.chunks_exact_mut(stride).zip(src.chunks_exact(C)) {
+        d[..C].copy_from_slice(s);
     }
 }
 
@@ -297,19 +315,32 @@ pub(super) struct Tile<'a> {
     /// Bytes between consecutive pixels' window origins.
     pub step: usize,
     pub pixels: usize,
-    /// Byte offsets of the kernel taps from a window origin.
+    /// Byte offsets of the kernel taps from a window origin, row by row.
     pub taps: &'a [usize],
     /// Channels per tap, a multiple of 4.
     pub c4: usize,
     /// The group's packed weights, `[k4][blocks][16][4]`.
     pub weights: &'a [i8],
-    pub blocks: usize,
+    pub kind: TileKind,
     /// Output channels to write (`<= blocks * 16`).
     pub width: usize,
     /// Folded bias, `blocks * 16` entries.
     pub bias: &'a [i32],
     /// Elements between consecutive pixels in the output.
     pub out_stride: usize,
+}
+
+/// What a micro-kernel may specialise on, besides the tile's size.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TileKind {
+    /// Blocks of 16 output channels.
+    pub blocks: usize,
+    /// Taps per kernel row.
+    pub k_w: usize,
+    /// Whether consecutive pixels, and consecutive taps of a kernel row, are `c4` bytes
+    /// apart (stride and dilation 1 along the row): then pixel `p`'s tap `kx` reads what
+    /// pixel `p + 1`'s tap `kx - 1` reads.
+    pub dense_rows: bool,
 }
 
 /// A tile's output, starting at its first pixel's first channel: `(pixels - 1) *
@@ -322,8 +353,8 @@ pub(super) enum TileOut<'a> {
 
 /// A micro-kernel: computes one [`Tile`].
 pub(super) trait MicroKernel {
-    /// Largest tile (in pixels) for a group of `blocks` blocks.
-    fn max_pixels(blocks: usize) -> usize;
+    /// Largest tile (in pixels) for tiles of this kind.
+    fn max_pixels(kind: TileKind) -> usize;
     fn tile(t: &Tile, out: TileOut);
 }
 
@@ -403,7 +434,7 @@ impl<'a> Stage<'a> {
 struct Portable;
 
 impl MicroKernel for Portable {
-    fn max_pixels(_blocks: usize) -> usize {
+    fn max_pixels(_kind: TileKind) -> usize {
         4
     }
 
@@ -420,7 +451,7 @@ impl MicroKernel for Portable {
 
 fn portable_tile<const P: usize>(t: &Tile, out: &mut TileOut) {
     let cpt = t.c4 / 4;
-    for block in 0..t.blocks {
+    for block in 0..t.kind.blocks {
         let mut acc = [[0i32; LANES]; P];
         for a in acc.iter_mut() {
             a.copy_from_slice(&t.bias[block * LANES..][..LANES]);
@@ -428,7 +459,7 @@ fn portable_tile<const P: usize>(t: &Tile, out: &mut TileOut) {
         let mut k4 = 0;
         for &tap in t.taps {
             for c in 0..cpt {
-                let w: &[i8; 4 * LANES] = t.weights[(k4 * t.blocks + block) * 4 * LANES..]
+                let w: &[i8; 4 * LANES] = t.weights[(k4 * t.kind.blocks + block) * 4 * LANES..]
                     [..4 * LANES]
                     .try_into()
                     .expect("one block of weights");

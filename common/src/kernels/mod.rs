@@ -29,6 +29,7 @@
 //! 65,000 and a realistic bias; ResNet-20's largest `k_len` is 576.
 
 mod blocked;
+mod eltwise;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -341,8 +342,10 @@ impl PackedConv {
 
 /// Elementwise `clamp(out_zp + round((a - a_zp) * a_mult + (b - b_zp) * b_mult) / 2^shift), min, max)`.
 ///
-/// The sum is computed in i64 and rounded half up. With `|a_mult|, |b_mult| <= 2^30`
-/// (what [`AddParams::new`] produces) it cannot overflow for any i32 zero points.
+/// The sum is computed exactly and rounded half up. With `|a_mult|, |b_mult| <= 2^30`
+/// ([`AddParams::is_valid`]) it cannot overflow i64 for any i32 zero points; with the
+/// parameters [`AddParams::new`] produces and zero points in `[0, 255]` it even fits i32,
+/// which the fast paths exploit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddParams {
     pub a_zp: i32,
@@ -356,29 +359,21 @@ pub struct AddParams {
 }
 
 impl AddParams {
-    /// Largest multiplier magnitude; keeps the i64 sum far from overflow.
-    const MULT_LIMIT: f64 = (1u64 << 30) as f64;
-    /// Largest shift chosen; beyond it the multipliers of tiny ratios gain nothing useful.
-    const MAX_SHIFT: u8 = 40;
+    /// Largest multiplier magnitude `new` chooses: `2 * 255 * 2^21 + 2^30 < 2^31`, so the
+    /// rounded sum of two terms with 8-bit zero points fits i32.
+    const MULT_LIMIT: f64 = (1u64 << 21) as f64;
+    /// Largest shift `new` chooses (the rounding term `2^(shift - 1)` stays within 2^30).
+    const MAX_SHIFT: u8 = 31;
 
     /// From the float scales of both inputs and the output.
     ///
-    /// `shift` is the largest in `[1, 40]` that keeps both multipliers within 2^30, so the
-    /// ratios `s_a / s_out` and `s_b / s_out` keep at least 30 significant bits when they
-    /// are near 1 (the usual case). An `s_out` that is zero, negative or not finite, and
-    /// NaN input scales, give zero multipliers: the output is the constant `out_zp`
-    /// (clamped), never a division by zero.
+    /// `shift` is the largest in `[1, 31]` that keeps both multipliers within 2^21, so the
+    /// ratios `s_a / s_out` and `s_b / s_out` keep 21 significant bits when they are near 1
+    /// (the usual case): an error below 2^-12 of a code over the full input range. An
+    /// `s_out` that is zero, negative or not finite, and NaN input scales, give zero
+    /// multipliers: the output is the constant `out_zp` (clamped), never a division by zero.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        s_a: f64,
-        a_zp: i32,
-        s_b: f64,
-        b_zp: i32,
-        s_out: f64,
-        out_zp: i32,
-        min: u8,
-        max: u8,
-    ) -> AddParams {
+    pub fn new(s_a: f64, a_zp: i32, s_b: f64, b_zp: i32, s_out: f64, out_zp: i32, min: u8, max: u8) -> AddParams {
         let ratio = |s: f64| {
             let r = s / s_out;
             if s_out > 0.0 && s_out.is_finite() && !r.is_nan() {
@@ -453,8 +448,7 @@ pub fn add_with(path: KernelPath, p: &AddParams, a: &[u8], b: &[u8], out: &mut [
     );
     match path {
         KernelPath::Reference => reference::add(p, a, b, out),
-        // The plain loop is what the compiler vectorises for the build target.
-        KernelPath::Portable => reference::add(p, a, b, out),
+        KernelPath::Portable => eltwise::add(p, a, b, out),
         // SAFETY (both x86 paths): availability, i.e. the target features, was asserted above.
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 => unsafe { x86::add_avx2(p, a, b, out) },

@@ -14,9 +14,10 @@ use crate::model::{self, Conv, Graph, Linear, Node, Op, Pad, Pool, Shape, Slice,
 use crate::{Error, Result};
 
 /// Listed in every UnsupportedOp error so that a user sees what would work.
-const SUPPORTED_OPS: &str = "Conv (group 1 or depthwise), BatchNormalization (after Conv/Gemm/MatMul), \
-    Relu, Clip, Add, MaxPool, AveragePool, GlobalAveragePool, Flatten (axis 1), Reshape (flatten to [N, K] only), \
-    Gemm, MatMul (by a constant), Identity, Dropout, Slice, Pad (constant 0), Constant";
+const SUPPORTED_OPS: &str = "Conv (group 1 or depthwise), \
+    BatchNormalization (after Conv/Gemm/MatMul), Relu, Clip, Add, MaxPool, AveragePool, \
+    GlobalAveragePool, Flatten (axis 1), Reshape (flatten to [N, K] only), Gemm, \
+    MatMul (by a constant), Identity, Dropout, Slice, Pad (constant 0), Constant";
 
 /// Largest per-image tensor ccq accepts; the integer engine indexes with i32-sized counts,
 /// and the limit keeps every later size computation far from overflow.
@@ -188,7 +189,13 @@ fn input_shape(input: &ValueInfoProto) -> Result<(Shape, usize, Option<i64>)> {
     let fixed = |d: Option<i64>| {
         d.and_then(|v| usize::try_from(v).ok())
             .filter(|&v| v > 0)
-            .ok_or_else(|| invalid(format!("the graph input has shape [{}]; its non-batch dimensions must be fixed and positive", show())))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "the graph input has shape [{}]; its non-batch dimensions must be fixed \
+                     and positive",
+                    show()
+                ))
+            })
     };
     let (shape, rank) = match *dims.as_slice() {
         [_, c, h, w] => (Shape::new(fixed(c)?, fixed(h)?, fixed(w)?), 4),
@@ -226,10 +233,10 @@ struct Lowering<'a> {
     consts: HashMap<&'a str, Cow<'a, TensorProto>>,
     /// How many node inputs (plus the graph output) reference each ONNX name.
     uses: HashMap<&'a str, usize>,
-    /// Per value: references still to be consumed by non-aliasing nodes, i.e. the sum of
-    /// `uses` over the value's names minus one per aliasing node already lowered. When it
-    /// is 1 at a BatchNormalization, that node is the value's only consumer, so the layer
-    /// producing the value may be rewritten in place.
+    /// Per value: how many node inputs (plus the graph output) read it through any of its
+    /// names, not counting the aliasing nodes that created those names. When it is 1 at a
+    /// BatchNormalization, that node is the value's only reader, so the layer producing
+    /// the value may be rewritten in place.
     live_uses: Vec<usize>,
 }
 
@@ -237,7 +244,8 @@ impl<'a> Lowering<'a> {
     fn node(&mut self, n: &OnnxNode<'a>) -> Result<()> {
         if !(n.proto.domain.is_empty() || n.proto.domain == "ai.onnx") {
             return Err(n.unsupported(format!(
-                "operators of domain '{}' are not supported; supported ops (default domain): {SUPPORTED_OPS}",
+                "operators of domain '{}' are not supported; supported ops (default domain): \
+                 {SUPPORTED_OPS}",
                 n.proto.domain
             )));
         }
@@ -324,8 +332,8 @@ impl<'a> Lowering<'a> {
 
     /// Makes the node's output another name for its input value `val` (no IR node).
     fn alias(&mut self, n: &OnnxNode<'a>, val: Val) -> Result<()> {
-        // The aliasing node consumed one reference to the value; its own consumers are
-        // added by `bind`.
+        // The aliasing node itself is not a reader; the readers of its output are added by
+        // `bind`.
         self.live_uses[val.id] -= 1;
         self.bind(n, val)
     }
@@ -400,7 +408,8 @@ impl<'a> Lowering<'a> {
         }
         if self.values.contains_key(name) {
             return Err(n.unsupported(format!(
-                "{what} '{name}' is computed at run time; ccq needs it to be constant (an initializer or Constant node)"
+                "{what} '{name}' is computed at run time; ccq needs it to be constant \
+                 (an initializer or Constant node)"
             )));
         }
         Err(n.invalid(format!(
@@ -502,7 +511,8 @@ impl<'a> Lowering<'a> {
             .ok_or_else(|| n.invalid("attribute 'group' must be >= 1"))?;
         if in_per_group.checked_mul(group) != Some(input.c) {
             return Err(n.invalid(format!(
-                "the weight {wdims:?} with group={group} expects {} input channels, the input has shape {input}",
+                "the weight {wdims:?} with group={group} expects {} input channels, the input \
+                 has shape {input}",
                 in_per_group.saturating_mul(group)
             )));
         }
@@ -672,8 +682,9 @@ impl<'a> Lowering<'a> {
             && self.live_uses[x.id] == 1;
         if !foldable || !per_channel {
             return Err(n.unsupported(format!(
-                "Add of a constant ('{bias_name}', dims {:?}) is only supported as the per-channel \
-                 bias of the Conv, Gemm or MatMul that produces its other input and feeds nothing else",
+                "Add of a constant ('{bias_name}', dims {:?}) is only supported as the \
+                 per-channel bias of the Conv, Gemm or MatMul that produces its other input \
+                 and feeds nothing else",
                 t.dims
             )));
         }
@@ -838,7 +849,8 @@ impl<'a> Lowering<'a> {
             };
             if !broadcastable {
                 return Err(n.unsupported(format!(
-                    "C '{}' has dims {:?}; only a bias of [{out}], [1, {out}] or a scalar is supported",
+                    "C '{}' has dims {:?}; only a bias of [{out}], [1, {out}] or a scalar \
+                     is supported",
                     n.proto.input[2], c.dims
                 )));
             }
@@ -950,7 +962,8 @@ impl<'a> Lowering<'a> {
             Cow::Owned(int_tensor(vec![v.len() as i64], v.to_vec()))
         } else {
             return Err(n.unsupported(
-                "only Constant nodes with a value, value_float(s) or value_int(s) attribute are supported",
+                "only Constant nodes with a value, value_float(s) or value_int(s) attribute \
+                 are supported",
             ));
         };
         // Decode now so that a corrupt constant is reported at its Constant node.
@@ -980,7 +993,8 @@ impl<'a> Lowering<'a> {
         let steps = steps.unwrap_or_else(|| vec![1; count]);
         if ends.len() != count || axes.len() != count || steps.len() != count {
             return Err(n.invalid(format!(
-                "starts {starts:?}, ends {ends:?}, axes {axes:?} and steps {steps:?} differ in length"
+                "starts {starts:?}, ends {ends:?}, axes {axes:?} and steps {steps:?} differ \
+                 in length"
             )));
         }
 
@@ -1007,7 +1021,8 @@ impl<'a> Lowering<'a> {
                 // The batch stays implicit, so it can only be kept whole.
                 if start != 0 || step != 1 || end < i64::from(i32::MAX) {
                     return Err(n.unsupported(format!(
-                        "slicing the batch axis ({start}..{end} step {step}) is not supported; only the full range is"
+                        "slicing the batch axis ({start}..{end} step {step}) is not supported; \
+                         only the full range is"
                     )));
                 }
                 continue;
@@ -1033,7 +1048,8 @@ impl<'a> Lowering<'a> {
             .collect();
         if out.contains(&0) {
             return Err(n.invalid(format!(
-                "it selects nothing from {} (starts {starts:?}, ends {ends:?}, axes {axes:?}, steps {steps:?})",
+                "it selects nothing from {} (starts {starts:?}, ends {ends:?}, axes {axes:?}, \
+                 steps {steps:?})",
                 onnx_shape(shape, x.rank)
             )));
         }
@@ -1202,7 +1218,8 @@ fn window(
         );
         if out[a] == 0 {
             return Err(n.invalid(format!(
-                "the window (kernel {kernel:?}, dilation {dilation:?}) is larger than the padded input {input} (pads {pads:?})"
+                "the window (kernel {kernel:?}, dilation {dilation:?}) is larger than the \
+                 padded input {input} (pads {pads:?})"
             )));
         }
     }

@@ -19,13 +19,15 @@
 mod lower;
 mod node;
 pub mod proto;
+pub mod qdq;
 mod tensor;
 
 use std::path::Path;
 
 use prost::Message;
 
-use crate::model::Graph;
+use crate::model::{Graph, Normalization};
+use crate::qnet::QNetwork;
 use crate::{Error, Result};
 
 /// Reads and imports the ONNX model at `path`.
@@ -42,4 +44,20 @@ pub fn import_onnx(bytes: &[u8], origin: &str) -> Result<Graph> {
         reason: e.to_string(),
     })?;
     lower::lower(&model, origin)
+}
+
+/// Reads the ONNX model at `path` as an integer network when it is quantized (QDQ form, as
+/// `coordinator export` writes it; see [`qdq`]), or `None` when it is a float model for
+/// [`load_onnx`]. `norm` is the input normalisation to use when the file records none.
+pub fn load_quantized(path: &Path, norm: Option<&Normalization>) -> Result<Option<QNetwork>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let origin = path.display().to_string();
+    let model = proto::ModelProto::decode(bytes.as_slice()).map_err(|e| Error::OnnxDecode {
+        path: origin.clone(),
+        reason: e.to_string(),
+    })?;
+    if !qdq::is_qdq(&model) {
+        return Ok(None);
+    }
+    qdq::import_qdq(&model, &origin, norm).map(Some)
 }

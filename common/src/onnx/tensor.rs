@@ -124,9 +124,8 @@ fn typed_or_raw<T: Copy>(
     from_le: impl Fn(&[u8]) -> T,
 ) -> Result<Vec<T>, String> {
     if !t.raw_data.is_empty() {
-        // `count * width` cannot overflow when it equals a real buffer length, so compare by
-        // division instead of multiplying a count that came from the file.
-        if t.raw_data.len() % width != 0 || t.raw_data.len() / width != count {
+        // `count` comes from the file's dims, so its product with the width may overflow.
+        if count.checked_mul(width) != Some(t.raw_data.len()) {
             return Err(format!(
                 "raw_data has {} bytes, expected {count} elements of {width} bytes for dims {:?}",
                 t.raw_data.len(),

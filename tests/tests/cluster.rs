@@ -1,0 +1,71 @@
+//! End-to-end: a real coordinator and real workers over loopback gRPC.
+
+use ccq_common::data::{self, DataSource, Split};
+use ccq_common::fitness;
+use ccq_common::qnet::QNetwork;
+use ccq_coordinator::eval::quantize_from_train;
+use ccq_coordinator::trainer::Trainer;
+use ccq_tests::{spawn_cluster, tiny_config, write_tiny_mnist};
+
+/// The same seed gives a byte-identical network and identical history whether one worker
+/// holds all the data or three workers hold a third each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_and_three_workers_train_the_identical_network() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_mnist(dir.path(), 700, 120, 1);
+    let mut models = Vec::new();
+    let mut histories = Vec::new();
+    for workers in [1, 3] {
+        let out = dir.path().join(format!("run-{workers}"));
+        let cfg = tiny_config(dir.path(), &out, 320);
+        let report = spawn_cluster(cfg, workers).await.finish().await;
+        assert_eq!(report.evaluations, 320);
+        assert!(report.workers_seen >= workers as u64);
+        models.push(std::fs::read(out.join("model.ccq")).unwrap());
+        let h: Vec<_> = report
+            .history
+            .iter()
+            .map(|p| (p.generation, p.evaluations, p.best_fitness.map(f64::to_bits), p.val_top1.to_bits(), p.network_version))
+            .collect();
+        assert!(h.len() > 10, "one history row per generation");
+        histories.push(h);
+    }
+    assert_eq!(histories[0], histories[1], "history depends on the number of workers");
+    assert!(models[0] == models[1], "model.ccq depends on the number of workers");
+}
+
+/// Every generation's best fitness, as the cluster summed it from its shards, equals a
+/// single-process evaluation of the same candidates on the whole batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_fitness_equals_single_process_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_mnist(dir.path(), 700, 120, 2);
+    let out = dir.path().join("run");
+    let cfg = tiny_config(dir.path(), &out, 160);
+    let report = spawn_cluster(cfg.clone(), 2).await.finish().await;
+
+    // Replay the run in this process: the same trainer, candidates evaluated locally.
+    let source: DataSource = cfg.data.source.parse().unwrap();
+    let graph = ccq_common::onnx::load_onnx(&cfg.model.onnx).unwrap();
+    let net = quantize_from_train(&graph, &cfg.normalization(), &source, &cfg.quant_config().unwrap(), cfg.quant.calib_images).unwrap();
+    let train = data::load(&source, Split::Train, None).unwrap();
+    let search_len = train.len() - cfg.data.validation;
+    let mut trainer = Trainer::new(net, cfg.eda.clone(), cfg.search.clone(), cfg.seed, search_len).unwrap();
+    let mut local = Vec::new();
+    while trainer.progress().evaluations < 160 {
+        let g = trainer.next_generation().unwrap().expect("free variables remain");
+        let il = train.image_len();
+        let pixels: Vec<u8> = g.images.iter().flat_map(|&i| train.images[i as usize * il..(i as usize + 1) * il].to_vec()).collect();
+        let labels: Vec<u8> = g.images.iter().map(|&i| train.labels[i as usize]).collect();
+        let stats = fitness::evaluate_candidates(trainer.network(), &pixels, &labels, &g.vars, &g.candidates, 1).unwrap();
+        let outcome = trainer.complete(&g, &stats).unwrap();
+        local.push(outcome.best_loss);
+    }
+    let cluster: Vec<f64> = report.history.iter().filter(|p| p.generation > 0 && !p.best_fitness.is_none()).filter_map(|p| p.best_fitness).collect();
+    // History holds one row per generation (every_generations = 1) plus the final row.
+    assert!(cluster.len() >= local.len());
+    assert_eq!(&cluster[..local.len()], &local[..]);
+    // And the network the run wrote is the one the replay's validation would select.
+    let written = QNetwork::load(&out.join("model.ccq")).unwrap();
+    assert_eq!(written.num_vars(), trainer.network().num_vars());
+}
