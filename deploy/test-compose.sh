@@ -164,7 +164,6 @@ step "all 3 workers exited 0 (told the run is done)"
 
 step "reading the outputs from volume ${project}_out"
 outdir="$(mktemp -d)"
-trap 'rm -rf "$outdir"' RETURN 2>/dev/null || true
 docker run --rm -v "${project}_out:/out:ro" "$CCQ_IMAGE" cat /out/mnist-quickstart/report.json \
     >"$outdir/report.json" || fail "no report.json in the output volume"
 docker run --rm -v "${project}_out:/out:ro" "$CCQ_IMAGE" cat /out/mnist-quickstart/model.ccq \
