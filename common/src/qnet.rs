@@ -125,6 +125,8 @@ pub fn code_range(bits: u8) -> (i8, i8) {
     ((-half) as i8, (half - 1) as i8)
 }
 
+// A network has a few dozen nodes; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum QOp {
     Conv(QConv),

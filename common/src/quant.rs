@@ -137,13 +137,11 @@ pub fn quantize(
             _ => None,
         }
     };
-    let mut fused_act = vec![None; last]; // producer node -> activation node
-    let mut absorbed = vec![false; last]; // activation nodes folded into their producer
-    for i in 0..last {
-        if let Some(a) = fusable(i) {
-            fused_act[i] = Some(a);
-            absorbed[a] = true;
-        }
+    // producer node -> activation node, and activation nodes folded into their producer
+    let fused_act: Vec<Option<usize>> = (0..last).map(fusable).collect();
+    let mut absorbed = vec![false; last];
+    for a in fused_act.iter().flatten() {
+        absorbed[*a] = true;
     }
 
     // Which float values need calibration statistics: every value that gets its own scale.
@@ -502,7 +500,7 @@ fn layer(
         requant.push(Requant::from_real(acc_scale / out.scale));
         w_scale.push(s);
     }
-    let stage = (!is_logits).then(|| OutputStage {
+    let stage = (!is_logits).then_some(OutputStage {
         requant,
         out_zp: out.zp as i32,
         min,
