@@ -22,7 +22,7 @@ use tracing::info;
 use crate::config::RunConfig;
 use crate::eval::{float_evaluate, quantize_from_train};
 use crate::service::CoordinatorService;
-use crate::state::{EvalPoint, Setup, State};
+use crate::state::{EvalPoint, LayerConfidence, Setup, State, Telemetry};
 use crate::trainer::Trainer;
 use crate::Error;
 
@@ -69,6 +69,8 @@ pub struct RunReport {
     pub variables: usize,
     pub workers_seen: u64,
     pub model_file: String,
+    /// Variable confidence per layer at the end of the search.
+    pub layers: Vec<LayerConfidence>,
     pub history: Vec<EvalPoint>,
     pub config: RunConfig,
 }
@@ -185,7 +187,8 @@ pub async fn run(
         ptq_top1: None,
         eval_threads,
     };
-    let state = State::new(setup, trainer, tx.clone());
+    let (telemetry, _) = tokio::sync::watch::channel::<Option<Telemetry>>(None);
+    let state = State::new(setup, trainer, tx.clone(), telemetry.clone());
 
     // Serve gRPC until the loop is done; workers inside this process connect like remote ones.
     let addr = listener
@@ -249,6 +252,7 @@ pub async fn run(
         frozen_variables: finished.frozen,
         variables,
         workers_seen: finished.workers_seen,
+        layers: finished.layers,
         model_file: model_file.display().to_string(),
         history: finished.history,
         config: cfg,

@@ -61,6 +61,54 @@ pub enum Event {
     EvalDone(EvalPoint, Box<QNetwork>),
 }
 
+/// Latency histogram in Prometheus form (cumulative buckets are derived when rendered).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    /// Upper bounds of the buckets, seconds, ascending (+Inf is implicit).
+    pub bounds: Vec<f64>,
+    /// Observations per bucket (not cumulative); one more entry than `bounds` for +Inf.
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &[f64]) -> Self {
+        Histogram {
+            bounds: bounds.to_vec(),
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    pub fn observe(&mut self, x: f64) {
+        let b = self.bounds.partition_point(|&u| u < x);
+        self.counts[b] += 1;
+        self.sum += x;
+        self.count += 1;
+    }
+}
+
+/// What the loop publishes for observers (metrics endpoint, progress display): the live
+/// status plus counters that only accumulate. Refreshed every heartbeat interval and after
+/// every generation.
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    pub status: StatusResponse,
+    pub generations: u64,
+    pub adoptions: u64,
+    pub jobs_completed: u64,
+    /// Jobs handed out again after a worker was lost, timed out or dropped them.
+    pub jobs_retried: u64,
+    /// From assignment to accepted result, seconds.
+    pub job_seconds: Histogram,
+    /// Per worker id: job latency histogram.
+    pub worker_job_seconds: BTreeMap<u64, Histogram>,
+}
+
+const LATENCY_BOUNDS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
 /// One row of the run's history: the global network measured at a generation.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalPoint {
@@ -76,6 +124,17 @@ pub struct EvalPoint {
     pub network_version: u64,
     #[serde(skip)]
     pub is_final: bool,
+}
+
+/// Distribution of variable confidence in one layer: `histogram[b]` counts variables with
+/// confidence in `[b/20, (b+1)/20)` (the last bin includes 1).
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerConfidence {
+    pub name: String,
+    pub variables: usize,
+    pub frozen: usize,
+    pub mean_confidence: f64,
+    pub histogram: Vec<u64>,
 }
 
 /// Fixed inputs of the loop.
@@ -100,6 +159,8 @@ pub struct Finished {
     pub last: EvalPoint,
     pub progress: crate::trainer::Progress,
     pub frozen: usize,
+    /// Confidence per layer at the end (for the report's plots).
+    pub layers: Vec<LayerConfidence>,
     pub wall_seconds: f64,
     pub workers_seen: u64,
     pub stop_reason: String,
@@ -173,10 +234,20 @@ pub struct State {
     events: mpsc::Sender<Event>,
     /// (time, evaluations) samples for the recent evaluation rate.
     rate: VecDeque<(Instant, u64)>,
+    jobs_completed: u64,
+    jobs_retried: u64,
+    job_seconds: Histogram,
+    worker_job_seconds: BTreeMap<u64, Histogram>,
+    telemetry: tokio::sync::watch::Sender<Option<Telemetry>>,
 }
 
 impl State {
-    pub fn new(setup: Setup, trainer: Trainer, events: mpsc::Sender<Event>) -> State {
+    pub fn new(
+        setup: Setup,
+        trainer: Trainer,
+        events: mpsc::Sender<Event>,
+        telemetry: tokio::sync::watch::Sender<Option<Telemetry>>,
+    ) -> State {
         let shards = setup.shards;
         State {
             setup,
@@ -200,7 +271,25 @@ impl State {
             stop_reason: None,
             events,
             rate: VecDeque::new(),
+            jobs_completed: 0,
+            jobs_retried: 0,
+            job_seconds: Histogram::new(&LATENCY_BOUNDS),
+            worker_job_seconds: BTreeMap::new(),
+            telemetry,
         }
+    }
+
+    fn publish(&self) {
+        let p = self.trainer.progress();
+        self.telemetry.send_replace(Some(Telemetry {
+            status: self.status(),
+            generations: p.generations,
+            adoptions: p.adoptions,
+            jobs_completed: self.jobs_completed,
+            jobs_retried: self.jobs_retried,
+            job_seconds: self.job_seconds.clone(),
+            worker_job_seconds: self.worker_job_seconds.clone(),
+        }));
     }
 
     fn version(&self) -> u64 {
@@ -226,7 +315,10 @@ impl State {
                     let Some(ev) = ev else { break };
                     self.handle(ev)?;
                 }
-                _ = tick.tick() => self.reap(hb),
+                _ = tick.tick() => {
+                    self.reap(hb);
+                    self.publish();
+                }
                 _ = &mut shutdown => {
                     warn!("shutdown requested before the run finished");
                     self.stop_reason.get_or_insert_with(|| "interrupted".into());
@@ -250,12 +342,14 @@ impl State {
             .last()
             .cloned()
             .unwrap_or_else(|| best_point.clone());
+        let layers = self.layer_confidence();
         Ok(Finished {
             history: self.history,
             best: (best_net, best_point),
             last,
             progress: self.trainer.progress(),
             frozen: self.trainer.eda().frozen_count(),
+            layers,
             wall_seconds: self.started.elapsed().as_secs_f64(),
             workers_seen: self.workers_seen,
             stop_reason: self.stop_reason.unwrap_or_else(|| "interrupted".into()),
@@ -423,6 +517,7 @@ impl State {
         if let Some(j) = self.jobs.get_mut(&job_id) {
             if j.assigned.take().is_some() {
                 debug!(job = job_id, "job back in the queue");
+                self.jobs_retried += 1;
                 self.pending[j.shard].push_front(job_id);
             }
         }
@@ -462,6 +557,15 @@ impl State {
             return Ok(false);
         }
         let j = self.jobs.remove(&req.job_id).expect("checked above");
+        if let Some((_, at)) = j.assigned {
+            let secs = at.elapsed().as_secs_f64();
+            self.job_seconds.observe(secs);
+            self.worker_job_seconds
+                .entry(req.worker_id)
+                .or_insert_with(|| Histogram::new(&LATENCY_BOUNDS))
+                .observe(secs);
+        }
+        self.jobs_completed += 1;
         if let Some(w) = self.workers.get_mut(&req.worker_id) {
             w.job = None;
             w.jobs_done += 1;
@@ -501,6 +605,7 @@ impl State {
         if p.generations % self.setup.config.eval.every_generations == 0 {
             self.schedule_eval(false);
         }
+        self.publish();
         self.start_generation()
     }
 
@@ -669,6 +774,22 @@ impl State {
                 }
             }
         }
+    }
+
+    fn layer_confidence(&self) -> Vec<LayerConfidence> {
+        let net = self.trainer.network();
+        self.trainer
+            .eda()
+            .layer_summaries(20)
+            .into_iter()
+            .map(|s| LayerConfidence {
+                name: net.layers.get(s.layer as usize).map_or_else(String::new, |l| l.name.clone()),
+                variables: s.variables,
+                frozen: s.frozen,
+                mean_confidence: s.mean_confidence,
+                histogram: s.histogram,
+            })
+            .collect()
     }
 
     fn sync(&self, req: SyncNetworkRequest) -> SyncNetworkResponse {
