@@ -187,6 +187,8 @@ impl Phase {
 struct WorkerEntry {
     name: String,
     shard: usize,
+    /// The worker asked for its shard (`--shard`, Indexed Job); it is never moved.
+    fixed_shard: bool,
     last_seen: Instant,
     job: Option<u64>,
     jobs_done: u64,
@@ -411,6 +413,7 @@ impl State {
             id,
             WorkerEntry {
                 name: req.name,
+                fixed_shard: req.shard_index.is_some(),
                 shard,
                 last_seen: Instant::now(),
                 job: None,
@@ -457,9 +460,28 @@ impl State {
         if let Some(job) = self.workers.get_mut(&worker).and_then(|w| w.job.take()) {
             self.requeue(job);
         }
+        if let Some(empty) = self.orphaned_shard_for(worker) {
+            // A shard with work and nobody serving it (its worker died, or came back and
+            // was assigned elsewhere) would stall the run: an idle, movable worker
+            // re-registers and is given that shard, the least served.
+            info!(worker, shard = empty, "moving an idle worker to a shard with no worker");
+            self.workers.remove(&worker);
+            let _ = reply.send(reply_with(poll_job_response::Reply::Unknown(Unknown {})));
+            return;
+        }
         self.parked.retain(|(w, _)| *w != worker);
         self.parked.push((worker, reply));
         self.dispatch();
+    }
+
+    /// A shard with pending jobs and no live worker, if `worker` is free to move there:
+    /// it did not ask for its shard and its own shard has nothing pending.
+    fn orphaned_shard_for(&self, worker: u64) -> Option<usize> {
+        let w = self.workers.get(&worker)?;
+        if w.fixed_shard || !self.pending[w.shard].is_empty() {
+            return None;
+        }
+        (0..self.setup.shards).find(|&s| !self.pending[s].is_empty() && !self.workers.values().any(|w| w.shard == s))
     }
 
     /// Hands pending jobs to parked polls of the right shard.

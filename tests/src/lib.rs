@@ -89,7 +89,7 @@ heartbeat_ms = 200
 pub struct Cluster {
     pub addr: SocketAddr,
     pub coordinator: JoinHandle<Result<RunReport, ccq_coordinator::Error>>,
-    pub workers: Vec<JoinHandle<Result<(), ccq_worker::Error>>>,
+    pub workers: Vec<JoinHandle<Result<ccq_worker::Exit, ccq_worker::Error>>>,
     pub stop: broadcast::Sender<()>,
 }
 
@@ -109,6 +109,7 @@ pub async fn spawn_cluster(mut cfg: RunConfig, workers: usize) -> Cluster {
                 threads: 1,
                 name: format!("test-{i}"),
                 data_override: None,
+                give_up_after: None,
             };
             let mut rx = stop.subscribe();
             tokio::spawn(async move {
@@ -144,7 +145,8 @@ impl Cluster {
     pub async fn finish(self) -> RunReport {
         let report = self.coordinator.await.expect("coordinator task").expect("run succeeds");
         for w in self.workers {
-            w.await.expect("worker task").expect("worker exits cleanly");
+            let exit = w.await.expect("worker task").expect("worker exits cleanly");
+            assert_eq!(exit, ccq_worker::Exit::RunDone, "workers leave because the run is done");
         }
         report
     }

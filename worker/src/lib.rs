@@ -35,6 +35,8 @@ pub enum Error {
     BadJob { job: u64, reason: String },
     #[error("coordinator RPC failed: {0}")]
     Rpc(#[from] tonic::Status),
+    #[error("coordinator {addr} unreachable for {secs} s, giving up: {reason}")]
+    Unreachable { addr: String, secs: f64, reason: String },
 }
 
 #[derive(Debug, Clone)]
@@ -50,15 +52,26 @@ pub struct WorkerConfig {
     /// Read data from here instead of the path the coordinator names (containers that
     /// mount the data elsewhere).
     pub data_override: Option<DataSource>,
+    /// Give up when the coordinator has been unreachable this long (`None`: retry forever).
+    pub give_up_after: Option<Duration>,
 }
 
-/// Runs until the coordinator reports the run done (`Ok`) or `shutdown` completes (`Ok`).
-pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+/// How a worker's run ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The coordinator reported the run done.
+    RunDone,
+    /// `shutdown` completed first (a signal): the run may still need this worker.
+    Shutdown,
+}
+
+/// Runs until the coordinator reports the run done or `shutdown` completes.
+pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<Exit, Error> {
     tokio::select! {
-        r = run_inner(&cfg) => r,
+        r = run_inner(&cfg) => r.map(|()| Exit::RunDone),
         _ = shutdown => {
             info!("shutdown requested; abandoning any job in progress");
-            Ok(())
+            Ok(Exit::Shutdown)
         }
     }
 }
@@ -77,10 +90,22 @@ async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
     })?;
     let mut local = Local::default();
     let mut backoff = Backoff::new();
+    let mut unreachable_since: Option<Instant> = None;
     loop {
         let channel = match endpoint.connect().await {
-            Ok(c) => c,
+            Ok(c) => {
+                unreachable_since = None;
+                c
+            }
             Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if let Some(limit) = cfg.give_up_after.filter(|&l| since.elapsed() >= l) {
+                    return Err(Error::Unreachable {
+                        addr: cfg.coordinator.clone(),
+                        secs: limit.as_secs_f64(),
+                        reason: e.to_string(),
+                    });
+                }
                 let wait = backoff.next();
                 debug!(
                     "coordinator {} not reachable ({e}); retrying in {wait:?}",

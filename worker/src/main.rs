@@ -30,6 +30,10 @@ struct Cli {
     /// Name shown in `coordinator status` (default: host name).
     #[arg(long, env = "HOSTNAME")]
     name: Option<String>,
+    /// Exit with an error after the coordinator has been unreachable this many seconds
+    /// (default: retry forever).
+    #[arg(long, env = "CCQ_GIVE_UP_AFTER")]
+    give_up_after: Option<f64>,
     /// `text` or `json` log lines.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -40,7 +44,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(ccq_worker::Exit::RunDone) => ExitCode::SUCCESS,
+        // Stopped by a signal before the run finished: not a success, so that a Job
+        // controller replaces this worker instead of counting its index complete.
+        Ok(ccq_worker::Exit::Shutdown) => ExitCode::from(143),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -48,7 +55,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ccq_worker::Exit> {
     let shard = match (
         &cli.shard,
         std::env::var("JOB_COMPLETION_INDEX").ok(),
@@ -69,9 +76,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         threads: cli.threads.max(1),
         name: cli.name.unwrap_or_else(|| "worker".into()),
         data_override,
+        give_up_after: cli
+            .give_up_after
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(std::time::Duration::from_secs_f64),
     };
-    ccq_worker::run(cfg, shutdown_signal()).await?;
-    Ok(())
+    Ok(ccq_worker::run(cfg, shutdown_signal()).await?)
 }
 
 /// Completes on SIGINT or SIGTERM (pod termination, `docker stop`).
