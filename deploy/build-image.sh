@@ -18,6 +18,7 @@ die() { printf '[build-image] ERROR: %s\n' "$*" >&2; exit 1; }
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
 IMAGE="${CCQ_IMAGE:-ccq:latest}"
+# shellcheck disable=SC1091
 . /etc/os-release
 BASE="${CCQ_BASE_IMAGE:-ccq-base:${VERSION_CODENAME:?}}"
 
@@ -48,6 +49,8 @@ nice -n 19 docker build -f deploy/Dockerfile -t "$IMAGE" \
     --build-arg BUILD_IMAGE="$BASE" \
     --build-arg CCQ_BINARIES=prebuilt \
     . >&2
+# The classic builder leaves the intermediate `binaries` stage behind as a dangling image.
+docker image prune --force --filter label=org.ccq.stage=binaries >/dev/null
 docker image inspect --format '{{.Size}}' "$IMAGE" |
     awk -v i="$IMAGE" '{printf "[build-image] %s: %.0f MB\n", i, $1/1e6}' >&2
 log "done in $((SECONDS - t0)) s"

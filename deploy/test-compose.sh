@@ -7,7 +7,8 @@
 #   3. `coordinator status --addr` from the host until all 3 workers are in and searching;
 #   4. SIGKILL one worker mid-run: the coordinator must drop it; start it again: it must
 #      register again and the search must go on;
-#   5. `docker stop` another (SIGTERM): it must exit 0 promptly; start it again;
+#   5. `docker stop` another (SIGTERM): it must exit by itself within seconds; once the
+#      coordinator has dropped it, start it again: it must take back its shard;
 #   6. the run finishes: coordinator and workers exit 0, and the output volume holds
 #      report.json with the final accuracy and model.ccq, whose accuracy `coordinator eval`
 #      on the host reproduces;
@@ -38,6 +39,14 @@ else
     fail "neither docker-compose nor 'docker compose' is installed"
 fi
 command -v python3 >/dev/null || fail "python3 is needed to read JSON"
+if ! command -v debootstrap >/dev/null; then
+    # A fresh machine (CI) has Debian's package mirror but not the tool.
+    [[ $(id -u) == 0 ]] || fail "debootstrap is missing and installing it needs root"
+    step "installing debootstrap (apt-get)"
+    apt-get update -qq >/dev/null || fail "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null ||
+        fail "could not install debootstrap"
+fi
 
 export CCQ_IMAGE="${CCQ_IMAGE:-ccq:latest}"
 project="ccqtest$$"
@@ -68,8 +77,8 @@ deploy/build-image.sh
 step "images built in $((SECONDS - t)) s"
 status_bin="$repo/deploy/dist/coordinator" # the very binary inside the image
 
-# `coordinator status --json` as a Python dict literal on one line, or nothing when the
-# coordinator does not answer (exit code 2).
+# `coordinator status --json` (one JSON line), or nothing when the coordinator does not
+# answer (exit code 2).
 status_json() { "$status_bin" status --addr "$addr" --json 2>/dev/null || true; }
 # Evaluates a Python expression over the status `s`; prints its value.
 status_eval() {
@@ -105,7 +114,7 @@ compose up -d --scale worker=3
 mapfile -t workers < <(compose ps -q worker)
 coordinator="$(compose ps -q coordinator)"
 ((${#workers[@]} == 3)) || fail "expected 3 worker containers, found ${#workers[@]}"
-step "workers: ${workers[*]:0:3}"
+step "worker containers: $(for w in "${workers[@]}"; do printf '%s ' "${w:0:12}"; done)"
 
 step "waiting for the coordinator to serve and all 3 workers to register (coordinator status --addr $addr)"
 wait_status 's["phase"] == "training" and len(s["workers"]) == 3 and s["evaluations"] > 0' 600 \
@@ -124,8 +133,8 @@ step "coordinator dropped it: $(summary)"
 evals_before="$(status_eval 's["evaluations"]')"
 step "starting worker ${victim:0:12} again"
 docker start "$victim" >/dev/null
-wait_status "len(s['workers']) == 3 and s['evaluations'] > $evals_before" 120 \
-    "the restarted worker to register again and the search to go on"
+wait_status "len(s['workers']) == 3 and sorted(w['shard'] for w in s['workers']) == [0, 1, 2] and s['evaluations'] > $evals_before" 120 \
+    "the restarted worker to register again on the shard it left, and the search to go on"
 step "restarted worker is back: $(summary)"
 
 graceful="${workers[2]}"
@@ -133,11 +142,21 @@ step "stopping worker ${graceful:0:12} with docker stop (SIGTERM, 10 s grace)"
 t=$SECONDS
 docker stop --time 10 "$graceful" >/dev/null
 state="$(container_state "$graceful")"
-[[ "$state" == "exited 0" ]] || fail "a worker stopped by SIGTERM should exit 0, got '$state'"
+# 137 would mean docker had to SIGKILL it after the grace period. (0 today; 143 would be
+# as graceful, should the worker come to report a stop before the run's end as failure.)
+[[ "$state" == "exited 0" || "$state" == "exited 143" ]] ||
+    fail "a worker stopped by SIGTERM should exit by itself (0 or 143), got '$state'"
 (( SECONDS - t < 10 )) || fail "the worker took $((SECONDS - t)) s to stop: it did not handle SIGTERM"
-step "it exited 0 after $((SECONDS - t)) s; starting it again"
+step "it exited by itself ($state) after $((SECONDS - t)) s"
+# The coordinator has no "leaving" message yet: it forgets a stopped worker after three
+# missed heartbeats. Restarting before that would let the new registration pick another
+# shard while the old one still counts as live, leaving this shard without a worker
+# (see deploy/README.md, "Known limitations").
+wait_status 'len(s["workers"]) == 2' 60 "the coordinator to drop the stopped worker"
+step "coordinator dropped it; starting it again"
 docker start "$graceful" >/dev/null
-wait_status 'len(s["workers"]) == 3' 120 "the stopped worker to register again"
+wait_status 'len(s["workers"]) == 3 and sorted(w["shard"] for w in s["workers"]) == [0, 1, 2]' 120 \
+    "the stopped worker to register again, on the shard it left"
 step "status: $(summary)"
 
 step "waiting for the run to finish (up to ${run_timeout}s)"

@@ -10,7 +10,9 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use ccq_common::kernels::{self, AddParams, ConvGeom, KernelPath, OutputStage, PackedConv, Requant};
+use ccq_common::kernels::{
+    self, AddParams, ConvGeom, KernelPath, OutputStage, PackedConv, Requant,
+};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -54,13 +56,41 @@ fn layers() -> Vec<Layer> {
         ..conv3x3(1, 64, 10, 1)
     };
     vec![
-        Layer { name: "stem_32x32_3to16", geom: conv3x3(32, 3, 16, 1), count: 1 },
-        Layer { name: "s1_32x32_16to16", geom: conv3x3(32, 16, 16, 1), count: 6 },
-        Layer { name: "s2_32x32_16to32_s2", geom: conv3x3(32, 16, 32, 2), count: 1 },
-        Layer { name: "s2_16x16_32to32", geom: conv3x3(16, 32, 32, 1), count: 5 },
-        Layer { name: "s3_16x16_32to64_s2", geom: conv3x3(16, 32, 64, 2), count: 1 },
-        Layer { name: "s3_8x8_64to64", geom: conv3x3(8, 64, 64, 1), count: 5 },
-        Layer { name: "fc_64to10", geom: linear, count: 1 },
+        Layer {
+            name: "stem_32x32_3to16",
+            geom: conv3x3(32, 3, 16, 1),
+            count: 1,
+        },
+        Layer {
+            name: "s1_32x32_16to16",
+            geom: conv3x3(32, 16, 16, 1),
+            count: 6,
+        },
+        Layer {
+            name: "s2_32x32_16to32_s2",
+            geom: conv3x3(32, 16, 32, 2),
+            count: 1,
+        },
+        Layer {
+            name: "s2_16x16_32to32",
+            geom: conv3x3(16, 32, 32, 1),
+            count: 5,
+        },
+        Layer {
+            name: "s3_16x16_32to64_s2",
+            geom: conv3x3(16, 32, 64, 2),
+            count: 1,
+        },
+        Layer {
+            name: "s3_8x8_64to64",
+            geom: conv3x3(8, 64, 64, 1),
+            count: 5,
+        },
+        Layer {
+            name: "fc_64to10",
+            geom: linear,
+            count: 1,
+        },
     ]
 }
 
@@ -71,10 +101,16 @@ struct Prepared {
 }
 
 fn prepare(g: ConvGeom, batch: usize, rng: &mut ChaCha8Rng) -> Prepared {
-    let weights: Vec<i8> = (0..g.out_c * g.k_len()).map(|_| rng.random_range(-8..8)).collect();
-    let bias: Vec<i32> = (0..g.out_c).map(|_| rng.random_range(-1000..1000)).collect();
+    let weights: Vec<i8> = (0..g.out_c * g.k_len())
+        .map(|_| rng.random_range(-8..8))
+        .collect();
+    let bias: Vec<i32> = (0..g.out_c)
+        .map(|_| rng.random_range(-1000..1000))
+        .collect();
     let stage = OutputStage {
-        requant: (0..g.out_c).map(|_| Requant::from_real(rng.random_range(0.001..0.01))).collect(),
+        requant: (0..g.out_c)
+            .map(|_| Requant::from_real(rng.random_range(0.001..0.01)))
+            .collect(),
         out_zp: 0,
         min: 0,
         max: 255,
@@ -97,7 +133,9 @@ fn batch_for(path: KernelPath) -> usize {
 fn bench_convs(c: &mut Criterion) {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut group = c.benchmark_group("conv");
-    group.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
+    group
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
     for layer in layers() {
         for path in KernelPath::available() {
             let batch = batch_for(path);
@@ -105,16 +143,43 @@ fn bench_convs(c: &mut Criterion) {
             let mut out = vec![0u8; batch * layer.geom.out_len()];
             group.throughput(Throughput::Elements((batch * layer.geom.macs()) as u64));
             group.bench_function(BenchmarkId::new(layer.name, path), |b| {
-                b.iter(|| p.conv.run_with(path, &p.stage, black_box(&p.input), batch, &mut out))
+                b.iter(|| {
+                    p.conv
+                        .run_with(path, &p.stage, black_box(&p.input), batch, &mut out)
+                })
             });
             if path == KernelPath::best() {
                 // The same without the output stage: the cost of requantization.
                 let mut acc = vec![0i32; batch * layer.geom.out_len()];
                 group.bench_function(BenchmarkId::new(layer.name, format!("{path}-acc")), |b| {
-                    b.iter(|| p.conv.run_acc_with(path, black_box(&p.input), batch, &mut acc))
+                    b.iter(|| {
+                        p.conv
+                            .run_acc_with(path, black_box(&p.input), batch, &mut acc)
+                    })
                 });
             }
         }
+    }
+    group.finish();
+}
+
+/// Packing cost: the search repacks a layer whenever its weight codes change.
+fn bench_pack(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut group = c.benchmark_group("pack");
+    group
+        .measurement_time(Duration::from_secs(1))
+        .warm_up_time(Duration::from_millis(300));
+    for layer in layers() {
+        let g = layer.geom;
+        let weights: Vec<i8> = (0..g.out_c * g.k_len()).map(|_| rng.random()).collect();
+        let bias: Vec<i32> = (0..g.out_c)
+            .map(|_| rng.random_range(-1000..1000))
+            .collect();
+        group.throughput(Throughput::Elements(weights.len() as u64));
+        group.bench_function(layer.name, |b| {
+            b.iter(|| PackedConv::new(g, black_box(&weights), &bias, 3))
+        });
     }
     group.finish();
 }
@@ -127,7 +192,9 @@ fn bench_add(c: &mut Criterion) {
     let mut out = vec![0u8; len];
     let p = AddParams::new(0.02, 128, 0.03, 120, 0.04, 7, 7, 255);
     let mut group = c.benchmark_group("add");
-    group.measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300));
+    group
+        .measurement_time(Duration::from_secs(1))
+        .warm_up_time(Duration::from_millis(300));
     group.throughput(Throughput::Elements(len as u64));
     for path in KernelPath::available() {
         group.bench_function(BenchmarkId::new("32x32x16", path), |bench| {
@@ -141,7 +208,9 @@ fn bench_add(c: &mut Criterion) {
 /// the resulting conv-only ResNet-20 throughput.
 fn network_estimate() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    println!("\nBest of 20 runs, one thread, batch {BATCH} (reference: batch 4), fused output stage:");
+    println!(
+        "\nBest of 20 runs, one thread, batch {BATCH} (reference: batch 4), fused output stage:"
+    );
     for path in KernelPath::available() {
         let batch = batch_for(path);
         let runs = if path == KernelPath::Reference { 3 } else { 20 };
@@ -154,11 +223,16 @@ fn network_estimate() {
             let best = (0..runs)
                 .map(|_| {
                     let start = Instant::now();
-                    p.conv.run_with(path, &p.stage, black_box(&p.input), batch, &mut out);
+                    p.conv
+                        .run_with(path, &p.stage, black_box(&p.input), batch, &mut out);
                     start.elapsed().as_secs_f64()
                 })
                 .fold(f64::INFINITY, f64::min);
-            per_layer.push(format!("{} {:.1}", layer.name, (batch * layer.geom.macs()) as f64 / best / 1e9));
+            per_layer.push(format!(
+                "{} {:.1}",
+                layer.name,
+                (batch * layer.geom.macs()) as f64 / best / 1e9
+            ));
             seconds_per_image += layer.count as f64 * best / batch as f64;
             macs_per_image += layer.count * layer.geom.macs();
         }
@@ -174,6 +248,7 @@ fn network_estimate() {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     bench_convs(&mut c);
+    bench_pack(&mut c);
     bench_add(&mut c);
     c.final_summary();
     // Only under `cargo bench` (which passes --bench), not `cargo test --benches`.

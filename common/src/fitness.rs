@@ -170,7 +170,8 @@ mod tests {
 
     /// The random-weight MNIST-shaped CNN fixture, quantized on random images.
     fn fixture_net(weight_bits: u8) -> (QNetwork, Vec<u8>, Vec<u8>) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mnist_cnn.onnx");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mnist_cnn.onnx");
         let graph = crate::onnx::load_onnx(&path).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let n = 40;
@@ -181,7 +182,17 @@ mod tests {
             act_bits: 8,
             calibration: Calibration::Max,
         };
-        let net = quantize(&graph, &Normalization { mean: vec![0.13], std: vec![0.31] }, &pixels, n, &cfg).unwrap();
+        let net = quantize(
+            &graph,
+            &Normalization {
+                mean: vec![0.13],
+                std: vec![0.31],
+            },
+            &pixels,
+            n,
+            &cfg,
+        )
+        .unwrap();
         (net, pixels, labels)
     }
 
@@ -195,13 +206,20 @@ mod tests {
         let n = net.num_vars() as u32;
         let last_layer = net.layers.last().unwrap().clone();
         let groups: Vec<Vec<u32>> = vec![
-            (0..20).collect(),                                                  // first layer
+            (0..20).collect(),                                                   // first layer
             (last_layer.offset as u32..last_layer.offset as u32 + 30).collect(), // logits layer
-            (0..40).map(|_| rng.random_range(0..n)).collect::<std::collections::BTreeSet<_>>().into_iter().collect(),
+            (0..40)
+                .map(|_| rng.random_range(0..n))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
         ];
         for vars in groups {
             let context: Vec<i8> = net.codes();
-            let mut candidates = vec![vars.iter().map(|&v| context[v as usize]).collect::<Vec<i8>>()];
+            let mut candidates = vec![vars
+                .iter()
+                .map(|&v| context[v as usize])
+                .collect::<Vec<i8>>()];
             for _ in 0..5 {
                 candidates.push(
                     vars.iter()
@@ -214,7 +232,8 @@ mod tests {
             }
             candidates.push(candidates[2].clone()); // a duplicate
             for threads in [1, 3] {
-                let got = evaluate_candidates(&net, &pixels, &labels, &vars, &candidates, threads).unwrap();
+                let got = evaluate_candidates(&net, &pixels, &labels, &vars, &candidates, threads)
+                    .unwrap();
                 for (c, cand) in candidates.iter().enumerate() {
                     let mut codes = context.clone();
                     for (&v, &x) in vars.iter().zip(cand) {

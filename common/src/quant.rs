@@ -678,7 +678,8 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn fixture() -> Graph {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mnist_cnn.onnx");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mnist_cnn.onnx");
         crate::onnx::load_onnx(&path).unwrap()
     }
 
@@ -712,11 +713,9 @@ mod tests {
         let mut acts = Activations::default();
         net.forward(&test, 32, &mut acts);
         let spread = float.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
-        let err = acts
-            .logits
-            .iter()
-            .zip(&float)
-            .fold(0f64, |m, (&q, &f)| m.max((q as f64 * net.logit_scale - f as f64).abs()));
+        let err = acts.logits.iter().zip(&float).fold(0f64, |m, (&q, &f)| {
+            m.max((q as f64 * net.logit_scale - f as f64).abs())
+        });
         err / spread
     }
 
@@ -726,7 +725,10 @@ mod tests {
         let e4 = logit_error(4, 8);
         let e2 = logit_error(2, 8);
         assert!(e8 < 0.05, "w8a8 relative logit error {e8}");
-        assert!(e8 < e4 && e4 < e2, "errors should grow as bits shrink: {e8} {e4} {e2}");
+        assert!(
+            e8 < e4 && e4 < e2,
+            "errors should grow as bits shrink: {e8} {e4} {e2}"
+        );
     }
 
     #[test]
@@ -737,7 +739,10 @@ mod tests {
         for p in 0..=255u8 {
             let code = net.input.lut[p as usize];
             let real = (code as f64 - v.zp as f64) * v.scale;
-            assert!((real - norm().apply(0, p) as f64).abs() <= v.scale / 2.0 + 1e-9, "pixel {p}");
+            assert!(
+                (real - norm().apply(0, p) as f64).abs() <= v.scale / 2.0 + 1e-9,
+                "pixel {p}"
+            );
         }
     }
 
@@ -782,7 +787,10 @@ mod tests {
         assert!(quantize(&g, &norm(), &[], 0, &cfg(4, 8)).is_err());
         assert!("percentile:30".parse::<Calibration>().is_err());
         assert!("median".parse::<Calibration>().is_err());
-        assert_eq!("percentile:99.9".parse::<Calibration>().unwrap(), Calibration::Percentile(99.9));
+        assert_eq!(
+            "percentile:99.9".parse::<Calibration>().unwrap(),
+            Calibration::Percentile(99.9)
+        );
     }
 
     #[test]
@@ -808,19 +816,35 @@ mod tests {
         let back = QNetwork::from_bytes(&bytes, "mem").unwrap();
         let again = back.to_bytes();
         if let Some(i) = again.iter().zip(&bytes).position(|(a, b)| a != b) {
-            let ctx = |b: &[u8]| String::from_utf8_lossy(&b[i.saturating_sub(60)..(i + 40).min(b.len())]).to_string();
-            panic!("re-serialised file differs at byte {i}:\n{}\n{}", ctx(&bytes), ctx(&again));
+            let ctx = |b: &[u8]| {
+                String::from_utf8_lossy(&b[i.saturating_sub(60)..(i + 40).min(b.len())]).to_string()
+            };
+            panic!(
+                "re-serialised file differs at byte {i}:\n{}\n{}",
+                ctx(&bytes),
+                ctx(&again)
+            );
         }
         assert_eq!(again.len(), bytes.len());
         let x = images(10, 4);
         let labels = [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 0];
-        assert_eq!(back.evaluate(&x, &labels, 4, 2), net.evaluate(&x, &labels, 3, 1));
+        assert_eq!(
+            back.evaluate(&x, &labels, 4, 2),
+            net.evaluate(&x, &labels, 3, 1)
+        );
 
         let text = String::from_utf8(bytes.clone()).unwrap();
         let cases = [
             (bytes[..bytes.len() / 2].to_vec(), "EOF"),
-            (text.replacen("ccq-network", "onnx", 1).into_bytes(), "format tag"),
-            (text.replacen("\"version\":1", "\"version\":7", 1).into_bytes(), "format version 7"),
+            (
+                text.replacen("ccq-network", "onnx", 1).into_bytes(),
+                "format tag",
+            ),
+            (
+                text.replacen("\"version\":1", "\"version\":7", 1)
+                    .into_bytes(),
+                "format version 7",
+            ),
             (b"\x00\x01garbage".to_vec(), "expected value"),
         ];
         for (bad, why) in cases {
@@ -847,7 +871,10 @@ mod tests {
             assert_eq!(l.len, l.dims.iter().product::<usize>());
             assert_eq!(net.var_info(l.offset).unwrap().layer, li);
             let last = net.var_info(l.offset + l.len - 1).unwrap();
-            assert_eq!(last.position, [l.dims[0] - 1, l.dims[1] - 1, l.dims[2] - 1, l.dims[3] - 1]);
+            assert_eq!(
+                last.position,
+                [l.dims[0] - 1, l.dims[1] - 1, l.dims[2] - 1, l.dims[3] - 1]
+            );
             seen += l.len;
         }
         assert_eq!(seen, n);

@@ -156,6 +156,8 @@ pub struct ClusterConfig {
     pub heartbeat_ms: u64,
     /// A job not answered within this many seconds goes to another worker.
     pub job_timeout_secs: f64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless set).
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for ClusterConfig {
@@ -165,6 +167,7 @@ impl Default for ClusterConfig {
             shards: None,
             heartbeat_ms: 1000,
             job_timeout_secs: 120.0,
+            metrics_listen: None,
         }
     }
 }
@@ -233,7 +236,8 @@ impl RunConfig {
         if self.cluster.shards == Some(0) {
             return bad("cluster.shards", "0".into(), "must be at least 1");
         }
-        if !(self.cluster.job_timeout_secs > 0.0) || self.cluster.heartbeat_ms == 0 {
+        let timeout = self.cluster.job_timeout_secs;
+        if timeout.is_nan() || timeout <= 0.0 || self.cluster.heartbeat_ms == 0 {
             return bad(
                 "cluster",
                 format!(

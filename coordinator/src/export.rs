@@ -228,10 +228,22 @@ pub fn load_network(cfg: &ExportConfig) -> Result<QNetwork, Error> {
         }
         Ok(net)
     };
-    if path.extension().is_some_and(|e| e == "ccq") {
-        return already_quantized(QNetwork::load(&path)?);
-    }
-    if let Some(net) = onnx::load_quantized(&path, cfg.normalization.as_ref())? {
+    let net = if path.extension().is_some_and(|e| e == "ccq") {
+        Some(QNetwork::load(&path)?)
+    } else {
+        onnx::load_quantized(&path, cfg.normalization.as_ref())?
+    };
+    if let Some(net) = net {
+        if let Some(n) = &cfg.normalization {
+            if n.mean != net.input.mean || n.std != net.input.std {
+                return Err(Error::Usage(format!(
+                    "--mean/--std differ from the ones {} was quantized with (mean {:?}, std {:?})",
+                    path.display(),
+                    net.input.mean,
+                    net.input.std
+                )));
+            }
+        }
         return already_quantized(net);
     }
     let (Some(q), Some(source)) = (&cfg.quant, &cfg.data) else {
@@ -247,15 +259,84 @@ pub fn load_network(cfg: &ExportConfig) -> Result<QNetwork, Error> {
         .normalization
         .clone()
         .unwrap_or_else(|| Normalization::identity(c));
-    Ok(quantize_from_train(
-        &graph,
-        &norm,
-        source,
-        q,
-        cfg.calib_images,
-    )?)
+    quantize_from_train(&graph, &norm, source, q, cfg.calib_images)
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     std::fs::write(path, bytes).map_err(|e| ccq_common::Error::io(path, e).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo(path: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+    }
+
+    fn args(extra: &[&str]) -> ExportArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            export: ExportArgs,
+        }
+        let base = [
+            "export",
+            "--model",
+            "examples/mnist/mnist-cnn.onnx",
+            "--out",
+            "x",
+        ];
+        let mut cli = Cli::try_parse_from(base.iter().chain(extra)).unwrap();
+        cli.export.model = repo("examples/mnist/mnist-cnn.onnx");
+        cli.export
+    }
+
+    #[test]
+    fn a_float_model_is_quantized_exported_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = format!("mnist:{}", repo("examples/data/mnist-10k").display());
+        let mut a = args(&["--weight-bits", "4", "--mean", "0.1307", "--std", "0.3081"]);
+        a.data = Some(data.clone());
+        a.out = dir.path().join("m.onnx");
+        a.reference = Some(dir.path().join("ref.npz"));
+        a.limit = Some(100);
+        let report = run(&a.config().unwrap()).unwrap();
+        assert_eq!(report.precision, "w4a8");
+        let reference = report.reference.unwrap();
+        assert_eq!(reference.images, 100);
+        assert!(reference.top1 > 80.0, "{}", reference.top1);
+
+        // The export is a model `export` (and `eval`) read as the same integer network.
+        let mut again = args(&["--format", "json"]);
+        again.model = dir.path().join("m.onnx");
+        again.out = dir.path().join("m.json");
+        let back = run(&again.config().unwrap()).unwrap();
+        assert_eq!(back.precision, "w4a8");
+        assert!(dir.path().join("m.json").is_file());
+
+        // ... but not one to quantize again, or to read with another normalisation.
+        let mut twice = args(&["--weight-bits", "4"]);
+        twice.model = dir.path().join("m.onnx");
+        let err = run(&twice.config().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("already quantized"), "{err}");
+        let mut other = args(&["--mean", "0.5", "--std", "0.5"]);
+        other.model = dir.path().join("m.onnx");
+        let err = run(&other.config().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("--mean/--std differ"), "{err}");
+    }
+
+    #[test]
+    fn usage_errors_say_what_is_missing() {
+        let err = run(&args(&[]).config().unwrap()).unwrap_err();
+        assert!(
+            err.to_string().contains("--weight-bits and --data"),
+            "{err}"
+        );
+        let err = args(&["--format", "tflite"]).config().unwrap_err();
+        assert!(err.to_string().contains("onnx-qdq, json"), "{err}");
+        let err = args(&["--mean", "0.1"]).config().unwrap_err();
+        assert!(err.to_string().contains("go together"), "{err}");
+    }
 }

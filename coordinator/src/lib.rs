@@ -6,11 +6,16 @@
 //! - [`trainer`]: EDA + cooperative coevolution as a pure state machine;
 //! - [`state`]: the event loop that owns all run state, dispatches jobs, tracks workers;
 //! - [`service`]: gRPC handlers, which validate and forward to the event loop;
-//! - [`run`]: `coordinator run` — wires it all together and writes the outputs.
+//! - [`run`]: `coordinator run` — wires it all together and writes the outputs;
+//! - [`metrics`]: the Prometheus endpoint; [`progress`]: the progress bar or log lines;
+//! - [`report`]: the charts and `report.html` written at the end of a run.
 
 pub mod config;
 pub mod eval;
 pub mod export;
+pub mod metrics;
+pub mod progress;
+pub mod report;
 pub mod run;
 pub mod service;
 pub mod state;

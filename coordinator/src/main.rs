@@ -50,6 +50,9 @@ struct RunArgs {
     /// gRPC listen address (overrides the config's cluster.listen).
     #[arg(long)]
     listen: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (overrides cluster.metrics_listen).
+    #[arg(long, value_name = "ADDR", env = "CCQ_METRICS")]
+    metrics: Option<String>,
     /// Output directory (overrides the config's out).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -149,6 +152,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(listen) = a.listen {
                 config.cluster.listen = listen;
             }
+            if let Some(metrics) = a.metrics {
+                config.cluster.metrics_listen = Some(metrics);
+            }
             let opts = RunOptions {
                 config,
                 local_workers: a.local_workers,
@@ -242,7 +248,8 @@ fn init_tracing(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        // Keeps the progress bar intact when a log line is written.
+        .with_writer(ccq_coordinator::progress::LogWriter);
     if format == "json" {
         builder.json().init();
     } else {

@@ -4,7 +4,8 @@
 //!
 //! - `model.ccq`: the best network by validation accuracy (the `.ccq` format; `coordinator
 //!   eval --model` reads it);
-//! - `report.json`: config, seed, accuracies, counters and history.
+//! - `report.json`: config, seed, accuracies, counters and history;
+//! - `report.html` and SVG charts of the history and of confidence ([`crate::report`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -89,6 +90,13 @@ pub async fn run(
     let norm = cfg.normalization();
     let out_dir = cfg.out.clone();
     std::fs::create_dir_all(&out_dir).map_err(|e| ccq_common::Error::io(&out_dir, e))?;
+    // Before the setup, so that the metrics port fails fast and observers see setup too.
+    let (telemetry, _) = tokio::sync::watch::channel::<Option<Telemetry>>(None);
+    let _metrics = match &cfg.cluster.metrics_listen {
+        Some(addr) => Some(crate::metrics::spawn(addr, telemetry.subscribe()).await?),
+        None => None,
+    };
+    let progress = crate::progress::spawn(telemetry.subscribe(), cfg.budget.evaluations);
 
     let graph = onnx::load_onnx(&cfg.model.onnx)?;
     let train_len = data::split_len(&source, Split::Train)?;
@@ -187,7 +195,6 @@ pub async fn run(
         ptq_top1: None,
         eval_threads,
     };
-    let (telemetry, _) = tokio::sync::watch::channel::<Option<Telemetry>>(None);
     let state = State::new(setup, trainer, tx.clone(), telemetry.clone());
 
     // Serve gRPC until the loop is done; workers inside this process connect like remote ones.
@@ -214,6 +221,7 @@ pub async fn run(
 
     let search_start = Instant::now();
     let finished = state.run(rx, shutdown).await?;
+    drop(progress);
     let search_seconds = search_start.elapsed().as_secs_f64();
     let _ = stop_tx.send(());
     for w in workers {
@@ -260,6 +268,7 @@ pub async fn run(
     let path = out_dir.join("report.json");
     let json = serde_json::to_vec_pretty(&report).expect("the report always serialises");
     std::fs::write(&path, json).map_err(|e| ccq_common::Error::io(&path, e))?;
+    crate::report::write(&report, &out_dir)?;
     Ok(report)
 }
 
@@ -277,6 +286,7 @@ fn spawn_local_workers(
                 threads,
                 name: format!("local-{i}"),
                 data_override: None,
+                give_up_after: None,
             };
             let mut stop = stop.subscribe();
             tokio::spawn(async move {

@@ -464,7 +464,11 @@ impl State {
             // A shard with work and nobody serving it (its worker died, or came back and
             // was assigned elsewhere) would stall the run: an idle, movable worker
             // re-registers and is given that shard, the least served.
-            info!(worker, shard = empty, "moving an idle worker to a shard with no worker");
+            info!(
+                worker,
+                shard = empty,
+                "moving an idle worker to a shard with no worker"
+            );
             self.workers.remove(&worker);
             let _ = reply.send(reply_with(poll_job_response::Reply::Unknown(Unknown {})));
             return;
@@ -481,7 +485,8 @@ impl State {
         if w.fixed_shard || !self.pending[w.shard].is_empty() {
             return None;
         }
-        (0..self.setup.shards).find(|&s| !self.pending[s].is_empty() && !self.workers.values().any(|w| w.shard == s))
+        (0..self.setup.shards)
+            .find(|&s| !self.pending[s].is_empty() && !self.workers.values().any(|w| w.shard == s))
     }
 
     /// Hands pending jobs to parked polls of the right shard.
@@ -624,7 +629,7 @@ impl State {
         while self.rate.len() > 50 {
             self.rate.pop_front();
         }
-        if p.generations % self.setup.config.eval.every_generations == 0 {
+        if p.generations.is_multiple_of(self.setup.config.eval.every_generations) {
             self.schedule_eval(false);
         }
         self.publish();
@@ -784,16 +789,16 @@ impl State {
         self.history.push(point);
         // Evaluations can finish out of order; keep history in generation order.
         self.history.sort_by_key(|p| (p.generation, p.is_final));
-        if is_final || (self.phase == Phase::Evaluating && self.evals_in_flight == 0) {
-            if self.evals_in_flight == 0 {
-                self.phase = Phase::Done;
-                // Wake parked polls so workers learn the run is over.
-                for (w, reply) in std::mem::take(&mut self.parked) {
-                    let _ = reply.send(PollJobResponse {
-                        reply: Some(poll_job_response::Reply::Done(Done {})),
-                    });
-                    self.workers.remove(&w);
-                }
+        // The run is over once the final measurement and any earlier ones are in.
+        let finishing = is_final || self.phase == Phase::Evaluating;
+        if finishing && self.evals_in_flight == 0 {
+            self.phase = Phase::Done;
+            // Wake parked polls so workers learn the run is over.
+            for (w, reply) in std::mem::take(&mut self.parked) {
+                let _ = reply.send(PollJobResponse {
+                    reply: Some(poll_job_response::Reply::Done(Done {})),
+                });
+                self.workers.remove(&w);
             }
         }
     }
@@ -805,7 +810,10 @@ impl State {
             .layer_summaries(20)
             .into_iter()
             .map(|s| LayerConfidence {
-                name: net.layers.get(s.layer as usize).map_or_else(String::new, |l| l.name.clone()),
+                name: net
+                    .layers
+                    .get(s.layer as usize)
+                    .map_or_else(String::new, |l| l.name.clone()),
                 variables: s.variables,
                 frozen: s.frozen,
                 mean_confidence: s.mean_confidence,

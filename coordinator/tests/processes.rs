@@ -28,8 +28,14 @@ fn write_mnist(dir: &Path, train: usize, test: usize) {
         state
     };
     for (prefix, n) in [("train", train), ("t10k", test)] {
-        let mut images = [2051u32, n as u32, 28, 28].iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>();
-        let mut labels = [2049u32, n as u32].iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>();
+        let mut images = [2051u32, n as u32, 28, 28]
+            .iter()
+            .flat_map(|x| x.to_be_bytes())
+            .collect::<Vec<u8>>();
+        let mut labels = [2049u32, n as u32]
+            .iter()
+            .flat_map(|x| x.to_be_bytes())
+            .collect::<Vec<u8>>();
         for _ in 0..n {
             images.extend((0..784).map(|_| if next() % 4 == 0 { next() as u8 } else { 0 }));
             labels.push((next() % 10) as u8);
@@ -40,7 +46,11 @@ fn write_mnist(dir: &Path, train: usize, test: usize) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Killed(Child);
@@ -111,7 +121,10 @@ fn coordinator_and_worker_processes_train_and_finish() {
     // While it runs, `coordinator status --json` shows the live run with both workers.
     let mut seen = None;
     let live = wait_for(Duration::from_secs(60), || {
-        let o = Command::new(coordinator()).args(["status", "--json", "--addr", &addr]).output().unwrap();
+        let o = Command::new(coordinator())
+            .args(["status", "--json", "--addr", &addr])
+            .output()
+            .unwrap();
         if !o.status.success() {
             return false;
         }
@@ -124,30 +137,63 @@ fn coordinator_and_worker_processes_train_and_finish() {
     });
     assert!(live, "status never showed a training run with 2 workers");
     let v = seen.unwrap();
-    for key in ["phase", "evaluations", "evaluations_per_sec", "best_fitness", "test_top1", "frozen_variables", "free_variables"] {
+    for key in [
+        "phase",
+        "evaluations",
+        "evaluations_per_sec",
+        "best_fitness",
+        "test_top1",
+        "frozen_variables",
+        "free_variables",
+    ] {
         assert!(v.get(key).is_some(), "status lacks {key}: {v}");
     }
-    let shards: Vec<u64> = v["workers"].as_array().unwrap().iter().map(|w| w["shard"].as_u64().unwrap()).collect();
-    assert!(shards.contains(&0) && shards.contains(&1), "each worker got its own shard: {shards:?}");
+    let shards: Vec<u64> = v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["shard"].as_u64().unwrap())
+        .collect();
+    assert!(
+        shards.contains(&0) && shards.contains(&1),
+        "each worker got its own shard: {shards:?}"
+    );
 
-    let finished = wait_for(Duration::from_secs(120), || coord.0.try_wait().unwrap().is_some());
+    let finished = wait_for(Duration::from_secs(120), || {
+        coord.0.try_wait().unwrap().is_some()
+    });
     assert!(finished, "the run did not finish");
     assert!(coord.0.wait().unwrap().success());
     // Workers exit 0 on their own once the coordinator says the run is done.
     for mut w in workers {
-        assert!(wait_for(Duration::from_secs(20), || w.0.try_wait().unwrap().is_some()), "worker still running");
+        assert!(
+            wait_for(Duration::from_secs(20), || w
+                .0
+                .try_wait()
+                .unwrap()
+                .is_some()),
+            "worker still running"
+        );
         assert!(w.0.wait().unwrap().success());
     }
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["evaluations"], 2400);
     for key in ["float", "ptq", "final"] {
-        assert!(report["accuracy"][key].is_number(), "report lacks accuracy.{key}");
+        assert!(
+            report["accuracy"][key].is_number(),
+            "report lacks accuracy.{key}"
+        );
     }
     // The written network is what `coordinator eval` measures as the final test accuracy.
     let o = Command::new(coordinator())
         .args(["eval", "--model"])
         .arg(out.join("model.ccq"))
-        .args(["--data", &format!("mnist:{}", dir.path().display()), "--json"])
+        .args([
+            "--data",
+            &format!("mnist:{}", dir.path().display()),
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -159,7 +205,10 @@ fn coordinator_and_worker_processes_train_and_finish() {
 #[test]
 fn status_of_an_unreachable_coordinator_exits_2() {
     let port = free_port();
-    let o = Command::new(coordinator()).args(["status", "--addr", &format!("127.0.0.1:{port}")]).output().unwrap();
+    let o = Command::new(coordinator())
+        .args(["status", "--addr", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.lines().count(), 1, "one line, no stack trace: {err}");
@@ -172,7 +221,11 @@ fn eval_reports_bad_input_clearly() {
     write_mnist(dir.path(), 50, 20);
     let data = format!("mnist:{}", dir.path().display());
     let run = |args: &[&str]| {
-        let o = Command::new(coordinator()).arg("eval").args(args).output().unwrap();
+        let o = Command::new(coordinator())
+            .arg("eval")
+            .args(args)
+            .output()
+            .unwrap();
         assert!(!o.status.success(), "{args:?} should fail");
         String::from_utf8_lossy(&o.stderr).to_string()
     };
@@ -189,9 +242,16 @@ fn eval_reports_bad_input_clearly() {
     assert!(run(&["--model", m, "--data", "imagenet:/x"]).contains("imagenet"));
     assert!(run(&["--model", m, "--data", &data, "--split", "val"]).contains("val"));
     assert!(run(&["--model", m, "--data", &data, "--weight-bits", "9"]).contains("weight_bits"));
-    assert!(run(&["--model", m, "--data", &data, "--mean", "0.1,0.2", "--std", "1,1"]).contains("--mean/--std"));
+    assert!(
+        run(&["--model", m, "--data", &data, "--mean", "0.1,0.2", "--std", "1,1"])
+            .contains("--mean/--std")
+    );
     // A truncated dataset file names the file.
-    std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), [0u8, 0, 8, 3, 0, 0]).unwrap();
+    std::fs::write(
+        dir.path().join("t10k-images-idx3-ubyte"),
+        [0u8, 0, 8, 3, 0, 0],
+    )
+    .unwrap();
     let e = run(&["--model", m, "--data", &data]);
     assert!(e.contains("t10k-images-idx3-ubyte"), "{e}");
 }

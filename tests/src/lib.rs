@@ -32,7 +32,13 @@ pub fn write_tiny_mnist(dir: &Path, train: usize, test: usize, seed: u64) {
         labels.extend_from_slice(&(n as u32).to_be_bytes());
         for _ in 0..n {
             // Sparse bright strokes on black, like digits.
-            images.extend((0..28 * 28).map(|_| if rng.random_range(0..4) == 0 { rng.random::<u8>() } else { 0 }));
+            images.extend((0..28 * 28).map(|_| {
+                if rng.random_range(0..4) == 0 {
+                    rng.random::<u8>()
+                } else {
+                    0
+                }
+            }));
             labels.push(rng.random_range(0..10u8));
         }
         write(&dir.join(format!("{prefix}-images-idx3-ubyte")), &images);
@@ -98,7 +104,9 @@ pub struct Cluster {
 /// The run uses one shard per worker.
 pub async fn spawn_cluster(mut cfg: RunConfig, workers: usize) -> Cluster {
     cfg.cluster.shards = Some(workers.max(1));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
     let addr = listener.local_addr().expect("local addr");
     let (stop, _) = broadcast::channel(1);
     let workers = (0..workers)
@@ -143,10 +151,18 @@ pub async fn spawn_cluster(mut cfg: RunConfig, workers: usize) -> Cluster {
 impl Cluster {
     /// Waits for the run to finish and every worker to exit on its own ("done").
     pub async fn finish(self) -> RunReport {
-        let report = self.coordinator.await.expect("coordinator task").expect("run succeeds");
+        let report = self
+            .coordinator
+            .await
+            .expect("coordinator task")
+            .expect("run succeeds");
         for w in self.workers {
             let exit = w.await.expect("worker task").expect("worker exits cleanly");
-            assert_eq!(exit, ccq_worker::Exit::RunDone, "workers leave because the run is done");
+            assert_eq!(
+                exit,
+                ccq_worker::Exit::RunDone,
+                "workers leave because the run is done"
+            );
         }
         report
     }

@@ -25,13 +25,27 @@ async fn one_and_three_workers_train_the_identical_network() {
         let h: Vec<_> = report
             .history
             .iter()
-            .map(|p| (p.generation, p.evaluations, p.best_fitness.map(f64::to_bits), p.val_top1.to_bits(), p.network_version))
+            .map(|p| {
+                (
+                    p.generation,
+                    p.evaluations,
+                    p.best_fitness.map(f64::to_bits),
+                    p.val_top1.to_bits(),
+                    p.network_version,
+                )
+            })
             .collect();
         assert!(h.len() > 10, "one history row per generation");
         histories.push(h);
     }
-    assert_eq!(histories[0], histories[1], "history depends on the number of workers");
-    assert!(models[0] == models[1], "model.ccq depends on the number of workers");
+    assert_eq!(
+        histories[0], histories[1],
+        "history depends on the number of workers"
+    );
+    assert!(
+        models[0] == models[1],
+        "model.ccq depends on the number of workers"
+    );
 }
 
 /// Every generation's best fitness, as the cluster summed it from its shards, equals a
@@ -47,21 +61,55 @@ async fn cluster_fitness_equals_single_process_evaluation() {
     // Replay the run in this process: the same trainer, candidates evaluated locally.
     let source: DataSource = cfg.data.source.parse().unwrap();
     let graph = ccq_common::onnx::load_onnx(&cfg.model.onnx).unwrap();
-    let net = quantize_from_train(&graph, &cfg.normalization(), &source, &cfg.quant_config().unwrap(), cfg.quant.calib_images).unwrap();
+    let net = quantize_from_train(
+        &graph,
+        &cfg.normalization(),
+        &source,
+        &cfg.quant_config().unwrap(),
+        cfg.quant.calib_images,
+    )
+    .unwrap();
     let train = data::load(&source, Split::Train, None).unwrap();
     let search_len = train.len() - cfg.data.validation;
-    let mut trainer = Trainer::new(net, cfg.eda.clone(), cfg.search.clone(), cfg.seed, search_len).unwrap();
+    let mut trainer = Trainer::new(
+        net,
+        cfg.eda.clone(),
+        cfg.search.clone(),
+        cfg.seed,
+        search_len,
+    )
+    .unwrap();
     let mut local = Vec::new();
     while trainer.progress().evaluations < 160 {
-        let g = trainer.next_generation().unwrap().expect("free variables remain");
+        let g = trainer
+            .next_generation()
+            .unwrap()
+            .expect("free variables remain");
         let il = train.image_len();
-        let pixels: Vec<u8> = g.images.iter().flat_map(|&i| train.images[i as usize * il..(i as usize + 1) * il].to_vec()).collect();
+        let pixels: Vec<u8> = g
+            .images
+            .iter()
+            .flat_map(|&i| train.images[i as usize * il..(i as usize + 1) * il].to_vec())
+            .collect();
         let labels: Vec<u8> = g.images.iter().map(|&i| train.labels[i as usize]).collect();
-        let stats = fitness::evaluate_candidates(trainer.network(), &pixels, &labels, &g.vars, &g.candidates, 1).unwrap();
+        let stats = fitness::evaluate_candidates(
+            trainer.network(),
+            &pixels,
+            &labels,
+            &g.vars,
+            &g.candidates,
+            1,
+        )
+        .unwrap();
         let outcome = trainer.complete(&g, &stats).unwrap();
         local.push(outcome.best_loss);
     }
-    let cluster: Vec<f64> = report.history.iter().filter(|p| p.generation > 0 && !p.best_fitness.is_none()).filter_map(|p| p.best_fitness).collect();
+    let cluster: Vec<f64> = report
+        .history
+        .iter()
+        .filter(|p| p.generation > 0 && p.best_fitness.is_some())
+        .filter_map(|p| p.best_fitness)
+        .collect();
     // History holds one row per generation (every_generations = 1) plus the final row.
     assert!(cluster.len() >= local.len());
     assert_eq!(&cluster[..local.len()], &local[..]);

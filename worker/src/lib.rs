@@ -36,7 +36,11 @@ pub enum Error {
     #[error("coordinator RPC failed: {0}")]
     Rpc(#[from] tonic::Status),
     #[error("coordinator {addr} unreachable for {secs} s, giving up: {reason}")]
-    Unreachable { addr: String, secs: f64, reason: String },
+    Unreachable {
+        addr: String,
+        secs: f64,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -13,9 +13,15 @@ fn bad_arguments_are_clear_errors() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("invalid shard") && err.contains("3/3"), "{err}");
+    assert!(
+        err.contains("invalid shard") && err.contains("3/3"),
+        "{err}"
+    );
 
-    let out = Command::new(bin).args(["--coordinator", "not a url"]).output().unwrap();
+    let out = Command::new(bin)
+        .args(["--coordinator", "not a url"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a url"), "{err}");

@@ -140,7 +140,10 @@ mod tests {
         assert_eq!((10 + header_len) % 64, 0);
         let header = std::str::from_utf8(&npy[10..10 + header_len]).unwrap();
         assert!(header.contains("'shape': (2, 3)"), "{header}");
-        assert_eq!(&npy[10 + header_len..10 + header_len + 6], &[1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            &npy[10 + header_len..10 + header_len + 6],
+            &[1, 2, 3, 4, 5, 6]
+        );
         // End of central directory: two entries.
         let eocd = &zip[zip.len() - 22..];
         assert_eq!(&eocd[..4], b"PK\x05\x06");

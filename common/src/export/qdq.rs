@@ -8,12 +8,14 @@
 //! point 0) and their biases as int32 through a DequantizeLinear at scale
 //! `s_in * w_scale[oc]`, so the codes and biases in the file are exactly ccq's. The graph
 //! input is the normalised float image, quantized like ccq's input lookup table; the
-//! output is the float logits of the last layer, never requantized.
+//! output is the last layer's float result rounded to ccq's logit scale (Div, Round, Mul),
+//! i.e. ccq's integer logits in real units.
 //!
 //! Layout goes back to ONNX's NCHW: weights OHWI -> OIHW, and the columns of a fully
 //! connected layer that reads a flattened feature map from ccq's HWC order back to CHW.
 //!
-//! Tensor names follow the ccq node names: `{node}` is the dequantized output,
+//! Tensor names follow the ccq node names: `{node}` is the dequantized output (the
+//! quantized input is `input_quant`),
 //! `{node}.codes` its u8 codes, `{node}.weight` / `{node}.bias` a layer's dequantized
 //! parameters with `.codes`, `.scale` and `.zero_point` initializers beside them.
 
@@ -71,7 +73,7 @@ pub fn to_onnx_qdq(net: &QNetwork) -> Result<QdqExport> {
     let iv = net.input_value;
     let input = "input".to_string();
     let mut vals = vec![Val {
-        name: b.quantize("input", input.clone(), &iv, None),
+        name: b.quantize("input_quant", input.clone(), &iv, None),
         rank: 4,
         hwc: None,
     }];
@@ -96,18 +98,18 @@ pub fn to_onnx_qdq(net: &QNetwork) -> Result<QdqExport> {
         let mut hwc = src.hwc;
         let name = match &node.op {
             QOp::Conv(c) => {
-                let real = b.layer(label, c, src, &src_q, node)?;
                 if i == last {
-                    output = if src.rank == 4 {
-                        b.node("Flatten", label, &[&real], "logits", vec![int("axis", 1)])
-                    } else {
-                        b.node("Identity", label, &[&real], "logits", vec![])
-                    };
+                    let real = b.layer(label, c, src, &src_q, node, &real(label))?;
+                    output = b.logits(label, real, net.logit_scale, src.rank);
                     break;
                 }
+                let real = b.layer(label, c, src, &src_q, node, &real(label))?;
                 rank = src.rank;
                 hwc = None;
-                let stage = c.stage.as_ref().expect("hidden layers have an output stage");
+                let stage = c
+                    .stage
+                    .as_ref()
+                    .expect("hidden layers have an output stage");
                 b.quantize(label, real, &node.out, Some((stage.min, stage.max)))
             }
             QOp::Add(p) => {
@@ -193,7 +195,9 @@ pub fn to_onnx_qdq(net: &QNetwork) -> Result<QdqExport> {
                 let pads = b.i64s(
                     &format!("{label}.pads"),
                     &[8],
-                    &[0, before[0], before[1], before[2], 0, after[0], after[1], after[2]],
+                    &[
+                        0, before[0], before[1], before[2], 0, after[0], after[1], after[2],
+                    ],
                 );
                 // The padding value 0.0 is the zero point's real value, as in ccq.
                 let real = b.node("Pad", label, &[&src.name, &pads], &real(label), vec![]);
@@ -231,7 +235,9 @@ pub fn to_onnx_qdq(net: &QNetwork) -> Result<QdqExport> {
         net.input.mean,
         net.input.std
     );
-    graph.input.push(value_info(&input, DataType::Float, &ishape));
+    graph
+        .input
+        .push(value_info(&input, DataType::Float, &ishape));
     graph
         .output
         .push(value_info("logits", DataType::Float, &[net.num_classes]));
@@ -292,7 +298,7 @@ fn real(label: &str) -> String {
 
 /// Unique, non-empty labels for the nodes (ONNX tensor names must be unique).
 fn node_labels(nodes: &[QNode]) -> Vec<String> {
-    let mut seen: HashSet<String> = ["input".to_string(), "logits".to_string()].into();
+    let mut seen: HashSet<String> = ["input", "input_quant", "logits"].map(String::from).into();
     nodes
         .iter()
         .enumerate()
@@ -401,7 +407,13 @@ impl Builder {
                 let real = |code: u8| ((f64::from(code) - f64::from(q.zp)) * q.scale) as f32;
                 let lo = self.f32s(&format!("{label}.min"), &[], &[real(min)]);
                 let hi = self.f32s(&format!("{label}.max"), &[], &[real(max)]);
-                self.node("Clip", label, &[&x, &lo, &hi], &format!("{label}.clip"), vec![])
+                self.node(
+                    "Clip",
+                    label,
+                    &[&x, &lo, &hi],
+                    &format!("{label}.clip"),
+                    vec![],
+                )
             }
             _ => x,
         };
@@ -412,11 +424,63 @@ impl Builder {
             &format!("{label}.codes"),
             vec![],
         );
-        self.node("DequantizeLinear", label, &[&codes, &scale, &zp], label, vec![])
+        self.node(
+            "DequantizeLinear",
+            label,
+            &[&codes, &scale, &zp],
+            label,
+            vec![],
+        )
+    }
+
+    /// The graph output from the last layer's float result: ccq's integer logits
+    /// (`round(y / logit_scale)`, at the common scale the engine rounds every class to)
+    /// times `logit_scale`, flattened to `[N, K]` from a Conv's `[N, K, 1, 1]`. Rounding
+    /// as the engine does keeps its ties (equal logits, first class wins) in the file.
+    fn logits(&mut self, label: &str, real: String, logit_scale: f64, rank: usize) -> String {
+        let step = self.f32s(&format!("{label}.logit_scale"), &[], &[logit_scale as f32]);
+        let steps = self.node(
+            "Div",
+            &format!("{label}/logit_steps"),
+            &[&real, &step],
+            &format!("{label}.logit_steps"),
+            vec![],
+        );
+        let rounded = self.node(
+            "Round",
+            &format!("{label}/round"),
+            &[&steps],
+            &format!("{label}.logits_int"),
+            vec![],
+        );
+        let flat = if rank == 4 {
+            format!("{label}.logits")
+        } else {
+            "logits".to_string()
+        };
+        let scaled = self.node(
+            "Mul",
+            &format!("{label}/logit_scale"),
+            &[&rounded, &step],
+            &flat,
+            vec![],
+        );
+        if rank == 4 {
+            let flatten = format!("{label}/flatten");
+            self.node(
+                "Flatten",
+                &flatten,
+                &[&scaled],
+                "logits",
+                vec![int("axis", 1)],
+            )
+        } else {
+            scaled
+        }
     }
 
     /// A Conv (4-D input) or Gemm (2-D input) with dequantized int8 weights and int32
-    /// bias; returns the name of its float output.
+    /// bias, writing its float result to `output`.
     fn layer(
         &mut self,
         label: &str,
@@ -424,6 +488,7 @@ impl Builder {
         src: &Val,
         src_q: &QValue,
         node: &QNode,
+        output: &str,
     ) -> Result<String> {
         let g = c.geom;
         let (o, k) = (g.out_c, g.k_len());
@@ -510,9 +575,9 @@ impl Builder {
                 ints("dilations", &[g.dil_h, g.dil_w]),
                 ints("pads", &[g.pad_t, g.pad_l, g.pad_b, g.pad_r]),
             ];
-            self.node("Conv", label, &inputs, &real(label), attrs)
+            self.node("Conv", label, &inputs, output, attrs)
         } else {
-            self.node("Gemm", label, &inputs, &real(label), vec![int("transB", 1)])
+            self.node("Gemm", label, &inputs, output, vec![int("transB", 1)])
         })
     }
 }

@@ -81,18 +81,24 @@ impl Plan {
             block += blocks;
         }
 
+        // Each 4-channel step of a group is one contiguous run of `width` dwords, dword `j`
+        // from output channel `oc0 + j`: write in that order (the search repacks a layer
+        // every time its codes change, so this is worth keeping cheap).
         let mut packed = vec![0i8; total_blocks * LANES * k4 * 4];
-        let (k_len, taps_n) = (g.k_len(), taps.len());
+        let (k_len, cpt) = (g.k_len(), c4 / 4);
         for grp in &groups {
             let dst = &mut packed[grp.weights..][..grp.blocks * LANES * k4 * 4];
-            for j in 0..grp.width {
-                let row = &weights[(grp.oc0 + j) * k_len..][..k_len];
-                let (block, lane) = (j / LANES, j % LANES);
-                for tap in 0..taps_n {
-                    for ic in 0..g.in_c {
-                        let k4_index = tap * c4 / 4 + ic / 4;
-                        dst[((k4_index * grp.blocks + block) * LANES + lane) * 4 + ic % 4] =
-                            row[tap * g.in_c + ic];
+            let rows = &weights[grp.oc0 * k_len..][..grp.width * k_len];
+            for (k, step) in dst.chunks_exact_mut(grp.blocks * LANES * 4).enumerate() {
+                let (tap, ic0) = (k / cpt, k % cpt * 4);
+                let src = tap * g.in_c + ic0;
+                let n = (g.in_c - ic0).min(4);
+                for (d, row) in step.chunks_exact_mut(4).zip(rows.chunks_exact(k_len)) {
+                    if n == 4 {
+                        // A fixed-length copy: one dword move rather than a memcpy call.
+                        d.copy_from_slice(&row[src..src + 4]);
+                    } else {
+                        d[..n].copy_from_slice(&row[src..src + n]);
                     }
                 }
             }
@@ -216,13 +222,13 @@ impl Plan {
     ) {
         let out_c = self.geom.out_c;
         for grp in &self.groups {
-            // Even tiles: 32 pixels with at most 12 per tile run as 11 + 11 + 10, not
-            // 12 + 12 + 8, so no tile runs with few accumulators.
             let kind = TileKind {
                 blocks: grp.blocks,
                 k_w: self.geom.k_w,
                 dense_rows: step == self.c4 && self.geom.dil_w == 1,
             };
+            // Even tiles: 32 pixels with at most 12 per tile run as 11 + 11 + 10, not
+            // 12 + 12 + 8, so no tile runs with few accumulators.
             let pmax = K::max_pixels(kind);
             let tiles = count.div_ceil(pmax);
             let per_tile = count.div_ceil(tiles);
@@ -332,6 +338,8 @@ pub(super) struct Tile<'a> {
 
 /// What a micro-kernel may specialise on, besides the tile's size.
 #[derive(Debug, Clone, Copy)]
+// Only the x86 micro-kernels specialise.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) struct TileKind {
     /// Blocks of 16 output channels.
     pub blocks: usize,
@@ -360,6 +368,8 @@ pub(super) trait MicroKernel {
 
 /// An output stage with the fixed-point constants laid out per 16-lane block for the SIMD
 /// kernels, which split the 16 i32 lanes into even and odd lanes to get exact i64 products.
+// Only the x86 micro-kernels use the SIMD layout.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) struct Stage<'a> {
     pub stage: &'a OutputStage,
     pub blocks: Vec<StageBlock>,

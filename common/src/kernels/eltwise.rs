@@ -24,7 +24,8 @@ impl NarrowAdd {
     /// or a product wrapped on the way.
     fn new(p: &AddParams) -> Option<NarrowAdd> {
         let (a_mult, b_mult) = (i64::from(p.a_mult), i64::from(p.b_mult));
-        let offset = (1i64 << (p.shift - 1)) - i64::from(p.a_zp) * a_mult - i64::from(p.b_zp) * b_mult;
+        let offset =
+            (1i64 << (p.shift - 1)) - i64::from(p.a_zp) * a_mult - i64::from(p.b_zp) * b_mult;
         let lo = offset + (255 * a_mult).min(0) + (255 * b_mult).min(0);
         let hi = offset + (255 * a_mult).max(0) + (255 * b_mult).max(0);
         let out_zp = i64::from(p.out_zp);
@@ -51,7 +52,10 @@ impl NarrowAdd {
             .wrapping_mul(self.a_mult)
             .wrapping_add(i32::from(b).wrapping_mul(self.b_mult))
             .wrapping_add(self.offset);
-        (v >> self.shift).wrapping_add(self.out_zp).max(self.min).min(self.max) as u8
+        (v >> self.shift)
+            .wrapping_add(self.out_zp)
+            .max(self.min)
+            .min(self.max) as u8
     }
 }
 
@@ -66,4 +70,10 @@ pub(super) fn add(p: &AddParams, a: &[u8], b: &[u8], out: &mut [u8]) {
         }
         None => super::reference::add(p, a, b, out),
     }
+}
+
+/// Whether `p` takes the i32 route (for tests that must cover both).
+#[cfg(test)]
+pub(super) fn is_narrow(p: &AddParams) -> bool {
+    NarrowAdd::new(p).is_some()
 }

@@ -6,20 +6,25 @@
 //! contiguous bytes. Weights are OHWI: `[out_c][k_h][k_w][in_c]`. A batch of `n` images
 //! is stored contiguously, image after image.
 //!
-//! As in tract, every fast kernel has a plain reference beside it ([`reference`]); the
-//! tests run the same cases against both and require bit-identical results.
+//! As in tract, every fast kernel has a plain reference beside it
+//! ([`reference`](mod@reference)); the tests run the same cases against both and require
+//! bit-identical results.
 //!
 //! # Kernel paths
 //!
 //! The convolution and the elementwise add exist in several implementations
-//! ([`KernelPath`]): the plain [`reference`] loops, a portable blocked kernel that the
-//! compiler vectorises for whatever target it builds, an AVX2 kernel and an AVX-512 VNNI
-//! kernel (`VPDPBUSD`: u8 activations x i8 weights, exactly the operand types we have).
-//! All of them produce the same bits; they differ only in speed. The best path the CPU
-//! supports is chosen at run time. The environment variable `CCQ_KERNEL`
+//! ([`KernelPath`]): the plain [`reference`](mod@reference) loops, a portable blocked kernel
+//! that the compiler vectorises for whatever target it builds, an AVX2 kernel and an
+//! AVX-512 VNNI kernel (`VPDPBUSD`: u8 activations x i8 weights, exactly the operand types
+//! we have). All of them produce the same bits; they differ only in speed. The best path
+//! the CPU supports is chosen at run time. The environment variable `CCQ_KERNEL`
 //! (`reference`, `portable`, `avx2` or `vnni`) forces one, and [`set_kernel_path`] does the
 //! same from code; [`PackedConv::run_with`] and [`add_with`] take the path explicitly,
-//! which is what tests and benchmarks use.
+//! which is what tests and benchmarks use. The blocked paths share the weight packing,
+//! padding and tiling (`blocked`), and differ in their micro-kernels (`blocked`, `x86`);
+//! `common/benches/kernels.rs` measures them.
+//!
+//! Kernels are single-threaded; callers split a batch across threads.
 //!
 //! # Arithmetic
 //!
@@ -74,8 +79,7 @@ impl Requant {
     /// `apply` returns 0 for every i32 input anyway, so nothing is lost. Negative and NaN
     /// inputs, which have no meaning as a scale ratio, also give [`Requant::ZERO`].
     pub fn from_real(m: f64) -> Requant {
-        // `!(m > 0)` also catches NaN.
-        if !(m > 0.0) {
+        if m.is_nan() || m <= 0.0 {
             return Requant::ZERO;
         }
         if m.is_infinite() {
@@ -226,11 +230,12 @@ pub struct PackedConv {
 impl PackedConv {
     /// `weights`: OHWI, `geom.out_c * geom.k_len()` codes; `bias`: one i32 per output channel
     /// at scale `s_in * s_w[oc]`. Panics only on length mismatch or a degenerate geometry
-    /// (zero kernel, stride or dilation): programming errors, since the geometry comes from
+    /// (zero input channels, kernel, stride or dilation): programming errors, since the geometry comes from
     /// a validated graph.
     pub fn new(geom: ConvGeom, weights: &[i8], bias: &[i32], input_zp: u8) -> PackedConv {
         assert!(
-            geom.k_h > 0
+            geom.in_c > 0
+                && geom.k_h > 0
                 && geom.k_w > 0
                 && geom.stride_h > 0
                 && geom.stride_w > 0
@@ -373,7 +378,16 @@ impl AddParams {
     /// `s_out` that is zero, negative or not finite, and NaN input scales, give zero
     /// multipliers: the output is the constant `out_zp` (clamped), never a division by zero.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(s_a: f64, a_zp: i32, s_b: f64, b_zp: i32, s_out: f64, out_zp: i32, min: u8, max: u8) -> AddParams {
+    pub fn new(
+        s_a: f64,
+        a_zp: i32,
+        s_b: f64,
+        b_zp: i32,
+        s_out: f64,
+        out_zp: i32,
+        min: u8,
+        max: u8,
+    ) -> AddParams {
         let ratio = |s: f64| {
             let r = s / s_out;
             if s_out > 0.0 && s_out.is_finite() && !r.is_nan() {
@@ -502,12 +516,24 @@ impl PoolGeom {
     pub fn out_len(&self) -> usize {
         self.out_h() * self.out_w() * self.c
     }
+
+    /// Panics on a degenerate window or a length mismatch: programming errors, since the
+    /// geometry comes from a validated graph.
+    fn check_lengths(&self, input: usize, n: usize, out: usize) {
+        assert!(
+            self.k_h > 0 && self.k_w > 0 && self.stride_h > 0 && self.stride_w > 0,
+            "degenerate pool geometry {self:?}"
+        );
+        assert_eq!(input, n * self.in_len(), "pool input length for {self:?}");
+        assert_eq!(out, n * self.out_len(), "pool output length for {self:?}");
+    }
 }
 
 /// Max over each window; padded cells are ignored (ONNX MaxPool). A window that holds
 /// only padding gives 0, the code that -inf saturates to. `input`: `n * g.in_len()`,
 /// `out`: `n * g.out_len()`.
 pub fn max_pool(g: &PoolGeom, input: &[u8], n: usize, out: &mut [u8]) {
+    g.check_lengths(input.len(), n, out.len());
     reference::max_pool(g, input, n, out);
 }
 
@@ -523,19 +549,22 @@ pub fn avg_pool(
     n: usize,
     out: &mut [u8],
 ) {
+    g.check_lengths(input.len(), n, out.len());
     reference::avg_pool(g, count_include_pad, pad_value, input, n, out);
 }
 
 /// Per image and channel, the average over the `h x w` plane, rounded half up like
 /// [`avg_pool`]. `input`: `n * h * w * c`, `out`: `n * c`. An empty plane gives 0.
 pub fn global_avg_pool(h: usize, w: usize, c: usize, input: &[u8], n: usize, out: &mut [u8]) {
+    assert_eq!(input.len(), n * h * w * c, "global_avg_pool input length");
+    assert_eq!(out.len(), n * c, "global_avg_pool output length");
     reference::global_avg_pool(h, w, c, input, n, out);
 }
 
 /// One implementation of the kernels. All produce identical bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelPath {
-    /// The plain loops of [`reference`].
+    /// The plain loops of [`reference`](mod@reference).
     Reference,
     /// Blocked kernels in plain Rust, auto-vectorised for the build target.
     Portable,

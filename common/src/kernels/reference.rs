@@ -163,11 +163,10 @@ pub fn avg_pool(
             }
             let o = &mut y[(oy * out_w + ox) * g.c..][..g.c];
             for (o, &s) in o.iter_mut().zip(&sums) {
-                *o = if count == 0 {
-                    pad_value
-                } else {
-                    ((s + count / 2) / count) as u8
-                };
+                // An empty window (possible only without the padding count) gives pad_value.
+                *o = (s + count / 2)
+                    .checked_div(count)
+                    .map_or(pad_value, |v| v as u8);
             }
         });
     }
@@ -186,11 +185,7 @@ pub fn global_avg_pool(h: usize, w: usize, c: usize, input: &[u8], n: usize, out
             }
         }
         for (o, &s) in out[img * c..][..c].iter_mut().zip(&sums) {
-            *o = if count == 0 {
-                0
-            } else {
-                ((s + count / 2) / count) as u8
-            };
+            *o = (s + count / 2).checked_div(count).map_or(0, |v| v as u8);
         }
     }
 }

@@ -355,6 +355,37 @@ fn every_path_matches_reference_on_network_shapes() {
 }
 
 #[test]
+fn every_path_matches_reference_on_dense_three_tap_rows() {
+    // Stride and dilation 1 along rows with 3-tap rows and at most 16 output channels: the
+    // shape the VNNI path shares broadcasts across taps for. Wide rows give several tiles
+    // per row, of every length up to the maximum.
+    let mut rng = rng(9);
+    for case in 0..60 {
+        let mut g = random_geom(&mut rng);
+        g.k_w = 3;
+        g.stride_w = 1;
+        g.dil_w = 1;
+        g.out_c = rng.random_range(1..=16);
+        g.in_c = rng.random_range(1..=40);
+        g.in_w = (3usize.saturating_sub(g.pad_l + g.pad_r)).max(1) + rng.random_range(0..40);
+        let c = ConvCase::random(&mut rng, g);
+        let stage = random_stage(&mut rng, g.out_c);
+        let (acc, codes) = (
+            c.acc(KernelPath::Reference),
+            c.codes(KernelPath::Reference, &stage),
+        );
+        for path in KernelPath::available().into_iter().skip(1) {
+            assert_eq!(c.acc(path), acc, "case {case}, {path}, acc, {g:?}");
+            assert_eq!(
+                c.codes(path, &stage),
+                codes,
+                "case {case}, {path}, codes, {g:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn empty_batch_writes_nothing() {
     let mut rng = rng(4);
     let c = ConvCase::random(&mut rng, geom((4, 4), 3, 5, (3, 3), 1, 1));
@@ -622,6 +653,74 @@ fn add_with_degenerate_output_scale_is_constant() {
     let mut out = [0u8; 3];
     add(&p, &[0, 1, 2], &[0, 0, 0], &mut out);
     assert_eq!(out, [100, 255, 255]);
+}
+
+#[test]
+fn add_paths_match_reference_near_the_i32_limit() {
+    // The fast paths compute in i32 when the parameters guarantee the result fits and fall
+    // back to i64 otherwise; straddle that limit from both sides.
+    let mut rng = rng(10);
+    let limit_mult = (i32::MAX - 1) / 255; // 255 * m + 1 just fits
+    let (mut narrow, mut wide) = (0, 0);
+    for _ in 0..400 {
+        let mut p = AddParams {
+            a_zp: rng.random_range(-2..=2),
+            a_mult: limit_mult + rng.random_range(-2..=2),
+            b_zp: rng.random_range(-2..=2),
+            b_mult: rng.random_range(-2..=2),
+            shift: rng.random_range(1..=3),
+            out_zp: 0,
+            min: 0,
+            max: 255,
+        };
+        if rng.random_range(0..2) == 0 {
+            p.a_mult = -p.a_mult;
+        }
+        // Sometimes push `out_zp + (sum >> shift)` to the edge of i32 instead.
+        if rng.random_range(0..3) == 0 {
+            let top = (i64::from(limit_mult) * 255) >> p.shift;
+            p.out_zp = (i64::from(i32::MAX) - top + rng.random_range(-3..=3))
+                .clamp(0, i64::from(i32::MAX)) as i32;
+        }
+        if eltwise::is_narrow(&p) {
+            narrow += 1;
+        } else {
+            wide += 1;
+        }
+        let a: Vec<u8> = (0..64).map(|_| code(&mut rng)).collect();
+        let b: Vec<u8> = (0..64).map(|_| code(&mut rng)).collect();
+        let mut want = vec![0; 64];
+        reference::add(&p, &a, &b, &mut want);
+        for path in KernelPath::available() {
+            let mut got = vec![0; 64];
+            add_with(path, &p, &a, &b, &mut got);
+            assert_eq!(got, want, "{path} {p:?}");
+        }
+    }
+    assert!(
+        narrow > 50 && wide > 50,
+        "both routes covered: {narrow} narrow, {wide} wide"
+    );
+}
+
+#[test]
+fn add_params_from_scales_take_the_i32_route() {
+    let mut rng = rng(11);
+    for _ in 0..200 {
+        let s = |rng: &mut ChaCha8Rng| 2f64.powf(rng.random_range(-12.0..4.0));
+        let (s_a, s_b, s_out) = (s(&mut rng), s(&mut rng), s(&mut rng));
+        let p = AddParams::new(
+            s_a,
+            code(&mut rng).into(),
+            s_b,
+            code(&mut rng).into(),
+            s_out,
+            code(&mut rng).into(),
+            0,
+            255,
+        );
+        assert!(eltwise::is_narrow(&p), "{p:?}");
+    }
 }
 
 #[test]

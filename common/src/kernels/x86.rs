@@ -130,7 +130,7 @@ unsafe fn vnni_tile<const P: usize, const J: usize>(t: &Tile, out: TileOut) {
 }
 
 /// One tile of `P` pixels x one block, for kernels 3 taps wide with stride and dilation 1
-/// along the row ([`Tile::dense_rows`]): there pixel `p`'s tap `kx` reads the same input
+/// along the row ([`TileKind::dense_rows`]): there pixel `p`'s tap `kx` reads the same input
 /// as pixel `p + 1`'s tap `kx - 1`, so each input dword is broadcast once and fed to up
 /// to 3 accumulators, with the 3 taps' weights held in registers. That cuts the loads per
 /// `VPDPBUSD` from about 1 to 0.4, which matters when one block leaves nothing else to
@@ -149,7 +149,8 @@ unsafe fn vnni_row3_tile<const P: usize>(t: &Tile, out: TileOut) {
         let row = x.add(row_taps[0]);
         let w_row = t.weights.as_ptr().add(ky * 3 * cpt * block);
         for c in 0..cpt {
-            let w = [0, 1, 2].map(|kx| _mm512_loadu_si512(w_row.add((kx * cpt + c) * block).cast()));
+            let w =
+                [0, 1, 2].map(|kx| _mm512_loadu_si512(w_row.add((kx * cpt + c) * block).cast()));
             let xc = row.add(c * 4);
             for i in 0..P + 2 {
                 let xb = _mm512_set1_epi32(xc.add(i * t.c4).cast::<i32>().read_unaligned());
@@ -180,7 +181,11 @@ unsafe fn vnni_bias<const P: usize, const J: usize>(t: &Tile) -> [[__m512i; J]; 
 
 /// Writes a tile's accumulators, or their codes.
 #[inline(always)]
-unsafe fn vnni_store<const P: usize, const J: usize>(t: &Tile, out: TileOut, acc: &[[__m512i; J]; P]) {
+unsafe fn vnni_store<const P: usize, const J: usize>(
+    t: &Tile,
+    out: TileOut,
+    acc: &[[__m512i; J]; P],
+) {
     // Park the accumulators in memory with a loop simple enough to be fully unrolled: had
     // the (long, not unrolled) output loops below indexed `acc` directly, the compiler would
     // keep `acc` in memory and store it on every step of the reduction loop.
@@ -198,7 +203,11 @@ unsafe fn vnni_store<const P: usize, const J: usize>(t: &Tile, out: TileOut, acc
                 for (j, block) in row.iter().enumerate() {
                     let mask = lane_mask(block_lanes(t.width, j));
                     let v = _mm512_loadu_si512(block.as_ptr().cast());
-                    _mm512_mask_storeu_epi32(o.as_mut_ptr().add(p * t.out_stride + j * LANES).cast(), mask, v);
+                    _mm512_mask_storeu_epi32(
+                        o.as_mut_ptr().add(p * t.out_stride + j * LANES).cast(),
+                        mask,
+                        v,
+                    );
                 }
             }
         }
@@ -210,7 +219,11 @@ unsafe fn vnni_store<const P: usize, const J: usize>(t: &Tile, out: TileOut, acc
                 let mask = lane_mask(block_lanes(t.width, j));
                 for (p, row) in sums.iter().enumerate() {
                     let codes = block.requant(_mm512_loadu_si512(row[j].as_ptr().cast()), &consts);
-                    _mm512_mask_cvtepi32_storeu_epi8(o.as_mut_ptr().add(p * t.out_stride + j * LANES).cast(), mask, codes);
+                    _mm512_mask_cvtepi32_storeu_epi8(
+                        o.as_mut_ptr().add(p * t.out_stride + j * LANES).cast(),
+                        mask,
+                        codes,
+                    );
                 }
             }
         }
@@ -338,10 +351,19 @@ unsafe fn avx2_tile<const P: usize>(t: &Tile, mut out: TileOut) {
                 .add(block * block_bytes + k4 * t.kind.blocks * block_bytes)
         );
 
+        // Parked for the same reason as in `vnni_store`.
+        let mut parked = [[[0i32; 8]; 4]; P];
+        for p in 0..P {
+            for q in 0..4 {
+                _mm256_storeu_si256(parked[p][q].as_mut_ptr().cast(), acc[p][q]);
+            }
+        }
+
         let lanes = block_lanes(t.width, block);
         let bias_lo = _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES).cast());
         let bias_hi = _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES + 8).cast());
-        for (p, row) in acc.iter().enumerate() {
+        for (p, parked) in parked.iter().enumerate() {
+            let row = parked.map(|v| _mm256_loadu_si256(v.as_ptr().cast()));
             // hadd gives [oc0 oc1 oc4 oc5 | oc2 oc3 oc6 oc7]; the permute restores order.
             let lo = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[0], row[1]));
             let hi = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[2], row[3]));

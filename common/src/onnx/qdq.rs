@@ -8,7 +8,8 @@
 //!   DequantizeLinear with zero point 0 (per output channel or per tensor) and an optional
 //!   bias (int32 through a DequantizeLinear, or float); its output, optionally through
 //!   Relu/Clip, is quantized to u8 — except the last layer, whose float output (optionally
-//!   flattened) is the graph's output, the logits;
+//!   rounded to a logit scale by Div, Round and Mul, and flattened) is the graph's output,
+//!   the logits;
 //! - Add, MaxPool, AveragePool, GlobalAveragePool, Slice, Pad (constant zero), Flatten,
 //!   Relu and Clip read dequantized activations and are followed by their own
 //!   QuantizeLinear/DequantizeLinear pair; all but Add and Clip/Relu must keep their
@@ -23,7 +24,9 @@
 use std::collections::HashMap;
 
 use super::node::OnnxNode;
-use super::proto::{tensor_shape_proto::dimension, DataLocation, DataType, ModelProto, TensorProto};
+use super::proto::{
+    tensor_shape_proto::dimension, DataLocation, DataType, ModelProto, TensorProto,
+};
 use super::tensor::Tensor;
 use crate::export::onnx_quantize;
 use crate::kernels::{AddParams, ConvGeom, OutputStage, PoolGeom, Requant};
@@ -172,7 +175,7 @@ enum Sym {
     /// Dequantized activation.
     Act(Act),
     /// A float result waiting for its QuantizeLinear.
-    Pending(Pending),
+    Pending(Box<Pending>),
 }
 
 #[derive(Debug, Clone)]
@@ -198,7 +201,7 @@ enum PendingOp {
     },
     Add(Act, Act),
     /// An op that keeps its input's quantization: (input, op, output `[C, H, W]`, rank, hwc).
-    Keep(Act, QOp, [usize; 3], usize, Option<[usize; 3]>),
+    Keep(Act, Box<QOp>, [usize; 3], usize, Option<[usize; 3]>),
     Clamp(Act),
 }
 
@@ -242,9 +245,9 @@ impl Importer {
         }
         let sym = match n.op() {
             "Constant" => {
-                let t = n
-                    .tensor("value")?
-                    .ok_or_else(|| n.unsupported("only tensor-valued Constant nodes are supported"))?;
+                let t = n.tensor("value")?.ok_or_else(|| {
+                    n.unsupported("only tensor-valued Constant nodes are supported")
+                })?;
                 self.consts.insert(out, t.clone());
                 return Ok(());
             }
@@ -267,17 +270,19 @@ impl Importer {
                 let [c, _, _] = self.shape(x.id);
                 pending(
                     n,
-                    PendingOp::Keep(x, QOp::GlobalAvgPool, [c, 1, 1], 4, None),
+                    PendingOp::Keep(x, Box::new(QOp::GlobalAvgPool), [c, 1, 1], 4, None),
                 )
             }
             "Flatten" => self.flatten(n)?,
+            "Div" | "Round" | "Mul" => self.logit_rounding(n)?,
             "Slice" => self.slice(n)?,
             "Pad" => self.pad(n)?,
             other => {
                 return Err(n.unsupported(format!(
                     "{other} is not supported in a quantized model; supported: QuantizeLinear, \
                      DequantizeLinear, Conv, Gemm, Add, Relu, Clip, MaxPool, AveragePool, \
-                     GlobalAveragePool, Flatten, Slice, Pad, Identity, Constant"
+                     GlobalAveragePool, Flatten, Slice, Pad, Identity, Constant, and Div, Round \
+                     and Mul rounding the logits"
                 )))
             }
         };
@@ -357,7 +362,8 @@ impl Importer {
 
     fn floats(&self, n: &OnnxNode<'_>, index: usize, what: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let t = self.constant(n, index, what)?;
-        let tensor = Tensor::decode(t).map_err(|r| n.invalid(format!("{what} '{}': {r}", t.name)))?;
+        let tensor =
+            Tensor::decode(t).map_err(|r| n.invalid(format!("{what} '{}': {r}", t.name)))?;
         let v = tensor
             .floats()
             .map_err(|r| n.invalid(format!("{what} '{}': {r}", t.name)))?
@@ -380,7 +386,8 @@ impl Importer {
             return Ok(None);
         }
         let t = self.constant(n, index, what)?;
-        let (_, v, _) = int_tensor(t).map_err(|r| n.invalid(format!("{what} '{}': {r}", t.name)))?;
+        let (_, v, _) =
+            int_tensor(t).map_err(|r| n.invalid(format!("{what} '{}': {r}", t.name)))?;
         Ok(Some(v))
     }
 
@@ -399,8 +406,8 @@ impl Importer {
             None => 0,
             Some(_) => {
                 let t = self.constant(n, 2, "zero point")?;
-                let (_, v, ty) =
-                    int_tensor(t).map_err(|r| n.invalid(format!("zero point '{}': {r}", t.name)))?;
+                let (_, v, ty) = int_tensor(t)
+                    .map_err(|r| n.invalid(format!("zero point '{}': {r}", t.name)))?;
                 match (ty, v.as_slice()) {
                     (DataType::Uint8, [z]) => *z as u8,
                     _ => {
@@ -445,7 +452,7 @@ impl Importer {
         if p.flattened {
             return Err(n.unsupported("a flattened layer output may only be the graph output"));
         }
-        self.finalize(n, p, scale, zp)?;
+        self.finalize(n, *p, scale, zp)?;
         Ok(Sym::Codes(self.nodes.len()))
     }
 
@@ -516,12 +523,18 @@ impl Importer {
                         op_name(&op)
                     )));
                 }
-                (op, vec![input.id], value(dims), rank, hwc)
+                (*op, vec![input.id], value(dims), rank, hwc)
             }
             PendingOp::Clamp(input) => {
                 same_quant(self, &input, "Relu/Clip")?;
                 let out = value(self.shape(input.id));
-                (QOp::Clamp { min, max }, vec![input.id], out, input.rank, input.hwc)
+                (
+                    QOp::Clamp { min, max },
+                    vec![input.id],
+                    out,
+                    input.rank,
+                    input.hwc,
+                )
             }
         };
         self.nodes.push(QNode {
@@ -540,9 +553,9 @@ impl Importer {
             return self.const_dq(n, t.clone());
         }
         let Sym::Codes(id) = *self.sym(n, 0)? else {
-            return Err(n.unsupported(
-                "DequantizeLinear must read a QuantizeLinear output or a constant",
-            ));
+            return Err(
+                n.unsupported("DequantizeLinear must read a QuantizeLinear output or a constant")
+            );
         };
         let (scale, zp) = self.act_params(n)?;
         let (s, z, rank, hwc) = self.values[id];
@@ -618,9 +631,9 @@ impl Importer {
             int32: false,
         } = self.sym(n, index)?
         else {
-            return Err(n.unsupported(
-                "weights must be int8 codes through a DequantizeLinear (QDQ form)",
-            ));
+            return Err(
+                n.unsupported("weights must be int8 codes through a DequantizeLinear (QDQ form)")
+            );
         };
         let out = dims.get(out_axis).copied().unwrap_or(0);
         let scale = if scale.len() == 1 {
@@ -740,7 +753,8 @@ impl Importer {
         if x.rank != 2 {
             return Err(n.invalid("Gemm needs a 2-D [N, F] input; flatten it first"));
         }
-        if n.int("transA", 0)? != 0 || n.float("alpha", 1.0)? != 1.0 || n.float("beta", 1.0)? != 1.0 {
+        if n.int("transA", 0)? != 0 || n.float("alpha", 1.0)? != 1.0 || n.float("beta", 1.0)? != 1.0
+        {
             return Err(n.unsupported("only transA = 0, alpha = 1 and beta = 1 are supported"));
         }
         let trans_b = n.int("transB", 0)? != 0;
@@ -816,7 +830,8 @@ impl Importer {
             (0.0, f32::INFINITY)
         } else {
             (
-                self.optional_scalar(n, 1, "min")?.unwrap_or(f32::NEG_INFINITY),
+                self.optional_scalar(n, 1, "min")?
+                    .unwrap_or(f32::NEG_INFINITY),
                 self.optional_scalar(n, 2, "max")?.unwrap_or(f32::INFINITY),
             )
         };
@@ -888,7 +903,10 @@ impl Importer {
                 count_include_pad: n.int("count_include_pad", 0)? != 0,
             }
         };
-        Ok(pending(n, PendingOp::Keep(x, op, [c, oh, ow], 4, None)))
+        Ok(pending(
+            n,
+            PendingOp::Keep(x, Box::new(op), [c, oh, ow], 4, None),
+        ))
     }
 
     fn flatten(&self, n: &OnnxNode<'_>) -> Result<Sym> {
@@ -911,10 +929,39 @@ impl Importer {
                 };
                 Ok(pending(
                     n,
-                    PendingOp::Keep(x, QOp::Flatten, [c * h * w, 1, 1], 2, hwc),
+                    PendingOp::Keep(x, Box::new(QOp::Flatten), [c * h * w, 1, 1], 2, hwc),
                 ))
             }
         }
+    }
+
+    /// `Round(y / step) * step` on the logits layer's output: the rounding to a common
+    /// logit scale that ccq's engine applies anyway (with its own scale), so it passes
+    /// through.
+    fn logit_rounding(&self, n: &OnnxNode<'_>) -> Result<Sym> {
+        let only = || {
+            n.unsupported(format!(
+                "{} is supported only as the rounding of the logits (Div and Mul by one \
+                 positive constant, Round) after the last Conv/Gemm",
+                n.op()
+            ))
+        };
+        let Sym::Pending(p) = self.sym(n, 0)? else {
+            return Err(only());
+        };
+        if !matches!(p.op, PendingOp::Layer { .. })
+            || p.lo > f32::NEG_INFINITY
+            || p.hi < f32::INFINITY
+        {
+            return Err(only());
+        }
+        if n.op() != "Round" {
+            match self.optional_scalar(n, 1, "logit scale")? {
+                Some(s) if s > 0.0 && s.is_finite() => {}
+                _ => return Err(only()),
+            }
+        }
+        Ok(Sym::Pending(p.clone()))
     }
 
     fn slice(&self, n: &OnnxNode<'_>) -> Result<Sym> {
@@ -952,7 +999,7 @@ impl Importer {
         }
         Ok(pending(
             n,
-            PendingOp::Keep(x, QOp::Slice { start, step }, out, 4, None),
+            PendingOp::Keep(x, Box::new(QOp::Slice { start, step }), out, 4, None),
         ))
     }
 
@@ -960,7 +1007,9 @@ impl Importer {
         let x = self.image(n, 0)?;
         let dims = self.shape(x.id);
         if n.string("mode", "constant")? != "constant"
-            || self.optional_scalar(n, 2, "constant_value")?.is_some_and(|v| v != 0.0)
+            || self
+                .optional_scalar(n, 2, "constant_value")?
+                .is_some_and(|v| v != 0.0)
         {
             return Err(n.unsupported("only constant padding with 0 is supported"));
         }
@@ -982,7 +1031,10 @@ impl Importer {
             dims[1] + before[1] + ah as usize,
             dims[2] + before[2] + aw as usize,
         ];
-        Ok(pending(n, PendingOp::Keep(x, QOp::Pad { before }, out, 4, None)))
+        Ok(pending(
+            n,
+            PendingOp::Keep(x, Box::new(QOp::Pad { before }), out, 4, None),
+        ))
     }
 
     /// Closes the network: the graph output must be a pending layer (the logits).
@@ -1003,17 +1055,22 @@ impl Importer {
                 "the graph output must be the float output of the last Conv/Gemm (the logits)",
             ));
         };
+        let Pending {
+            node, op, lo, hi, ..
+        } = *p;
         let PendingOp::Layer {
             input,
             geom,
             codes,
             w_scale,
             bias,
-        } = p.op
+        } = op
         else {
-            return Err(invalid("the graph output must be computed by a Conv or Gemm"));
+            return Err(invalid(
+                "the graph output must be computed by a Conv or Gemm",
+            ));
         };
-        if p.lo > f32::NEG_INFINITY || p.hi < f32::INFINITY {
+        if lo > f32::NEG_INFINITY || hi < f32::INFINITY {
             return Err(invalid("the logits may not be clipped"));
         }
         if geom.out_h() * geom.out_w() != 1 {
@@ -1040,7 +1097,7 @@ impl Importer {
         };
         let conv = QConv::new(geom, 8, codes, bias, src.zp, w_scale, None);
         self.nodes.push(QNode {
-            name: p.node,
+            name: node,
             op: QOp::Conv(conv),
             inputs: vec![input.id],
             out,
@@ -1100,13 +1157,13 @@ impl Importer {
 }
 
 fn pending(n: &OnnxNode<'_>, op: PendingOp) -> Sym {
-    Sym::Pending(Pending {
+    Sym::Pending(Box::new(Pending {
         node: n.name.clone(),
         op,
         lo: f32::NEG_INFINITY,
         hi: f32::INFINITY,
         flattened: false,
-    })
+    }))
 }
 
 /// i32 bias at scale `s_in * w_scale`, requantization to `s_out` (when given) and the
@@ -1191,7 +1248,9 @@ fn image_dims(input: &super::proto::ValueInfoProto) -> Result<[usize; 3]> {
         .and_then(|t| t.tensor_type.as_ref())
         .ok_or_else(|| invalid("the graph input is not declared as a tensor"))?;
     if t.elem_type != DataType::Float as i32 {
-        return Err(invalid("the graph input must be FLOAT (the normalised image)"));
+        return Err(invalid(
+            "the graph input must be FLOAT (the normalised image)",
+        ));
     }
     let dims: Vec<Option<usize>> = t
         .shape
@@ -1219,7 +1278,8 @@ fn image_dims(input: &super::proto::ValueInfoProto) -> Result<[usize; 3]> {
 /// Dims, values and type of an integer constant: INT8 and UINT8 (codes, zero points),
 /// INT32 and INT64, from `raw_data` or the typed field. Checks the element count and range.
 fn int_tensor(t: &TensorProto) -> std::result::Result<(Vec<usize>, Vec<i64>, DataType), String> {
-    let ty = DataType::try_from(t.data_type).map_err(|_| format!("unknown data type {}", t.data_type))?;
+    let ty = DataType::try_from(t.data_type)
+        .map_err(|_| format!("unknown data type {}", t.data_type))?;
     match ty {
         DataType::Int8 | DataType::Uint8 => {}
         DataType::Int32 | DataType::Int64 => {
@@ -1250,7 +1310,13 @@ fn int_tensor(t: &TensorProto) -> std::result::Result<(Vec<usize>, Vec<i64>, Dat
     let values: Vec<i64> = if !t.raw_data.is_empty() {
         t.raw_data
             .iter()
-            .map(|&b| if signed { i64::from(b as i8) } else { i64::from(b) })
+            .map(|&b| {
+                if signed {
+                    i64::from(b as i8)
+                } else {
+                    i64::from(b)
+                }
+            })
             .collect()
     } else {
         let (lo, hi) = if signed { (-128, 127) } else { (0, 255) };
