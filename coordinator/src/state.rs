@@ -793,6 +793,7 @@ impl State {
         let finishing = is_final || self.phase == Phase::Evaluating;
         if finishing && self.evals_in_flight == 0 {
             self.phase = Phase::Done;
+            self.publish();
             // Wake parked polls so workers learn the run is over.
             for (w, reply) in std::mem::take(&mut self.parked) {
                 let _ = reply.send(PollJobResponse {
