@@ -23,7 +23,9 @@ use tracing::info;
 use crate::config::RunConfig;
 use crate::eval::{float_evaluate, quantize_from_train};
 use crate::service::CoordinatorService;
-use crate::state::{EvalPoint, LayerConfidence, Setup, State, Telemetry};
+use crate::state::{
+    answer_during_setup, EvalPoint, Event, LayerConfidence, Setup, State, Telemetry,
+};
 use crate::trainer::Trainer;
 use crate::Error;
 
@@ -97,6 +99,45 @@ pub async fn run(
         None => None,
     };
     let progress = crate::progress::spawn(telemetry.subscribe(), cfg.budget.evaluations);
+    let run_id = format!(
+        "{}-seed{}",
+        cfg.out
+            .file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or("run"),
+        cfg.seed
+    );
+
+    // Serve gRPC from the start: during setup `status` reports the phase and workers are
+    // asked to come back; the event loop takes over the same channel afterwards. Workers
+    // inside this process connect like remote ones.
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ccq_common::Error::io("listener", e))?;
+    let (tx, rx) = mpsc::channel(1024);
+    let (stop_tx, _) = broadcast::channel::<()>(1);
+    // Stops the server on every way out of this function, errors included.
+    let _stop_server = StopOnDrop(stop_tx.clone());
+    let mut stop_rx = stop_tx.subscribe();
+    let service = CoordinatorServer::new(CoordinatorService::new(tx.clone()))
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(256 << 20);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop_rx.recv().await;
+            }),
+    );
+    let (phase, phase_rx) = tokio::sync::watch::channel("importing");
+    let (ready, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let setup_responder = tokio::spawn(answer_until_ready(
+        rx,
+        ready_rx,
+        run_id.clone(),
+        phase_rx,
+        t0,
+    ));
 
     let graph = onnx::load_onnx(&cfg.model.onnx)?;
     let train_len = data::split_len(&source, Split::Train)?;
@@ -140,6 +181,7 @@ pub async fn run(
         t => t,
     };
 
+    phase.send_replace("measuring float reference");
     info!("measuring the float model on {} test images", test.len());
     let float_top1 = {
         let (g, n, t) = (graph.clone(), norm.clone(), test.clone());
@@ -151,6 +193,7 @@ pub async fn run(
         "float test top-1 {float_top1:.2} %; quantizing to {}",
         format!("w{}a{}", quant.weight_bits, quant.act_bits)
     );
+    phase.send_replace("calibrating");
     let net = {
         let (g, n, src, q, c) = (
             graph.clone(),
@@ -173,16 +216,7 @@ pub async fn run(
         cfg.seed,
         search_len,
     )?;
-    let run_id = format!(
-        "{}-seed{}",
-        cfg.out
-            .file_name()
-            .and_then(|s| s.to_str())
-            .unwrap_or("run"),
-        cfg.seed
-    );
 
-    let (tx, rx) = mpsc::channel(1024);
     let setup = Setup {
         run_id: run_id.clone(),
         config: cfg.clone(),
@@ -195,24 +229,11 @@ pub async fn run(
         ptq_top1: None,
         eval_threads,
     };
-    let state = State::new(setup, trainer, tx.clone(), telemetry.clone());
-
-    // Serve gRPC until the loop is done; workers inside this process connect like remote ones.
-    let addr = listener
-        .local_addr()
-        .map_err(|e| ccq_common::Error::io("listener", e))?;
-    let (stop_tx, _) = broadcast::channel::<()>(1);
-    let mut stop_rx = stop_tx.subscribe();
-    let service = CoordinatorServer::new(CoordinatorService::new(tx))
-        .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(256 << 20);
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = stop_rx.recv().await;
-            }),
-    );
+    let state = State::new(setup, trainer, tx, telemetry.clone());
+    let _ = ready.send(());
+    let rx = setup_responder
+        .await
+        .expect("the setup responder never panics");
     info!(
         "listening on {addr}; {shards} shard(s), {} local worker(s)",
         opts.local_workers
@@ -299,4 +320,34 @@ fn spawn_local_workers(
             })
         })
         .collect()
+}
+
+/// Sends the stop signal when dropped.
+struct StopOnDrop(broadcast::Sender<()>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// Answers events while the run is being set up, until `ready`; then hands the channel
+/// back for the event loop.
+async fn answer_until_ready(
+    mut rx: mpsc::Receiver<Event>,
+    mut ready: tokio::sync::oneshot::Receiver<()>,
+    run_id: String,
+    phase: tokio::sync::watch::Receiver<&'static str>,
+    t0: Instant,
+) -> mpsc::Receiver<Event> {
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut ready => return rx,
+            ev = rx.recv() => match ev {
+                Some(ev) => answer_during_setup(ev, &run_id, *phase.borrow(), t0.elapsed().as_secs_f64()),
+                None => return rx,
+            },
+        }
+    }
 }

@@ -44,6 +44,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let addr = req.remote_addr();
         let req = req.into_inner();
         if req.protocol_version != ccq_proto::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
@@ -57,7 +58,9 @@ impl Coordinator for CoordinatorService {
                 "shard_index and shard_count go together",
             ));
         }
-        let r = self.ask(|reply| Event::Register { req, reply }).await?;
+        let r = self
+            .ask(|reply| Event::Register { req, addr, reply })
+            .await?;
         r.map(Response::new)
     }
 

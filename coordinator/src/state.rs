@@ -36,6 +36,7 @@ use crate::trainer::{Generation, Trainer};
 pub enum Event {
     Register {
         req: RegisterRequest,
+        addr: Option<std::net::SocketAddr>,
         reply: oneshot::Sender<Result<RegisterResponse, Status>>,
     },
     Heartbeat {
@@ -186,6 +187,7 @@ impl Phase {
 
 struct WorkerEntry {
     name: String,
+    address: String,
     shard: usize,
     /// The worker asked for its shard (`--shard`, Indexed Job); it is never moved.
     fixed_shard: bool,
@@ -232,6 +234,8 @@ pub struct State {
     evals_in_flight: usize,
     last_best_loss: Option<f64>,
     last_train_top1: Option<f64>,
+    /// Seconds since start when `last_train_top1` was measured.
+    last_train_secs: Option<f64>,
     stop_reason: Option<String>,
     events: mpsc::Sender<Event>,
     /// (time, evaluations) samples for the recent evaluation rate.
@@ -270,6 +274,7 @@ impl State {
             evals_in_flight: 0,
             last_best_loss: None,
             last_train_top1: None,
+            last_train_secs: None,
             stop_reason: None,
             events,
             rate: VecDeque::new(),
@@ -360,8 +365,8 @@ impl State {
 
     fn handle(&mut self, ev: Event) -> Result<(), crate::Error> {
         match ev {
-            Event::Register { req, reply } => {
-                let _ = reply.send(self.register(req));
+            Event::Register { req, addr, reply } => {
+                let _ = reply.send(self.register(req, addr));
             }
             Event::Heartbeat { worker, reply } => {
                 let known = self.touch(worker);
@@ -389,7 +394,11 @@ impl State {
         Ok(())
     }
 
-    fn register(&mut self, req: RegisterRequest) -> Result<RegisterResponse, Status> {
+    fn register(
+        &mut self,
+        req: RegisterRequest,
+        addr: Option<std::net::SocketAddr>,
+    ) -> Result<RegisterResponse, Status> {
         let shards = self.setup.shards;
         let shard = match (req.shard_index, req.shard_count) {
             (Some(k), Some(s)) => {
@@ -413,6 +422,7 @@ impl State {
             id,
             WorkerEntry {
                 name: req.name,
+                address: addr.map_or_else(String::new, |a| a.to_string()),
                 fixed_shard: req.shard_index.is_some(),
                 shard,
                 last_seen: Instant::now(),
@@ -624,12 +634,15 @@ impl State {
         }
         self.last_best_loss = Some(outcome.best_loss);
         self.last_train_top1 = Some(outcome.best_top1);
+        self.last_train_secs = Some(self.started.elapsed().as_secs_f64());
         let p = self.trainer.progress();
         self.rate.push_back((Instant::now(), p.evaluations));
         while self.rate.len() > 50 {
             self.rate.pop_front();
         }
-        if p.generations.is_multiple_of(self.setup.config.eval.every_generations) {
+        if p.generations
+            .is_multiple_of(self.setup.config.eval.every_generations)
+        {
             self.schedule_eval(false);
         }
         self.publish();
@@ -947,6 +960,7 @@ impl State {
                 .map(|(&id, w)| WorkerStatus {
                     id,
                     name: w.name.clone(),
+                    address: w.address.clone(),
                     shard: w.shard as u32,
                     state: if w.job.is_some() { "busy" } else { "idle" }.into(),
                     jobs_done: w.jobs_done,
@@ -960,7 +974,54 @@ impl State {
                 })
                 .collect(),
             network_version: self.version(),
+            train_measured_secs: self.last_train_secs,
+            test_measured_secs: latest.map(|h| h.wall_seconds),
         }
+    }
+}
+
+/// Answers requests that arrive while the run is still being set up (importing the model,
+/// measuring the float reference, calibrating): status tells the phase, workers are asked
+/// to come back (they retry with backoff).
+pub fn answer_during_setup(ev: Event, run_id: &str, phase: &str, elapsed_secs: f64) {
+    let later = || {
+        Status::unavailable(format!(
+            "the coordinator is still setting up ({phase}); retry"
+        ))
+    };
+    match ev {
+        Event::Register { reply, .. } => {
+            let _ = reply.send(Err(later()));
+        }
+        Event::Heartbeat { reply, .. } => {
+            let _ = reply.send(HeartbeatResponse {
+                known: false,
+                done: false,
+            });
+        }
+        Event::Poll { reply, .. } => {
+            let _ = reply.send(PollJobResponse {
+                reply: Some(poll_job_response::Reply::Unknown(Unknown {})),
+            });
+        }
+        Event::Submit { reply, .. } => {
+            let _ = reply.send(false);
+        }
+        Event::Sync { reply, .. } => {
+            let _ = reply.send(Err(later()));
+        }
+        Event::Status { reply } => {
+            let _ = reply.send(StatusResponse {
+                run_id: run_id.to_string(),
+                phase: phase.to_string(),
+                elapsed_secs,
+                best_fitness: f64::NAN,
+                float_top1: f64::NAN,
+                ptq_top1: f64::NAN,
+                ..Default::default()
+            });
+        }
+        Event::EvalDone(..) => {}
     }
 }
 

@@ -85,6 +85,8 @@ pub fn to_json(s: &StatusResponse) -> serde_json::Value {
         "train_top1": s.train_top1,
         "val_top1": s.val_top1,
         "test_top1": s.test_top1,
+        "train_measured_secs": s.train_measured_secs,
+        "test_measured_secs": s.test_measured_secs,
         "float_top1": nan_null(s.float_top1),
         "ptq_top1": nan_null(s.ptq_top1),
         "frozen_variables": s.frozen_variables,
@@ -101,6 +103,7 @@ pub fn to_json(s: &StatusResponse) -> serde_json::Value {
             "jobs_in_flight": w.jobs_in_flight,
             "last_heartbeat_secs": w.last_heartbeat_secs,
             "images_per_sec": w.images_per_sec,
+            "address": w.address,
         })).collect::<Vec<_>>(),
     })
 }
@@ -127,31 +130,37 @@ pub fn render(s: &StatusResponse) -> String {
         "evaluations {} ({:.1}/s)  best fitness {:.4}\n",
         s.evaluations, s.evaluations_per_sec, s.best_fitness
     );
+    let at = |t: Option<f64>| t.map_or(String::new(), |t| format!(" (at {t:.0} s)"));
     out += &format!(
-        "top-1: float {:.2} %  batch {}  val {}  test {}\n",
+        "top-1: float {:.2} %  ptq {:.2} %  batch {}{}\n       val {}  test {}{}\n",
         s.float_top1,
+        s.ptq_top1,
         pct(s.train_top1),
+        at(s.train_measured_secs),
         pct(s.val_top1),
-        pct(s.test_top1)
+        pct(s.test_top1),
+        at(s.test_measured_secs)
     );
     out += &format!(
         "variables: {} frozen, {} free, mean confidence {:.3}\n\n",
         s.frozen_variables, s.free_variables, s.mean_confidence
     );
+    // Fits 80 columns: name and address are cut; `--json` has them whole.
     out += &format!(
-        "{:>4}  {:<20} {:>5}  {:<5} {:>8} {:>6} {:>9} {:>9}\n",
-        "id", "name", "shard", "state", "jobs", "flight", "heartbeat", "img/s"
+        "{:>4} {:<12} {:<21} {:>5} {:<5} {:>7} {:>5} {:>7}\n",
+        "id", "name", "address", "shard", "state", "jobs", "beat", "img/s"
     );
     for w in &s.workers {
-        let name: String = w.name.chars().take(20).collect();
+        let name: String = w.name.chars().take(12).collect();
+        let address: String = w.address.chars().take(21).collect();
         out += &format!(
-            "{:>4}  {:<20} {:>5}  {:<5} {:>8} {:>6} {:>8.1}s {:>9.0}\n",
+            "{:>4} {:<12} {:<21} {:>5} {:<5} {:>7} {:>4.1}s {:>7.0}\n",
             w.id,
             name,
+            address,
             w.shard,
             w.state,
             w.jobs_done,
-            w.jobs_in_flight,
             w.last_heartbeat_secs,
             w.images_per_sec
         );

@@ -330,7 +330,11 @@ mod tests {
             }
             for (i, &code) in after.iter().enumerate() {
                 if t.eda().is_frozen(i) {
-                    assert_eq!(code, t.eda().mode(i), "frozen variable {i} is not at its mode");
+                    assert_eq!(
+                        code,
+                        t.eda().mode(i),
+                        "frozen variable {i} is not at its mode"
+                    );
                     frozen_at.entry(i).or_insert(code);
                 }
             }
