@@ -297,22 +297,7 @@ pub fn quantize(
                         reason: "a fully connected layer must read a flattened or 1x1 value".into(),
                     });
                 }
-                let geom = ConvGeom {
-                    in_h: 1,
-                    in_w: 1,
-                    in_c: l.in_features,
-                    out_c: l.out_features,
-                    k_h: 1,
-                    k_w: 1,
-                    stride_h: 1,
-                    stride_w: 1,
-                    dil_h: 1,
-                    dil_w: 1,
-                    pad_t: 0,
-                    pad_l: 0,
-                    pad_b: 0,
-                    pad_r: 0,
-                };
+                let geom = ConvGeom::dense(l.in_features, l.out_features);
                 let out = if is_logits { src } else { own_scale(i) };
                 let bounds = fused_bounds(&out);
                 (

@@ -156,6 +156,27 @@ pub struct ConvGeom {
 }
 
 impl ConvGeom {
+    /// A fully connected layer `in_features -> out_features` as a 1x1 convolution over a
+    /// 1x1 image.
+    pub fn dense(in_features: usize, out_features: usize) -> ConvGeom {
+        ConvGeom {
+            in_h: 1,
+            in_w: 1,
+            in_c: in_features,
+            out_c: out_features,
+            k_h: 1,
+            k_w: 1,
+            stride_h: 1,
+            stride_w: 1,
+            dil_h: 1,
+            dil_w: 1,
+            pad_t: 0,
+            pad_l: 0,
+            pad_b: 0,
+            pad_r: 0,
+        }
+    }
+
     pub fn out_h(&self) -> usize {
         crate::model::window_out(
             self.in_h,

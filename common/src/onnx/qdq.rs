@@ -796,22 +796,7 @@ impl Importer {
                 }
             }
         }
-        let geom = ConvGeom {
-            in_h: 1,
-            in_w: 1,
-            in_c: k,
-            out_c: o,
-            k_h: 1,
-            k_w: 1,
-            stride_h: 1,
-            stride_w: 1,
-            dil_h: 1,
-            dil_w: 1,
-            pad_t: 0,
-            pad_l: 0,
-            pad_b: 0,
-            pad_r: 0,
-        };
+        let geom = ConvGeom::dense(k, o);
         let bias = self.bias(n, 2, o)?;
         Ok(pending(
             n,
