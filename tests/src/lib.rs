@@ -101,9 +101,9 @@ pub struct Cluster {
 
 /// Starts `workers` workers and then the coordinator (workers retry until it serves, so
 /// start-up order does not matter), each on its own task, all over loopback gRPC.
-/// The run uses one shard per worker.
+/// Unless the config sets `cluster.shards`, the run uses one shard per worker.
 pub async fn spawn_cluster(mut cfg: RunConfig, workers: usize) -> Cluster {
-    cfg.cluster.shards = Some(workers.max(1));
+    cfg.cluster.shards.get_or_insert(workers.max(1));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind loopback");

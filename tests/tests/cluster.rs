@@ -8,16 +8,18 @@ use ccq_coordinator::trainer::Trainer;
 use ccq_tests::{spawn_cluster, tiny_config, write_tiny_mnist};
 
 /// The same seed gives a byte-identical network and identical history whether one worker
-/// holds all the data or three workers hold a third each.
+/// holds all the data, three workers hold a third each, or three workers share one shard
+/// (the coordinator then spreads each generation's candidates across them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_and_three_workers_train_the_identical_network() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_mnist(dir.path(), 700, 120, 1);
     let mut models = Vec::new();
     let mut histories = Vec::new();
-    for workers in [1, 3] {
-        let out = dir.path().join(format!("run-{workers}"));
-        let cfg = tiny_config(dir.path(), &out, 320);
+    for (workers, shards) in [(1, None), (3, None), (3, Some(1))] {
+        let out = dir.path().join(format!("run-{workers}-{shards:?}"));
+        let mut cfg = tiny_config(dir.path(), &out, 320);
+        cfg.cluster.shards = shards;
         let report = spawn_cluster(cfg, workers).await.finish().await;
         assert_eq!(report.evaluations, 320);
         assert!(report.workers_seen >= workers as u64);
