@@ -54,6 +54,9 @@ run_timeout="${CCQ_TEST_TIMEOUT:-1800}"
 # A free host port for the published status port, so parallel runs never clash.
 CCQ_STATUS_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 export CCQ_STATUS_PORT CCQ_STATUS_BIND=127.0.0.1
+# A fresh cluster token for this test's cluster.
+CCQ_TOKEN="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+export CCQ_TOKEN
 addr="127.0.0.1:$CCQ_STATUS_PORT"
 compose() { "${compose_cmd[@]}" -f deploy/docker-compose.yml -p "$project" "$@"; }
 

@@ -156,6 +156,8 @@ pub struct ClusterConfig {
     pub heartbeat_ms: u64,
     /// A job not answered within this many seconds goes to another worker.
     pub job_timeout_secs: f64,
+    /// Whether `coordinator status` works without the cluster token (read-only).
+    pub public_status: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless set).
     pub metrics_listen: Option<String>,
 }
@@ -167,6 +169,7 @@ impl Default for ClusterConfig {
             shards: None,
             heartbeat_ms: 1000,
             job_timeout_secs: 120.0,
+            public_status: true,
             metrics_listen: None,
         }
     }

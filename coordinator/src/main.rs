@@ -62,6 +62,15 @@ struct RunArgs {
     /// Threads per local worker.
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
+    /// Cluster token that workers must present (required to listen beyond loopback).
+    #[arg(long, env = "CCQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Read the cluster token from this file instead.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Listen beyond loopback without a token: anyone who reaches the port can join.
+    #[arg(long)]
+    insecure: bool,
     /// `text` or `json` log lines.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -78,6 +87,9 @@ struct StatusArgs {
     /// Refresh every SECS seconds (default 2) until the run ends.
     #[arg(long, num_args = 0..=1, default_missing_value = "2")]
     watch: Option<f64>,
+    /// Cluster token, if the coordinator does not serve status publicly.
+    #[arg(long, env = "CCQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -128,7 +140,7 @@ fn main() -> ExitCode {
     init_tracing(log_format);
     if let Command::Status(a) = &cli.command {
         // Scripts rely on exit code 2 for an unreachable coordinator.
-        return status::main(&a.addr, a.json, a.watch);
+        return status::main(&a.addr, a.token.as_deref(), a.json, a.watch);
     }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -155,10 +167,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(metrics) = a.metrics {
                 config.cluster.metrics_listen = Some(metrics);
             }
+            let token = match &a.token_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("--token-file {}", f.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => a.token.clone(),
+            };
             let opts = RunOptions {
                 config,
                 local_workers: a.local_workers,
                 worker_threads: a.worker_threads.max(1),
+                token,
+                insecure: a.insecure,
             };
             let rt = tokio::runtime::Runtime::new()?;
             let report = rt.block_on(async {

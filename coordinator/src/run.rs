@@ -37,6 +37,10 @@ pub struct RunOptions {
     pub local_workers: usize,
     /// Threads for each local worker.
     pub worker_threads: usize,
+    /// The cluster token workers (and, unless status is public, clients) must present.
+    pub token: Option<String>,
+    /// Allow listening beyond loopback without a token.
+    pub insecure: bool,
 }
 
 /// Top-1 accuracies in percent: test unless the name says validation.
@@ -114,14 +118,24 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_err(|e| ccq_common::Error::io("listener", e))?;
+    if !addr.ip().is_loopback() && opts.token.is_none() && !opts.insecure {
+        return Err(Error::Usage(format!(
+            "refusing to listen on {addr} without a cluster token: anyone who reaches the port could \
+             join the run; set --token or CCQ_TOKEN (workers need the same), or pass --insecure"
+        )));
+    }
     let (tx, rx) = mpsc::channel(1024);
     let (stop_tx, _) = broadcast::channel::<()>(1);
     // Stops the server on every way out of this function, errors included.
     let _stop_server = StopOnDrop(stop_tx.clone());
     let mut stop_rx = stop_tx.subscribe();
-    let service = CoordinatorServer::new(CoordinatorService::new(tx.clone()))
-        .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(256 << 20);
+    let service = CoordinatorServer::new(CoordinatorService::new(
+        tx.clone(),
+        opts.token.clone(),
+        cfg.cluster.public_status,
+    ))
+    .max_decoding_message_size(16 << 20)
+    .max_encoding_message_size(256 << 20);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -238,7 +252,7 @@ pub async fn run(
         "listening on {addr}; {shards} shard(s), {} local worker(s)",
         opts.local_workers
     );
-    let workers = spawn_local_workers(addr, opts.local_workers, opts.worker_threads, &stop_tx);
+    let workers = spawn_local_workers(addr, &opts, &stop_tx);
 
     let search_start = Instant::now();
     let finished = state.run(rx, shutdown).await?;
@@ -295,11 +309,11 @@ pub async fn run(
 
 fn spawn_local_workers(
     addr: SocketAddr,
-    n: usize,
-    threads: usize,
+    opts: &RunOptions,
     stop: &broadcast::Sender<()>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..n)
+    let threads = opts.worker_threads;
+    (0..opts.local_workers)
         .map(|i| {
             let cfg = ccq_worker::WorkerConfig {
                 coordinator: format!("http://{addr}"),
@@ -308,6 +322,7 @@ fn spawn_local_workers(
                 name: format!("local-{i}"),
                 data_override: None,
                 give_up_after: None,
+                token: opts.token.clone(),
             };
             let mut stop = stop.subscribe();
             tokio::spawn(async move {

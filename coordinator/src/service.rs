@@ -20,11 +20,37 @@ pub const POLL_WAIT: Duration = Duration::from_millis(500);
 
 pub struct CoordinatorService {
     events: mpsc::Sender<Event>,
+    /// Every request except (optionally) Status must carry this token.
+    token: Option<String>,
+    public_status: bool,
 }
 
 impl CoordinatorService {
-    pub fn new(events: mpsc::Sender<Event>) -> Self {
-        CoordinatorService { events }
+    pub fn new(events: mpsc::Sender<Event>, token: Option<String>, public_status: bool) -> Self {
+        CoordinatorService {
+            events,
+            token,
+            public_status,
+        }
+    }
+
+    /// Refuses a request without the cluster token (when one is configured).
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let presented = req
+            .metadata()
+            .get(ccq_proto::TOKEN_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => Ok(()),
+            Some(_) => Err(Status::unauthenticated("wrong cluster token")),
+            None => Err(Status::unauthenticated(
+                "this coordinator requires the cluster token (--token or CCQ_TOKEN)",
+            )),
+        }
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Result<T, Status> {
@@ -44,6 +70,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        self.authorize(&req)?;
         let addr = req.remote_addr();
         let req = req.into_inner();
         if req.protocol_version != ccq_proto::PROTOCOL_VERSION {
@@ -68,6 +95,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        self.authorize(&req)?;
         let worker = req.into_inner().worker_id;
         Ok(Response::new(
             self.ask(|reply| Event::Heartbeat { worker, reply }).await?,
@@ -78,6 +106,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<PollJobRequest>,
     ) -> Result<Response<PollJobResponse>, Status> {
+        self.authorize(&req)?;
         let worker = req.into_inner().worker_id;
         let (tx, rx) = oneshot::channel();
         self.events
@@ -99,6 +128,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<SubmitResultRequest>,
     ) -> Result<Response<SubmitResultResponse>, Status> {
+        self.authorize(&req)?;
         let req = req.into_inner();
         let accepted = self.ask(|reply| Event::Submit { req, reply }).await?;
         Ok(Response::new(SubmitResultResponse { accepted }))
@@ -108,6 +138,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<SyncNetworkRequest>,
     ) -> Result<Response<SyncNetworkResponse>, Status> {
+        self.authorize(&req)?;
         let req = req.into_inner();
         let r = self.ask(|reply| Event::Sync { req, reply }).await?;
         r.map(Response::new)
@@ -115,10 +146,58 @@ impl Coordinator for CoordinatorService {
 
     async fn status(
         &self,
-        _req: Request<StatusRequest>,
+        req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        if !self.public_status {
+            self.authorize(&req)?;
+        }
         Ok(Response::new(
             self.ask(|reply| Event::Status { reply }).await?,
         ))
+    }
+}
+
+/// Compares without an early exit, so response time does not reveal a matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(token: Option<&str>, public_status: bool) -> CoordinatorService {
+        let (tx, _rx) = mpsc::channel(1);
+        CoordinatorService::new(tx, token.map(str::to_string), public_status)
+    }
+
+    fn request(token: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(t) = token {
+            r.metadata_mut().insert(
+                ccq_proto::TOKEN_METADATA,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn tokens_are_checked_exactly() {
+        let s = service(Some("s3cret"), true);
+        assert!(s.authorize(&request(Some("s3cret"))).is_ok());
+        for bad in [
+            Some("s3cre"),
+            Some("s3cret!"),
+            Some("S3CRET"),
+            Some(""),
+            None,
+        ] {
+            let e = s.authorize(&request(bad)).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{bad:?}");
+        }
+        // Without a configured token everything is accepted.
+        assert!(service(None, true).authorize(&request(None)).is_ok());
+        assert!(service(None, true).authorize(&request(Some("x"))).is_ok());
     }
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 /// Exit code for an unreachable coordinator (scripts depend on it).
 pub const UNREACHABLE: u8 = 2;
 
-pub fn main(addr: &str, as_json: bool, watch: Option<f64>) -> ExitCode {
+pub fn main(addr: &str, token: Option<&str>, as_json: bool, watch: Option<f64>) -> ExitCode {
     let url = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -29,11 +29,15 @@ pub fn main(addr: &str, as_json: bool, watch: Option<f64>) -> ExitCode {
     };
     rt.block_on(async {
         loop {
-            let s = match fetch(&url).await {
+            let s = match fetch(&url, token).await {
                 Ok(s) => s,
-                Err(e) => {
+                Err(Failure::Unreachable(e)) => {
                     eprintln!("error: coordinator at {url} is unreachable: {e}");
                     return ExitCode::from(UNREACHABLE);
+                }
+                Err(Failure::Refused(e)) => {
+                    eprintln!("error: coordinator at {url} refused the request: {e}");
+                    return ExitCode::FAILURE;
                 }
             };
             if as_json {
@@ -55,18 +59,34 @@ pub fn main(addr: &str, as_json: bool, watch: Option<f64>) -> ExitCode {
     })
 }
 
-async fn fetch(url: &str) -> Result<StatusResponse, String> {
+enum Failure {
+    /// No answer: wrong address, nothing listening, network trouble.
+    Unreachable(String),
+    /// An answer that says no (e.g. the token).
+    Refused(String),
+}
+
+async fn fetch(url: &str, token: Option<&str>) -> Result<StatusResponse, Failure> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| e.to_string())?
+        .map_err(|e| Failure::Unreachable(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-    let mut client = CoordinatorClient::new(channel);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::Unreachable(e.to_string()))?;
+    let auth = ccq_worker::Auth::new(token).map_err(|e| Failure::Refused(e.to_string()))?;
+    let mut client = CoordinatorClient::with_interceptor(channel, auth);
     client
         .status(StatusRequest {})
         .await
         .map(|r| r.into_inner())
-        .map_err(|s| s.message().to_string())
+        .map_err(|s| match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                Failure::Refused(s.message().to_string())
+            }
+            _ => Failure::Unreachable(s.message().to_string()),
+        })
 }
 
 pub fn to_json(s: &StatusResponse) -> serde_json::Value {

@@ -4,6 +4,9 @@
 /// Bumped on any incompatible change to `ccq.proto` or to the meaning of its fields.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Request metadata key carrying the cluster token, as `Bearer <token>`.
+pub const TOKEN_METADATA: &str = "authorization";
+
 pub mod v1 {
     tonic::include_proto!("ccq.v1");
 }

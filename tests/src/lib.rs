@@ -102,7 +102,16 @@ pub struct Cluster {
 /// Starts `workers` workers and then the coordinator (workers retry until it serves, so
 /// start-up order does not matter), each on its own task, all over loopback gRPC.
 /// Unless the config sets `cluster.shards`, the run uses one shard per worker.
-pub async fn spawn_cluster(mut cfg: RunConfig, workers: usize) -> Cluster {
+pub async fn spawn_cluster(cfg: RunConfig, workers: usize) -> Cluster {
+    spawn_cluster_with_token(cfg, workers, None).await
+}
+
+/// [`spawn_cluster`] with a cluster token that the coordinator requires and the workers present.
+pub async fn spawn_cluster_with_token(
+    mut cfg: RunConfig,
+    workers: usize,
+    token: Option<&str>,
+) -> Cluster {
     cfg.cluster.shards.get_or_insert(workers.max(1));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -118,6 +127,7 @@ pub async fn spawn_cluster(mut cfg: RunConfig, workers: usize) -> Cluster {
                 name: format!("test-{i}"),
                 data_override: None,
                 give_up_after: None,
+                token: token.map(str::to_string),
             };
             let mut rx = stop.subscribe();
             tokio::spawn(async move {
@@ -132,6 +142,8 @@ pub async fn spawn_cluster(mut cfg: RunConfig, workers: usize) -> Cluster {
         config: cfg,
         local_workers: 0,
         worker_threads: 1,
+        token: token.map(str::to_string),
+        insecure: false,
     };
     let mut rx = stop.subscribe();
     let coordinator = tokio::spawn(async move {

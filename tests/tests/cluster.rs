@@ -119,3 +119,67 @@ async fn cluster_fitness_equals_single_process_evaluation() {
     let written = QNetwork::load(&out.join("model.ccq")).unwrap();
     assert_eq!(written.num_vars(), trainer.network().num_vars());
 }
+
+/// With a cluster token, workers with a wrong or missing token are refused with a clear
+/// message, and the run (served by a worker with the right token) ends exactly as an
+/// undisturbed run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_without_the_token_are_refused_and_the_run_is_unaffected() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_mnist(dir.path(), 500, 100, 3);
+    let clean_out = dir.path().join("clean");
+    spawn_cluster(tiny_config(dir.path(), &clean_out, 160), 1)
+        .await
+        .finish()
+        .await;
+
+    let out = dir.path().join("guarded");
+    let cluster =
+        ccq_tests::spawn_cluster_with_token(tiny_config(dir.path(), &out, 160), 1, Some("s3cret"))
+            .await;
+    for (token, expect) in [
+        (Some("wrong"), "wrong cluster token"),
+        (None, "requires the cluster token"),
+    ] {
+        let intruder = ccq_worker::WorkerConfig {
+            coordinator: format!("http://{}", cluster.addr),
+            shard: None,
+            threads: 1,
+            name: "intruder".into(),
+            data_override: None,
+            give_up_after: None,
+            token: token.map(str::to_string),
+        };
+        // Retries while the coordinator sets up, then is refused for good.
+        let err = ccq_worker::run(intruder, std::future::pending())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ccq_worker::Error::Refused(_)), "{err}");
+        assert!(err.to_string().contains(expect), "{err}");
+    }
+    let report = cluster.finish().await;
+    assert_eq!(report.workers_seen, 1, "no intruder was ever registered");
+    let a = std::fs::read(clean_out.join("model.ccq")).unwrap();
+    let b = std::fs::read(out.join("model.ccq")).unwrap();
+    assert!(a == b, "the guarded run ended differently");
+}
+
+/// Listening beyond loopback without a token is refused before anything starts.
+#[tokio::test]
+async fn listening_beyond_loopback_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_mnist(dir.path(), 200, 50, 4);
+    let cfg = tiny_config(dir.path(), &dir.path().join("out"), 16);
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let opts = ccq_coordinator::run::RunOptions {
+        config: cfg,
+        local_workers: 0,
+        worker_threads: 1,
+        token: None,
+        insecure: false,
+    };
+    let err = ccq_coordinator::run::run(opts, listener, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("without a cluster token"), "{err}");
+}

@@ -19,6 +19,8 @@ use ccq_proto::v1::{
     poll_job_response, CandidateResult, HeartbeatRequest, Job, PollJobRequest, RegisterRequest,
     RegisterResponse, SubmitResultRequest, SyncNetworkRequest,
 };
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
@@ -33,6 +35,8 @@ pub enum Error {
     Refused(String),
     #[error("coordinator sent an invalid job {job}: {reason}")]
     BadJob { job: u64, reason: String },
+    #[error("the cluster token must be printable ASCII")]
+    BadToken,
     #[error("coordinator RPC failed: {0}")]
     Rpc(#[from] tonic::Status),
     #[error("coordinator {addr} unreachable for {secs} s, giving up: {reason}")]
@@ -58,7 +62,40 @@ pub struct WorkerConfig {
     pub data_override: Option<DataSource>,
     /// Give up when the coordinator has been unreachable this long (`None`: retry forever).
     pub give_up_after: Option<Duration>,
+    /// The cluster token (`--token`, `CCQ_TOKEN`); required when the coordinator has one.
+    pub token: Option<String>,
 }
+
+/// Adds the cluster token to every request.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Auth {
+    /// `None`: send no token (a coordinator without one accepts that).
+    pub fn new(token: Option<&str>) -> Result<Auth, Error> {
+        token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| Error::BadToken)
+            })
+            .transpose()
+            .map(Auth)
+    }
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut()
+                .insert(ccq_proto::TOKEN_METADATA, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A coordinator client that presents the cluster token.
+pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
 /// How a worker's run ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +129,7 @@ async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
         addr: cfg.coordinator.clone(),
         reason: e.to_string(),
     })?;
+    let auth = Auth::new(cfg.token.as_deref())?;
     let mut local = Local::default();
     let mut backoff = Backoff::new();
     let mut unreachable_since: Option<Instant> = None;
@@ -119,7 +157,8 @@ async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
                 continue;
             }
         };
-        let mut client = CoordinatorClient::new(channel).max_decoding_message_size(256 << 20);
+        let mut client = CoordinatorClient::with_interceptor(channel, auth.clone())
+            .max_decoding_message_size(256 << 20);
         let reg = match register(&mut client, cfg).await {
             Ok(r) => r,
             Err(Error::Rpc(s)) if is_transient(&s) => {
@@ -165,10 +204,7 @@ fn is_transient(s: &tonic::Status) -> bool {
     )
 }
 
-async fn register(
-    client: &mut CoordinatorClient<Channel>,
-    cfg: &WorkerConfig,
-) -> Result<RegisterResponse, Error> {
+async fn register(client: &mut Client, cfg: &WorkerConfig) -> Result<RegisterResponse, Error> {
     let req = RegisterRequest {
         protocol_version: ccq_proto::PROTOCOL_VERSION,
         name: cfg.name.clone(),
@@ -199,7 +235,7 @@ enum Served {
 }
 
 async fn serve(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     cfg: &WorkerConfig,
     reg: &RegisterResponse,
     local: &mut Local,
@@ -269,7 +305,7 @@ async fn serve(
 }
 
 async fn heartbeat(
-    mut client: CoordinatorClient<Channel>,
+    mut client: Client,
     worker_id: u64,
     every: Duration,
     tx: tokio::sync::oneshot::Sender<Served>,
@@ -298,7 +334,7 @@ async fn heartbeat(
 /// Brings the network to the job's version, then evaluates off the async runtime.
 /// `None` when the job is stale (the coordinator has moved to a newer network).
 async fn evaluate(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     worker_id: u64,
     local: &mut Local,
     job: Job,
@@ -354,7 +390,7 @@ async fn evaluate(
 }
 
 async fn sync_network(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     worker_id: u64,
     local: &mut Local,
     want: u64,

@@ -34,6 +34,12 @@ struct Cli {
     /// (default: retry forever).
     #[arg(long, env = "CCQ_GIVE_UP_AFTER")]
     give_up_after: Option<f64>,
+    /// The cluster token the coordinator was started with.
+    #[arg(long, env = "CCQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Read the cluster token from this file instead.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<std::path::PathBuf>,
     /// `text` or `json` log lines.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -70,12 +76,22 @@ async fn run(cli: Cli) -> anyhow::Result<ccq_worker::Exit> {
         .as_deref()
         .map(str::parse::<DataSource>)
         .transpose()?;
+    let token = match &cli.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => cli.token.clone(),
+    };
     let cfg = WorkerConfig {
         coordinator: cli.coordinator,
         shard,
         threads: cli.threads.max(1),
         name: cli.name.unwrap_or_else(|| "worker".into()),
         data_override,
+        token,
         give_up_after: cli
             .give_up_after
             .filter(|s| s.is_finite() && *s >= 0.0)
