@@ -260,3 +260,38 @@ pub fn float_evaluate(
 pub fn parse_calibration(s: &str) -> Result<Calibration, Error> {
     Ok(s.parse()?)
 }
+
+/// The `--mean`/`--std` pair of `eval` and `export`: both or neither.
+pub fn normalization_flags(
+    mean: &Option<Vec<f32>>,
+    std: &Option<Vec<f32>>,
+) -> Result<Option<Normalization>, Error> {
+    match (mean, std) {
+        (None, None) => Ok(None),
+        (Some(m), Some(s)) => Ok(Some(Normalization {
+            mean: m.clone(),
+            std: s.clone(),
+        })),
+        _ => Err(Error::Usage("--mean and --std go together".into())),
+    }
+}
+
+/// The `--weight-bits`/`--act-bits`/`--calibration` flags of `eval` and `export`:
+/// quantize (validated settings) only when weight bits are given.
+pub fn quant_flags(
+    weight_bits: Option<u8>,
+    act_bits: u8,
+    calibration: &str,
+) -> Result<Option<QuantConfig>, Error> {
+    weight_bits
+        .map(|w| {
+            let q = QuantConfig {
+                weight_bits: w,
+                act_bits,
+                calibration: parse_calibration(calibration)?,
+            };
+            q.validate()?;
+            Ok(q)
+        })
+        .transpose()
+}

@@ -73,26 +73,8 @@ pub struct ExportArgs {
 
 impl ExportArgs {
     pub fn config(&self) -> Result<ExportConfig, Error> {
-        let normalization = match (&self.mean, &self.std) {
-            (None, None) => None,
-            (Some(m), Some(s)) => Some(Normalization {
-                mean: m.clone(),
-                std: s.clone(),
-            }),
-            _ => return Err(Error::Usage("--mean and --std go together".into())),
-        };
-        let quant = self
-            .weight_bits
-            .map(|w| {
-                let q = QuantConfig {
-                    weight_bits: w,
-                    act_bits: self.act_bits,
-                    calibration: self.calibration.parse()?,
-                };
-                q.validate()?;
-                Ok::<_, Error>(q)
-            })
-            .transpose()?;
+        let normalization = crate::eval::normalization_flags(&self.mean, &self.std)?;
+        let quant = crate::eval::quant_flags(self.weight_bits, self.act_bits, &self.calibration)?;
         Ok(ExportConfig {
             model: self.model.clone(),
             format: self.format.parse()?,

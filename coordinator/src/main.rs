@@ -6,8 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use ccq_common::data::{DataSource, Split};
-use ccq_common::model::Normalization;
-use ccq_common::quant::QuantConfig;
 use ccq_coordinator::config::RunConfig;
 use ccq_coordinator::eval::{self, EvalConfig};
 use ccq_coordinator::run::{self, RunOptions};
@@ -229,26 +227,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
 fn eval_config(a: &EvalArgs) -> anyhow::Result<EvalConfig> {
     let data: DataSource = a.data.parse().context("--data")?;
     let split: Split = a.split.parse().context("--split")?;
-    let normalization = match (&a.mean, &a.std) {
-        (None, None) => None,
-        (Some(m), Some(s)) => Some(Normalization {
-            mean: m.clone(),
-            std: s.clone(),
-        }),
-        _ => anyhow::bail!("--mean and --std go together"),
-    };
-    let quant = a
-        .weight_bits
-        .map(|w| {
-            let q = QuantConfig {
-                weight_bits: w,
-                act_bits: a.act_bits,
-                calibration: eval::parse_calibration(&a.calibration)?,
-            };
-            q.validate()?;
-            anyhow::Ok(q)
-        })
-        .transpose()?;
+    let normalization = eval::normalization_flags(&a.mean, &a.std)?;
+    let quant = eval::quant_flags(a.weight_bits, a.act_bits, &a.calibration)?;
     Ok(EvalConfig {
         model: a.model.clone(),
         data,
