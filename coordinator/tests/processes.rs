@@ -14,43 +14,11 @@ fn worker() -> PathBuf {
     Path::new(coordinator()).with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX))
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A tiny MNIST-format dataset (raw IDX): random sparse strokes, random labels.
-fn write_mnist(dir: &Path, train: usize, test: usize) {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    for (prefix, n) in [("train", train), ("t10k", test)] {
-        let mut images = [2051u32, n as u32, 28, 28]
-            .iter()
-            .flat_map(|x| x.to_be_bytes())
-            .collect::<Vec<u8>>();
-        let mut labels = [2049u32, n as u32]
-            .iter()
-            .flat_map(|x| x.to_be_bytes())
-            .collect::<Vec<u8>>();
-        for _ in 0..n {
-            images.extend((0..784).map(|_| if next() % 4 == 0 { next() as u8 } else { 0 }));
-            labels.push((next() % 10) as u8);
-        }
-        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
-        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
-    }
-}
+mod support;
+use support::{free_addr, repo, write_tiny_mnist};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_addr().port()
 }
 
 struct Killed(Child);
@@ -75,7 +43,7 @@ fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 #[test]
 fn coordinator_and_worker_processes_train_and_finish() {
     let dir = tempfile::tempdir().unwrap();
-    write_mnist(dir.path(), 600, 100);
+    write_tiny_mnist(dir.path(), 600, 100);
     let out = dir.path().join("run");
     let model = repo().join("common/tests/fixtures/mnist_cnn.onnx");
     let config = dir.path().join("run.toml");
@@ -218,7 +186,7 @@ fn status_of_an_unreachable_coordinator_exits_2() {
 #[test]
 fn eval_reports_bad_input_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    write_mnist(dir.path(), 50, 20);
+    write_tiny_mnist(dir.path(), 50, 20);
     let data = format!("mnist:{}", dir.path().display());
     let run = |args: &[&str]| {
         let o = Command::new(coordinator())

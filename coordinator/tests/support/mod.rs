@@ -1,0 +1,40 @@
+//! Helpers shared by the coordinator's process-level tests.
+#![allow(dead_code)] // each test file uses a subset
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// MNIST-format IDX files of random sparse digits and random labels.
+pub fn write_tiny_mnist(dir: &Path, train: u32, test: u32) {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (x >> 33) as u32
+    };
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let mut images: Vec<u8> = [2051u32, n, 28, 28]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        let mut labels: Vec<u8> = [2049u32, n].iter().flat_map(|v| v.to_be_bytes()).collect();
+        for _ in 0..n {
+            images.extend((0..784).map(|_| if rand() % 5 == 0 { rand() as u8 } else { 0 }));
+            labels.push((rand() % 10) as u8);
+        }
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
+    }
+}
+
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
