@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Instant;
 
 use ccq_common::data::{self, Split};
@@ -17,9 +18,9 @@ use ccq_proto::v1::coordinator_server::CoordinatorServer;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
+use crate::checkpoint::{self, Checkpoint};
 use crate::config::RunConfig;
 use crate::eval::{float_evaluate, quantize_from_train};
 use crate::service::CoordinatorService;
@@ -41,6 +42,18 @@ pub struct RunOptions {
     pub token: Option<String>,
     /// Allow listening beyond loopback without a token.
     pub insecure: bool,
+    /// Continue the run whose checkpoint is in the output directory (a new run starts
+    /// if there is none). Without it, a checkpoint there is an error: it belongs to an
+    /// unfinished run that a new one would overwrite.
+    pub resume: bool,
+}
+
+/// The config a run was started with, from the checkpoint in `dir` (`--resume DIR`
+/// without `--config`). Its `out` becomes `dir`, wherever the run was started.
+pub fn config_for_resume(dir: &Path) -> Result<RunConfig, Error> {
+    let mut cfg = Checkpoint::load(dir)?.config;
+    cfg.out = dir.to_path_buf();
+    Ok(cfg)
 }
 
 /// Top-1 accuracies in percent: test unless the name says validation.
@@ -75,6 +88,8 @@ pub struct RunReport {
     pub frozen_variables: usize,
     pub variables: usize,
     pub workers_seen: u64,
+    /// The generation of the checkpoint this process resumed from (`--resume`).
+    pub resumed_from_generation: Option<u64>,
     pub model_file: String,
     /// Variable confidence per layer at the end of the search.
     pub layers: Vec<LayerConfidence>,
@@ -102,15 +117,20 @@ pub async fn run(
         Some(addr) => Some(crate::metrics::spawn(addr, telemetry.subscribe()).await?),
         None => None,
     };
+    let resumed = open_checkpoint(&cfg, opts.resume)?;
+    let ck_origin = checkpoint::path(&out_dir).display().to_string();
     let progress = crate::progress::spawn(telemetry.subscribe(), cfg.budget.evaluations);
-    let run_id = format!(
-        "{}-seed{}",
-        cfg.out
-            .file_name()
-            .and_then(|s| s.to_str())
-            .unwrap_or("run"),
-        cfg.seed
-    );
+    let run_id = match &resumed {
+        Some(ck) => ck.run_id.clone(),
+        None => format!(
+            "{}-seed{}",
+            cfg.out
+                .file_name()
+                .and_then(|s| s.to_str())
+                .unwrap_or("run"),
+            cfg.seed
+        ),
+    };
 
     // Serve gRPC from the start: during setup `status` reports the phase and workers are
     // asked to come back; the event loop takes over the same channel afterwards. Workers
@@ -136,10 +156,13 @@ pub async fn run(
     ))
     .max_decoding_message_size(16 << 20)
     .max_encoding_message_size(256 << 20);
+    // Without TCP_NODELAY every small reply waits for the peer's delayed ACK (~40 ms):
+    // that, not computation, would bound the generation rate.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop_rx.recv().await;
             }),
     );
@@ -195,13 +218,16 @@ pub async fn run(
         t => t,
     };
 
-    phase.send_replace("measuring float reference");
-    info!("measuring the float model on {} test images", test.len());
-    let float_top1 = {
-        let (g, n, t) = (graph.clone(), norm.clone(), test.clone());
-        tokio::task::spawn_blocking(move || float_evaluate(&g, &n, &t, eval_threads).top1())
-            .await
-            .expect("float evaluation panicked")
+    let float_top1 = match &resumed {
+        Some(ck) => ck.float_top1,
+        None => {
+            phase.send_replace("measuring float reference");
+            info!("measuring the float model on {} test images", test.len());
+            let (g, n, t) = (graph.clone(), norm.clone(), test.clone());
+            tokio::task::spawn_blocking(move || float_evaluate(&g, &n, &t, eval_threads).top1())
+                .await
+                .expect("float evaluation panicked")
+        }
     };
     info!(
         "float test top-1 {float_top1:.2} %; quantizing to {}",
@@ -223,13 +249,32 @@ pub async fn run(
     let precision = net.precision();
     let variables = net.num_vars();
     let shards = cfg.cluster.shards.unwrap_or(opts.local_workers.max(1));
-    let trainer = Trainer::new(
-        net,
-        cfg.eda.clone(),
-        cfg.search.clone(),
-        cfg.seed,
-        search_len,
-    )?;
+    let resumed_from_generation = resumed.as_ref().map(|ck| ck.trainer.progress.generations);
+    let network_fingerprint = checkpoint::network_fingerprint(&net);
+    let (trainer, restored) = match resumed {
+        Some(ck) => {
+            ck.check_network(&network_fingerprint, search_len, &ck_origin)?;
+            let t = Trainer::restore(
+                net,
+                cfg.search.clone(),
+                cfg.seed,
+                search_len,
+                ck.trainer,
+                &ck_origin,
+            )?;
+            (t, Some((ck.state, ck.search_seconds)))
+        }
+        None => {
+            let t = Trainer::new(
+                net,
+                cfg.eda.clone(),
+                cfg.search.clone(),
+                cfg.seed,
+                search_len,
+            )?;
+            (t, None)
+        }
+    };
 
     let setup = Setup {
         run_id: run_id.clone(),
@@ -242,8 +287,14 @@ pub async fn run(
         float_top1,
         ptq_top1: None,
         eval_threads,
+        network_fingerprint,
+        search_seconds_before: restored.as_ref().map_or(0.0, |(_, secs)| *secs),
+        instance: format!("{:016x}", rand::random::<u64>()),
     };
-    let state = State::new(setup, trainer, tx, telemetry.clone());
+    let mut state = State::new(setup, trainer, tx, telemetry.clone());
+    if let Some((snap, _)) = restored {
+        state.restore(snap, &ck_origin)?;
+    }
     let _ = ready.send(());
     let rx = setup_responder
         .await
@@ -295,6 +346,7 @@ pub async fn run(
         frozen_variables: finished.frozen,
         variables,
         workers_seen: finished.workers_seen,
+        resumed_from_generation,
         layers: finished.layers,
         model_file: model_file.display().to_string(),
         history: finished.history,
@@ -304,7 +356,40 @@ pub async fn run(
     let json = serde_json::to_vec_pretty(&report).expect("the report always serialises");
     std::fs::write(&path, json).map_err(|e| ccq_common::Error::io(&path, e))?;
     crate::report::write(&report, &out_dir)?;
+    if finished.complete {
+        // The outputs are final: nothing is left to resume.
+        let ck = checkpoint::path(&out_dir);
+        if ck.exists() {
+            std::fs::remove_file(&ck).map_err(|e| ccq_common::Error::io(&ck, e))?;
+        }
+    }
     Ok(report)
+}
+
+/// The checkpoint to continue from, if resuming and there is one; refuses to start a
+/// new run over an unfinished one's checkpoint.
+fn open_checkpoint(cfg: &RunConfig, resume: bool) -> Result<Option<Checkpoint>, Error> {
+    let path = checkpoint::path(&cfg.out);
+    let origin = path.display().to_string();
+    if !path.exists() {
+        if resume {
+            info!("no checkpoint at {origin}; starting a new run");
+        }
+        return Ok(None);
+    }
+    if !resume {
+        return Err(Error::Usage(format!(
+            "{origin} holds the checkpoint of an unfinished run: `coordinator run --resume {}` continues it; delete the file to start over",
+            cfg.out.display()
+        )));
+    }
+    let ck = Checkpoint::load(&cfg.out)?;
+    ck.check_config(cfg, &origin)?;
+    info!(
+        "resuming {} from generation {} ({})",
+        ck.run_id, ck.trainer.progress.generations, origin
+    );
+    Ok(Some(ck))
 }
 
 fn spawn_local_workers(
