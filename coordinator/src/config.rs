@@ -36,6 +36,28 @@ pub struct RunConfig {
     pub eval: EvalSchedule,
     #[serde(default)]
     pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// When the coordinator writes `OUT/checkpoint.ccqck` (always also on SIGTERM/SIGINT).
+/// Checkpoints never change results; they cost one copy of the run state each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Every N generations (0 = not by generation count).
+    pub every_generations: u64,
+    /// At the first generation boundary after this many seconds (0 = not by time).
+    pub every_secs: f64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every_generations: 0,
+            every_secs: 60.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -234,6 +256,14 @@ impl RunConfig {
                 "budget",
                 "{}".into(),
                 "set at least one of evaluations, wall_seconds, cycles, target_val_top1",
+            );
+        }
+        let secs = self.checkpoint.every_secs;
+        if secs.is_nan() || secs < 0.0 {
+            return bad(
+                "checkpoint.every_secs",
+                secs.to_string(),
+                "must be >= 0 (0 = not by time)",
             );
         }
         if self.cluster.shards == Some(0) {

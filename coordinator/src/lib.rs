@@ -3,6 +3,7 @@
 //! - [`eval`]: `coordinator eval` — accuracy and speed of a float, PTQ or trained network;
 //! - [`export`]: `coordinator export` — the integer network as QDQ ONNX or plain arrays;
 //! - [`config`]: the run configuration (TOML);
+//! - [`checkpoint`]: the run's whole state on disk, written atomically, for `--resume`;
 //! - [`trainer`]: EDA + cooperative coevolution as a pure state machine;
 //! - [`state`]: the event loop that owns all run state, dispatches jobs, tracks workers;
 //! - [`service`]: gRPC handlers, which validate and forward to the event loop;
@@ -10,6 +11,7 @@
 //! - [`metrics`]: the Prometheus endpoint; [`progress`]: the progress bar or log lines;
 //! - [`report`]: the charts and `report.html` written at the end of a run.
 
+pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod export;
@@ -37,6 +39,11 @@ pub enum Error {
 
     #[error("config {path}: {reason}")]
     Config { path: String, reason: String },
+
+    /// A checkpoint that cannot be used: unreadable, corrupted, from another format
+    /// version, or written for another model or search configuration.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
 
     /// Workers returned something that cannot belong to the job they were given.
     #[error("protocol violation: {0}")]

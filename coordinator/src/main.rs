@@ -40,8 +40,13 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// The run configuration (TOML).
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Continue the run in DIR (its output directory) from its checkpoint. With
+    /// --config, a new run starts in DIR if it holds no checkpoint yet; without, the
+    /// checkpoint's own config is used.
+    #[arg(long, value_name = "DIR", conflicts_with = "out")]
+    resume: Option<PathBuf>,
     /// Start N workers inside this process (real gRPC over loopback).
     #[arg(long, default_value_t = 0)]
     local_workers: usize,
@@ -152,8 +157,12 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => {
-            let mut config = RunConfig::load(&a.config)?;
-            if let Some(out) = a.out {
+            let mut config = match (&a.config, &a.resume) {
+                (Some(path), _) => RunConfig::load(path)?,
+                (None, Some(dir)) => run::config_for_resume(dir)?,
+                (None, None) => unreachable!("clap requires --config unless --resume"),
+            };
+            if let Some(out) = a.out.or_else(|| a.resume.clone()) {
                 config.out = out;
             }
             if let Some(seed) = a.seed {
@@ -180,6 +189,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 worker_threads: a.worker_threads.max(1),
                 token,
                 insecure: a.insecure,
+                resume: a.resume.is_some(),
             };
             let rt = tokio::runtime::Runtime::new()?;
             let report = rt.block_on(async {

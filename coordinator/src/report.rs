@@ -917,6 +917,7 @@ mod tests {
             frozen_variables: 30,
             variables: 120,
             workers_seen: 2,
+            resumed_from_generation: None,
             model_file: "runs/x/model.ccq".into(),
             layers: vec![
                 LayerConfidence {

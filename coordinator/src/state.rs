@@ -25,7 +25,7 @@ use ccq_proto::v1::{
     RegisterRequest, RegisterResponse, StatusResponse, SubmitResultRequest, SyncNetworkRequest,
     SyncNetworkResponse, Unknown, VarChange, WorkerStatus,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use tracing::{debug, info, warn};
@@ -58,8 +58,8 @@ pub enum Event {
     Status {
         reply: oneshot::Sender<StatusResponse>,
     },
-    /// A validation/test evaluation scheduled by [`State::schedule_eval`] finished.
-    EvalDone(EvalPoint, Box<QNetwork>),
+    /// Validation/test evaluation `id`, scheduled by [`State::schedule_eval`], finished.
+    EvalDone(u64, EvalPoint, Box<QNetwork>),
 }
 
 /// Latency histogram in Prometheus form (cumulative buckets are derived when rendered).
@@ -111,7 +111,7 @@ pub struct Telemetry {
 const LATENCY_BOUNDS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// One row of the run's history: the global network measured at a generation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalPoint {
     pub generation: u64,
     pub evaluations: u64,
@@ -150,6 +150,13 @@ pub struct Setup {
     pub float_top1: f64,
     pub ptq_top1: Option<f64>,
     pub eval_threads: usize,
+    /// Identity of the quantized network the search started from (checkpoints).
+    pub network_fingerprint: String,
+    /// Seconds of search before this process took over (a resumed run).
+    pub search_seconds_before: f64,
+    /// Random per process: tells workers that network versions they hold from another
+    /// coordinator process mean nothing here.
+    pub instance: String,
 }
 
 /// What the loop hands back when the run is over.
@@ -165,9 +172,11 @@ pub struct Finished {
     pub wall_seconds: f64,
     pub workers_seen: u64,
     pub stop_reason: String,
+    /// The run reached its end (not interrupted): nothing is left to resume.
+    pub complete: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     Training,
@@ -207,6 +216,36 @@ struct JobEntry {
     assigned: Option<(u64, Instant)>,
 }
 
+/// A validation/test measurement not finished when a checkpoint was taken: a resumed
+/// run measures these codes again (the result is a function of the codes alone).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingEval {
+    pub point: EvalPoint,
+    pub is_final: bool,
+    pub codes: Vec<i8>,
+}
+
+/// The event loop's share of a checkpoint (the trainer's is [`crate::trainer::TrainerSnapshot`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopSnapshot {
+    pub phase: Phase,
+    /// The generation being evaluated; a resumed run evaluates it again from scratch.
+    pub generation: Option<Generation>,
+    pub pending_evals: Vec<PendingEval>,
+    pub history: Vec<EvalPoint>,
+    /// Codes of the best network by validation, and where it was measured.
+    pub best: Option<(Vec<i8>, EvalPoint)>,
+    pub network_version: u64,
+    pub last_best_loss: Option<f64>,
+    pub last_train_top1: Option<f64>,
+    pub last_train_secs: Option<f64>,
+    pub stop_reason: Option<String>,
+    pub ptq_top1: Option<f64>,
+    pub workers_seen: u64,
+}
+
 struct GenInProgress {
     generation: Generation,
     version: u64,
@@ -227,11 +266,15 @@ pub struct State {
     next_job: u64,
     gen: Option<GenInProgress>,
     parked: Vec<(u64, oneshot::Sender<PollJobResponse>)>,
-    /// `log[v]` turns network version v into v + 1.
+    /// `log[v - log_base]` turns network version v into v + 1. A resumed run starts
+    /// its log at the checkpoint's version; older workers get the whole network.
     log: Vec<Vec<(u32, i8)>>,
+    log_base: u64,
     history: Vec<EvalPoint>,
     best: Option<(QNetwork, EvalPoint)>,
-    evals_in_flight: usize,
+    /// Validation/test measurements running, by id.
+    evals: BTreeMap<u64, PendingEval>,
+    next_eval: u64,
     last_best_loss: Option<f64>,
     last_train_top1: Option<f64>,
     /// Seconds since start when `last_train_top1` was measured.
@@ -245,6 +288,20 @@ pub struct State {
     job_seconds: Histogram,
     worker_job_seconds: BTreeMap<u64, Histogram>,
     telemetry: tokio::sync::watch::Sender<Option<Telemetry>>,
+    checkpoints: Checkpointer,
+    /// Restored from a checkpoint: `run` continues instead of starting.
+    resumed: bool,
+    /// What a resumed run picks up when its loop starts.
+    restored: Option<(Option<Generation>, Vec<PendingEval>)>,
+}
+
+/// Decides when to write checkpoints and writes them off the loop, one at a time.
+struct Checkpointer {
+    every_generations: u64,
+    every: Option<Duration>,
+    last_at: Instant,
+    last_generation: u64,
+    writing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl State {
@@ -256,7 +313,6 @@ impl State {
     ) -> State {
         let shards = setup.shards;
         State {
-            setup,
             trainer,
             started: Instant::now(),
             phase: Phase::Training,
@@ -269,9 +325,11 @@ impl State {
             gen: None,
             parked: Vec::new(),
             log: Vec::new(),
+            log_base: 0,
             history: Vec::new(),
             best: None,
-            evals_in_flight: 0,
+            evals: BTreeMap::new(),
+            next_eval: 1,
             last_best_loss: None,
             last_train_top1: None,
             last_train_secs: None,
@@ -283,7 +341,107 @@ impl State {
             job_seconds: Histogram::new(&LATENCY_BOUNDS),
             worker_job_seconds: BTreeMap::new(),
             telemetry,
+            checkpoints: Checkpointer {
+                every_generations: setup.config.checkpoint.every_generations,
+                every: (setup.config.checkpoint.every_secs > 0.0)
+                    .then(|| Duration::from_secs_f64(setup.config.checkpoint.every_secs)),
+                last_at: Instant::now(),
+                last_generation: 0,
+                writing: None,
+            },
+            resumed: false,
+            restored: None,
+            setup,
         }
+    }
+
+    /// Seconds of search, including any before a resume.
+    fn elapsed(&self) -> f64 {
+        self.setup.search_seconds_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// The loop's state for a checkpoint.
+    pub fn snapshot(&self) -> LoopSnapshot {
+        LoopSnapshot {
+            phase: self.phase,
+            generation: self.gen.as_ref().map(|g| g.generation.clone()),
+            pending_evals: self.evals.values().cloned().collect(),
+            history: self.history.clone(),
+            best: self.best.as_ref().map(|(n, p)| (n.codes(), p.clone())),
+            network_version: self.version(),
+            last_best_loss: self.last_best_loss,
+            last_train_top1: self.last_train_top1,
+            last_train_secs: self.last_train_secs,
+            stop_reason: self.stop_reason.clone(),
+            ptq_top1: self.setup.ptq_top1,
+            workers_seen: self.workers_seen,
+        }
+    }
+
+    /// Takes over a checkpoint's loop state (the trainer was restored already). Every
+    /// part is checked against the network first; nothing is changed on error.
+    pub fn restore(&mut self, snap: LoopSnapshot, origin: &str) -> Result<(), crate::Error> {
+        let bad = |reason: String| crate::Error::Checkpoint {
+            path: origin.to_string(),
+            reason,
+        };
+        let n = self.trainer.network().num_vars();
+        let codes_ok = |c: &[i8]| c.len() == n;
+        if let Some((codes, _)) = &snap.best {
+            if !codes_ok(codes) {
+                return Err(bad(format!(
+                    "state.best holds {} codes, the network has {n}",
+                    codes.len()
+                )));
+            }
+        }
+        if let Some(e) = snap.pending_evals.iter().find(|e| !codes_ok(&e.codes)) {
+            return Err(bad(format!(
+                "state.pending_evals (generation {}) holds {} codes, the network has {n}",
+                e.point.generation,
+                e.codes.len()
+            )));
+        }
+        if let Some(g) = &snap.generation {
+            let fits = g.vars.iter().all(|&v| (v as usize) < n)
+                && !g.candidates.is_empty()
+                && g.candidates.iter().all(|c| c.len() == g.vars.len())
+                && g.images
+                    .iter()
+                    .all(|&i| (i as usize) < self.setup.search_len);
+            if !fits {
+                return Err(bad(format!(
+                    "state.generation {} does not fit the network and data",
+                    g.id
+                )));
+            }
+        }
+        if snap.phase == Phase::Done {
+            return Err(bad("the run it belongs to is finished".into()));
+        }
+        let best = match snap.best {
+            Some((codes, point)) => {
+                let mut net = self.trainer.network().clone();
+                net.set_codes(&codes)
+                    .map_err(|e| bad(format!("state.best: {e}")))?;
+                Some((net, point))
+            }
+            None => None,
+        };
+        self.phase = snap.phase;
+        self.history = snap.history;
+        self.best = best;
+        self.log_base = snap.network_version;
+        self.last_best_loss = snap.last_best_loss;
+        self.last_train_top1 = snap.last_train_top1;
+        self.last_train_secs = snap.last_train_secs;
+        self.stop_reason = snap.stop_reason;
+        self.setup.ptq_top1 = snap.ptq_top1;
+        self.workers_seen = snap.workers_seen;
+        self.checkpoints.last_generation = self.trainer.progress().generations;
+        self.restored = Some((snap.generation, snap.pending_evals));
+        self.resumed = true;
+        Ok(())
     }
 
     fn publish(&self) {
@@ -300,7 +458,7 @@ impl State {
     }
 
     fn version(&self) -> u64 {
-        self.log.len() as u64
+        self.log_base + self.log.len() as u64
     }
 
     /// Runs the loop until the run is finished and workers were told, or `shutdown`.
@@ -312,9 +470,32 @@ impl State {
         tokio::pin!(shutdown);
         let hb = Duration::from_millis(self.setup.config.cluster.heartbeat_ms);
         let mut tick = tokio::time::interval(hb);
-        // The PTQ network, measured before any search, is history's first row.
-        self.schedule_eval(false);
-        self.start_generation()?;
+        match self.restored.take() {
+            Some((generation, evals)) => {
+                for e in evals {
+                    let mut net = self.trainer.network().clone();
+                    net.set_codes(&e.codes)?;
+                    self.spawn_eval(e.point, e.is_final, net);
+                }
+                match generation {
+                    Some(g) => self.launch(g),
+                    None if self.phase == Phase::Training => self.start_generation()?,
+                    None => {}
+                }
+                if self.phase == Phase::Evaluating && self.evals.is_empty() {
+                    self.schedule_eval(true);
+                }
+                info!(
+                    generation = self.trainer.progress().generations,
+                    "resumed from the checkpoint"
+                );
+            }
+            None => {
+                // The PTQ network, measured before any search, is history's first row.
+                self.schedule_eval(false);
+                self.start_generation()?;
+            }
+        }
         let mut done_since: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -328,6 +509,10 @@ impl State {
                 }
                 _ = &mut shutdown => {
                     warn!("shutdown requested before the run finished");
+                    if self.phase != Phase::Done {
+                        // What lets `--resume` continue where this process stopped.
+                        self.checkpoint_now().await?;
+                    }
                     self.stop_reason.get_or_insert_with(|| "interrupted".into());
                     break;
                 }
@@ -341,6 +526,7 @@ impl State {
                 }
             }
         }
+        self.settle_checkpoints().await;
         let (best_net, best_point) = self.best.take().ok_or_else(|| {
             crate::Error::Protocol("the run ended before the PTQ network was evaluated".into())
         })?;
@@ -359,6 +545,7 @@ impl State {
             layers,
             wall_seconds: self.started.elapsed().as_secs_f64(),
             workers_seen: self.workers_seen,
+            complete: self.phase == Phase::Done,
             stop_reason: self.stop_reason.unwrap_or_else(|| "interrupted".into()),
         })
     }
@@ -389,7 +576,7 @@ impl State {
             Event::Status { reply } => {
                 let _ = reply.send(self.status());
             }
-            Event::EvalDone(point, net) => self.eval_done(point, *net),
+            Event::EvalDone(id, point, net) => self.eval_done(id, point, *net),
         }
         Ok(())
     }
@@ -440,6 +627,7 @@ impl State {
             data_source: self.setup.data_source.clone(),
             search_len: self.setup.search_len as u64,
             heartbeat_interval_ms: self.setup.config.cluster.heartbeat_ms as u32,
+            coordinator_instance: self.setup.instance.clone(),
         })
     }
 
@@ -634,7 +822,7 @@ impl State {
         }
         self.last_best_loss = Some(outcome.best_loss);
         self.last_train_top1 = Some(outcome.best_top1);
-        self.last_train_secs = Some(self.started.elapsed().as_secs_f64());
+        self.last_train_secs = Some(self.elapsed());
         let p = self.trainer.progress();
         self.rate.push_back((Instant::now(), p.evaluations));
         while self.rate.len() > 50 {
@@ -646,7 +834,74 @@ impl State {
             self.schedule_eval(false);
         }
         self.publish();
-        self.start_generation()
+        self.start_generation()?;
+        self.maybe_checkpoint();
+        Ok(())
+    }
+
+    /// Starts a background checkpoint write if one is due and none is being written.
+    /// Taken right after a generation started, so the snapshot holds it.
+    fn maybe_checkpoint(&mut self) {
+        let gens = self.trainer.progress().generations;
+        let c = &self.checkpoints;
+        let due = (c.every_generations > 0 && gens >= c.last_generation + c.every_generations)
+            || c.every.is_some_and(|t| c.last_at.elapsed() >= t);
+        if !due || self.phase != Phase::Training {
+            return;
+        }
+        if c.writing.as_ref().is_some_and(|h| !h.is_finished()) {
+            return; // the disk is slower than the interval: skip, try next generation
+        }
+        let ck = self.checkpoint();
+        let dir = self.setup.config.out.clone();
+        self.checkpoints.last_at = Instant::now();
+        self.checkpoints.last_generation = gens;
+        self.checkpoints.writing = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::checkpoint::write_atomic(&dir, &ck.encode()) {
+                warn!("checkpoint not written: {e}");
+            } else {
+                debug!(generation = gens, "checkpoint written");
+            }
+        }));
+    }
+
+    /// Writes a checkpoint now and waits for it (shutdown).
+    async fn checkpoint_now(&mut self) -> Result<(), crate::Error> {
+        if let Some(h) = self.checkpoints.writing.take() {
+            let _ = h.await;
+        }
+        let ck = self.checkpoint();
+        let dir = self.setup.config.out.clone();
+        let gens = ck.trainer.progress.generations;
+        tokio::task::spawn_blocking(move || crate::checkpoint::write_atomic(&dir, &ck.encode()))
+            .await
+            .expect("checkpoint writer panicked")?;
+        info!(
+            generation = gens,
+            "checkpoint written; `coordinator run --resume {}` continues the run",
+            self.setup.config.out.display()
+        );
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> crate::checkpoint::Checkpoint {
+        crate::checkpoint::Checkpoint {
+            network_fingerprint: self.setup.network_fingerprint.clone(),
+            run_id: self.setup.run_id.clone(),
+            config: self.setup.config.clone(),
+            search_len: self.setup.search_len,
+            float_top1: self.setup.float_top1,
+            search_seconds: self.elapsed(),
+            trainer: self.trainer.snapshot(),
+            state: self.snapshot(),
+        }
+    }
+
+    /// Waits for a checkpoint still being written (the end of a run).
+    pub async fn settle_checkpoints(&mut self) {
+        if let Some(h) = self.checkpoints.writing.take() {
+            let _ = h.await;
+        }
     }
 
     /// Starts the next generation, or finishes the run when the budget is spent.
@@ -660,6 +915,12 @@ impl State {
         let Some(generation) = self.trainer.next_generation()? else {
             return self.finish("every variable is frozen".into());
         };
+        self.launch(generation);
+        Ok(())
+    }
+
+    /// Cuts a generation into jobs and queues them.
+    fn launch(&mut self, generation: Generation) {
         let shards = self.setup.shards;
         let mut per_shard: Vec<Vec<u64>> = vec![Vec::new(); shards];
         for &i in &generation.images {
@@ -706,7 +967,6 @@ impl State {
             outstanding,
         });
         self.dispatch();
-        Ok(())
     }
 
     fn budget_spent(&self) -> Option<String> {
@@ -721,9 +981,7 @@ impl State {
         if b.cycles.is_some_and(|c| p.cycles >= c) {
             return Some(format!("{} cycle(s) done", p.cycles));
         }
-        if b.wall_seconds
-            .is_some_and(|s| self.started.elapsed().as_secs_f64() >= s)
-        {
+        if b.wall_seconds.is_some_and(|s| self.elapsed() >= s) {
             return Some("wall-time budget spent".into());
         }
         None
@@ -744,7 +1002,7 @@ impl State {
         let point = EvalPoint {
             generation: p.generations,
             evaluations: p.evaluations,
-            wall_seconds: self.started.elapsed().as_secs_f64(),
+            wall_seconds: self.elapsed(),
             best_fitness: self.last_best_loss,
             train_top1: self.last_train_top1,
             val_top1: 0.0,
@@ -753,10 +1011,23 @@ impl State {
             network_version: self.version(),
             is_final,
         };
+        self.spawn_eval(point, is_final, net);
+    }
+
+    fn spawn_eval(&mut self, point: EvalPoint, is_final: bool, net: QNetwork) {
+        let id = self.next_eval;
+        self.next_eval += 1;
+        self.evals.insert(
+            id,
+            PendingEval {
+                point: point.clone(),
+                is_final,
+                codes: net.codes(),
+            },
+        );
         let (val, test) = (self.setup.validation.clone(), self.setup.test.clone());
         let threads = self.setup.eval_threads;
         let tx = self.events.clone();
-        self.evals_in_flight += 1;
         tokio::task::spawn_blocking(move || {
             let v = net.evaluate(&val.images, &val.labels, 256, threads);
             let t = net.evaluate(&test.images, &test.labels, 256, threads);
@@ -766,12 +1037,18 @@ impl State {
                 test_top1: t.top1(),
                 ..point
             };
-            let _ = tx.blocking_send(Event::EvalDone(point, Box::new(net)));
+            let _ = tx.blocking_send(Event::EvalDone(id, point, Box::new(net)));
         });
     }
 
-    fn eval_done(&mut self, point: EvalPoint, net: QNetwork) {
-        self.evals_in_flight -= 1;
+    fn eval_done(&mut self, id: u64, point: EvalPoint, net: QNetwork) {
+        let Some(pending) = self.evals.remove(&id) else {
+            return;
+        };
+        let point = EvalPoint {
+            is_final: pending.is_final,
+            ..point
+        };
         info!(
             generation = point.generation,
             evaluations = point.evaluations,
@@ -779,11 +1056,12 @@ impl State {
             point.val_top1,
             point.test_top1
         );
-        // Model selection uses validation only; the earliest best wins ties.
-        let better = self
-            .best
-            .as_ref()
-            .is_none_or(|(_, b)| point.val_top1 > b.val_top1);
+        // Model selection uses validation only; the earliest generation wins ties, so
+        // the choice does not depend on the order in which measurements finish.
+        let better = self.best.as_ref().is_none_or(|(_, b)| {
+            point.val_top1 > b.val_top1
+                || (point.val_top1 == b.val_top1 && point.generation < b.generation)
+        });
         if better {
             self.best = Some((net, point.clone()));
         }
@@ -804,7 +1082,7 @@ impl State {
         self.history.sort_by_key(|p| (p.generation, p.is_final));
         // The run is over once the final measurement and any earlier ones are in.
         let finishing = is_final || self.phase == Phase::Evaluating;
-        if finishing && self.evals_in_flight == 0 {
+        if finishing && self.evals.is_empty() {
             self.phase = Phase::Done;
             self.publish();
             // Wake parked polls so workers learn the run is over.
@@ -839,9 +1117,11 @@ impl State {
     fn sync(&self, req: SyncNetworkRequest) -> SyncNetworkResponse {
         let version = self.version();
         // Changes are cheaper than the whole network unless the worker is far behind.
-        let changes: Option<Vec<VarChange>> =
-            req.have_version.filter(|&h| h <= version).and_then(|h| {
-                let list: Vec<VarChange> = self.log[h as usize..]
+        let changes: Option<Vec<VarChange>> = req
+            .have_version
+            .filter(|&h| h <= version && h >= self.log_base)
+            .and_then(|h| {
+                let list: Vec<VarChange> = self.log[(h - self.log_base) as usize..]
                     .iter()
                     .flatten()
                     .map(|&(var, code)| VarChange {
@@ -907,7 +1187,7 @@ impl State {
     fn status(&self) -> StatusResponse {
         let p = self.trainer.progress();
         let eda = self.trainer.eda();
-        let elapsed = self.started.elapsed().as_secs_f64();
+        let elapsed = self.elapsed();
         let rate = match (self.rate.front(), self.rate.back()) {
             (Some(a), Some(b)) if b.0 > a.0 => {
                 (b.1 - a.1) as f64 / b.0.duration_since(a.0).as_secs_f64()

@@ -19,7 +19,7 @@ use crate::config::{Fitness, SearchConfig};
 use crate::Error;
 
 /// One generation: the work handed to the workers.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Generation {
     /// Generation number, from 0.
     pub id: u64,
@@ -55,6 +55,22 @@ pub struct Progress {
     pub cycles: u64,
     pub groups: u64,
     pub adoptions: u64,
+}
+
+/// Everything a [`Trainer`] needs to continue exactly where it was, apart from the
+/// quantized network it started from (which a resumed run rebuilds and checks).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerSnapshot {
+    pub codes: Vec<i8>,
+    pub eda: EdaState,
+    /// Positions of the two ChaCha streams (words consumed), as decimal strings because
+    /// JSON numbers cannot carry 128 bits. The seeds are derived from the run seed.
+    pub batch_rng_pos: String,
+    pub sample_rng_pos: String,
+    pub queue: Vec<Group>,
+    pub current: Option<(Group, usize)>,
+    pub progress: Progress,
 }
 
 pub struct Trainer {
@@ -105,13 +121,92 @@ impl Trainer {
             net,
             codes,
             eda,
-            // Distinct streams: changing the batch size must not change the candidates.
-            batch_rng: ChaCha8Rng::seed_from_u64(seed ^ 0xba7c4e5),
-            sample_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5a3b1e),
+            batch_rng: batch_rng(seed),
+            sample_rng: sample_rng(seed),
             search_len,
             queue: VecDeque::new(),
             current: None,
             progress: Progress::default(),
+        })
+    }
+
+    /// The state to put in a checkpoint.
+    pub fn snapshot(&self) -> TrainerSnapshot {
+        TrainerSnapshot {
+            codes: self.codes.clone(),
+            eda: self.eda.clone(),
+            batch_rng_pos: self.batch_rng.get_word_pos().to_string(),
+            sample_rng_pos: self.sample_rng.get_word_pos().to_string(),
+            queue: self.queue.iter().cloned().collect(),
+            current: self.current.clone(),
+            progress: self.progress,
+        }
+    }
+
+    /// Continues from a snapshot taken of a trainer built with the same network, EDA
+    /// parameters, search settings and seed. Every part is checked against `net` first:
+    /// a snapshot that does not fit is an error, never a half-restored trainer.
+    pub fn restore(
+        net: QNetwork,
+        search: SearchConfig,
+        seed: u64,
+        search_len: usize,
+        snap: TrainerSnapshot,
+        origin: &str,
+    ) -> Result<Trainer, Error> {
+        let bad = |field: &str, why: String| Error::Checkpoint {
+            path: origin.to_string(),
+            reason: format!("trainer.{field}: {why}"),
+        };
+        let n = net.num_vars();
+        if snap.codes.len() != n || snap.eda.num_variables() != n {
+            return Err(bad(
+                "codes",
+                format!(
+                    "holds {} codes and {} distributions, the network has {n} variables",
+                    snap.codes.len(),
+                    snap.eda.num_variables()
+                ),
+            ));
+        }
+        for (i, &c) in snap.codes.iter().enumerate() {
+            if !snap.eda.allowed_values(i).contains(&c) {
+                return Err(bad(
+                    "codes",
+                    format!(
+                        "variable {i} has code {c}, outside its allowed range {:?}",
+                        snap.eda.allowed_values(i)
+                    ),
+                ));
+            }
+        }
+        let groups = snap.queue.iter().chain(snap.current.iter().map(|(g, _)| g));
+        for g in groups {
+            if let Some(&v) = g.vars.iter().find(|&&v| v as usize >= n) {
+                return Err(bad("queue", format!("group names variable {v} of {n}")));
+            }
+        }
+        let pos = |field: &str, s: &str| {
+            s.parse::<u128>()
+                .map_err(|_| bad(field, format!("{s:?} is not a stream position")))
+        };
+        let mut batch = batch_rng(seed);
+        batch.set_word_pos(pos("batch_rng_pos", &snap.batch_rng_pos)?);
+        let mut sample = sample_rng(seed);
+        sample.set_word_pos(pos("sample_rng_pos", &snap.sample_rng_pos)?);
+        let mut net = net;
+        net.set_codes(&snap.codes)?;
+        Ok(Trainer {
+            search,
+            net,
+            codes: snap.codes,
+            eda: snap.eda,
+            batch_rng: batch,
+            sample_rng: sample,
+            search_len,
+            queue: snap.queue.into(),
+            current: snap.current,
+            progress: snap.progress,
         })
     }
 
@@ -243,6 +338,15 @@ impl Trainer {
             best_top1: s.top1(),
         })
     }
+}
+
+// Distinct streams: changing the batch size must not change the candidates.
+fn batch_rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ 0xba7c4e5)
+}
+
+fn sample_rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ 0x5a3b1e)
 }
 
 #[cfg(test)]

@@ -1,43 +1,14 @@
 //! Real processes: a `coordinator run` and two `worker` processes on loopback, watched with
 //! `coordinator status`; plus the command-line error paths of `eval` and `status`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn coordinator() -> &'static str {
-    env!("CARGO_BIN_EXE_coordinator")
-}
-
-/// The worker binary sits beside the coordinator's (both are built by `cargo test`).
-fn worker() -> PathBuf {
-    Path::new(coordinator()).with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX))
-}
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 mod support;
-use support::{free_addr, repo, write_tiny_mnist};
+use support::{coordinator, free_addr, repo, wait_for, worker, write_tiny_mnist, Killed};
 
 fn free_port() -> u16 {
     free_addr().port()
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 #[test]

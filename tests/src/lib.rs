@@ -144,6 +144,7 @@ pub async fn spawn_cluster_with_token(
         worker_threads: 1,
         token: token.map(str::to_string),
         insecure: false,
+        resume: false,
     };
     let mut rx = stop.subscribe();
     let coordinator = tokio::spawn(async move {

@@ -177,6 +177,7 @@ async fn listening_beyond_loopback_needs_a_token() {
         worker_threads: 1,
         token: None,
         insecure: false,
+        resume: false,
     };
     let err = ccq_coordinator::run::run(opts, listener, std::future::pending())
         .await

@@ -122,6 +122,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
 struct Local {
     shard: Option<(String, Shard, Dataset)>,
     net: Option<(u64, QNetwork)>,
+    /// The coordinator process `net`'s version number belongs to.
+    instance: String,
 }
 
 async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
@@ -168,6 +170,11 @@ async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
             Err(e) => return Err(e),
         };
         backoff.reset();
+        if reg.coordinator_instance != local.instance {
+            // A restarted (or another) coordinator: version numbers start afresh.
+            local.net = None;
+            local.instance = reg.coordinator_instance.clone();
+        }
         info!(
             worker = reg.worker_id,
             shard = format!("{}/{}", reg.shard_index, reg.shard_count),

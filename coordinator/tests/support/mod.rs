@@ -3,6 +3,40 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+pub fn coordinator() -> &'static str {
+    env!("CARGO_BIN_EXE_coordinator")
+}
+
+/// The worker binary sits beside the coordinator's (both are built by `cargo test`).
+pub fn worker() -> PathBuf {
+    Path::new(coordinator()).with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// A child process that is SIGKILLed and reaped when dropped (a failing test leaves
+/// nothing running).
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `f` until it holds or `timeout` passes; true if it held.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -1,0 +1,310 @@
+//! Recovery, with real processes on loopback: workers SIGKILLed and replaced at random
+//! moments, and the coordinator SIGKILLed and resumed from its checkpoint, must end with
+//! exactly the network and history of the same run undisturbed. Also the refusals that
+//! protect a checkpoint: another model, or a new run started over an unfinished one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+mod support;
+use support::{coordinator, free_addr, repo, wait_for, worker, write_tiny_mnist, Killed};
+
+/// 750 generations of 8 candidates over 2 shards, measured every 25 generations and
+/// checkpointed every 10: long enough to be interrupted many times.
+fn write_config(dir: &Path, name: &str, model: &Path) -> PathBuf {
+    let config = dir.join(name);
+    std::fs::write(
+        &config,
+        format!(
+            "seed = 5\nout = \"{}\"\n[model]\nonnx = \"{}\"\nmean = [0.13]\nstd = [0.31]\n\
+             [data]\nsource = \"mnist:{}\"\nvalidation = 100\n[quant]\nweight_bits = 2\n\
+             calib_images = 64\n[eda]\npopulation = 8\ngroup_size = 32\n\
+             [search]\nbatch_size = 64\n[budget]\nevaluations = 6000\n\
+             [eval]\nevery_generations = 25\nthreads = 1\n\
+             [cluster]\nshards = 2\nheartbeat_ms = 100\n\
+             [checkpoint]\nevery_generations = 10\nevery_secs = 0\n",
+            dir.join("unused").display(),
+            model.display(),
+            data_dir().display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// One dataset for every run of this file (results are compared across runs).
+fn data_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        write_tiny_mnist(d.path(), 600, 100);
+        d
+    })
+    .path()
+}
+
+fn fixture_model() -> PathBuf {
+    repo().join("common/tests/fixtures/mnist_cnn.onnx")
+}
+
+/// What must be identical between runs: the network file, and the report's history and
+/// counters without wall-clock times.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    model: Vec<u8>,
+    history: Vec<serde_json::Value>,
+    evaluations: u64,
+    generations: u64,
+    accuracy_final: f64,
+    workers_seen: u64,
+    resumed_from_generation: Option<u64>,
+}
+
+fn outcome(out: &Path) -> Outcome {
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let history = report["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            let mut h = h.clone();
+            h.as_object_mut().unwrap().remove("wall_seconds");
+            h
+        })
+        .collect();
+    Outcome {
+        model: std::fs::read(out.join("model.ccq")).unwrap(),
+        history,
+        evaluations: report["evaluations"].as_u64().unwrap(),
+        generations: report["generations"].as_u64().unwrap(),
+        accuracy_final: report["accuracy"]["final"].as_f64().unwrap(),
+        workers_seen: report["workers_seen"].as_u64().unwrap(),
+        resumed_from_generation: report["resumed_from_generation"].as_u64(),
+    }
+}
+
+/// The undisturbed run (two in-process workers), computed once per test binary.
+fn reference() -> &'static Outcome {
+    static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
+    &REF.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), "ref.toml", &fixture_model());
+        let out = dir.path().join("ref");
+        let o = Command::new(coordinator())
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(&out)
+            .args(["--local-workers", "2", "--listen", &free_addr().to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "reference run failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !out.join("checkpoint.ccqck").exists(),
+            "a finished run leaves no checkpoint to resume"
+        );
+        let r = outcome(&out);
+        assert_eq!(r.evaluations, 6_000);
+        (dir, r)
+    })
+    .1
+}
+
+fn spawn_worker(addr: &str) -> Killed {
+    Killed(
+        Command::new(worker())
+            .args(["--coordinator", &format!("http://{addr}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start worker"),
+    )
+}
+
+fn spawn_coordinator(args: &[&str], config: Option<&Path>, addr: &str) -> Killed {
+    let mut c = Command::new(coordinator());
+    c.arg("run").args(args).args(["--listen", addr]);
+    if let Some(config) = config {
+        c.arg("--config").arg(config);
+    }
+    Killed(
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start coordinator"),
+    )
+}
+
+/// The live generation count, from `coordinator status --json` (None while unreachable).
+fn generation(addr: &str) -> Option<u64> {
+    let o = Command::new(coordinator())
+        .args(["status", "--json", "--addr", addr])
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    (v["phase"] == "training")
+        .then(|| v["generation"].as_u64())
+        .flatten()
+}
+
+fn finishes(c: &mut Killed, secs: u64) -> bool {
+    wait_for(Duration::from_secs(secs), || {
+        c.0.try_wait().unwrap().is_some()
+    }) && c.0.wait().unwrap().success()
+}
+
+#[test]
+fn workers_killed_and_restarted_at_random_moments_change_nothing() {
+    let expected = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "run.toml", &fixture_model());
+    let out = dir.path().join("run");
+    let addr = free_addr().to_string();
+    let mut workers: Vec<Killed> = (0..3).map(|_| spawn_worker(&addr)).collect();
+    let mut coord = spawn_coordinator(&["--out", out.to_str().unwrap()], Some(&config), &addr);
+
+    // Random moments, drawn from a fixed seed so a failure can be replayed: after these
+    // generations, SIGKILL a random worker (jobs it held are lost mid-flight) and start
+    // a fresh one in its place.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut moments: Vec<u64> = (0..6).map(|_| 40 + next(600)).collect();
+    moments.sort_unstable();
+    let mut kills = 0;
+    for &m in &moments {
+        let reached = wait_for(Duration::from_secs(120), || {
+            generation(&addr).is_some_and(|g| g >= m)
+        });
+        assert!(reached, "the run never reached generation {m}");
+        let victim = next(workers.len() as u64) as usize;
+        drop(workers.swap_remove(victim)); // SIGKILL
+        workers.push(spawn_worker(&addr));
+        kills += 1;
+    }
+    assert_eq!(kills, moments.len());
+    assert!(
+        finishes(&mut coord, 180),
+        "the disturbed run did not finish"
+    );
+    let got = outcome(&out);
+    assert_eq!(got.evaluations, expected.evaluations);
+    assert_eq!(
+        got.history, expected.history,
+        "history differs from the undisturbed run"
+    );
+    assert!(
+        got.model == expected.model,
+        "the final network differs from the undisturbed run"
+    );
+    // The replacements really joined (3 at the start, one more per kill).
+    assert_eq!(got.workers_seen, 3 + kills as u64);
+}
+
+#[test]
+fn coordinator_killed_and_resumed_ends_identical() {
+    let expected = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "run.toml", &fixture_model());
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap().to_string();
+    let addr = free_addr().to_string();
+    // Workers outlive the coordinator: they keep retrying and rejoin the resumed one.
+    let workers: Vec<Killed> = (0..2).map(|_| spawn_worker(&addr)).collect();
+    let coord = spawn_coordinator(&["--out", &out_s], Some(&config), &addr);
+    let ck = out.join("checkpoint.ccqck");
+    let mid_run = wait_for(Duration::from_secs(120), || {
+        ck.exists() && generation(&addr).is_some_and(|g| g >= 200)
+    });
+    assert!(
+        mid_run,
+        "the run never got past generation 200 with a checkpoint"
+    );
+    drop(coord); // SIGKILL, mid-generation
+    let saved = std::fs::read(&ck).unwrap();
+
+    // Guards that lose nothing: a new run over the unfinished one is refused...
+    let o = Command::new(coordinator())
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--out", &out_s, "--listen", &free_addr().to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("unfinished run"),
+        "{err}"
+    );
+    // ...and so is resuming with another model.
+    let other = write_config(
+        dir.path(),
+        "other.toml",
+        &repo().join("examples/mnist/mnist-cnn.onnx"),
+    );
+    let o = Command::new(coordinator())
+        .args(["run", "--config"])
+        .arg(&other)
+        .args(["--resume", &out_s, "--listen", &free_addr().to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("written for a different model"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&ck).unwrap(),
+        saved,
+        "the checkpoint is intact"
+    );
+
+    // Resume with nothing but the directory: the checkpoint carries the config.
+    let mut resumed = spawn_coordinator(&["--resume", &out_s], None, &addr);
+    assert!(
+        finishes(&mut resumed, 180),
+        "the resumed run did not finish"
+    );
+    for mut w in workers {
+        assert!(
+            wait_for(Duration::from_secs(20), || w
+                .0
+                .try_wait()
+                .unwrap()
+                .is_some()),
+            "a worker did not exit after the resumed run"
+        );
+        assert!(w.0.wait().unwrap().success());
+    }
+    let got = outcome(&out);
+    assert_eq!(got.evaluations, expected.evaluations);
+    assert_eq!(got.generations, expected.generations);
+    assert_eq!(
+        got.history, expected.history,
+        "history differs from the uninterrupted run"
+    );
+    assert!(
+        got.model == expected.model,
+        "the final network differs from the uninterrupted run"
+    );
+    assert_eq!(got.accuracy_final, expected.accuracy_final);
+    assert!(!ck.exists(), "the finished run removed its checkpoint");
+    // It continued from the checkpoint (not from the start): the kill came after
+    // generation 200 and checkpoints are 10 generations apart.
+    let from = got
+        .resumed_from_generation
+        .expect("the report names the resume point");
+    assert!((190..750).contains(&from), "resumed from generation {from}");
+}
