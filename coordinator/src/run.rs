@@ -30,6 +30,9 @@ use crate::state::{
 use crate::trainer::Trainer;
 use crate::Error;
 
+/// The largest gRPC request the coordinator accepts.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+
 /// A run as the CLI describes it.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -154,7 +157,9 @@ pub async fn run(
         opts.token.clone(),
         cfg.cluster.public_status,
     ))
-    .max_decoding_message_size(16 << 20)
+    // Requests are small (a job's results are ~20 bytes per candidate); anything larger
+    // is refused before it is buffered. Replies can carry a whole network.
+    .max_decoding_message_size(MAX_REQUEST_BYTES)
     .max_encoding_message_size(256 << 20);
     // Without TCP_NODELAY every small reply waits for the peer's delayed ACK (~40 ms):
     // that, not computation, would bound the generation rate.

@@ -769,14 +769,14 @@ impl State {
                 .iter()
                 .all(|r| r.images == j.images.len() as u64 && r.correct <= r.images);
         if !valid {
+            // A worker that answers with results that cannot belong to its job is broken
+            // (or hostile): forget it, so it must register again before it gets work.
             warn!(
                 job = req.job_id,
                 worker = req.worker_id,
-                "malformed result refused; the job goes to another worker"
+                "malformed result refused; the worker is dropped and the job goes to another"
             );
-            if let Some(w) = self.workers.get_mut(&req.worker_id) {
-                w.job = None;
-            }
+            self.workers.remove(&req.worker_id);
             self.requeue(req.job_id);
             self.dispatch();
             return Ok(false);

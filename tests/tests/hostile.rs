@@ -1,0 +1,350 @@
+//! Hostile and broken clients against a live run: results for jobs a client does not
+//! hold, malformed results, random bytes where a protobuf message should be, oversized
+//! messages and a wrong protocol version. Each is refused with its specific answer, and
+//! the run ends with exactly the network of the same run left alone.
+
+use std::path::Path;
+
+use ccq_proto::v1::coordinator_client::CoordinatorClient;
+use ccq_proto::v1::{
+    poll_job_response, CandidateResult, PollJobRequest, RegisterRequest, StatusRequest,
+    SubmitResultRequest,
+};
+use ccq_tests::{spawn_cluster, tiny_config, write_tiny_mnist};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+const EVALUATIONS: u64 = 480;
+
+/// The model of the run left alone (2 workers) on the dataset in `data`.
+async fn undisturbed(data: &Path, evaluations: u64) -> Vec<u8> {
+    let out = data.join("undisturbed");
+    spawn_cluster(tiny_config(data, &out, evaluations), 2)
+        .await
+        .finish()
+        .await;
+    std::fs::read(out.join("model.ccq")).unwrap()
+}
+
+async fn connect(addr: std::net::SocketAddr) -> Channel {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    for _ in 0..200 {
+        if let Ok(c) = endpoint.connect().await {
+            return c;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("coordinator at {addr} never served");
+}
+
+/// Registers `client` as a worker, retrying while the coordinator is still setting up.
+async fn register(client: &mut CoordinatorClient<Channel>) -> Option<u64> {
+    for _ in 0..500 {
+        let r = client
+            .register(RegisterRequest {
+                protocol_version: ccq_proto::PROTOCOL_VERSION,
+                name: "rogue".into(),
+                shard_index: None,
+                shard_count: None,
+                threads: 1,
+            })
+            .await;
+        match r {
+            Ok(r) => return Some(r.into_inner().worker_id),
+            Err(s) if s.code() == Code::Unavailable => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            Err(_) => return None, // the run is over
+        }
+    }
+    None
+}
+
+/// A client that takes real jobs and answers them wrongly (too few or too many results,
+/// more correct than images, the wrong image count), and answers jobs it never got.
+/// Every answer must be refused; the run must not notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_mnist(dir.path(), 700, 120, 3);
+    let expected = undisturbed(dir.path(), EVALUATIONS).await;
+
+    let out = dir.path().join("disturbed");
+    let cluster = spawn_cluster(tiny_config(dir.path(), &out, EVALUATIONS), 2).await;
+    let mut client = CoordinatorClient::new(connect(cluster.addr).await);
+    let (mut not_held, mut malformed) = (0u32, 0u32);
+    let mut kind = 0usize;
+    'rogue: while let Some(id) = register(&mut client).await {
+        loop {
+            let Ok(poll) = client.poll_job(PollJobRequest { worker_id: id }).await else {
+                break 'rogue;
+            };
+            let job = match poll.into_inner().reply {
+                Some(poll_job_response::Reply::Job(job)) => job,
+                Some(poll_job_response::Reply::Idle(_)) | None => continue,
+                Some(poll_job_response::Reply::Unknown(_)) => break, // dropped: register again
+                Some(poll_job_response::Reply::Done(_)) => break 'rogue,
+            };
+            let n = job.images.len() as u64;
+            let good = CandidateResult {
+                loss_fixed: 1,
+                correct: n,
+                images: n,
+            };
+            // First a perfect-looking answer to a job this client does not hold.
+            let accepted = client
+                .submit_result(SubmitResultRequest {
+                    worker_id: id,
+                    job_id: job.job_id + 1_000_000,
+                    results: vec![good; job.candidates.len()],
+                    eval_micros: 1,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .accepted;
+            assert!(!accepted, "a result for a job not held was accepted");
+            not_held += 1;
+            // Then a malformed answer to the job it holds.
+            let count = job.candidates.len();
+            let results = match kind % 4 {
+                0 => vec![good; count + 1],
+                1 => vec![good; count.saturating_sub(1)],
+                2 => vec![
+                    CandidateResult {
+                        correct: n + 1,
+                        ..good
+                    };
+                    count
+                ],
+                _ => vec![
+                    CandidateResult {
+                        images: n + 7,
+                        ..good
+                    };
+                    count
+                ],
+            };
+            kind += 1;
+            let accepted = client
+                .submit_result(SubmitResultRequest {
+                    worker_id: id,
+                    job_id: job.job_id,
+                    results,
+                    eval_micros: 1,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .accepted;
+            assert!(!accepted, "a malformed result was accepted");
+            malformed += 1;
+        }
+    }
+    let report = cluster.finish().await;
+    assert_eq!(report.evaluations, EVALUATIONS);
+    assert!(
+        not_held >= 4 && malformed >= 4,
+        "the rogue must have taken part ({not_held} / {malformed})"
+    );
+    assert!(
+        std::fs::read(out.join("model.ccq")).unwrap() == expected,
+        "the rogue changed the trained network"
+    );
+}
+
+/// Sends raw bytes as the body of a gRPC call, whatever the method expects.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        use prost::bytes::Buf;
+        let mut v = vec![0; src.remaining()];
+        src.copy_to_slice(&mut v);
+        Ok(Some(v))
+    }
+}
+
+async fn raw_call(
+    channel: Channel,
+    method: &'static str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(64 << 20);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    grpc.unary(tonic::Request::new(body), path, RawCodec)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Property: random bytes sent where each request message belongs — including well-formed
+/// protobuf with random field values, which decodes — get an error or a refusal, never a
+/// crash, and the run's result is untouched. A message over the size limit is refused
+/// before it is read, naming the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_mnist(dir.path(), 700, 120, 4);
+    // Long enough that all the hostile traffic reaches a run in progress.
+    let evaluations = 4000;
+    let expected = undisturbed(dir.path(), evaluations).await;
+
+    let out = dir.path().join("disturbed");
+    let cluster = spawn_cluster(tiny_config(dir.path(), &out, evaluations), 2).await;
+    let channel = connect(cluster.addr).await;
+    let status = CoordinatorClient::new(channel.clone());
+    let phase = || {
+        let mut status = status.clone();
+        async move {
+            status
+                .status(StatusRequest {})
+                .await
+                .map(|r| r.into_inner().phase)
+                .unwrap_or_default()
+        }
+    };
+    while phase().await != "training" {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let methods = [
+        "/ccq.v1.Coordinator/SubmitResult",
+        "/ccq.v1.Coordinator/Register",
+        "/ccq.v1.Coordinator/Heartbeat",
+        "/ccq.v1.Coordinator/SyncNetwork",
+        "/ccq.v1.Coordinator/PollJob",
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (mut refused, mut answered) = (0, 0);
+    for i in 0..400 {
+        let len = rng.random_range(0..300);
+        let body: Vec<u8> = if i % 2 == 0 {
+            (0..len).map(|_| rng.random()).collect()
+        } else {
+            // A SubmitResultRequest-shaped message with random ids and counts.
+            use prost::Message;
+            SubmitResultRequest {
+                worker_id: rng.random_range(0..4),
+                job_id: rng.random_range(0..64),
+                results: (0..rng.random_range(0..20))
+                    .map(|_| CandidateResult {
+                        loss_fixed: rng.random(),
+                        correct: rng.random_range(0..200),
+                        images: rng.random_range(0..200),
+                    })
+                    .collect(),
+                eval_micros: rng.random(),
+            }
+            .encode_to_vec()
+        };
+        let method = methods[i % methods.len()];
+        match raw_call(channel.clone(), method, body).await {
+            Err(s) => {
+                assert!(
+                    matches!(
+                        s.code(),
+                        Code::Internal | Code::InvalidArgument | Code::FailedPrecondition
+                    ),
+                    "{method}: unexpected status {s:?}"
+                );
+                refused += 1;
+            }
+            Ok(reply) => {
+                if method.ends_with("SubmitResult") {
+                    use prost::Message;
+                    let r = ccq_proto::v1::SubmitResultResponse::decode(reply.as_slice()).unwrap();
+                    assert!(!r.accepted, "a random result was accepted");
+                }
+                answered += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 50 && answered > 50,
+        "{refused} refused, {answered} answered"
+    );
+    assert_eq!(phase().await, "training", "the traffic must hit a live run");
+
+    let limit = ccq_coordinator::run::MAX_REQUEST_BYTES;
+    let e = raw_call(
+        channel.clone(),
+        "/ccq.v1.Coordinator/SubmitResult",
+        vec![0u8; limit + 1],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert!(e.message().contains("too large"), "{}", e.message());
+
+    let report = cluster.finish().await;
+    assert_eq!(report.evaluations, evaluations);
+    assert!(
+        std::fs::read(out.join("model.ccq")).unwrap() == expected,
+        "hostile messages changed the trained network"
+    );
+}
+
+/// A worker of another protocol version is refused at registration, saying both versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_of_another_protocol_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_mnist(dir.path(), 700, 120, 5);
+    let out = dir.path().join("run");
+    let cluster = spawn_cluster(tiny_config(dir.path(), &out, EVALUATIONS), 1).await;
+    let mut client = CoordinatorClient::new(connect(cluster.addr).await);
+    let err = loop {
+        let r = client
+            .register(RegisterRequest {
+                protocol_version: ccq_proto::PROTOCOL_VERSION + 1,
+                name: "future".into(),
+                shard_index: None,
+                shard_count: None,
+                threads: 1,
+            })
+            .await;
+        match r {
+            Err(s) if s.code() == Code::Unavailable => tokio::task::yield_now().await,
+            other => break other.unwrap_err(),
+        }
+    };
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let expected = format!(
+        "worker speaks {}, coordinator speaks {}",
+        ccq_proto::PROTOCOL_VERSION + 1,
+        ccq_proto::PROTOCOL_VERSION
+    );
+    assert!(err.message().contains(&expected), "{}", err.message());
+    assert_eq!(cluster.finish().await.evaluations, EVALUATIONS);
+}
