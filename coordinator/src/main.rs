@@ -42,11 +42,11 @@ struct RunArgs {
     /// The run configuration (TOML).
     #[arg(long, required_unless_present = "resume")]
     config: Option<PathBuf>,
-    /// Continue the run in DIR (its output directory) from its checkpoint. With
-    /// --config, a new run starts in DIR if it holds no checkpoint yet; without, the
-    /// checkpoint's own config is used.
-    #[arg(long, value_name = "DIR", conflicts_with = "out")]
-    resume: Option<PathBuf>,
+    /// Continue the run in DIR (its output directory; default: the config's `out`) from
+    /// its checkpoint. With --config, a new run starts if DIR holds no checkpoint yet
+    /// (what a restarted pod wants); without, the checkpoint's own config is used.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, conflicts_with = "out")]
+    resume: Option<Option<PathBuf>>,
     /// Start N workers inside this process (real gRPC over loopback).
     #[arg(long, default_value_t = 0)]
     local_workers: usize,
@@ -157,12 +157,13 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => {
-            let mut config = match (&a.config, &a.resume) {
+            let resume_dir = a.resume.clone().flatten();
+            let mut config = match (&a.config, &resume_dir) {
                 (Some(path), _) => RunConfig::load(path)?,
                 (None, Some(dir)) => run::config_for_resume(dir)?,
-                (None, None) => unreachable!("clap requires --config unless --resume"),
+                (None, None) => anyhow::bail!("--resume without --config needs the run's directory: --resume DIR"),
             };
-            if let Some(out) = a.out.or_else(|| a.resume.clone()) {
+            if let Some(out) = a.out.or(resume_dir) {
                 config.out = out;
             }
             if let Some(seed) = a.seed {
