@@ -288,14 +288,25 @@ fn cycle_table(s: &Setup) {
         100.0 * distinct as f64 / (cycle_groups * population) as f64
     );
     for threads in thread_counts() {
-        println!("{threads} thread(s): candidate evaluations per second (best of runs per layer)");
+        println!(
+            "{threads} thread(s): candidate evaluations per second (per layer, best of 3 \
+             runs, the strategies interleaved so that load changes hit all alike)"
+        );
+        // best[strategy][layer]: seconds for the layer's group.
+        let mut best = vec![vec![f64::INFINITY; s.layers.len()]; STRATEGIES.len()];
+        for (li, job) in s.layers.iter().enumerate() {
+            for _ in 0..3 {
+                for (si, &(strategy, _)) in STRATEGIES.iter().enumerate() {
+                    let t = best_of(1, || run(s, job, strategy, threads));
+                    best[si][li] = best[si][li].min(t);
+                }
+            }
+        }
         let mut naive = (0.0, 0.0);
-        for (strategy, name) in STRATEGIES {
-            let runs = if strategy == Strategy::Naive { 2 } else { 3 };
+        for (si, &(strategy, name)) in STRATEGIES.iter().enumerate() {
             let (mut weighted_time, mut uniform_time) = (0.0, 0.0);
             let mut per_layer = Vec::new();
-            for (l, job) in s.net.layers.iter().zip(&s.layers) {
-                let t = best_of(runs, || run(s, job, strategy, threads));
+            for ((l, job), &t) in s.net.layers.iter().zip(&s.layers).zip(&best[si]) {
                 weighted_time += t * job.groups_in_cycle as f64;
                 uniform_time += t;
                 per_layer.push(format!("{} {:.0}", l.name, job.candidates.len() as f64 / t));
