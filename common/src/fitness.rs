@@ -4,10 +4,32 @@
 //! tests can compare a cluster's answer with a single-process evaluation. It runs the base
 //! network once per batch and, for each candidate, recomputes only from the first layer
 //! the candidate changes — the reuse that makes layer-local groups cheap. Candidates
-//! identical to the base or to an earlier candidate are not evaluated twice.
+//! identical to the base or to an earlier candidate are not evaluated twice. Where a
+//! candidate changes few weights of that first layer, the layer itself is not recomputed
+//! either: its output is the base output with the changed channels updated by the sparse
+//! weight delta ([`kernels::DeltaBase`]), from accumulators computed once per batch.
+//!
+//! Every [`Strategy`] gives bit-identical results; they differ only in speed, and exist
+//! side by side so that tests and the `candidates` benchmark can compare them.
 
+use crate::kernels::{ConvGeom, DeltaBase, WeightChange};
 use crate::qnet::{Activations, EvalStats, QConv, QNetwork};
 use crate::{Error, Result};
+
+/// How [`evaluate_candidates_with`] computes each candidate. All give the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// A full forward pass per candidate, duplicates included: the baseline.
+    Naive,
+    /// The base network once per batch; each candidate from its first changed layer;
+    /// candidates equal to the base or to an earlier one are not recomputed.
+    Prefix,
+    /// [`Strategy::Prefix`], and the first changed layer updated by the sparse weight
+    /// delta where [`delta_pays_off`] says that is cheaper than recomputing it.
+    Delta,
+    /// [`Strategy::Delta`] with the delta always used (for tests and measurements).
+    DeltaAlways,
+}
 
 /// Per candidate, its loss/accuracy on the `n` CHW images, in candidate order.
 ///
@@ -22,6 +44,27 @@ pub fn evaluate_candidates(
     candidates: &[Vec<i8>],
     threads: usize,
 ) -> Result<Vec<EvalStats>> {
+    evaluate_candidates_with(
+        base,
+        pixels,
+        labels,
+        group_vars,
+        candidates,
+        threads,
+        Strategy::Delta,
+    )
+}
+
+/// [`evaluate_candidates`] with an explicit [`Strategy`].
+pub fn evaluate_candidates_with(
+    base: &QNetwork,
+    pixels: &[u8],
+    labels: &[u8],
+    group_vars: &[u32],
+    candidates: &[Vec<i8>],
+    threads: usize,
+    strategy: Strategy,
+) -> Result<Vec<EvalStats>> {
     let n = labels.len();
     let il = base.image_len();
     if pixels.len() != n * il {
@@ -31,7 +74,7 @@ pub fn evaluate_candidates(
             format!("expected {n} images of {il} pixels"),
         ));
     }
-    let patches = build_patches(base, group_vars, candidates)?;
+    let plans = build_plans(base, group_vars, candidates, strategy)?;
     let threads = threads.clamp(1, n.max(1));
     let per = n.div_ceil(threads).max(1);
     let mut totals = vec![EvalStats::default(); candidates.len()];
@@ -39,9 +82,9 @@ pub fn evaluate_candidates(
         let handles: Vec<_> = (0..n.div_ceil(per))
             .map(|t| {
                 let (lo, hi) = (t * per, ((t + 1) * per).min(n));
-                let patches = &patches;
+                let plans = &plans;
                 scope.spawn(move || {
-                    eval_chunk(base, &pixels[lo * il..hi * il], &labels[lo..hi], patches)
+                    eval_chunk(base, &pixels[lo * il..hi * il], &labels[lo..hi], plans)
                 })
             })
             .collect();
@@ -55,20 +98,65 @@ pub fn evaluate_candidates(
     Ok(totals)
 }
 
+/// Whether updating a layer of geometry `g` by `changes` (sorted by output channel) is
+/// expected to be cheaper than recomputing it, per candidate (the per-batch setup of
+/// [`DeltaBase`] is not counted: a generation spreads it over its candidates).
+///
+/// A cost model with measured weights (`cargo bench -p ccq-common --bench candidates`
+/// prints the table they come from: ResNet-20's layers, AVX-512 VNNI, one thread). The
+/// delta costs one multiply-add per changed weight and output position (about 5x more
+/// for strided layers, which go row by row) and a requantization, scatter and later
+/// restore per output position of each touched channel; the full layer costs a fixed
+/// amount per output plus one per multiply-accumulate.
+pub fn delta_pays_off(g: &ConvGeom, changes: &[WeightChange]) -> bool {
+    let positions = g.out_h() * g.out_w();
+    let touched = 1 + changes.windows(2).filter(|w| w[0].oc != w[1].oc).count();
+    let per_change = if g.stride_h == 1 && g.stride_w == 1 {
+        DELTA_MAC_COST
+    } else {
+        DELTA_MAC_COST * DELTA_STRIDED_FACTOR
+    };
+    let delta = changes.len() * positions * per_change + touched * positions * DELTA_CHANNEL_COST;
+    let full = g.out_len() * (FULL_OUTPUT_COST + g.k_len() * FULL_MAC_COST);
+    delta < full
+}
+
+// The weights of `delta_pays_off`, in picoseconds per image on the machine the table was
+// measured on (only their ratios matter).
+const DELTA_MAC_COST: usize = 125;
+const DELTA_STRIDED_FACTOR: usize = 5;
+const DELTA_CHANNEL_COST: usize = 2300;
+const FULL_OUTPUT_COST: usize = 190;
+const FULL_MAC_COST: usize = 3;
+
 /// What to run for one candidate.
 enum Plan {
     /// Same codes as the base network.
     Base,
     /// Same codes as an earlier candidate.
     SameAs(usize),
+    /// Full forward pass with these layers replaced ([`Strategy::Naive`]).
+    Full { layers: Vec<(usize, QConv)> },
     /// Recompute from node `first` with these layers replaced.
     Patched {
         first: usize,
         layers: Vec<(usize, QConv)>,
     },
+    /// Node `first` by the sparse delta `changes` from the base; then recompute from
+    /// `first + 1` with these (other) layers replaced.
+    Delta {
+        first: usize,
+        changes: Vec<WeightChange>,
+        layers: Vec<(usize, QConv)>,
+    },
 }
 
-fn build_patches(base: &QNetwork, group_vars: &[u32], candidates: &[Vec<i8>]) -> Result<Vec<Plan>> {
+fn build_plans(
+    base: &QNetwork,
+    group_vars: &[u32],
+    candidates: &[Vec<i8>],
+    strategy: Strategy,
+) -> Result<Vec<Plan>> {
     let n = base.num_vars();
     if let Some(&v) = group_vars.iter().find(|&&v| v as usize >= n) {
         return Err(Error::setting(
@@ -89,6 +177,12 @@ fn build_patches(base: &QNetwork, group_vars: &[u32], candidates: &[Vec<i8>]) ->
             base.conv(lv.node).codes[v as usize - lv.offset]
         })
         .collect();
+    // Every candidate sets the same variables, so all share the first layer they touch.
+    let first = layer_of
+        .iter()
+        .map(|&l| base.layers[l].node)
+        .min()
+        .unwrap_or(0);
     let mut plans = Vec::with_capacity(candidates.len());
     for (ci, cand) in candidates.iter().enumerate() {
         if cand.len() != group_vars.len() {
@@ -102,15 +196,6 @@ fn build_patches(base: &QNetwork, group_vars: &[u32], candidates: &[Vec<i8>]) ->
                 ),
             ));
         }
-        if *cand == base_codes {
-            plans.push(Plan::Base);
-            continue;
-        }
-        if let Some(prev) = candidates[..ci].iter().position(|c| c == cand) {
-            plans.push(Plan::SameAs(prev));
-            continue;
-        }
-        let mut layers: Vec<(usize, QConv)> = Vec::new();
         for ((&v, &li), &code) in group_vars.iter().zip(&layer_of).zip(cand) {
             let lv = &base.layers[li];
             if code < lv.lo || code > lv.hi {
@@ -122,6 +207,33 @@ fn build_patches(base: &QNetwork, group_vars: &[u32], candidates: &[Vec<i8>]) ->
                         lv.name, lv.lo, lv.hi
                     ),
                 ));
+            }
+        }
+        if strategy != Strategy::Naive {
+            if *cand == base_codes {
+                plans.push(Plan::Base);
+                continue;
+            }
+            if let Some(prev) = candidates[..ci].iter().position(|c| c == cand) {
+                plans.push(Plan::SameAs(prev));
+                continue;
+            }
+        }
+        let delta = match strategy {
+            Strategy::Delta | Strategy::DeltaAlways => {
+                let changes = first_layer_changes(base, first, group_vars, &layer_of, cand);
+                let geom = &base.conv(first).geom;
+                (strategy == Strategy::DeltaAlways || delta_pays_off(geom, &changes))
+                    .then_some(changes)
+            }
+            Strategy::Naive | Strategy::Prefix => None,
+        };
+        let skip = delta.as_ref().map(|_| first);
+        let mut layers: Vec<(usize, QConv)> = Vec::new();
+        for ((&v, &li), &code) in group_vars.iter().zip(&layer_of).zip(cand) {
+            let lv = &base.layers[li];
+            if Some(lv.node) == skip {
+                continue;
             }
             let slot = match layers.iter().position(|(node, _)| *node == lv.node) {
                 Some(s) => s,
@@ -135,23 +247,141 @@ fn build_patches(base: &QNetwork, group_vars: &[u32], candidates: &[Vec<i8>]) ->
         for (_, conv) in &mut layers {
             conv.repack();
         }
-        let first = layers.iter().map(|(node, _)| *node).min().unwrap_or(0);
-        plans.push(Plan::Patched { first, layers });
+        plans.push(match (strategy, delta) {
+            (Strategy::Naive, _) => Plan::Full { layers },
+            (_, Some(changes)) => Plan::Delta {
+                first,
+                changes,
+                layers,
+            },
+            (_, None) => Plan::Patched { first, layers },
+        });
     }
     Ok(plans)
 }
 
+/// The weights of node `first` that `cand` changes, sorted by output channel.
+fn first_layer_changes(
+    base: &QNetwork,
+    first: usize,
+    group_vars: &[u32],
+    layer_of: &[usize],
+    cand: &[i8],
+) -> Vec<WeightChange> {
+    let conv = base.conv(first);
+    let g = &conv.geom;
+    let mut changes = Vec::new();
+    for ((&v, &li), &code) in group_vars.iter().zip(layer_of).zip(cand) {
+        let lv = &base.layers[li];
+        if lv.node != first {
+            continue;
+        }
+        let i = v as usize - lv.offset;
+        let old = conv.codes[i];
+        if code == old {
+            continue;
+        }
+        let (oc, r) = (i / g.k_len(), i % g.k_len());
+        changes.push(WeightChange {
+            oc,
+            ky: r / (g.k_w * g.in_c),
+            kx: r / g.in_c % g.k_w,
+            ic: r % g.in_c,
+            delta: i32::from(code) - i32::from(old),
+        });
+    }
+    changes.sort_by_key(|c| c.oc);
+    changes
+}
+
+/// One layer's base state for delta plans on one batch.
+struct DeltaCache {
+    node: usize,
+    base: DeltaBase,
+    /// The layer's base output codes (hidden layers; empty for the logits layer).
+    out: Vec<u8>,
+    /// Channels in which the layer's value in the activations may differ from `out`
+    /// (`None`: any), for [`DeltaBase::run`].
+    stale: Option<Vec<usize>>,
+}
+
 fn eval_chunk(base: &QNetwork, pixels: &[u8], labels: &[u8], plans: &[Plan]) -> Vec<EvalStats> {
+    let n = labels.len();
     let mut acts = Activations::default();
-    base.forward(pixels, labels.len(), &mut acts);
-    let base_stats = base.stats(&acts, labels);
     let mut out: Vec<EvalStats> = Vec::with_capacity(plans.len());
+    if plans.iter().all(|p| matches!(p, Plan::Full { .. })) {
+        for plan in plans {
+            if let Plan::Full { layers } = plan {
+                base.forward_patched(pixels, n, layers, &mut acts);
+                out.push(base.stats(&acts, labels));
+            }
+        }
+        return out;
+    }
+    base.forward(pixels, n, &mut acts);
+    let base_stats = base.stats(&acts, labels);
+    // Built before any candidate overwrites the base values after its first layer.
+    let mut caches: Vec<DeltaCache> = Vec::new();
+    for plan in plans {
+        if let Plan::Delta { first, .. } = plan {
+            if caches.iter().all(|c| c.node != *first) {
+                let node = &base.nodes[*first];
+                let conv = base.conv(*first);
+                caches.push(DeltaCache {
+                    node: *first,
+                    base: DeltaBase::new(conv.packed(), &acts.values[node.inputs[0]], n),
+                    out: acts.values[*first + 1].clone(),
+                    stale: Some(Vec::new()),
+                });
+            }
+        }
+    }
+    let mut scratch = Vec::new();
     for plan in plans {
         let s = match plan {
             Plan::Base => base_stats,
             Plan::SameAs(prev) => out[*prev],
+            Plan::Full { layers } => {
+                caches.iter_mut().for_each(|c| c.stale = None);
+                base.forward_patched(pixels, n, layers, &mut acts);
+                base.stats(&acts, labels)
+            }
             Plan::Patched { first, layers } => {
+                caches.iter_mut().for_each(|c| c.stale = None);
                 base.forward_from(*first, layers, &mut acts);
+                base.stats(&acts, labels)
+            }
+            Plan::Delta {
+                first,
+                changes,
+                layers,
+            } => {
+                let cache = caches
+                    .iter_mut()
+                    .find(|c| c.node == *first)
+                    .expect("a cache was built for every delta plan");
+                let conv = base.conv(*first);
+                match &conv.stage {
+                    Some(stage) if first + 1 < base.nodes.len() => {
+                        let mut values = std::mem::take(&mut acts.values[first + 1]);
+                        values.resize(cache.out.len(), 0);
+                        cache.base.run(
+                            stage,
+                            changes,
+                            &cache.out,
+                            &mut values,
+                            &mut cache.stale,
+                            &mut scratch,
+                        );
+                        acts.values[first + 1] = values;
+                    }
+                    _ => {
+                        acts.logits.resize(n * base.num_classes, 0);
+                        cache.base.run_acc(changes, &mut acts.logits);
+                        base.requant_logits(&mut acts.logits);
+                    }
+                }
+                base.forward_from(first + 1, layers, &mut acts);
                 base.stats(&acts, labels)
             }
         };
@@ -168,14 +398,29 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    /// The random-weight MNIST-shaped CNN fixture, quantized on random images.
-    fn fixture_net(weight_bits: u8) -> (QNetwork, Vec<u8>, Vec<u8>) {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mnist_cnn.onnx");
+    const STRATEGIES: [Strategy; 4] = [
+        Strategy::Naive,
+        Strategy::Prefix,
+        Strategy::Delta,
+        Strategy::DeltaAlways,
+    ];
+
+    /// A fixture network (`name`.onnx, `channels` x `hw` x `hw` input) with its ONNX
+    /// weights, quantized on random images, and random images and labels.
+    fn fixture(
+        name: &str,
+        channels: usize,
+        hw: usize,
+        weight_bits: u8,
+    ) -> (QNetwork, Vec<u8>, Vec<u8>) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(format!("{name}.onnx"));
         let graph = crate::onnx::load_onnx(&path).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let n = 40;
-        let pixels: Vec<u8> = (0..n * 784).map(|_| rng.random()).collect();
+        let il = channels * hw * hw;
+        let pixels: Vec<u8> = (0..n * il).map(|_| rng.random()).collect();
         let labels: Vec<u8> = (0..n).map(|_| rng.random_range(0..10)).collect();
         let cfg = QuantConfig {
             weight_bits,
@@ -185,8 +430,8 @@ mod tests {
         let net = quantize(
             &graph,
             &Normalization {
-                mean: vec![0.13],
-                std: vec![0.31],
+                mean: vec![0.45; channels],
+                std: vec![0.25; channels],
             },
             &pixels,
             n,
@@ -196,12 +441,89 @@ mod tests {
         (net, pixels, labels)
     }
 
+    /// The random-weight MNIST-shaped CNN fixture, quantized on random images.
+    fn fixture_net(weight_bits: u8) -> (QNetwork, Vec<u8>, Vec<u8>) {
+        fixture("mnist_cnn", 1, 28, weight_bits)
+    }
+
+    /// The context's codes for `vars`, then `count` random candidates that change each
+    /// variable with probability `p_change`, then a duplicate of candidate 2.
+    fn candidates_for(
+        net: &QNetwork,
+        vars: &[u32],
+        count: usize,
+        p_change: f64,
+        rng: &mut ChaCha8Rng,
+    ) -> Vec<Vec<i8>> {
+        let context = net.codes();
+        let mut candidates = vec![vars
+            .iter()
+            .map(|&v| context[v as usize])
+            .collect::<Vec<i8>>()];
+        for _ in 0..count {
+            candidates.push(
+                vars.iter()
+                    .map(|&v| {
+                        let info = net.var_info(v as usize).unwrap();
+                        if rng.random_bool(p_change) {
+                            rng.random_range(info.lo..=info.hi)
+                        } else {
+                            context[v as usize]
+                        }
+                    })
+                    .collect(),
+            );
+        }
+        candidates.push(candidates[2].clone());
+        candidates
+    }
+
+    /// Asserts that every strategy, at 1 and 3 threads, gives each candidate exactly the
+    /// fitness of a from-scratch evaluation of the whole network with the candidate's
+    /// codes written in.
+    fn assert_all_strategies_exact(
+        net: &QNetwork,
+        pixels: &[u8],
+        labels: &[u8],
+        vars: &[u32],
+        candidates: &[Vec<i8>],
+    ) {
+        let context = net.codes();
+        let want: Vec<EvalStats> = candidates
+            .iter()
+            .map(|cand| {
+                let mut codes = context.clone();
+                for (&v, &x) in vars.iter().zip(cand) {
+                    codes[v as usize] = x;
+                }
+                let mut full = net.clone();
+                full.set_codes(&codes).unwrap();
+                full.evaluate(pixels, labels, 7, 1)
+            })
+            .collect();
+        for strategy in STRATEGIES {
+            for threads in [1, 3] {
+                let got = evaluate_candidates_with(
+                    net, pixels, labels, vars, candidates, threads, strategy,
+                )
+                .unwrap();
+                assert_eq!(got, want, "{strategy:?}, threads {threads}, vars {vars:?}");
+            }
+        }
+    }
+
     /// Each candidate's fitness equals a from-scratch evaluation of the whole network
-    /// with the candidate's codes written in — prefix reuse, patching and de-duplication
-    /// change nothing — whether the group sits in one layer or spans several.
+    /// with the candidate's codes written in — prefix reuse, sparse deltas, patching and
+    /// de-duplication change nothing — whether the group sits in the first layer (whose
+    /// input has a non-zero zero point), the logits layer, or spans several layers.
     #[test]
     fn candidates_match_full_evaluation_of_patched_networks() {
         let (net, pixels, labels) = fixture_net(3);
+        assert_ne!(
+            net.conv(net.layers[0].node).input_zp,
+            0,
+            "affine input layer"
+        );
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let n = net.num_vars() as u32;
         let last_layer = net.layers.last().unwrap().clone();
@@ -215,37 +537,67 @@ mod tests {
                 .collect(),
         ];
         for vars in groups {
-            let context: Vec<i8> = net.codes();
-            let mut candidates = vec![vars
-                .iter()
-                .map(|&v| context[v as usize])
-                .collect::<Vec<i8>>()];
-            for _ in 0..5 {
-                candidates.push(
-                    vars.iter()
-                        .map(|&v| {
-                            let info = net.var_info(v as usize).unwrap();
-                            rng.random_range(info.lo..=info.hi)
-                        })
-                        .collect(),
-                );
-            }
-            candidates.push(candidates[2].clone()); // a duplicate
-            for threads in [1, 3] {
-                let got = evaluate_candidates(&net, &pixels, &labels, &vars, &candidates, threads)
-                    .unwrap();
-                for (c, cand) in candidates.iter().enumerate() {
-                    let mut codes = context.clone();
-                    for (&v, &x) in vars.iter().zip(cand) {
-                        codes[v as usize] = x;
-                    }
-                    let mut full = net.clone();
-                    full.set_codes(&codes).unwrap();
-                    let want = full.evaluate(&pixels, &labels, 7, 1);
-                    assert_eq!(got[c], want, "candidate {c}, threads {threads}");
+            let candidates = candidates_for(&net, &vars, 5, 0.8, &mut rng);
+            assert_all_strategies_exact(&net, &pixels, &labels, &vars, &candidates);
+        }
+    }
+
+    /// The same on a small residual network (strided convs, Add, shortcut Slice/Pad), with
+    /// a group in every layer: a block of consecutive variables (few output channels, as
+    /// in a fresh search) and scattered ones (many channels, border taps included), each
+    /// with sparse and dense candidates.
+    #[test]
+    fn candidates_match_full_evaluation_in_every_layer_of_a_resnet() {
+        let (net, pixels, labels) = fixture("tiny_resnet", 3, 16, 4);
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for l in &net.layers {
+            let (lo, len) = (l.offset as u32, l.len as u32);
+            let block: Vec<u32> = (lo..lo + len.min(24)).collect();
+            let scattered: Vec<u32> = (0..24)
+                .map(|_| lo + rng.random_range(0..len))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            for vars in [block, scattered] {
+                for p_change in [0.1, 1.0] {
+                    let candidates = candidates_for(&net, &vars, 4, p_change, &mut rng);
+                    assert_all_strategies_exact(&net, &pixels, &labels, &vars, &candidates);
                 }
             }
         }
+    }
+
+    /// The cost rule takes the delta for a few changed weights of a large layer and the
+    /// full recompute when most of a layer changes.
+    #[test]
+    fn delta_rule_prefers_sparse_changes() {
+        let g = ConvGeom {
+            k_h: 3,
+            k_w: 3,
+            pad_t: 1,
+            pad_l: 1,
+            pad_b: 1,
+            pad_r: 1,
+            ..ConvGeom::dense(64, 64)
+        };
+        let g = ConvGeom {
+            in_h: 8,
+            in_w: 8,
+            ..g
+        };
+        let change = |oc| WeightChange {
+            oc,
+            ky: 1,
+            kx: 1,
+            ic: 0,
+            delta: 1,
+        };
+        let few: Vec<WeightChange> = (0..26).map(|i| change(i / 20)).collect();
+        assert!(delta_pays_off(&g, &few));
+        let all: Vec<WeightChange> = (0..g.out_c * g.k_len())
+            .map(|i| change(i / g.k_len()))
+            .collect();
+        assert!(!delta_pays_off(&g, &all));
     }
 
     #[test]

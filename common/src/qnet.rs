@@ -444,12 +444,24 @@ impl QNetwork {
 
     /// Full forward pass over `n` CHW u8 images, keeping every value.
     pub fn forward(&self, pixels: &[u8], n: usize, acts: &mut Activations) {
+        self.forward_patched(pixels, n, &[], acts);
+    }
+
+    /// [`QNetwork::forward`] with the layers named in `patches` (node index, replacement)
+    /// swapped in.
+    pub fn forward_patched(
+        &self,
+        pixels: &[u8],
+        n: usize,
+        patches: &[(usize, QConv)],
+        acts: &mut Activations,
+    ) {
         acts.n = n;
         acts.values.resize_with(self.nodes.len() + 1, Vec::new);
         let mut input = std::mem::take(&mut acts.values[0]);
         self.quantize_input(pixels, n, &mut input);
         acts.values[0] = input;
-        self.run_nodes(0, &[], acts);
+        self.run_nodes(0, patches, acts);
     }
 
     /// Recomputes nodes `first..` of `acts` (which must hold a forward pass of the same
@@ -475,11 +487,7 @@ impl QNetwork {
                     if is_logits {
                         acts.logits.resize(n * self.num_classes, 0);
                         conv.packed().run_acc(input, n, &mut acts.logits);
-                        for row in acts.logits.chunks_exact_mut(self.num_classes) {
-                            for (l, rq) in row.iter_mut().zip(&self.logit_requant) {
-                                *l = rq.apply(*l);
-                            }
-                        }
+                        self.requant_logits(&mut acts.logits);
                     } else {
                         out.resize(n * node.out.len(), 0);
                         let stage = conv
@@ -562,6 +570,15 @@ impl QNetwork {
                 }
             }
             acts.values[idx + 1] = out;
+        }
+    }
+
+    /// Logits-layer accumulators (`n * num_classes`) to logits at the common scale.
+    pub(crate) fn requant_logits(&self, logits: &mut [i32]) {
+        for row in logits.chunks_exact_mut(self.num_classes) {
+            for (l, rq) in row.iter_mut().zip(&self.logit_requant) {
+                *l = rq.apply(*l);
+            }
         }
     }
 

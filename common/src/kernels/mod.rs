@@ -26,6 +26,10 @@
 //!
 //! Kernels are single-threaded; callers split a batch across threads.
 //!
+//! [`DeltaBase`] (`delta`) updates a convolution's result for a few changed weights
+//! instead of recomputing it — the incremental evaluation of search candidates. Its
+//! reference is the full convolution: the tests require the same bits.
+//!
 //! # Arithmetic
 //!
 //! Convolution accumulators are i32 and computed exactly modulo 2^32, the same way in
@@ -34,6 +38,7 @@
 //! 65,000 and a realistic bias; ResNet-20's largest `k_len` is 576.
 
 mod blocked;
+mod delta;
 mod eltwise;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
@@ -48,6 +53,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
+
+pub use delta::{DeltaBase, WeightChange};
 
 /// A non-negative real multiplier in fixed point: `real = multiplier / 2^shift`.
 ///

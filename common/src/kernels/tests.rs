@@ -854,3 +854,187 @@ fn kernel_path_names_parse() {
     );
     assert_eq!(KernelPath::best(), *available.last().unwrap());
 }
+
+// ---- sparse weight deltas ------------------------------------------------------------------
+
+/// `count` distinct random weights of `c` changed to random other codes, half of them at
+/// the kernel's border taps (the ones that fall into the padding at the image edges);
+/// returns the changed weights and the changes sorted by output channel.
+fn random_changes(
+    rng: &mut ChaCha8Rng,
+    c: &ConvCase,
+    count: usize,
+) -> (Vec<i8>, Vec<WeightChange>) {
+    let g = &c.geom;
+    let mut weights = c.weights.clone();
+    let mut changes = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..count {
+        let oc = rng.random_range(0..g.out_c);
+        let (ky, kx) = if rng.random() {
+            let edge = |rng: &mut ChaCha8Rng, k: usize| {
+                if rng.random() {
+                    0
+                } else {
+                    k - 1
+                }
+            };
+            (edge(rng, g.k_h), edge(rng, g.k_w))
+        } else {
+            (rng.random_range(0..g.k_h), rng.random_range(0..g.k_w))
+        };
+        let ic = rng.random_range(0..g.in_c);
+        let i = ((oc * g.k_h + ky) * g.k_w + kx) * g.in_c + ic;
+        if !seen.insert(i) {
+            continue;
+        }
+        let new = weight(rng);
+        changes.push(WeightChange {
+            oc,
+            ky,
+            kx,
+            ic,
+            delta: i32::from(new) - i32::from(weights[i]),
+        });
+        weights[i] = new;
+    }
+    changes.sort_by_key(|ch| ch.oc);
+    (weights, changes)
+}
+
+/// The delta update equals a full recompute with the changed weights, accumulators and
+/// codes, on random geometries (strides, dilations, asymmetric padding, zero points,
+/// extreme weights) and random sparse changes, including changes at the border taps.
+#[test]
+fn sparse_delta_matches_full_recompute_on_random_convs() {
+    let mut rng = rng(41);
+    for case in 0..300 {
+        let g = random_geom(&mut rng);
+        let c = ConvCase::random(&mut rng, g);
+        let count = match case % 3 {
+            0 => 1,
+            1 => rng.random_range(1..=8),
+            _ => rng.random_range(1..=g.out_c * g.k_len()),
+        };
+        let (new_weights, changes) = random_changes(&mut rng, &c, count);
+        let changed = ConvCase {
+            weights: new_weights,
+            bias: c.bias.clone(),
+            input: c.input.clone(),
+            ..c
+        };
+        let path = KernelPath::available()[case % KernelPath::available().len()];
+        let mut base = DeltaBase::new_with(path, &c.packed(), &c.input, c.n);
+
+        let mut want_acc = vec![0i32; c.n * g.out_len()];
+        reference::conv_acc(
+            &g,
+            &changed.weights,
+            &changed.bias,
+            changed.zp,
+            &changed.input,
+            changed.n,
+            &mut want_acc,
+        );
+        let mut got_acc = vec![0i32; c.n * g.out_len()];
+        base.run_acc(&changes, &mut got_acc);
+        assert_eq!(
+            got_acc, want_acc,
+            "case {case} ({path}): {g:?}, {changes:?}"
+        );
+        for path in KernelPath::available() {
+            assert_eq!(changed.acc(path), want_acc, "case {case}: {path}");
+        }
+
+        let stage = random_stage(&mut rng, g.out_c);
+        let base_out = c.codes(KernelPath::Reference, &stage);
+        let want = changed.codes(KernelPath::Reference, &stage);
+        let mut got = vec![0u8; want.len()];
+        base.run(
+            &stage,
+            &changes,
+            &base_out,
+            &mut got,
+            &mut None,
+            &mut Vec::new(),
+        );
+        assert_eq!(got, want, "case {case}: {g:?}, {changes:?}");
+        // Updating in place from an output that differs from the base in the channels
+        // of an earlier update restores those channels.
+        let (other_weights, other_changes) = random_changes(&mut rng, &c, count);
+        let mut stale = None;
+        base.run(
+            &stage,
+            &other_changes,
+            &base_out,
+            &mut got,
+            &mut stale,
+            &mut Vec::new(),
+        );
+        let other = ConvCase {
+            weights: other_weights,
+            bias: c.bias.clone(),
+            input: c.input.clone(),
+            ..c
+        };
+        assert_eq!(
+            got,
+            other.codes(KernelPath::Reference, &stage),
+            "case {case}"
+        );
+        base.run(
+            &stage,
+            &changes,
+            &base_out,
+            &mut got,
+            &mut stale,
+            &mut Vec::new(),
+        );
+        assert_eq!(got, want, "case {case}: {g:?}, {changes:?}");
+    }
+}
+
+/// A change at a corner tap of a padded, strided conv only reaches the outputs whose
+/// window keeps that tap inside the image; checked against the hand-derived positions.
+#[test]
+fn sparse_delta_skips_padded_taps_by_hand() {
+    // 4x4 input, 3x3 kernel, stride 2, padding 1: outputs at (0,0), (0,1), (1,0), (1,1)
+    // read input rows/cols {-1, 0, 1} and {1, 2, 3}. Tap (0, 0) is in the padding for every
+    // output in row 0 or column 0, so only output (1, 1) sees it, at input (1, 1).
+    let g = ConvGeom {
+        stride_h: 2,
+        stride_w: 2,
+        ..geom((4, 4), 1, 1, (3, 3), 1, 1)
+    };
+    let input: Vec<u8> = (0..16).map(|i| 10 + i as u8).collect();
+    let zp = 3;
+    let conv = PackedConv::new(g, &[0; 9], &[100], zp);
+    let mut base = DeltaBase::new(&conv, &input, 1);
+    let change = WeightChange {
+        oc: 0,
+        ky: 0,
+        kx: 0,
+        ic: 0,
+        delta: -2,
+    };
+    let mut acc = vec![0; 4];
+    base.run_acc(&[change], &mut acc);
+    let x11 = i32::from(input[4 + 1]) - i32::from(zp);
+    assert_eq!(acc, vec![100, 100, 100, 100 - 2 * x11]);
+}
+
+#[test]
+#[should_panic(expected = "sorted by output channel")]
+fn sparse_delta_rejects_unsorted_changes() {
+    let g = geom((2, 2), 1, 2, (1, 1), 1, 0);
+    let conv = PackedConv::new(g, &[1, 2], &[0, 0], 0);
+    let mut base = DeltaBase::new(&conv, &[1, 2, 3, 4], 1);
+    let ch = |oc| WeightChange {
+        oc,
+        ky: 0,
+        kx: 0,
+        ic: 0,
+        delta: 1,
+    };
+    base.run_acc(&[ch(1), ch(0)], &mut [0; 8]);
+}
