@@ -210,11 +210,13 @@ fn default_validation() -> usize {
 impl RunConfig {
     pub fn load(path: &Path) -> Result<RunConfig, Error> {
         let text = std::fs::read_to_string(path).map_err(|e| ccq_common::Error::io(path, e))?;
-        let cfg: RunConfig = toml::from_str(&text).map_err(|e| Error::Config {
+        let in_file = |reason: String| Error::Config {
             path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        cfg.validate()?;
+            reason,
+        };
+        let cfg: RunConfig = toml::from_str(&text).map_err(|e| in_file(e.to_string()))?;
+        // An impossible value names the file it came from, not only the field.
+        cfg.validate().map_err(|e| in_file(e.to_string()))?;
         Ok(cfg)
     }
 
@@ -291,9 +293,13 @@ impl RunConfig {
         let q = QuantConfig {
             weight_bits: self.quant.weight_bits,
             act_bits: self.quant.act_bits,
-            calibration: self.quant.calibration.parse::<Calibration>()?,
+            calibration: self
+                .quant
+                .calibration
+                .parse::<Calibration>()
+                .map_err(in_quant_section)?,
         };
-        q.validate()?;
+        q.validate().map_err(in_quant_section)?;
         Ok(q)
     }
 
@@ -302,5 +308,94 @@ impl RunConfig {
             mean: self.model.mean.clone(),
             std: self.model.std.clone(),
         }
+    }
+}
+
+/// ccq-common names quantization settings as `coordinator eval`'s flags do
+/// (`weight_bits`); in a config file they live in `[quant]`, and the message must say so.
+fn in_quant_section(e: ccq_common::Error) -> Error {
+    match e {
+        ccq_common::Error::InvalidSetting {
+            field,
+            value,
+            reason,
+        } => ccq_common::Error::InvalidSetting {
+            field: format!("quant.{field}"),
+            value,
+            reason,
+        }
+        .into(),
+        e => e.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "[model]\nonnx = \"m.onnx\"\nmean = [0.1]\nstd = [0.3]\n\
+                         [data]\nsource = \"mnist:d\"\n[quant]\nweight_bits = 4\n\
+                         [budget]\nevaluations = 10\n";
+
+    fn load(text: &str) -> Result<RunConfig, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        RunConfig::load(&path).inspect_err(|e| {
+            // Every refusal names the file.
+            let msg = e.to_string();
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+        })
+    }
+
+    #[test]
+    fn impossible_values_name_the_file_and_the_config_field() {
+        assert!(load(VALID).is_ok());
+        for (from, to, says) in [
+            (
+                "weight_bits = 4",
+                "weight_bits = 0",
+                "quant.weight_bits = 0",
+            ),
+            (
+                "weight_bits = 4",
+                "weight_bits = 9",
+                "quant.weight_bits = 9",
+            ),
+            (
+                "weight_bits = 4",
+                "act_bits = 1",
+                "quant.act_bits = 1: must be 2..=8",
+            ),
+            (
+                "weight_bits = 4",
+                "calibration = \"mean\"",
+                "quant.calibration = mean",
+            ),
+            (
+                "[budget]",
+                "[eda]\npopulation = 1\n[budget]",
+                "eda.population = 1",
+            ),
+            (
+                "[budget]",
+                "[eda]\ngroup_size = 0\n[budget]",
+                "eda.group_size = 0",
+            ),
+        ] {
+            let err = load(&VALID.replace(from, to)).unwrap_err().to_string();
+            assert!(err.contains(says), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_name_the_field() {
+        let err = load(&VALID.replace("weight_bits = 4", "weight_bit = 4")).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `weight_bit`"),
+            "{err}"
+        );
+        let err = load(&VALID.replace("weight_bits = 4", "weight_bits = \"4\"")).unwrap_err();
+        assert!(err.to_string().contains("weight_bits"), "{err}");
     }
 }
