@@ -45,6 +45,10 @@ pub enum Error {
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: String, reason: String },
 
+    /// Shutdown was requested before the run started (during the named setup phase).
+    #[error("interrupted while {0}, before the search started; nothing was written")]
+    Interrupted(String),
+
     /// Workers returned something that cannot belong to the job they were given.
     #[error("protocol violation: {0}")]
     Protocol(String),

@@ -161,7 +161,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let mut config = match (&a.config, &resume_dir) {
                 (Some(path), _) => RunConfig::load(path)?,
                 (None, Some(dir)) => run::config_for_resume(dir)?,
-                (None, None) => anyhow::bail!("--resume without --config needs the run's directory: --resume DIR"),
+                (None, None) => anyhow::bail!(
+                    "--resume without --config needs the run's directory: --resume DIR"
+                ),
             };
             if let Some(out) = a.out.or(resume_dir) {
                 config.out = out;
@@ -193,13 +195,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 resume: a.resume.is_some(),
             };
             let rt = tokio::runtime::Runtime::new()?;
-            let report = rt.block_on(async {
+            let result = rt.block_on(async {
                 let addr = &opts.config.cluster.listen;
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("listen on {addr}"))?;
                 anyhow::Ok(run::run(opts, listener, shutdown_signal()).await?)
-            })?;
+            });
+            // A shutdown during setup may leave a reference evaluation running on the
+            // blocking pool; its result is no longer wanted.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            let report = result?;
             let a = &report.accuracy;
             println!(
                 "{}: float {:.2} %  ptq {:.2} %  ccq {:.2} %  (test top-1; {} evaluations, {:.0} s)",

@@ -181,125 +181,142 @@ pub async fn run(
         t0,
     ));
 
-    let graph = onnx::load_onnx(&cfg.model.onnx)?;
-    let train_len = data::split_len(&source, Split::Train)?;
-    if cfg.data.validation >= train_len {
-        return Err(ccq_common::Error::setting(
-            "data.validation",
-            cfg.data.validation,
-            format!("the training split has only {train_len} images"),
-        )
-        .into());
-    }
-    let search_len = train_len - cfg.data.validation;
-    let validation = data::load(&source, Split::Train, Some(search_len..train_len))?;
-    let test_len = data::split_len(&source, Split::Test)?;
-    let test = data::load(
-        &source,
-        Split::Test,
-        Some(0..cfg.data.test_limit.map_or(test_len, |l| l.min(test_len))),
-    )?;
-    let s = graph.input_shape;
-    if (s.c, s.h, s.w) != (test.channels, test.height, test.width) {
-        return Err(ccq_common::Error::ShapeMismatch {
-            expected: s.to_string(),
-            found: format!(
-                "[{}, {}, {}] ({})",
-                test.channels, test.height, test.width, cfg.data.source
-            ),
+    // Setup (import, float reference, calibration) can take minutes: a shutdown request
+    // ends it at once; there is nothing to checkpoint yet.
+    tokio::pin!(shutdown);
+    let setup = async {
+        let graph = onnx::load_onnx(&cfg.model.onnx)?;
+        let train_len = data::split_len(&source, Split::Train)?;
+        if cfg.data.validation >= train_len {
+            return Err(ccq_common::Error::setting(
+                "data.validation",
+                cfg.data.validation,
+                format!("the training split has only {train_len} images"),
+            )
+            .into());
         }
-        .into());
-    }
-    if norm.mean.len() != s.c {
-        return Err(ccq_common::Error::setting(
-            "model.mean",
-            norm.mean.len(),
-            format!("the model input has {} channels", s.c),
-        )
-        .into());
-    }
-    let eval_threads = match cfg.eval.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        t => t,
-    };
+        let search_len = train_len - cfg.data.validation;
+        let validation = data::load(&source, Split::Train, Some(search_len..train_len))?;
+        let test_len = data::split_len(&source, Split::Test)?;
+        let test = data::load(
+            &source,
+            Split::Test,
+            Some(0..cfg.data.test_limit.map_or(test_len, |l| l.min(test_len))),
+        )?;
+        let s = graph.input_shape;
+        if (s.c, s.h, s.w) != (test.channels, test.height, test.width) {
+            return Err(ccq_common::Error::ShapeMismatch {
+                expected: s.to_string(),
+                found: format!(
+                    "[{}, {}, {}] ({})",
+                    test.channels, test.height, test.width, cfg.data.source
+                ),
+            }
+            .into());
+        }
+        if norm.mean.len() != s.c {
+            return Err(ccq_common::Error::setting(
+                "model.mean",
+                norm.mean.len(),
+                format!("the model input has {} channels", s.c),
+            )
+            .into());
+        }
+        let eval_threads = match cfg.eval.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            t => t,
+        };
 
-    let float_top1 = match &resumed {
-        Some(ck) => ck.float_top1,
-        None => {
-            phase.send_replace("measuring float reference");
-            info!("measuring the float model on {} test images", test.len());
-            let (g, n, t) = (graph.clone(), norm.clone(), test.clone());
-            tokio::task::spawn_blocking(move || float_evaluate(&g, &n, &t, eval_threads).top1())
-                .await
-                .expect("float evaluation panicked")
-        }
-    };
-    info!(
-        "float test top-1 {float_top1:.2} %; quantizing to {}",
-        format!("w{}a{}", quant.weight_bits, quant.act_bits)
-    );
-    phase.send_replace("calibrating");
-    let net = {
-        let (g, n, src, q, c) = (
-            graph.clone(),
-            norm.clone(),
-            source.clone(),
-            quant.clone(),
-            cfg.quant.calib_images,
+        let float_top1 = match &resumed {
+            Some(ck) => ck.float_top1,
+            None => {
+                phase.send_replace("measuring float reference");
+                info!("measuring the float model on {} test images", test.len());
+                let (g, n, t) = (graph.clone(), norm.clone(), test.clone());
+                tokio::task::spawn_blocking(move || float_evaluate(&g, &n, &t, eval_threads).top1())
+                    .await
+                    .expect("float evaluation panicked")
+            }
+        };
+        info!(
+            "float test top-1 {float_top1:.2} %; quantizing to {}",
+            format!("w{}a{}", quant.weight_bits, quant.act_bits)
         );
-        tokio::task::spawn_blocking(move || quantize_from_train(&g, &n, &src, &q, c))
-            .await
-            .expect("quantization panicked")?
-    };
-    let precision = net.precision();
-    let variables = net.num_vars();
-    let shards = cfg.cluster.shards.unwrap_or(opts.local_workers.max(1));
-    let resumed_from_generation = resumed.as_ref().map(|ck| ck.trainer.progress.generations);
-    let network_fingerprint = checkpoint::network_fingerprint(&net);
-    let (trainer, restored) = match resumed {
-        Some(ck) => {
-            ck.check_network(&network_fingerprint, search_len, &ck_origin)?;
-            let t = Trainer::restore(
-                net,
-                cfg.search.clone(),
-                cfg.seed,
-                search_len,
-                ck.trainer,
-                &ck_origin,
-            )?;
-            (t, Some((ck.state, ck.search_seconds)))
-        }
-        None => {
-            let t = Trainer::new(
-                net,
-                cfg.eda.clone(),
-                cfg.search.clone(),
-                cfg.seed,
-                search_len,
-            )?;
-            (t, None)
-        }
-    };
+        phase.send_replace("calibrating");
+        let net = {
+            let (g, n, src, q, c) = (
+                graph.clone(),
+                norm.clone(),
+                source.clone(),
+                quant.clone(),
+                cfg.quant.calib_images,
+            );
+            tokio::task::spawn_blocking(move || quantize_from_train(&g, &n, &src, &q, c))
+                .await
+                .expect("quantization panicked")?
+        };
+        let precision = net.precision();
+        let variables = net.num_vars();
+        let shards = cfg.cluster.shards.unwrap_or(opts.local_workers.max(1));
+        let resumed_from_generation = resumed.as_ref().map(|ck| ck.trainer.progress.generations);
+        let network_fingerprint = checkpoint::network_fingerprint(&net);
+        let (trainer, restored) = match resumed {
+            Some(ck) => {
+                ck.check_network(&network_fingerprint, search_len, &ck_origin)?;
+                let t = Trainer::restore(
+                    net,
+                    cfg.search.clone(),
+                    cfg.seed,
+                    search_len,
+                    ck.trainer,
+                    &ck_origin,
+                )?;
+                (t, Some((ck.state, ck.search_seconds)))
+            }
+            None => {
+                let t = Trainer::new(
+                    net,
+                    cfg.eda.clone(),
+                    cfg.search.clone(),
+                    cfg.seed,
+                    search_len,
+                )?;
+                (t, None)
+            }
+        };
 
-    let setup = Setup {
-        run_id: run_id.clone(),
-        config: cfg.clone(),
-        data_source: source.to_string(),
-        shards,
-        search_len,
-        validation,
-        test,
-        float_top1,
-        ptq_top1: None,
-        eval_threads,
-        network_fingerprint,
-        search_seconds_before: restored.as_ref().map_or(0.0, |(_, secs)| *secs),
-        instance: format!("{:016x}", rand::random::<u64>()),
+        let setup = Setup {
+            run_id: run_id.clone(),
+            config: cfg.clone(),
+            data_source: source.to_string(),
+            shards,
+            search_len,
+            validation,
+            test,
+            float_top1,
+            ptq_top1: None,
+            eval_threads,
+            network_fingerprint,
+            search_seconds_before: restored.as_ref().map_or(0.0, |(_, secs)| *secs),
+            instance: format!("{:016x}", rand::random::<u64>()),
+        };
+        let mut state = State::new(setup, trainer, tx, telemetry.clone());
+        if let Some((snap, _)) = restored {
+            state.restore(snap, &ck_origin)?;
+        }
+        Ok::<_, Error>((
+            state,
+            precision,
+            variables,
+            shards,
+            float_top1,
+            resumed_from_generation,
+        ))
     };
-    let mut state = State::new(setup, trainer, tx, telemetry.clone());
-    if let Some((snap, _)) = restored {
-        state.restore(snap, &ck_origin)?;
-    }
+    let (state, precision, variables, shards, float_top1, resumed_from_generation) = tokio::select! {
+        r = setup => r?,
+        _ = &mut shutdown => return Err(Error::Interrupted(phase.borrow().to_string())),
+    };
     let _ = ready.send(());
     let rx = setup_responder
         .await
@@ -311,7 +328,7 @@ pub async fn run(
     let workers = spawn_local_workers(addr, &opts, &stop_tx);
 
     let search_start = Instant::now();
-    let finished = state.run(rx, shutdown).await?;
+    let finished = state.run(rx, &mut shutdown).await?;
     drop(progress);
     let search_seconds = search_start.elapsed().as_secs_f64();
     let _ = stop_tx.send(());
