@@ -182,6 +182,12 @@ pub struct ClusterConfig {
     pub public_status: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless set).
     pub metrics_listen: Option<String>,
+    /// TLS for the gRPC endpoint: the server's certificate chain and private key (PEM).
+    /// Workers then connect to https://... with `--tls-ca`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that local workers (`--local-workers`) trust.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -193,6 +199,9 @@ impl Default for ClusterConfig {
             job_timeout_secs: 120.0,
             public_status: true,
             metrics_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         }
     }
 }
@@ -266,6 +275,21 @@ impl RunConfig {
                 "checkpoint.every_secs",
                 secs.to_string(),
                 "must be >= 0 (0 = not by time)",
+            );
+        }
+        let c = &self.cluster;
+        if c.tls_cert.is_some() != c.tls_key.is_some() {
+            return bad(
+                "cluster.tls_cert/tls_key",
+                format!("{:?}/{:?}", c.tls_cert, c.tls_key),
+                "give both or neither",
+            );
+        }
+        if c.tls_ca.is_some() && c.tls_cert.is_none() {
+            return bad(
+                "cluster.tls_ca",
+                format!("{:?}", c.tls_ca),
+                "is for local workers of a TLS coordinator: set tls_cert and tls_key too",
             );
         }
         if self.cluster.shards == Some(0) {

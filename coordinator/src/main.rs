@@ -93,6 +93,9 @@ struct StatusArgs {
     /// Cluster token, if the coordinator does not serve status publicly.
     #[arg(long, env = "CCQ_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM file of the CA that signed the coordinator's TLS certificate.
+    #[arg(long, env = "CCQ_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -143,7 +146,13 @@ fn main() -> ExitCode {
     init_tracing(log_format);
     if let Command::Status(a) = &cli.command {
         // Scripts rely on exit code 2 for an unreachable coordinator.
-        return status::main(&a.addr, a.token.as_deref(), a.json, a.watch);
+        return status::main(
+            &a.addr,
+            a.token.as_deref(),
+            a.tls_ca.as_deref(),
+            a.json,
+            a.watch,
+        );
     }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -147,6 +147,11 @@ pub async fn run(
              join the run; set --token or CCQ_TOKEN (workers need the same), or pass --insecure"
         )));
     }
+    if cfg.cluster.tls_cert.is_some() && cfg.cluster.tls_ca.is_none() && opts.local_workers > 0 {
+        return Err(Error::Usage(
+            "local workers of a TLS coordinator need cluster.tls_ca: the CA (PEM) that signed cluster.tls_cert".into(),
+        ));
+    }
     let (tx, rx) = mpsc::channel(1024);
     let (stop_tx, _) = broadcast::channel::<()>(1);
     // Stops the server on every way out of this function, errors included.
@@ -164,13 +169,21 @@ pub async fn run(
     // Without TCP_NODELAY every small reply waits for the peer's delayed ACK (~40 ms):
     // that, not computation, would bound the generation rate.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stop_rx.recv().await;
-            }),
-    );
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&cfg.cluster.tls_cert, &cfg.cluster.tls_key) {
+        builder = builder
+            .tls_config(server_tls(cert, key)?)
+            .map_err(|e| Error::Config {
+                path: cert.display().to_string(),
+                reason: format!("cluster.tls_cert/tls_key: {}", ccq_worker::error_chain(&e)),
+            })?;
+    }
+    let server = tokio::spawn(builder.add_service(service).serve_with_incoming_shutdown(
+        incoming,
+        async move {
+            let _ = stop_rx.recv().await;
+        },
+    ));
     let (phase, phase_rx) = tokio::sync::watch::channel("importing");
     let (ready, ready_rx) = tokio::sync::oneshot::channel::<()>();
     let setup_responder = tokio::spawn(answer_until_ready(
@@ -414,6 +427,13 @@ fn open_checkpoint(cfg: &RunConfig, resume: bool) -> Result<Option<Checkpoint>, 
     Ok(Some(ck))
 }
 
+/// The server's TLS identity from PEM files, each error naming its file.
+fn server_tls(cert: &Path, key: &Path) -> Result<tonic::transport::ServerTlsConfig, Error> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| ccq_common::Error::io(p, e));
+    let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+    Ok(tonic::transport::ServerTlsConfig::new().identity(identity))
+}
+
 fn spawn_local_workers(
     addr: SocketAddr,
     opts: &RunOptions,
@@ -422,8 +442,14 @@ fn spawn_local_workers(
     let threads = opts.worker_threads;
     (0..opts.local_workers)
         .map(|i| {
+            let scheme = if opts.config.cluster.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             let cfg = ccq_worker::WorkerConfig {
-                coordinator: format!("http://{addr}"),
+                coordinator: format!("{scheme}://{addr}"),
+                tls_ca: opts.config.cluster.tls_ca.clone(),
                 shard: None,
                 threads,
                 name: format!("local-{i}"),

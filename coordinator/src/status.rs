@@ -11,9 +11,17 @@ use serde_json::json;
 /// Exit code for an unreachable coordinator (scripts depend on it).
 pub const UNREACHABLE: u8 = 2;
 
-pub fn main(addr: &str, token: Option<&str>, as_json: bool, watch: Option<f64>) -> ExitCode {
+pub fn main(
+    addr: &str,
+    token: Option<&str>,
+    tls_ca: Option<&std::path::Path>,
+    as_json: bool,
+    watch: Option<f64>,
+) -> ExitCode {
     let url = if addr.contains("://") {
         addr.to_string()
+    } else if tls_ca.is_some() {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     };
@@ -29,7 +37,7 @@ pub fn main(addr: &str, token: Option<&str>, as_json: bool, watch: Option<f64>) 
     };
     rt.block_on(async {
         loop {
-            let s = match fetch(&url, token).await {
+            let s = match fetch(&url, token, tls_ca).await {
                 Ok(s) => s,
                 Err(Failure::Unreachable(e)) => {
                     eprintln!("error: coordinator at {url} is unreachable: {e}");
@@ -66,15 +74,19 @@ enum Failure {
     Refused(String),
 }
 
-async fn fetch(url: &str, token: Option<&str>) -> Result<StatusResponse, Failure> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| Failure::Unreachable(e.to_string()))?
+async fn fetch(
+    url: &str,
+    token: Option<&str>,
+    tls_ca: Option<&std::path::Path>,
+) -> Result<StatusResponse, Failure> {
+    let endpoint = ccq_worker::endpoint(url, tls_ca)
+        .map_err(|e| Failure::Refused(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5));
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        .map_err(|e| Failure::Unreachable(ccq_worker::error_chain(&e)))?;
     let auth = ccq_worker::Auth::new(token).map_err(|e| Failure::Refused(e.to_string()))?;
     let mut client = CoordinatorClient::with_interceptor(channel, auth);
     client

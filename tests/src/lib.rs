@@ -127,6 +127,7 @@ pub async fn spawn_cluster_with_token(
                 name: format!("test-{i}"),
                 data_override: None,
                 give_up_after: None,
+                tls_ca: None,
                 token: token.map(str::to_string),
             };
             let mut rx = stop.subscribe();

@@ -148,6 +148,7 @@ async fn workers_without_the_token_are_refused_and_the_run_is_unaffected() {
             name: "intruder".into(),
             data_override: None,
             give_up_after: None,
+            tls_ca: None,
             token: token.map(str::to_string),
         };
         // Retries while the coordinator sets up, then is refused for good.

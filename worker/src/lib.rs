@@ -9,6 +9,7 @@
 //! reaping) it registers again; when the run is done it returns `Ok`.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ccq_common::data::{self, DataSource, Dataset, Shard, Split};
@@ -21,7 +22,7 @@ use ccq_proto::v1::{
 };
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,9 @@ pub enum Error {
     BadToken,
     #[error("coordinator RPC failed: {0}")]
     Rpc(#[from] tonic::Status),
+    /// The CA file for TLS cannot be read or used.
+    #[error("TLS CA certificate {}: {reason}", path.display())]
+    Tls { path: PathBuf, reason: String },
     #[error("coordinator {addr} unreachable for {secs} s, giving up: {reason}")]
     Unreachable {
         addr: String,
@@ -64,6 +68,41 @@ pub struct WorkerConfig {
     pub give_up_after: Option<Duration>,
     /// The cluster token (`--token`, `CCQ_TOKEN`); required when the coordinator has one.
     pub token: Option<String>,
+    /// PEM file of the CA that signed the coordinator's TLS certificate (`--tls-ca`);
+    /// the coordinator URL is then `https://`.
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// The gRPC endpoint for a coordinator URL: plain for `http://`, TLS trusting the CA in
+/// `tls_ca` for `https://`. Shared by workers and `coordinator status`.
+pub fn endpoint(url: &str, tls_ca: Option<&Path>) -> Result<Endpoint, Error> {
+    let bad = |reason: String| Error::Address {
+        addr: url.to_string(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| bad(e.to_string()))?;
+    let https = url.starts_with("https://");
+    match (https, tls_ca) {
+        (false, None) => Ok(endpoint),
+        (false, Some(ca)) => Err(bad(format!(
+            "--tls-ca {} is given but the URL is not https://",
+            ca.display()
+        ))),
+        (true, None) => Err(bad(
+            "an https:// coordinator needs --tls-ca (the PEM file of the CA that signed its certificate)".into(),
+        )),
+        (true, Some(ca)) => {
+            let pem = std::fs::read(ca).map_err(|e| Error::Tls {
+                path: ca.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            endpoint.tls_config(tls).map_err(|e| Error::Tls {
+                path: ca.to_path_buf(),
+                reason: e.to_string(),
+            })
+        }
+    }
 }
 
 /// Adds the cluster token to every request.
@@ -127,10 +166,7 @@ struct Local {
 }
 
 async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
-    let endpoint = Endpoint::from_shared(cfg.coordinator.clone()).map_err(|e| Error::Address {
-        addr: cfg.coordinator.clone(),
-        reason: e.to_string(),
-    })?;
+    let endpoint = endpoint(&cfg.coordinator, cfg.tls_ca.as_deref())?;
     let auth = Auth::new(cfg.token.as_deref())?;
     let mut local = Local::default();
     let mut backoff = Backoff::new();
@@ -147,13 +183,14 @@ async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
                     return Err(Error::Unreachable {
                         addr: cfg.coordinator.clone(),
                         secs: limit.as_secs_f64(),
-                        reason: e.to_string(),
+                        reason: error_chain(&e),
                     });
                 }
                 let wait = backoff.next();
                 debug!(
-                    "coordinator {} not reachable ({e}); retrying in {wait:?}",
-                    cfg.coordinator
+                    "coordinator {} not reachable ({}); retrying in {wait:?}",
+                    cfg.coordinator,
+                    error_chain(&e)
                 );
                 tokio::time::sleep(wait).await;
                 continue;
@@ -201,6 +238,19 @@ async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
     }
 }
 
+/// An error with its causes: tonic's transport errors say little at the top level
+/// ("transport error") and the reason (refused, TLS handshake failure) below.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 fn is_transient(s: &tonic::Status) -> bool {
     matches!(
         s.code(),
@@ -231,6 +281,13 @@ async fn register(client: &mut Client, cfg: &WorkerConfig) -> Result<RegisterRes
             ) =>
         {
             Err(Error::Refused(s.message().to_string()))
+        }
+        // Plain HTTP/2 against a TLS listener fails as a protocol error.
+        Err(s) if s.code() == tonic::Code::Internal && cfg.coordinator.starts_with("http://") => {
+            Err(Error::Refused(format!(
+                "{} (if the coordinator uses TLS, connect to https://... with --tls-ca)",
+                s.message()
+            )))
         }
         Err(s) => Err(Error::Rpc(s)),
     }

@@ -40,6 +40,10 @@ struct Cli {
     /// Read the cluster token from this file instead.
     #[arg(long, conflicts_with = "token")]
     token_file: Option<std::path::PathBuf>,
+    /// PEM file of the CA that signed the coordinator's TLS certificate (with an
+    /// https:// coordinator URL).
+    #[arg(long, env = "CCQ_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
     /// `text` or `json` log lines.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -92,6 +96,7 @@ async fn run(cli: Cli) -> anyhow::Result<ccq_worker::Exit> {
         name: cli.name.unwrap_or_else(|| "worker".into()),
         data_override,
         token,
+        tls_ca: cli.tls_ca,
         give_up_after: cli
             .give_up_after
             .filter(|s| s.is_finite() && *s >= 0.0)
