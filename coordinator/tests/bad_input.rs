@@ -15,7 +15,10 @@ use ccq_common::onnx::proto::ModelProto;
 use prost::Message;
 
 mod support;
-use support::{coordinator, free_addr, repo, wait_for, worker, write_tiny_mnist, Killed};
+use support::{
+    assert_workers_leave, coordinator, free_addr, generation, repo, status, wait_for, worker,
+    write_tiny_mnist, Killed,
+};
 
 /// One small dataset for every test that does not damage it.
 fn data_dir() -> &'static Path {
@@ -282,27 +285,6 @@ fn dataset_file_truncated_mid_record_names_the_file_and_offset() {
 
 // ---- workers ---------------------------------------------------------------------------
 
-/// `coordinator status --json` of the run at `addr` (None while unreachable).
-fn status(addr: &str) -> Option<serde_json::Value> {
-    let o = Command::new(coordinator())
-        .args(["status", "--json", "--addr", addr])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !o.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&o.stdout).ok()
-}
-
-/// The live generation count while training.
-fn generation(addr: &str) -> Option<u64> {
-    let v = status(addr)?;
-    (v["phase"] == "training")
-        .then(|| v["generation"].as_u64())
-        .flatten()
-}
-
 fn worker_cmd(addr: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(worker());
     c.args(["--coordinator", &format!("http://{addr}")])
@@ -358,7 +340,7 @@ fn worker_asking_for_a_shard_out_of_range_is_refused_and_the_run_goes_on() {
     assert_eq!(v["workers"].as_array().map(Vec::len), Some(0), "{v}");
 
     // The run is unaffected: two ordinary workers finish it...
-    let mut workers: Vec<Killed> = (0..2)
+    let workers: Vec<Killed> = (0..2)
         .map(|_| {
             Killed(
                 worker_cmd(&addr, &[])
@@ -377,17 +359,7 @@ fn worker_asking_for_a_shard_out_of_range_is_refused_and_the_run_goes_on() {
         "the coordinator failed: {}",
         std::fs::read_to_string(log.path()).unwrap()
     );
-    for w in &mut workers {
-        assert!(
-            wait_for(Duration::from_secs(20), || w
-                .0
-                .try_wait()
-                .unwrap()
-                .is_some()),
-            "a worker did not exit after the run"
-        );
-        assert!(w.0.wait().unwrap().success());
-    }
+    assert_workers_leave(workers);
     let report = read_report(&out);
     assert_eq!(report["evaluations"], 800);
     assert_eq!(report["stop_reason"], "evaluation budget (800) spent");

@@ -5,7 +5,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod support;
-use support::{coordinator, free_addr, repo, wait_for, worker, write_tiny_mnist, Killed};
+use support::{
+    assert_workers_leave, coordinator, finishes, free_addr, repo, wait_for, worker,
+    write_tiny_mnist, Killed,
+};
 
 fn free_port() -> u16 {
     free_addr().port()
@@ -98,23 +101,12 @@ fn coordinator_and_worker_processes_train_and_finish() {
         "each worker got its own shard: {shards:?}"
     );
 
-    let finished = wait_for(Duration::from_secs(120), || {
-        coord.0.try_wait().unwrap().is_some()
-    });
-    assert!(finished, "the run did not finish");
-    assert!(coord.0.wait().unwrap().success());
+    assert!(
+        finishes(&mut coord, 120),
+        "the run did not finish successfully"
+    );
     // Workers exit 0 on their own once the coordinator says the run is done.
-    for mut w in workers {
-        assert!(
-            wait_for(Duration::from_secs(20), || w
-                .0
-                .try_wait()
-                .unwrap()
-                .is_some()),
-            "worker still running"
-        );
-        assert!(w.0.wait().unwrap().success());
-    }
+    assert_workers_leave(workers);
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["evaluations"], 2400);

@@ -9,7 +9,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 mod support;
-use support::{coordinator, free_addr, repo, wait_for, worker, write_tiny_mnist, Killed};
+use support::{
+    assert_workers_leave, coordinator, finishes, free_addr, generation, repo, wait_for, worker,
+    write_tiny_mnist, Killed,
+};
 
 /// 750 generations of 8 candidates over 2 shards, measured every 25 generations and
 /// checkpointed every 10: long enough to be interrupted many times.
@@ -141,27 +144,6 @@ fn spawn_coordinator(args: &[&str], config: Option<&Path>, addr: &str) -> Killed
     )
 }
 
-/// The live generation count, from `coordinator status --json` (None while unreachable).
-fn generation(addr: &str) -> Option<u64> {
-    let o = Command::new(coordinator())
-        .args(["status", "--json", "--addr", addr])
-        .output()
-        .ok()?;
-    if !o.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
-    (v["phase"] == "training")
-        .then(|| v["generation"].as_u64())
-        .flatten()
-}
-
-fn finishes(c: &mut Killed, secs: u64) -> bool {
-    wait_for(Duration::from_secs(secs), || {
-        c.0.try_wait().unwrap().is_some()
-    }) && c.0.wait().unwrap().success()
-}
-
 #[test]
 fn workers_killed_and_restarted_at_random_moments_change_nothing() {
     let expected = reference();
@@ -182,7 +164,7 @@ fn workers_killed_and_restarted_at_random_moments_change_nothing() {
         x ^= x << 17;
         x % n
     };
-    let mut moments: Vec<u64> = (0..6).map(|_| 40 + next(600)).collect();
+    let mut moments: Vec<u64> = (0..6).map(|_| 40 + next(460)).collect();
     moments.sort_unstable();
     let mut kills = 0;
     for &m in &moments {
@@ -210,8 +192,13 @@ fn workers_killed_and_restarted_at_random_moments_change_nothing() {
         got.model == expected.model,
         "the final network differs from the undisturbed run"
     );
-    // The replacements really joined (3 at the start, one more per kill).
-    assert_eq!(got.workers_seen, 3 + kills as u64);
+    // The replacements really joined (3 at the start, one more per kill; a worker moved
+    // to a shard nobody serves registers again, so there can be more).
+    assert!(
+        got.workers_seen >= 3 + kills as u64,
+        "{} registrations for 3 workers and {kills} replacements",
+        got.workers_seen
+    );
 }
 
 #[test]
@@ -277,17 +264,7 @@ fn coordinator_killed_and_resumed_ends_identical() {
         finishes(&mut resumed, 180),
         "the resumed run did not finish"
     );
-    for mut w in workers {
-        assert!(
-            wait_for(Duration::from_secs(20), || w
-                .0
-                .try_wait()
-                .unwrap()
-                .is_some()),
-            "a worker did not exit after the resumed run"
-        );
-        assert!(w.0.wait().unwrap().success());
-    }
+    assert_workers_leave(workers);
     let got = outcome(&out);
     assert_eq!(got.evaluations, expected.evaluations);
     assert_eq!(got.generations, expected.generations);

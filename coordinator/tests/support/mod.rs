@@ -26,6 +26,44 @@ impl Drop for Killed {
     }
 }
 
+/// `coordinator status --json` of the run at `addr` (None while unreachable).
+pub fn status(addr: &str) -> Option<serde_json::Value> {
+    let o = std::process::Command::new(coordinator())
+        .args(["status", "--json", "--addr", addr])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+/// The live generation count while the run at `addr` is training.
+pub fn generation(addr: &str) -> Option<u64> {
+    let v = status(addr)?;
+    (v["phase"] == "training")
+        .then(|| v["generation"].as_u64())
+        .flatten()
+}
+
+/// Waits up to `secs` for the process to end; true if it ended successfully.
+pub fn finishes(c: &mut Killed, secs: u64) -> bool {
+    wait_for(Duration::from_secs(secs), || {
+        c.0.try_wait().unwrap().is_some()
+    }) && c.0.wait().unwrap().success()
+}
+
+/// Every worker leaves by itself, with exit code 0, once the run is done.
+pub fn assert_workers_leave(workers: impl IntoIterator<Item = Killed>) {
+    for mut w in workers {
+        assert!(
+            finishes(&mut w, 20),
+            "a worker did not exit successfully after the run"
+        );
+    }
+}
+
 /// Polls `f` until it holds or `timeout` passes; true if it held.
 pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
