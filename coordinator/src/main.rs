@@ -209,7 +209,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("listen on {addr}"))?;
-                anyhow::Ok(run::run(opts, listener, shutdown_signal()).await?)
+                anyhow::Ok(run::run(opts, listener, ccq_worker::shutdown_signal()).await?)
             });
             // A shutdown during setup may leave a reference evaluation running on the
             // blocking pool; its result is no longer wanted.
@@ -284,19 +284,4 @@ fn init_tracing(format: &str) {
     } else {
         builder.init();
     }
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -238,6 +238,29 @@ async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
     }
 }
 
+/// Completes on SIGINT or SIGTERM (Ctrl-C, `docker stop`, pod termination): the
+/// shutdown signal both binaries hand to their library `run`.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            // No SIGTERM handler (should not happen on Unix): Ctrl-C still works.
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// An error with its causes: tonic's transport errors say little at the top level
 /// ("transport error") and the reason (refused, TLS handshake failure) below.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -102,22 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<ccq_worker::Exit> {
             .filter(|s| s.is_finite() && *s >= 0.0)
             .map(std::time::Duration::from_secs_f64),
     };
-    Ok(ccq_worker::run(cfg, shutdown_signal()).await?)
-}
-
-/// Completes on SIGINT or SIGTERM (pod termination, `docker stop`).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    Ok(ccq_worker::run(cfg, ccq_worker::shutdown_signal()).await?)
 }
 
 fn init_tracing(format: &str) {
