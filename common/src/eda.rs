@@ -203,6 +203,10 @@ pub struct EdaState {
     /// Derived from `probs` and the threshold; kept to make the counts O(1).
     #[serde(skip_serializing)]
     frozen: usize,
+    /// Sum of every row's largest count, derived from `probs`; kept so that
+    /// [`EdaState::mean_confidence`] is O(1) (the coordinator reports it every generation).
+    #[serde(skip_serializing)]
+    confidence_total: u64,
 }
 
 /// The serialised form of [`EdaState`], validated by `TryFrom` on the way in.
@@ -230,6 +234,7 @@ impl EdaState {
             span: Vec::with_capacity(hint),
             probs: Vec::with_capacity(hint * width),
             frozen: 0,
+            confidence_total: 0,
             params,
         };
         let mut targets = [0.0f64; MAX_WIDTH];
@@ -299,11 +304,21 @@ impl EdaState {
             ));
         }
         state.frozen = state.count_frozen();
+        state.confidence_total = state.sum_max_counts();
         Ok(state)
     }
 
     pub fn params(&self) -> &EdaParams {
         &self.params
+    }
+
+    /// Heap bytes held (capacities): the per-variable arrays and the layer runs. For
+    /// memory accounting (`coordinator bench`).
+    pub fn heap_bytes(&self) -> usize {
+        self.base.capacity()
+            + self.span.capacity()
+            + self.probs.capacity() * std::mem::size_of::<u16>()
+            + self.layer_runs.capacity() * std::mem::size_of::<LayerRun>()
     }
 
     pub fn num_variables(&self) -> usize {
@@ -363,11 +378,8 @@ impl EdaState {
 
     /// Mean confidence over all variables, frozen ones included.
     pub fn mean_confidence(&self) -> f64 {
-        // Summed as integers, so the result does not depend on summation order.
-        let total: u64 = (0..self.num_variables())
-            .map(|i| u64::from(self.max_count(i)))
-            .sum();
-        total as f64 / (self.num_variables() as f64 * f64::from(ONE))
+        // Kept as an integer sum, so the result does not depend on the order of updates.
+        self.confidence_total as f64 / (self.num_variables() as f64 * f64::from(ONE))
     }
 
     /// Per-layer confidence statistics, in ascending layer id; `bins` (at least 1) is the
@@ -484,7 +496,7 @@ impl EdaState {
         }
         let current: Vec<i8> = group.iter().map(|&v| context[v as usize]).collect();
         for (&v, &code) in group.iter().zip(&current) {
-            self.check_allowed(&format!("context[{v}]"), v as usize, code)?;
+            self.check_allowed(|| format!("context[{v}]"), v as usize, code)?;
         }
 
         let mut candidates = Vec::with_capacity(self.params.population);
@@ -521,7 +533,7 @@ impl EdaState {
                 ));
             }
             for (pos, (&v, &code)) in group.iter().zip(candidate).enumerate() {
-                self.check_allowed(&format!("selected[{c}][{pos}]"), v as usize, code)?;
+                self.check_allowed(|| format!("selected[{c}][{pos}]"), v as usize, code)?;
             }
         }
 
@@ -541,6 +553,7 @@ impl EdaState {
             for candidate in selected {
                 counts[(i16::from(candidate.as_ref()[pos]) - base) as usize] += 1;
             }
+            let before = self.max_count(i);
             let row = &mut self.probs[i * width..i * width + span];
             let mut targets = [0.0f64; MAX_WIDTH];
             for j in 0..span {
@@ -548,6 +561,8 @@ impl EdaState {
                 targets[j] = (1.0 - alpha) * f64::from(row[j]) + alpha * freq * one;
             }
             apportion(&targets[..span], row);
+            self.confidence_total =
+                self.confidence_total - u64::from(before) + u64::from(self.max_count(i));
             if self.is_frozen(i) {
                 self.frozen += 1;
                 newly_frozen.push(v);
@@ -606,6 +621,12 @@ impl EdaState {
         })
     }
 
+    fn sum_max_counts(&self) -> u64 {
+        (0..self.num_variables())
+            .map(|i| u64::from(self.max_count(i)))
+            .sum()
+    }
+
     fn count_frozen(&self) -> usize {
         (0..self.num_variables())
             .filter(|&i| self.is_frozen(i))
@@ -636,13 +657,15 @@ impl EdaState {
         }
     }
 
-    fn check_allowed(&self, field: &str, i: usize, code: i8) -> Result<()> {
+    /// `field` names the offending value; built only on error (this runs per variable
+    /// of every generation).
+    fn check_allowed(&self, field: impl FnOnce() -> String, i: usize, code: i8) -> Result<()> {
         if self.slot(i, code).is_some() {
             return Ok(());
         }
         let allowed = self.allowed_values(i);
         Err(Error::setting(
-            field,
+            &field(),
             code,
             format!(
                 "variable {i} only allows codes {}..={}",
@@ -714,8 +737,10 @@ impl TryFrom<StateRepr> for EdaState {
             span: repr.span,
             probs: repr.probs,
             frozen: 0,
+            confidence_total: 0,
         };
         state.frozen = state.count_frozen();
+        state.confidence_total = state.sum_max_counts();
         Ok(state)
     }
 }
@@ -1562,6 +1587,20 @@ mod tests {
                 histogram[((s.confidence(i) * 10.0) as usize).min(9)] += 1;
             }
             assert_eq!(summary.histogram, histogram, "layer {}", summary.layer);
+        }
+    }
+
+    /// The mean confidence is kept as a running integer total; it must equal a recount
+    /// over every row after any sequence of updates, and after a checkpoint round trip.
+    #[test]
+    fn running_confidence_total_matches_a_recount() {
+        for seed in 0..4 {
+            let s = random_state(8, 500, seed);
+            assert_eq!(s.confidence_total, s.sum_max_counts(), "seed {seed}");
+            let recount = (0..500).map(|i| s.confidence(i)).sum::<f64>() / 500.0;
+            assert!((s.mean_confidence() - recount).abs() < 1e-12);
+            let back: EdaState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+            assert_eq!(back.confidence_total, s.confidence_total);
         }
     }
 }

@@ -113,6 +113,14 @@ impl QConv {
             .expect("QConv is always packed by its constructors")
     }
 
+    /// Heap bytes held (capacities): codes, bias, scales and the packed kernel weights.
+    pub fn heap_bytes(&self) -> usize {
+        self.codes.capacity()
+            + self.bias.capacity() * std::mem::size_of::<i32>()
+            + self.w_scale.capacity() * std::mem::size_of::<f64>()
+            + self.packed.as_ref().map_or(0, PackedConv::heap_bytes)
+    }
+
     /// Allowed code range of this layer's variables.
     pub fn code_range(&self) -> (i8, i8) {
         code_range(self.weight_bits)
@@ -290,6 +298,16 @@ impl QNetwork {
     /// Total number of decision variables.
     pub fn num_vars(&self) -> usize {
         self.layers.iter().map(|l| l.len).sum()
+    }
+
+    /// Heap bytes of the weight layers (codes, bias, scales, packed kernel weights): the
+    /// part of a network that grows with its number of variables. Activation tables and
+    /// node metadata are not counted. For memory accounting (`coordinator bench`).
+    pub fn weight_heap_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| self.conv(l.node).heap_bytes())
+            .sum()
     }
 
     /// The flat decision vector: all layers' weight codes in order.

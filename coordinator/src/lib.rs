@@ -9,8 +9,10 @@
 //! - [`service`]: gRPC handlers, which validate and forward to the event loop;
 //! - [`run`]: `coordinator run` — wires it all together and writes the outputs;
 //! - [`metrics`]: the Prometheus endpoint; [`progress`]: the progress bar or log lines;
-//! - [`report`]: the charts and `report.html` written at the end of a run.
+//! - [`report`]: the charts and `report.html` written at the end of a run;
+//! - [`bench`]: `coordinator bench` — dispatch rate, wire bytes and memory of the coordinator.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;

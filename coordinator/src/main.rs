@@ -35,6 +35,34 @@ enum Command {
     Status(StatusArgs),
     /// Write an integer network for other runtimes: QDQ ONNX or plain integer arrays.
     Export(ccq_coordinator::export::ExportArgs),
+    /// Measure the coordinator itself: evaluations/s against no-op workers over loopback,
+    /// bytes on the wire per candidate, memory per decision variable.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// `resnet20` (../shared), `mnist` (examples/), or `auto`: ResNet-20 when present.
+    #[arg(long, default_value = "auto")]
+    model: String,
+    /// Candidate evaluations (the run's budget) per dispatch case.
+    #[arg(long, default_value_t = 50_000)]
+    evaluations: u64,
+    /// Numbers of no-op workers, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    workers: Vec<usize>,
+    /// Populations, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "16,32")]
+    populations: Vec<usize>,
+    /// Group sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,256")]
+    group_sizes: Vec<usize>,
+    /// Weights of the synthetic network whose memory is measured (0: skip).
+    #[arg(long, default_value_t = 25_000_000)]
+    memory_variables: usize,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -139,11 +167,13 @@ struct EvalArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log_format = match &cli.command {
-        Command::Run(a) => a.log_format.as_str(),
-        _ => "text",
+    let (log_format, level) = match &cli.command {
+        Command::Run(a) => (a.log_format.as_str(), "info"),
+        // The bench runs many short runs; their info lines would bury its result.
+        Command::Bench(_) => ("text", "warn"),
+        _ => ("text", "info"),
     };
-    init_tracing(log_format);
+    init_tracing(log_format, level);
     if let Command::Status(a) = &cli.command {
         // Scripts rely on exit code 2 for an unreachable coordinator.
         return status::main(
@@ -237,6 +267,30 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Bench(a) => {
+            let opts = ccq_coordinator::bench::BenchOptions {
+                model: ccq_coordinator::bench::ModelSpec::named(
+                    &a.model,
+                    std::path::Path::new("."),
+                )?,
+                evaluations: a.evaluations,
+                workers: a.workers,
+                populations: a.populations,
+                group_sizes: a.group_sizes,
+                memory_variables: a.memory_variables,
+                scratch: std::env::temp_dir().join(format!("ccq-bench-{}", std::process::id())),
+            };
+            let report =
+                tokio::runtime::Runtime::new()?.block_on(ccq_coordinator::bench::run(&opts));
+            let _ = std::fs::remove_dir_all(&opts.scratch);
+            let report = report?;
+            if a.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(())
+        }
         Command::Eval(a) => {
             let cfg = eval_config(&a)?;
             let report = eval::run(&cfg)?;
@@ -272,9 +326,9 @@ fn default_threads() -> usize {
 }
 
 /// Logs go to stderr (stdout carries results and `--json` output), filtered by `RUST_LOG`.
-fn init_tracing(format: &str) {
+fn init_tracing(format: &str, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Keeps the progress bar intact when a log line is written.

@@ -59,7 +59,8 @@ pub enum Event {
         reply: oneshot::Sender<StatusResponse>,
     },
     /// Validation/test evaluation `id`, scheduled by [`State::schedule_eval`], finished.
-    EvalDone(u64, EvalPoint, Box<QNetwork>),
+    /// (Its network is dropped by the task: the loop keeps the codes it was built from.)
+    EvalDone(u64, EvalPoint),
 }
 
 /// Latency histogram in Prometheus form (cumulative buckets are derived when rendered).
@@ -253,6 +254,66 @@ struct GenInProgress {
     outstanding: usize,
 }
 
+/// The network versions of this process: entry `k` turns version `base + k` into
+/// `base + k + 1`. A resumed run starts at the checkpoint's version with no entries
+/// (older workers get the whole network). Entries that no sync can use any more are
+/// dropped as new ones come, so the log is bounded by the full-network threshold instead
+/// of growing with the run.
+#[derive(Debug, Default)]
+struct ChangeLog {
+    entries: VecDeque<Vec<(u32, i8)>>,
+    base: u64,
+    /// Changes in all entries together.
+    changes: usize,
+}
+
+impl ChangeLog {
+    fn starting_at(version: u64) -> ChangeLog {
+        ChangeLog {
+            base: version,
+            ..ChangeLog::default()
+        }
+    }
+
+    fn version(&self) -> u64 {
+        self.base + self.entries.len() as u64
+    }
+
+    /// Appends the next version. Then drops the oldest entry while the entries after it
+    /// alone reach `limit`: a worker at a dropped version would have been sent the whole
+    /// network anyway (lists only get longer going back), and still is.
+    fn push(&mut self, changes: Vec<(u32, i8)>, limit: usize) {
+        self.changes += changes.len();
+        self.entries.push_back(changes);
+        while let Some(front) = self.entries.front() {
+            if self.changes - front.len() < limit {
+                break;
+            }
+            self.changes -= front.len();
+            self.entries.pop_front();
+            self.base += 1;
+        }
+    }
+
+    /// The changes from version `have` to the current one, if `have` is known and the
+    /// list is shorter than `limit`; otherwise the worker needs the whole network.
+    fn since(&self, have: u64, limit: usize) -> Option<Vec<VarChange>> {
+        if have < self.base || have > self.version() {
+            return None;
+        }
+        let list: Vec<VarChange> = self
+            .entries
+            .range((have - self.base) as usize..)
+            .flatten()
+            .map(|&(var, code)| VarChange {
+                var,
+                code: code.into(),
+            })
+            .collect();
+        (list.len() < limit).then_some(list)
+    }
+}
+
 pub struct State {
     setup: Setup,
     trainer: Trainer,
@@ -266,12 +327,13 @@ pub struct State {
     next_job: u64,
     gen: Option<GenInProgress>,
     parked: Vec<(u64, oneshot::Sender<PollJobResponse>)>,
-    /// `log[v - log_base]` turns network version v into v + 1. A resumed run starts
-    /// its log at the checkpoint's version; older workers get the whole network.
-    log: Vec<Vec<(u32, i8)>>,
-    log_base: u64,
+    /// How each network version differs from the one before, for workers' syncs.
+    log: ChangeLog,
     history: Vec<EvalPoint>,
-    best: Option<(QNetwork, EvalPoint)>,
+    /// Codes of the best network by validation, and where it was measured. Codes, not a
+    /// network: a network also holds its packed kernel weights (3 bytes per variable
+    /// instead of 1), and the best one is only needed as a network at the end.
+    best: Option<(Vec<i8>, EvalPoint)>,
     /// Validation/test measurements running, by id.
     evals: BTreeMap<u64, PendingEval>,
     next_eval: u64,
@@ -324,8 +386,7 @@ impl State {
             next_job: 1,
             gen: None,
             parked: Vec::new(),
-            log: Vec::new(),
-            log_base: 0,
+            log: ChangeLog::default(),
             history: Vec::new(),
             best: None,
             evals: BTreeMap::new(),
@@ -367,7 +428,7 @@ impl State {
             generation: self.gen.as_ref().map(|g| g.generation.clone()),
             pending_evals: self.evals.values().cloned().collect(),
             history: self.history.clone(),
-            best: self.best.as_ref().map(|(n, p)| (n.codes(), p.clone())),
+            best: self.best.clone(),
             network_version: self.version(),
             last_best_loss: self.last_best_loss,
             last_train_top1: self.last_train_top1,
@@ -419,19 +480,19 @@ impl State {
         if snap.phase == Phase::Done {
             return Err(bad("the run it belongs to is finished".into()));
         }
-        let best = match snap.best {
-            Some((codes, point)) => {
-                let mut net = self.trainer.network().clone();
-                net.set_codes(&codes)
-                    .map_err(|e| bad(format!("state.best: {e}")))?;
-                Some((net, point))
-            }
-            None => None,
-        };
+        if let Some((codes, _)) = &snap.best {
+            // Checks every code against its layer's range.
+            self.trainer
+                .network()
+                .clone()
+                .set_codes(codes)
+                .map_err(|e| bad(format!("state.best: {e}")))?;
+        }
+        let best = snap.best;
         self.phase = snap.phase;
         self.history = snap.history;
         self.best = best;
-        self.log_base = snap.network_version;
+        self.log = ChangeLog::starting_at(snap.network_version);
         self.last_best_loss = snap.last_best_loss;
         self.last_train_top1 = snap.last_train_top1;
         self.last_train_secs = snap.last_train_secs;
@@ -458,7 +519,7 @@ impl State {
     }
 
     fn version(&self) -> u64 {
-        self.log_base + self.log.len() as u64
+        self.log.version()
     }
 
     /// Runs the loop until the run is finished and workers were told, or `shutdown`.
@@ -527,9 +588,11 @@ impl State {
             }
         }
         self.settle_checkpoints().await;
-        let (best_net, best_point) = self.best.take().ok_or_else(|| {
+        let (best_codes, best_point) = self.best.take().ok_or_else(|| {
             crate::Error::Protocol("the run ended before the PTQ network was evaluated".into())
         })?;
+        let mut best_net = self.trainer.network().clone();
+        best_net.set_codes(&best_codes)?;
         let last = self
             .history
             .last()
@@ -576,7 +639,7 @@ impl State {
             Event::Status { reply } => {
                 let _ = reply.send(self.status());
             }
-            Event::EvalDone(id, point, net) => self.eval_done(id, point, *net),
+            Event::EvalDone(id, point) => self.eval_done(id, point),
         }
         Ok(())
     }
@@ -818,7 +881,8 @@ impl State {
         let g = self.gen.take().expect("a generation is in progress");
         let outcome = self.trainer.complete(&g.generation, &g.sums)?;
         if !outcome.changes.is_empty() {
-            self.log.push(outcome.changes);
+            let limit = self.full_sync_threshold();
+            self.log.push(outcome.changes, limit);
         }
         self.last_best_loss = Some(outcome.best_loss);
         self.last_train_top1 = Some(outcome.best_top1);
@@ -1037,11 +1101,12 @@ impl State {
                 test_top1: t.top1(),
                 ..point
             };
-            let _ = tx.blocking_send(Event::EvalDone(id, point, Box::new(net)));
+            drop(net);
+            let _ = tx.blocking_send(Event::EvalDone(id, point));
         });
     }
 
-    fn eval_done(&mut self, id: u64, point: EvalPoint, net: QNetwork) {
+    fn eval_done(&mut self, id: u64, point: EvalPoint) {
         let Some(pending) = self.evals.remove(&id) else {
             return;
         };
@@ -1063,7 +1128,7 @@ impl State {
                 || (point.val_top1 == b.val_top1 && point.generation < b.generation)
         });
         if better {
-            self.best = Some((net, point.clone()));
+            self.best = Some((pending.codes, point.clone()));
         }
         if let Some(t) = self.setup.config.budget.target_val_top1 {
             if point.val_top1 >= t && self.stop_reason.is_none() {
@@ -1114,23 +1179,17 @@ impl State {
             .collect()
     }
 
+    /// A change list this long or longer is replaced by the whole network.
+    fn full_sync_threshold(&self) -> usize {
+        self.trainer.network().num_vars() / 8 + 1024
+    }
+
     fn sync(&self, req: SyncNetworkRequest) -> SyncNetworkResponse {
         let version = self.version();
         // Changes are cheaper than the whole network unless the worker is far behind.
-        let changes: Option<Vec<VarChange>> = req
+        let changes = req
             .have_version
-            .filter(|&h| h <= version && h >= self.log_base)
-            .and_then(|h| {
-                let list: Vec<VarChange> = self.log[(h - self.log_base) as usize..]
-                    .iter()
-                    .flatten()
-                    .map(|&(var, code)| VarChange {
-                        var,
-                        code: code as i32,
-                    })
-                    .collect();
-                (list.len() < self.trainer.network().num_vars() / 8 + 1024).then_some(list)
-            });
+            .and_then(|h| self.log.since(h, self.full_sync_threshold()));
         match changes {
             Some(changes) => SyncNetworkResponse {
                 version,
@@ -1331,6 +1390,40 @@ fn from_proto(r: &CandidateResult) -> EvalStats {
 mod tests {
     use super::*;
     use ccq_common::data::Shard;
+
+    /// Trimming never changes an answer: for every version a worker may hold, the
+    /// trimmed log gives the same change list (or the same "send the whole network") as
+    /// a log that keeps everything, and its size stays bounded.
+    #[test]
+    fn trimmed_change_log_answers_like_the_whole_log() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for limit in [1usize, 5, 40] {
+            let mut trimmed = ChangeLog::starting_at(7);
+            let mut whole = ChangeLog::starting_at(7);
+            for _ in 0..300 {
+                let n = rng.random_range(0..12);
+                let changes: Vec<(u32, i8)> = (0..n)
+                    .map(|_| (rng.random_range(0..1000), rng.random_range(-8..8)))
+                    .collect();
+                trimmed.push(changes.clone(), limit);
+                whole.push(changes, usize::MAX);
+                assert_eq!(trimmed.version(), whole.version());
+                for have in 0..=whole.version() + 1 {
+                    let full = whole.since(have, usize::MAX).filter(|l| l.len() < limit);
+                    assert_eq!(
+                        trimmed.since(have, limit),
+                        full,
+                        "have {have} limit {limit}"
+                    );
+                }
+                // Bounded: the entries after the oldest kept one hold fewer than `limit`.
+                let oldest = trimmed.entries.front().map_or(0, Vec::len);
+                assert!(trimmed.changes - oldest < limit);
+            }
+            assert!(trimmed.base > 7, "old entries were dropped (limit {limit})");
+        }
+    }
 
     #[test]
     fn shard_of_inverts_shard_ranges() {

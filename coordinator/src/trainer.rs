@@ -106,14 +106,22 @@ impl Trainer {
         }
         let codes = net.codes();
         let layers = &net.layers;
-        let vars = layers.iter().enumerate().flat_map(|(li, l)| {
-            let codes = &codes[l.offset..l.offset + l.len];
-            codes.iter().map(move |&c| Variable {
+        // One pass over the flat codes (an exact-size iterator, so that `EdaState::new`
+        // allocates its per-variable arrays once, at their final size: a flat_map of the
+        // layers gives no size hint and the arrays would grow by doubling to up to twice
+        // the memory they need). Layers are contiguous and in order.
+        let mut li = 0;
+        let vars = codes.iter().enumerate().map(|(i, &c)| {
+            while i >= layers[li].offset + layers[li].len {
+                li += 1;
+            }
+            let l = &layers[li];
+            Variable {
                 initial: c,
                 lo: l.lo,
                 hi: l.hi,
                 layer: li as u32,
-            })
+            }
         });
         let eda = EdaState::new(eda, vars)?;
         Ok(Trainer {

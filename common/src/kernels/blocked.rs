@@ -56,6 +56,14 @@ pub(super) struct Plan {
 }
 
 impl Plan {
+    /// Heap bytes held (capacities), for memory accounting.
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.taps.capacity() * std::mem::size_of::<usize>()
+            + self.groups.capacity() * std::mem::size_of::<Group>()
+            + self.weights.capacity()
+            + self.bias.capacity() * std::mem::size_of::<i32>()
+    }
+
     pub(super) fn new(g: &ConvGeom, weights: &[i8], bias: &[i32], input_zp: u8) -> Plan {
         let c4 = g.in_c.div_ceil(4) * 4;
         let copy = c4 != g.in_c || g.pad_t + g.pad_l + g.pad_b + g.pad_r > 0;

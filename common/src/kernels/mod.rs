@@ -286,6 +286,14 @@ impl PackedConv {
         }
     }
 
+    /// Heap bytes held (capacities): the reference copy of the weights and bias plus the
+    /// blocked paths' packed copy. For memory accounting (`coordinator bench`).
+    pub fn heap_bytes(&self) -> usize {
+        self.weights.capacity()
+            + self.bias.capacity() * std::mem::size_of::<i32>()
+            + self.blocked.heap_bytes()
+    }
+
     /// `out[n][oy][ox][oc] = bias[oc] + sum (x - input_zp) * w`, padded cells counting as
     /// `input_zp`. `input`: `n * geom.in_len()` codes; `out`: `n * geom.out_len()`.
     pub fn run_acc(&self, input: &[u8], n: usize, out: &mut [i32]) {

@@ -1,0 +1,95 @@
+//! `coordinator bench` in a tiny configuration (the MNIST quickstart model, a few hundred
+//! generations): what it measures must be structurally right — every evaluation the run
+//! counts was submitted by a no-op worker, each worker received the whole network exactly
+//! once and change lists after, a 256-variable candidate fits in 1 KB, and the memory
+//! accounting adds up to the parts the event loop holds. Speed is not asserted.
+
+use std::path::PathBuf;
+
+use ccq_coordinator::bench::{self, BenchOptions, ModelSpec};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_bench_counts_what_it_claims() {
+    let scratch = tempfile::tempdir().unwrap();
+    let opts = BenchOptions {
+        model: ModelSpec::mnist(&repo()),
+        evaluations: 3_200,
+        workers: vec![1, 3],
+        populations: vec![16],
+        group_sizes: vec![256],
+        memory_variables: 200_000,
+        scratch: scratch.path().to_path_buf(),
+    };
+    let report = bench::run(&opts).await.unwrap();
+
+    assert_eq!(report.dispatch.len(), 2);
+    for c in &report.dispatch {
+        let case = format!("{} worker(s)", c.workers);
+        assert!(c.worker_errors.is_empty(), "{case}: {:?}", c.worker_errors);
+        // The budget is a multiple of the population: the run stops exactly there, and
+        // every counted evaluation came back from a no-op worker.
+        assert_eq!(c.evaluations, 3_200, "{case}");
+        assert_eq!(c.generations, 200, "{case}");
+        assert_eq!(c.evaluations_submitted, c.evaluations, "{case}");
+        // One shard per worker, each shard's job carries every candidate.
+        assert_eq!(c.jobs, c.generations * c.workers as u64, "{case}");
+        assert_eq!(c.wire.job_candidates, c.evaluations * c.workers as u64);
+        assert_eq!(c.jobs_per_worker.len(), c.workers);
+        // The base network once per worker; afterwards only change lists, at most one
+        // per network version and never for a job whose version the worker holds.
+        assert_eq!(c.full_syncs_per_worker, vec![1; c.workers], "{case}");
+        assert!(
+            c.adoptions > 0,
+            "{case}: made-up results must move the network"
+        );
+        assert!(c.wire.change_syncs <= c.generations * c.workers as u64);
+        assert_eq!(
+            c.wire.full_syncs + c.wire.change_syncs + c.wire.jobs_without_sync,
+            c.jobs,
+            "{case}: every job either synced once or needed nothing"
+        );
+        assert!(c.wire.change_syncs > 0, "{case}");
+        // Groups are layer-local: the MNIST CNN's two larger layers give 256-variable
+        // groups, and such a candidate costs well under 1 KB in its job.
+        assert!(c.wire.full_group_jobs > 0, "{case}");
+        assert!(
+            c.wire.max_full_group_job_bytes_per_candidate <= 1024.0,
+            "{case}: {}",
+            c.wire.max_full_group_job_bytes_per_candidate
+        );
+        assert!(c.evals_per_sec > 0.0);
+    }
+    assert_eq!(report.wire.rows.len(), 2);
+    assert!(report.targets.wire_met && report.targets.full_network_once_per_worker);
+
+    // Memory accounting: radius 1 gives 3 probabilities (u16) per variable, plus a base
+    // code and a span; one byte per variable for each flat copy of the codes.
+    for m in std::iter::once(&report.memory.model).chain(&report.memory.synthetic) {
+        let a = &m.accounting;
+        let n = m.variables;
+        assert!(
+            a.eda >= 8 * n && a.eda < 8 * n + 4096,
+            "{}: eda {}",
+            m.name,
+            a.eda
+        );
+        assert_eq!((a.trainer_codes, a.best_codes, a.eval_codes), (n, n, n));
+        // Codes, a reference copy and a packed copy of the weights.
+        assert!(
+            a.network >= 3 * n && a.network == a.eval_network,
+            "{}",
+            m.name
+        );
+        let steady = (a.eda + a.trainer_codes + a.network + a.best_codes) as f64 / n as f64;
+        assert!((m.bytes_per_variable - steady).abs() < 1e-9);
+        assert!(m.bytes_per_variable_peak > m.bytes_per_variable);
+        assert!(m.full_network_bytes_per_variable > 1.0);
+    }
+    let synthetic = report.memory.synthetic.as_ref().unwrap();
+    assert!(synthetic.variables.abs_diff(200_000) < 3_100);
+    assert_eq!(report.memory.eda_only.as_ref().unwrap().variables, 200_000);
+}
