@@ -23,6 +23,7 @@ import platform
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -69,6 +70,14 @@ def commit():
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def free_port():
+    """A loopback port free right now: the default port may be taken by another run on
+    a shared machine. The port has no influence on results, so it is not recorded."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def binary():
@@ -153,7 +162,8 @@ def main():
         run_dir.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         with open(run_dir / "log.txt", "a") as log:
-            rc = subprocess.run(["nice", "-n", str(args.nice), str(exe), "run"] + tail, stdout=log, stderr=subprocess.STDOUT).returncode
+            listen = ["--listen", f"127.0.0.1:{free_port()}"]
+            rc = subprocess.run(["nice", "-n", str(args.nice), str(exe), "run"] + tail + listen, stdout=log, stderr=subprocess.STDOUT).returncode
         wall = time.monotonic() - start
         if rc != 0 or not (run_dir / "report.json").exists():
             print(f"{tag}: FAILED (exit {rc}) after {wall:.0f} s; see {run_dir / 'log.txt'}", flush=True)
