@@ -36,7 +36,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::ops::RangeInclusive;
 
-use rand::RngCore;
+use rand::{Rng, RngCore};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -159,12 +159,14 @@ pub struct Variable {
     pub layer: u32,
 }
 
-/// Variables searched together in one step of a cycle, all from one layer so that
-/// workers can reuse every activation computed before that layer.
+/// Variables searched together in one step of a cycle. Groups of cooperative
+/// coevolution lie in one layer so that workers can reuse every activation computed
+/// before it; the joint group of EDA without CC spans layers, and `layer` is then the
+/// first layer it touches (workers recompute from the first changed layer either way).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
     pub layer: u32,
-    /// Variable indices, least confident first.
+    /// Variable indices (least confident first for confidence-based groups).
     pub vars: Vec<u32>,
 }
 
@@ -474,6 +476,174 @@ impl EdaState {
         groups
     }
 
+    /// One cycle's groups for cooperative coevolution with *random* grouping (the
+    /// ablation of confidence-based grouping): every layer's free variables are shuffled
+    /// and cut into groups of up to `group_size`, and the order of all groups is shuffled.
+    ///
+    /// Groups stay inside one layer, as confidence-based groups do, so the ablation
+    /// changes only *which* variables are searched together, not the cost of evaluating
+    /// them (workers recompute from the group's layer). Each free variable is in exactly
+    /// one group; the result depends only on the state and the RNG.
+    pub fn random_groups(&self, rng: &mut ChaCha8Rng) -> Vec<Group> {
+        let mut groups = Vec::new();
+        for (layer, mut vars) in self.free_by_layer() {
+            shuffle(&mut vars, rng);
+            for chunk in vars.chunks(self.params.group_size) {
+                groups.push(Group {
+                    layer,
+                    vars: chunk.to_vec(),
+                });
+            }
+        }
+        shuffle(&mut groups, rng);
+        groups
+    }
+
+    /// One cycle's groups for *static layer-by-layer* grouping: the free variables in
+    /// index order (layer after layer), cut into consecutive groups of up to
+    /// `group_size` that never cross a layer boundary. Deterministic.
+    pub fn layer_groups(&self) -> Vec<Group> {
+        let mut groups = Vec::new();
+        for (layer, vars) in self.free_by_layer() {
+            for chunk in vars.chunks(self.params.group_size) {
+                groups.push(Group {
+                    layer,
+                    vars: chunk.to_vec(),
+                });
+            }
+        }
+        groups
+    }
+
+    /// EDA without cooperative coevolution: a single group holding every free variable
+    /// in index order, so each candidate samples the whole network jointly. Its `layer`
+    /// is the first layer it touches (workers recompute from there). Empty when every
+    /// variable is frozen.
+    pub fn joint_group(&self) -> Vec<Group> {
+        let freeze = self.params.freeze_count();
+        let vars: Vec<u32> = (0..self.num_variables())
+            .filter(|&i| self.max_count(i) < freeze)
+            .map(|i| i as u32)
+            .collect();
+        match vars.first() {
+            Some(&v) => vec![Group {
+                layer: self.layer(v as usize),
+                vars,
+            }],
+            None => Vec::new(),
+        }
+    }
+
+    /// Candidates of one generation of (1+λ) random local search around `context`:
+    /// candidate 0 is the context, and each of the other `population - 1` candidates
+    /// moves exactly `min(flips, layer size)` distinct variables to another of their
+    /// allowed codes (uniformly among the others). The distributions are ignored: local
+    /// search has none, and every variable with more than one allowed code is eligible.
+    ///
+    /// All moves of one generation fall in one layer, chosen by drawing one eligible
+    /// variable uniformly (so a layer is chosen in proportion to its size and every
+    /// variable is equally likely to be moved); like a CC group, that lets workers reuse
+    /// everything computed before the layer. Returns the moved variables (ascending) and
+    /// the candidates' codes for them, in the layout of [`EdaState::sample`].
+    pub fn local_moves(
+        &self,
+        context: &[i8],
+        population: usize,
+        flips: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(Group, Vec<Vec<i8>>)> {
+        if context.len() != self.num_variables() {
+            return Err(Error::setting(
+                "context",
+                format!("{} codes", context.len()),
+                format!("expected one code per variable ({})", self.num_variables()),
+            ));
+        }
+        if flips == 0 {
+            return Err(Error::setting("search.hill_flips", 0, "must be at least 1"));
+        }
+        for (i, &code) in context.iter().enumerate() {
+            self.check_allowed(|| format!("context[{i}]"), i, code)?;
+        }
+        let movable: Vec<u32> = (0..self.num_variables())
+            .filter(|&i| self.span[i] > 1)
+            .map(|i| i as u32)
+            .collect();
+        if movable.is_empty() {
+            return Err(Error::setting(
+                "eda.radius",
+                self.params.radius,
+                "leaves no variable with a second allowed code to move to",
+            ));
+        }
+        let pick = movable[rng.random_range(0..movable.len())] as usize;
+        let layer = self.layer(pick);
+        let (_, range) = self
+            .runs()
+            .find(|(_, r)| r.contains(&pick))
+            .expect("every variable is in a run");
+        let in_layer: Vec<u32> = movable
+            .iter()
+            .copied()
+            .filter(|&v| range.contains(&(v as usize)))
+            .collect();
+        let k = flips.min(in_layer.len());
+        let mut moves: Vec<Vec<(u32, i8)>> = Vec::with_capacity(population);
+        for _ in 1..population {
+            let mut m: Vec<(u32, i8)> = rand::seq::index::sample(rng, in_layer.len(), k)
+                .into_iter()
+                .map(|j| {
+                    let v = in_layer[j];
+                    let i = v as usize;
+                    let span = i16::from(self.span[i]);
+                    let current = i16::from(context[i]) - i16::from(self.base[i]);
+                    // Uniform over the other span - 1 slots.
+                    let mut slot = rng.random_range(0..span - 1);
+                    if slot >= current {
+                        slot += 1;
+                    }
+                    (v, self.code(i, slot as usize))
+                })
+                .collect();
+            m.sort_unstable();
+            moves.push(m);
+        }
+        let mut vars: Vec<u32> = moves.iter().flatten().map(|&(v, _)| v).collect();
+        vars.sort_unstable();
+        vars.dedup();
+        let base: Vec<i8> = vars.iter().map(|&v| context[v as usize]).collect();
+        let mut candidates = Vec::with_capacity(population);
+        candidates.push(base.clone());
+        for m in moves {
+            let mut c = base.clone();
+            for (v, code) in m {
+                let pos = vars
+                    .binary_search(&v)
+                    .expect("every moved variable is listed");
+                c[pos] = code;
+            }
+            candidates.push(c);
+        }
+        Ok((Group { layer, vars }, candidates))
+    }
+
+    /// Each layer's free variables in index order, in order of first appearance.
+    fn free_by_layer(&self) -> Vec<(u32, Vec<u32>)> {
+        let freeze = self.params.freeze_count();
+        let mut out: Vec<(u32, Vec<u32>)> = Vec::new();
+        for (run, range) in self.runs() {
+            let free = range
+                .filter(|&i| self.max_count(i) < freeze)
+                .map(|i| i as u32);
+            match out.iter_mut().find(|(l, _)| *l == run.layer) {
+                Some((_, vars)) => vars.extend(free),
+                None => out.push((run.layer, free.collect())),
+            }
+        }
+        out.retain(|(_, vars)| !vars.is_empty());
+        out
+    }
+
     /// Draws `population` candidates for `group` against the global codes `context`.
     ///
     /// Candidate 0 is the context's codes for the group; every other candidate draws each
@@ -742,6 +912,16 @@ impl TryFrom<StateRepr> for EdaState {
         state.frozen = state.count_frozen();
         state.confidence_total = state.sum_max_counts();
         Ok(state)
+    }
+}
+
+/// Fisher-Yates with one bounded draw per position, so the permutation depends only on
+/// the stream (written out rather than `SliceRandom::shuffle` to pin the algorithm that
+/// reproducibility depends on).
+fn shuffle<T>(items: &mut [T], rng: &mut ChaCha8Rng) {
+    for i in (1..items.len()).rev() {
+        let j = rng.random_range(0..=i);
+        items.swap(i, j);
     }
 }
 
@@ -1602,5 +1782,150 @@ mod tests {
             let back: EdaState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
             assert_eq!(back.confidence_total, s.confidence_total);
         }
+    }
+
+    fn free_vars(s: &EdaState) -> Vec<u32> {
+        (0..s.num_variables() as u32)
+            .filter(|&v| !s.is_frozen(v as usize))
+            .collect()
+    }
+
+    /// Every free variable exactly once, no frozen one, each group inside one layer and
+    /// no larger than the group size.
+    fn assert_partition(s: &EdaState, groups: &[Group]) {
+        let mut all: Vec<u32> = groups.iter().flat_map(|g| g.vars.clone()).collect();
+        all.sort_unstable();
+        assert_eq!(all, free_vars(s), "groups partition the free variables");
+        for g in groups {
+            assert!(!g.vars.is_empty() && g.vars.len() <= s.params().group_size);
+            assert!(g.vars.iter().all(|&v| s.layer(v as usize) == g.layer));
+        }
+    }
+
+    #[test]
+    fn layer_groups_are_consecutive_runs_covering_each_layer_once() {
+        let s = random_state(37, 3000, 8);
+        assert!(
+            s.frozen_count() > 0,
+            "the test must exclude frozen variables"
+        );
+        let groups = s.layer_groups();
+        assert_partition(&s, &groups);
+        // Consecutive: within a group, no free variable of the layer lies between two
+        // members; groups of a layer follow each other in index order.
+        let free = free_vars(&s);
+        for g in &groups {
+            assert!(g.vars.windows(2).all(|w| w[0] < w[1]));
+            let between = free
+                .iter()
+                .filter(|&&v| v > g.vars[0] && v < *g.vars.last().unwrap())
+                .filter(|&&v| s.layer(v as usize) == g.layer)
+                .count();
+            assert_eq!(between, g.vars.len() - 2, "group skips a free variable");
+        }
+        // Each layer's groups are contiguous in the list, and only the last may be short.
+        let mut seen = Vec::new();
+        for (i, g) in groups.iter().enumerate() {
+            let last_of_layer = groups.get(i + 1).is_none_or(|n| n.layer != g.layer);
+            if !last_of_layer {
+                assert_eq!(g.vars.len(), 37);
+                assert!(g.vars.last() < groups[i + 1].vars.first());
+            }
+            if seen.last() != Some(&g.layer) {
+                assert!(!seen.contains(&g.layer), "layer {} visited twice", g.layer);
+                seen.push(g.layer);
+            }
+        }
+        assert_eq!(groups, s.layer_groups(), "static grouping is fixed");
+    }
+
+    #[test]
+    fn random_groups_partition_at_random_but_reproducibly() {
+        let s = random_state(37, 3000, 8);
+        let a = s.random_groups(&mut rng(1));
+        assert_partition(&s, &a);
+        assert_eq!(a, s.random_groups(&mut rng(1)), "same stream, same groups");
+        let b = s.random_groups(&mut rng(2));
+        assert_partition(&s, &b);
+        assert_ne!(a, b);
+        // Not the static or the confidence order: members are scattered over the layer.
+        assert_ne!(a, s.layer_groups());
+        assert_ne!(a, s.groups());
+        let sorted_groups = a
+            .iter()
+            .filter(|g| g.vars.windows(2).all(|w| w[0] < w[1]))
+            .count();
+        assert!(
+            sorted_groups * 10 < a.len(),
+            "groups look ordered, not random"
+        );
+        // Layers are interleaved in the cycle rather than visited one after another.
+        let switches = a.windows(2).filter(|w| w[0].layer != w[1].layer).count();
+        let layers = {
+            let mut l: Vec<u32> = a.iter().map(|g| g.layer).collect();
+            l.sort_unstable();
+            l.dedup();
+            l.len()
+        };
+        assert!(switches > 2 * layers, "{switches} layer switches");
+    }
+
+    #[test]
+    fn joint_group_holds_every_free_variable() {
+        let s = random_state(37, 3000, 8);
+        let g = s.joint_group();
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].vars, free_vars(&s));
+        assert_eq!(g[0].layer, s.layer(g[0].vars[0] as usize));
+        // One candidate samples all of them at once.
+        let context: Vec<i8> = (0..s.num_variables()).map(|i| s.mode(i)).collect();
+        let cands = s.sample(&g[0].vars, &context, &mut rng(3)).unwrap();
+        assert!(cands.iter().all(|c| c.len() == g[0].vars.len()));
+        let all_frozen = EdaState::new(
+            EdaParams {
+                freeze_threshold: 0.5,
+                ..EdaParams::default()
+            },
+            four_bit(10, 0),
+        )
+        .unwrap();
+        assert!(all_frozen.joint_group().is_empty());
+    }
+
+    #[test]
+    fn local_moves_change_exactly_k_variables_of_one_layer_within_allowed_codes() {
+        let s = random_state(37, 3000, 8);
+        let context: Vec<i8> = (0..s.num_variables()).map(|i| s.mode(i)).collect();
+        let mut r = rng(4);
+        let mut layers = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let (g, cands) = s.local_moves(&context, 9, 3, &mut r).unwrap();
+            assert_eq!(cands.len(), 9);
+            assert!(g.vars.windows(2).all(|w| w[0] < w[1]));
+            assert!(g.vars.iter().all(|&v| s.layer(v as usize) == g.layer));
+            layers.insert(g.layer);
+            let ctx: Vec<i8> = g.vars.iter().map(|&v| context[v as usize]).collect();
+            assert_eq!(cands[0], ctx, "candidate 0 is the context");
+            for c in &cands[1..] {
+                let moved = c.iter().zip(&ctx).filter(|(a, b)| a != b).count();
+                assert_eq!(moved, 3, "each candidate moves exactly k variables");
+                for (&v, &code) in g.vars.iter().zip(c) {
+                    assert!(s.allowed_values(v as usize).contains(&code));
+                }
+            }
+            // Every listed variable is moved by some candidate.
+            for (pos, &code) in ctx.iter().enumerate() {
+                assert!(cands[1..].iter().any(|c| c[pos] != code));
+            }
+        }
+        assert_eq!(layers.len(), 4, "moves visit every layer");
+        // Frozen variables are not special to local search, and the draws are
+        // reproducible.
+        assert_eq!(
+            s.local_moves(&context, 5, 2, &mut rng(9)).unwrap(),
+            s.local_moves(&context, 5, 2, &mut rng(9)).unwrap()
+        );
+        assert!(s.local_moves(&context, 5, 0, &mut rng(9)).is_err());
+        assert!(s.local_moves(&context[1..], 5, 2, &mut rng(9)).is_err());
     }
 }

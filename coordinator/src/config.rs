@@ -115,22 +115,66 @@ pub enum Fitness {
     Error,
 }
 
+/// How the search chooses what to evaluate: ccq's method and the baselines/ablations it
+/// is compared with (issue #9). All run on the same cluster and engine, draw batches the
+/// same way, count budgets in the same evaluations, and adopt the best candidate of a
+/// generation when it beats the context on the batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// EDA + cooperative coevolution, groups of the least confident free variables of a
+    /// layer (the method of the paper; the default).
+    #[default]
+    EdaCc,
+    /// EDA + CC with random groups (random free variables of one layer, random order).
+    CcRandom,
+    /// EDA + CC with static groups: consecutive free variables, layer after layer.
+    CcLayer,
+    /// EDA without CC: one distribution over all variables, every generation samples all
+    /// free variables jointly (one group of all free variables).
+    Eda,
+    /// (1+λ) random local search: λ = population - 1 candidates each move
+    /// `hill_flips` random variables of one layer to another allowed code; the best is
+    /// kept when it beats the context. No distributions, no freezing.
+    Hill,
+    /// No search: the round-to-nearest post-training network is the output.
+    Rtn,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::EdaCc => "eda-cc",
+            Strategy::CcRandom => "cc-random",
+            Strategy::CcLayer => "cc-layer",
+            Strategy::Eda => "eda",
+            Strategy::Hill => "hill",
+            Strategy::Rtn => "rtn",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SearchConfig {
-    /// Generations spent on one group before moving to the next.
+    pub strategy: Strategy,
+    /// Generations spent on one group before moving to the next (group strategies).
     pub generations_per_group: usize,
     /// Training images per generation (one fresh batch each generation).
     pub batch_size: usize,
     pub fitness: Fitness,
+    /// Variables each `hill` candidate moves.
+    pub hill_flips: usize,
 }
 
 impl Default for SearchConfig {
     fn default() -> Self {
         SearchConfig {
+            strategy: Strategy::EdaCc,
             generations_per_group: 4,
             batch_size: 256,
             fitness: Fitness::Loss,
+            hill_flips: 4,
         }
     }
 }
@@ -250,6 +294,9 @@ impl RunConfig {
                 "0".into(),
                 "must be at least 1",
             );
+        }
+        if self.search.hill_flips == 0 {
+            return bad("search.hill_flips", "0".into(), "must be at least 1");
         }
         if self.search.batch_size == 0 {
             return bad("search.batch_size", "0".into(), "must be at least 1");
@@ -406,9 +453,38 @@ mod tests {
                 "[eda]\ngroup_size = 0\n[budget]",
                 "eda.group_size = 0",
             ),
+            (
+                "[budget]",
+                "[search]\nhill_flips = 0\n[budget]",
+                "search.hill_flips = 0",
+            ),
+            (
+                "[budget]",
+                "[search]\nstrategy = \"cc\"\n[budget]",
+                "unknown variant `cc`",
+            ),
         ] {
             let err = load(&VALID.replace(from, to)).unwrap_err().to_string();
             assert!(err.contains(says), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn strategies_parse_by_their_documented_names_and_default_to_eda_cc() {
+        assert_eq!(load(VALID).unwrap().search.strategy, Strategy::EdaCc);
+        for s in [
+            Strategy::EdaCc,
+            Strategy::CcRandom,
+            Strategy::CcLayer,
+            Strategy::Eda,
+            Strategy::Hill,
+            Strategy::Rtn,
+        ] {
+            let text = VALID.replace(
+                "[budget]",
+                &format!("[search]\nstrategy = \"{}\"\n[budget]", s.name()),
+            );
+            assert_eq!(load(&text).unwrap().search.strategy, s);
         }
     }
 

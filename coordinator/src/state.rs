@@ -977,7 +977,11 @@ impl State {
             return self.finish(reason);
         }
         let Some(generation) = self.trainer.next_generation()? else {
-            return self.finish("every variable is frozen".into());
+            let reason = match self.trainer.strategy() {
+                crate::config::Strategy::Rtn => "strategy rtn: no search",
+                _ => "every variable is frozen",
+            };
+            return self.finish(reason.into());
         };
         self.launch(generation);
         Ok(())

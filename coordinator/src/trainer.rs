@@ -2,10 +2,17 @@
 //!
 //! The coordinator's event loop asks for the next [`Generation`] (a batch, a group of
 //! variables and the candidates to evaluate), has the workers evaluate it, and hands the
-//! summed results back to [`Trainer::complete`]. Everything random comes from two ChaCha
-//! streams seeded from the run seed: one draws batches, one draws candidates. Results are
-//! exact integer sums, so the sequence of networks depends on the seed alone — never on
-//! how many workers there were or in which order they answered.
+//! summed results back to [`Trainer::complete`]. Everything random comes from three ChaCha
+//! streams seeded from the run seed: one draws batches, one draws candidates, one draws
+//! random groups (`cc-random` only). Results are exact integer sums, so the sequence of
+//! networks depends on the seed alone — never on how many workers there were or in which
+//! order they answered.
+//!
+//! The [`Strategy`] picks what a generation searches; the grouping and sampling rules
+//! themselves live in [`ccq_common::eda`]. Group strategies (`eda-cc`, `cc-random`,
+//! `cc-layer`, `eda`) share everything but the grouping: G generations per group, top-k
+//! update, freezing, adoption. `hill` draws local moves each generation and only adopts;
+//! `rtn` has no generations at all.
 
 use std::collections::VecDeque;
 
@@ -15,7 +22,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Fitness, SearchConfig};
+use crate::config::{Fitness, SearchConfig, Strategy};
 use crate::Error;
 
 /// One generation: the work handed to the workers.
@@ -29,7 +36,7 @@ pub struct Generation {
     pub vars: Vec<u32>,
     /// Candidate 0 is the context (the current global network).
     pub candidates: Vec<Vec<i8>>,
-    /// Index into the network's layer list.
+    /// Index into the network's layer list: the (first) layer the group touches.
     pub layer: u32,
 }
 
@@ -68,6 +75,10 @@ pub struct TrainerSnapshot {
     /// JSON numbers cannot carry 128 bits. The seeds are derived from the run seed.
     pub batch_rng_pos: String,
     pub sample_rng_pos: String,
+    /// Position of the grouping stream; absent in checkpoints written before strategies
+    /// existed (which never used it, so position 0 is exact).
+    #[serde(default)]
+    pub group_rng_pos: Option<String>,
     pub queue: Vec<Group>,
     pub current: Option<(Group, usize)>,
     pub progress: Progress,
@@ -80,6 +91,7 @@ pub struct Trainer {
     eda: EdaState,
     batch_rng: ChaCha8Rng,
     sample_rng: ChaCha8Rng,
+    group_rng: ChaCha8Rng,
     /// Batches are drawn from training indices `0..search_len`.
     search_len: usize,
     /// Groups left in this cycle, and the one in progress with its generations done.
@@ -131,6 +143,7 @@ impl Trainer {
             eda,
             batch_rng: batch_rng(seed),
             sample_rng: sample_rng(seed),
+            group_rng: group_rng(seed),
             search_len,
             queue: VecDeque::new(),
             current: None,
@@ -145,6 +158,7 @@ impl Trainer {
             eda: self.eda.clone(),
             batch_rng_pos: self.batch_rng.get_word_pos().to_string(),
             sample_rng_pos: self.sample_rng.get_word_pos().to_string(),
+            group_rng_pos: Some(self.group_rng.get_word_pos().to_string()),
             queue: self.queue.iter().cloned().collect(),
             current: self.current.clone(),
             progress: self.progress,
@@ -202,6 +216,10 @@ impl Trainer {
         batch.set_word_pos(pos("batch_rng_pos", &snap.batch_rng_pos)?);
         let mut sample = sample_rng(seed);
         sample.set_word_pos(pos("sample_rng_pos", &snap.sample_rng_pos)?);
+        let mut group = group_rng(seed);
+        if let Some(p) = &snap.group_rng_pos {
+            group.set_word_pos(pos("group_rng_pos", p)?);
+        }
         let mut net = net;
         net.set_codes(&snap.codes)?;
         Ok(Trainer {
@@ -211,6 +229,7 @@ impl Trainer {
             eda: snap.eda,
             batch_rng: batch,
             sample_rng: sample,
+            group_rng: group,
             search_len,
             queue: snap.queue.into(),
             current: snap.current,
@@ -227,20 +246,50 @@ impl Trainer {
     pub fn progress(&self) -> Progress {
         self.progress
     }
+    pub fn strategy(&self) -> Strategy {
+        self.search.strategy
+    }
 
     /// The layer of the group in progress, if any.
     pub fn current_layer(&self) -> Option<u32> {
         self.current.as_ref().map(|(g, _)| g.layer)
     }
 
-    /// The next generation, or `None` when every variable is frozen.
+    /// The next generation, or `None` when there is nothing left to search: every
+    /// variable is frozen, or the strategy is `rtn`.
     pub fn next_generation(&mut self) -> Result<Option<Generation>, Error> {
+        match self.search.strategy {
+            Strategy::Rtn => return Ok(None),
+            Strategy::Hill => {
+                let images = self.draw_batch();
+                let (group, candidates) = self.eda.local_moves(
+                    &self.codes,
+                    self.eda.params().population,
+                    self.search.hill_flips,
+                    &mut self.sample_rng,
+                )?;
+                return Ok(Some(Generation {
+                    id: self.progress.generations,
+                    images,
+                    vars: group.vars,
+                    candidates,
+                    layer: group.layer,
+                }));
+            }
+            Strategy::EdaCc | Strategy::CcRandom | Strategy::CcLayer | Strategy::Eda => {}
+        }
         if self.current.is_none() {
             if self.queue.is_empty() {
                 if self.progress.groups > 0 {
                     self.progress.cycles += 1;
                 }
-                self.queue = self.eda.groups().into();
+                self.queue = match self.search.strategy {
+                    Strategy::CcRandom => self.eda.random_groups(&mut self.group_rng),
+                    Strategy::CcLayer => self.eda.layer_groups(),
+                    Strategy::Eda => self.eda.joint_group(),
+                    _ => self.eda.groups(),
+                }
+                .into();
                 if self.queue.is_empty() {
                     return Ok(None);
                 }
@@ -248,14 +297,8 @@ impl Trainer {
             let g = self.queue.pop_front().expect("queue is not empty");
             self.current = Some((g, 0));
         }
+        let images = self.draw_batch();
         let (group, _) = self.current.as_ref().expect("a group is in progress");
-        let batch = self.search.batch_size.min(self.search_len);
-        let mut images: Vec<u64> =
-            rand::seq::index::sample(&mut self.batch_rng, self.search_len, batch)
-                .into_iter()
-                .map(|i| i as u64)
-                .collect();
-        images.sort_unstable();
         let candidates = self
             .eda
             .sample(&group.vars, &self.codes, &mut self.sample_rng)?;
@@ -266,6 +309,18 @@ impl Trainer {
             candidates,
             layer: group.layer,
         }))
+    }
+
+    /// A fresh batch from the search part of the training split, ascending.
+    fn draw_batch(&mut self) -> Vec<u64> {
+        let batch = self.search.batch_size.min(self.search_len);
+        let mut images: Vec<u64> =
+            rand::seq::index::sample(&mut self.batch_rng, self.search_len, batch)
+                .into_iter()
+                .map(|i| i as u64)
+                .collect();
+        images.sort_unstable();
+        images
     }
 
     /// Selection, distribution update, adoption and freezing for a generation whose
@@ -315,7 +370,11 @@ impl Trainer {
                 }
             }
         }
-        let frozen = self.eda.update(&generation.vars, &selected)?;
+        // Local search keeps no model: nothing to update, nothing ever freezes.
+        let frozen = match self.search.strategy {
+            Strategy::Hill => Vec::new(),
+            _ => self.eda.update(&generation.vars, &selected)?,
+        };
         for v in frozen {
             let mode = self.eda.mode(v as usize);
             if self.codes[v as usize] != mode {
@@ -355,6 +414,10 @@ fn batch_rng(seed: u64) -> ChaCha8Rng {
 
 fn sample_rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ 0x5a3b1e)
+}
+
+fn group_rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ 0x6e0c9a7)
 }
 
 #[cfg(test)]
@@ -400,6 +463,7 @@ mod tests {
             generations_per_group: 2,
             batch_size: 48,
             fitness: Fitness::Loss,
+            ..SearchConfig::default()
         };
         let mut t = Trainer::new(net, eda, search, 11, labels.len()).unwrap();
         let mut frozen_at: std::collections::HashMap<usize, i8> = Default::default();
@@ -485,5 +549,189 @@ mod tests {
             mk().next_generation().unwrap(),
             c.next_generation().unwrap()
         );
+    }
+
+    const STRATEGIES: [Strategy; 5] = [
+        Strategy::EdaCc,
+        Strategy::CcRandom,
+        Strategy::CcLayer,
+        Strategy::Eda,
+        Strategy::Hill,
+    ];
+
+    fn small_search(strategy: Strategy) -> (EdaParams, SearchConfig) {
+        let eda = EdaParams {
+            population: 6,
+            top_k: 2,
+            group_size: 16,
+            alpha: 0.5,
+            freeze_threshold: 0.95,
+            ..EdaParams::default()
+        };
+        let search = SearchConfig {
+            strategy,
+            generations_per_group: 2,
+            batch_size: 48,
+            hill_flips: 3,
+            ..SearchConfig::default()
+        };
+        (eda, search)
+    }
+
+    /// Evaluates a generation on the fixture data, as the workers would.
+    fn run_one(t: &mut Trainer, pixels: &[u8], labels: &[u8]) -> Option<(Generation, Outcome)> {
+        let g = t.next_generation().unwrap()?;
+        let px: Vec<u8> = g
+            .images
+            .iter()
+            .flat_map(|&i| pixels[i as usize * 784..(i as usize + 1) * 784].to_vec())
+            .collect();
+        let lb: Vec<u8> = g.images.iter().map(|&i| labels[i as usize]).collect();
+        let stats = evaluate_candidates(t.network(), &px, &lb, &g.vars, &g.candidates, 1).unwrap();
+        let out = t.complete(&g, &stats).unwrap();
+        Some((g, out))
+    }
+
+    /// A trainer restored from a snapshot taken mid-run (after a JSON round trip, as a
+    /// checkpoint does) continues exactly as the original, for every strategy.
+    #[test]
+    fn every_strategy_resumes_identically_from_a_snapshot() {
+        let (net, pixels, labels) = setup();
+        for strategy in STRATEGIES {
+            let (eda, search) = small_search(strategy);
+            let mut a = Trainer::new(net.clone(), eda, search.clone(), 21, labels.len()).unwrap();
+            // Stop inside a group (odd generation count) so queue and progress matter.
+            for _ in 0..7 {
+                run_one(&mut a, &pixels, &labels).unwrap();
+            }
+            let json = serde_json::to_string(&a.snapshot()).unwrap();
+            let snap: TrainerSnapshot = serde_json::from_str(&json).unwrap();
+            let mut b = Trainer::restore(net.clone(), search, 21, labels.len(), snap, "t").unwrap();
+            for step in 0..12 {
+                let ra = run_one(&mut a, &pixels, &labels);
+                let rb = run_one(&mut b, &pixels, &labels);
+                assert_eq!(ra, rb, "{strategy:?}: step {step} after resume differs");
+            }
+            assert_eq!(a.snapshot(), b.snapshot(), "{strategy:?}");
+        }
+    }
+
+    /// Per strategy, what a generation searches.
+    #[test]
+    fn strategies_search_what_they_say() {
+        let (net, pixels, labels) = setup();
+        let n = net.num_vars();
+        // eda: every generation's candidates carry every free variable.
+        let (eda, search) = small_search(Strategy::Eda);
+        let mut t = Trainer::new(net.clone(), eda, search, 2, labels.len()).unwrap();
+        for gen in 0..6 {
+            let free: Vec<u32> = (0..n as u32)
+                .filter(|&v| !t.eda().is_frozen(v as usize))
+                .collect();
+            let (g, _) = run_one(&mut t, &pixels, &labels).unwrap();
+            // A group is formed every G generations; variables frozen since are sampled
+            // at their mode, so the group contains at least the free ones.
+            assert!(free.iter().all(|v| g.vars.contains(v)));
+            if gen == 0 {
+                assert_eq!(g.vars.len(), n, "nothing is frozen yet: all variables");
+            }
+        }
+
+        // cc-layer: the first cycle walks the layers in order with consecutive groups.
+        let (eda, search) = small_search(Strategy::CcLayer);
+        let mut t = Trainer::new(net.clone(), eda, search, 2, labels.len()).unwrap();
+        let mut last = None;
+        loop {
+            let (g, _) = run_one(&mut t, &pixels, &labels).unwrap();
+            if t.progress().cycles > 0 {
+                break;
+            }
+            if let Some((prev_first, prev_layer)) = last {
+                assert!(g.vars[0] >= prev_first && g.layer >= prev_layer);
+            }
+            last = Some((g.vars[0], g.layer));
+        }
+
+        // cc-random: same seed, same groups; another seed, other groups.
+        let groups = |seed| {
+            let (eda, search) = small_search(Strategy::CcRandom);
+            let mut t = Trainer::new(net.clone(), eda, search, seed, labels.len()).unwrap();
+            (0..8)
+                .map(|_| t.next_generation().unwrap().unwrap().vars)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(groups(5), groups(5));
+        assert_ne!(groups(5), groups(6));
+
+        // hill: candidates move exactly hill_flips variables, the distributions never
+        // change, and the context only ever changes by adopting a candidate.
+        let (eda, search) = small_search(Strategy::Hill);
+        let mut t = Trainer::new(net.clone(), eda, search, 2, labels.len()).unwrap();
+        let model = t.eda().clone();
+        let mut adopted = 0;
+        for _ in 0..60 {
+            let before = t.network().codes();
+            let (g, out) = run_one(&mut t, &pixels, &labels).unwrap();
+            for c in &g.candidates[1..] {
+                let moved = c.iter().zip(&g.candidates[0]).filter(|(a, b)| a != b);
+                assert_eq!(moved.count(), 3);
+            }
+            let after = t.network().codes();
+            if out.adopted {
+                adopted += 1;
+                let hit = g.candidates[1..].iter().any(|c| {
+                    g.vars
+                        .iter()
+                        .zip(c)
+                        .all(|(&v, &code)| after[v as usize] == code)
+                });
+                assert!(hit, "the adopted network is one of the candidates");
+            } else {
+                assert_eq!(before, after);
+            }
+        }
+        assert!(adopted > 0, "the test must exercise adoption");
+        assert_eq!(t.eda(), &model, "local search keeps no model");
+
+        // rtn: no generation at all; the network stays the post-training one.
+        let (eda, search) = small_search(Strategy::Rtn);
+        let mut t = Trainer::new(net.clone(), eda, search, 2, labels.len()).unwrap();
+        assert!(t.next_generation().unwrap().is_none());
+        assert_eq!(t.network().codes(), net.codes());
+        assert_eq!(t.progress(), Progress::default());
+    }
+
+    /// The default strategy is the method exactly as before strategies existed.
+    #[test]
+    fn eda_cc_is_the_default_and_uses_confidence_groups() {
+        let (net, _, labels) = setup();
+        let (eda, search) = small_search(Strategy::EdaCc);
+        assert_eq!(SearchConfig::default().strategy, Strategy::EdaCc);
+        let mut t = Trainer::new(net, eda, search, 2, labels.len()).unwrap();
+        let g = t.next_generation().unwrap().unwrap();
+        assert_eq!(g.vars, t.eda().groups()[0].vars);
+    }
+
+    /// Checkpoints written before strategies existed have no grouping stream position;
+    /// they never used the stream, so they resume at position 0, identically.
+    #[test]
+    fn snapshots_without_a_grouping_stream_still_resume() {
+        let (net, pixels, labels) = setup();
+        let (eda, search) = small_search(Strategy::EdaCc);
+        let mut a = Trainer::new(net.clone(), eda, search.clone(), 4, labels.len()).unwrap();
+        for _ in 0..3 {
+            run_one(&mut a, &pixels, &labels).unwrap();
+        }
+        let mut json: serde_json::Value = serde_json::to_value(a.snapshot()).unwrap();
+        assert_eq!(json["group_rng_pos"], "0");
+        json.as_object_mut().unwrap().remove("group_rng_pos");
+        let snap: TrainerSnapshot = serde_json::from_value(json).unwrap();
+        let mut b = Trainer::restore(net, search, 4, labels.len(), snap, "old").unwrap();
+        for _ in 0..4 {
+            assert_eq!(
+                run_one(&mut a, &pixels, &labels),
+                run_one(&mut b, &pixels, &labels)
+            );
+        }
     }
 }

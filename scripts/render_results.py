@@ -1,0 +1,347 @@
+#!/usr/bin/env python3
+"""Renders docs/RESULTS.md (and its SVG plots) from the committed grid reports.
+
+Inputs: the experiment configs (examples/experiments/*.toml, which define the cells) and
+the reports scripts/run_grid.py copied to docs/results/grid/<cell>-seed<N>.json. Every
+number, command and machine description on the page comes from those files; a cell
+without reports is listed as "not run yet". Run from anywhere:
+  python3 scripts/render_results.py
+"""
+
+import json
+import math
+import re
+import statistics
+import tomllib
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "examples" / "experiments"
+REPORTS = ROOT / "docs" / "results" / "grid"
+PLOTS = ROOT / "docs" / "img" / "results"
+OUT = ROOT / "docs" / "RESULTS.md"
+
+# Display order and names; the keys are the configs' `search.strategy` values.
+METHODS = {
+    "eda-cc": "EDA+CC, confidence groups (ccq)",
+    "cc-random": "CC, random groups",
+    "cc-layer": "CC, layer-by-layer groups",
+    "eda": "EDA without CC",
+    "hill": "(1+λ) local search",
+    "rtn": "RTN (no search)",
+}
+MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
+COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "rtn": "#7f7f7f"}
+CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+)-(?P<strategy>[a-z-]+)$")
+
+
+def load_cells():
+    cells = {}
+    for path in sorted(EXPERIMENTS.glob("*.toml")):
+        m = CELL_RX.match(path.stem)
+        if not m:
+            continue
+        cfg = tomllib.loads(path.read_text())
+        strategy = cfg.get("search", {}).get("strategy", "eda-cc")
+        if strategy != m["strategy"]:
+            raise SystemExit(f"{path}: name says {m['strategy']}, search.strategy = {strategy}")
+        cells[path.stem] = {
+            "model": m["model"],
+            "prec": m["prec"],
+            "strategy": strategy,
+            "budget": cfg.get("budget", {}).get("evaluations"),
+            "config": str(path.relative_to(ROOT)),
+            "reports": [],
+        }
+    for path in sorted(REPORTS.glob("*-seed*.json")):
+        cell, seed = path.stem.rsplit("-seed", 1)
+        if cell not in cells:
+            raise SystemExit(f"{path}: no experiment config {cell}.toml")
+        report = json.loads(path.read_text())
+        report["_seed"] = int(seed)
+        report["_file"] = str(path.relative_to(ROOT))
+        cells[cell]["reports"].append(report)
+    return cells
+
+
+def mean_std(values):
+    if not values:
+        return None
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else None
+    return m, s, len(values)
+
+
+def fmt(ms, digits=2):
+    if ms is None:
+        return "not run yet"
+    m, s, n = ms
+    if s is None:
+        return f"{m:.{digits}f} (n=1)"
+    return f"{m:.{digits}f} ± {s:.{digits}f} (n={n})"
+
+
+def prec_key(p):
+    w, a = re.match(r"w(\d+)a(\d+)", p).groups()
+    return (-int(w), -int(a))
+
+
+def history_curve(reports, x_key):
+    """Mean test top-1 over seeds at each evaluation point (evaluations are scheduled by
+    generation, so every seed of a cell measures at the same evaluation counts); the x
+    value is the mean over seeds too (wall seconds differ from seed to seed)."""
+    points = defaultdict(list)
+    for r in reports:
+        for h in r.get("history", []):
+            if h.get("test_top1") is not None:
+                points[h["evaluations"]].append((h[x_key], h["test_top1"]))
+    curve = []
+    for ev in sorted(points):
+        pts = points[ev]
+        if len(pts) == len(reports):
+            curve.append((statistics.fmean(p[0] for p in pts), statistics.fmean(p[1] for p in pts)))
+    return curve
+
+
+def nice_ticks(lo, hi, n=5):
+    span = hi - lo if hi > lo else 1.0
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=mag * 10)
+    first = math.ceil(lo / step) * step
+    ticks = []
+    t = first
+    while t <= hi + 1e-9:
+        ticks.append(round(t, 10))
+        t += step
+    return ticks
+
+
+def svg_plot(path, title, xlabel, lines, levels):
+    """A line chart: `lines` = [(label, color, [(x, y)])], `levels` = [(label, y, dash)]."""
+    W, H, L, R, T, B = 720, 400, 60, 210, 36, 48
+    xs = [x for _, _, pts in lines for x, _ in pts] or [0, 1]
+    ys = [y for _, _, pts in lines for _, y in pts] + [y for _, y, _ in levels]
+    x0, x1 = 0.0, max(xs) or 1.0
+    y0, y1 = min(ys), max(ys)
+    pad = max((y1 - y0) * 0.05, 0.5)
+    y0, y1 = y0 - pad, y1 + pad
+    pw, ph = W - L - R, H - T - B
+
+    def px(x):
+        return L + (x - x0) / (x1 - x0) * pw
+
+    def py(y):
+        return T + (1 - (y - y0) / (y1 - y0)) * ph
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{L}" y="20" font-size="14">{esc(title)}</text>']
+    for t in nice_ticks(y0, y1):
+        out.append(f'<line x1="{L}" x2="{L + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#e5e5e5"/>')
+        out.append(f'<text x="{L - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
+    for t in nice_ticks(x0, x1):
+        out.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{T + ph}" y2="{T + ph + 4}" stroke="black"/>')
+        out.append(f'<text x="{px(t):.1f}" y="{T + ph + 18}" text-anchor="middle">{t:g}</text>')
+    out.append(f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="black"/>')
+    out.append(f'<text x="{L + pw / 2}" y="{H - 8}" text-anchor="middle">{esc(xlabel)}</text>')
+    out.append(f'<text transform="translate(16 {T + ph / 2}) rotate(-90)" text-anchor="middle">test top-1 (%)</text>')
+    legend_y = T + 6
+    for label, y, dash in levels:
+        out.append(f'<line x1="{L}" x2="{L + pw}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="black" stroke-dasharray="{dash}"/>')
+        out.append(f'<line x1="{L + pw + 12}" x2="{L + pw + 36}" y1="{legend_y}" y2="{legend_y}" stroke="black" stroke-dasharray="{dash}"/>')
+        out.append(f'<text x="{L + pw + 42}" y="{legend_y + 4}">{esc(label)} {y:.2f} %</text>')
+        legend_y += 18
+    for label, color, pts in lines:
+        if not pts:
+            continue
+        poly = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        out.append(f'<polyline points="{poly}" fill="none" stroke="{color}" stroke-width="2"/>')
+        out.append(f'<line x1="{L + pw + 12}" x2="{L + pw + 36}" y1="{legend_y}" y2="{legend_y}" stroke="{color}" stroke-width="2"/>')
+        out.append(f'<text x="{L + pw + 42}" y="{legend_y + 4}">{esc(label)}</text>')
+        legend_y += 18
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
+def esc(s):
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def comparison(entries, precs):
+    """Where the method (eda-cc) does and does not beat each baseline, in words, from the
+    means; differences smaller than the larger of the two standard deviations are called
+    ties."""
+    out = []
+    for p in precs:
+        ours = entries.get((p, "eda-cc"))
+        if ours is None or not ours[1]["reports"]:
+            continue
+        m0, s0, _ = mean_std([r["accuracy"]["final"] for r in ours[1]["reports"]])
+        beats, ties, loses = [], [], []
+        for strategy in METHODS:
+            other = entries.get((p, strategy))
+            if strategy == "eda-cc" or other is None or not other[1]["reports"]:
+                continue
+            m1, s1, _ = mean_std([r["accuracy"]["final"] for r in other[1]["reports"]])
+            spread = max(s0 or 0.0, s1 or 0.0)
+            text = f"{strategy} ({m1:.2f})"
+            if abs(m0 - m1) <= spread:
+                ties.append(text)
+            elif m0 > m1:
+                beats.append(text)
+            else:
+                loses.append(text)
+        if not (beats or ties or loses):
+            continue
+        parts = []
+        if beats:
+            parts.append("beats " + ", ".join(beats))
+        if ties:
+            parts.append("is within one standard deviation of " + ", ".join(ties))
+        if loses:
+            parts.append("**is below** " + ", ".join(loses))
+        out.append(f"- {p.upper()}: eda-cc ({m0:.2f}) " + "; ".join(parts) + ".")
+    if out:
+        out = ["At equal evaluation budgets, by mean test top-1:", ""] + out + [""]
+    return out
+
+
+def main():
+    cells = load_cells()
+    by_model = defaultdict(dict)
+    for name, c in cells.items():
+        by_model[c["model"]][(c["prec"], c["strategy"])] = (name, c)
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    for old in PLOTS.glob("*.svg"):
+        old.unlink()
+
+    md = ["# Results", "",
+          "<!-- Generated by scripts/render_results.py from docs/results/grid/*.json; do not edit by hand. -->", "",
+          "Test top-1 (%) of the network each run outputs (selected by validation accuracy on a split held out "
+          "from the training data; the test split is only measured, never used for a choice), mean ± sample "
+          "standard deviation over seeds. Every search strategy of a model gets the same budget of fitness "
+          "evaluations (one candidate scored on one training batch), stated per cell below. Strategies: "
+          "`eda-cc` = EDA + cooperative coevolution with confidence-based groups (ccq's method), `cc-random` / "
+          "`cc-layer` = the same with random / static layer-by-layer groups, `eda` = EDA without cooperative "
+          "coevolution (all variables sampled jointly), `hill` = (1+λ) random local search in the same "
+          "restricted space, `rtn` = round-to-nearest post-training quantization (no search). "
+          "Regenerate: `python3 scripts/run_grid.py` (runs what is missing), then `python3 scripts/render_results.py`.", ""]
+
+    for model in sorted(by_model, key=lambda m: (m != "mnist", m)):
+        entries = by_model[model]
+        precs = sorted({p for p, _ in entries}, key=prec_key)
+        all_reports = [r for _, c in entries.values() for r in c["reports"]]
+        md += [f"## {MODELS.get(model, model)}", ""]
+        floats = sorted({r["accuracy"]["float"] for r in all_reports})
+        md += ["| method | " + " | ".join(p.upper() for p in precs) + " |", "|---" * (len(precs) + 1) + "|"]
+        md.append("| float | " + " | ".join(
+            (f"{floats[0]:.2f}" if len(floats) == 1 else ", ".join(f"{f:.2f}" for f in floats)) if floats else "not run yet"
+            for _ in precs) + " |")
+        for strategy, label in METHODS.items():
+            if not any(s == strategy for _, s in entries):
+                continue
+            row = []
+            for p in precs:
+                hit = entries.get((p, strategy))
+                if hit is None:
+                    if strategy == "rtn":
+                        # No rtn cell at this precision: the starting point every search
+                        # report records is the same RTN network.
+                        ptq = sorted({r["accuracy"]["ptq"] for (pp, _), (_, c) in entries.items() if pp == p for r in c["reports"]})
+                        row.append(f"{ptq[0]:.2f} (start of the searches)" if len(ptq) == 1 else "—")
+                    else:
+                        row.append("—")
+                    continue
+                row.append(fmt(mean_std([r["accuracy"]["final"] for r in hit[1]["reports"]])))
+            md.append(f"| {label} | " + " | ".join(row) + " |")
+        md.append("")
+        if model == "resnet20" and any(s == "eda-cc" and p == "w8a8" for p, s in entries):
+            md += ["W8A8 is the control: RTN at 8 bits loses nothing, so whatever the search gains there over the "
+                   "float model is adaptation to this (JPEG) copy of the data, not recovery from quantization.", ""]
+
+        md += ["Per cell: budget, evaluations done, search time and whole-run time (mean over seeds), and the "
+               "network at the end of the search (not selected by validation).", "",
+               "| cell | budget (evaluations) | seeds | evaluations | search s | run s | test top-1 at the end | why the search stopped |",
+               "|---|---|---|---|---|---|---|---|"]
+        for (p, strategy), (name, c) in sorted(entries.items(), key=lambda kv: (prec_key(kv[0][0]), list(METHODS).index(kv[0][1]))):
+            rs = c["reports"]
+            budget = "— (no search)" if strategy == "rtn" else f"{c['budget']:,}"
+            if not rs:
+                md.append(f"| {name} | {budget} | 0 | not run yet | | | | |")
+                continue
+            seeds = ", ".join(str(r["_seed"]) for r in sorted(rs, key=lambda r: r["_seed"]))
+            ev = statistics.fmean(r["evaluations"] for r in rs)
+            ss = statistics.fmean(r.get("search_seconds", 0.0) for r in rs)
+            ws = statistics.fmean(r["wall_seconds"] for r in rs)
+            last = fmt(mean_std([r["accuracy"]["last"] for r in rs]))
+            reasons = defaultdict(int)
+            for r in rs:
+                reasons[r.get("stop_reason", "?")] += 1
+            why = "; ".join(f"{k} ({n}×)" if len(reasons) > 1 else k for k, n in reasons.items())
+            md.append(f"| {name} | {budget} | {seeds} | {ev:,.0f} | {ss:.1f} | {ws:.1f} | {last} | {why} |")
+        md.append("")
+        md += comparison(entries, precs)
+
+        plotted = False
+        for p in precs:
+            lines_t, lines_e = [], []
+            for strategy in METHODS:
+                hit = entries.get((p, strategy))
+                if strategy == "rtn" or hit is None or not hit[1]["reports"]:
+                    continue
+                rs = hit[1]["reports"]
+                lines_t.append((strategy, COLORS[strategy], history_curve(rs, "wall_seconds")))
+                lines_e.append((strategy, COLORS[strategy], history_curve(rs, "evaluations")))
+            if not lines_t:
+                continue
+            reports = [r for (pp, _), (_, c) in entries.items() if pp == p for r in c["reports"]]
+            levels = [("float", reports[0]["accuracy"]["float"], "6 4"), ("RTN", reports[0]["accuracy"]["ptq"], "2 3")]
+            if not plotted:
+                md += ["Time to accuracy: test top-1 of the global network during the search (mean over seeds), "
+                       "against search wall time and against evaluations; one line per method, the float model "
+                       "and the RTN start drawn as levels.", ""]
+                plotted = True
+            stem = f"{model}-{p}"
+            svg_plot(PLOTS / f"{stem}-time.svg", f"{model} {p.upper()}: test top-1 vs search time", "search wall time (s)", lines_t, levels)
+            svg_plot(PLOTS / f"{stem}-evals.svg", f"{model} {p.upper()}: test top-1 vs evaluations", "fitness evaluations", lines_e, levels)
+            rel = PLOTS.relative_to(ROOT / "docs")
+            md += [f"![{model} {p} vs time]({rel}/{stem}-time.svg)", f"![{model} {p} vs evaluations]({rel}/{stem}-evals.svg)", ""]
+
+    md += ["## Not run yet", ""]
+    missing = [name for name, c in cells.items() if not c["reports"]]
+    short = [(name, len(c["reports"])) for name, c in cells.items() if 0 < len(c["reports"]) < 3]
+    if missing:
+        md += [f"- `{name}` ({cells[name]['config']})" for name in missing]
+    else:
+        md.append("Every cell has at least one seed.")
+    if short:
+        md += ["", "Cells with fewer than 3 seeds: " + ", ".join(f"`{n}` ({k})" for n, k in short) + "."]
+    md.append("")
+
+    md += ["## How each number was produced", "",
+           "Exact command of every run (from the repository root; `scripts/run_grid.py` runs the same with "
+           "the release binary under `nice -n 19`), the commit it ran at, and its report:", "",
+           "| report | command | commit |", "|---|---|---|"]
+    machines = {}
+    for name, c in cells.items():
+        for r in sorted(c["reports"], key=lambda r: r["_seed"]):
+            g = r.get("grid", {})
+            md.append(f"| [{Path(r['_file']).name}](results/grid/{Path(r['_file']).name}) | `{g.get('command', '?')}` | {g.get('commit', '?')} |")
+            m = g.get("machine")
+            if m:
+                machines[json.dumps(m, sort_keys=True)] = m
+    md += ["", "Machines:", ""]
+    for m in machines.values():
+        md.append(f"- {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb')} GB, {m.get('os')}"
+                  " (shared with other work: wall times are noisy)")
+    if not machines:
+        md.append("- none yet")
+    md.append("")
+    OUT.write_text("\n".join(md))
+    print(f"wrote {OUT.relative_to(ROOT)} ({sum(len(c['reports']) for c in cells.values())} reports, {len(missing)} cells not run yet)")
+
+
+if __name__ == "__main__":
+    main()
