@@ -16,19 +16,14 @@ use prost::Message;
 
 mod support;
 use support::{
-    assert_workers_leave, coordinator, free_addr, generation, repo, status, wait_for, worker,
-    write_tiny_mnist, Killed,
+    assert_workers_leave, coordinator, free_addr, generation, repo, shared_tiny_mnist, status,
+    wait_for, worker, write_tiny_mnist, Killed,
 };
 
 /// One small dataset for every test that does not damage it.
 fn data_dir() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = tempfile::tempdir().unwrap();
-        write_tiny_mnist(d.path(), 300, 50);
-        d
-    })
-    .path()
+    shared_tiny_mnist(&DIR, 300, 50)
 }
 
 fn fixture(name: &str) -> PathBuf {

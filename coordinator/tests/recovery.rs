@@ -10,8 +10,8 @@ use std::time::Duration;
 
 mod support;
 use support::{
-    assert_workers_leave, coordinator, finishes, free_addr, generation, repo, wait_for, worker,
-    write_tiny_mnist, Killed,
+    assert_workers_leave, coordinator, finishes, free_addr, generation, repo, shared_tiny_mnist,
+    wait_for, worker, Killed,
 };
 
 /// 750 generations of 8 candidates over 2 shards, measured every 25 generations and
@@ -40,12 +40,7 @@ fn write_config(dir: &Path, name: &str, model: &Path) -> PathBuf {
 /// One dataset for every run of this file (results are compared across runs).
 fn data_dir() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = tempfile::tempdir().unwrap();
-        write_tiny_mnist(d.path(), 600, 100);
-        d
-    })
-    .path()
+    shared_tiny_mnist(&DIR, 600, 100)
 }
 
 fn fixture_model() -> PathBuf {

@@ -104,6 +104,21 @@ pub fn write_tiny_mnist(dir: &Path, train: u32, test: u32) {
     }
 }
 
+/// A tiny MNIST dataset written once into `cell` and shared by every test of a file that
+/// compares runs on it (or does not damage it).
+pub fn shared_tiny_mnist(
+    cell: &'static std::sync::OnceLock<tempfile::TempDir>,
+    train: u32,
+    test: u32,
+) -> &'static Path {
+    cell.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        write_tiny_mnist(d.path(), train, test);
+        d
+    })
+    .path()
+}
+
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
