@@ -16,8 +16,8 @@ use prost::Message;
 
 mod support;
 use support::{
-    assert_workers_leave, coordinator, free_addr, generation, repo, shared_tiny_mnist, status,
-    wait_for, worker, write_tiny_mnist, Killed,
+    assert_workers_leave, coordinator, free_addr, generation, history_without_times, read_report,
+    repo, shared_tiny_mnist, status, wait_for, worker, write_tiny_mnist, Killed,
 };
 
 /// One small dataset for every test that does not damage it.
@@ -382,26 +382,14 @@ fn assert_same_run(a: &Path, b: &Path) {
         std::fs::read(a.join("model.ccq")).unwrap() == std::fs::read(b.join("model.ccq")).unwrap(),
         "the networks of {a:?} and {b:?} differ"
     );
-    let without_times = |r: &serde_json::Value| -> Vec<serde_json::Value> {
-        r["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| {
-                let mut h = h.clone();
-                h.as_object_mut().unwrap().remove("wall_seconds");
-                h
-            })
-            .collect()
-    };
     let (ra, rb) = (read_report(a), read_report(b));
-    assert_eq!(without_times(&ra), without_times(&rb), "histories differ");
+    assert_eq!(
+        history_without_times(&ra),
+        history_without_times(&rb),
+        "histories differ"
+    );
     assert_eq!(ra["evaluations"], rb["evaluations"]);
     assert_eq!(ra["accuracy"]["final"], rb["accuracy"]["final"]);
-}
-
-fn read_report(out: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
 }
 
 // ---- configs ---------------------------------------------------------------------------

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 mod support;
 use support::{
-    assert_workers_leave, coordinator, finishes, free_addr, generation, repo, shared_tiny_mnist,
-    wait_for, worker, Killed,
+    assert_workers_leave, coordinator, finishes, free_addr, generation, history_without_times,
+    read_report, repo, shared_tiny_mnist, wait_for, worker, Killed,
 };
 
 /// 750 generations of 8 candidates over 2 shards, measured every 25 generations and
@@ -61,18 +61,8 @@ struct Outcome {
 }
 
 fn outcome(out: &Path) -> Outcome {
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-    let history = report["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            let mut h = h.clone();
-            h.as_object_mut().unwrap().remove("wall_seconds");
-            h
-        })
-        .collect();
+    let report = read_report(out);
+    let history = history_without_times(&report);
     Outcome {
         model: std::fs::read(out.join("model.ccq")).unwrap(),
         history,

@@ -92,6 +92,20 @@ heartbeat_ms = 200
     cfg
 }
 
+/// A worker of the test cluster at `url` (one thread, no TLS, retrying forever).
+pub fn worker_config(url: String, name: &str, token: Option<&str>) -> ccq_worker::WorkerConfig {
+    ccq_worker::WorkerConfig {
+        coordinator: url,
+        shard: None,
+        threads: 1,
+        name: name.to_string(),
+        data_override: None,
+        give_up_after: None,
+        tls_ca: None,
+        token: token.map(str::to_string),
+    }
+}
+
 pub struct Cluster {
     pub addr: SocketAddr,
     pub coordinator: JoinHandle<Result<RunReport, ccq_coordinator::Error>>,
@@ -120,16 +134,7 @@ pub async fn spawn_cluster_with_token(
     let (stop, _) = broadcast::channel(1);
     let workers = (0..workers)
         .map(|i| {
-            let wc = ccq_worker::WorkerConfig {
-                coordinator: format!("http://{addr}"),
-                shard: None,
-                threads: 1,
-                name: format!("test-{i}"),
-                data_override: None,
-                give_up_after: None,
-                tls_ca: None,
-                token: token.map(str::to_string),
-            };
+            let wc = worker_config(format!("http://{addr}"), &format!("test-{i}"), token);
             let mut rx = stop.subscribe();
             tokio::spawn(async move {
                 ccq_worker::run(wc, async move {

@@ -141,16 +141,8 @@ async fn workers_without_the_token_are_refused_and_the_run_is_unaffected() {
         (Some("wrong"), "wrong cluster token"),
         (None, "requires the cluster token"),
     ] {
-        let intruder = ccq_worker::WorkerConfig {
-            coordinator: format!("http://{}", cluster.addr),
-            shard: None,
-            threads: 1,
-            name: "intruder".into(),
-            data_override: None,
-            give_up_after: None,
-            tls_ca: None,
-            token: token.map(str::to_string),
-        };
+        let intruder =
+            ccq_tests::worker_config(format!("http://{}", cluster.addr), "intruder", token);
         // Retries while the coordinator sets up, then is refused for good.
         let err = ccq_worker::run(intruder, std::future::pending())
             .await

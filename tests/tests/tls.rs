@@ -47,14 +47,9 @@ fn worker(
     give_up: Option<Duration>,
 ) -> ccq_worker::WorkerConfig {
     ccq_worker::WorkerConfig {
-        coordinator: url,
-        shard: None,
-        threads: 1,
-        name: "tls-test".into(),
-        data_override: None,
         give_up_after: give_up,
-        token: None,
         tls_ca,
+        ..ccq_tests::worker_config(url, "tls-test", None)
     }
 }
 

@@ -119,6 +119,26 @@ pub fn shared_tiny_mnist(
     .path()
 }
 
+/// A run's report.json.
+pub fn read_report(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+/// The report's history without wall-clock times: what must match between runs of the
+/// same config and seed.
+pub fn history_without_times(report: &serde_json::Value) -> Vec<serde_json::Value> {
+    report["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            let mut h = h.clone();
+            h.as_object_mut().unwrap().remove("wall_seconds");
+            h
+        })
+        .collect()
+}
+
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
