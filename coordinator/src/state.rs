@@ -351,8 +351,6 @@ pub struct State {
     worker_job_seconds: BTreeMap<u64, Histogram>,
     telemetry: tokio::sync::watch::Sender<Option<Telemetry>>,
     checkpoints: Checkpointer,
-    /// Restored from a checkpoint: `run` continues instead of starting.
-    resumed: bool,
     /// What a resumed run picks up when its loop starts.
     restored: Option<(Option<Generation>, Vec<PendingEval>)>,
 }
@@ -410,7 +408,6 @@ impl State {
                 last_generation: 0,
                 writing: None,
             },
-            resumed: false,
             restored: None,
             setup,
         }
@@ -501,7 +498,6 @@ impl State {
         self.workers_seen = snap.workers_seen;
         self.checkpoints.last_generation = self.trainer.progress().generations;
         self.restored = Some((snap.generation, snap.pending_evals));
-        self.resumed = true;
         Ok(())
     }
 
