@@ -85,7 +85,7 @@ def binary():
     return target / "release" / "coordinator"
 
 
-def copy_report(cell, seed, run_dir, command, wall):
+def copy_report(cell, seed, run_dir, command, wall, built):
     """The committed copy: the run's report.json plus how it was produced. The report
     holds accuracies, history and per-layer statistics, never weights (those are in
     model.ccq, which stays in the run directory)."""
@@ -96,7 +96,9 @@ def copy_report(cell, seed, run_dir, command, wall):
         "config": str((EXPERIMENTS / f"{cell}.toml").relative_to(ROOT)),
         "command": command,
         "machine": machine(),
-        "commit": commit(),
+        # The commit the binary was built from (read once, right after the build: the
+        # checkout may move on while a long grid runs).
+        "commit": built,
         "process_seconds": round(wall, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -124,6 +126,7 @@ def main():
     if not args.dry_run and not args.no_build:
         subprocess.run(["nice", "-n", str(args.nice), "cargo", "build", "--release", "--bin", "coordinator", "--bin", "worker"], check=True)
     exe = binary()
+    built = commit()
 
     plan = []
     for seed in seeds:
@@ -139,7 +142,7 @@ def main():
         if (run_dir / "report.json").exists():
             # Finished earlier: make sure its committed copy exists too.
             if not (REPORTS / f"{cell}-seed{seed}.json").exists() and not args.dry_run:
-                copy_report(cell, seed, run_dir, "(copied from an earlier run)", 0.0)
+                copy_report(cell, seed, run_dir, "(copied from an earlier run)", 0.0, "unknown")
             print(f"{tag}: done, skipped", flush=True)
             continue
         # The command as a user would type it (cargo run), and as it is executed.
@@ -168,7 +171,7 @@ def main():
         if rc != 0 or not (run_dir / "report.json").exists():
             print(f"{tag}: FAILED (exit {rc}) after {wall:.0f} s; see {run_dir / 'log.txt'}", flush=True)
             sys.exit(1)
-        dest = copy_report(cell, seed, run_dir, command, wall)
+        dest = copy_report(cell, seed, run_dir, command, wall, built)
         acc = json.loads(dest.read_text())["accuracy"]
         print(f"{tag}: {wall:.0f} s, test top-1 {acc.get('final')} % (float {acc.get('float')}, ptq {acc.get('ptq')}) -> {dest.relative_to(ROOT)}", flush=True)
     if shutil.which("python3") and not args.dry_run:
