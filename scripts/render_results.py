@@ -208,6 +208,50 @@ def comparison(entries, precs):
     return out
 
 
+# Issue #9's accuracy targets, per model and precision: a number, or "float" for the
+# float model's test top-1 as the report records it.
+TARGETS = {("resnet20", "w4a8"): "float", ("resnet20", "w3a8"): 80.0}
+
+
+def first_reach(report, target):
+    """(search seconds, evaluations) of the first measurement during the search whose
+    test top-1 reached `target`, or None."""
+    for h in report.get("history", []):
+        if h.get("test_top1") is not None and h["test_top1"] >= target:
+            return h["wall_seconds"], h["evaluations"]
+    return None
+
+
+def targets(model, entries, precs):
+    """Per target cell and method: the output network's test top-1 against the target,
+    and when the global network first reached it during the search."""
+    rows = []
+    for p in precs:
+        goal = TARGETS.get((model, p))
+        if goal is None:
+            continue
+        for strategy in METHODS:
+            hit = entries.get((p, strategy))
+            if strategy == "rtn" or hit is None or not hit[1]["reports"]:
+                continue
+            rs = hit[1]["reports"]
+            level = rs[0]["accuracy"]["float"] if goal == "float" else goal
+            outputs = sum(r["accuracy"]["final"] >= level for r in rs)
+            reached = [first_reach(r, level) for r in rs]
+            times = [t for t in reached if t is not None]
+            when = (f"{len(times)}/{len(rs)}; first at {statistics.fmean(t[0] for t in times) / 60:.1f} min, "
+                    f"{statistics.fmean(t[1] for t in times):,.0f} evaluations (mean of those)" if times else f"0/{len(rs)}")
+            rows.append(f"| {p.upper()} ≥ {level:.2f} | {strategy} | {fmt(mean_std([r['accuracy']['final'] for r in rs]))} | "
+                        f"{outputs}/{len(rs)} | {when} |")
+    if not rows:
+        return []
+    return ["Targets (issue #9): the output network's test top-1, how many seeds' output networks reach the "
+            "target, and how many seeds' global networks reached it during the search, when (search wall time) "
+            "and after how many evaluations.", "",
+            "| target | method | output test top-1 | outputs ≥ target | reached during the search |",
+            "|---|---|---|---|---|"] + rows + [""]
+
+
 def main():
     cells = load_cells()
     by_model = defaultdict(dict)
@@ -283,6 +327,7 @@ def main():
             md.append(f"| {name} | {budget} | {seeds} | {ev:,.0f} | {ss:.1f} | {ws:.1f} | {last} | {why} |")
         md.append("")
         md += comparison(entries, precs)
+        md += targets(model, entries, precs)
 
         plotted = False
         for p in precs:
