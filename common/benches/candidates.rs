@@ -93,8 +93,8 @@ fn setup(shared: &std::path::Path) -> Setup {
             })
     });
     let eda = EdaState::new(EdaParams::default(), vars).expect("EDA state");
-    let groups = eda.groups();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let groups = eda.groups(&mut rng);
     let layers = (0..net.layers.len() as u32)
         .map(|li| {
             let of_layer: Vec<&Group> = groups.iter().filter(|g| g.layer == li).collect();

@@ -287,7 +287,7 @@ impl Trainer {
                     Strategy::CcRandom => self.eda.random_groups(&mut self.group_rng),
                     Strategy::CcLayer => self.eda.layer_groups(),
                     Strategy::Eda => self.eda.joint_group(),
-                    _ => self.eda.groups(),
+                    _ => self.eda.groups(&mut self.group_rng),
                 }
                 .into();
                 if self.queue.is_empty() {
@@ -701,7 +701,8 @@ mod tests {
         assert_eq!(t.progress(), Progress::default());
     }
 
-    /// The default strategy is the method exactly as before strategies existed.
+    /// The default strategy is the method: confidence groups, ties broken by the
+    /// grouping stream (its own seeded stream, so the batches and candidates stay put).
     #[test]
     fn eda_cc_is_the_default_and_uses_confidence_groups() {
         let (net, _, labels) = setup();
@@ -709,7 +710,8 @@ mod tests {
         assert_eq!(SearchConfig::default().strategy, Strategy::EdaCc);
         let mut t = Trainer::new(net, eda, search, 2, labels.len()).unwrap();
         let g = t.next_generation().unwrap().unwrap();
-        assert_eq!(g.vars, t.eda().groups()[0].vars);
+        assert_eq!(g.vars, t.eda().groups(&mut group_rng(2))[0].vars);
+        assert_ne!(g.vars, t.eda().groups(&mut group_rng(3))[0].vars);
     }
 
     /// Checkpoints written before strategies existed have no grouping stream position;
@@ -717,7 +719,7 @@ mod tests {
     #[test]
     fn snapshots_without_a_grouping_stream_still_resume() {
         let (net, pixels, labels) = setup();
-        let (eda, search) = small_search(Strategy::EdaCc);
+        let (eda, search) = small_search(Strategy::CcLayer);
         let mut a = Trainer::new(net.clone(), eda, search.clone(), 4, labels.len()).unwrap();
         for _ in 0..3 {
             run_one(&mut a, &pixels, &labels).unwrap();
