@@ -123,7 +123,8 @@ pub enum Fitness {
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     /// EDA + cooperative coevolution, groups of the least confident free variables of a
-    /// layer (the method of the paper; the default).
+    /// layer, confidence ties in a seeded random order (the method of the paper; the
+    /// default).
     #[default]
     EdaCc,
     /// EDA + CC with random groups (random free variables of one layer, random order).
