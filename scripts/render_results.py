@@ -267,7 +267,9 @@ def main():
           "from the training data; the test split is only measured, never used for a choice), mean ± sample "
           "standard deviation over seeds. Every search strategy of a model gets the same budget of fitness "
           "evaluations (one candidate scored on one training batch), stated per cell below. Strategies: "
-          "`eda-cc` = EDA + cooperative coevolution with confidence-based groups (ccq's method), `cc-random` / "
+          "`eda-cc` = EDA + cooperative coevolution with confidence-based groups, equal confidences in a seeded "
+          "random order (ccq's method; before commit b5c4844 ties went by index, which made its first cycle "
+          "identical to `cc-layer`), `cc-random` / "
           "`cc-layer` = the same with random / static layer-by-layer groups, `eda` = EDA without cooperative "
           "coevolution (all variables sampled jointly), `hill` = (1+λ) random local search in the same "
           "restricted space, `rtn` = round-to-nearest post-training quantization (no search). "
@@ -380,7 +382,8 @@ def main():
     md += ["", "Machines:", ""]
     for m in machines.values():
         md.append(f"- {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb')} GB, {m.get('os')}"
-                  " (shared with other work: wall times are noisy)")
+                  " (shared with other work, builds and tests at times: wall times are noisy; evaluation "
+                  "counts are not)")
     if not machines:
         md.append("- none yet")
     md.append("")
