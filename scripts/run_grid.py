@@ -64,9 +64,12 @@ def machine():
 
 
 def commit():
+    """HEAD, marked -dirty when code differs from it. Documentation (docs/, *.md) is not
+    code: the grid itself rewrites the report copies under docs/ while it runs."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs", ":!*.md"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -126,7 +129,12 @@ def main():
     if not args.dry_run and not args.no_build:
         subprocess.run(["nice", "-n", str(args.nice), "cargo", "build", "--release", "--bin", "coordinator", "--bin", "worker"], check=True)
     exe = binary()
-    built = commit()
+    # The commit the binary was built from: recorded beside it when this script builds,
+    # read back with --no-build (HEAD may have moved on since).
+    stamp = exe.parent / "ccq-grid-commit"
+    if not args.dry_run and not args.no_build:
+        stamp.write_text(commit() + "\n")
+    built = stamp.read_text().strip() if stamp.exists() else commit() + " (binary not built by run_grid)"
 
     plan = []
     for seed in seeds:
