@@ -33,7 +33,9 @@ METHODS = {
 }
 MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
 COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "rtn": "#7f7f7f"}
-CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+)-(?P<strategy>[a-z-]+)$")
+# A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
+# network ([quant] bias_correction = true) instead of plain RTN.
+CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:bc)?)-(?P<strategy>[a-z-]+)$")
 
 
 def load_cells():
@@ -83,8 +85,13 @@ def fmt(ms, digits=2):
 
 
 def prec_key(p):
-    w, a = re.match(r"w(\d+)a(\d+)", p).groups()
-    return (-int(w), -int(a))
+    w, a, bc = re.match(r"w(\d+)a(\d+)(bc)?", p).groups()
+    return (-int(w), -int(a), bc is not None)
+
+
+def prec_label(p):
+    """W3A8, or W3A8 + BC for a bias-corrected start."""
+    return p.upper().replace("BC", " + BC")
 
 
 def history_curve(reports, x_key):
@@ -202,7 +209,7 @@ def comparison(entries, precs):
             parts.append("is within one standard deviation of " + ", ".join(ties))
         if loses:
             parts.append("**is below** " + ", ".join(loses))
-        out.append(f"- {p.upper()}: eda-cc ({m0:.2f}) " + "; ".join(parts) + ".")
+        out.append(f"- {prec_label(p)}: eda-cc ({m0:.2f}) " + "; ".join(parts) + ".")
     if out:
         out = ["At equal evaluation budgets, by mean test top-1:", ""] + out + [""]
     return out
@@ -210,7 +217,7 @@ def comparison(entries, precs):
 
 # Issue #9's accuracy targets, per model and precision: a number, or "float" for the
 # float model's test top-1 as the report records it.
-TARGETS = {("resnet20", "w4a8"): "float", ("resnet20", "w3a8"): 80.0}
+TARGETS = {("resnet20", "w4a8"): "float", ("resnet20", "w3a8"): 80.0, ("resnet20", "w3a8bc"): 80.0}
 
 
 def first_reach(report, target):
@@ -241,7 +248,7 @@ def targets(model, entries, precs):
             times = [t for t in reached if t is not None]
             when = (f"{len(times)}/{len(rs)}; first at {statistics.fmean(t[0] for t in times) / 60:.1f} min, "
                     f"{statistics.fmean(t[1] for t in times):,.0f} evaluations (mean of those)" if times else f"0/{len(rs)}")
-            rows.append(f"| {p.upper()} ≥ {level:.2f} | {strategy} | {fmt(mean_std([r['accuracy']['final'] for r in rs]))} | "
+            rows.append(f"| {prec_label(p)} ≥ {level:.2f} | {strategy} | {fmt(mean_std([r['accuracy']['final'] for r in rs]))} | "
                         f"{outputs}/{len(rs)} | {when} |")
     if not rows:
         return []
@@ -272,7 +279,11 @@ def main():
           "identical to `cc-layer`), `cc-random` / "
           "`cc-layer` = the same with random / static layer-by-layer groups, `eda` = EDA without cooperative "
           "coevolution (all variables sampled jointly), `hill` = (1+λ) random local search in the same "
-          "restricted space, `rtn` = round-to-nearest post-training quantization (no search). "
+          "restricted space, `rtn` = round-to-nearest post-training quantization (no search). A precision "
+          "marked + BC (e.g. W3A8 + BC) starts every search from the bias-corrected RTN network "
+          "(`[quant] bias_correction = true`: after rounding, each layer's integer biases are shifted so that "
+          "its mean pre-activation per channel on the calibration images matches the float model's) instead "
+          "of plain RTN; its `rtn` entry is that corrected network without search. "
           "Regenerate: `python3 scripts/run_grid.py` (runs what is missing), then `python3 scripts/render_results.py`.", ""]
 
     for model in sorted(by_model, key=lambda m: (m != "mnist", m)):
@@ -281,7 +292,7 @@ def main():
         all_reports = [r for _, c in entries.values() for r in c["reports"]]
         md += [f"## {MODELS.get(model, model)}", ""]
         floats = sorted({r["accuracy"]["float"] for r in all_reports})
-        md += ["| method | " + " | ".join(p.upper() for p in precs) + " |", "|---" * (len(precs) + 1) + "|"]
+        md += ["| method | " + " | ".join(prec_label(p) for p in precs) + " |", "|---" * (len(precs) + 1) + "|"]
         md.append("| float | " + " | ".join(
             (f"{floats[0]:.2f}" if len(floats) == 1 else ", ".join(f"{f:.2f}" for f in floats)) if floats else "not run yet"
             for _ in precs) + " |")
@@ -351,8 +362,8 @@ def main():
                        "and the RTN start drawn as levels.", ""]
                 plotted = True
             stem = f"{model}-{p}"
-            svg_plot(PLOTS / f"{stem}-time.svg", f"{model} {p.upper()}: test top-1 vs search time", "search wall time (s)", lines_t, levels)
-            svg_plot(PLOTS / f"{stem}-evals.svg", f"{model} {p.upper()}: test top-1 vs evaluations", "fitness evaluations", lines_e, levels)
+            svg_plot(PLOTS / f"{stem}-time.svg", f"{model} {prec_label(p)}: test top-1 vs search time", "search wall time (s)", lines_t, levels)
+            svg_plot(PLOTS / f"{stem}-evals.svg", f"{model} {prec_label(p)}: test top-1 vs evaluations", "fitness evaluations", lines_e, levels)
             rel = PLOTS.relative_to(ROOT / "docs")
             md += [f"![{model} {p} vs time]({rel}/{stem}-time.svg)", f"![{model} {p} vs evaluations]({rel}/{stem}-evals.svg)", ""]
 

@@ -426,6 +426,7 @@ mod tests {
             weight_bits,
             act_bits: 8,
             calibration: Calibration::Max,
+            bias_correction: false,
         };
         let net = quantize(
             &graph,

@@ -38,6 +38,7 @@ fn cfg(weight_bits: u8, act_bits: u8) -> QuantConfig {
         weight_bits,
         act_bits,
         calibration: Calibration::Max,
+        bias_correction: false,
     }
 }
 

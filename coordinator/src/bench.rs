@@ -486,6 +486,7 @@ pub fn dispatch_config(
             act_bits: spec.act_bits,
             calib_images: 64,
             calibration: "max".into(),
+            bias_correction: false,
         },
         eda,
         search: SearchConfig::default(),
@@ -790,6 +791,7 @@ fn measure_memory(opts: &BenchOptions) -> Result<MemoryReport, Error> {
             weight_bits: spec.weight_bits,
             act_bits: spec.act_bits,
             calibration: Calibration::Max,
+            bias_correction: false,
         };
         network_memory(&spec.name, || {
             crate::eval::quantize_from_train(&graph, &norm, &source, &q, 64)
@@ -947,6 +949,7 @@ pub fn synthetic_network(v: usize) -> Result<QNetwork, ccq_common::Error> {
         weight_bits: 4,
         act_bits: 8,
         calibration: Calibration::Max,
+        bias_correction: false,
     };
     quant::quantize(&graph, &Normalization::identity(3), &pixels, n, &q)
 }

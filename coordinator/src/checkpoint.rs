@@ -271,6 +271,7 @@ mod tests {
             weight_bits: 2,
             act_bits: 8,
             calibration: Calibration::Max,
+            bias_correction: false,
         };
         quantize(&graph, &Normalization::identity(1), &pixels, 64, &q).unwrap()
     }

@@ -92,6 +92,9 @@ pub struct QuantSection {
     pub calib_images: usize,
     /// `max` or `percentile:P`.
     pub calibration: String,
+    /// Correct the integer biases after rounding so that each layer's mean
+    /// pre-activation matches the float model's on the calibration images.
+    pub bias_correction: bool,
 }
 
 impl Default for QuantSection {
@@ -101,6 +104,7 @@ impl Default for QuantSection {
             act_bits: 8,
             calib_images: 512,
             calibration: "max".into(),
+            bias_correction: false,
         }
     }
 }
@@ -370,6 +374,7 @@ impl RunConfig {
                 .calibration
                 .parse::<Calibration>()
                 .map_err(in_quant_section)?,
+            bias_correction: self.quant.bias_correction,
         };
         q.validate().map_err(in_quant_section)?;
         Ok(q)
@@ -418,6 +423,20 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(&path.display().to_string()), "{msg}");
         })
+    }
+
+    #[test]
+    fn bias_correction_is_off_unless_asked_for() {
+        let plain = load(VALID).unwrap().quant_config().unwrap();
+        assert!(!plain.bias_correction);
+        let on = load(&VALID.replace("weight_bits = 4", "weight_bits = 3\nbias_correction = true"))
+            .unwrap()
+            .quant_config()
+            .unwrap();
+        assert!(on.bias_correction);
+        assert_eq!(on.weight_bits, 3);
+        let e = load(&VALID.replace("weight_bits = 4", "bias_correction = \"yes\"")).unwrap_err();
+        assert!(e.to_string().contains("bias_correction"), "{e}");
     }
 
     #[test]

@@ -276,12 +276,13 @@ pub fn normalization_flags(
     }
 }
 
-/// The `--weight-bits`/`--act-bits`/`--calibration` flags of `eval` and `export`:
-/// quantize (validated settings) only when weight bits are given.
+/// The `--weight-bits`/`--act-bits`/`--calibration`/`--bias-correction` flags of `eval`
+/// and `export`: quantize (validated settings) only when weight bits are given.
 pub fn quant_flags(
     weight_bits: Option<u8>,
     act_bits: u8,
     calibration: &str,
+    bias_correction: bool,
 ) -> Result<Option<QuantConfig>, Error> {
     weight_bits
         .map(|w| {
@@ -289,6 +290,7 @@ pub fn quant_flags(
                 weight_bits: w,
                 act_bits,
                 calibration: parse_calibration(calibration)?,
+                bias_correction,
             };
             q.validate()?;
             Ok(q)

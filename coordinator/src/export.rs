@@ -59,6 +59,10 @@ pub struct ExportArgs {
     /// `max` or `percentile:P`.
     #[arg(long, default_value = "max")]
     pub calibration: String,
+    /// Correct the integer biases so that each layer's mean pre-activation matches the
+    /// float model's on the calibration images.
+    #[arg(long)]
+    pub bias_correction: bool,
     /// Also write ccq's logits on --split of --data to this .npz, for
     /// scripts/check_export.py.
     #[arg(long)]
@@ -74,7 +78,12 @@ pub struct ExportArgs {
 impl ExportArgs {
     pub fn config(&self) -> Result<ExportConfig, Error> {
         let normalization = crate::eval::normalization_flags(&self.mean, &self.std)?;
-        let quant = crate::eval::quant_flags(self.weight_bits, self.act_bits, &self.calibration)?;
+        let quant = crate::eval::quant_flags(
+            self.weight_bits,
+            self.act_bits,
+            &self.calibration,
+            self.bias_correction,
+        )?;
         Ok(ExportConfig {
             model: self.model.clone(),
             format: self.format.parse()?,

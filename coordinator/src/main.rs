@@ -154,6 +154,10 @@ struct EvalArgs {
     /// `max` or `percentile:P` (e.g. percentile:99.99).
     #[arg(long, default_value = "max")]
     calibration: String,
+    /// Correct the integer biases so that each layer's mean pre-activation matches the
+    /// float model's on the calibration images.
+    #[arg(long)]
+    bias_correction: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -308,7 +312,7 @@ fn eval_config(a: &EvalArgs) -> anyhow::Result<EvalConfig> {
     let data: DataSource = a.data.parse().context("--data")?;
     let split: Split = a.split.parse().context("--split")?;
     let normalization = eval::normalization_flags(&a.mean, &a.std)?;
-    let quant = eval::quant_flags(a.weight_bits, a.act_bits, &a.calibration)?;
+    let quant = eval::quant_flags(a.weight_bits, a.act_bits, &a.calibration, a.bias_correction)?;
     Ok(EvalConfig {
         model: a.model.clone(),
         data,

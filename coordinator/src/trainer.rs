@@ -440,6 +440,7 @@ mod tests {
             weight_bits: 2,
             act_bits: 8,
             calibration: Calibration::Max,
+            bias_correction: false,
         };
         let net = quantize(&graph, &Normalization::identity(1), &pixels, n, &q).unwrap();
         (net, pixels, labels)
