@@ -179,28 +179,32 @@ def esc(s):
 def comparison(entries, precs):
     """Where the method (eda-cc) does and does not beat each baseline, in words, from the
     means; differences smaller than the larger of the two standard deviations are called
-    ties."""
+    ties, and a pair with a single seed on either side is not decided at all (one seed has
+    no spread to compare against)."""
     out = []
     for p in precs:
         ours = entries.get((p, "eda-cc"))
         if ours is None or not ours[1]["reports"]:
             continue
-        m0, s0, _ = mean_std([r["accuracy"]["final"] for r in ours[1]["reports"]])
-        beats, ties, loses = [], [], []
+        m0, s0, n0 = mean_std([r["accuracy"]["final"] for r in ours[1]["reports"]])
+        beats, ties, loses, undecided = [], [], [], []
         for strategy in METHODS:
             other = entries.get((p, strategy))
             if strategy == "eda-cc" or other is None or not other[1]["reports"]:
                 continue
-            m1, s1, _ = mean_std([r["accuracy"]["final"] for r in other[1]["reports"]])
+            m1, s1, n1 = mean_std([r["accuracy"]["final"] for r in other[1]["reports"]])
             spread = max(s0 or 0.0, s1 or 0.0)
             text = f"{strategy} ({m1:.2f})"
-            if abs(m0 - m1) <= spread:
+            if strategy != "rtn" and min(n0, n1) < 2:
+                # rtn is deterministic: one seed is all there is to know.
+                undecided.append(text)
+            elif abs(m0 - m1) <= spread:
                 ties.append(text)
             elif m0 > m1:
                 beats.append(text)
             else:
                 loses.append(text)
-        if not (beats or ties or loses):
+        if not (beats or ties or loses or undecided):
             continue
         parts = []
         if beats:
@@ -209,6 +213,8 @@ def comparison(entries, precs):
             parts.append("is within one standard deviation of " + ", ".join(ties))
         if loses:
             parts.append("**is below** " + ", ".join(loses))
+        if undecided:
+            parts.append("is not compared with " + ", ".join(undecided) + " (a single seed on one side)")
         out.append(f"- {prec_label(p)}: eda-cc ({m0:.2f}) " + "; ".join(parts) + ".")
     if out:
         out = ["At equal evaluation budgets, by mean test top-1:", ""] + out + [""]
