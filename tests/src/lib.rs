@@ -168,6 +168,18 @@ pub async fn spawn_cluster_with_token(
 }
 
 impl Cluster {
+    /// Starts one more worker (no token) against this cluster's coordinator.
+    pub fn add_worker(&mut self, name: &str) {
+        let wc = worker_config(format!("http://{}", self.addr), name, None);
+        let mut rx = self.stop.subscribe();
+        self.workers.push(tokio::spawn(async move {
+            ccq_worker::run(wc, async move {
+                let _ = rx.recv().await;
+            })
+            .await
+        }));
+    }
+
     /// Waits for the run to finish and every worker to exit on its own ("done").
     pub async fn finish(self) -> RunReport {
         let report = self

@@ -218,12 +218,16 @@ async fn raw_call(
 async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_mnist(dir.path(), 700, 120, 4);
-    // Long enough that all the hostile traffic reaches a run in progress.
     let evaluations = 4000;
     let expected = undisturbed(dir.path(), evaluations).await;
 
+    // The workers join only after the traffic: until then the run cannot progress, so it
+    // is certainly alive ("training") for all of it, however slow the machine is. The
+    // shard count is that of the undisturbed run (2).
     let out = dir.path().join("disturbed");
-    let cluster = spawn_cluster(tiny_config(dir.path(), &out, evaluations), 2).await;
+    let mut cfg = tiny_config(dir.path(), &out, evaluations);
+    cfg.cluster.shards = Some(2);
+    let mut cluster = spawn_cluster(cfg, 0).await;
     let channel = connect(cluster.addr).await;
     let status = CoordinatorClient::new(channel.clone());
     let phase = || {
@@ -308,6 +312,8 @@ async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     assert!(e.message().contains("too large"), "{}", e.message());
 
+    cluster.add_worker("test-0");
+    cluster.add_worker("test-1");
     let report = cluster.finish().await;
     assert_eq!(report.evaluations, evaluations);
     assert!(
