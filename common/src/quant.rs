@@ -497,6 +497,26 @@ fn correct_biases(
     }
 }
 
+/// Runs the float graph over `n` calibration images a chunk at a time (every value of
+/// a whole calibration set would not fit in memory) and hands each chunk's values to `f`.
+fn float_chunks(
+    graph: &Graph,
+    norm: &Normalization,
+    pixels: &[u8],
+    n: usize,
+    f: &mut dyn FnMut(&[Vec<f32>]),
+) {
+    const CHUNK: usize = 32;
+    let il = graph.input_shape.len();
+    let mut i = 0;
+    while i < n {
+        let m = CHUNK.min(n - i);
+        let x = normalize(norm, graph.input_shape, &pixels[i * il..(i + m) * il], m);
+        f(&float::forward_all(graph, &x, m));
+        i += m;
+    }
+}
+
 /// Per entry of `pre_act` (a float value id): the mean of each channel over `n`
 /// calibration images and all positions.
 fn float_channel_means(
@@ -506,17 +526,11 @@ fn float_channel_means(
     n: usize,
     pre_act: &[usize],
 ) -> Vec<Vec<f64>> {
-    const CHUNK: usize = 32;
-    let il = graph.input_shape.len();
     let mut sums: Vec<Vec<f64>> = pre_act
         .iter()
         .map(|&v| vec![0.0; graph.shape(v).c])
         .collect();
-    let mut i = 0;
-    while i < n {
-        let m = CHUNK.min(n - i);
-        let x = normalize(norm, graph.input_shape, &calib[i * il..(i + m) * il], m);
-        let vals = float::forward_all(graph, &x, m);
+    float_chunks(graph, norm, calib, n, &mut |vals| {
         for (sum, &v) in sums.iter_mut().zip(pre_act) {
             // NCHW: the channel of element j is (j / hw) % c.
             let s = graph.shape(v);
@@ -525,8 +539,7 @@ fn float_channel_means(
                 sum[(j / hw) % s.c] += x as f64;
             }
         }
-        i += m;
-    }
+    });
     for (sum, &v) in sums.iter_mut().zip(pre_act) {
         let s = graph.shape(v);
         let count = (n * s.h * s.w) as f64;
@@ -675,19 +688,8 @@ fn calibrate(
     wanted: &[bool],
     how: Calibration,
 ) -> Vec<Option<(f64, f64)>> {
-    const CHUNK: usize = 32;
-    let il = graph.input_shape.len();
     let mut minmax: Vec<Option<(f64, f64)>> = vec![None; wanted.len()];
-    let for_each_chunk = |f: &mut dyn FnMut(&[Vec<f32>])| {
-        let mut i = 0;
-        while i < n {
-            let m = CHUNK.min(n - i);
-            let x = normalize(norm, graph.input_shape, &pixels[i * il..(i + m) * il], m);
-            let vals = float::forward_all(graph, &x, m);
-            f(&vals);
-            i += m;
-        }
-    };
+    let for_each_chunk = |f: &mut dyn FnMut(&[Vec<f32>])| float_chunks(graph, norm, pixels, n, f);
     for_each_chunk(&mut |vals| {
         for (v, vals) in vals.iter().enumerate() {
             if !wanted.get(v).copied().unwrap_or(false) {
