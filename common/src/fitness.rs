@@ -102,7 +102,7 @@ pub fn evaluate_candidates_with(
 /// expected to be cheaper than recomputing it, per candidate (the per-batch setup of
 /// [`DeltaBase`] is not counted: a generation spreads it over its candidates).
 ///
-/// A cost model with measured weights (`cargo bench -p ccq-common --bench candidates`
+/// A cost model with measured weights (`cargo bench -p ccq-search --bench candidates`
 /// prints the table they come from: ResNet-20's layers, AVX-512 VNNI, one thread). The
 /// delta costs one multiply-add per changed weight and output position (about 5x more
 /// for strided layers, which go row by row) and a requantization, scatter and later

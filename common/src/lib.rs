@@ -13,7 +13,6 @@
 //! - [`export`]: writing an integer network out as QDQ ONNX or plain arrays.
 
 pub mod data;
-pub mod eda;
 pub mod error;
 pub mod export;
 pub mod fitness;

@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ccq_common::data::DataSource;
-use ccq_common::eda::{EdaParams, EdaState, Variable};
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::QNetwork;
 use ccq_common::quant::{self, Calibration, QuantConfig};
@@ -35,6 +34,7 @@ use ccq_proto::v1::{
     poll_job_response, CandidateResult, PollJobRequest, RegisterRequest, SubmitResultRequest,
     SyncNetworkRequest,
 };
+use ccq_search::eda::{EdaParams, EdaState, Variable};
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -43,11 +43,12 @@ use tokio::net::TcpListener;
 
 use crate::config::{
     BudgetConfig, CheckpointConfig, ClusterConfig, DataConfig, EvalSchedule, ModelConfig,
-    QuantSection, RunConfig, SearchConfig,
+    QuantSection, RunConfig,
 };
 use crate::run::{self, RunOptions};
-use crate::trainer::Trainer;
 use crate::Error;
+use ccq_search::config::SearchConfig;
+use ccq_search::trainer::Trainer;
 
 /// The targets of issue #7 this bench checks.
 pub const TARGET_EVALS_PER_SEC: f64 = 20_000.0;

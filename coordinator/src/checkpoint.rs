@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
 use crate::state::LoopSnapshot;
-use crate::trainer::TrainerSnapshot;
 use crate::Error;
+use ccq_search::trainer::TrainerSnapshot;
 
 pub const FILE_NAME: &str = "checkpoint.ccqck";
 /// Bumped whenever the body's meaning changes; older files are refused, not guessed at.
@@ -253,11 +253,11 @@ pub fn write_atomic(dir: &Path, bytes: &[u8]) -> Result<(), Error> {
 mod tests {
     use super::*;
     use crate::state::{EvalPoint, LoopSnapshot, Phase};
-    use crate::trainer::Trainer;
-    use ccq_common::eda::EdaParams;
     use ccq_common::model::Normalization;
     use ccq_common::qnet::QNetwork;
     use ccq_common::quant::{quantize, Calibration, QuantConfig};
+    use ccq_search::eda::EdaParams;
+    use ccq_search::trainer::Trainer;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 

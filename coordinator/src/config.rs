@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use ccq_common::data::DataSource;
-use ccq_common::eda::EdaParams;
 use ccq_common::model::Normalization;
 use ccq_common::quant::{Calibration, QuantConfig};
+use ccq_search::config::SearchConfig;
+use ccq_search::eda::EdaParams;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -105,81 +106,6 @@ impl Default for QuantSection {
             calib_images: 512,
             calibration: "max".into(),
             bias_correction: false,
-        }
-    }
-}
-
-/// What a generation optimises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Fitness {
-    /// Mean cross-entropy on the batch.
-    Loss,
-    /// Error rate on the batch, cross-entropy breaking ties.
-    Error,
-}
-
-/// How the search chooses what to evaluate: ccq's method and the baselines/ablations it
-/// is compared with (issue #9). All run on the same cluster and engine, draw batches the
-/// same way, count budgets in the same evaluations, and adopt the best candidate of a
-/// generation when it beats the context on the batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Strategy {
-    /// EDA + cooperative coevolution, groups of the least confident free variables of a
-    /// layer, confidence ties in a seeded random order (the method of the paper; the
-    /// default).
-    #[default]
-    EdaCc,
-    /// EDA + CC with random groups (random free variables of one layer, random order).
-    CcRandom,
-    /// EDA + CC with static groups: consecutive free variables, layer after layer.
-    CcLayer,
-    /// EDA without CC: one distribution over all variables, every generation samples all
-    /// free variables jointly (one group of all free variables).
-    Eda,
-    /// (1+λ) random local search: λ = population - 1 candidates each move
-    /// `hill_flips` random variables of one layer to another allowed code; the best is
-    /// kept when it beats the context. No distributions, no freezing.
-    Hill,
-    /// No search: the round-to-nearest post-training network is the output.
-    Rtn,
-}
-
-impl Strategy {
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::EdaCc => "eda-cc",
-            Strategy::CcRandom => "cc-random",
-            Strategy::CcLayer => "cc-layer",
-            Strategy::Eda => "eda",
-            Strategy::Hill => "hill",
-            Strategy::Rtn => "rtn",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SearchConfig {
-    pub strategy: Strategy,
-    /// Generations spent on one group before moving to the next (group strategies).
-    pub generations_per_group: usize,
-    /// Training images per generation (one fresh batch each generation).
-    pub batch_size: usize,
-    pub fitness: Fitness,
-    /// Variables each `hill` candidate moves.
-    pub hill_flips: usize,
-}
-
-impl Default for SearchConfig {
-    fn default() -> Self {
-        SearchConfig {
-            strategy: Strategy::EdaCc,
-            generations_per_group: 4,
-            batch_size: 256,
-            fitness: Fitness::Loss,
-            hill_flips: 4,
         }
     }
 }
@@ -293,19 +219,7 @@ impl RunConfig {
                 "need one value per input channel each",
             );
         }
-        if self.search.generations_per_group == 0 {
-            return bad(
-                "search.generations_per_group",
-                "0".into(),
-                "must be at least 1",
-            );
-        }
-        if self.search.hill_flips == 0 {
-            return bad("search.hill_flips", "0".into(), "must be at least 1");
-        }
-        if self.search.batch_size == 0 {
-            return bad("search.batch_size", "0".into(), "must be at least 1");
-        }
+        self.search.validate()?;
         if self.eval.every_generations == 0 {
             return bad("eval.every_generations", "0".into(), "must be at least 1");
         }
@@ -409,6 +323,7 @@ fn in_quant_section(e: ccq_common::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ccq_search::config::Strategy;
 
     const VALID: &str = "[model]\nonnx = \"m.onnx\"\nmean = [0.1]\nstd = [0.3]\n\
                          [data]\nsource = \"mnist:d\"\n[quant]\nweight_bits = 4\n\

@@ -4,7 +4,6 @@
 //! - [`export`]: `coordinator export` — the integer network as QDQ ONNX or plain arrays;
 //! - [`config`]: the run configuration (TOML);
 //! - [`checkpoint`]: the run's whole state on disk, written atomically, for `--resume`;
-//! - [`trainer`]: EDA + cooperative coevolution as a pure state machine;
 //! - [`state`]: the event loop that owns all run state, dispatches jobs, tracks workers;
 //! - [`service`]: gRPC handlers, which validate and forward to the event loop;
 //! - [`run`]: `coordinator run` — wires it all together and writes the outputs;
@@ -24,7 +23,6 @@ pub mod run;
 pub mod service;
 pub mod state;
 pub mod status;
-pub mod trainer;
 
 /// Where `coordinator run` listens and `coordinator status` looks by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -54,4 +52,29 @@ pub enum Error {
     /// Workers returned something that cannot belong to the job they were given.
     #[error("protocol violation: {0}")]
     Protocol(String),
+}
+
+/// The search's errors keep their meaning here: a snapshot that does not fit is a bad
+/// checkpoint, results that do not fit a generation are a protocol violation, a bad
+/// setting is a bad setting (with the same message as before the search had its crate).
+impl From<ccq_search::Error> for Error {
+    fn from(e: ccq_search::Error) -> Self {
+        match e {
+            ccq_search::Error::InvalidSetting {
+                field,
+                value,
+                reason,
+            } => Error::Common(ccq_common::Error::InvalidSetting {
+                field,
+                value,
+                reason,
+            }),
+            ccq_search::Error::Snapshot { origin, reason } => Error::Checkpoint {
+                path: origin,
+                reason,
+            },
+            ccq_search::Error::Results(why) => Error::Protocol(why),
+            ccq_search::Error::Network(e) => Error::Common(e),
+        }
+    }
 }

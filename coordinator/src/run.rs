@@ -27,8 +27,8 @@ use crate::service::CoordinatorService;
 use crate::state::{
     answer_during_setup, EvalPoint, Event, LayerConfidence, Setup, State, Telemetry,
 };
-use crate::trainer::Trainer;
 use crate::Error;
+use ccq_search::trainer::Trainer;
 
 /// The largest gRPC request the coordinator accepts.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;

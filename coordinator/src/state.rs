@@ -31,7 +31,7 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 
 use crate::config::RunConfig;
-use crate::trainer::{Generation, Trainer};
+use ccq_search::trainer::{Generation, Trainer};
 
 pub enum Event {
     Register {
@@ -166,7 +166,7 @@ pub struct Finished {
     /// The network with the best validation accuracy, and where it was measured.
     pub best: (QNetwork, EvalPoint),
     pub last: EvalPoint,
-    pub progress: crate::trainer::Progress,
+    pub progress: ccq_search::trainer::Progress,
     pub frozen: usize,
     /// Confidence per layer at the end (for the report's plots).
     pub layers: Vec<LayerConfidence>,
@@ -227,7 +227,7 @@ pub struct PendingEval {
     pub codes: Vec<i8>,
 }
 
-/// The event loop's share of a checkpoint (the trainer's is [`crate::trainer::TrainerSnapshot`]).
+/// The event loop's share of a checkpoint (the trainer's is [`ccq_search::trainer::TrainerSnapshot`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoopSnapshot {
@@ -974,7 +974,7 @@ impl State {
         }
         let Some(generation) = self.trainer.next_generation()? else {
             let reason = match self.trainer.strategy() {
-                crate::config::Strategy::Rtn => "strategy rtn: no search",
+                ccq_search::config::Strategy::Rtn => "strategy rtn: no search",
                 _ => "every variable is frozen",
             };
             return self.finish(reason.into());

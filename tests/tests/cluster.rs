@@ -4,7 +4,7 @@ use ccq_common::data::{self, DataSource, Split};
 use ccq_common::fitness;
 use ccq_common::qnet::QNetwork;
 use ccq_coordinator::eval::quantize_from_train;
-use ccq_coordinator::trainer::Trainer;
+use ccq_search::trainer::Trainer;
 use ccq_tests::{spawn_cluster, tiny_config, write_tiny_mnist};
 
 /// The same seed gives a byte-identical network and identical history whether one worker

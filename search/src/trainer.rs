@@ -9,20 +9,20 @@
 //! order they answered.
 //!
 //! The [`Strategy`] picks what a generation searches; the grouping and sampling rules
-//! themselves live in [`ccq_common::eda`]. Group strategies (`eda-cc`, `cc-random`,
+//! themselves live in [`crate::eda`]. Group strategies (`eda-cc`, `cc-random`,
 //! `cc-layer`, `eda`) share everything but the grouping: G generations per group, top-k
 //! update, freezing, adoption. `hill` draws local moves each generation and only adopts;
 //! `rtn` has no generations at all.
 
 use std::collections::VecDeque;
 
-use ccq_common::eda::{EdaParams, EdaState, Group, Variable};
 use ccq_common::qnet::{EvalStats, QNetwork};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Fitness, SearchConfig, Strategy};
+use crate::eda::{EdaParams, EdaState, Group, Variable};
 use crate::Error;
 
 /// One generation: the work handed to the workers.
@@ -109,12 +109,11 @@ impl Trainer {
         search_len: usize,
     ) -> Result<Trainer, Error> {
         if search_len == 0 {
-            return Err(ccq_common::Error::setting(
+            return Err(Error::setting(
                 "data.validation",
                 search_len,
                 "leaves no training images to search on",
-            )
-            .into());
+            ));
         }
         let codes = net.codes();
         let layers = &net.layers;
@@ -176,8 +175,8 @@ impl Trainer {
         snap: TrainerSnapshot,
         origin: &str,
     ) -> Result<Trainer, Error> {
-        let bad = |field: &str, why: String| Error::Checkpoint {
-            path: origin.to_string(),
+        let bad = |field: &str, why: String| Error::Snapshot {
+            origin: origin.to_string(),
             reason: format!("trainer.{field}: {why}"),
         };
         let n = net.num_vars();
@@ -336,7 +335,7 @@ impl Trainer {
                 .iter()
                 .any(|s| s.images != generation.images.len() as u64)
         {
-            return Err(Error::Protocol(format!(
+            return Err(Error::Results(format!(
                 "generation {} got {} results over {:?} images for {n} candidates of {} images",
                 generation.id,
                 stats.len(),

@@ -23,7 +23,7 @@
 //! variable; slot `j` of variable `i` is the code `base_i + j`, and slots at or beyond the
 //! number of allowed values (`span_i`) are always zero. Per variable that is
 //! `2 (2r + 1) + 2` bytes: 8 at `r = 1`, 12 at `r = 2`, 16 at `r = 3`. Layer ids are stored
-//! as runs of consecutive variables (one run per layer when, as in a [`crate::qnet`]
+//! as runs of consecutive variables (one run per layer when, as in a [`ccq_common::qnet`]
 //! weight vector, layers are contiguous), so they cost nothing per variable. A cycle's
 //! groups add 4 bytes per free variable (`u32` indices) and the context 1 byte.
 //!

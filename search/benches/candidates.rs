@@ -7,7 +7,7 @@
 //! p0 0.8), candidates from [`EdaState::sample`] against the post-training codes, one
 //! batch of 256 training images.
 //!
-//! `cargo bench -p ccq-common --bench candidates` runs criterion on one group in an early,
+//! `cargo bench -p ccq-search --bench candidates` runs criterion on one group in an early,
 //! a middle and a late layer (elem/s = candidate evaluations per second), then prints two
 //! tables: the time of the delta against recomputing the layer on each layer shape (the
 //! measurement behind `fitness::delta_pays_off`), and, per thread count, candidates per
@@ -20,12 +20,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ccq_common::data::{self, DataFormat, DataSource, Split};
-use ccq_common::eda::{EdaParams, EdaState, Group, Variable};
 use ccq_common::fitness::{evaluate_candidates_with, Strategy};
 use ccq_common::kernels::{DeltaBase, WeightChange};
 use ccq_common::model::Normalization;
 use ccq_common::qnet::{Activations, QNetwork};
 use ccq_common::quant::{quantize, Calibration, QuantConfig};
+use ccq_search::eda::{EdaParams, EdaState, Group, Variable};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

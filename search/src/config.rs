@@ -1,0 +1,102 @@
+//! The `[search]` section of a run config: which strategy searches, how long each group
+//! is searched, the batch and the fitness. Plain data with serde defaults; the
+//! coordinator's config embeds it and calls [`SearchConfig::validate`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// What a generation optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fitness {
+    /// Mean cross-entropy on the batch.
+    Loss,
+    /// Error rate on the batch, cross-entropy breaking ties.
+    Error,
+}
+
+/// How the search chooses what to evaluate: ccq's method and the baselines/ablations it
+/// is compared with. All run on the same cluster and engine, draw batches the
+/// same way, count budgets in the same evaluations, and adopt the best candidate of a
+/// generation when it beats the context on the batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// EDA + cooperative coevolution, groups of the least confident free variables of a
+    /// layer, confidence ties in a seeded random order (the method of the paper; the
+    /// default).
+    #[default]
+    EdaCc,
+    /// EDA + CC with random groups (random free variables of one layer, random order).
+    CcRandom,
+    /// EDA + CC with static groups: consecutive free variables, layer after layer.
+    CcLayer,
+    /// EDA without CC: one distribution over all variables, every generation samples all
+    /// free variables jointly (one group of all free variables).
+    Eda,
+    /// (1+λ) random local search: λ = population - 1 candidates each move
+    /// `hill_flips` random variables of one layer to another allowed code; the best is
+    /// kept when it beats the context. No distributions, no freezing.
+    Hill,
+    /// No search: the round-to-nearest post-training network is the output.
+    Rtn,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::EdaCc => "eda-cc",
+            Strategy::CcRandom => "cc-random",
+            Strategy::CcLayer => "cc-layer",
+            Strategy::Eda => "eda",
+            Strategy::Hill => "hill",
+            Strategy::Rtn => "rtn",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchConfig {
+    pub strategy: Strategy,
+    /// Generations spent on one group before moving to the next (group strategies).
+    pub generations_per_group: usize,
+    /// Training images per generation (one fresh batch each generation).
+    pub batch_size: usize,
+    pub fitness: Fitness,
+    /// Variables each `hill` candidate moves.
+    pub hill_flips: usize,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig {
+            strategy: Strategy::EdaCc,
+            generations_per_group: 4,
+            batch_size: 256,
+            fitness: Fitness::Loss,
+            hill_flips: 4,
+        }
+    }
+}
+
+impl SearchConfig {
+    /// Checks every field, naming the first bad one as `search.FIELD`.
+    pub fn validate(&self) -> Result<()> {
+        if self.generations_per_group == 0 {
+            return Err(Error::setting(
+                "search.generations_per_group",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if self.hill_flips == 0 {
+            return Err(Error::setting("search.hill_flips", 0, "must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::setting("search.batch_size", 0, "must be at least 1"));
+        }
+        Ok(())
+    }
+}
