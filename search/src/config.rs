@@ -100,3 +100,75 @@ impl SearchConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(r: Result<()>) -> String {
+        match r {
+            Err(Error::InvalidSetting { field, .. }) => field,
+            other => panic!("expected an invalid setting, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn validation_names_the_bad_field_and_accepts_the_defaults() {
+        assert!(SearchConfig::default().validate().is_ok());
+        let one = SearchConfig {
+            generations_per_group: 1,
+            batch_size: 1,
+            hill_flips: 1,
+            ..SearchConfig::default()
+        };
+        assert!(one.validate().is_ok(), "1 is allowed everywhere");
+        for (field, cfg) in [
+            (
+                "search.generations_per_group",
+                SearchConfig {
+                    generations_per_group: 0,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.hill_flips",
+                SearchConfig {
+                    hill_flips: 0,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.batch_size",
+                SearchConfig {
+                    batch_size: 0,
+                    ..one.clone()
+                },
+            ),
+        ] {
+            assert_eq!(field_of(cfg.validate()), field);
+        }
+    }
+
+    /// The names are the config's spelling: reports and grid file names use them.
+    #[test]
+    fn strategy_names_round_trip_through_the_config_spelling() {
+        for s in [
+            Strategy::EdaCc,
+            Strategy::CcRandom,
+            Strategy::CcLayer,
+            Strategy::Eda,
+            Strategy::Hill,
+            Strategy::Rtn,
+        ] {
+            let text = format!("strategy = \"{}\"", s.name());
+            #[derive(Deserialize)]
+            struct S {
+                strategy: Strategy,
+            }
+            let parsed: S = serde_json::from_str(&format!("{{\"strategy\": \"{}\"}}", s.name()))
+                .unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(parsed.strategy, s);
+        }
+        assert_eq!(Strategy::EdaCc.name(), "eda-cc");
+    }
+}

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Applies, one at a time, the mutations that would quietly ruin the search, and checks that
+the test suite fails on each. Every file is restored afterwards, also on Ctrl-C.
+
+usage: python3 scripts/named_mutants.py [--markdown]
+
+These are the mutations a reviewer names (issue "Tests that the search searches"); cargo-mutants
+(scripts/mutants.sh) covers the mechanical ones. Each entry: what it breaks, the file, the exact
+text replaced, the replacement, and the tests that must catch it.
+"""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH_TESTS = ["cargo", "test", "--release", "-p", "ccq-search", "--lib", "--tests"]
+CLUSTER_TESTS = ["cargo", "test", "--release", "-p", "ccq-tests", "--test", "cluster"]
+COMMON_TESTS = ["cargo", "test", "--release", "-p", "ccq-common", "--lib"]
+
+MUTATIONS = [
+    (
+        "the distribution learns from the worst top_k candidates",
+        "search/src/trainer.rs",
+        "let selected: Vec<&Vec<i8>> = order[..k]",
+        "let selected: Vec<&Vec<i8>> = order[n - k..]",
+        SEARCH_TESTS,
+    ),
+    (
+        "never adopting",
+        "search/src/trainer.rs",
+        "let adopted = best != 0 && key(best) < key(0);",
+        "let adopted = false;",
+        SEARCH_TESTS,
+    ),
+    (
+        "adopting the best non-context candidate even when it is worse than the context",
+        "search/src/trainer.rs",
+        "let best = order[0];\n        let adopted = best != 0 && key(best) < key(0);",
+        "let best = order.iter().copied().find(|&i| i != 0).unwrap_or(0);\n"
+        "        let adopted = best != 0;",
+        SEARCH_TESTS,
+    ),
+    (
+        "not pinning newly frozen variables at their mode",
+        "search/src/trainer.rs",
+        "if self.codes[v as usize] != mode {",
+        "if false && self.codes[v as usize] != mode {",
+        SEARCH_TESTS,
+    ),
+    (
+        "summing a batch's losses in f32 (rounding depends on how the batch is split)",
+        "common/src/qnet.rs",
+        "        let mut s = EvalStats::default();\n"
+        "        for (row, &label) in acts.logits.chunks_exact(self.num_classes).zip(labels) {\n"
+        "            let (loss, ok) = image_loss(row, self.logit_scale, label);\n"
+        "            s.loss_fixed += loss;",
+        "        let mut s = EvalStats::default();\n"
+        "        let mut f = 0f32;\n"
+        "        for (row, &label) in acts.logits.chunks_exact(self.num_classes).zip(labels) {\n"
+        "            let (loss, ok) = image_loss(row, self.logit_scale, label);\n"
+        "            f += loss as f32;\n"
+        "            s.loss_fixed = f as u64;",
+        CLUSTER_TESTS,
+    ),
+    (
+        "adding the shards' partial sums in f32 (rounding depends on arrival order)",
+        "common/src/qnet.rs",
+        "        self.loss_fixed += other.loss_fixed;",
+        "        self.loss_fixed = (self.loss_fixed as f32 + other.loss_fixed as f32) as u64;",
+        COMMON_TESTS,
+    ),
+    (
+        "dropping one shard's results",
+        "coordinator/src/state.rs",
+        "            sum.add(&from_proto(r));",
+        "            if j.shard != 1 {\n                sum.add(&from_proto(r));\n            }",
+        CLUSTER_TESTS,
+    ),
+]
+
+
+def main() -> int:
+    rows = []
+    failed_to_catch = 0
+    for what, path, old, new, tests in MUTATIONS:
+        file = ROOT / path
+        original = file.read_text()
+        if original.count(old) != 1:
+            print(f"{path}: the text to mutate for '{what}' is not there exactly once", file=sys.stderr)
+            return 2
+        try:
+            file.write_text(original.replace(old, new))
+            start = time.time()
+            r = subprocess.run(tests, cwd=ROOT, capture_output=True, text=True)
+            secs = time.time() - start
+        finally:
+            file.write_text(original)
+        out = r.stdout + r.stderr
+        failing = sorted({l.split()[1] for l in out.splitlines() if l.startswith("test ") and l.endswith("FAILED")})
+        compiled = "could not compile" not in out
+        caught = r.returncode != 0 and compiled and bool(failing)
+        failed_to_catch += not caught
+        status = "caught" if caught else ("DID NOT COMPILE" if not compiled else "MISSED")
+        print(f"{status:8} {what} ({path}; {' '.join(tests[2:])}; {secs:.0f} s)")
+        for t in failing:
+            print(f"         fails: {t}")
+        rows.append((what, path, status, failing))
+    if "--markdown" in sys.argv:
+        print("\n| mutation | file | result | failing tests |\n|---|---|---|---|")
+        for what, path, status, failing in rows:
+            print(f"| {what} | `{path}` | {status} | {', '.join(f'`{t}`' for t in failing)} |")
+    return 1 if failed_to_catch else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
