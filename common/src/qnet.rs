@@ -865,3 +865,77 @@ pub(crate) fn pad_value(src: &QValue, p: &Pad) -> QValue {
         ..*src
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Partial sums from shards and workers arrive in any order; their total must be the
+    /// exact integer sum whatever the order. The values are chosen so that adding them in
+    /// floating point (f64 has 53 bits, f32 24) would lose the small ones.
+    #[test]
+    fn eval_stats_add_exactly_in_any_order() {
+        let parts = [
+            EvalStats {
+                loss_fixed: (1 << 60) + 1,
+                correct: 7,
+                images: 9,
+            },
+            EvalStats {
+                loss_fixed: 3,
+                correct: 1,
+                images: 2,
+            },
+            EvalStats {
+                loss_fixed: (1 << 54) + 5,
+                correct: 0,
+                images: 4,
+            },
+        ];
+        let expected = EvalStats {
+            loss_fixed: (1 << 60) + (1 << 54) + 9,
+            correct: 8,
+            images: 15,
+        };
+        for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2], [1, 2, 0]] {
+            let mut s = EvalStats::default();
+            for i in order {
+                s.add(&parts[i]);
+            }
+            assert_eq!(s, expected, "order {order:?}");
+        }
+    }
+
+    #[test]
+    fn eval_stats_means() {
+        let s = EvalStats {
+            loss_fixed: 3 << LOSS_FRAC_BITS,
+            correct: 1,
+            images: 4,
+        };
+        assert_eq!(s.loss_sum(), 3.0);
+        assert_eq!(s.mean_loss(), 0.75);
+        assert_eq!(s.top1(), 25.0);
+        let empty = EvalStats::default();
+        assert_eq!((empty.mean_loss(), empty.top1()), (0.0, 0.0));
+    }
+
+    /// Cross-entropy in fixed point: ln(10) for ten equal logits, about 0 for a confident
+    /// right answer, the logit gap for a confident wrong one; the first maximum is the
+    /// prediction.
+    #[test]
+    fn image_loss_is_cross_entropy_in_fixed_point() {
+        let one = (1u64 << LOSS_FRAC_BITS) as f64;
+        let (l, ok) = image_loss(&[5; 10], 1.0, 0);
+        assert_eq!(l, (10f64.ln() * one).round() as u64);
+        assert!(ok, "ties go to the first maximum");
+        let (_, ok) = image_loss(&[5; 10], 1.0, 3);
+        assert!(!ok);
+        let (l, ok) = image_loss(&[0, 400, 0], 0.1, 1);
+        assert!(ok && l < 10, "confident and right: {l}");
+        let (l, ok) = image_loss(&[0, 400, 0], 0.1, 2);
+        let expected = 40.0 + (1.0 + 2.0 * (-40f64).exp()).ln();
+        assert!(!ok);
+        assert_eq!(l, (expected * one).round() as u64);
+    }
+}
