@@ -144,6 +144,9 @@ pub fn summary(t: &Telemetry, budget_evaluations: Option<u64>) -> String {
         out += "evaluations";
     }
     out += &format!(" at {:.1}/s", s.evaluations_per_sec);
+    if !s.waiting_for_workers.is_empty() {
+        out += ", WAITING: no worker connected";
+    }
     out += &accuracy_text(t);
     if let Some(eta) = s.eta_secs {
         out += &format!(", eta {}", duration(eta));
@@ -163,6 +166,9 @@ fn bar_message(t: &Telemetry) -> String {
     }
     if s.best_fitness.is_finite() {
         parts.push(format!("fitness {:.3}", s.best_fitness));
+    }
+    if !s.waiting_for_workers.is_empty() {
+        parts.push("WAITING: no worker connected".into());
     }
     parts.push(format!("{:.0} evals/s", s.evaluations_per_sec));
     parts.push(format!("gen {}", t.generations));

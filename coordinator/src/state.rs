@@ -353,7 +353,16 @@ pub struct State {
     checkpoints: Checkpointer,
     /// What a resumed run picks up when its loop starts.
     restored: Option<(Option<Generation>, Vec<PendingEval>)>,
+    /// Since when work has been waiting with no worker connected, and when that was last
+    /// logged: a run with no workers must say so, not report 0.0/s forever.
+    no_worker_since: Option<Instant>,
+    no_worker_logged: Option<Instant>,
 }
+
+/// How long work may wait without any worker before the coordinator logs it, and how
+/// often it repeats the message while nothing changes.
+const NO_WORKER_GRACE: Duration = Duration::from_secs(2);
+const NO_WORKER_REPEAT: Duration = Duration::from_secs(30);
 
 /// Decides when to write checkpoints and writes them off the loop, one at a time.
 struct Checkpointer {
@@ -395,6 +404,8 @@ impl State {
             stop_reason: None,
             events,
             rate: VecDeque::new(),
+            no_worker_since: None,
+            no_worker_logged: None,
             jobs_completed: 0,
             jobs_retried: 0,
             job_seconds: Histogram::new(&LATENCY_BOUNDS),
@@ -562,6 +573,7 @@ impl State {
                 }
                 _ = tick.tick() => {
                     self.reap(hb);
+                    self.watch_for_no_workers();
                     self.publish();
                 }
                 _ = &mut shutdown => {
@@ -1243,6 +1255,38 @@ impl State {
         self.dispatch();
     }
 
+    /// Set while jobs wait and no worker is connected: what is wrong and how to fix it.
+    fn waiting_for_workers(&self) -> Option<String> {
+        let waiting = self.pending.iter().any(|q| !q.is_empty());
+        (self.phase != Phase::Done && waiting && self.workers.is_empty()).then(|| {
+            "no worker is connected and work is waiting: start workers with \
+             `worker --coordinator http://ADDR` (ADDR = this coordinator's --listen address), \
+             or restart with --local-workers N (local workers are not part of a checkpoint: \
+             a resumed local run needs the flag again)"
+                .to_string()
+        })
+    }
+
+    fn watch_for_no_workers(&mut self) {
+        let Some(message) = self.waiting_for_workers() else {
+            self.no_worker_since = None;
+            self.no_worker_logged = None;
+            return;
+        };
+        let now = Instant::now();
+        let since = *self.no_worker_since.get_or_insert(now);
+        let due = self
+            .no_worker_logged
+            .is_none_or(|at| now.duration_since(at) >= NO_WORKER_REPEAT);
+        if now.duration_since(since) >= NO_WORKER_GRACE && due {
+            warn!(
+                waiting_secs = now.duration_since(since).as_secs(),
+                "{message}"
+            );
+            self.no_worker_logged = Some(now);
+        }
+    }
+
     fn status(&self) -> StatusResponse {
         let p = self.trainer.progress();
         let eda = self.trainer.eda();
@@ -1293,6 +1337,7 @@ impl State {
             free_variables: eda.free_count() as u64,
             mean_confidence: eda.mean_confidence(),
             eta_secs: eta,
+            waiting_for_workers: self.waiting_for_workers().unwrap_or_default(),
             workers: self
                 .workers
                 .iter()

@@ -126,6 +126,7 @@ pub fn to_json(s: &StatusResponse) -> serde_json::Value {
         "mean_confidence": s.mean_confidence,
         "eta_secs": s.eta_secs,
         "network_version": s.network_version,
+        "waiting_for_workers": s.waiting_for_workers,
         "workers": s.workers.iter().map(|w| json!({
             "id": w.id,
             "name": w.name,
@@ -151,6 +152,9 @@ pub fn render(s: &StatusResponse) -> String {
         out += &format!("  eta {eta:.0} s");
     }
     out += "\n";
+    if !s.waiting_for_workers.is_empty() {
+        out += &format!("WAITING: {}\n", s.waiting_for_workers);
+    }
     out += &format!(
         "cycle {}  group {}  generation {}  layer {}\n",
         s.cycle,

@@ -606,3 +606,32 @@ fn sigterm_stops_cleanly_and_resume_ends_identical_to_an_uninterrupted_run() {
     assert!(e.success, "the uninterrupted run failed: {}", e.stderr);
     assert_same_run(&out, &ref_out);
 }
+
+/// Resumed as the README shows but without `--local-workers` (local workers are a process
+/// flag, not part of the checkpoint), the run has work and nobody to do it. It must say so
+/// within a few seconds, in its log and in `coordinator status`, and say how to fix it —
+/// not log "0.0/s" forever.
+#[test]
+fn resume_without_workers_says_it_is_waiting_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = interrupted_run(dir.path());
+    let addr = free_addr().to_string();
+    let log = dir.path().join("resumed.log");
+    let _coord = Killed(
+        coordinator_run_on(&["--resume", out.to_str().unwrap()], &addr)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start coordinator"),
+    );
+    let said = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("no worker is connected"))
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(said, "no waiting message in the log:\n{text}");
+    assert_says(&text, &["worker --coordinator", "--local-workers"]);
+    let status = status(&addr).expect("status answers");
+    let waiting = status["waiting_for_workers"].as_str().unwrap();
+    assert!(waiting.contains("no worker is connected"), "{status}");
+    assert_eq!(status["phase"], "training");
+}
