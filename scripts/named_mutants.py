@@ -8,15 +8,16 @@ These are the mutations a reviewer names (issue "Tests that the search searches"
 (scripts/mutants.sh) covers the mechanical ones. Each entry: what it breaks, the file, the exact
 text replaced, the replacement, and the tests that must catch it.
 """
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SEARCH_TESTS = ["cargo", "test", "--release", "-p", "ccq-search", "--lib", "--tests"]
-CLUSTER_TESTS = ["cargo", "test", "--release", "-p", "ccq-tests", "--test", "cluster"]
-COMMON_TESTS = ["cargo", "test", "--release", "-p", "ccq-common", "--lib"]
+SEARCH_TESTS = ["cargo", "test", "--release", "--no-fail-fast", "-p", "ccq-search", "--lib", "--tests"]
+CLUSTER_TESTS = ["cargo", "test", "--release", "--no-fail-fast", "-p", "ccq-tests", "--test", "cluster"]
+COMMON_TESTS = ["cargo", "test", "--release", "--no-fail-fast", "-p", "ccq-common", "--lib"]
 
 MUTATIONS = [
     (
@@ -81,6 +82,8 @@ MUTATIONS = [
 
 
 def main() -> int:
+    # A SIGTERM must restore the mutated file too: turn it into an exception.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     rows = []
     failed_to_catch = 0
     for what, path, old, new, tests in MUTATIONS:
@@ -102,7 +105,7 @@ def main() -> int:
         caught = r.returncode != 0 and compiled and bool(failing)
         failed_to_catch += not caught
         status = "caught" if caught else ("DID NOT COMPILE" if not compiled else "MISSED")
-        print(f"{status:8} {what} ({path}; {' '.join(tests[2:])}; {secs:.0f} s)")
+        print(f"{status:8} {what} ({path}; {' '.join(tests[3:])}; {secs:.0f} s)")
         for t in failing:
             print(f"         fails: {t}")
         rows.append((what, path, status, failing))

@@ -541,6 +541,39 @@ mod tests {
             let candidates = candidates_for(&net, &vars, 5, 0.8, &mut rng);
             assert_all_strategies_exact(&net, &pixels, &labels, &vars, &candidates);
         }
+
+        // One job over two layers (a joint group, as `eda` searches) whose candidates
+        // change only the first layer, only the second (their sparse delta on the group's
+        // first layer is then empty), or both.
+        let second = net.layers[1].clone();
+        let vars: Vec<u32> = (0..10)
+            .chain(second.offset as u32..second.offset as u32 + 10)
+            .collect();
+        let context: Vec<i8> = vars.iter().map(|&v| net.codes()[v as usize]).collect();
+        let flip = |c: i8, v: u32| {
+            let info = net.var_info(v as usize).unwrap();
+            if c < info.hi {
+                c + 1
+            } else {
+                c - 1
+            }
+        };
+        let moved = |layer_of_change: &dyn Fn(usize) -> bool| -> Vec<i8> {
+            context
+                .iter()
+                .zip(&vars)
+                .enumerate()
+                .map(|(i, (&c, &v))| if layer_of_change(i) { flip(c, v) } else { c })
+                .collect()
+        };
+        let candidates = vec![
+            context.clone(),
+            moved(&|i| i >= 10), // second layer only
+            moved(&|i| i < 10),  // first layer only
+            moved(&|i| i == 3 || i == 15),
+            moved(&|i| i >= 12), // second layer again
+        ];
+        assert_all_strategies_exact(&net, &pixels, &labels, &vars, &candidates);
     }
 
     /// The same on a small residual network (strided convs, Add, shortcut Slice/Pad), with

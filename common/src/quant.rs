@@ -848,7 +848,7 @@ mod tests {
             assert!(codes.iter().all(|&c| c >= lo && c <= hi));
             // RTN from max-abs uses the symmetric range and reaches its end in every
             // channel that has a nonzero weight.
-            let qmax = (1i8 << (bits - 1)) - 1;
+            let qmax = ((1i16 << (bits - 1)) - 1) as i8;
             assert!(codes.iter().all(|&c| c >= -qmax));
             let first = net.conv(net.layers[0].node);
             let k = first.geom.k_len();

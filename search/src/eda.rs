@@ -1226,6 +1226,74 @@ mod tests {
         }
     }
 
+    /// The mode is the most probable code, the lower one on a tie (the documented rule;
+    /// freezing pins variables there, so it must not depend on slot order quirks).
+    #[test]
+    fn mode_is_the_most_probable_code_and_the_lower_on_a_tie() {
+        let params = EdaParams {
+            alpha: 1.0,
+            top_k: 3,
+            ..EdaParams::default()
+        };
+        let mut s = EdaState::new(params, four_bit(2, 0)).unwrap();
+        // Variable 0: a third on each of -1, 0, +1 (65535 splits exactly in three).
+        // Variable 1: all on +1.
+        s.update(&[0, 1], &[vec![-1i8, 1], vec![0i8, 1], vec![1i8, 1]])
+            .unwrap();
+        assert_eq!(s.probability(0, -1), s.probability(0, 1));
+        assert_eq!(s.probability(0, 0), s.probability(0, 1));
+        assert_eq!(s.mode(0), -1);
+        assert_eq!(s.mode(1), 1);
+    }
+
+    /// The memory budget of the module docs: 8, 12 and 16 bytes per variable at radius
+    /// 1, 2 and 3, plus a few bytes per layer run — and `heap_bytes` reports exactly that.
+    #[test]
+    fn heap_bytes_counts_the_per_variable_arrays_and_the_layer_runs() {
+        let n = 10_000;
+        for (radius, per_var) in [(1u8, 8usize), (2, 12), (3, 16)] {
+            let params = EdaParams {
+                radius,
+                ..EdaParams::default()
+            };
+            let s = EdaState::new(params, four_bit(n / 2, 0).chain(four_bit(n / 2, 1))).unwrap();
+            let runs = s.heap_bytes() - per_var * n;
+            assert!(
+                (2 * std::mem::size_of::<LayerRun>()..=8 * std::mem::size_of::<LayerRun>())
+                    .contains(&runs),
+                "radius {radius}: {} bytes for {n} variables in 2 layers",
+                s.heap_bytes()
+            );
+        }
+    }
+
+    /// The widest rows the state supports (radius MAX_RADIUS over a 4-bit code range,
+    /// 2 * 7 + 1 = 15 slots) sample, update and round-trip like any other: the per-row
+    /// scratch arrays are sized for them.
+    #[test]
+    fn the_largest_radius_uses_every_slot() {
+        let params = EdaParams {
+            radius: MAX_RADIUS,
+            population: 64,
+            top_k: 8,
+            group_size: 4,
+            ..EdaParams::default()
+        };
+        let mut s = EdaState::new(params, four_bit(4, 0)).unwrap();
+        assert_eq!(s.allowed_values(0), -7..=7);
+        let context = vec![0i8; 4];
+        let group = [0u32, 1, 2, 3];
+        let mut r = rng(1);
+        let candidates = s.sample(&group, &context, &mut r).unwrap();
+        // The selection holds the two extremes of the range: both must be counted.
+        let selected = vec![vec![-7i8, 7, 0, 0], vec![7i8, -7, 0, 0]];
+        s.update(&group, &selected).unwrap();
+        assert!(s.probability(0, -7) > 0.2 && s.probability(0, 7) > 0.2);
+        assert!(candidates.iter().flatten().all(|c| (-7..=7).contains(c)));
+        let back: EdaState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
     #[test]
     fn sampling_stays_in_allowed_values_and_candidate_zero_is_the_context() {
         let params = EdaParams {
@@ -1801,6 +1869,11 @@ mod tests {
             }
             assert_eq!(summary.histogram, histogram, "layer {}", summary.layer);
         }
+        // Confidence exactly 1 (a variable with a single allowed code) counts in the last
+        // bin, not past it.
+        let sure = EdaState::new(EdaParams::default(), [var(0, 0, 0, 4)]).unwrap();
+        assert_eq!(sure.confidence(0), 1.0);
+        assert_eq!(sure.layer_summaries(10)[0].histogram[9], 1);
     }
 
     /// The mean confidence is kept as a running integer total; it must equal a recount
@@ -1960,5 +2033,24 @@ mod tests {
         );
         assert!(s.local_moves(&context, 5, 0, &mut rng(9)).is_err());
         assert!(s.local_moves(&context[1..], 5, 2, &mut rng(9)).is_err());
+
+        // A variable with a single allowed code (a zero range) has nowhere to move: it is
+        // never picked, however many of them there are.
+        let vars = (0..40).map(|i| {
+            if i % 4 == 0 {
+                var(0, -8, 7, 0)
+            } else {
+                var(0, 0, 0, 0)
+            }
+        });
+        let s = EdaState::new(EdaParams::default(), vars).unwrap();
+        let context = vec![0i8; 40];
+        for seed in 0..50 {
+            let (g, cands) = s.local_moves(&context, 4, 2, &mut rng(seed)).unwrap();
+            assert!(g.vars.iter().all(|&v| v % 4 == 0), "{:?}", g.vars);
+            for c in &cands[1..] {
+                assert_eq!(c.iter().filter(|&&x| x != 0).count(), 2);
+            }
+        }
     }
 }

@@ -188,11 +188,10 @@ const SEARCHING: [Strategy; 5] = [
     Strategy::Hill,
 ];
 
-/// Selection learns from the best: over the first cycle (every variable searched once,
-/// the context's distribution otherwise untouched), the probability of each variable's
-/// target code rises wherever the target is not the round-to-nearest start — clearly on
-/// average, and for most such variables. A search that learned from the worst
-/// candidates moves it down.
+/// Selection learns from the best: over the first cycle (every free variable searched in
+/// one group), the probability of each variable's target code rises wherever the target
+/// is not the round-to-nearest start — clearly on average, and for most such variables.
+/// A search that learned from the worst candidates moves it down.
 #[test]
 fn the_distribution_moves_toward_better_codes() {
     for strategy in [Strategy::EdaCc, Strategy::CcRandom, Strategy::CcLayer] {

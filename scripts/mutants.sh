@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Mutation testing of the code that decides what the search learns: the search crate
+# (EDA, grouping, strategies, trainer), the fitness sums, requantization and the
+# checkpoint restore checks. Uses cargo-mutants at a pinned version (installed here).
+#
+#   scripts/mutants.sh full          every mutant in scope; writes target/mutants/summary.json
+#                                    (copy it to docs/mutants/summary.json to record the run)
+#   scripts/mutants.sh diff [BASE]   only mutants in lines changed since BASE (default: the
+#                                    commit that last recorded docs/mutants/summary.json);
+#                                    at most $CCQ_MUTANTS_MAX (default 60) of them — past
+#                                    that it stops and asks for a full run. What CI runs.
+#
+# A mutant that survives (no test fails) must either be killed by a better test or be
+# listed, with a one-line reason, in docs/mutants/equivalent.txt. The run fails when a
+# survivor is not listed. See docs/MUTANTS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VERSION=27.1.0
+if [[ "$(cargo mutants --version 2>/dev/null || true)" != "cargo-mutants $VERSION" ]]; then
+  echo "mutants: installing cargo-mutants $VERSION"
+  cargo install --locked --quiet cargo-mutants --version "$VERSION"
+fi
+
+mode=${1:-full}
+common_args=(--no-shuffle)
+out=target/mutants
+case $mode in
+  full) ;;
+  diff)
+    base=${2:-$(git log -1 --format=%H -- docs/mutants/summary.json)}
+    if [[ -z $base ]]; then
+      echo "mutants: no recorded full run (docs/mutants/summary.json); run 'scripts/mutants.sh full'" >&2
+      exit 2
+    fi
+    mkdir -p "$out"
+    git diff "$base" -- search/src common/src coordinator/src > "$out/change.diff"
+    if [[ ! -s $out/change.diff ]]; then
+      echo "mutants: no change to the guarded code since $(git log -1 --format='%h %s' "$base")"
+      exit 0
+    fi
+    common_args+=(--in-diff "$out/change.diff")
+    # Mutating a fresh CI clone in place reuses its build; locally, leave the tree alone.
+    [[ ${CI:-} == true ]] && common_args+=(--in-place)
+    ;;
+  *)
+    echo "usage: scripts/mutants.sh full | diff [BASE]" >&2
+    exit 2
+    ;;
+esac
+
+# One scope per package, so that each mutant runs only the tests that can see it: the
+# search crate's unit and behaviour tests; the library unit tests of common (fitness sums,
+# requantization) and of the coordinator (checkpoint restore checks). fitness.rs's
+# delta_pays_off is a cost model that only picks the faster of bit-identical paths, so its
+# mutants change speed, never results: left out. Doc tests and the
+# slow process tests are left out on purpose: they take minutes and guard other things.
+scopes=(
+  "search|-p ccq-search --cargo-test-arg=--lib --cargo-test-arg=--tests"
+  "common|-p ccq-common -f common/src/fitness.rs -f common/src/qnet.rs -f common/src/kernels/mod.rs --re fitness\.rs|EvalStats::|image_loss|cross_entropy|Requant:: -E delta_pays_off|slice_value|pad_value --cargo-test-arg=--lib"
+  "coordinator|-p ccq-coordinator -f coordinator/src/checkpoint.rs --cargo-test-arg=--lib"
+)
+
+split_args() { # "a b --re x|y c" -> array, keeping the regex whole
+  local IFS=' '
+  read -r -a args <<< "$1"
+}
+
+declare -A count
+if [[ $mode == diff ]]; then
+  total=0
+  for scope in "${scopes[@]}"; do
+    split_args "${scope#*|}"
+    n=$(cargo mutants --list "${common_args[@]}" "${args[@]}" | grep -c . || true)
+    count[${scope%%|*}]=$n
+    total=$((total + n))
+  done
+  max=${CCQ_MUTANTS_MAX:-60}
+  echo "mutants: $total mutants in the lines changed since ${base:0:12}"
+  if (( total > max )); then
+    echo "mutants: more than $max: too many for CI. Run 'scripts/mutants.sh full', kill or list" \
+      "the survivors, and commit target/mutants/summary.json as docs/mutants/summary.json." >&2
+    exit 1
+  fi
+fi
+
+rm -rf "$out"/search "$out"/common "$out"/coordinator
+for scope in "${scopes[@]}"; do
+  name=${scope%%|*}
+  split_args "${scope#*|}"
+  if [[ ${count[$name]:-1} == 0 ]]; then
+    continue
+  fi
+  mkdir -p "$out/$name"
+  echo "mutants: scope $name"
+  # cargo-mutants exits 2 when mutants survive and 3 on timeouts; the report below decides,
+  # so that listed equivalents do not fail the run. 0 also covers "no mutants here".
+  set +e
+  cargo mutants "${common_args[@]}" --output "$out/$name" "${args[@]}"
+  rc=$?
+  set -e
+  if (( rc != 0 && rc != 2 && rc != 3 )); then
+    echo "mutants: scope $name: cargo-mutants failed (exit $rc)" >&2
+    exit "$rc"
+  fi
+done
+
+python3 scripts/mutants_report.py "$out" docs/mutants/equivalent.txt

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Summarise a scripts/mutants.sh run and check every survivor against the equivalents list.
+
+usage: mutants_report.py OUT_DIR EQUIVALENT_TXT
+
+OUT_DIR holds one folder per scope, each with cargo-mutants' mutants.out/. A survivor is named
+by its file, its description and the source line it mutates, without line numbers, so the
+list survives edits elsewhere in the file and two alike mutants of one function stay apart:
+
+    common/src/fitness.rs: replace < with <= in eval_chunk @ Some(stage) if first + 1 < base.nodes.len() => { # reason
+
+EQUIVALENT_TXT holds one such line per equivalent mutant, with " # " and the reason after the
+source line; blank lines and lines starting with # are ignored. A mutant whose tests time
+out made them hang: it is detected, and counted apart. Exit 1 when a missed mutant is not
+listed, or a listed one has no reason.
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+LINE_COL = re.compile(r"^([^:]+):\d+:\d+: ")
+
+
+def read(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    return [l for l in path.read_text().splitlines() if l.strip()]
+
+
+def mutated_line(mo: Path, diff_path: str) -> str:
+    """The first source line the mutant's diff removes, whitespace-trimmed."""
+    for line in read(mo / diff_path):
+        if line.startswith("-") and not line.startswith("---"):
+            return line[1:].strip()
+    return ""
+
+
+def survivors(mo: Path) -> list[tuple[str, str]]:
+    """(cargo-mutants name, stable key) of every missed mutant of a scope."""
+    out = []
+    outcomes = mo / "outcomes.json"
+    if outcomes.is_file():
+        for o in json.loads(outcomes.read_text())["outcomes"]:
+            if o.get("summary") != "MissedMutant":
+                continue
+            name = o["scenario"]["Mutant"]["name"]
+            key = LINE_COL.sub(r"\1: ", name) + " @ " + mutated_line(mo, o["diff_path"])
+            out.append((name, key))
+    return out
+
+
+def main() -> int:
+    out_dir, equivalent_path = Path(sys.argv[1]), Path(sys.argv[2])
+    equivalent: dict[str, str] = {}
+    bad = []
+    for n, line in enumerate(read(equivalent_path), 1):
+        if line.startswith("#"):
+            continue
+        at = line.find(" @ ")
+        cut = line.find(" # ", at if at >= 0 else 0)
+        if at < 0 or cut < 0 or not line[cut + 3 :].strip():
+            bad.append(f"{equivalent_path}:{n}: not 'FILE: DESCRIPTION @ SOURCE LINE # reason'")
+            continue
+        equivalent[line[:cut].strip()] = line[cut + 3 :].strip()
+
+    summary = {}
+    unlisted = []
+    for scope in sorted(p for p in out_dir.iterdir() if (p / "mutants.out").is_dir()):
+        mo = scope / "mutants.out"
+        counts = {k: len(read(mo / f"{k}.txt")) for k in ("caught", "missed", "timeout", "unviable")}
+        missed = survivors(mo)
+        counts["equivalent"] = sum(key in equivalent for _, key in missed)
+        viable = counts["caught"] + counts["missed"] + counts["timeout"]
+        detected = counts["caught"] + counts["timeout"]
+        counts["detected_percent"] = round(100.0 * detected / viable, 1) if viable else 100.0
+        non_equivalent = viable - counts["equivalent"]
+        counts["detected_percent_of_non_equivalent"] = (
+            round(100.0 * detected / non_equivalent, 1) if non_equivalent else 100.0
+        )
+        summary[scope.name] = counts
+        unlisted += [key for _, key in missed if key not in equivalent]
+
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{'scope':<12} {'caught':>7} {'timeout':>8} {'missed':>7} {'equiv':>6} {'unviable':>9} {'detected':>9}")
+    for scope, c in summary.items():
+        print(
+            f"{scope:<12} {c['caught']:>7} {c['timeout']:>8} {c['missed']:>7} {c['equivalent']:>6} "
+            f"{c['unviable']:>9} {c['detected_percent']:>8}%"
+        )
+    for line in bad:
+        print(line)
+    if unlisted:
+        print(f"\n{len(unlisted)} surviving mutant(s) not listed in {equivalent_path}:")
+        for key in unlisted:
+            print(f"  {key}")
+        print("Kill each with a test that fails on it, or list it there with the reason it is equivalent.")
+    return 1 if unlisted or bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
