@@ -261,6 +261,26 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
+    /// `OUT/checkpoint.ccqck` is the documented place: `--resume DIR` and the deployments
+    /// look for it there. A directory without one has nothing to resume; a checkpoint
+    /// that cannot be read says why instead.
+    #[test]
+    fn the_checkpoint_lives_in_the_run_directory_under_its_documented_name() {
+        assert_eq!(
+            path(Path::new("runs/x")),
+            Path::new("runs/x/checkpoint.ccqck")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let r = reason(Checkpoint::load(dir.path()));
+        assert!(r.contains("nothing to resume"), "{r}");
+        std::fs::create_dir(path(dir.path())).unwrap();
+        let r = reason(Checkpoint::load(dir.path()));
+        assert!(
+            !r.contains("nothing to resume"),
+            "a directory in its place: {r}"
+        );
+    }
+
     fn network() -> QNetwork {
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../common/tests/fixtures/mnist_cnn.onnx");
@@ -408,6 +428,14 @@ mod tests {
         foreign.extend_from_slice(body);
         let r = reason(Checkpoint::decode(&foreign, "ck"));
         assert!(r.starts_with("unreadable body"), "{r}");
+        // Four fields but another magic word: not ours, whatever follows.
+        let mut other = b"ccq-checkpoinT".to_vec();
+        other.extend_from_slice(&bytes[b"ccq-checkpoint".len()..]);
+        let r = reason(Checkpoint::decode(&other, "ck"));
+        assert!(r.starts_with("not a ccq checkpoint"), "{r}");
+        // The right magic with a field missing.
+        let r = reason(Checkpoint::decode(b"ccq-checkpoint 1 12\n{}", "ck"));
+        assert!(r.starts_with("not a ccq checkpoint"), "{r}");
     }
 
     #[test]

@@ -514,3 +514,23 @@ fn freezing_pins_the_mode_over_the_adopted_code() {
     }
     assert!(pinned > 10, "the scenario arose {pinned} times");
 }
+
+/// Not a check: prints how far each strategy gets on the synthetic problem with the
+/// default EDA settings and with the patient ones (docs/MUTANTS.md quotes it).
+/// `cargo test --release -p ccq-search --test behaviour -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn print_convergence_on_the_synthetic_problem() {
+    for strategy in SEARCHING {
+        for (name, eda) in [("default", params(4)), ("patient", patient(4))] {
+            for seed in 0..3 {
+                let mut t = trainer(strategy, eda.clone(), seed);
+                let f = Quadratic::new(&t, seed + 100);
+                let (start, end, gens) = run_to_optimum(&mut t, &f, 5_000);
+                println!(
+                    "{strategy:?} {name} seed {seed}: loss {start} -> {end} in {gens} generations"
+                );
+            }
+        }
+    }
+}

@@ -504,6 +504,24 @@ fn requant_from_real_edge_cases() {
     assert_eq!((tiny * f64::from(i32::MIN) + 0.5).floor(), 0.0);
 }
 
+/// What a loader must refuse: a negative multiplier or a shift outside [1, 62].
+#[test]
+fn requant_validity_is_exactly_the_documented_range() {
+    for (multiplier, shift, valid) in [
+        (0, 1, true),
+        (i32::MAX, 62, true),
+        (1 << 30, 30, true),
+        (-1, 30, false),
+        (i32::MIN, 1, false),
+        (1 << 30, 0, false),
+        (1 << 30, 63, false),
+        (-5, 0, false),
+    ] {
+        let r = Requant { multiplier, shift };
+        assert_eq!(r.is_valid(), valid, "{r:?}");
+    }
+}
+
 #[test]
 fn requant_from_real_round_trips_across_magnitudes() {
     let mut rng = rng(5);
@@ -514,9 +532,38 @@ fn requant_from_real_round_trips_across_magnitudes() {
             (1 << 30..=i32::MAX).contains(&r.multiplier) && (1..=62).contains(&r.shift),
             "{m} -> {r:?}"
         );
+        // Round to nearest: within half a unit of the 31-bit multiplier (>= 2^30), the
+        // documented 2^-31; truncating would allow twice that.
         let rel = (r.to_real() - m).abs() / m;
-        assert!(rel < 2f64.powi(-30), "{m} -> {r:?}: relative error {rel}");
+        assert!(rel <= 2f64.powi(-31), "{m} -> {r:?}: relative error {rel}");
     }
+    // Rounding up to 2^31 renormalises to 2^30 with one shift less: just under 2.0 is 2.0.
+    assert_eq!(
+        Requant::from_real(2.0 - 2f64.powi(-40)),
+        Requant {
+            multiplier: 1 << 30,
+            shift: 29
+        }
+    );
+    assert_eq!(
+        Requant::from_real(2.0 - 2f64.powi(-40)),
+        Requant::from_real(2.0)
+    );
+    // Half a unit rounds up, less rounds down.
+    assert_eq!(
+        Requant::from_real(1.0 + 2f64.powi(-31)),
+        Requant {
+            multiplier: (1 << 30) + 1,
+            shift: 30
+        }
+    );
+    assert_eq!(
+        Requant::from_real(1.0 + 2f64.powi(-32)),
+        Requant {
+            multiplier: 1 << 30,
+            shift: 30
+        }
+    );
     // Exact powers of two are exact.
     for e in -32..30 {
         let m = 2f64.powi(e);
