@@ -4,10 +4,11 @@
 usage: mutants_report.py OUT_DIR EQUIVALENT_TXT
 
 OUT_DIR holds one folder per scope, each with cargo-mutants' mutants.out/. A survivor is named
-by its file, its description and the source line it mutates, without line numbers, so the
-list survives edits elsewhere in the file and two alike mutants of one function stay apart:
+by its file, its description, the source line it mutates and the column, without the line
+number, so the list survives edits elsewhere in the file and two alike mutants of one line
+stay apart:
 
-    common/src/fitness.rs: replace < with <= in eval_chunk @ Some(stage) if first + 1 < base.nodes.len() => { # reason
+    common/src/fitness.rs: replace < with <= in eval_chunk @ Some(stage) if first + 1 < base.nodes.len() => { @ column 46 # reason
 
 EQUIVALENT_TXT holds one such line per equivalent mutant, with " # " and the reason after the
 source line; blank lines and lines starting with # are ignored. A mutant whose tests time
@@ -19,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-LINE_COL = re.compile(r"^([^:]+):\d+:\d+: ")
+NAME = re.compile(r"^([^:]+):\d+:(\d+): (.*)$")
 
 
 def read(path: Path) -> list[str]:
@@ -45,7 +46,11 @@ def survivors(mo: Path) -> list[tuple[str, str]]:
             if o.get("summary") != "MissedMutant":
                 continue
             name = o["scenario"]["Mutant"]["name"]
-            key = LINE_COL.sub(r"\1: ", name) + " @ " + mutated_line(mo, o["diff_path"])
+            m = NAME.match(name)
+            if not m:
+                raise SystemExit(f"{mo}: unexpected mutant name {name!r}")
+            file, col, desc = m.groups()
+            key = f"{file}: {desc} @ {mutated_line(mo, o['diff_path'])} @ column {col}"
             out.append((name, key))
     return out
 
@@ -57,10 +62,10 @@ def main() -> int:
     for n, line in enumerate(read(equivalent_path), 1):
         if line.startswith("#"):
             continue
-        at = line.find(" @ ")
+        at = line.find(" @ column ")
         cut = line.find(" # ", at if at >= 0 else 0)
         if at < 0 or cut < 0 or not line[cut + 3 :].strip():
-            bad.append(f"{equivalent_path}:{n}: not 'FILE: DESCRIPTION @ SOURCE LINE # reason'")
+            bad.append(f"{equivalent_path}:{n}: not 'FILE: DESCRIPTION @ SOURCE LINE @ column N # reason'")
             continue
         equivalent[line[:cut].strip()] = line[cut + 3 :].strip()
 

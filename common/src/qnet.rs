@@ -910,14 +910,44 @@ mod tests {
     fn eval_stats_means() {
         let s = EvalStats {
             loss_fixed: 3 << LOSS_FRAC_BITS,
-            correct: 1,
+            correct: 3,
             images: 4,
         };
         assert_eq!(s.loss_sum(), 3.0);
         assert_eq!(s.mean_loss(), 0.75);
-        assert_eq!(s.top1(), 25.0);
+        assert_eq!(s.top1(), 75.0);
         let empty = EvalStats::default();
         assert_eq!((empty.mean_loss(), empty.top1()), (0.0, 0.0));
+    }
+
+    /// Slicing and padding change the shape on every axis they touch, channels included,
+    /// and keep the quantization.
+    #[test]
+    fn slice_and_pad_shapes() {
+        let v = QValue {
+            h: 8,
+            w: 6,
+            c: 10,
+            scale: 0.5,
+            zp: 3,
+        };
+        let s = slice_value(
+            &v,
+            &Slice {
+                start: [2, 0, 1],
+                end: [8, 8, 6],
+                step: [2, 2, 1],
+            },
+        );
+        assert_eq!((s.c, s.h, s.w, s.scale, s.zp), (3, 4, 5, 0.5, 3));
+        let p = pad_value(
+            &v,
+            &Pad {
+                before: [1, 2, 3],
+                after: [4, 5, 6],
+            },
+        );
+        assert_eq!((p.c, p.h, p.w, p.scale, p.zp), (15, 15, 15, 0.5, 3));
     }
 
     /// Cross-entropy in fixed point: ln(10) for ten equal logits, about 0 for a confident

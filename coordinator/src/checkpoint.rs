@@ -401,6 +401,23 @@ mod tests {
         }
     }
 
+    /// Written atomically into the run directory, read back whole, nothing left beside
+    /// it; a second write replaces the first.
+    #[test]
+    fn write_atomic_then_load_gives_the_checkpoint_back() {
+        let (ck, _) = sample();
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(dir.path(), b"an older checkpoint").unwrap();
+        write_atomic(dir.path(), &ck.encode()).unwrap();
+        let back = Checkpoint::load(dir.path()).unwrap();
+        assert_eq!(back.encode(), ck.encode());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE_NAME], "no temporary file is left");
+    }
+
     #[test]
     fn damaged_files_are_refused_with_the_reason() {
         let (ck, _) = sample();

@@ -1226,6 +1226,19 @@ mod tests {
         }
     }
 
+    /// Fixed-point rounding hands the units the floors leave out to the largest
+    /// fractional parts (index order on ties), never to a zero target.
+    #[test]
+    fn apportion_gives_the_remainder_to_the_largest_fractions() {
+        let mut out = [0u16; 3];
+        apportion(&[10.9, 1.5, 65522.6], &mut out);
+        assert_eq!(out, [11, 1, 65523]);
+        apportion(&[0.0, 65534.5, 0.5], &mut out);
+        assert_eq!(out, [0, 65535, 0]);
+        apportion(&[21845.0, 21845.0, 21845.0], &mut out);
+        assert_eq!(out, [21845; 3]);
+    }
+
     /// The mode is the most probable code, the lower one on a tie (the documented rule;
     /// freezing pins variables there, so it must not depend on slot order quirks).
     #[test]
@@ -1834,6 +1847,48 @@ mod tests {
         assert!(err.contains("eda_state.span[7]"), "{err}");
         let err = corrupt(&|v| v["params"]["alpha"] = 0.0.into());
         assert!(err.contains("eda.alpha"), "{err}");
+        // Arrays that disagree in length, one at a time.
+        let err = corrupt(&|v| {
+            v["span"].as_array_mut().unwrap().pop();
+        });
+        assert!(err.contains("eda_state.probs"), "{err}");
+        let err = corrupt(&|v| {
+            v["probs"].as_array_mut().unwrap().pop();
+        });
+        assert!(err.contains("eda_state.probs"), "{err}");
+        // Layer runs must start strictly increasing, each below the variable count.
+        assert!(
+            json.matches("\"start\"").count() >= 2,
+            "the state has several runs"
+        );
+        let err = corrupt(&|v| v["layer_runs"][1]["start"] = v["layer_runs"][0]["start"].clone());
+        assert!(err.contains("eda_state.layer_runs"), "{err}");
+        let err = corrupt(&|v| {
+            let runs = v["layer_runs"].as_array_mut().unwrap();
+            runs.push(serde_json::json!({"start": 400, "layer": 99}));
+        });
+        assert!(err.contains("eda_state.layer_runs"), "{err}");
+        // Codes reach 127 and no further: an 8-bit variable at the top of its range
+        // round-trips; a row that would run past 127 is refused.
+        let top = EdaState::new(EdaParams::default(), [var(127, -128, 127, 0)]).unwrap();
+        let top_json = serde_json::to_value(&top).unwrap();
+        assert_eq!(
+            serde_json::from_value::<EdaState>(top_json.clone()).unwrap(),
+            top
+        );
+        let mut past = top_json;
+        past["base"][0] = 127.into();
+        let err = serde_json::from_value::<EdaState>(past)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("eda_state.span[0]"), "{err}");
+        // A state of no variables at all is refused, not a panic.
+        let err = corrupt(&|v| {
+            for field in ["base", "span", "probs", "layer_runs"] {
+                v[field] = serde_json::json!([]);
+            }
+        });
+        assert!(err.contains("eda_state.base"), "{err}");
     }
 
     #[test]
