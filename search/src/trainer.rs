@@ -714,6 +714,38 @@ mod tests {
         assert_ne!(g.vars, t.eda().groups(&mut group_rng(3))[0].vars);
     }
 
+    /// Every seed gets its own streams: seeds that a weaker derivation (`|` or `&` with
+    /// the stream constants instead of `^`) would merge still draw different batches,
+    /// candidates and random groups.
+    #[test]
+    fn distinct_seeds_draw_distinct_streams() {
+        let (net, _, labels) = setup();
+        let first = |strategy, seed: u64| {
+            let (eda, search) = small_search(strategy);
+            let mut t = Trainer::new(net.clone(), eda, search, seed, labels.len()).unwrap();
+            t.next_generation().unwrap().unwrap()
+        };
+        for (a, b) in [(0, 0xba7c4e5), (0, 0x5a3b1e), (0, 0x6e0c9a7), (0, 1 << 40)] {
+            let (ga, gb) = (first(Strategy::CcRandom, a), first(Strategy::CcRandom, b));
+            assert_ne!(ga.images, gb.images, "batches of seeds {a} and {b}");
+            assert_ne!(ga.vars, gb.vars, "random groups of seeds {a} and {b}");
+            let (ha, hb) = (first(Strategy::Hill, a), first(Strategy::Hill, b));
+            assert_ne!(ha.vars, hb.vars, "local moves of seeds {a} and {b}");
+        }
+    }
+
+    /// cc-random draws its groups from the grouping stream with the random rule, not the
+    /// confidence rule.
+    #[test]
+    fn cc_random_uses_random_groups() {
+        let (net, _, labels) = setup();
+        let (eda, search) = small_search(Strategy::CcRandom);
+        let mut t = Trainer::new(net, eda, search, 2, labels.len()).unwrap();
+        let g = t.next_generation().unwrap().unwrap();
+        assert_eq!(g.vars, t.eda().random_groups(&mut group_rng(2))[0].vars);
+        assert_ne!(g.vars, t.eda().groups(&mut group_rng(2))[0].vars);
+    }
+
     /// Checkpoints written before strategies existed have no grouping stream position;
     /// they never used the stream, so they resume at position 0, identically.
     #[test]

@@ -323,10 +323,11 @@ fn error_fitness_ranks_by_mistakes_then_loss() {
         correct,
         images: b,
     };
-    // Candidate 3 makes the fewest mistakes despite the highest loss; 5 ties it on
-    // mistakes with a higher loss.
+    // Candidate 3 makes the fewest mistakes (2) despite a high loss; 5 ties it on
+    // mistakes with a higher loss; 2 makes one mistake more with a far lower loss.
     let mut stats = vec![st(100, 4); g.candidates.len()];
     stats[1] = st(10, 4);
+    stats[2] = st(20, 5);
     stats[3] = st(500, 6);
     stats[5] = st(900, 6);
     let before = t.network().codes();
@@ -422,18 +423,71 @@ fn progress_counts_generations_evaluations_groups_and_cycles() {
     let groups_in_first_cycle = t.eda().layer_groups().len();
     assert!(groups_in_first_cycle >= n.div_ceil(16));
     let per_group = search(Strategy::CcLayer).generations_per_group as u64;
-    let mut evaluations = 0;
+    let (mut evaluations, mut adoptions) = (0, 0);
+    assert_eq!(
+        t.current_layer(),
+        None,
+        "no group before the first generation"
+    );
     for gen in 1..=(groups_in_first_cycle as u64 * per_group) {
-        let (g, ..) = step(&mut t, &f).unwrap();
+        let g = t.next_generation().unwrap().unwrap();
+        assert_eq!(t.current_layer(), Some(g.layer), "the group in progress");
+        let stats = f.evaluate(&t.network().codes(), &g);
+        let out = t.complete(&g, &stats).unwrap();
         evaluations += g.candidates.len() as u64;
+        adoptions += out.adopted as u64;
         let p = t.progress();
         assert_eq!(p.generations, gen);
         assert_eq!(p.evaluations, evaluations);
+        assert_eq!(p.adoptions, adoptions);
         assert_eq!(p.groups, gen / per_group);
         assert_eq!(p.cycles, 0);
     }
     step(&mut t, &f).unwrap();
     assert_eq!(t.progress().cycles, 1, "the second cycle has begun");
+    assert!(adoptions > 0);
+    assert_eq!(t.strategy(), Strategy::CcLayer);
+    assert_eq!(
+        trainer(Strategy::Hill, params(4), 1).strategy(),
+        Strategy::Hill
+    );
+}
+
+/// Results that cannot belong to the generation are refused, not half-used: a missing
+/// candidate, or a candidate scored on another number of images.
+#[test]
+fn results_that_do_not_fit_the_generation_are_refused() {
+    let mut t = trainer(Strategy::EdaCc, params(16), 1);
+    let f = Quadratic::new(&t, 1);
+    let g = t.next_generation().unwrap().unwrap();
+    let stats = f.evaluate(&t.network().codes(), &g);
+    let before = t.snapshot();
+    assert!(t.complete(&g, &stats[..stats.len() - 1]).is_err());
+    let mut wrong = stats.clone();
+    wrong[2].images += 1;
+    assert!(t.complete(&g, &wrong).is_err());
+    assert_eq!(t.snapshot(), before, "nothing changed");
+    t.complete(&g, &stats).unwrap();
+}
+
+/// A snapshot whose codes do not match the network's variables is refused by name.
+#[test]
+fn a_snapshot_of_another_size_is_refused() {
+    let t = trainer(Strategy::EdaCc, params(16), 1);
+    let mut snap = t.snapshot();
+    snap.codes.pop();
+    let err = Trainer::restore(
+        tiny_network(),
+        search(Strategy::EdaCc),
+        1,
+        SEARCH_LEN,
+        snap,
+        "ck",
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(err.contains("trainer.codes"), "{err}");
 }
 
 /// A variable that freezes is pinned at its mode even when the candidate adopted in the
