@@ -407,14 +407,7 @@ mod tests {
     #[test]
     fn strategies_parse_by_their_documented_names_and_default_to_eda_cc() {
         assert_eq!(load(VALID).unwrap().search.strategy, Strategy::EdaCc);
-        for s in [
-            Strategy::EdaCc,
-            Strategy::CcRandom,
-            Strategy::CcLayer,
-            Strategy::Eda,
-            Strategy::Hill,
-            Strategy::Rtn,
-        ] {
+        for s in Strategy::ALL {
             let text = VALID.replace(
                 "[budget]",
                 &format!("[search]\nstrategy = \"{}\"\n[budget]", s.name()),

@@ -44,6 +44,16 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// Every strategy, in the order the docs list them.
+    pub const ALL: [Strategy; 6] = [
+        Strategy::EdaCc,
+        Strategy::CcRandom,
+        Strategy::CcLayer,
+        Strategy::Eda,
+        Strategy::Hill,
+        Strategy::Rtn,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Strategy::EdaCc => "eda-cc",
@@ -152,14 +162,7 @@ mod tests {
     /// The names are the config's spelling: reports and grid file names use them.
     #[test]
     fn strategy_names_round_trip_through_the_config_spelling() {
-        for s in [
-            Strategy::EdaCc,
-            Strategy::CcRandom,
-            Strategy::CcLayer,
-            Strategy::Eda,
-            Strategy::Hill,
-            Strategy::Rtn,
-        ] {
+        for s in Strategy::ALL {
             let text = format!("strategy = \"{}\"", s.name());
             #[derive(Deserialize)]
             struct S {
