@@ -67,15 +67,15 @@ MUTATIONS = [
     (
         "adding the shards' partial sums in f32 (rounding depends on arrival order)",
         "common/src/qnet.rs",
-        "        self.loss_fixed += other.loss_fixed;",
-        "        self.loss_fixed = (self.loss_fixed as f32 + other.loss_fixed as f32) as u64;",
+        "            loss_fixed: self.loss_fixed.checked_add(other.loss_fixed)?,",
+        "            loss_fixed: (self.loss_fixed as f32 + other.loss_fixed as f32) as u64,",
         COMMON_TESTS,
     ),
     (
         "dropping one shard's results",
-        "coordinator/src/state.rs",
-        "            sum.add(&from_proto(r));",
-        "            if j.shard != 1 {\n                sum.add(&from_proto(r));\n            }",
+        "coordinator/src/state/jobs.rs",
+        "            *sum = sum.checked_add(r).expect(\"checked above\");",
+        "            if j.shard != 1 {\n                *sum = sum.checked_add(r).expect(\"checked above\");\n            }",
         CLUSTER_TESTS,
     ),
 ]

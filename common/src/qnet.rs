@@ -231,12 +231,39 @@ pub struct EvalStats {
 /// loss 64 would still fit in a u64.
 pub const LOSS_FRAC_BITS: u32 = 24;
 
+/// The largest loss one image can have, in real units: [`cross_entropy`] clamps there.
+pub const MAX_IMAGE_LOSS: f64 = 1e6;
+/// [`MAX_IMAGE_LOSS`] in [`EvalStats::loss_fixed`] units: no honest sum over `n` images
+/// exceeds `n` times this.
+pub const MAX_IMAGE_LOSS_FIXED: u64 = 1_000_000 << LOSS_FRAC_BITS;
+
 impl EvalStats {
     pub fn add(&mut self, other: &EvalStats) {
         self.loss_fixed += other.loss_fixed;
         self.correct += other.correct;
         self.images += other.images;
     }
+    /// The sum of both, or None if any count would overflow (sums from the network are
+    /// checked: a worker's numbers are not trusted to be small).
+    pub fn checked_add(&self, other: &EvalStats) -> Option<EvalStats> {
+        Some(EvalStats {
+            loss_fixed: self.loss_fixed.checked_add(other.loss_fixed)?,
+            correct: self.correct.checked_add(other.correct)?,
+            images: self.images.checked_add(other.images)?,
+        })
+    }
+
+    /// Could an honest evaluation of `images` images give these figures? Exactly that
+    /// many images, no more correct than images, and no more loss than every image at
+    /// the largest loss [`cross_entropy`] gives.
+    pub fn plausible_for(&self, images: u64) -> bool {
+        self.images == images
+            && self.correct <= images
+            && images
+                .checked_mul(MAX_IMAGE_LOSS_FIXED)
+                .is_some_and(|max| self.loss_fixed <= max)
+    }
+
     pub fn loss_sum(&self) -> f64 {
         self.loss_fixed as f64 / (1u64 << LOSS_FRAC_BITS) as f64
     }
@@ -279,7 +306,7 @@ pub fn cross_entropy(logits: &[f64], label: u8) -> (u64, bool) {
         .get(label as usize)
         .copied()
         .unwrap_or(f64::NEG_INFINITY);
-    let loss = (max + sum.ln() - target).clamp(0.0, 1e6);
+    let loss = (max + sum.ln() - target).clamp(0.0, MAX_IMAGE_LOSS);
     let fixed = (loss * (1u64 << LOSS_FRAC_BITS) as f64).round() as u64;
     (fixed, best == label as usize)
 }
@@ -948,6 +975,51 @@ mod tests {
             },
         );
         assert_eq!((p.c, p.h, p.w, p.scale, p.zp), (15, 15, 15, 0.5, 3));
+    }
+
+    /// Worker sums are checked: additions that would wrap are refused, and a result is
+    /// plausible only within what the engine can produce.
+    #[test]
+    fn sums_from_the_network_are_checked() {
+        let s = |loss_fixed, correct, images| EvalStats {
+            loss_fixed,
+            correct,
+            images,
+        };
+        assert_eq!(s(1, 2, 3).checked_add(&s(10, 20, 30)), Some(s(11, 22, 33)));
+        // Exact at any size (no float in between).
+        let big = (1u64 << 40) + 1;
+        assert_eq!(
+            s(big, 0, 0).checked_add(&s(1, 0, 0)),
+            Some(s(big + 1, 0, 0))
+        );
+        assert_eq!(s(u64::MAX, 0, 0).checked_add(&s(1, 0, 0)), None);
+        assert_eq!(s(0, u64::MAX, 0).checked_add(&s(0, 1, 0)), None);
+        assert_eq!(s(0, 0, u64::MAX).checked_add(&s(0, 0, 1)), None);
+        assert_eq!(
+            s(u64::MAX - 1, 0, 0).checked_add(&s(1, 0, 0)),
+            Some(s(u64::MAX, 0, 0))
+        );
+
+        let max = MAX_IMAGE_LOSS_FIXED;
+        assert_eq!(
+            max,
+            (MAX_IMAGE_LOSS * (1u64 << LOSS_FRAC_BITS) as f64) as u64
+        );
+        // The largest loss cross_entropy gives is plausible, one unit more is not.
+        let (worst, _) = cross_entropy(&[1e9, -1e9], 1);
+        assert_eq!(worst, max);
+        assert!(s(2 * max, 2, 2).plausible_for(2));
+        assert!(s(0, 0, 2).plausible_for(2));
+        assert!(!s(2 * max + 1, 0, 2).plausible_for(2));
+        assert!(!s(0, 3, 2).plausible_for(2), "more correct than images");
+        assert!(!s(0, 0, 2).plausible_for(3), "other images");
+        assert!(!s(0, 0, 3).plausible_for(2));
+        assert!(
+            !s(0, 0, u64::MAX).plausible_for(u64::MAX),
+            "no bound fits u64"
+        );
+        assert!(s(u64::MAX / max * max, 0, u64::MAX / max).plausible_for(u64::MAX / max));
     }
 
     /// Cross-entropy in fixed point: ln(10) for ten equal logits, about 0 for a confident

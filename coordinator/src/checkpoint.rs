@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
-use crate::state::LoopSnapshot;
+use crate::history::EvalPoint;
 use crate::Error;
-use ccq_search::trainer::TrainerSnapshot;
+use ccq_search::trainer::{Generation, TrainerSnapshot};
 
 pub const FILE_NAME: &str = "checkpoint.ccqck";
 /// Bumped whenever the body's meaning changes; older files are refused, not guessed at.
@@ -47,6 +47,110 @@ pub struct Checkpoint {
     pub search_seconds: f64,
     pub trainer: TrainerSnapshot,
     pub state: LoopSnapshot,
+}
+
+/// Where the run is. Part of a checkpoint: a finished run has nothing to resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Training,
+    Evaluating,
+    Done,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Training => "training",
+            Phase::Evaluating => "evaluating",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// A validation/test measurement not finished when a checkpoint was taken: a resumed
+/// run measures these codes again (the result is a function of the codes alone).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingEval {
+    pub point: EvalPoint,
+    pub is_final: bool,
+    pub codes: Vec<i8>,
+}
+
+/// The event loop's share of a checkpoint (the trainer's is [`TrainerSnapshot`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopSnapshot {
+    pub phase: Phase,
+    /// The generation being evaluated; a resumed run evaluates it again from scratch.
+    pub generation: Option<Generation>,
+    pub pending_evals: Vec<PendingEval>,
+    pub history: Vec<EvalPoint>,
+    /// Codes of the best network by validation, and where it was measured.
+    pub best: Option<(Vec<i8>, EvalPoint)>,
+    pub network_version: u64,
+    pub last_best_loss: Option<f64>,
+    pub last_train_top1: Option<f64>,
+    pub last_train_secs: Option<f64>,
+    pub stop_reason: Option<String>,
+    pub ptq_top1: Option<f64>,
+    pub workers_seen: u64,
+}
+
+impl LoopSnapshot {
+    /// Checks every part against the network it will be used with (`net`, already
+    /// restored) and the size of the search range, so that nothing is half-loaded.
+    pub fn check(
+        &self,
+        net: &ccq_common::qnet::QNetwork,
+        search_len: usize,
+        origin: &str,
+    ) -> Result<(), Error> {
+        let bad = |reason: String| Error::Checkpoint {
+            path: origin.to_string(),
+            reason,
+        };
+        let n = net.num_vars();
+        let codes_ok = |c: &[i8]| c.len() == n;
+        if let Some((codes, _)) = &self.best {
+            if !codes_ok(codes) {
+                return Err(bad(format!(
+                    "state.best holds {} codes, the network has {n}",
+                    codes.len()
+                )));
+            }
+        }
+        if let Some(e) = self.pending_evals.iter().find(|e| !codes_ok(&e.codes)) {
+            return Err(bad(format!(
+                "state.pending_evals (generation {}) holds {} codes, the network has {n}",
+                e.point.generation,
+                e.codes.len()
+            )));
+        }
+        if let Some(g) = &self.generation {
+            let fits = g.vars.iter().all(|&v| (v as usize) < n)
+                && !g.candidates.is_empty()
+                && g.candidates.iter().all(|c| c.len() == g.vars.len())
+                && g.images.iter().all(|&i| (i as usize) < search_len);
+            if !fits {
+                return Err(bad(format!(
+                    "state.generation {} does not fit the network and data",
+                    g.id
+                )));
+            }
+        }
+        if self.phase == Phase::Done {
+            return Err(bad("the run it belongs to is finished".into()));
+        }
+        if let Some((codes, _)) = &self.best {
+            // Checks every code against its layer's range.
+            net.clone()
+                .set_codes(codes)
+                .map_err(|e| bad(format!("state.best: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// The checkpoint file of the run directory `dir`.
@@ -252,7 +356,6 @@ pub fn write_atomic(dir: &Path, bytes: &[u8]) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{EvalPoint, LoopSnapshot, Phase};
     use ccq_common::model::Normalization;
     use ccq_common::qnet::QNetwork;
     use ccq_common::quant::{quantize, Calibration, QuantConfig};
@@ -489,6 +592,86 @@ mod tests {
     /// Property: whatever the bytes — random, truncated, flipped, or a mutated body under
     /// a recomputed checksum (which reaches the JSON and the invariant checks) — decoding
     /// and restoring return a value or an error, never panic.
+    /// The loop's part is checked against the network and data it will be used with:
+    /// every way it can fail to fit is refused with the field named, and the sample
+    /// itself fits.
+    #[test]
+    fn loop_snapshots_that_do_not_fit_are_refused_naming_the_field() {
+        let (ck, net) = sample();
+        let len = ck.search_len;
+        ck.state.check(&net, len, "ck").unwrap();
+        let n = net.num_vars();
+        let refused = |f: &dyn Fn(&mut LoopSnapshot), len: usize| {
+            let mut s = ck.state.clone();
+            f(&mut s);
+            reason(s.check(&net, len, "ck").map(|_| ck.clone()))
+        };
+        let r = refused(
+            &|s| s.best.as_mut().unwrap().0.pop().map(|_| ()).unwrap(),
+            len,
+        );
+        assert!(
+            r.contains(&format!(
+                "state.best holds {} codes, the network has {n}",
+                n - 1
+            )),
+            "{r}"
+        );
+        let r = refused(&|s| s.best.as_mut().unwrap().0[0] = 100, len);
+        assert!(r.starts_with("state.best: "), "a code out of range: {r}");
+        let r = refused(
+            &|s| {
+                s.pending_evals.push(PendingEval {
+                    point: s.history[0].clone(),
+                    is_final: false,
+                    codes: vec![0; n + 1],
+                })
+            },
+            len,
+        );
+        assert!(
+            r.contains("state.pending_evals (generation 3) holds"),
+            "{r}"
+        );
+        let g = ck.state.generation.clone().unwrap();
+        let gen_refused = |f: &dyn Fn(&mut Generation), len: usize| {
+            refused(&|s| f(s.generation.as_mut().unwrap()), len)
+        };
+        for (what, r) in [
+            (
+                "a variable past the network",
+                gen_refused(&|g| g.vars[0] = n as u32, len),
+            ),
+            ("no candidates", gen_refused(&|g| g.candidates.clear(), len)),
+            (
+                "a short candidate",
+                gen_refused(&|g| g.candidates[1].pop().map(|_| ()).unwrap(), len),
+            ),
+            (
+                "an image past the data",
+                gen_refused(&|g| g.images[0] = len as u64, len),
+            ),
+            (
+                "less data than its images",
+                gen_refused(&|_| (), *g.images.iter().max().unwrap() as usize),
+            ),
+        ] {
+            assert!(
+                r.contains(&format!("state.generation {} does not fit", g.id)),
+                "{what}: {r}"
+            );
+        }
+        // Data just large enough for the batch's largest index is fine.
+        let enough = *g.images.iter().max().unwrap() as usize + 1;
+        ck.state.check(&net, enough, "ck").unwrap();
+        let r = refused(&|s| s.phase = Phase::Done, len);
+        assert!(r.contains("is finished"), "{r}");
+        // Nothing about the generation, evals or best is required.
+        let mut bare = ck.state.clone();
+        (bare.best, bare.generation) = (None, None);
+        bare.check(&net, len, "ck").unwrap();
+    }
+
     #[test]
     fn random_and_mutated_checkpoints_never_panic() {
         let (ck, net) = sample();

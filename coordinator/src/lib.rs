@@ -4,11 +4,12 @@
 //! - [`export`]: `coordinator export` — the integer network as QDQ ONNX or plain arrays;
 //! - [`config`]: the run configuration (TOML);
 //! - [`checkpoint`]: the run's whole state on disk, written atomically, for `--resume`;
+//! - [`history`]: the measurements a run records and the choice of its output network;
 //! - [`state`]: the event loop that owns all run state, dispatches jobs, tracks workers;
-//! - [`service`]: gRPC handlers, which validate and forward to the event loop;
+//! - [`service`]: gRPC handlers: access control, proto <-> domain, forward to the loop;
 //! - [`run`]: `coordinator run` — wires it all together and writes the outputs;
 //! - [`metrics`]: the Prometheus endpoint; [`progress`]: the progress bar or log lines;
-//! - [`report`]: the charts and `report.html` written at the end of a run;
+//! - [`report`]: `report.json`, the charts and `report.html` written at the end of a run;
 //! - [`bench`]: `coordinator bench` — dispatch rate, wire bytes and memory of the coordinator.
 
 pub mod bench;
@@ -16,6 +17,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod export;
+pub mod history;
 pub mod metrics;
 pub mod progress;
 pub mod report;

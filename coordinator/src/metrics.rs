@@ -4,16 +4,19 @@
 //!
 //! One route and one response per connection do not justify a web framework, so this is a
 //! small HTTP/1.1 server on a tokio listener. The socket is open to whoever can reach it, so
-//! it reads at most [`MAX_HEAD`] bytes within [`READ_TIMEOUT`], answers anything it does not
-//! understand with a 4xx status and never panics on what it is sent.
+//! it reads at most [`MAX_HEAD`] bytes within [`READ_TIMEOUT`], serves at most
+//! [`MAX_CONNECTIONS`] connections at a time (more wait in the listen backlog), answers
+//! anything it does not understand with a 4xx status and never panics on what it is sent.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -29,6 +32,10 @@ pub const MAX_HEAD: usize = 8 * 1024;
 /// A client that has not sent its request head by then is disconnected, so idle
 /// connections cannot pile up.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections served at once. A scraper needs one; the cap keeps a flood of idle
+/// connections from holding memory and file descriptors the run needs.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// The running endpoint; dropping it stops accepting connections.
 pub struct MetricsServer {
@@ -69,9 +76,14 @@ pub async fn spawn(
     Ok(MetricsServer { addr, task })
 }
 
-/// Accepts connections forever, one task per connection.
+/// Accepts connections forever, one task per connection, at most [`MAX_CONNECTIONS`] at
+/// once: the next is accepted only when one ends.
 pub async fn serve(listener: TcpListener, telemetry: watch::Receiver<Option<Telemetry>>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return; // never closed
+        };
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let telemetry = telemetry.clone();
@@ -79,6 +91,7 @@ pub async fn serve(listener: TcpListener, telemetry: watch::Receiver<Option<Tele
                     if let Err(e) = handle(stream, telemetry).await {
                         debug!(%peer, "metrics connection: {e}");
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -462,7 +475,7 @@ fn number(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ccq_proto::v1::{StatusResponse, WorkerStatus};
+    use crate::state::{RunStatus, WorkerRow};
     use std::collections::BTreeMap;
 
     fn histogram(bounds: &[f64], counts: &[u64], sum: f64) -> Histogram {
@@ -476,7 +489,7 @@ mod tests {
 
     fn telemetry() -> Telemetry {
         Telemetry {
-            status: StatusResponse {
+            status: RunStatus {
                 run_id: "odd \"run\"\\x\ny".into(),
                 phase: "training".into(),
                 evaluations: 1600,
@@ -489,13 +502,13 @@ mod tests {
                 frozen_variables: 10,
                 free_variables: 90,
                 workers: vec![
-                    WorkerStatus {
+                    WorkerRow {
                         id: 3,
                         shard: 1,
                         jobs_done: 7,
                         ..Default::default()
                     },
-                    WorkerStatus {
+                    WorkerRow {
                         id: 4,
                         shard: 0,
                         jobs_done: 2,
@@ -614,6 +627,40 @@ mod tests {
         assert!(bytes.ends_with(b"\r\n\r\n"), "HEAD has no body");
         let length = format!("Content-Length: {}\r\n", render(&t).len());
         assert!(String::from_utf8(bytes).unwrap().contains(&length));
+    }
+
+    /// Idle connections beyond the cap wait in the backlog instead of each holding a
+    /// task; as soon as one ends, the waiting scrape is served.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_tx, rx) = watch::channel(Some(telemetry()));
+        let server = tokio::spawn(serve(listener, rx));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut scrape = TcpStream::connect(addr).await.unwrap();
+        scrape
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 12];
+        let early = tokio::time::timeout(Duration::from_millis(300), scrape.read(&mut first)).await;
+        assert!(early.is_err(), "served past the cap: {early:?}");
+        drop(idle.pop());
+        let mut response = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), scrape.read_to_end(&mut response))
+            .await
+            .expect("served once a slot is free")
+            .unwrap();
+        assert!(
+            response.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&response)
+        );
+        server.abort();
     }
 
     #[test]

@@ -236,7 +236,7 @@ impl Write for LogWriter {
 mod tests {
     use super::*;
     use crate::state::Histogram;
-    use ccq_proto::v1::StatusResponse;
+    use crate::state::RunStatus;
 
     fn telemetry(phase: &str) -> Telemetry {
         let empty = Histogram {
@@ -246,7 +246,7 @@ mod tests {
             count: 0,
         };
         Telemetry {
-            status: StatusResponse {
+            status: RunStatus {
                 phase: phase.into(),
                 evaluations: 5000,
                 evaluations_per_sec: 151.26,

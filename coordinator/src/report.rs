@@ -1,5 +1,6 @@
-//! The run report for people: charts of a finished run as SVG files, and `report.html`,
-//! one self-contained page with the charts inline and the summary tables.
+//! The run report: `report.json` for tools ([`RunReport`], its format), and for people
+//! charts of a finished run as SVG files and `report.html`, one self-contained page with
+//! the charts inline and the summary tables.
 //!
 //! Written next to `report.json`:
 //! - `accuracy.svg`, `accuracy-time.svg`: test, validation and batch top-1 against
@@ -15,9 +16,53 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::run::RunReport;
-use crate::state::{EvalPoint, LayerConfidence};
+use serde::Serialize;
+
+use crate::config::RunConfig;
+use crate::history::{EvalPoint, LayerConfidence};
 use crate::Error;
+
+/// Top-1 accuracies in percent: test unless the name says validation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Accuracy {
+    pub float: f64,
+    /// The post-training-quantized network (the search's start).
+    pub ptq: f64,
+    /// The output network (`model.ccq`, best by validation).
+    #[serde(rename = "final")]
+    pub final_: f64,
+    pub ptq_val: f64,
+    pub final_val: f64,
+    /// The network at the end of the search (may differ from the output network).
+    pub last: f64,
+}
+
+/// `report.json`: what a run did and reached.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub seed: u64,
+    pub precision: String,
+    pub accuracy: Accuracy,
+    pub evaluations: u64,
+    pub generations: u64,
+    pub adoptions: u64,
+    pub cycles: u64,
+    pub wall_seconds: f64,
+    pub search_seconds: f64,
+    pub stop_reason: String,
+    pub selected: EvalPoint,
+    pub frozen_variables: usize,
+    pub variables: usize,
+    pub workers_seen: u64,
+    /// The generation of the checkpoint this process resumed from (`--resume`).
+    pub resumed_from_generation: Option<u64>,
+    pub model_file: String,
+    /// Variable confidence per layer at the end of the search.
+    pub layers: Vec<LayerConfidence>,
+    pub history: Vec<EvalPoint>,
+    pub config: RunConfig,
+}
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 400.0;
@@ -37,10 +82,14 @@ const GREEN: &str = "#2ca02c";
 const RED: &str = "#d62728";
 const GREY: &str = "#555555";
 
-/// Writes the charts and `report.html` into `dir`; returns the files written.
+/// Writes `report.json`, the charts and `report.html` into `dir`; returns the files
+/// written.
 pub fn write(report: &RunReport, dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let path = dir.join("report.json");
+    let json = serde_json::to_vec_pretty(report).expect("the report always serialises");
+    std::fs::write(&path, json).map_err(|e| ccq_common::Error::io(&path, e))?;
+    let mut written = vec![path];
     let charts = charts(report);
-    let mut written = Vec::new();
     for (file, svg) in &charts {
         let path = dir.join(file);
         std::fs::write(&path, svg).map_err(|e| ccq_common::Error::io(&path, e))?;
@@ -797,8 +846,6 @@ fn html(r: &RunReport, charts: &[(&str, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RunConfig;
-    use crate::run::Accuracy;
 
     #[test]
     fn axes_are_round_and_cover_the_values() {
@@ -990,6 +1037,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "report.json",
                 "accuracy.svg",
                 "accuracy-time.svg",
                 "fitness.svg",
@@ -998,7 +1046,11 @@ mod tests {
                 "report.html"
             ]
         );
-        for p in &written {
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&written[0]).unwrap()).unwrap();
+        assert_eq!(json["run_id"], r.run_id.as_str());
+        assert_eq!(json["accuracy"]["final"], r.accuracy.final_);
+        for p in &written[1..] {
             assert_well_formed(&std::fs::read_to_string(p).unwrap());
         }
         let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();

@@ -14,8 +14,6 @@ use std::time::Instant;
 
 use ccq_common::data::{self, Split};
 use ccq_common::onnx;
-use ccq_proto::v1::coordinator_server::CoordinatorServer;
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tracing::info;
@@ -23,15 +21,12 @@ use tracing::info;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::RunConfig;
 use crate::eval::{float_evaluate, quantize_from_train};
-use crate::service::CoordinatorService;
-use crate::state::{
-    answer_during_setup, EvalPoint, Event, LayerConfidence, Setup, State, Telemetry,
-};
+pub use crate::report::{Accuracy, RunReport};
+use crate::state::{answer_during_setup, Event, Setup, State, Telemetry};
 use crate::Error;
 use ccq_search::trainer::Trainer;
 
-/// The largest gRPC request the coordinator accepts.
-pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+pub use crate::service::MAX_REQUEST_BYTES;
 
 /// A run as the CLI describes it.
 #[derive(Debug, Clone)]
@@ -57,47 +52,6 @@ pub fn config_for_resume(dir: &Path) -> Result<RunConfig, Error> {
     let mut cfg = Checkpoint::load(dir)?.config;
     cfg.out = dir.to_path_buf();
     Ok(cfg)
-}
-
-/// Top-1 accuracies in percent: test unless the name says validation.
-#[derive(Debug, Clone, Serialize)]
-pub struct Accuracy {
-    pub float: f64,
-    /// The post-training-quantized network (the search's start).
-    pub ptq: f64,
-    /// The output network (`model.ccq`, best by validation).
-    #[serde(rename = "final")]
-    pub final_: f64,
-    pub ptq_val: f64,
-    pub final_val: f64,
-    /// The network at the end of the search (may differ from the output network).
-    pub last: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RunReport {
-    pub run_id: String,
-    pub seed: u64,
-    pub precision: String,
-    pub accuracy: Accuracy,
-    pub evaluations: u64,
-    pub generations: u64,
-    pub adoptions: u64,
-    pub cycles: u64,
-    pub wall_seconds: f64,
-    pub search_seconds: f64,
-    pub stop_reason: String,
-    pub selected: EvalPoint,
-    pub frozen_variables: usize,
-    pub variables: usize,
-    pub workers_seen: u64,
-    /// The generation of the checkpoint this process resumed from (`--resume`).
-    pub resumed_from_generation: Option<u64>,
-    pub model_file: String,
-    /// Variable confidence per layer at the end of the search.
-    pub layers: Vec<LayerConfidence>,
-    pub history: Vec<EvalPoint>,
-    pub config: RunConfig,
 }
 
 /// Runs to completion (or `shutdown`), serving workers on `listener`.
@@ -157,15 +111,8 @@ pub async fn run(
     // Stops the server on every way out of this function, errors included.
     let _stop_server = StopOnDrop(stop_tx.clone());
     let mut stop_rx = stop_tx.subscribe();
-    let service = CoordinatorServer::new(CoordinatorService::new(
-        tx.clone(),
-        opts.token.clone(),
-        cfg.cluster.public_status,
-    ))
-    // Requests are small (a job's results are ~20 bytes per candidate); anything larger
-    // is refused before it is buffered. Replies can carry a whole network.
-    .max_decoding_message_size(MAX_REQUEST_BYTES)
-    .max_encoding_message_size(256 << 20);
+    let (workers_api, monitor_api) =
+        crate::service::services(tx.clone(), opts.token.clone(), cfg.cluster.public_status);
     // Without TCP_NODELAY every small reply waits for the peer's delayed ACK (~40 ms):
     // that, not computation, would bound the generation rate.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -178,12 +125,14 @@ pub async fn run(
                 reason: format!("cluster.tls_cert/tls_key: {}", ccq_worker::error_chain(&e)),
             })?;
     }
-    let server = tokio::spawn(builder.add_service(service).serve_with_incoming_shutdown(
-        incoming,
-        async move {
-            let _ = stop_rx.recv().await;
-        },
-    ));
+    let server = tokio::spawn(
+        builder
+            .add_service(workers_api)
+            .add_service(monitor_api)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop_rx.recv().await;
+            }),
+    );
     let (phase, phase_rx) = tokio::sync::watch::channel("importing");
     let (ready, ready_rx) = tokio::sync::oneshot::channel::<()>();
     let setup_responder = tokio::spawn(answer_until_ready(
@@ -304,8 +253,8 @@ pub async fn run(
             data_source: source.to_string(),
             shards,
             search_len,
-            validation,
-            test,
+            validation: std::sync::Arc::new(validation),
+            test: std::sync::Arc::new(test),
             float_top1,
             ptq_top1: None,
             eval_threads,
@@ -387,9 +336,6 @@ pub async fn run(
         history: finished.history,
         config: cfg,
     };
-    let path = out_dir.join("report.json");
-    let json = serde_json::to_vec_pretty(&report).expect("the report always serialises");
-    std::fs::write(&path, json).map_err(|e| ccq_common::Error::io(&path, e))?;
     crate::report::write(&report, &out_dir)?;
     if finished.complete {
         // The outputs are final: nothing is left to resume.

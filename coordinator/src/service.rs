@@ -1,43 +1,83 @@
-//! The gRPC face of the coordinator. Handlers validate what they can without state and
-//! hand each request to the event loop ([`crate::state`]) as an [`Event`]; the loop is the
-//! only owner of run state, so there are no locks here.
+//! The gRPC face of the coordinator. Handlers check what they can without state, convert
+//! the wire messages into the loop's domain types ([`crate::state`]'s [`Event`]s) and
+//! back; the loop is the only owner of run state, so there are no locks here.
+//!
+//! Access control is one interceptor ([`RequireToken`]) wrapped around each gRPC service
+//! when it is built ([`services`]), so an RPC added later cannot forget it: every
+//! `Coordinator` RPC (the workers') needs the cluster token, the `Monitor` service (status)
+//! only when `cluster.public_status = false`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use ccq_proto::v1::coordinator_server::Coordinator;
+use ccq_common::qnet::EvalStats;
+use ccq_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use ccq_proto::v1::monitor_server::{Monitor, MonitorServer};
 use ccq_proto::v1::{
-    poll_job_response, HeartbeatRequest, HeartbeatResponse, Idle, PollJobRequest, PollJobResponse,
-    RegisterRequest, RegisterResponse, StatusRequest, StatusResponse, SubmitResultRequest,
-    SubmitResultResponse, SyncNetworkRequest, SyncNetworkResponse,
+    poll_job_response, CandidateResult, Done, HeartbeatRequest, HeartbeatResponse, Idle, Job,
+    PollJobRequest, PollJobResponse, RegisterRequest, RegisterResponse, StatusRequest,
+    StatusResponse, SubmitResultRequest, SubmitResultResponse, SyncNetworkRequest,
+    SyncNetworkResponse, Unknown, VarChange, WorkerStatus,
 };
 use tokio::sync::{mpsc, oneshot};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
-use crate::state::Event;
+use crate::state::{
+    Event, JobSpec, NetworkUpdate, PollReply, Refusal, RegisterWorker, Registration, RunStatus,
+    Submission, WorkerRow,
+};
 
 /// How long a poll waits for work before answering `idle`.
 pub const POLL_WAIT: Duration = Duration::from_millis(500);
 
-pub struct CoordinatorService {
+/// The largest gRPC request the coordinator accepts: a job's results are ~20 bytes per
+/// candidate; anything larger is refused before it is buffered.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+/// Replies can carry a whole network.
+const MAX_REPLY_BYTES: usize = 256 << 20;
+
+/// The coordinator's gRPC services, each behind the token check, ready to serve.
+pub fn services(
     events: mpsc::Sender<Event>,
-    /// Every request except (optionally) Status must carry this token.
     token: Option<String>,
     public_status: bool,
+) -> (
+    InterceptedService<CoordinatorServer<CoordinatorService>, RequireToken>,
+    InterceptedService<MonitorServer<MonitorService>, RequireToken>,
+) {
+    let token: Option<Arc<str>> = token.map(Into::into);
+    let workers = CoordinatorServer::new(CoordinatorService {
+        events: events.clone(),
+    })
+    .max_decoding_message_size(MAX_REQUEST_BYTES)
+    .max_encoding_message_size(MAX_REPLY_BYTES);
+    let monitor =
+        MonitorServer::new(MonitorService { events }).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let status_token = if public_status { None } else { token.clone() };
+    (
+        InterceptedService::new(workers, RequireToken { token }),
+        InterceptedService::new(
+            monitor,
+            RequireToken {
+                token: status_token,
+            },
+        ),
+    )
 }
 
-impl CoordinatorService {
-    pub fn new(events: mpsc::Sender<Event>, token: Option<String>, public_status: bool) -> Self {
-        CoordinatorService {
-            events,
-            token,
-            public_status,
-        }
-    }
+/// Refuses a request without the cluster token (when one is configured).
+#[derive(Clone)]
+pub struct RequireToken {
+    token: Option<Arc<str>>,
+}
 
-    /// Refuses a request without the cluster token (when one is configured).
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+impl Interceptor for RequireToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(token) = &self.token else {
-            return Ok(());
+            return Ok(req);
         };
         let presented = req
             .metadata()
@@ -45,115 +85,12 @@ impl CoordinatorService {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match presented {
-            Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => Ok(()),
+            Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => Ok(req),
             Some(_) => Err(Status::unauthenticated("wrong cluster token")),
             None => Err(Status::unauthenticated(
                 "this coordinator requires the cluster token (--token or CCQ_TOKEN)",
             )),
         }
-    }
-
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Result<T, Status> {
-        let (tx, rx) = oneshot::channel();
-        self.events
-            .send(make(tx))
-            .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
-        rx.await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))
-    }
-}
-
-#[tonic::async_trait]
-impl Coordinator for CoordinatorService {
-    async fn register(
-        &self,
-        req: Request<RegisterRequest>,
-    ) -> Result<Response<RegisterResponse>, Status> {
-        self.authorize(&req)?;
-        let addr = req.remote_addr();
-        let req = req.into_inner();
-        if req.protocol_version != ccq_proto::PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(format!(
-                "protocol version mismatch: worker speaks {}, coordinator speaks {}; run the same ccq release on both",
-                req.protocol_version,
-                ccq_proto::PROTOCOL_VERSION
-            )));
-        }
-        if req.shard_index.is_some() != req.shard_count.is_some() {
-            return Err(Status::invalid_argument(
-                "shard_index and shard_count go together",
-            ));
-        }
-        let r = self
-            .ask(|reply| Event::Register { req, addr, reply })
-            .await?;
-        r.map(Response::new)
-    }
-
-    async fn heartbeat(
-        &self,
-        req: Request<HeartbeatRequest>,
-    ) -> Result<Response<HeartbeatResponse>, Status> {
-        self.authorize(&req)?;
-        let worker = req.into_inner().worker_id;
-        Ok(Response::new(
-            self.ask(|reply| Event::Heartbeat { worker, reply }).await?,
-        ))
-    }
-
-    async fn poll_job(
-        &self,
-        req: Request<PollJobRequest>,
-    ) -> Result<Response<PollJobResponse>, Status> {
-        self.authorize(&req)?;
-        let worker = req.into_inner().worker_id;
-        let (tx, rx) = oneshot::channel();
-        self.events
-            .send(Event::Poll { worker, reply: tx })
-            .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
-        // The loop parks the poll until work exists. A job sent just as we give up is not
-        // lost: the loop re-queues a worker's job when that worker polls again.
-        match tokio::time::timeout(POLL_WAIT, rx).await {
-            Ok(Ok(r)) => Ok(Response::new(r)),
-            Ok(Err(_)) => Err(Status::unavailable("the coordinator is shutting down")),
-            Err(_) => Ok(Response::new(PollJobResponse {
-                reply: Some(poll_job_response::Reply::Idle(Idle {})),
-            })),
-        }
-    }
-
-    async fn submit_result(
-        &self,
-        req: Request<SubmitResultRequest>,
-    ) -> Result<Response<SubmitResultResponse>, Status> {
-        self.authorize(&req)?;
-        let req = req.into_inner();
-        let accepted = self.ask(|reply| Event::Submit { req, reply }).await?;
-        Ok(Response::new(SubmitResultResponse { accepted }))
-    }
-
-    async fn sync_network(
-        &self,
-        req: Request<SyncNetworkRequest>,
-    ) -> Result<Response<SyncNetworkResponse>, Status> {
-        self.authorize(&req)?;
-        let req = req.into_inner();
-        let r = self.ask(|reply| Event::Sync { req, reply }).await?;
-        r.map(Response::new)
-    }
-
-    async fn status(
-        &self,
-        req: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
-        if !self.public_status {
-            self.authorize(&req)?;
-        }
-        Ok(Response::new(
-            self.ask(|reply| Event::Status { reply }).await?,
-        ))
     }
 }
 
@@ -162,14 +99,245 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Sends an event carrying a reply channel and waits for the loop's answer.
+async fn ask<T>(
+    events: &mpsc::Sender<Event>,
+    make: impl FnOnce(oneshot::Sender<T>) -> Event,
+) -> Result<T, Status> {
+    let (tx, rx) = oneshot::channel();
+    events.send(make(tx)).await.map_err(|_| shutting_down())?;
+    rx.await.map_err(|_| shutting_down())
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the coordinator is shutting down")
+}
+
+/// The workers' RPCs.
+pub struct CoordinatorService {
+    events: mpsc::Sender<Event>,
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let address = req.remote_addr();
+        let req = req.into_inner();
+        if req.protocol_version != ccq_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version mismatch: worker speaks {}, coordinator speaks {}; run the same ccq release on both",
+                req.protocol_version,
+                ccq_proto::PROTOCOL_VERSION
+            )));
+        }
+        let shard = match (req.shard_index, req.shard_count) {
+            (Some(k), Some(s)) => Some((k, s)),
+            (None, None) => None,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "shard_index and shard_count go together",
+                ))
+            }
+        };
+        let req = RegisterWorker {
+            name: req.name,
+            shard,
+            address,
+        };
+        let r = ask(&self.events, |reply| Event::Register { req, reply }).await?;
+        r.map(|r| Response::new(registration_to_proto(r)))
+            .map_err(refusal_to_status)
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let worker = req.into_inner().worker_id;
+        let r = ask(&self.events, |reply| Event::Heartbeat { worker, reply }).await?;
+        Ok(Response::new(HeartbeatResponse {
+            known: r.known,
+            done: r.done,
+        }))
+    }
+
+    async fn poll_job(
+        &self,
+        req: Request<PollJobRequest>,
+    ) -> Result<Response<PollJobResponse>, Status> {
+        let worker = req.into_inner().worker_id;
+        let (tx, rx) = oneshot::channel();
+        self.events
+            .send(Event::Poll { worker, reply: tx })
+            .await
+            .map_err(|_| shutting_down())?;
+        // The loop parks the poll until work exists. A job sent just as we give up is not
+        // lost: the loop re-queues a worker's job when that worker polls again.
+        let reply = match tokio::time::timeout(POLL_WAIT, rx).await {
+            Ok(Ok(PollReply::Job(job))) => poll_job_response::Reply::Job(job_to_proto(&job)),
+            Ok(Ok(PollReply::Done)) => poll_job_response::Reply::Done(Done {}),
+            Ok(Ok(PollReply::Unknown)) => poll_job_response::Reply::Unknown(Unknown {}),
+            Ok(Err(_)) => return Err(shutting_down()),
+            Err(_) => poll_job_response::Reply::Idle(Idle {}),
+        };
+        Ok(Response::new(PollJobResponse { reply: Some(reply) }))
+    }
+
+    async fn submit_result(
+        &self,
+        req: Request<SubmitResultRequest>,
+    ) -> Result<Response<SubmitResultResponse>, Status> {
+        let req = req.into_inner();
+        let submission = Submission {
+            worker: req.worker_id,
+            job: req.job_id,
+            results: req.results.iter().map(result_from_proto).collect(),
+            eval_micros: req.eval_micros,
+        };
+        let accepted = ask(&self.events, |reply| Event::Submit { submission, reply }).await?;
+        Ok(Response::new(SubmitResultResponse { accepted }))
+    }
+
+    async fn sync_network(
+        &self,
+        req: Request<SyncNetworkRequest>,
+    ) -> Result<Response<SyncNetworkResponse>, Status> {
+        let have_version = req.into_inner().have_version;
+        let r = ask(&self.events, |reply| Event::Sync {
+            have_version,
+            reply,
+        })
+        .await?;
+        let update = r.map_err(refusal_to_status)?;
+        Ok(Response::new(match update {
+            NetworkUpdate::Changes { version, changes } => SyncNetworkResponse {
+                version,
+                full: Vec::new(),
+                changes: changes
+                    .into_iter()
+                    .map(|(var, code)| VarChange {
+                        var,
+                        code: code.into(),
+                    })
+                    .collect(),
+            },
+            NetworkUpdate::Full { version, network } => SyncNetworkResponse {
+                version,
+                full: network,
+                changes: Vec::new(),
+            },
+        }))
+    }
+}
+
+/// The read-only view of the run.
+pub struct MonitorService {
+    events: mpsc::Sender<Event>,
+}
+
+#[tonic::async_trait]
+impl Monitor for MonitorService {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let s = ask(&self.events, |reply| Event::Status { reply }).await?;
+        Ok(Response::new(status_to_proto(s)))
+    }
+}
+
+fn refusal_to_status(r: Refusal) -> Status {
+    match r {
+        Refusal::Invalid(m) => Status::failed_precondition(m),
+        Refusal::NotReady(m) => Status::unavailable(m),
+    }
+}
+
+fn registration_to_proto(r: Registration) -> RegisterResponse {
+    RegisterResponse {
+        worker_id: r.worker_id,
+        run_id: r.run_id,
+        shard_index: r.shard as u32,
+        shard_count: r.shards as u32,
+        data_source: r.data_source,
+        search_len: r.search_len as u64,
+        heartbeat_interval_ms: r.heartbeat_ms.min(u32::MAX as u64) as u32,
+        coordinator_instance: r.instance,
+    }
+}
+
+/// One byte per variable per candidate: the i8 codes as two's complement.
+fn job_to_proto(j: &JobSpec) -> Job {
+    Job {
+        job_id: j.job_id,
+        network_version: j.network_version,
+        images: j.images.clone(),
+        group_vars: j.generation.vars.clone(),
+        candidates: j.generation.candidates[j.first..j.first + j.count]
+            .iter()
+            .map(|c| c.iter().map(|&x| x as u8).collect())
+            .collect(),
+        first_candidate: j.first as u32,
+    }
+}
+
+fn result_from_proto(r: &CandidateResult) -> EvalStats {
+    EvalStats {
+        loss_fixed: r.loss_fixed,
+        correct: r.correct,
+        images: r.images,
+    }
+}
+
+fn status_to_proto(s: RunStatus) -> StatusResponse {
+    StatusResponse {
+        run_id: s.run_id,
+        phase: s.phase,
+        elapsed_secs: s.elapsed_secs,
+        cycle: s.cycle,
+        group: s.group,
+        generation: s.generation,
+        layer: s.layer,
+        evaluations: s.evaluations,
+        evaluations_per_sec: s.evaluations_per_sec,
+        best_fitness: s.best_fitness,
+        train_top1: s.train_top1,
+        val_top1: s.val_top1,
+        test_top1: s.test_top1,
+        float_top1: s.float_top1,
+        ptq_top1: s.ptq_top1,
+        frozen_variables: s.frozen_variables,
+        free_variables: s.free_variables,
+        mean_confidence: s.mean_confidence,
+        eta_secs: s.eta_secs,
+        workers: s.workers.into_iter().map(worker_to_proto).collect(),
+        network_version: s.network_version,
+        train_measured_secs: s.train_measured_secs,
+        test_measured_secs: s.test_measured_secs,
+        waiting_for_workers: s.waiting_for_workers,
+    }
+}
+
+fn worker_to_proto(w: WorkerRow) -> WorkerStatus {
+    WorkerStatus {
+        id: w.id,
+        name: w.name,
+        shard: w.shard,
+        state: w.state,
+        jobs_done: w.jobs_done,
+        jobs_in_flight: w.jobs_in_flight,
+        last_heartbeat_secs: w.last_heartbeat_secs,
+        images_per_sec: w.images_per_sec,
+        address: w.address,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn service(token: Option<&str>, public_status: bool) -> CoordinatorService {
-        let (tx, _rx) = mpsc::channel(1);
-        CoordinatorService::new(tx, token.map(str::to_string), public_status)
-    }
 
     fn request(token: Option<&str>) -> Request<()> {
         let mut r = Request::new(());
@@ -184,8 +352,10 @@ mod tests {
 
     #[test]
     fn tokens_are_checked_exactly() {
-        let s = service(Some("s3cret"), true);
-        assert!(s.authorize(&request(Some("s3cret"))).is_ok());
+        let mut s = RequireToken {
+            token: Some("s3cret".into()),
+        };
+        assert!(s.call(request(Some("s3cret"))).is_ok());
         for bad in [
             Some("s3cre"),
             Some("s3cret!"),
@@ -193,11 +363,35 @@ mod tests {
             Some(""),
             None,
         ] {
-            let e = s.authorize(&request(bad)).unwrap_err();
+            let e = s.call(request(bad)).unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
         // Without a configured token everything is accepted.
-        assert!(service(None, true).authorize(&request(None)).is_ok());
-        assert!(service(None, true).authorize(&request(Some("x"))).is_ok());
+        let mut open = RequireToken { token: None };
+        assert!(open.call(request(None)).is_ok());
+        assert!(open.call(request(Some("x"))).is_ok());
+    }
+
+    /// The job on the wire is the loop's job: the candidate slice, codes as bytes.
+    #[test]
+    fn jobs_carry_their_slice_of_the_candidates() {
+        let generation = ccq_search::trainer::Generation {
+            id: 4,
+            vars: vec![10, 11],
+            candidates: vec![vec![0, 0], vec![-1, 1], vec![-2, 2]],
+            images: vec![5, 6, 7],
+            layer: 0,
+        };
+        let j = job_to_proto(&JobSpec {
+            job_id: 9,
+            network_version: 2,
+            images: vec![6, 7],
+            generation: Arc::new(generation),
+            first: 1,
+            count: 2,
+        });
+        assert_eq!(j.candidates, [vec![0xff, 1], vec![0xfe, 2]]);
+        assert_eq!((j.job_id, j.network_version, j.first_candidate), (9, 2, 1));
+        assert_eq!((j.group_vars, j.images), (vec![10, 11], vec![6, 7]));
     }
 }

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ccq_proto::v1::coordinator_client::CoordinatorClient;
+use ccq_proto::v1::monitor_client::MonitorClient;
 use ccq_proto::v1::{StatusRequest, StatusResponse};
 use serde_json::json;
 
@@ -88,7 +88,7 @@ async fn fetch(
         .await
         .map_err(|e| Failure::Unreachable(ccq_worker::error_chain(&e)))?;
     let auth = ccq_worker::Auth::new(token).map_err(|e| Failure::Refused(e.to_string()))?;
-    let mut client = CoordinatorClient::with_interceptor(channel, auth);
+    let mut client = MonitorClient::with_interceptor(channel, auth);
     client
         .status(StatusRequest {})
         .await

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
+use ccq_proto::v1::monitor_client::MonitorClient;
 use ccq_proto::v1::{
     poll_job_response, CandidateResult, PollJobRequest, RegisterRequest, StatusRequest,
     SubmitResultRequest,
@@ -18,6 +19,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 const EVALUATIONS: u64 = 480;
+/// Kinds of wrong answers the rogue gives in turn.
+const KINDS: usize = 6;
 
 /// The model of the run left alone (2 workers) on the dataset in `data`.
 async fn undisturbed(data: &Path, evaluations: u64) -> Vec<u8> {
@@ -65,8 +68,9 @@ async fn register(client: &mut CoordinatorClient<Channel>) -> Option<u64> {
 }
 
 /// A client that takes real jobs and answers them wrongly (too few or too many results,
-/// more correct than images, the wrong image count), and answers jobs it never got.
-/// Every answer must be refused; the run must not notice.
+/// more correct than images, the wrong image count, extreme losses that no image can
+/// reach or that would wrap a sum), and answers jobs it never got. Every answer must be
+/// refused; the run must not notice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -111,7 +115,8 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
             not_held += 1;
             // Then a malformed answer to the job it holds.
             let count = job.candidates.len();
-            let results = match kind % 4 {
+            let max_loss = n * ccq_common::qnet::MAX_IMAGE_LOSS_FIXED;
+            let results = match kind % KINDS {
                 0 => vec![good; count + 1],
                 1 => vec![good; count.saturating_sub(1)],
                 2 => vec![
@@ -121,13 +126,27 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
                     };
                     count
                 ],
-                _ => vec![
+                3 => vec![
                     CandidateResult {
                         images: n + 7,
                         ..good
                     };
                     count
                 ],
+                // Every loss at the top of u64: would wrap the candidates' sums.
+                4 => vec![
+                    CandidateResult {
+                        loss_fixed: u64::MAX,
+                        ..good
+                    };
+                    count
+                ],
+                // One candidate just past the largest loss its images can have.
+                _ => {
+                    let mut r = vec![good; count];
+                    r[count - 1].loss_fixed = max_loss + 1;
+                    r
+                }
             };
             kind += 1;
             let accepted = client
@@ -148,7 +167,7 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
     let report = cluster.finish().await;
     assert_eq!(report.evaluations, EVALUATIONS);
     assert!(
-        not_held >= 4 && malformed >= 4,
+        not_held >= KINDS as u32 && malformed >= KINDS as u32,
         "the rogue must have taken part ({not_held} / {malformed})"
     );
     assert!(
@@ -229,7 +248,7 @@ async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
     cfg.cluster.shards = Some(2);
     let mut cluster = spawn_cluster(cfg, 0).await;
     let channel = connect(cluster.addr).await;
-    let status = CoordinatorClient::new(channel.clone());
+    let status = MonitorClient::new(channel.clone());
     let phase = || {
         let mut status = status.clone();
         async move {
@@ -240,7 +259,12 @@ async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
                 .unwrap_or_default()
         }
     };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while phase().await != "training" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never started training"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let methods = [

@@ -1,0 +1,174 @@
+//! What the event loop is asked and what it answers, in domain terms. The gRPC handlers
+//! ([`crate::service`]) convert the wire messages to and from these, so the loop never
+//! sees a protobuf type or a `tonic::Status`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ccq_common::qnet::EvalStats;
+use ccq_search::trainer::Generation;
+use tokio::sync::oneshot;
+
+use super::telemetry::RunStatus;
+use crate::history::EvalPoint;
+
+pub enum Event {
+    Register {
+        req: RegisterWorker,
+        reply: oneshot::Sender<Result<Registration, Refusal>>,
+    },
+    Heartbeat {
+        worker: u64,
+        reply: oneshot::Sender<HeartbeatReply>,
+    },
+    Poll {
+        worker: u64,
+        reply: oneshot::Sender<PollReply>,
+    },
+    Submit {
+        submission: Submission,
+        reply: oneshot::Sender<bool>,
+    },
+    Sync {
+        /// The network version the worker holds, if any.
+        have_version: Option<u64>,
+        reply: oneshot::Sender<Result<NetworkUpdate, Refusal>>,
+    },
+    Status {
+        reply: oneshot::Sender<RunStatus>,
+    },
+    /// Validation/test measurement `id` finished (scheduled by the loop on the blocking
+    /// pool; its network was dropped there, the loop keeps the codes it was built from).
+    EvalDone(u64, EvalPoint),
+}
+
+/// A worker asking to join.
+#[derive(Debug, Clone)]
+pub struct RegisterWorker {
+    /// Human label (host or pod name); not an identity.
+    pub name: String,
+    /// The shard it was started for (`--shard K/S`, an Indexed Job), as (K, S).
+    pub shard: Option<(u32, u32)>,
+    /// Where the request came from, as the server saw it.
+    pub address: Option<SocketAddr>,
+}
+
+/// What a registered worker is told.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    pub worker_id: u64,
+    pub run_id: String,
+    pub shard: usize,
+    pub shards: usize,
+    pub data_source: String,
+    pub search_len: usize,
+    pub heartbeat_ms: u64,
+    /// Random per coordinator process (see [`super::Setup::instance`]).
+    pub instance: String,
+}
+
+/// Why the loop turned a request down.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// The request cannot work with this run (a shard it does not have).
+    Invalid(String),
+    /// Not now: the coordinator is still setting up; retry.
+    NotReady(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeartbeatReply {
+    /// False: the worker is unknown here and must register (again).
+    pub known: bool,
+    /// The run is over; the worker may exit.
+    pub done: bool,
+}
+
+/// The answer to a poll. (A poll that waits too long is answered "idle" by its handler.)
+#[derive(Debug, Clone)]
+pub enum PollReply {
+    Job(JobSpec),
+    Done,
+    /// Unknown worker (or one moved to another shard): register again.
+    Unknown,
+}
+
+/// One job: a slice of a generation's candidates on one shard's part of the batch.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub job_id: u64,
+    /// The context network the candidates are sparse deltas against.
+    pub network_version: u64,
+    /// Global training-split indices of this shard's part of the batch.
+    pub images: Vec<u64>,
+    /// Shared with the loop, not copied: the handler encodes the candidate slice.
+    pub generation: Arc<Generation>,
+    /// The candidates `first..first + count` of the generation.
+    pub first: usize,
+    pub count: usize,
+}
+
+/// A worker's results for a job: one entry per candidate of the job, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submission {
+    pub worker: u64,
+    pub job: u64,
+    pub results: Vec<EvalStats>,
+    /// Time the worker spent evaluating, for throughput reporting.
+    pub eval_micros: u64,
+}
+
+/// How a worker brings its network copy up to date.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NetworkUpdate {
+    /// The changes from the worker's version to `version`, in order.
+    Changes {
+        version: u64,
+        changes: Vec<(u32, i8)>,
+    },
+    /// The whole network, encoded for the wire.
+    Full { version: u64, network: Vec<u8> },
+}
+
+/// Answers requests that arrive while the run is still being set up (importing the model,
+/// measuring the float reference, calibrating): status tells the phase, workers are asked
+/// to come back (they retry with backoff).
+pub fn answer_during_setup(ev: Event, run_id: &str, phase: &str, elapsed_secs: f64) {
+    let later = || {
+        Refusal::NotReady(format!(
+            "the coordinator is still setting up ({phase}); retry"
+        ))
+    };
+    match ev {
+        Event::Register { reply, .. } => {
+            let _ = reply.send(Err(later()));
+        }
+        Event::Heartbeat { reply, .. } => {
+            let _ = reply.send(HeartbeatReply {
+                known: false,
+                done: false,
+            });
+        }
+        Event::Poll { reply, .. } => {
+            let _ = reply.send(PollReply::Unknown);
+        }
+        Event::Submit { reply, .. } => {
+            let _ = reply.send(false);
+        }
+        Event::Sync { reply, .. } => {
+            let _ = reply.send(Err(later()));
+        }
+        Event::Status { reply } => {
+            let _ = reply.send(RunStatus {
+                run_id: run_id.to_string(),
+                phase: phase.to_string(),
+                elapsed_secs,
+                best_fitness: f64::NAN,
+                float_top1: f64::NAN,
+                ptq_top1: f64::NAN,
+                ..Default::default()
+            });
+        }
+        Event::EvalDone(..) => {}
+    }
+}

@@ -1,0 +1,430 @@
+//! Virtual workers: the real event loop driven through its events, with no network and
+//! on tokio's paused clock. Liveness rules (reaping, lease expiry, late results, moving
+//! idle workers to orphaned shards) are timing rules; here time moves only when every
+//! task waits, so each scenario is deterministic and takes milliseconds of real time
+//! however many virtual seconds it spans.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ccq_common::data::Dataset;
+use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
+use ccq_common::qnet::{EvalStats, QNetwork};
+use ccq_common::quant::{quantize, Calibration, QuantConfig};
+use ccq_search::eda::EdaParams;
+use ccq_search::trainer::Trainer;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::*;
+
+/// Heartbeat interval of the virtual runs: workers silent for 3 of these are reaped.
+/// Longer than a poll's wait (500 ms), as in real deployments.
+const HB: Duration = Duration::from_secs(1);
+/// Job lease of the virtual runs.
+const JOB_TIMEOUT: Duration = Duration::from_secs(10);
+/// Training images (the search range): shard k of S holds [k*64/S, (k+1)*64/S).
+const SEARCH_LEN: usize = 64;
+
+/// A 16-4 perceptron on 4x4 one-channel images, 3-bit weights: 64 variables.
+fn network() -> QNetwork {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let graph = Graph {
+        input_name: "x".into(),
+        input_shape: Shape::new(1, 4, 4),
+        nodes: vec![
+            Node {
+                name: "flatten".into(),
+                op: Op::Flatten,
+                inputs: vec![0],
+                shape: Shape::new(16, 1, 1),
+            },
+            Node {
+                name: "fc".into(),
+                op: Op::Linear(Linear {
+                    out_features: 4,
+                    in_features: 16,
+                    weight: (0..64).map(|_| rng.random_range(-1.0..1.0)).collect(),
+                    bias: vec![0.0; 4],
+                }),
+                inputs: vec![1],
+                shape: Shape::new(4, 1, 1),
+            },
+        ],
+        output: 2,
+    };
+    let pixels: Vec<u8> = (0..32 * 16).map(|_| rng.random()).collect();
+    let q = QuantConfig {
+        weight_bits: 3,
+        act_bits: 8,
+        calibration: Calibration::Max,
+        bias_correction: false,
+    };
+    quantize(&graph, &Normalization::identity(1), &pixels, 32, &q).unwrap()
+}
+
+fn dataset(n: usize, seed: u64) -> Arc<Dataset> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Arc::new(Dataset {
+        channels: 1,
+        height: 4,
+        width: 4,
+        num_classes: 4,
+        images: (0..n * 16).map(|_| rng.random()).collect(),
+        labels: (0..n).map(|_| rng.random_range(0..4)).collect(),
+        first_index: 0,
+    })
+}
+
+/// A coordinator event loop with no network in front of it.
+struct Virtual {
+    events: mpsc::Sender<Event>,
+    run: JoinHandle<Result<Finished, crate::Error>>,
+    stop: Option<oneshot::Sender<()>>,
+    _out: tempfile::TempDir,
+}
+
+impl Virtual {
+    fn start(shards: usize, evaluations: u64) -> Virtual {
+        let out = tempfile::tempdir().unwrap();
+        let mut config: RunConfig = toml::from_str(
+            "[model]\nonnx = \"m.onnx\"\nmean = [0.5]\nstd = [0.25]\n[data]\nsource = \"mnist:d\"\n",
+        )
+        .unwrap();
+        config.out = out.path().to_path_buf();
+        config.cluster.heartbeat_ms = HB.as_millis() as u64;
+        config.cluster.job_timeout_secs = JOB_TIMEOUT.as_secs_f64();
+        config.budget.evaluations = Some(evaluations);
+        config.search.batch_size = 8;
+        config.eval.every_generations = 1_000_000;
+        let trainer = Trainer::new(
+            network(),
+            EdaParams::default(),
+            config.search.clone(),
+            7,
+            SEARCH_LEN,
+        )
+        .unwrap();
+        let setup = Setup {
+            run_id: "virtual".into(),
+            config,
+            data_source: "mnist:d".into(),
+            shards,
+            search_len: SEARCH_LEN,
+            validation: dataset(16, 1),
+            test: dataset(16, 2),
+            float_top1: 50.0,
+            ptq_top1: None,
+            eval_threads: 1,
+            network_fingerprint: "0".into(),
+            search_seconds_before: 0.0,
+            instance: "i".into(),
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let (telemetry, _) = watch::channel(None);
+        let state = State::new(setup, trainer, tx.clone(), telemetry);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run = tokio::spawn(state.run(rx, async move {
+            let _ = stopped.await;
+        }));
+        Virtual {
+            events: tx,
+            run,
+            stop: Some(stop),
+            _out: out,
+        }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> T {
+        let (tx, rx) = oneshot::channel();
+        self.events.send(make(tx)).await.unwrap();
+        rx.await.expect("the loop answers")
+    }
+
+    /// Registers a worker (for shard `(k, S)` if given); returns (id, shard).
+    async fn register(&self, name: &str, shard: Option<(u32, u32)>) -> (u64, usize) {
+        let req = RegisterWorker {
+            name: name.into(),
+            shard,
+            address: None,
+        };
+        let r = self
+            .ask(|reply| Event::Register { req, reply })
+            .await
+            .unwrap();
+        (r.worker_id, r.shard)
+    }
+
+    async fn heartbeat(&self, worker: u64) -> HeartbeatReply {
+        self.ask(|reply| Event::Heartbeat { worker, reply }).await
+    }
+
+    /// Polls like the gRPC handler: waits up to half a second for work.
+    async fn poll(&self, worker: u64) -> Option<PollReply> {
+        let (tx, rx) = oneshot::channel();
+        self.events
+            .send(Event::Poll { worker, reply: tx })
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_millis(500), rx)
+            .await
+            .ok()
+            .map(|r| r.unwrap())
+    }
+
+    async fn job(&self, worker: u64) -> JobSpec {
+        match self.poll(worker).await {
+            Some(PollReply::Job(j)) => j,
+            other => panic!("worker {worker} expected a job, got {other:?}"),
+        }
+    }
+
+    /// Submits synthetic results for `job`: per image, a loss that grows with each of
+    /// the group's codes' distance from a target code, so the search has something to
+    /// find and adopts candidates.
+    async fn submit(&self, worker: u64, job: &JobSpec) -> bool {
+        let n = job.images.len() as u64;
+        let g = &job.generation;
+        let submission = Submission {
+            worker,
+            job: job.job_id,
+            results: g.candidates[job.first..job.first + job.count]
+                .iter()
+                .map(|codes| {
+                    let distance: u64 = g
+                        .vars
+                        .iter()
+                        .zip(codes)
+                        .map(|(&v, &c)| (c as i64 - (v % 3) as i64 + 1).unsigned_abs().pow(2))
+                        .sum();
+                    EvalStats {
+                        loss_fixed: n * (1000 + distance),
+                        correct: n / 2,
+                        images: n,
+                    }
+                })
+                .collect(),
+            eval_micros: 100,
+        };
+        self.ask(|reply| Event::Submit { submission, reply }).await
+    }
+
+    async fn status(&self) -> RunStatus {
+        self.ask(|reply| Event::Status { reply }).await
+    }
+
+    /// Keeps `workers` alive (and only them) for `d` of virtual time.
+    async fn stay_alive(&self, workers: &[u64], d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            for &w in workers {
+                assert!(self.heartbeat(w).await.known, "worker {w} was reaped");
+            }
+            tokio::time::sleep(HB).await;
+        }
+    }
+
+    async fn stop(mut self) -> Result<Finished, crate::Error> {
+        let _ = self.stop.take().unwrap().send(());
+        self.run.await.unwrap()
+    }
+}
+
+/// A worker that goes silent is reaped after three heartbeat intervals; the job it held
+/// goes to another worker, and its late result is refused.
+#[tokio::test(start_paused = true)]
+async fn a_silent_worker_is_reaped_and_its_job_reassigned() {
+    let real = std::time::Instant::now();
+    let v = Virtual::start(1, 1000);
+    let (a, _) = v.register("a", None).await;
+    let job = v.job(a).await;
+    let (b, _) = v.register("b", None).await;
+    // b keeps heartbeating while a says nothing: a is gone after 3 intervals.
+    v.stay_alive(&[b], HB * 5).await;
+    let s = v.status().await;
+    assert_eq!(s.workers.iter().map(|w| w.id).collect::<Vec<_>>(), [b]);
+    assert!(!v.heartbeat(a).await.known, "a must register again");
+    let again = v.job(b).await;
+    assert_eq!(
+        again.job_id, job.job_id,
+        "a's job went back to the front of the queue"
+    );
+    assert!(
+        !v.submit(a, &job).await,
+        "a late result from a reaped worker is refused"
+    );
+    assert!(v.submit(b, &again).await);
+    assert_eq!(
+        v.status().await.generation,
+        1,
+        "the generation completed once"
+    );
+    v.stop().await.unwrap();
+    assert!(
+        real.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        real.elapsed()
+    );
+}
+
+/// A worker that stays alive but holds a job past the job timeout loses it; its result,
+/// arriving after that, is refused, and the job is counted once, from the new holder.
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_is_given_to_another_worker() {
+    let real = std::time::Instant::now();
+    let v = Virtual::start(1, 1000);
+    let (a, _) = v.register("a", None).await;
+    let (b, _) = v.register("b", None).await;
+    // The first generation was cut before any worker came: one job.
+    let first = v.job(a).await;
+    assert!(v.submit(a, &first).await);
+    // The next one is cut for two live workers.
+    let ja = v.job(a).await;
+    let jb = v.job(b).await;
+    assert_ne!(ja.job_id, jb.job_id);
+    assert!(v.submit(b, &jb).await);
+    // a heartbeats (so it is not reaped) but never answers within the timeout.
+    v.stay_alive(&[a, b], JOB_TIMEOUT + HB * 2).await;
+    let s = v.status().await;
+    let state = |id| s.workers.iter().find(|w| w.id == id).unwrap().state.clone();
+    assert_eq!(state(a), "idle", "the lease was taken back");
+    assert_eq!(s.generation, 1, "the generation waits for the lost job");
+    let retried = v.job(b).await;
+    assert_eq!(retried.job_id, ja.job_id);
+    assert!(
+        !v.submit(a, &ja).await,
+        "the old holder's late result is refused"
+    );
+    assert!(v.submit(b, &retried).await);
+    let s = v.status().await;
+    assert_eq!(s.generation, 2);
+    let b_row = s.workers.iter().find(|w| w.id == b).unwrap();
+    assert_eq!(b_row.jobs_done, 2);
+    v.stop().await.unwrap();
+    assert!(
+        real.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        real.elapsed()
+    );
+}
+
+/// When the only worker of a shard dies, an idle worker that did not ask for its shard
+/// is sent to register again and is given the orphaned shard; a worker that asked for its
+/// shard never moves.
+#[tokio::test(start_paused = true)]
+async fn an_idle_worker_moves_to_a_shard_nobody_serves() {
+    let real = std::time::Instant::now();
+    // A batch of 8 of 64 images over 2 shards of 32: both shards get images in every
+    // generation with overwhelming odds; the test checks it rather than assume it.
+    let v = Virtual::start(2, 1000);
+    let (fixed, s0) = v.register("fixed", Some((0, 2))).await;
+    let (a, s1) = v.register("a", None).await;
+    assert_eq!((s0, s1), (0, 1));
+    let (movable, s) = v.register("movable", None).await;
+    assert_eq!(s, 0, "the least served shard, lowest first");
+    // a takes its shard's job and dies; the fixed worker takes shard 0's job and
+    // finishes it; the movable worker finds shard 0 empty.
+    let ja = v.job(a).await;
+    let jf = v.job(fixed).await;
+    assert!(v.submit(fixed, &jf).await);
+    v.stay_alive(&[fixed, movable], HB * 5).await;
+    assert!(
+        v.status().await.workers.iter().all(|w| w.id != a),
+        "a was reaped"
+    );
+    // The worker that asked for shard 0 waits there, even with shard 1 unserved.
+    assert!(
+        v.poll(fixed).await.is_none(),
+        "no work for shard 0 and it stays"
+    );
+    assert!(
+        matches!(v.poll(movable).await, Some(PollReply::Unknown)),
+        "the idle movable worker is told to register again"
+    );
+    let (moved, shard) = v.register("movable", None).await;
+    assert_eq!(shard, 1, "and gets the shard nobody serves");
+    let j = v.job(moved).await;
+    assert_eq!(j.job_id, ja.job_id);
+    assert!(v.submit(moved, &j).await);
+    assert_eq!(v.status().await.generation, 1);
+    v.stop().await.unwrap();
+    assert!(
+        real.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        real.elapsed()
+    );
+}
+
+/// A run with work and no worker says so in status, and says how to fix it.
+#[tokio::test(start_paused = true)]
+async fn work_without_workers_is_reported_in_status() {
+    let v = Virtual::start(1, 1000);
+    tokio::time::sleep(HB).await;
+    let s = v.status().await;
+    assert!(
+        s.waiting_for_workers.contains("no worker is connected"),
+        "{s:?}"
+    );
+    let (a, _) = v.register("a", None).await;
+    assert_eq!(v.status().await.waiting_for_workers, "");
+    let job = v.job(a).await;
+    assert!(v.submit(a, &job).await);
+    v.stop().await.unwrap();
+}
+
+/// A run driven to its budget by virtual workers, one of which dies holding a job, ends
+/// with the same network as the run with one steady worker: work lost to a dead worker is
+/// redone, never counted twice or skipped.
+#[tokio::test(start_paused = true)]
+async fn losing_a_worker_mid_run_changes_nothing() {
+    /// Every worker polls and answers in turn; in round `die_at` the last one takes a
+    /// job and falls silent.
+    async fn drive(v: &Virtual, workers: &[u64], die_at: Option<usize>) {
+        let mut alive = workers.to_vec();
+        for round in 0.. {
+            if Some(round) == die_at {
+                let dying = alive.pop().unwrap();
+                loop {
+                    if let Some(PollReply::Job(_)) = v.poll(dying).await {
+                        break;
+                    }
+                }
+            }
+            for &w in &alive {
+                match v.poll(w).await {
+                    Some(PollReply::Job(j)) => assert!(v.submit(w, &j).await),
+                    Some(PollReply::Done) => return,
+                    Some(PollReply::Unknown) => panic!("worker {w} was dropped"),
+                    None => {}
+                }
+            }
+        }
+    }
+    let mut ends = Vec::new();
+    for (n, die_at) in [(1, None), (3, Some(4))] {
+        let v = Virtual::start(1, 16 * 12);
+        let mut ids = Vec::new();
+        for i in 0..n {
+            ids.push(v.register(&format!("w{i}"), None).await.0);
+        }
+        drive(&v, &ids, die_at).await;
+        let f = v.stop().await.unwrap();
+        assert!(f.complete, "{}", f.stop_reason);
+        assert!(
+            f.progress.adoptions > 0,
+            "the synthetic fitness is searched"
+        );
+        let last = f.last;
+        ends.push((
+            f.progress.evaluations,
+            f.progress.adoptions,
+            last.network_version,
+            last.val_loss.to_bits(),
+            f.best.0.codes(),
+        ));
+    }
+    assert_eq!(ends[0], ends[1]);
+}

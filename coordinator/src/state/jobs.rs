@@ -1,0 +1,538 @@
+//! The job queue: the generation in flight cut into jobs, the jobs waiting per shard, the
+//! leases on jobs handed out, the polls parked until work exists, and the candidates'
+//! partial sums as results come in.
+//!
+//! A job is one shard's part of the batch for a slice of the candidates, so that several
+//! workers of one shard share the candidates. Results are summed per candidate in exact
+//! integers with checked arithmetic, so arrival order never matters and no worker can
+//! make a sum wrap.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ccq_common::qnet::EvalStats;
+use ccq_search::trainer::Generation;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::events::{JobSpec, PollReply, Submission};
+
+#[derive(Debug, Clone)]
+struct JobEntry {
+    shard: usize,
+    /// Candidate range of the generation.
+    first: usize,
+    count: usize,
+    images: Vec<u64>,
+    /// (worker, when it was handed out).
+    lease: Option<(u64, Instant)>,
+}
+
+/// The generation whose jobs are out.
+#[derive(Debug)]
+struct InFlight {
+    generation: Arc<Generation>,
+    version: u64,
+    sums: Vec<EvalStats>,
+    outstanding: usize,
+}
+
+/// What became of a submitted result.
+#[derive(Debug, PartialEq)]
+pub enum Accepted {
+    /// The worker does not hold this job (any more): late, duplicate or made up.
+    NotHeld,
+    /// The results cannot belong to the job; the job is queued again.
+    Implausible(String),
+    /// Counted. `images` = images × candidates evaluated; `held_for` = lease age.
+    /// `complete` carries the generation and its sums once every job is in.
+    Counted {
+        images: u64,
+        held_for: Duration,
+        complete: Option<(Generation, Vec<EvalStats>)>,
+    },
+}
+
+pub struct JobQueue {
+    jobs: HashMap<u64, JobEntry>,
+    pending: Vec<VecDeque<u64>>,
+    next_id: u64,
+    current: Option<InFlight>,
+    /// Polls waiting for work: (worker, reply).
+    parked: Vec<(u64, oneshot::Sender<PollReply>)>,
+}
+
+impl JobQueue {
+    pub fn new(shards: usize) -> JobQueue {
+        JobQueue {
+            jobs: HashMap::new(),
+            pending: vec![VecDeque::new(); shards],
+            next_id: 1,
+            current: None,
+            parked: Vec::new(),
+        }
+    }
+
+    /// Cuts `generation` into jobs and queues them: per shard with images in the batch
+    /// (`shard_of` maps a global index to its shard), one job per live worker of the
+    /// shard (`live(shard)`, at least one), each a slice of the candidates.
+    pub fn launch(
+        &mut self,
+        generation: Generation,
+        version: u64,
+        shard_of: impl Fn(u64) -> usize,
+        live: impl Fn(usize) -> usize,
+    ) {
+        let shards = self.pending.len();
+        let mut per_shard: Vec<Vec<u64>> = vec![Vec::new(); shards];
+        for &i in &generation.images {
+            per_shard[shard_of(i)].push(i);
+        }
+        let n = generation.candidates.len();
+        let mut outstanding = 0;
+        for (shard, images) in per_shard.into_iter().enumerate() {
+            if images.is_empty() {
+                continue;
+            }
+            let per = n.div_ceil(live(shard).clamp(1, n.max(1)));
+            let mut first = 0;
+            while first < n {
+                let count = per.min(n - first);
+                let id = self.next_id;
+                self.next_id += 1;
+                self.jobs.insert(
+                    id,
+                    JobEntry {
+                        shard,
+                        first,
+                        count,
+                        images: images.clone(),
+                        lease: None,
+                    },
+                );
+                self.pending[shard].push_back(id);
+                outstanding += 1;
+                first += count;
+            }
+        }
+        self.current = Some(InFlight {
+            version,
+            sums: vec![EvalStats::default(); n],
+            generation: Arc::new(generation),
+            outstanding,
+        });
+    }
+
+    /// The generation in flight, if any.
+    pub fn generation(&self) -> Option<&Generation> {
+        self.current.as_ref().map(|c| &*c.generation)
+    }
+
+    pub fn has_pending(&self, shard: usize) -> bool {
+        !self.pending[shard].is_empty()
+    }
+
+    pub fn any_pending(&self) -> bool {
+        self.pending.iter().any(|q| !q.is_empty())
+    }
+
+    #[cfg(test)]
+    /// Jobs waiting per shard.
+    pub fn pending_len(&self, shard: usize) -> usize {
+        self.pending[shard].len()
+    }
+
+    /// Parks a poll until work for its worker's shard exists (replacing an older poll of
+    /// the same worker).
+    pub fn park(&mut self, worker: u64, reply: oneshot::Sender<PollReply>) {
+        self.parked.retain(|(w, _)| *w != worker);
+        self.parked.push((worker, reply));
+    }
+
+    /// Takes every parked poll (the run is over: they are all answered "done").
+    pub fn take_parked(&mut self) -> Vec<(u64, oneshot::Sender<PollReply>)> {
+        std::mem::take(&mut self.parked)
+    }
+
+    /// Hands pending jobs to parked polls of the right shard (`shard_of_worker`; a
+    /// worker that is gone drops its poll). Returns the (worker, job) leases made.
+    pub fn dispatch(
+        &mut self,
+        now: Instant,
+        shard_of_worker: impl Fn(u64) -> Option<usize>,
+    ) -> Vec<(u64, u64)> {
+        let mut leased = Vec::new();
+        for (worker, reply) in std::mem::take(&mut self.parked) {
+            if reply.is_closed() {
+                continue;
+            }
+            let Some(shard) = shard_of_worker(worker) else {
+                continue;
+            };
+            let Some(job_id) = self.pending[shard].pop_front() else {
+                self.parked.push((worker, reply));
+                continue;
+            };
+            let spec = self.spec(job_id);
+            if reply.send(PollReply::Job(spec)).is_err() {
+                // The poll timed out just now; keep the job for the next one.
+                self.pending[shard].push_front(job_id);
+                continue;
+            }
+            if let Some(j) = self.jobs.get_mut(&job_id) {
+                j.lease = Some((worker, now));
+            }
+            leased.push((worker, job_id));
+        }
+        leased
+    }
+
+    fn spec(&self, job_id: u64) -> JobSpec {
+        let j = &self.jobs[&job_id];
+        let c = self
+            .current
+            .as_ref()
+            .expect("jobs exist only while a generation is in flight");
+        JobSpec {
+            job_id,
+            network_version: c.version,
+            images: j.images.clone(),
+            generation: Arc::clone(&c.generation),
+            first: j.first,
+            count: j.count,
+        }
+    }
+
+    /// Puts a leased job back at the front of its shard's queue; false if it was not
+    /// leased (already back, or done).
+    pub fn requeue(&mut self, job_id: u64) -> bool {
+        let Some(j) = self.jobs.get_mut(&job_id) else {
+            return false;
+        };
+        let leased = j.lease.take().is_some();
+        if leased {
+            self.pending[j.shard].push_front(job_id);
+        }
+        leased
+    }
+
+    #[cfg(test)]
+    /// The worker holding `job_id`, if it is leased.
+    pub fn holder(&self, job_id: u64) -> Option<u64> {
+        self.jobs.get(&job_id)?.lease.map(|(w, _)| w)
+    }
+
+    /// Leases older than `timeout`: (job, worker).
+    pub fn expired(&self, now: Instant, timeout: Duration) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self
+            .jobs
+            .iter()
+            .filter_map(|(&id, j)| {
+                j.lease
+                    .filter(|(_, t)| now.duration_since(*t) > timeout)
+                    .map(|(w, _)| (id, w))
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Takes a worker's results for a job it holds. Checked before anything is counted:
+    /// one result per candidate of the job, each over exactly the job's images, at most
+    /// that many correct, a loss no image can exceed, and sums that cannot overflow.
+    /// An implausible result is refused whole and its job queued again.
+    pub fn accept(&mut self, s: &Submission, now: Instant) -> Accepted {
+        let Some(j) = self
+            .jobs
+            .get(&s.job)
+            .filter(|j| matches!(j.lease, Some((w, _)) if w == s.worker))
+        else {
+            return Accepted::NotHeld;
+        };
+        let current = self
+            .current
+            .as_ref()
+            .expect("jobs exist only while a generation is in flight");
+        let images = j.images.len() as u64;
+        let why = if s.results.len() != j.count {
+            Some(format!(
+                "{} results for a job of {} candidates",
+                s.results.len(),
+                j.count
+            ))
+        } else if let Some((i, r)) = s
+            .results
+            .iter()
+            .enumerate()
+            .find(|(_, r)| !r.plausible_for(images))
+        {
+            Some(format!(
+                "candidate {}: {} images, {} correct, loss {} for a job of {images} images",
+                j.first + i,
+                r.images,
+                r.correct,
+                r.loss_fixed
+            ))
+        } else if current.sums[j.first..j.first + j.count]
+            .iter()
+            .zip(&s.results)
+            .any(|(sum, r)| sum.checked_add(r).is_none())
+        {
+            Some("the sums would overflow".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.requeue(s.job);
+            return Accepted::Implausible(why);
+        }
+        let j = self.jobs.remove(&s.job).expect("checked above");
+        let held_for = j
+            .lease
+            .map_or(Duration::ZERO, |(_, at)| now.duration_since(at));
+        let current = self.current.as_mut().expect("checked above");
+        for (sum, r) in current.sums[j.first..j.first + j.count]
+            .iter_mut()
+            .zip(&s.results)
+        {
+            *sum = sum.checked_add(r).expect("checked above");
+        }
+        current.outstanding -= 1;
+        let complete = (current.outstanding == 0).then(|| {
+            let c = self.current.take().expect("checked above");
+            let generation = Arc::try_unwrap(c.generation).unwrap_or_else(|g| (*g).clone());
+            (generation, c.sums)
+        });
+        Accepted::Counted {
+            images: images * j.count as u64,
+            held_for,
+            complete,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation(images: Vec<u64>, candidates: usize) -> Generation {
+        Generation {
+            id: 7,
+            vars: vec![0, 1],
+            candidates: (0..candidates).map(|c| vec![c as i8, 0]).collect(),
+            images,
+            layer: 0,
+        }
+    }
+
+    /// Shards of 10 images: index i is on shard i / 10.
+    fn launch(q: &mut JobQueue, images: Vec<u64>, candidates: usize, live: usize) {
+        q.launch(
+            generation(images, candidates),
+            3,
+            |i| (i / 10) as usize,
+            |_| live,
+        );
+    }
+
+    fn stats(images: u64, loss: u64) -> EvalStats {
+        EvalStats {
+            loss_fixed: loss,
+            correct: images / 2,
+            images,
+        }
+    }
+
+    fn poll(q: &mut JobQueue, worker: u64, shard: usize, now: Instant) -> Option<JobSpec> {
+        let (tx, mut rx) = oneshot::channel();
+        q.park(worker, tx);
+        q.dispatch(now, |_| Some(shard));
+        match rx.try_recv() {
+            Ok(PollReply::Job(j)) => Some(j),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_generation_is_cut_by_shard_and_by_live_workers() {
+        let mut q = JobQueue::new(3);
+        // Shard 0: 2 images, shard 1: none, shard 2: 1 image; 5 candidates, 2 workers each.
+        launch(&mut q, vec![3, 25, 7], 5, 2);
+        assert_eq!(
+            (q.pending_len(0), q.pending_len(1), q.pending_len(2)),
+            (2, 0, 2)
+        );
+        let now = Instant::now();
+        let a = poll(&mut q, 1, 0, now).unwrap();
+        let b = poll(&mut q, 2, 0, now).unwrap();
+        assert_eq!((a.first, a.count, b.first, b.count), (0, 3, 3, 2));
+        assert_eq!(a.images, [3, 7]);
+        assert_eq!(a.network_version, 3);
+        assert!(
+            poll(&mut q, 3, 0, now).is_none(),
+            "shard 0 has no more jobs"
+        );
+        let c = poll(&mut q, 4, 2, now).unwrap();
+        assert_eq!(c.images, [25]);
+        assert_eq!(q.generation().unwrap().id, 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn results_are_summed_per_candidate_and_complete_the_generation() {
+        let mut q = JobQueue::new(2);
+        launch(&mut q, vec![1, 2, 11], 2, 1);
+        let now = Instant::now();
+        let j0 = poll(&mut q, 1, 0, now).unwrap();
+        let j1 = poll(&mut q, 2, 1, now).unwrap();
+        let sub = |worker, job: &JobSpec, loss: u64| Submission {
+            worker,
+            job: job.job_id,
+            results: (0..job.count)
+                .map(|c| stats(job.images.len() as u64, loss + c as u64))
+                .collect(),
+            eval_micros: 0,
+        };
+        // In the other order the sums are the same: integers.
+        let r = q.accept(&sub(2, &j1, 10), now + Duration::from_millis(30));
+        assert!(
+            matches!(r, Accepted::Counted { images: 2, held_for, complete: None } if held_for == Duration::from_millis(30)),
+            "{r:?}"
+        );
+        assert_eq!(
+            q.accept(&sub(2, &j1, 10), now),
+            Accepted::NotHeld,
+            "counted once"
+        );
+        let Accepted::Counted {
+            complete: Some((g, sums)),
+            ..
+        } = q.accept(&sub(1, &j0, 100), now)
+        else {
+            panic!("the last job completes the generation");
+        };
+        assert_eq!(g.id, 7);
+        assert_eq!(
+            sums,
+            [
+                stats(3, 110),
+                EvalStats {
+                    loss_fixed: 112,
+                    correct: 1,
+                    images: 3
+                }
+            ]
+        );
+        assert!(q.generation().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_holder_may_submit_and_leases_expire() {
+        let mut q = JobQueue::new(1);
+        launch(&mut q, vec![1, 2], 2, 1);
+        let t0 = Instant::now();
+        let j = poll(&mut q, 1, 0, t0).unwrap();
+        assert_eq!(q.holder(j.job_id), Some(1));
+        let s = Submission {
+            worker: 2,
+            job: j.job_id,
+            results: vec![stats(2, 1); 2],
+            eval_micros: 0,
+        };
+        assert_eq!(q.accept(&s, t0), Accepted::NotHeld, "another worker's job");
+        let timeout = Duration::from_secs(5);
+        assert!(q.expired(t0 + timeout, timeout).is_empty());
+        assert_eq!(q.expired(t0 + timeout * 2, timeout), [(j.job_id, 1)]);
+        assert!(q.requeue(j.job_id));
+        assert!(!q.requeue(j.job_id), "already back in the queue");
+        assert_eq!(q.holder(j.job_id), None);
+        let late = Submission {
+            worker: 1,
+            ..s.clone()
+        };
+        assert_eq!(
+            q.accept(&late, t0),
+            Accepted::NotHeld,
+            "a late result is refused"
+        );
+        let again = poll(&mut q, 2, 0, t0).unwrap();
+        assert_eq!(again.job_id, j.job_id, "requeued at the front");
+        assert!(matches!(
+            q.accept(&s, t0),
+            Accepted::Counted {
+                complete: Some(_),
+                ..
+            }
+        ));
+    }
+
+    /// Whatever a worker that holds a job sends, nothing implausible is counted: the job
+    /// goes back to the queue and the sums stay as they were.
+    #[tokio::test(start_paused = true)]
+    async fn implausible_results_are_refused_whole() {
+        let max = ccq_common::qnet::MAX_IMAGE_LOSS_FIXED;
+        let bad: Vec<Vec<EvalStats>> = vec![
+            vec![stats(2, 1)],              // too few results
+            vec![stats(2, 1); 3],           // too many
+            vec![stats(2, 1), stats(3, 1)], // other images
+            vec![
+                stats(2, 1),
+                EvalStats {
+                    correct: 3,
+                    ..stats(2, 1)
+                },
+            ],
+            vec![stats(2, 1), stats(2, 2 * max + 1)], // a loss no image reaches
+            vec![stats(2, u64::MAX), stats(2, 1)],
+        ];
+        for results in bad {
+            let mut q = JobQueue::new(1);
+            launch(&mut q, vec![1, 2], 2, 1);
+            let now = Instant::now();
+            let j = poll(&mut q, 1, 0, now).unwrap();
+            let s = Submission {
+                worker: 1,
+                job: j.job_id,
+                results: results.clone(),
+                eval_micros: 0,
+            };
+            assert!(
+                matches!(q.accept(&s, now), Accepted::Implausible(_)),
+                "{results:?}"
+            );
+            assert_eq!(q.holder(j.job_id), None, "queued again");
+            let j2 = poll(&mut q, 2, 0, now).unwrap();
+            let good = Submission {
+                worker: 2,
+                job: j2.job_id,
+                results: vec![stats(2, 5); 2],
+                eval_micros: 0,
+            };
+            let Accepted::Counted {
+                complete: Some((_, sums)),
+                ..
+            } = q.accept(&good, now)
+            else {
+                panic!("the honest result completes it");
+            };
+            assert_eq!(sums, vec![stats(2, 5); 2], "{results:?} left no trace");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_that_went_away_keeps_the_job_queued() {
+        let mut q = JobQueue::new(1);
+        launch(&mut q, vec![1], 1, 1);
+        let (tx, rx) = oneshot::channel();
+        q.park(1, tx);
+        drop(rx);
+        assert!(q.dispatch(Instant::now(), |_| Some(0)).is_empty());
+        assert!(q.has_pending(0));
+        // A worker that is gone drops its poll and takes nothing.
+        let (tx, _rx) = oneshot::channel();
+        q.park(2, tx);
+        assert!(q.dispatch(Instant::now(), |_| None).is_empty());
+        assert!(q.any_pending());
+        assert!(q.take_parked().is_empty());
+    }
+}

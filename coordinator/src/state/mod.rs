@@ -1,0 +1,748 @@
+//! The coordinator's run state and the one event loop that owns it.
+//!
+//! gRPC handlers ([`crate::service`]) turn requests into [`Event`]s (domain types only);
+//! timers and background measurements do the same. Handling an event never blocks:
+//! CPU-heavy work (validation and test measurements, checkpoint writes) runs on the
+//! blocking pool and reports back.
+//!
+//! The state is made of parts, each owning one concern and tested on its own:
+//! [`workers::WorkerRegistry`] (who is connected, shards, liveness),
+//! [`jobs::JobQueue`] (the generation in flight as jobs, leases, dispatch, the sums),
+//! [`changelog::ChangeLog`] (network versions for syncs), [`crate::history::History`]
+//! (measurements and the best network), [`measure::Measurements`] (measurements
+//! running), [`telemetry::Counters`] and [`checkpointer::Checkpointer`]. This module
+//! wires them to the [`Trainer`]: a generation is launched as jobs, results are summed,
+//! and when every job is in the trainer completes it and the next one starts.
+//!
+//! Liveness: every request from a worker refreshes it; a worker silent for three heartbeat
+//! intervals is dropped and its job goes back to the queue, as does a job held longer than
+//! the job timeout. A result for a job the worker no longer holds is refused, so nothing
+//! is counted twice; a result that cannot be honest drops its worker. All times come
+//! from tokio's clock, so tests run the loop on paused time.
+
+mod changelog;
+mod checkpointer;
+mod events;
+mod jobs;
+mod measure;
+mod observe;
+pub mod telemetry;
+mod workers;
+
+#[cfg(test)]
+mod harness;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ccq_common::data::Dataset;
+use ccq_common::qnet::QNetwork;
+use ccq_search::trainer::{Generation, Trainer};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use self::changelog::ChangeLog;
+use self::checkpointer::Checkpointer;
+pub use self::events::{
+    answer_during_setup, Event, HeartbeatReply, JobSpec, NetworkUpdate, PollReply, Refusal,
+    RegisterWorker, Registration, Submission,
+};
+use self::jobs::{Accepted, JobQueue};
+use self::measure::Measurements;
+use self::observe::NoWorkerWatch;
+use self::telemetry::Counters;
+pub use self::telemetry::{Histogram, RunStatus, Telemetry, WorkerRow};
+use self::workers::WorkerRegistry;
+use crate::checkpoint::{Checkpoint, LoopSnapshot, PendingEval, Phase};
+use crate::config::RunConfig;
+use crate::history::{EvalPoint, History, LayerConfidence};
+
+/// Fixed inputs of the loop.
+pub struct Setup {
+    pub run_id: String,
+    pub config: RunConfig,
+    pub data_source: String,
+    pub shards: usize,
+    pub search_len: usize,
+    pub validation: Arc<Dataset>,
+    pub test: Arc<Dataset>,
+    pub float_top1: f64,
+    pub ptq_top1: Option<f64>,
+    pub eval_threads: usize,
+    /// Identity of the quantized network the search started from (checkpoints).
+    pub network_fingerprint: String,
+    /// Seconds of search before this process took over (a resumed run).
+    pub search_seconds_before: f64,
+    /// Random per process: tells workers that network versions they hold from another
+    /// coordinator process mean nothing here.
+    pub instance: String,
+}
+
+/// What the loop hands back when the run is over.
+pub struct Finished {
+    pub history: Vec<EvalPoint>,
+    /// The network with the best validation accuracy, and where it was measured.
+    pub best: (QNetwork, EvalPoint),
+    pub last: EvalPoint,
+    pub progress: ccq_search::trainer::Progress,
+    pub frozen: usize,
+    /// Confidence per layer at the end (for the report's plots).
+    pub layers: Vec<LayerConfidence>,
+    pub wall_seconds: f64,
+    pub workers_seen: u64,
+    pub stop_reason: String,
+    /// The run reached its end (not interrupted): nothing is left to resume.
+    pub complete: bool,
+}
+
+/// What the latest generation's best candidate scored on its batch.
+#[derive(Debug, Clone, Copy, Default)]
+struct LastGeneration {
+    best_loss: Option<f64>,
+    train_top1: Option<f64>,
+    /// Seconds of search when it was measured.
+    train_secs: Option<f64>,
+}
+
+pub struct State {
+    setup: Setup,
+    trainer: Trainer,
+    started: Instant,
+    phase: Phase,
+    workers: WorkerRegistry,
+    jobs: JobQueue,
+    /// How each network version differs from the one before, for workers' syncs.
+    log: ChangeLog,
+    history: History,
+    measurements: Measurements,
+    last: LastGeneration,
+    stop_reason: Option<String>,
+    counters: Counters,
+    telemetry: watch::Sender<Option<Telemetry>>,
+    checkpoints: Checkpointer,
+    /// What a resumed run picks up when its loop starts.
+    restored: Option<(Option<Generation>, Vec<PendingEval>)>,
+    no_worker: NoWorkerWatch,
+}
+
+impl State {
+    pub fn new(
+        setup: Setup,
+        trainer: Trainer,
+        events: mpsc::Sender<Event>,
+        telemetry: watch::Sender<Option<Telemetry>>,
+    ) -> State {
+        let now = Instant::now();
+        State {
+            trainer,
+            started: now,
+            phase: Phase::Training,
+            workers: WorkerRegistry::new(setup.shards),
+            jobs: JobQueue::new(setup.shards),
+            log: ChangeLog::default(),
+            history: History::default(),
+            measurements: Measurements::new(
+                Arc::clone(&setup.validation),
+                Arc::clone(&setup.test),
+                setup.eval_threads,
+                events,
+            ),
+            last: LastGeneration::default(),
+            stop_reason: None,
+            counters: Counters::default(),
+            telemetry,
+            checkpoints: Checkpointer::new(&setup.config.checkpoint, setup.config.out.clone(), now),
+            restored: None,
+            no_worker: NoWorkerWatch::default(),
+            setup,
+        }
+    }
+
+    /// Seconds of search, including any before a resume.
+    fn elapsed(&self) -> f64 {
+        self.setup.search_seconds_before + self.started.elapsed().as_secs_f64()
+    }
+
+    fn version(&self) -> u64 {
+        self.log.version()
+    }
+
+    /// The loop's state for a checkpoint.
+    pub fn snapshot(&self) -> LoopSnapshot {
+        let (history, best) = self.history.clone().into_parts();
+        LoopSnapshot {
+            phase: self.phase,
+            generation: self.jobs.generation().cloned(),
+            pending_evals: self.measurements.running(),
+            history,
+            best,
+            network_version: self.version(),
+            last_best_loss: self.last.best_loss,
+            last_train_top1: self.last.train_top1,
+            last_train_secs: self.last.train_secs,
+            stop_reason: self.stop_reason.clone(),
+            ptq_top1: self.setup.ptq_top1,
+            workers_seen: self.workers.seen(),
+        }
+    }
+
+    /// Takes over a checkpoint's loop state (the trainer was restored already). Every
+    /// part is checked against the network first; nothing is changed on error.
+    pub fn restore(&mut self, snap: LoopSnapshot, origin: &str) -> Result<(), crate::Error> {
+        snap.check(self.trainer.network(), self.setup.search_len, origin)?;
+        self.phase = snap.phase;
+        self.history = History::restore(snap.history, snap.best);
+        self.log = ChangeLog::starting_at(snap.network_version);
+        self.last = LastGeneration {
+            best_loss: snap.last_best_loss,
+            train_top1: snap.last_train_top1,
+            train_secs: snap.last_train_secs,
+        };
+        self.stop_reason = snap.stop_reason;
+        self.setup.ptq_top1 = snap.ptq_top1;
+        self.workers.restore_seen(snap.workers_seen);
+        self.checkpoints
+            .resumed_at(self.trainer.progress().generations);
+        self.restored = Some((snap.generation, snap.pending_evals));
+        Ok(())
+    }
+
+    /// Runs the loop until the run is finished and workers were told, or `shutdown`.
+    /// If an event cannot be handled, the error is logged and a checkpoint written
+    /// before it is returned, so the run can be resumed once the cause is fixed.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Event>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<Finished, crate::Error> {
+        tokio::pin!(shutdown);
+        let hb = Duration::from_millis(self.setup.config.cluster.heartbeat_ms);
+        let mut tick = tokio::time::interval(hb);
+        if let Err(e) = self.begin() {
+            return Err(self.fail(e).await);
+        }
+        let mut done_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    if let Err(e) = self.handle(ev) {
+                        return Err(self.fail(e).await);
+                    }
+                }
+                _ = tick.tick() => {
+                    self.reap(hb);
+                    self.watch_for_no_workers();
+                    self.publish();
+                }
+                _ = &mut shutdown => {
+                    warn!("shutdown requested before the run finished");
+                    if self.phase != Phase::Done {
+                        // What lets `--resume` continue where this process stopped.
+                        self.checkpoint_now().await?;
+                    }
+                    self.stop_reason.get_or_insert_with(|| "interrupted".into());
+                    break;
+                }
+            }
+            if self.phase == Phase::Done {
+                // Linger so workers hear "done" from a poll or heartbeat, then leave.
+                let since = *done_since.get_or_insert_with(Instant::now);
+                if self.workers.is_empty() || since.elapsed() > hb * 3 {
+                    break;
+                }
+            }
+        }
+        self.checkpoints.settle().await;
+        self.finished()
+    }
+
+    /// The first generation, or what a resumed run was in the middle of.
+    fn begin(&mut self) -> Result<(), crate::Error> {
+        match self.restored.take() {
+            Some((generation, evals)) => {
+                for e in evals {
+                    let mut net = self.trainer.network().clone();
+                    net.set_codes(&e.codes)?;
+                    self.measurements.spawn(e.point, e.is_final, net);
+                }
+                match generation {
+                    Some(g) => self.launch(g),
+                    None if self.phase == Phase::Training => self.start_generation()?,
+                    None => {}
+                }
+                if self.phase == Phase::Evaluating && self.measurements.is_empty() {
+                    self.schedule_eval(true);
+                }
+                info!(
+                    generation = self.trainer.progress().generations,
+                    "resumed from the checkpoint"
+                );
+            }
+            None => {
+                // The PTQ network, measured before any search, is history's first row.
+                self.schedule_eval(false);
+                self.start_generation()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The run cannot go on: says so, and leaves a checkpoint to resume from.
+    async fn fail(&mut self, e: crate::Error) -> crate::Error {
+        error!("the run cannot go on: {e}");
+        if self.phase != Phase::Done {
+            if let Err(ck) = self.checkpoint_now().await {
+                error!("and its final checkpoint could not be written: {ck}");
+            }
+        }
+        e
+    }
+
+    fn finished(mut self) -> Result<Finished, crate::Error> {
+        let layers = self.layer_confidence();
+        let (history, best) = std::mem::take(&mut self.history).into_parts();
+        let (best_codes, best_point) = best.ok_or_else(|| {
+            crate::Error::Protocol("the run ended before the PTQ network was evaluated".into())
+        })?;
+        let mut best_net = self.trainer.network().clone();
+        best_net.set_codes(&best_codes)?;
+        let last = history
+            .last()
+            .cloned()
+            .unwrap_or_else(|| best_point.clone());
+        Ok(Finished {
+            history,
+            best: (best_net, best_point),
+            last,
+            progress: self.trainer.progress(),
+            frozen: self.trainer.eda().frozen_count(),
+            layers,
+            wall_seconds: self.started.elapsed().as_secs_f64(),
+            workers_seen: self.workers.seen(),
+            complete: self.phase == Phase::Done,
+            stop_reason: self.stop_reason.unwrap_or_else(|| "interrupted".into()),
+        })
+    }
+
+    fn handle(&mut self, ev: Event) -> Result<(), crate::Error> {
+        match ev {
+            Event::Register { req, reply } => {
+                let _ = reply.send(self.register(req));
+            }
+            Event::Heartbeat { worker, reply } => {
+                let known = self.workers.touch(worker, Instant::now());
+                let done = self.phase == Phase::Done;
+                let _ = reply.send(HeartbeatReply { known, done });
+                if done {
+                    self.workers.remove(worker);
+                }
+            }
+            Event::Poll { worker, reply } => self.poll(worker, reply),
+            Event::Submit { submission, reply } => {
+                let accepted = self.submit(submission)?;
+                let _ = reply.send(accepted);
+            }
+            Event::Sync {
+                have_version,
+                reply,
+            } => {
+                let _ = reply.send(Ok(self.sync(have_version)));
+            }
+            Event::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Event::EvalDone(id, point) => self.eval_done(id, point),
+        }
+        Ok(())
+    }
+
+    fn register(&mut self, req: RegisterWorker) -> Result<Registration, Refusal> {
+        let address = req.address.map_or_else(String::new, |a| a.to_string());
+        let (id, shard) =
+            self.workers
+                .register(req.name.clone(), address, req.shard, Instant::now())?;
+        info!(worker = id, name = %req.name, shard, "worker registered");
+        Ok(Registration {
+            worker_id: id,
+            run_id: self.setup.run_id.clone(),
+            shard,
+            shards: self.setup.shards,
+            data_source: self.setup.data_source.clone(),
+            search_len: self.setup.search_len,
+            heartbeat_ms: self.setup.config.cluster.heartbeat_ms,
+            instance: self.setup.instance.clone(),
+        })
+    }
+
+    fn poll(&mut self, worker: u64, reply: oneshot::Sender<PollReply>) {
+        if self.phase == Phase::Done {
+            let _ = reply.send(PollReply::Done);
+            self.workers.remove(worker);
+            return;
+        }
+        if !self.workers.touch(worker, Instant::now()) {
+            let _ = reply.send(PollReply::Unknown);
+            return;
+        }
+        // A worker works on one job at a time: polling means it holds none, so a job we
+        // think it holds was lost in transit and goes back to the queue.
+        if let Some(job) = self.workers.get_mut(worker).and_then(|w| w.job.take()) {
+            self.requeue(job);
+        }
+        let jobs = &self.jobs;
+        if let Some(empty) = self
+            .workers
+            .orphaned_shard_for(worker, |s| jobs.has_pending(s))
+        {
+            // A shard with work and nobody serving it (its worker died, or came back and
+            // was assigned elsewhere) would stall the run: an idle, movable worker
+            // re-registers and is given that shard, the least served.
+            info!(
+                worker,
+                shard = empty,
+                "moving an idle worker to a shard with no worker"
+            );
+            self.workers.remove(worker);
+            let _ = reply.send(PollReply::Unknown);
+            return;
+        }
+        self.jobs.park(worker, reply);
+        self.dispatch();
+    }
+
+    /// Hands pending jobs to parked polls and records the leases on the workers.
+    fn dispatch(&mut self) {
+        let workers = &self.workers;
+        let leased = self
+            .jobs
+            .dispatch(Instant::now(), |w| workers.get(w).map(|w| w.shard));
+        for (worker, job) in leased {
+            if let Some(w) = self.workers.get_mut(worker) {
+                w.job = Some(job);
+            }
+        }
+    }
+
+    fn requeue(&mut self, job: u64) {
+        if self.jobs.requeue(job) {
+            debug!(job, "job back in the queue");
+            self.counters.jobs_retried += 1;
+        }
+    }
+
+    fn submit(&mut self, s: Submission) -> Result<bool, crate::Error> {
+        let now = Instant::now();
+        self.workers.touch(s.worker, now);
+        match self.jobs.accept(&s, now) {
+            Accepted::NotHeld => {
+                debug!(
+                    job = s.job,
+                    worker = s.worker,
+                    "ignoring a result for a job the worker does not hold"
+                );
+                Ok(false)
+            }
+            Accepted::Implausible(why) => {
+                // A worker that answers with results that cannot belong to its job is
+                // broken (or hostile): forget it, so it must register again before it
+                // gets work; its job (already back in the queue) goes to another.
+                warn!(
+                    job = s.job,
+                    worker = s.worker,
+                    "result refused ({why}); the worker is dropped and the job goes to another"
+                );
+                self.counters.jobs_retried += 1;
+                self.workers.remove(s.worker);
+                self.dispatch();
+                Ok(false)
+            }
+            Accepted::Counted {
+                images,
+                held_for,
+                complete,
+            } => {
+                self.counters.job_done(s.worker, held_for.as_secs_f64());
+                if let Some(w) = self.workers.get_mut(s.worker) {
+                    w.job = None;
+                    w.jobs_done += 1;
+                    w.images += images;
+                    w.eval_micros = w.eval_micros.saturating_add(s.eval_micros);
+                }
+                if let Some((generation, sums)) = complete {
+                    self.finish_generation(generation, sums)?;
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    fn finish_generation(
+        &mut self,
+        generation: Generation,
+        sums: Vec<ccq_common::qnet::EvalStats>,
+    ) -> Result<(), crate::Error> {
+        let outcome = self.trainer.complete(&generation, &sums)?;
+        if !outcome.changes.is_empty() {
+            let limit = self.full_sync_threshold();
+            self.log.push(outcome.changes, limit);
+        }
+        self.last = LastGeneration {
+            best_loss: Some(outcome.best_loss),
+            train_top1: Some(outcome.best_top1),
+            train_secs: Some(self.elapsed()),
+        };
+        let p = self.trainer.progress();
+        self.counters.sample(Instant::now(), p.evaluations);
+        if p.generations
+            .is_multiple_of(self.setup.config.eval.every_generations)
+        {
+            self.schedule_eval(false);
+        }
+        self.publish();
+        self.start_generation()?;
+        self.maybe_checkpoint();
+        Ok(())
+    }
+
+    /// Starts a background checkpoint write if one is due. Taken right after a
+    /// generation started, so the snapshot holds it.
+    fn maybe_checkpoint(&mut self) {
+        let gens = self.trainer.progress().generations;
+        let now = Instant::now();
+        if self.phase == Phase::Training && self.checkpoints.due(gens, now) {
+            let ck = self.checkpoint();
+            self.checkpoints.start(ck, gens, now);
+        }
+    }
+
+    /// Writes a checkpoint now and waits for it (shutdown, failure).
+    async fn checkpoint_now(&mut self) -> Result<(), crate::Error> {
+        let ck = self.checkpoint();
+        let gens = ck.trainer.progress.generations;
+        self.checkpoints.write_now(ck).await?;
+        info!(
+            generation = gens,
+            "checkpoint written; `coordinator run --resume {}` continues the run",
+            self.setup.config.out.display()
+        );
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            network_fingerprint: self.setup.network_fingerprint.clone(),
+            run_id: self.setup.run_id.clone(),
+            config: self.setup.config.clone(),
+            search_len: self.setup.search_len,
+            float_top1: self.setup.float_top1,
+            search_seconds: self.elapsed(),
+            trainer: self.trainer.snapshot(),
+            state: self.snapshot(),
+        }
+    }
+
+    /// Starts the next generation, or finishes the run when the budget is spent.
+    fn start_generation(&mut self) -> Result<(), crate::Error> {
+        if self.phase != Phase::Training {
+            return Ok(());
+        }
+        if let Some(reason) = self.budget_spent() {
+            self.finish(reason);
+            return Ok(());
+        }
+        let Some(generation) = self.trainer.next_generation()? else {
+            let reason = match self.trainer.strategy() {
+                ccq_search::config::Strategy::Rtn => "strategy rtn: no search",
+                _ => "every variable is frozen",
+            };
+            self.finish(reason.into());
+            return Ok(());
+        };
+        self.launch(generation);
+        Ok(())
+    }
+
+    /// Cuts a generation into jobs (one per live worker of each shard with images in the
+    /// batch) and hands them out.
+    fn launch(&mut self, generation: Generation) {
+        let (total, shards) = (self.setup.search_len, self.setup.shards);
+        let workers = &self.workers;
+        self.jobs.launch(
+            generation,
+            self.log.version(),
+            |i| shard_of(i as usize, total, shards),
+            |s| workers.live_on(s),
+        );
+        self.dispatch();
+    }
+
+    fn budget_spent(&self) -> Option<String> {
+        if let Some(r) = &self.stop_reason {
+            return Some(r.clone());
+        }
+        let b = &self.setup.config.budget;
+        let p = self.trainer.progress();
+        if b.evaluations.is_some_and(|e| p.evaluations >= e) {
+            return Some(format!("evaluation budget ({}) spent", p.evaluations));
+        }
+        if b.cycles.is_some_and(|c| p.cycles >= c) {
+            return Some(format!("{} cycle(s) done", p.cycles));
+        }
+        if b.wall_seconds.is_some_and(|s| self.elapsed() >= s) {
+            return Some("wall-time budget spent".into());
+        }
+        None
+    }
+
+    fn finish(&mut self, reason: String) {
+        info!("search finished: {reason}");
+        self.stop_reason = Some(reason);
+        self.phase = Phase::Evaluating;
+        self.schedule_eval(true);
+    }
+
+    /// Measures the current global network on validation and test data off the loop.
+    fn schedule_eval(&mut self, is_final: bool) {
+        let p = self.trainer.progress();
+        let point = EvalPoint {
+            generation: p.generations,
+            evaluations: p.evaluations,
+            wall_seconds: self.elapsed(),
+            best_fitness: self.last.best_loss,
+            train_top1: self.last.train_top1,
+            val_top1: 0.0,
+            val_loss: 0.0,
+            test_top1: 0.0,
+            network_version: self.version(),
+            is_final,
+        };
+        self.measurements
+            .spawn(point, is_final, self.trainer.network().clone());
+    }
+
+    fn eval_done(&mut self, id: u64, point: EvalPoint) {
+        let Some(pending) = self.measurements.finish(id) else {
+            return;
+        };
+        let point = EvalPoint {
+            is_final: pending.is_final,
+            ..point
+        };
+        info!(
+            generation = point.generation,
+            evaluations = point.evaluations,
+            "val top-1 {:.2} %, test top-1 {:.2} %",
+            point.val_top1,
+            point.test_top1
+        );
+        if let Some(t) = self.setup.config.budget.target_val_top1 {
+            if point.val_top1 >= t && self.stop_reason.is_none() {
+                self.stop_reason = Some(format!(
+                    "validation top-1 {:.2} % reached the target {t} %",
+                    point.val_top1
+                ));
+            }
+        }
+        if point.generation == 0 && self.setup.ptq_top1.is_none() {
+            self.setup.ptq_top1 = Some(point.test_top1);
+        }
+        let is_final = point.is_final;
+        self.history.record(point, pending.codes);
+        // The run is over once the final measurement and any earlier ones are in.
+        let finishing = is_final || self.phase == Phase::Evaluating;
+        if finishing && self.measurements.is_empty() {
+            self.phase = Phase::Done;
+            self.publish();
+            // Wake parked polls so workers learn the run is over.
+            for (w, reply) in self.jobs.take_parked() {
+                let _ = reply.send(PollReply::Done);
+                self.workers.remove(w);
+            }
+        }
+    }
+
+    /// A change list this long or longer is replaced by the whole network.
+    fn full_sync_threshold(&self) -> usize {
+        self.trainer.network().num_vars() / 8 + 1024
+    }
+
+    fn sync(&self, have_version: Option<u64>) -> NetworkUpdate {
+        let version = self.version();
+        // Changes are cheaper than the whole network unless the worker is far behind.
+        match have_version.and_then(|h| self.log.since(h, self.full_sync_threshold())) {
+            Some(changes) => NetworkUpdate::Changes { version, changes },
+            None => NetworkUpdate::Full {
+                version,
+                network: self.trainer.network().to_bytes(),
+            },
+        }
+    }
+
+    /// Drops workers not heard from for three heartbeats and takes back jobs held past
+    /// the job timeout; their jobs go to others.
+    fn reap(&mut self, hb: Duration) {
+        let now = Instant::now();
+        for (id, w) in self.workers.reap(now, hb) {
+            warn!(worker = id, name = %w.name, "worker lost (no heartbeat)");
+            if let Some(job) = w.job {
+                self.requeue(job);
+            }
+        }
+        let timeout = Duration::from_secs_f64(self.setup.config.cluster.job_timeout_secs);
+        for (job, worker) in self.jobs.expired(now, timeout) {
+            warn!(
+                job,
+                worker, "job lease expired; giving it to another worker"
+            );
+            if let Some(w) = self.workers.get_mut(worker) {
+                w.job = None;
+            }
+            self.requeue(job);
+        }
+        self.dispatch();
+    }
+}
+
+/// The shard holding global training index `i`: the inverse of `Shard::range`.
+pub fn shard_of(i: usize, total: usize, shards: usize) -> usize {
+    // Shard k holds [k*N/S, (k+1)*N/S); find the largest k with k*N/S <= i.
+    let mut k = ((i as u128 * shards as u128) / total.max(1) as u128) as usize;
+    k = k.min(shards - 1);
+    while k > 0 && (k as u128 * total as u128 / shards as u128) as usize > i {
+        k -= 1;
+    }
+    while k + 1 < shards && ((k + 1) as u128 * total as u128 / shards as u128) as usize <= i {
+        k += 1;
+    }
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ccq_common::data::Shard;
+
+    #[test]
+    fn shard_of_inverts_shard_ranges() {
+        for total in [1usize, 7, 100, 1001, 49_000] {
+            for shards in 1..=9usize {
+                for k in 0..shards {
+                    let r = Shard {
+                        index: k,
+                        count: shards,
+                    }
+                    .range(total);
+                    for i in r {
+                        assert_eq!(
+                            shard_of(i, total, shards),
+                            k,
+                            "i={i} total={total} shards={shards}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
