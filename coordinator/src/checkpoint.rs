@@ -592,6 +592,19 @@ mod tests {
     /// Property: whatever the bytes — random, truncated, flipped, or a mutated body under
     /// a recomputed checksum (which reaches the JSON and the invariant checks) — decoding
     /// and restoring return a value or an error, never panic.
+    /// Status shows the phase by the same name the checkpoint stores it under.
+    #[test]
+    fn phases_are_named_as_stored() {
+        for (p, name) in [
+            (Phase::Training, "training"),
+            (Phase::Evaluating, "evaluating"),
+            (Phase::Done, "done"),
+        ] {
+            assert_eq!(p.as_str(), name);
+            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{name}\""));
+        }
+    }
+
     /// The loop's part is checked against the network and data it will be used with:
     /// every way it can fail to fit is refused with the field named, and the sample
     /// itself fits.
