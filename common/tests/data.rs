@@ -12,6 +12,9 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use tempfile::TempDir;
 
+mod support;
+use support::{shared, skip};
+
 // ---------------------------------------------------------------------------------------
 // Fixtures
 
@@ -741,16 +744,6 @@ fn mnist_missing_file_or_directory_is_named() {
 // ---------------------------------------------------------------------------------------
 // Real data in ../shared, when present
 
-fn shared_dir(rel: &str) -> Option<PathBuf> {
-    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared")).join(rel);
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        println!("skipped: {} not found", dir.display());
-        None
-    }
-}
-
 fn class_counts(d: &Dataset) -> [usize; 10] {
     let mut counts = [0; 10];
     for &l in &d.labels {
@@ -761,8 +754,8 @@ fn class_counts(d: &Dataset) -> [usize; 10] {
 
 #[test]
 fn real_cifar10_splits() {
-    let Some(parent) = shared_dir("datasets/cifar10-jpeg") else {
-        return;
+    let Some(parent) = shared("datasets/cifar10-jpeg") else {
+        return skip("../shared/datasets/cifar10-jpeg not found");
     };
     let batches = parent.join("cifar-10-batches-bin");
     let source = DataSource::new(DataFormat::Cifar10, &batches);
@@ -801,8 +794,8 @@ fn real_cifar10_splits() {
 
 #[test]
 fn real_mnist_splits() {
-    let Some(dir) = shared_dir("datasets/mnist-10k") else {
-        return;
+    let Some(dir) = shared("datasets/mnist-10k") else {
+        return skip("../shared/datasets/mnist-10k not found");
     };
     let source = DataSource::new(DataFormat::Mnist, &dir);
     for (split, n) in [(Split::Train, 8_000), (Split::Test, 2_000)] {

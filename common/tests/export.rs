@@ -20,17 +20,15 @@ use ccq_common::Error;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 
+mod support;
+use support::{shared, skip};
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}.onnx"))
-}
-
-fn shared() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared"));
-    dir.is_dir().then_some(dir)
 }
 
 fn cfg(weight_bits: u8, act_bits: u8) -> QuantConfig {
@@ -478,8 +476,7 @@ fn assert_runtimes_agree(label: &str, net: &QNetwork, data: &data::Dataset, arra
 #[test]
 fn onnx_runtime_agrees_with_the_integer_engine_on_mnist() {
     if let Some(why) = python_missing() {
-        println!("skipped: {why}");
-        return;
+        return skip(&why);
     }
     for q in [cfg(2, 8), cfg(4, 8), cfg(4, 4)] {
         let (net, source) = mnist_net(&q);
@@ -491,8 +488,7 @@ fn onnx_runtime_agrees_with_the_integer_engine_on_mnist() {
 #[test]
 fn onnx_runtime_agrees_on_residual_networks() {
     if let Some(why) = python_missing() {
-        println!("skipped: {why}");
-        return;
+        return skip(&why);
     }
     // Random images and labels: top-1 is meaningless, but agreement and logits are not.
     let net = fixture_net("tiny_resnet", &cfg(4, 8));
@@ -512,13 +508,11 @@ fn onnx_runtime_agrees_on_residual_networks() {
 
 #[test]
 fn onnx_runtime_agrees_on_resnet20_cifar10() {
-    let Some(shared) = shared() else {
-        println!("skipped: no ../shared (ResNet-20 and CIFAR-10)");
-        return;
+    let Some(shared) = shared("") else {
+        return skip("../shared (ResNet-20 and CIFAR-10) is not available");
     };
     if let Some(why) = python_missing() {
-        println!("skipped: {why}");
-        return;
+        return skip(&why);
     }
     let graph = onnx_import::load_onnx(&shared.join("models/resnet20-cifar10.onnx")).unwrap();
     let norm = Normalization {

@@ -2,7 +2,8 @@
 //!
 //! The fixtures in `tests/fixtures/` come from `scripts/make_onnx_fixtures.py`: small
 //! models covering every lowering rule, random inputs and ONNX Runtime's outputs. The
-//! ResNet-20 tests use the real model in `../shared` when it exists and skip otherwise.
+//! ResNet-20 tests use the real model in `../shared` when it exists and skip otherwise
+//! (fail under `CI=true`: see `support::skip`).
 //! Error paths are tested on fixtures edited through `ccq_common::onnx::proto`.
 
 use std::path::{Path, PathBuf};
@@ -15,13 +16,11 @@ use ccq_common::{float, Error};
 use prost::Message;
 use rand::{Rng, SeedableRng};
 
+mod support;
+use support::{shared, skip};
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn shared() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared"));
-    dir.is_dir().then_some(dir)
 }
 
 fn read_f32(path: &Path) -> Vec<f32> {
@@ -323,9 +322,8 @@ fn cifar_test_images(shared: &Path, count: usize) -> (Vec<f32>, Vec<u8>) {
 
 #[test]
 fn resnet20_matches_onnx_runtime_logits() {
-    let Some(shared) = shared() else {
-        eprintln!("skipped: ../shared (ResNet-20 and CIFAR-10) is not available");
-        return;
+    let Some(shared) = shared("") else {
+        return skip("../shared (ResNet-20 and CIFAR-10) is not available");
     };
     let graph = load_onnx(&shared.join("models/resnet20-cifar10.onnx")).unwrap();
     assert_eq!(graph.input_shape, Shape::new(3, 32, 32));
@@ -362,9 +360,8 @@ fn resnet20_matches_onnx_runtime_logits() {
 #[test]
 #[ignore = "slow: 10,000 images through the float engine"]
 fn resnet20_float_top1_on_full_test_batch() {
-    let Some(shared) = shared() else {
-        eprintln!("skipped: ../shared (ResNet-20 and CIFAR-10) is not available");
-        return;
+    let Some(shared) = shared("") else {
+        return skip("../shared (ResNet-20 and CIFAR-10) is not available");
     };
     let graph = load_onnx(&shared.join("models/resnet20-cifar10.onnx")).unwrap();
     let (images, labels) = cifar_test_images(&shared, 10_000);
