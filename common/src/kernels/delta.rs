@@ -336,10 +336,14 @@ macro_rules! dispatch {
     ($isa:expr, $f:ident($($arg:expr),* $(,)?)) => {
         match $isa {
             Isa::Baseline => $f($($arg),*),
-            // SAFETY: `DeltaBase::new_with` asserted that the path the variant comes from is
-            // available: AVX2, or for VNNI AVX-512 F/BW/DQ/VL (see `x86::has_vnni`).
+            // SAFETY: an `Isa` other than `Baseline` only comes from `Isa::of` in
+            // `DeltaBase::new_with`, after it asserted `path.is_available()`: here AVX2
+            // (`has_avx2()`), the feature the `avx2` copies enable. The loops touch memory
+            // through slices only.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { avx2::$f($($arg),*) },
+            // SAFETY: as above, for VNNI: `has_vnni()` includes the AVX-512 F/BW/DQ/VL
+            // the `avx512` copies enable.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { avx512::$f($($arg),*) },
         }

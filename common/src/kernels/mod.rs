@@ -499,9 +499,12 @@ pub fn add_with(path: KernelPath, p: &AddParams, a: &[u8], b: &[u8], out: &mut [
     match path {
         KernelPath::Reference => reference::add(p, a, b, out),
         KernelPath::Portable => eltwise::add(p, a, b, out),
-        // SAFETY (both x86 paths): availability, i.e. the target features, was asserted above.
+        // SAFETY: `path.is_available()` was asserted above: `has_avx2()`, the feature
+        // `add_avx2` enables. It reads and writes through slices only.
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 => unsafe { x86::add_avx2(p, a, b, out) },
+        // SAFETY: as above, `has_vnni()`, which includes the AVX-512 F/BW/DQ/VL that
+        // `add_avx512` enables.
         #[cfg(target_arch = "x86_64")]
         KernelPath::Vnni => unsafe { x86::add_avx512(p, a, b, out) },
         #[cfg(not(target_arch = "x86_64"))]

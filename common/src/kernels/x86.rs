@@ -79,7 +79,14 @@ impl MicroKernel for Vnni {
     }
 
     fn tile(t: &Tile, out: TileOut) {
-        // SAFETY: the blocked driver only runs this kernel after `has_vnni()`.
+        // SAFETY: the only caller, `Plan::segment`, runs under `Plan::run`, which asserted
+        // `KernelPath::Vnni.is_available()`, i.e. `has_vnni()`: the CPU has every feature
+        // the tile functions enable. `Plan::segment` also builds `t` and `out` to the
+        // `# Safety` contract of `vnni_tile`: `t.x` ends where the last pixel's last tap
+        // ends (asserted there), weights and bias are sliced to `blocks` blocks, and `out`
+        // is exactly `(pixels - 1) * out_stride + width` long. The dispatch below passes
+        // `P == t.pixels` and `J == t.kind.blocks`, and picks `vnni_row3_tile` only when
+        // `Vnni::row3(t.kind)` holds, as its contract requires.
         unsafe {
             if Vnni::row3(t.kind) {
                 return vnni_dispatch!(vnni_row3_tile, t.pixels, (t, out);
@@ -107,26 +114,39 @@ unsafe fn vnni_tile<const P: usize, const J: usize>(t: &Tile, out: TileOut) {
     debug_assert!(t.weights.len() == t.taps.len() * t.c4 / 4 * J * 4 * LANES);
     let x = t.x.as_ptr();
     let mut w = t.weights.as_ptr();
-    let mut acc = vnni_bias::<P, J>(t);
-    for &tap in t.taps {
-        let xt = x.add(tap);
-        let mut c = 0;
-        while c < t.c4 {
-            let mut wv = [_mm512_setzero_si512(); J];
-            for (j, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(w.add(j * 4 * LANES).cast());
-            }
-            w = w.add(J * 4 * LANES);
-            for (p, row) in acc.iter_mut().enumerate() {
-                let xb = _mm512_set1_epi32(xt.add(p * t.step + c).cast::<i32>().read_unaligned());
-                for (a, &v) in row.iter_mut().zip(&wv) {
-                    *a = _mm512_dpbusd_epi32(*a, xb, v);
+    // SAFETY: this function's contract is `vnni_bias`'s and `vnni_store`'s (same
+    // features, `t.bias` of `J * 16` entries, `out` long enough).
+    let mut acc = unsafe { vnni_bias::<P, J>(t) };
+    // SAFETY: every pointer stays inside its slice. Taps ascend, so the last pixel's last
+    // tap is the furthest window: pixel `p < P`, tap `tap`, channel step `c < c4` (a
+    // multiple of 4) reads the 4 bytes at `p * step + tap + c`, which end at most at
+    // `(P - 1) * step + taps.last() + c4 == t.x.len()` (how `Plan::segment` cuts `t.x`).
+    // `w` moves by `J` blocks of 64 bytes per (tap, channel step), `k4 * J * 64 ==
+    // t.weights.len()` bytes in all (the debug assertion above), so every 64-byte load is
+    // inside `t.weights` and `w` ends one past its end. All loads are unaligned ones.
+    unsafe {
+        for &tap in t.taps {
+            let xt = x.add(tap);
+            let mut c = 0;
+            while c < t.c4 {
+                let mut wv = [_mm512_setzero_si512(); J];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_si512(w.add(j * 4 * LANES).cast());
                 }
+                w = w.add(J * 4 * LANES);
+                for (p, row) in acc.iter_mut().enumerate() {
+                    let xb =
+                        _mm512_set1_epi32(xt.add(p * t.step + c).cast::<i32>().read_unaligned());
+                    for (a, &v) in row.iter_mut().zip(&wv) {
+                        *a = _mm512_dpbusd_epi32(*a, xb, v);
+                    }
+                }
+                c += 4;
             }
-            c += 4;
         }
     }
-    vnni_store(t, out, &acc);
+    // SAFETY: as for `vnni_bias` above.
+    unsafe { vnni_store(t, out, &acc) };
 }
 
 /// One tile of `P` pixels x one block, for kernels 3 taps wide with stride and dilation 1
@@ -144,86 +164,130 @@ unsafe fn vnni_row3_tile<const P: usize>(t: &Tile, out: TileOut) {
     let x = t.x.as_ptr();
     let block = 4 * LANES;
     let cpt = t.c4 / 4;
-    let mut acc = vnni_bias::<P, 1>(t);
-    for (ky, row_taps) in t.taps.chunks_exact(3).enumerate() {
-        let row = x.add(row_taps[0]);
-        let w_row = t.weights.as_ptr().add(ky * 3 * cpt * block);
-        for c in 0..cpt {
-            let w =
-                [0, 1, 2].map(|kx| _mm512_loadu_si512(w_row.add((kx * cpt + c) * block).cast()));
-            let xc = row.add(c * 4);
-            for i in 0..P + 2 {
-                let xb = _mm512_set1_epi32(xc.add(i * t.c4).cast::<i32>().read_unaligned());
-                for (kx, &wv) in w.iter().enumerate() {
-                    // Input position i is pixel i - kx's tap kx.
-                    if let Some(a) = i.checked_sub(kx).and_then(|p| acc.get_mut(p)) {
-                        a[0] = _mm512_dpbusd_epi32(a[0], xb, wv);
+    // SAFETY: as in `vnni_tile`.
+    let mut acc = unsafe { vnni_bias::<P, 1>(t) };
+    // SAFETY: every pointer stays inside its slice. `row3` means 3 taps per kernel row,
+    // `step == c4` and dilation 1, so a row's taps are `r, r + c4, r + 2 c4` and the
+    // reads of row `ky` end at most at `r + c * 4 + (P + 1) * c4 + 4 <= r + (P + 2) *
+    // c4`, the end of pixel `P - 1`'s tap `r + 2 c4`, which is within `t.x` (it ends
+    // after the last pixel's last, largest, tap). Weights are `[tap][c step][64 bytes]`
+    // with `taps.len() * cpt` steps: row `ky` reads steps `(3 ky + kx) * cpt + c` for
+    // `kx < 3`, `c < cpt`, all below `taps.len() * cpt`. All loads are unaligned ones.
+    unsafe {
+        for (ky, row_taps) in t.taps.chunks_exact(3).enumerate() {
+            let row = x.add(row_taps[0]);
+            let w_row = t.weights.as_ptr().add(ky * 3 * cpt * block);
+            for c in 0..cpt {
+                let w = [0, 1, 2]
+                    .map(|kx| _mm512_loadu_si512(w_row.add((kx * cpt + c) * block).cast()));
+                let xc = row.add(c * 4);
+                for i in 0..P + 2 {
+                    let xb = _mm512_set1_epi32(xc.add(i * t.c4).cast::<i32>().read_unaligned());
+                    for (kx, &wv) in w.iter().enumerate() {
+                        // Input position i is pixel i - kx's tap kx.
+                        if let Some(a) = i.checked_sub(kx).and_then(|p| acc.get_mut(p)) {
+                            a[0] = _mm512_dpbusd_epi32(a[0], xb, wv);
+                        }
                     }
                 }
             }
         }
     }
-    vnni_store(t, out, &acc);
+    // SAFETY: as in `vnni_tile`.
+    unsafe { vnni_store(t, out, &acc) };
 }
 
 /// Accumulators initialised to the bias.
+///
+/// # Safety
+/// The CPU has AVX-512 F (callers are the tile functions, which enable it and into which
+/// this is inlined), and `t.bias` holds `J * 16` entries.
 #[inline(always)]
 unsafe fn vnni_bias<const P: usize, const J: usize>(t: &Tile) -> [[__m512i; J]; P] {
-    let mut acc = [[_mm512_setzero_si512(); J]; P];
-    for j in 0..J {
-        let bias = _mm512_loadu_si512(t.bias.as_ptr().add(j * LANES).cast());
-        for row in acc.iter_mut() {
-            row[j] = bias;
+    // SAFETY: AVX-512 F by the contract; load `j < J` reads entries `16 j .. 16 j + 16` of
+    // `t.bias`, which holds `J * 16`. The load is an unaligned one.
+    unsafe {
+        let mut acc = [[_mm512_setzero_si512(); J]; P];
+        for j in 0..J {
+            let bias = _mm512_loadu_si512(t.bias.as_ptr().add(j * LANES).cast());
+            for row in acc.iter_mut() {
+                row[j] = bias;
+            }
         }
+        acc
     }
-    acc
 }
 
 /// Writes a tile's accumulators, or their codes.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BW (callers are the tile functions, which enable them and
+/// into which this is inlined); `out` holds `(P - 1) * t.out_stride + t.width` elements and
+/// every one of the `J` blocks has at least one of the `t.width` channels (a group holds
+/// `width.div_ceil(16)` blocks).
 #[inline(always)]
 unsafe fn vnni_store<const P: usize, const J: usize>(
     t: &Tile,
     out: TileOut,
     acc: &[[__m512i; J]; P],
 ) {
+    debug_assert!(t.width > (J - 1) * LANES && t.width <= J * LANES);
     // Park the accumulators in memory with a loop simple enough to be fully unrolled: had
     // the (long, not unrolled) output loops below indexed `acc` directly, the compiler would
     // keep `acc` in memory and store it on every step of the reduction loop.
     let mut sums = [[[0i32; LANES]; J]; P];
     for p in 0..P {
         for j in 0..J {
-            _mm512_storeu_si512(sums[p][j].as_mut_ptr().cast(), acc[p][j]);
+            // SAFETY: AVX-512 F by the contract; `sums[p][j]` is 16 i32, one unaligned
+            // 64-byte store.
+            unsafe { _mm512_storeu_si512(sums[p][j].as_mut_ptr().cast(), acc[p][j]) };
         }
     }
 
+    // Stores of block `j` of pixel `p` start at `p * out_stride + 16 j`, which is below
+    // `p * out_stride + width` because block `j` has a channel, and write the block's
+    // `block_lanes(width, j)` channels only (masked), so they end at most at
+    // `(P - 1) * out_stride + width`: inside `out` by the contract.
     match out {
         TileOut::Acc(o) => {
             debug_assert!(o.len() >= (P - 1) * t.out_stride + t.width);
             for (p, row) in sums.iter().enumerate() {
                 for (j, block) in row.iter().enumerate() {
                     let mask = lane_mask(block_lanes(t.width, j));
-                    let v = _mm512_loadu_si512(block.as_ptr().cast());
-                    _mm512_mask_storeu_epi32(
-                        o.as_mut_ptr().add(p * t.out_stride + j * LANES).cast(),
-                        mask,
-                        v,
-                    );
+                    // SAFETY: AVX-512 F; the load reads one parked block (16 i32), the
+                    // masked store is in `o` as shown above.
+                    unsafe {
+                        let v = _mm512_loadu_si512(block.as_ptr().cast());
+                        _mm512_mask_storeu_epi32(
+                            o.as_mut_ptr().add(p * t.out_stride + j * LANES).cast(),
+                            mask,
+                            v,
+                        );
+                    }
                 }
             }
         }
         TileOut::Codes(o, stage, oc0) => {
             debug_assert!(o.len() >= (P - 1) * t.out_stride + t.width);
-            let consts = ClampConsts::new(stage);
+            // SAFETY: AVX-512 F by the contract, the one feature `new` enables.
+            let consts = unsafe { ClampConsts::new(stage) };
             for j in 0..J {
-                let block = VnniBlock::load(&stage.blocks[oc0 / LANES + j]);
+                // SAFETY: AVX-512 F by the contract, the one feature `load` enables.
+                let block = unsafe { VnniBlock::load(&stage.blocks[oc0 / LANES + j]) };
                 let mask = lane_mask(block_lanes(t.width, j));
                 for (p, row) in sums.iter().enumerate() {
-                    let codes = block.requant(_mm512_loadu_si512(row[j].as_ptr().cast()), &consts);
-                    _mm512_mask_cvtepi32_storeu_epi8(
-                        o.as_mut_ptr().add(p * t.out_stride + j * LANES).cast(),
-                        mask,
-                        codes,
-                    );
+                    // SAFETY: AVX-512 F and BW by the contract (`requant`, the byte store);
+                    // the load reads one parked block (16 i32), unaligned; the masked store
+                    // is inside `o` as shown above.
+                    unsafe {
+                        let codes =
+                            block.requant(_mm512_loadu_si512(row[j].as_ptr().cast()), &consts);
+                        _mm512_mask_cvtepi32_storeu_epi8(
+                            o.as_mut_ptr().add(p * t.out_stride + j * LANES).cast(),
+                            mask,
+                            codes,
+                        );
+                    }
                 }
             }
         }
@@ -262,7 +326,8 @@ struct VnniBlock {
 impl VnniBlock {
     #[target_feature(enable = "avx512f")]
     fn load(b: &StageBlock) -> VnniBlock {
-        // SAFETY: each array is exactly 64 bytes.
+        // SAFETY: each array is 64 bytes (`[i32; 16]` or `[i64/u64; 8]`), read by one
+        // unaligned 64-byte load; AVX-512 F is enabled on this function.
         unsafe {
             let mult = _mm512_loadu_si512(b.mult.as_ptr().cast());
             VnniBlock {
@@ -298,7 +363,10 @@ impl MicroKernel for Avx2 {
     }
 
     fn tile(t: &Tile, out: TileOut) {
-        // SAFETY: the blocked driver only runs this kernel after `has_avx2()`.
+        // SAFETY: the only caller, `Plan::segment`, runs under `Plan::run`, which asserted
+        // `KernelPath::Avx2.is_available()`, i.e. `has_avx2()`, and builds `t` to the
+        // contract of `vnni_tile` that `avx2_tile` shares (see `Vnni::tile`); `P ==
+        // t.pixels`.
         unsafe {
             match t.pixels {
                 1 => avx2_tile::<1>(t, out),
@@ -324,64 +392,88 @@ unsafe fn avx2_tile<const P: usize>(t: &Tile, mut out: TileOut) {
     let block_bytes = 4 * LANES;
     for block in 0..t.kind.blocks {
         let mut acc = [[_mm256_setzero_si256(); 4]; P];
-        let mut w = t.weights.as_ptr().add(block * block_bytes);
-        for &tap in t.taps {
-            let xt = x.add(tap);
-            let mut c = 0;
-            while c < t.c4 {
-                let mut xb = [_mm256_setzero_si256(); P];
-                for (p, v) in xb.iter_mut().enumerate() {
-                    let bytes = xt.add(p * t.step + c).cast::<i32>().read_unaligned();
-                    *v = _mm256_cvtepu8_epi16(_mm_set1_epi32(bytes));
-                }
-                for q in 0..4 {
-                    let wq = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(q * 16).cast()));
-                    for (row, &xv) in acc.iter_mut().zip(&xb) {
-                        row[q] = _mm256_add_epi32(row[q], _mm256_madd_epi16(xv, wq));
+        // SAFETY: reads of `t.x` as in `vnni_tile`: pixel `p < P`, tap, channel step
+        // `c < c4` read 4 bytes ending at most at `(P - 1) * step + taps.last() + c4 ==
+        // t.x.len()`. Weights are `[k4][blocks][64 bytes]`: `w` starts at this block's 64
+        // bytes of step 0 and moves by one step (`blocks * 64`) per (tap, channel step),
+        // reading 4 x 16 bytes of the block each time, so the last read ends at
+        // `(k4 - 1) * blocks * 64 + (block + 1) * 64 <= t.weights.len()`. All loads are
+        // unaligned ones; AVX2 by this function's contract.
+        let w = unsafe {
+            let mut w = t.weights.as_ptr().add(block * block_bytes);
+            for &tap in t.taps {
+                let xt = x.add(tap);
+                let mut c = 0;
+                while c < t.c4 {
+                    let mut xb = [_mm256_setzero_si256(); P];
+                    for (p, v) in xb.iter_mut().enumerate() {
+                        let bytes = xt.add(p * t.step + c).cast::<i32>().read_unaligned();
+                        *v = _mm256_cvtepu8_epi16(_mm_set1_epi32(bytes));
                     }
+                    for q in 0..4 {
+                        let wq = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(q * 16).cast()));
+                        for (row, &xv) in acc.iter_mut().zip(&xb) {
+                            row[q] = _mm256_add_epi32(row[q], _mm256_madd_epi16(xv, wq));
+                        }
+                    }
+                    w = w.add(t.kind.blocks * block_bytes);
+                    c += 4;
                 }
-                w = w.add(t.kind.blocks * block_bytes);
-                c += 4;
             }
-        }
+            w
+        };
         debug_assert_eq!(
-            w,
-            t.weights
-                .as_ptr()
-                .add(block * block_bytes + k4 * t.kind.blocks * block_bytes)
+            w as usize - t.weights.as_ptr() as usize,
+            block * block_bytes + k4 * t.kind.blocks * block_bytes
         );
 
         // Parked for the same reason as in `vnni_store`.
         let mut parked = [[[0i32; 8]; 4]; P];
         for p in 0..P {
             for q in 0..4 {
-                _mm256_storeu_si256(parked[p][q].as_mut_ptr().cast(), acc[p][q]);
+                // SAFETY: one unaligned 32-byte store into `parked[p][q]`, 8 i32.
+                unsafe { _mm256_storeu_si256(parked[p][q].as_mut_ptr().cast(), acc[p][q]) };
             }
         }
 
         let lanes = block_lanes(t.width, block);
-        let bias_lo = _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES).cast());
-        let bias_hi = _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES + 8).cast());
+        // SAFETY: `t.bias` holds `blocks * 16` entries; these read the 16 of this block
+        // (8 each, unaligned).
+        let (bias_lo, bias_hi) = unsafe {
+            (
+                _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES).cast()),
+                _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES + 8).cast()),
+            )
+        };
         for (p, parked) in parked.iter().enumerate() {
-            let row = parked.map(|v| _mm256_loadu_si256(v.as_ptr().cast()));
+            // SAFETY: each load reads one parked `[i32; 8]`, unaligned.
+            let row = parked.map(|v| unsafe { _mm256_loadu_si256(v.as_ptr().cast()) });
             // hadd gives [oc0 oc1 oc4 oc5 | oc2 oc3 oc6 oc7]; the permute restores order.
             let lo = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[0], row[1]));
             let hi = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[2], row[3]));
             let sums = [_mm256_add_epi32(lo, bias_lo), _mm256_add_epi32(hi, bias_hi)];
             let at = p * t.out_stride + block * LANES;
+            // The stores below go through `tmp` and checked slices: only the SIMD side
+            // needs pointers.
+            let mut tmp = [0i32; LANES];
             match &mut out {
                 TileOut::Acc(o) => {
-                    let mut tmp = [0i32; LANES];
-                    _mm256_storeu_si256(tmp.as_mut_ptr().cast(), sums[0]);
-                    _mm256_storeu_si256(tmp.as_mut_ptr().add(8).cast(), sums[1]);
+                    // SAFETY: two unaligned 32-byte stores filling the 16 i32 of `tmp`.
+                    unsafe {
+                        _mm256_storeu_si256(tmp.as_mut_ptr().cast(), sums[0]);
+                        _mm256_storeu_si256(tmp.as_mut_ptr().add(8).cast(), sums[1]);
+                    }
                     o[at..at + lanes].copy_from_slice(&tmp[..lanes]);
                 }
                 TileOut::Codes(o, stage, oc0) => {
                     let sb = &stage.blocks[*oc0 / LANES + block];
-                    let mut tmp = [0i32; LANES];
                     for (half, &s) in sums.iter().enumerate() {
                         let codes = avx2_requant(s, sb, half, stage);
-                        _mm256_storeu_si256(tmp.as_mut_ptr().add(half * 8).cast(), codes);
+                        // SAFETY: `half < 2`: an unaligned 32-byte store into `tmp`'s
+                        // `8 * half ..` half.
+                        unsafe {
+                            _mm256_storeu_si256(tmp.as_mut_ptr().add(half * 8).cast(), codes)
+                        };
                     }
                     for (o, &v) in o[at..at + lanes].iter_mut().zip(&tmp) {
                         *o = v as u8;
@@ -395,7 +487,11 @@ unsafe fn avx2_tile<const P: usize>(t: &Tile, mut out: TileOut) {
 /// Requantizes 8 accumulators (lanes `8 * half ..` of the block), giving codes in i32 lanes.
 #[target_feature(enable = "avx2")]
 fn avx2_requant(acc: __m256i, b: &StageBlock, half: usize, stage: &Stage) -> __m256i {
-    // SAFETY: `half` is 0 or 1, so each load reads 32 bytes inside its 64-byte array.
+    debug_assert!(half < 2);
+    // SAFETY: `half` is 0 or 1 (the two halves of a block), so the loads read i32 lanes
+    // `8 half .. 8 half + 8` of the 16 of `mult`, and 64-bit lanes `4 half .. 4 half + 4`
+    // of the 8 of each shift and rounding array: 32 bytes inside each 64-byte array,
+    // unaligned loads. AVX2 is enabled on this function.
     let (mult, shift_even, shift_odd, round_even, round_odd) = unsafe {
         (
             _mm256_loadu_si256(b.mult.as_ptr().add(8 * half).cast()),
