@@ -177,7 +177,9 @@ fn main() -> ExitCode {
         Command::Bench(_) => ("text", "warn"),
         _ => ("text", "info"),
     };
-    init_tracing(log_format, level);
+    // Logs go to stderr (stdout carries results and `--json` output); the writer keeps the
+    // progress bar intact when a log line is written.
+    ccq_proto::process::init_tracing(log_format, level, ccq_coordinator::progress::LogWriter);
     if let Command::Status(a) = &cli.command {
         // Scripts rely on exit code 2 for an unreachable coordinator.
         return status::main(
@@ -243,7 +245,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("listen on {addr}"))?;
-                anyhow::Ok(run::run(opts, listener, ccq_worker::shutdown_signal()).await?)
+                anyhow::Ok(run::run(opts, listener, ccq_proto::process::shutdown_signal()).await?)
             });
             // A shutdown during setup may leave a reference evaluation running on the
             // blocking pool; its result is no longer wanted.
@@ -327,19 +329,4 @@ fn eval_config(a: &EvalArgs) -> anyhow::Result<EvalConfig> {
 
 fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// Logs go to stderr (stdout carries results and `--json` output), filtered by `RUST_LOG`.
-fn init_tracing(format: &str, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Keeps the progress bar intact when a log line is written.
-        .with_writer(ccq_coordinator::progress::LogWriter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

@@ -79,15 +79,15 @@ async fn fetch(
     token: Option<&str>,
     tls_ca: Option<&std::path::Path>,
 ) -> Result<StatusResponse, Failure> {
-    let endpoint = ccq_worker::endpoint(url, tls_ca)
+    let endpoint = ccq_proto::client::endpoint(url, tls_ca)
         .map_err(|e| Failure::Refused(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5));
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| Failure::Unreachable(ccq_worker::error_chain(&e)))?;
-    let auth = ccq_worker::Auth::new(token).map_err(|e| Failure::Refused(e.to_string()))?;
+        .map_err(|e| Failure::Unreachable(ccq_proto::client::error_chain(&e)))?;
+    let auth = ccq_proto::client::Auth::new(token).map_err(|e| Failure::Refused(e.to_string()))?;
     let mut client = MonitorClient::with_interceptor(channel, auth);
     client
         .status(StatusRequest {})

@@ -1,5 +1,12 @@
 //! ccq's wire protocol: the code generated from `proto/ccq.proto` (at build time; nothing
 //! generated is committed) and the protocol version both ends compare on registration.
+//!
+//! - [`client`]: how a process reaches the coordinator (endpoint, TLS, token, errors);
+//!   used by workers and `coordinator status`;
+//! - [`process`]: the shutdown signal and log setup shared by both binaries.
+
+pub mod client;
+pub mod process;
 
 /// Bumped on any incompatible change to `ccq.proto` or to the meaning of its fields.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -158,12 +158,13 @@ fn half_a_tls_config_is_refused() {
     cfg.cluster.tls_cert = Some(pki.cert);
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("cluster.tls_cert/tls_key"), "{e}");
-    let e = ccq_worker::endpoint("https://127.0.0.1:1", None)
+    let e = ccq_proto::client::endpoint("https://127.0.0.1:1", None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("--tls-ca"), "{e}");
-    let e = ccq_worker::endpoint("https://127.0.0.1:1", Some(&dir.path().join("missing.pem")))
-        .unwrap_err()
-        .to_string();
+    let e =
+        ccq_proto::client::endpoint("https://127.0.0.1:1", Some(&dir.path().join("missing.pem")))
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("missing.pem"), "{e}");
 }

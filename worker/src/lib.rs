@@ -9,40 +9,38 @@
 //! reaping) it registers again; when the run is done it returns `Ok`.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ccq_common::data::{self, DataSource, Dataset, Shard, Split};
 use ccq_common::fitness;
 use ccq_common::qnet::QNetwork;
+use ccq_proto::client::{self, endpoint, Auth, Client};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
     poll_job_response, CandidateResult, HeartbeatRequest, Job, PollJobRequest, RegisterRequest,
     RegisterResponse, SubmitResultRequest, SyncNetworkRequest,
 };
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
+
+/// Still re-exported because `coordinator/src/run.rs` names it here; the helpers that
+/// dial the coordinator live in [`ccq_proto::client`] since both binaries use them.
+pub use ccq_proto::client::error_chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Common(#[from] ccq_common::Error),
-    #[error("coordinator address '{addr}': {reason}")]
-    Address { addr: String, reason: String },
+    /// A bad coordinator URL, CA file or token.
+    #[error(transparent)]
+    Client(#[from] client::Error),
     /// The coordinator refused this worker for good (protocol version, bad shard, ...).
     #[error("coordinator refused registration: {0}")]
     Refused(String),
     #[error("coordinator sent an invalid job {job}: {reason}")]
     BadJob { job: u64, reason: String },
-    #[error("the cluster token must be printable ASCII")]
-    BadToken,
     #[error("coordinator RPC failed: {0}")]
     Rpc(#[from] tonic::Status),
-    /// The CA file for TLS cannot be read or used.
-    #[error("TLS CA certificate {}: {reason}", path.display())]
-    Tls { path: PathBuf, reason: String },
     #[error("coordinator {addr} unreachable for {secs} s, giving up: {reason}")]
     Unreachable {
         addr: String,
@@ -72,69 +70,6 @@ pub struct WorkerConfig {
     /// the coordinator URL is then `https://`.
     pub tls_ca: Option<PathBuf>,
 }
-
-/// The gRPC endpoint for a coordinator URL: plain for `http://`, TLS trusting the CA in
-/// `tls_ca` for `https://`. Shared by workers and `coordinator status`.
-pub fn endpoint(url: &str, tls_ca: Option<&Path>) -> Result<Endpoint, Error> {
-    let bad = |reason: String| Error::Address {
-        addr: url.to_string(),
-        reason,
-    };
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| bad(e.to_string()))?;
-    let https = url.starts_with("https://");
-    match (https, tls_ca) {
-        (false, None) => Ok(endpoint),
-        (false, Some(ca)) => Err(bad(format!(
-            "--tls-ca {} is given but the URL is not https://",
-            ca.display()
-        ))),
-        (true, None) => Err(bad(
-            "an https:// coordinator needs --tls-ca (the PEM file of the CA that signed its certificate)".into(),
-        )),
-        (true, Some(ca)) => {
-            let pem = std::fs::read(ca).map_err(|e| Error::Tls {
-                path: ca.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
-            endpoint.tls_config(tls).map_err(|e| Error::Tls {
-                path: ca.to_path_buf(),
-                reason: e.to_string(),
-            })
-        }
-    }
-}
-
-/// Adds the cluster token to every request.
-#[derive(Clone)]
-pub struct Auth(Option<MetadataValue<Ascii>>);
-
-impl Auth {
-    /// `None`: send no token (a coordinator without one accepts that).
-    pub fn new(token: Option<&str>) -> Result<Auth, Error> {
-        token
-            .map(|t| {
-                format!("Bearer {t}")
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| Error::BadToken)
-            })
-            .transpose()
-            .map(Auth)
-    }
-}
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut()
-                .insert(ccq_proto::TOKEN_METADATA, v.clone());
-        }
-        Ok(req)
-    }
-}
-
-/// A coordinator client that presents the cluster token.
-pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
 /// How a worker's run ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,42 +171,6 @@ async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
             Err(e) => return Err(e),
         }
     }
-}
-
-/// Completes on SIGINT or SIGTERM (Ctrl-C, `docker stop`, pod termination): the
-/// shutdown signal both binaries hand to their library `run`.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            // No SIGTERM handler (should not happen on Unix): Ctrl-C still works.
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-/// An error with its causes: tonic's transport errors say little at the top level
-/// ("transport error") and the reason (refused, TLS handshake failure) below.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn is_transient(s: &tonic::Status) -> bool {

@@ -52,7 +52,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_format);
+    ccq_proto::process::init_tracing(&cli.log_format, "info", std::io::stderr);
     match run(cli).await {
         Ok(ccq_worker::Exit::RunDone) => ExitCode::SUCCESS,
         // Stopped by a signal before the run finished: not a success, so that a Job
@@ -102,18 +102,5 @@ async fn run(cli: Cli) -> anyhow::Result<ccq_worker::Exit> {
             .filter(|s| s.is_finite() && *s >= 0.0)
             .map(std::time::Duration::from_secs_f64),
     };
-    Ok(ccq_worker::run(cfg, ccq_worker::shutdown_signal()).await?)
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    Ok(ccq_worker::run(cfg, ccq_proto::process::shutdown_signal()).await?)
 }
