@@ -10,9 +10,11 @@
 //! - [`run`]: `coordinator run` — wires it all together and writes the outputs;
 //! - [`metrics`]: the Prometheus endpoint; [`progress`]: the progress bar or log lines;
 //! - [`report`]: `report.json`, the charts and `report.html` written at the end of a run;
-//! - [`bench`]: `coordinator bench` — dispatch rate, wire bytes and memory of the coordinator.
+//! - [`status`]: `coordinator status` — a running coordinator's state, once or watched.
+//!
+//! `coordinator bench` (dispatch rate, wire bytes and memory of the coordinator) is not
+//! here: it drives this library from outside, so it lives in the binary (`src/bench/`).
 
-pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;

@@ -12,6 +12,10 @@ use ccq_coordinator::run::{self, RunOptions};
 use ccq_coordinator::status;
 use clap::{Parser, Subcommand};
 
+// `coordinator bench` measures the coordinator from outside, through the library's
+// public API: it is part of the binary, not of what runs a coordinator.
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "coordinator",
@@ -274,11 +278,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(a) => {
-            let opts = ccq_coordinator::bench::BenchOptions {
-                model: ccq_coordinator::bench::ModelSpec::named(
-                    &a.model,
-                    std::path::Path::new("."),
-                )?,
+            let opts = bench::BenchOptions {
+                model: bench::ModelSpec::named(&a.model, std::path::Path::new("."))?,
                 evaluations: a.evaluations,
                 workers: a.workers,
                 populations: a.populations,
@@ -286,8 +287,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 memory_variables: a.memory_variables,
                 scratch: std::env::temp_dir().join(format!("ccq-bench-{}", std::process::id())),
             };
-            let report =
-                tokio::runtime::Runtime::new()?.block_on(ccq_coordinator::bench::run(&opts));
+            let report = tokio::runtime::Runtime::new()?.block_on(bench::run(&opts));
             let _ = std::fs::remove_dir_all(&opts.scratch);
             let report = report?;
             if a.json {

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use ccq_coordinator::bench::{self, BenchOptions, ModelSpec};
+use super::{BenchOptions, ModelSpec};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -24,7 +24,7 @@ async fn tiny_bench_counts_what_it_claims() {
         memory_variables: 200_000,
         scratch: scratch.path().to_path_buf(),
     };
-    let report = bench::run(&opts).await.unwrap();
+    let report = super::run(&opts).await.unwrap();
 
     assert_eq!(report.dispatch.len(), 2);
     for c in &report.dispatch {

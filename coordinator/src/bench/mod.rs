@@ -1,7 +1,7 @@
 //! `coordinator bench`: what the coordinator itself costs, apart from the workers' fitness
 //! evaluation (issue #7, "Coordinator and wire"). Three measurements:
 //!
-//! 1. **Dispatch**: the real run ([`crate::run::run`]: gRPC service on a loopback
+//! 1. **Dispatch**: the real run ([`ccq_coordinator::run::run`]: gRPC service on a loopback
 //!    listener, the event loop, the trainer's EDA sampling and updates on a real model)
 //!    against in-process *no-op workers* that speak the worker protocol (Register,
 //!    PollJob, SyncNetwork when a job names another network version, SubmitResult) with
@@ -41,12 +41,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::config::{
+use ccq_coordinator::config::{
     BudgetConfig, CheckpointConfig, ClusterConfig, DataConfig, EvalSchedule, ModelConfig,
     QuantSection, RunConfig,
 };
-use crate::run::{self, RunOptions};
-use crate::Error;
+use ccq_coordinator::run::{self, RunOptions};
+use ccq_coordinator::Error;
 use ccq_search::config::SearchConfig;
 use ccq_search::trainer::Trainer;
 
@@ -309,7 +309,7 @@ pub struct NetworkMemory {
     pub checkpoint_json_bytes_per_variable: f64,
 }
 
-/// What [`crate::state::State`] holds per variable, by part.
+/// What [`ccq_coordinator::state::State`] holds per variable, by part.
 #[derive(Debug, Clone, Serialize)]
 pub struct Accounting {
     /// `EdaState`: lowest code, span and fixed-point probabilities of each variable.
@@ -795,7 +795,7 @@ fn measure_memory(opts: &BenchOptions) -> Result<MemoryReport, Error> {
             bias_correction: false,
         };
         network_memory(&spec.name, || {
-            crate::eval::quantize_from_train(&graph, &norm, &source, &q, 64)
+            ccq_coordinator::eval::quantize_from_train(&graph, &norm, &source, &q, 64)
         })?
     };
     let (synthetic, eda_only) = if opts.memory_variables > 0 {
@@ -817,7 +817,7 @@ fn measure_memory(opts: &BenchOptions) -> Result<MemoryReport, Error> {
 }
 
 /// Builds what the event loop holds for a network, in the order it does, measuring the
-/// resident set before and after. Mirrors [`crate::state::State`]: the trainer (network,
+/// resident set before and after. Mirrors [`ccq_coordinator::state::State`]: the trainer (network,
 /// codes, EDA state), the best network's codes, and a running validation measurement
 /// (its codes and a clone of the network).
 fn network_memory(
@@ -1130,3 +1130,6 @@ impl std::fmt::Display for BenchReport {
         )
     }
 }
+
+#[cfg(test)]
+mod tests;
