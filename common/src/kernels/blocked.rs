@@ -262,12 +262,22 @@ impl Plan {
                     bias: &self.bias[grp.oc0..][..grp.blocks * LANES],
                     out_stride: out_c,
                 };
-                match out {
-                    Out::Acc(o) => K::tile(&tile, TileOut::Acc(&mut o[out_at..out_end])),
-                    Out::Codes(o, stage) => K::tile(
-                        &tile,
-                        TileOut::Codes(&mut o[out_at..out_end], stage, grp.oc0),
-                    ),
+                // SAFETY: `drive` runs under `Plan::run`, which asserted that `K`'s path is
+                // available. The tile is cut to the contract: `pixels <= pmax`; `tile.x`
+                // ends at `last` (asserted in bounds above), where the last pixel's last
+                // tap ends (taps ascend: row by row, and a row's taps span less than the
+                // padded width since `out_w >= 1`); weights and bias are
+                // the group's `blocks` blocks; groups hold `width.div_ceil(16)` blocks
+                // (`Plan::new`); the output slice is `out_at..out_end`, exactly
+                // `(pixels - 1) * out_c + width` long.
+                unsafe {
+                    match out {
+                        Out::Acc(o) => K::tile(&tile, TileOut::Acc(&mut o[out_at..out_end])),
+                        Out::Codes(o, stage) => K::tile(
+                            &tile,
+                            TileOut::Codes(&mut o[out_at..out_end], stage, grp.oc0),
+                        ),
+                    }
                 }
                 start += pixels;
             }
@@ -371,7 +381,15 @@ pub(super) enum TileOut<'a> {
 pub(super) trait MicroKernel {
     /// Largest tile (in pixels) for tiles of this kind.
     fn max_pixels(kind: TileKind) -> usize;
-    fn tile(t: &Tile, out: TileOut);
+    /// # Safety
+    /// The CPU has the kernel's features ([`KernelPath::is_available`] of its path), and
+    /// `t` and `out` are cut as [`Plan::segment`] cuts them: `t.pixels <=
+    /// max_pixels(t.kind)`; `t.x` ends where the last pixel's last (largest) tap ends;
+    /// `t.weights` and `t.bias` hold exactly `t.kind.blocks` blocks of the group, whose
+    /// `t.width` channels leave no block empty; `out` holds `(pixels - 1) * out_stride +
+    /// width` elements. The SIMD kernels read and write through raw pointers on that
+    /// basis.
+    unsafe fn tile(t: &Tile, out: TileOut);
 }
 
 /// An output stage with the fixed-point constants laid out per 16-lane block for the SIMD
@@ -456,7 +474,8 @@ impl MicroKernel for Portable {
         4
     }
 
-    fn tile(t: &Tile, mut out: TileOut) {
+    // Plain Rust on checked slices: sound on any input, the contract is not needed.
+    unsafe fn tile(t: &Tile, mut out: TileOut) {
         match t.pixels {
             1 => portable_tile::<1>(t, &mut out),
             2 => portable_tile::<2>(t, &mut out),

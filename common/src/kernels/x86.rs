@@ -78,13 +78,9 @@ impl MicroKernel for Vnni {
         }
     }
 
-    fn tile(t: &Tile, out: TileOut) {
-        // SAFETY: the only caller, `Plan::segment`, runs under `Plan::run`, which asserted
-        // `KernelPath::Vnni.is_available()`, i.e. `has_vnni()`: the CPU has every feature
-        // the tile functions enable. `Plan::segment` also builds `t` and `out` to the
-        // `# Safety` contract of `vnni_tile`: `t.x` ends where the last pixel's last tap
-        // ends (asserted there), weights and bias are sliced to `blocks` blocks, and `out`
-        // is exactly `(pixels - 1) * out_stride + width` long. The dispatch below passes
+    unsafe fn tile(t: &Tile, out: TileOut) {
+        // SAFETY: `MicroKernel::tile`'s contract gives the features of `has_vnni()` and
+        // the tile geometry `vnni_tile` and `vnni_row3_tile` require. The dispatch passes
         // `P == t.pixels` and `J == t.kind.blocks`, and picks `vnni_row3_tile` only when
         // `Vnni::row3(t.kind)` holds, as its contract requires.
         unsafe {
@@ -362,11 +358,9 @@ impl MicroKernel for Avx2 {
         3
     }
 
-    fn tile(t: &Tile, out: TileOut) {
-        // SAFETY: the only caller, `Plan::segment`, runs under `Plan::run`, which asserted
-        // `KernelPath::Avx2.is_available()`, i.e. `has_avx2()`, and builds `t` to the
-        // contract of `vnni_tile` that `avx2_tile` shares (see `Vnni::tile`); `P ==
-        // t.pixels`.
+    unsafe fn tile(t: &Tile, out: TileOut) {
+        // SAFETY: `MicroKernel::tile`'s contract gives AVX2 (`has_avx2()`) and the tile
+        // geometry `avx2_tile` requires; `P == t.pixels`.
         unsafe {
             match t.pixels {
                 1 => avx2_tile::<1>(t, out),
