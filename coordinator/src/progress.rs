@@ -204,7 +204,7 @@ fn duration(secs: f64) -> String {
 }
 
 /// Stderr for tracing that keeps an active progress bar intact: the bar is hidden while
-/// the line is written and redrawn below it. `init_tracing` passes it to `with_writer`.
+/// the line is written and redrawn below it. `ccq_proto::process::init_tracing` passes it to `with_writer`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LogWriter;
 

@@ -122,7 +122,10 @@ pub async fn run(
             .tls_config(server_tls(cert, key)?)
             .map_err(|e| Error::Config {
                 path: cert.display().to_string(),
-                reason: format!("cluster.tls_cert/tls_key: {}", ccq_worker::error_chain(&e)),
+                reason: format!(
+                    "cluster.tls_cert/tls_key: {}",
+                    ccq_proto::client::error_chain(&e)
+                ),
             })?;
     }
     let server = tokio::spawn(

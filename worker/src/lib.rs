@@ -15,17 +15,13 @@ use std::time::{Duration, Instant};
 use ccq_common::data::{self, DataSource, Dataset, Shard, Split};
 use ccq_common::fitness;
 use ccq_common::qnet::QNetwork;
-use ccq_proto::client::{self, endpoint, Auth, Client};
+use ccq_proto::client::{self, endpoint, error_chain, Auth, Client};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
     poll_job_response, CandidateResult, HeartbeatRequest, Job, PollJobRequest, RegisterRequest,
     RegisterResponse, SubmitResultRequest, SyncNetworkRequest,
 };
 use tracing::{debug, info, warn};
-
-/// Still re-exported because `coordinator/src/run.rs` names it here; the helpers that
-/// dial the coordinator live in [`ccq_proto::client`] since both binaries use them.
-pub use ccq_proto::client::error_chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
