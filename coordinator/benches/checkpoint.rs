@@ -19,6 +19,8 @@
 //! * read: load + decode + restore of the trainer, from a process holding the rebuilt
 //!   network (as `--resume` does).
 //!
+//! It also times the whole-network sync message (`QNetwork::to_bytes`) and prints its size.
+//!
 //! Figures are printed as a table; Linux only (VmRSS/VmHWM).
 
 use std::path::{Path, PathBuf};
@@ -166,6 +168,16 @@ fn run(variables: usize, dir: &Path) {
         "read back whole"
     );
 
+    // The whole-network message a new worker receives (SyncNetworkResponse.full).
+    let t = Instant::now();
+    let sync = trainer.network().to_bytes();
+    let sync_encode_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let synced = QNetwork::from_bytes(&sync, "sync").expect("sync form read back");
+    let sync_decode_s = t.elapsed().as_secs_f64();
+    assert_eq!(synced.num_vars(), trainer.network().num_vars());
+    drop(synced);
+
     let ratio = |peak: u64| peak as f64 / steady as f64;
     println!();
     println!("| phase | seconds | peak resident | peak / steady |");
@@ -195,6 +207,11 @@ fn run(variables: usize, dir: &Path) {
         "\ncheckpoint file: {} ({:.2} B/variable)",
         mb(size),
         size as f64 / variables as f64
+    );
+    println!(
+        "whole-network sync message: {} ({:.2} B/variable), encoded in {sync_encode_s:.2} s, decoded and repacked in {sync_decode_s:.2} s",
+        mb(sync.len() as u64),
+        sync.len() as f64 / variables as f64
     );
 }
 

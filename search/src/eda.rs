@@ -270,7 +270,7 @@ impl Rows {
     /// Appends a row of zeros and returns it.
     fn push_zero_row(&mut self) -> &mut [u16] {
         let width = self.width;
-        if self.rows % CHUNK_ROWS == 0 {
+        if self.rows.is_multiple_of(CHUNK_ROWS) {
             if let Some(last) = self.chunks.last_mut() {
                 Arc::make_mut(last).shrink_to_fit();
             }
