@@ -271,9 +271,7 @@ impl Rows {
     fn push_zero_row(&mut self) -> &mut [u16] {
         let width = self.width;
         if self.rows.is_multiple_of(CHUNK_ROWS) {
-            if let Some(last) = self.chunks.last_mut() {
-                Arc::make_mut(last).shrink_to_fit();
-            }
+            // The previous chunk is full: its capacity was exact.
             self.chunks
                 .push(Arc::new(Vec::with_capacity(CHUNK_ROWS * width)));
         }
@@ -1383,17 +1381,20 @@ mod tests {
                 ..EdaParams::default()
             };
             let s = EdaState::new(params, four_bit(n / 2, 0).chain(four_bit(n / 2, 1))).unwrap();
-            let overhead = s.heap_bytes() - per_var * n;
-            // Two layer runs, and per chunk of rows its reference count, vector header and
-            // pointer (n = 10,000 rows are 3 chunks).
+            // Beyond the per-variable bytes: per chunk of rows (3 for 10,000 rows) a
+            // reference-count block (two counters), a vector header and a pointer in the
+            // chunk list; and the layer runs.
             let chunks = n.div_ceil(CHUNK_ROWS);
-            assert!(
-                (2 * std::mem::size_of::<LayerRun>()
-                    ..=8 * std::mem::size_of::<LayerRun>() + 64 * chunks)
-                    .contains(&overhead),
-                "radius {radius}: {} bytes for {n} variables in 2 layers",
-                s.heap_bytes()
+            assert_eq!(s.probs.chunks.len(), chunks);
+            assert_eq!(s.probs.chunks.capacity(), chunks, "no spare chunk slots");
+            let word = std::mem::size_of::<usize>();
+            let per_chunk = 2 * word + 3 * word + word;
+            assert_eq!(
+                s.heap_bytes(),
+                per_var * n + per_chunk * chunks + s.layer_runs.capacity() * 16,
+                "radius {radius}: {n} variables in 2 layers"
             );
+            assert!((2..=8).contains(&s.layer_runs.capacity()));
         }
     }
 
@@ -1427,13 +1428,19 @@ mod tests {
             EdaState::new(EdaParams::default(), four_bit(n, 0)).unwrap(),
             "the snapshot still holds the model as it was"
         );
-        // Serialised flat, whatever the chunks: the same JSON as a state rebuilt from it.
+        // Serialised flat, whatever the chunks: the same JSON as a state rebuilt from it,
+        // and the same through postcard, the checkpoints' encoding (which writes the
+        // sequence's length up front, so it must be exact).
         let back: EdaState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
         assert_eq!(
             serde_json::to_string(&back).unwrap(),
             serde_json::to_string(&s).unwrap()
         );
+        let bytes = postcard::to_stdvec(&s).unwrap();
+        let back: EdaState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(postcard::to_stdvec(&back).unwrap(), bytes);
     }
 
     /// The widest rows the state supports (radius MAX_RADIUS over a 4-bit code range,

@@ -804,6 +804,40 @@ mod tests {
         assert_ne!(g.vars, t.eda().groups(&mut group_rng(2))[0].vars);
     }
 
+    /// A snapshot's queue is the groups not yet started: it compares and serialises by
+    /// those alone, whatever the cycle's groups before the cursor; and a snapshot taken
+    /// before a group starts differs from one taken after.
+    #[test]
+    fn a_queue_is_the_groups_not_yet_started() {
+        let g = |layer: u32, v: u32| Group {
+            layer,
+            vars: vec![v, v + 1],
+        };
+        let mut cycle = GroupQueue::from(vec![g(0, 0), g(0, 2), g(1, 4)]);
+        assert_eq!(cycle.pop_front(), Some(g(0, 0)));
+        let rest = GroupQueue::from(vec![g(0, 2), g(1, 4)]);
+        assert_eq!(cycle, rest);
+        assert_eq!(
+            serde_json::to_string(&cycle).unwrap(),
+            serde_json::to_string(&rest).unwrap()
+        );
+        let shared = cycle.clone();
+        assert_eq!(cycle.pop_front(), Some(g(0, 2)));
+        assert_ne!(cycle, shared, "the clone kept its cursor");
+        assert_eq!(shared.remaining(), &[g(0, 2), g(1, 4)]);
+        assert_eq!(cycle.pop_front(), Some(g(1, 4)));
+        assert!(cycle.is_empty() && cycle.pop_front().is_none());
+
+        let (net, pixels, labels) = setup();
+        let (eda, search) = small_search(Strategy::CcLayer);
+        let mut t = Trainer::new(net, eda, search, 3, labels.len()).unwrap();
+        run_one(&mut t, &pixels, &labels).unwrap();
+        let before = t.snapshot();
+        let mut popped = before.clone();
+        popped.queue.pop_front();
+        assert_ne!(before, popped, "snapshots with different queues differ");
+    }
+
     /// Checkpoints written before strategies existed have no grouping stream position;
     /// they never used the stream, so they resume at position 0, identically.
     #[test]
