@@ -74,12 +74,6 @@ pub fn path(dir: &Path) -> PathBuf {
 
 /// 64-bit FNV-1a, for the network fingerprint: an identity, not a guard against damage
 /// (the checkpoint body has its CRC32 for that).
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h = Fnv1a64::default();
-    h.update(bytes);
-    h.0
-}
-
 struct Fnv1a64(u64);
 
 impl Default for Fnv1a64 {
@@ -676,14 +670,27 @@ mod tests {
         assert!(r.starts_with("not a ccq checkpoint"), "{r}");
     }
 
+    fn fnv(bytes: &[u8]) -> u64 {
+        let mut h = Fnv1a64::default();
+        h.update(bytes);
+        h.0
+    }
+
+    /// FNV-1a as published (the fingerprint's hash): the empty input is the offset basis,
+    /// "a" a known value.
+    #[test]
+    fn the_fingerprint_hash_is_fnv1a_64() {
+        assert_eq!(fnv(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
     /// A checkpoint of the first format (JSON body, FNV-1a checksum), as builds before
     /// binary checkpoints wrote it, is refused naming both versions and the file.
     #[test]
     fn a_json_checkpoint_of_format_1_is_refused_by_version() {
         let (ck, _) = sample();
         let body = serde_json::to_vec(&ck).unwrap();
-        let mut v1 =
-            format!("ccq-checkpoint 1 {} {:016x}\n", body.len(), fnv1a64(&body)).into_bytes();
+        let mut v1 = format!("ccq-checkpoint 1 {} {:016x}\n", body.len(), fnv(&body)).into_bytes();
         v1.extend_from_slice(&body);
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(path(dir.path()), &v1).unwrap();
