@@ -947,9 +947,9 @@ mod tests {
     fn network_files_round_trip_byte_for_byte_and_bad_ones_are_refused() {
         let g = fixture();
         let net = quantize(&g, &norm(), &images(16, 1), 16, &cfg(3, 8)).unwrap();
-        let bytes = net.to_bytes();
-        let back = QNetwork::from_bytes(&bytes, "mem").unwrap();
-        let again = back.to_bytes();
+        let bytes = net.to_json();
+        let back = QNetwork::from_json(&bytes, "mem").unwrap();
+        let again = back.to_json();
         if let Some(i) = again.iter().zip(&bytes).position(|(a, b)| a != b) {
             let ctx = |b: &[u8]| {
                 String::from_utf8_lossy(&b[i.saturating_sub(60)..(i + 40).min(b.len())]).to_string()
@@ -983,7 +983,7 @@ mod tests {
             (b"\x00\x01garbage".to_vec(), "expected value"),
         ];
         for (bad, why) in cases {
-            let e = QNetwork::from_bytes(&bad, "bad.ccq").unwrap_err();
+            let e = QNetwork::from_json(&bad, "bad.ccq").unwrap_err();
             let msg = e.to_string();
             assert!(msg.contains("bad.ccq") && msg.contains(why), "{msg}");
         }
@@ -991,8 +991,95 @@ mod tests {
         let mut broken = net.clone();
         let node = broken.layers[0].node;
         broken.conv_mut(node).codes[0] = 100;
-        let e = QNetwork::from_bytes(&broken.to_bytes(), "range.ccq").unwrap_err();
+        let e = QNetwork::from_json(&broken.to_json(), "range.ccq").unwrap_err();
         assert!(e.to_string().contains("outside"), "{e}");
+        // The binary (sync) form validates the same way.
+        let e = QNetwork::from_bytes(&broken.to_bytes(), "range.bin").unwrap_err();
+        assert!(e.to_string().contains("outside"), "{e}");
+    }
+
+    /// The binary form workers receive: the same network back (same JSON, same results),
+    /// re-encoding gives the same bytes, and it is much smaller than the JSON.
+    #[test]
+    fn the_binary_network_form_round_trips_and_is_compact() {
+        let g = fixture();
+        let net = quantize(&g, &norm(), &images(16, 1), 16, &cfg(3, 8)).unwrap();
+        let bytes = net.to_bytes();
+        let back = QNetwork::from_bytes(&bytes, "sync").unwrap();
+        assert_eq!(back.to_bytes(), bytes, "re-encoding changes nothing");
+        assert_eq!(
+            back.to_json(),
+            net.to_json(),
+            "the same network as the file holds"
+        );
+        let mut streamed = net.write_bytes(Vec::new()).unwrap();
+        assert_eq!(streamed, bytes, "the streamed form is the same bytes");
+        let x = images(10, 4);
+        let labels = [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 0];
+        assert_eq!(
+            back.evaluate(&x, &labels, 4, 2),
+            net.evaluate(&x, &labels, 3, 1)
+        );
+        let json = net.to_json().len();
+        assert!(
+            bytes.len() * 2 < json,
+            "binary {} bytes vs JSON {json}",
+            bytes.len()
+        );
+        assert!(
+            bytes.len() < net.num_vars() * 2 + 4096,
+            "about a byte per weight: {} bytes for {} weights",
+            bytes.len(),
+            net.num_vars()
+        );
+        // A JSON file handed to the binary reader (or the reverse) is refused by name.
+        let e = QNetwork::from_bytes(&net.to_json(), "sync")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sync") && e.contains("format tag"), "{e}");
+        let e = QNetwork::from_json(&bytes, "m.ccq")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("m.ccq"), "{e}");
+        // Another version of the binary form is refused before its body is read.
+        let mut v2 = bytes.clone();
+        let tag_len = 1 + "ccq-network".len();
+        assert_eq!(v2[tag_len], 1, "the version follows the tag");
+        v2[tag_len] = 2;
+        let e = QNetwork::from_bytes(&v2, "sync").unwrap_err().to_string();
+        assert!(e.contains("format version 2"), "{e}");
+        streamed.push(0);
+        let e = QNetwork::from_bytes(&streamed, "sync")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1 bytes after the network"), "{e}");
+    }
+
+    /// Whatever arrives as `full` — truncated at any byte, or with a byte changed — the
+    /// worker gets a network or an error, never a panic; no truncation is ever accepted.
+    #[test]
+    fn damaged_binary_networks_never_panic() {
+        let g = fixture();
+        let net = quantize(&g, &norm(), &images(16, 1), 16, &cfg(3, 8)).unwrap();
+        let bytes = net.to_bytes();
+        for cut in 0..bytes.len() {
+            assert!(
+                QNetwork::from_bytes(&bytes[..cut], "cut").is_err(),
+                "truncated at {cut} of {}",
+                bytes.len()
+            );
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut refused = 0;
+        for _ in 0..3000 {
+            let mut b = bytes.clone();
+            let i = rng.random_range(0..b.len());
+            b[i] ^= rng.random_range(1..=255u8);
+            refused += QNetwork::from_bytes(&b, "flip").is_err() as usize;
+        }
+        // Most flips land in weight codes and stay valid networks; the header, lengths and
+        // ranges must still catch some.
+        assert!(refused > 30, "only {refused} of 3000 flips refused");
     }
 
     #[test]

@@ -9,15 +9,24 @@
 //! history; the best network so far; the network version). What is not: workers, jobs and
 //! leases — a resumed coordinator starts with no workers, and they re-register.
 //!
-//! The file is `DIR/checkpoint.ccqck`: one header line `ccq-checkpoint <format> <length>
-//! <fnv1a64 of the body>` and a JSON body. It is written to a temporary file, fsynced and
-//! renamed over the old one (then the directory is fsynced), so a crash leaves either
-//! the old or the new checkpoint, never a torn one. Reading checks the header, length and
-//! checksum before parsing, and every part is validated against the rebuilt network
-//! before anything is used: a corrupted, truncated, foreign or mismatched checkpoint is
-//! refused with the reason, never half-loaded.
+//! The file is `DIR/checkpoint.ccqck`: one fixed-width header line
+//! `ccq-checkpoint <format> <body length, 20 digits> <CRC32 of the body, 8 hex digits>`
+//! and a binary body, the [`Checkpoint`] in postcard (compact binary serde: codes and
+//! counts as single bytes or varints, no text). The body is streamed through a buffered
+//! writer into a temporary file while its length and CRC32 are counted, the header is
+//! patched in at the end, then the file is fsynced and renamed over the old one (and the
+//! directory fsynced), so a crash leaves either the old or the new checkpoint, never a
+//! torn one, and no encoded copy of the state is ever held in memory: a 25 M-variable
+//! run checkpoints with little more than the snapshot itself (see `benches/checkpoint.rs`).
+//!
+//! Reading checks the header, the length against the file's, and the CRC32 over the
+//! whole body before a single body byte is parsed; then every part is validated against
+//! the rebuilt network before anything is used: a corrupted, truncated, foreign,
+//! mismatched or older-format checkpoint (format 1 was JSON with an FNV-1a checksum) is
+//! refused with the file, the reason and the versions, never half-loaded.
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -29,8 +38,17 @@ use ccq_search::trainer::{Generation, TrainerSnapshot};
 
 pub const FILE_NAME: &str = "checkpoint.ccqck";
 /// Bumped whenever the body's meaning changes; older files are refused, not guessed at.
-pub const FORMAT_VERSION: u32 = 1;
+/// 1: JSON body, FNV-1a checksum. 2: postcard body, CRC32.
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: &str = "ccq-checkpoint";
+/// Room for the header line: `MAGIC`, the format, 20 digits of length, 8 of CRC.
+const MAX_HEADER: usize = 128;
+/// Scratch space the streaming decoder copies each string through (paths, ids, reasons);
+/// a longer string is refused as an unreadable body.
+const MAX_STRING: usize = 64 << 10;
+/// Buffer of the streamed write and read: big enough that the per-byte encoder's calls
+/// become few large system calls.
+const IO_BUFFER: usize = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,102 +176,190 @@ pub fn path(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
 }
 
-/// 64-bit FNV-1a: detects torn and bit-flipped files (not an adversary; the token
-/// protects the cluster, the filesystem protects the file).
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// 64-bit FNV-1a, for the network fingerprint: an identity, not a guard against damage
+/// (the checkpoint body has its CRC32 for that).
+struct Fnv1a64(u64);
+
+impl Default for Fnv1a64 {
+    fn default() -> Self {
+        Fnv1a64(0xcbf2_9ce4_8422_2325)
     }
-    h
 }
 
-/// The identity of a quantized network, as checkpoints and workers compare it.
+impl Fnv1a64 {
+    fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+impl Write for Fnv1a64 {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The identity of a quantized network, as checkpoints compare it: FNV-1a of its binary
+/// form ([`ccq_common::qnet::QNetwork::to_bytes`]), hashed as it is produced rather than
+/// from a copy.
 pub fn network_fingerprint(net: &ccq_common::qnet::QNetwork) -> String {
-    format!("{:016x}", fnv1a64(&net.to_bytes()))
+    let h = net
+        .write_bytes(BufWriter::with_capacity(64 << 10, Fnv1a64::default()))
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .expect("hashing a network never fails");
+    format!("{:016x}", h.0)
+}
+
+/// The header line of a body of `len` bytes with CRC32 `crc`. Fixed width, so that the
+/// writer can reserve it, stream the body, and patch the real values in.
+fn header(len: u64, crc: u32) -> String {
+    format!("{MAGIC} {FORMAT_VERSION} {len:020} {crc:08x}\n")
+}
+
+/// A checkpoint's binary encoding, produced while it is written ([`write_atomic`]) so
+/// that it never exists whole in memory.
+pub struct Encoding<'a>(&'a Checkpoint);
+
+impl Encoding<'_> {
+    /// The whole file in memory: for tests and small checkpoints only. Same bytes as
+    /// [`write_atomic`] writes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let body = postcard::to_stdvec(self.0).expect("a checkpoint always serialises");
+        let mut out = header(body.len() as u64, crc32fast::hash(&body)).into_bytes();
+        out.extend_from_slice(&body);
+        out
+    }
+}
+
+/// Counts and checksums what passes through to `inner`, and keeps the first I/O error
+/// (the encoder reports a failed write only as "buffer full").
+struct CrcWriter<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+    len: u64,
+    error: Option<std::io::Error>,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.inner.write(buf) {
+            Ok(n) => {
+                self.crc.update(&buf[..n]);
+                self.len += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                let kept = std::io::Error::new(e.kind(), e.to_string());
+                self.error.get_or_insert(kept);
+                Err(e)
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 impl Checkpoint {
-    pub fn encode(&self) -> Vec<u8> {
-        let body = serde_json::to_vec(self).expect("a checkpoint always serialises");
-        let mut out = format!(
-            "{MAGIC} {FORMAT_VERSION} {} {:016x}\n",
-            body.len(),
-            fnv1a64(&body)
-        )
-        .into_bytes();
-        out.extend_from_slice(&body);
-        out
+    /// The binary encoding, for [`write_atomic`] (or [`Encoding::to_vec`] in tests).
+    pub fn encode(&self) -> Encoding<'_> {
+        Encoding(self)
     }
 
     /// Parses a checkpoint file's bytes; `origin` names the file in errors.
     pub fn decode(bytes: &[u8], origin: &str) -> Result<Checkpoint, Error> {
-        let bad = |reason: String| Error::Checkpoint {
-            path: origin.to_string(),
-            reason,
-        };
-        let nl = bytes
-            .iter()
-            .take(128)
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| bad("not a ccq checkpoint (no header line)".into()))?;
-        let header = std::str::from_utf8(&bytes[..nl])
-            .map_err(|_| bad("not a ccq checkpoint (header is not text)".into()))?;
-        let fields: Vec<&str> = header.split(' ').collect();
-        if fields.len() != 4 || fields[0] != MAGIC {
-            return Err(bad(format!(
-                "not a ccq checkpoint (header {header:?}, expected \"{MAGIC} <format> <length> <checksum>\")"
-            )));
-        }
-        let format: u32 = fields[1]
-            .parse()
-            .map_err(|_| bad(format!("unreadable format version {:?}", fields[1])))?;
-        if format != FORMAT_VERSION {
-            return Err(bad(format!(
-                "format version {format}; this build reads version {FORMAT_VERSION} only"
-            )));
-        }
-        let len: usize = fields[2]
-            .parse()
-            .map_err(|_| bad(format!("unreadable length {:?}", fields[2])))?;
-        let sum = u64::from_str_radix(fields[3], 16)
-            .map_err(|_| bad(format!("unreadable checksum {:?}", fields[3])))?;
-        let body = &bytes[nl + 1..];
-        if body.len() != len {
-            return Err(bad(format!(
-                "truncated or padded: the header promises {len} bytes, the file has {}",
-                body.len()
-            )));
-        }
-        let actual = fnv1a64(body);
-        if actual != sum {
-            return Err(bad(format!(
-                "corrupted: checksum {actual:016x}, the header says {sum:016x}"
-            )));
-        }
-        let ck: Checkpoint =
-            serde_json::from_slice(body).map_err(|e| bad(format!("unreadable body: {e}")))?;
-        ck.config
-            .validate()
-            .map_err(|e| bad(format!("config: {e}")))?;
-        Ok(ck)
+        Checkpoint::read_from(std::io::Cursor::new(bytes), bytes.len() as u64, origin)
     }
 
-    /// Reads `dir`'s checkpoint.
+    /// Reads `dir`'s checkpoint, streaming: the file is read twice (once for the CRC,
+    /// once to decode), never held whole in memory.
     pub fn load(dir: &Path) -> Result<Checkpoint, Error> {
         let p = path(dir);
-        let bytes = std::fs::read(&p).map_err(|e| Error::Checkpoint {
-            path: p.display().to_string(),
+        let origin = p.display().to_string();
+        let io = |e: std::io::Error| Error::Checkpoint {
+            path: origin.clone(),
             reason: if e.kind() == std::io::ErrorKind::NotFound {
                 "not found: nothing to resume (the run wrote no checkpoint yet, or DIR is not a run's output directory)".into()
             } else {
                 e.to_string()
             },
-        })?;
-        Checkpoint::decode(&bytes, &p.display().to_string())
+        };
+        let f = File::open(&p).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
+        Checkpoint::read_from(f, len, &origin)
     }
 
+    /// Header, then length, then CRC, then the body: nothing of the body is parsed before
+    /// the file is known whole and undamaged.
+    fn read_from<R: Read + Seek>(
+        mut r: R,
+        file_len: u64,
+        origin: &str,
+    ) -> Result<Checkpoint, Error> {
+        let bad = |reason: String| Error::Checkpoint {
+            path: origin.to_string(),
+            reason,
+        };
+        let io = |e: std::io::Error| bad(format!("read failed: {e}"));
+        let mut head = Vec::with_capacity(MAX_HEADER);
+        (&mut r)
+            .take(MAX_HEADER as u64)
+            .read_to_end(&mut head)
+            .map_err(io)?;
+        let nl = head
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| bad("not a ccq checkpoint (no header line)".into()))?;
+        let (len, crc) = parse_header(&head[..nl]).map_err(bad)?;
+        let body_start = nl as u64 + 1;
+        let actual_len = file_len.saturating_sub(body_start);
+        if actual_len != len {
+            return Err(bad(format!(
+                "truncated or padded: the header promises {len} bytes, the file has {actual_len}"
+            )));
+        }
+        // Pass 1: the CRC over the whole body.
+        r.seek(SeekFrom::Start(body_start)).map_err(io)?;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; IO_BUFFER];
+        let mut body = (&mut r).take(len);
+        loop {
+            let n = body.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        drop(buf);
+        let actual = hasher.finalize();
+        if actual != crc {
+            return Err(bad(format!(
+                "corrupted: checksum (CRC32) {actual:08x}, the header says {crc:08x}"
+            )));
+        }
+        // Pass 2: decode, streaming.
+        r.seek(SeekFrom::Start(body_start)).map_err(io)?;
+        let reader = BufReader::with_capacity(IO_BUFFER, r.take(len));
+        let mut scratch = vec![0u8; MAX_STRING];
+        let (ck, (mut rest, _)): (Checkpoint, _) = postcard::from_io((reader, &mut scratch))
+            .map_err(|e| bad(format!("unreadable body: {e}")))?;
+        let mut probe = [0u8; 1];
+        if rest.read(&mut probe).map_err(io)? != 0 {
+            return Err(bad(
+                "unreadable body: bytes after the checkpoint (written by another build?)".into(),
+            ));
+        }
+        ck.config
+            .validate()
+            .map_err(|e| bad(format!("config: {e}")))?;
+        Ok(ck)
+    }
     /// Refuses to continue this checkpoint under `cfg` if anything that shapes the
     /// search differs. Budgets, cluster settings, evaluation threads and the paths of
     /// the model and data may change (their contents are checked through the network
@@ -335,19 +441,79 @@ fn dbg<T: std::fmt::Debug>(v: &T) -> String {
     format!("{v:?}")
 }
 
-/// Writes `bytes` as `dir`'s checkpoint: temporary file, fsync, rename, fsync of the
-/// directory. Readers see the old checkpoint or the new one, whole.
-pub fn write_atomic(dir: &Path, bytes: &[u8]) -> Result<(), Error> {
+/// Parses the header line into (body length, CRC32), refusing anything but this
+/// build's format by name.
+fn parse_header(line: &[u8]) -> Result<(u64, u32), String> {
+    let header = std::str::from_utf8(line)
+        .map_err(|_| "not a ccq checkpoint (header is not text)".to_string())?;
+    let fields: Vec<&str> = header.split(' ').collect();
+    if fields.len() != 4 || fields[0] != MAGIC {
+        return Err(format!(
+            "not a ccq checkpoint (header {header:?}, expected \"{MAGIC} <format> <length> <checksum>\")"
+        ));
+    }
+    let format: u32 = fields[1]
+        .parse()
+        .map_err(|_| format!("unreadable format version {:?}", fields[1]))?;
+    if format != FORMAT_VERSION {
+        let what = if format == 1 {
+            " (JSON, written by ccq before checkpoints became binary)"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "format version {format}{what}; this build reads version {FORMAT_VERSION} only: \
+             finish that run with the build that wrote it, or start the run again"
+        ));
+    }
+    let len: u64 = fields[2]
+        .parse()
+        .map_err(|_| format!("unreadable length {:?}", fields[2]))?;
+    let crc = u32::from_str_radix(fields[3], 16)
+        .ok()
+        .filter(|_| fields[3].len() == 8)
+        .ok_or_else(|| format!("unreadable checksum {:?}", fields[3]))?;
+    Ok((len, crc))
+}
+
+/// Writes `body` as `dir`'s checkpoint: streamed through a buffer into a temporary file
+/// (header reserved, then patched with the body's length and CRC32), fsync, rename, fsync
+/// of the directory. Readers see the old checkpoint or the new one, whole.
+pub fn write_atomic(dir: &Path, body: &Encoding<'_>) -> Result<(), Error> {
     let target = path(dir);
     let tmp = dir.join(format!(".{FILE_NAME}.tmp"));
     let io = |p: &Path, e: std::io::Error| Error::from(ccq_common::Error::io(p, e));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| io(&tmp, e))?;
+    let mut f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    let placeholder = header(0, 0);
+    f.write_all(placeholder.as_bytes())
+        .map_err(|e| io(&tmp, e))?;
+    let mut w = BufWriter::with_capacity(
+        IO_BUFFER,
+        CrcWriter {
+            inner: f,
+            crc: crc32fast::Hasher::new(),
+            len: 0,
+            error: None,
+        },
+    );
+    let encoded = postcard::to_io(body.0, &mut w).map(|_| ());
+    let flushed = w.flush();
+    let crc_writer = w.into_inner().map_err(|e| io(&tmp, e.into_error()))?;
+    if let Some(e) = crc_writer.error {
+        return Err(io(&tmp, e));
+    }
+    flushed.map_err(|e| io(&tmp, e))?;
+    encoded.map_err(|e| io(&tmp, std::io::Error::other(e)))?;
+    let (mut f, len, crc) = (crc_writer.inner, crc_writer.len, crc_writer.crc.finalize());
+    let head = header(len, crc);
+    debug_assert_eq!(head.len(), placeholder.len(), "the header is fixed-width");
+    f.seek(SeekFrom::Start(0)).map_err(|e| io(&tmp, e))?;
+    f.write_all(head.as_bytes()).map_err(|e| io(&tmp, e))?;
     f.sync_all().map_err(|e| io(&tmp, e))?;
     drop(f);
     std::fs::rename(&tmp, &target).map_err(|e| io(&target, e))?;
     // The rename itself is durable only once the directory is.
-    if let Ok(d) = std::fs::File::open(dir) {
+    if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
@@ -481,9 +647,9 @@ mod tests {
     #[test]
     fn round_trip_is_exact_and_the_trainer_continues_identically() {
         let (ck, net) = sample();
-        let bytes = ck.encode();
+        let bytes = ck.encode().to_vec();
         let back = Checkpoint::decode(&bytes, "ck").unwrap();
-        assert_eq!(back.encode(), bytes, "re-encoding changes nothing");
+        assert_eq!(back.encode().to_vec(), bytes, "re-encoding changes nothing");
         assert_eq!(back.trainer, ck.trainer);
         assert_eq!(back.state, ck.state);
         // The restored trainer draws exactly what the original draws next.
@@ -504,27 +670,72 @@ mod tests {
         }
     }
 
-    /// Written atomically into the run directory, read back whole, nothing left beside
-    /// it; a second write replaces the first.
+    /// Written atomically into the run directory, streamed to the same bytes as the
+    /// in-memory encoding, read back whole, nothing left beside it; a second write
+    /// replaces the first.
     #[test]
     fn write_atomic_then_load_gives_the_checkpoint_back() {
         let (ck, _) = sample();
         let dir = tempfile::tempdir().unwrap();
-        write_atomic(dir.path(), b"an older checkpoint").unwrap();
+        let mut older = ck.clone();
+        older.run_id = "an older run".into();
+        write_atomic(dir.path(), &older.encode()).unwrap();
         write_atomic(dir.path(), &ck.encode()).unwrap();
+        let on_disk = std::fs::read(path(dir.path())).unwrap();
+        assert_eq!(
+            on_disk,
+            ck.encode().to_vec(),
+            "streamed = in-memory encoding"
+        );
         let back = Checkpoint::load(dir.path()).unwrap();
-        assert_eq!(back.encode(), ck.encode());
+        assert_eq!(back.run_id, "r-seed1");
+        assert_eq!(back.encode().to_vec(), on_disk);
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [FILE_NAME], "no temporary file is left");
+        // The header is one readable line: format, body length, CRC32 of the body.
+        let nl = on_disk.iter().position(|&b| b == b'\n').unwrap();
+        let body = &on_disk[nl + 1..];
+        assert_eq!(
+            std::str::from_utf8(&on_disk[..nl]).unwrap(),
+            format!(
+                "ccq-checkpoint 2 {:020} {:08x}",
+                body.len(),
+                crc32fast::hash(body)
+            )
+        );
+        // Binary, not JSON: the trainer's codes travel as one byte each.
+        assert!(
+            body.len() < serde_json::to_vec(&ck).unwrap().len() / 2,
+            "binary body {} bytes",
+            body.len()
+        );
+    }
+
+    /// A write that fails (here: the directory is gone) names the temporary file and
+    /// leaves the previous checkpoint alone.
+    #[test]
+    fn a_failed_write_names_the_file() {
+        let (ck, _) = sample();
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        let e = write_atomic(&gone, &ck.encode()).unwrap_err().to_string();
+        assert!(e.contains(".checkpoint.ccqck.tmp"), "{e}");
+    }
+
+    /// A file as this build writes it, around any body.
+    fn file_with_body(body: &[u8]) -> Vec<u8> {
+        let mut f = header(body.len() as u64, crc32fast::hash(body)).into_bytes();
+        f.extend_from_slice(body);
+        f
     }
 
     #[test]
     fn damaged_files_are_refused_with_the_reason() {
         let (ck, _) = sample();
-        let bytes = ck.encode();
+        let bytes = ck.encode().to_vec();
         let nl = bytes.iter().position(|&b| b == b'\n').unwrap();
 
         let r = reason(Checkpoint::decode(&bytes[..bytes.len() - 10], "ck"));
@@ -537,25 +748,85 @@ mod tests {
         assert!(r.starts_with("not a ccq checkpoint"), "{r}");
         let r = reason(Checkpoint::decode(b"", "ck"));
         assert!(r.starts_with("not a ccq checkpoint"), "{r}");
-        let mut v2 = b"ccq-checkpoint 2".to_vec();
-        v2.extend_from_slice(&bytes[b"ccq-checkpoint 1".len()..]);
-        let r = reason(Checkpoint::decode(&v2, "ck"));
-        assert!(r.contains("format version 2"), "{r}");
+        let mut v3 = b"ccq-checkpoint 3".to_vec();
+        v3.extend_from_slice(&bytes[b"ccq-checkpoint 2".len()..]);
+        let r = reason(Checkpoint::decode(&v3, "ck"));
+        assert!(
+            r.contains("format version 3; this build reads version 2"),
+            "{r}"
+        );
         // A valid file whose body is not a checkpoint.
-        let body = b"{\"hello\": 1}";
-        let mut foreign =
-            format!("ccq-checkpoint 1 {} {:016x}\n", body.len(), fnv1a64(body)).into_bytes();
-        foreign.extend_from_slice(body);
-        let r = reason(Checkpoint::decode(&foreign, "ck"));
+        let r = reason(Checkpoint::decode(&file_with_body(b"\x05hello"), "ck"));
         assert!(r.starts_with("unreadable body"), "{r}");
+        // A checkpoint with something after it.
+        let mut body = bytes[nl + 1..].to_vec();
+        body.push(0);
+        let r = reason(Checkpoint::decode(&file_with_body(&body), "ck"));
+        assert!(r.contains("bytes after the checkpoint"), "{r}");
         // Four fields but another magic word: not ours, whatever follows.
         let mut other = b"ccq-checkpoinT".to_vec();
         other.extend_from_slice(&bytes[b"ccq-checkpoint".len()..]);
         let r = reason(Checkpoint::decode(&other, "ck"));
         assert!(r.starts_with("not a ccq checkpoint"), "{r}");
         // The right magic with a field missing.
-        let r = reason(Checkpoint::decode(b"ccq-checkpoint 1 12\n{}", "ck"));
+        let r = reason(Checkpoint::decode(b"ccq-checkpoint 2 12\n{}", "ck"));
         assert!(r.starts_with("not a ccq checkpoint"), "{r}");
+    }
+
+    fn fnv(bytes: &[u8]) -> u64 {
+        let mut h = Fnv1a64::default();
+        h.update(bytes);
+        h.0
+    }
+
+    /// FNV-1a as published (the fingerprint's hash): the empty input is the offset basis,
+    /// "a" a known value.
+    #[test]
+    fn the_fingerprint_hash_is_fnv1a_64() {
+        assert_eq!(fnv(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    /// A checkpoint of the first format (JSON body, FNV-1a checksum), as builds before
+    /// binary checkpoints wrote it, is refused naming both versions and the file.
+    #[test]
+    fn a_json_checkpoint_of_format_1_is_refused_by_version() {
+        let (ck, _) = sample();
+        let body = serde_json::to_vec(&ck).unwrap();
+        let mut v1 = format!("ccq-checkpoint 1 {} {:016x}\n", body.len(), fnv(&body)).into_bytes();
+        v1.extend_from_slice(&body);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(path(dir.path()), &v1).unwrap();
+        let e = Checkpoint::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(&path(dir.path()).display().to_string())
+                && e.contains("format version 1 (JSON")
+                && e.contains("this build reads version 2 only"),
+            "{e}"
+        );
+    }
+
+    /// Every truncation of a checkpoint, at every byte, is refused; so is every byte
+    /// flip (a CRC32 catches all single-byte errors); none panics.
+    #[test]
+    fn every_truncation_and_every_flip_is_refused() {
+        let (ck, _) = sample();
+        let bytes = ck.encode().to_vec();
+        for cut in 0..bytes.len() {
+            let r = reason(Checkpoint::decode(&bytes[..cut], "cut"));
+            assert!(
+                r.starts_with("truncated") || r.starts_with("not a ccq checkpoint"),
+                "cut at {cut}: {r}"
+            );
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..2000 {
+            let mut b = bytes.clone();
+            let i = rng.random_range(0..b.len());
+            b[i] ^= rng.random_range(1..=255u8);
+            // Refused whatever the byte: header damage by name, body damage by CRC.
+            let _ = reason(Checkpoint::decode(&b, "flip"));
+        }
     }
 
     #[test]
@@ -590,7 +861,7 @@ mod tests {
     }
 
     /// Property: whatever the bytes — random, truncated, flipped, or a mutated body under
-    /// a recomputed checksum (which reaches the JSON and the invariant checks) — decoding
+    /// a recomputed CRC (which reaches the decoder and the invariant checks) — decoding
     /// and restoring return a value or an error, never panic.
     /// Status shows the phase by the same name the checkpoint stores it under.
     #[test]
@@ -688,7 +959,7 @@ mod tests {
     #[test]
     fn random_and_mutated_checkpoints_never_panic() {
         let (ck, net) = sample();
-        let bytes = ck.encode();
+        let bytes = ck.encode().to_vec();
         let nl = bytes.iter().position(|&b| b == b'\n').unwrap();
         let body = &bytes[nl + 1..];
         let cfg = config();
@@ -707,18 +978,14 @@ mod tests {
                     b
                 }
                 _ => {
-                    // Change a digit or delimiter of the body and fix the header up.
+                    // Change a few body bytes to small values (counts, codes, varint
+                    // ends) and fix the header up.
                     let mut b = body.to_vec();
                     for _ in 0..rng.random_range(1..4) {
                         let i = rng.random_range(0..b.len());
-                        b[i] = *b"0123456789-,[]{}\":.e"
-                            .get(rng.random_range(0..20))
-                            .unwrap();
+                        b[i] = rng.random_range(0..4);
                     }
-                    let mut f =
-                        format!("ccq-checkpoint 1 {} {:016x}\n", b.len(), fnv1a64(&b)).into_bytes();
-                    f.extend_from_slice(&b);
-                    f
+                    file_with_body(&b)
                 }
             };
             if let Ok(c) = Checkpoint::decode(&candidate, "fuzz") {

@@ -42,7 +42,8 @@ pub struct RunConfig {
 }
 
 /// When the coordinator writes `OUT/checkpoint.ccqck` (always also on SIGTERM/SIGINT).
-/// Checkpoints never change results; they cost one copy of the run state each.
+/// Checkpoints never change results. Each holds a copy of the codes (a byte per variable)
+/// while it is written; the EDA model is shared with the search, copy on write.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CheckpointConfig {

@@ -9,7 +9,8 @@ pub mod client;
 pub mod process;
 
 /// Bumped on any incompatible change to `ccq.proto` or to the meaning of its fields.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `SyncNetworkResponse.full` is the binary network form, no longer the JSON `.ccq`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Request metadata key carrying the cluster token, as `Bearer <token>`.
 pub const TOKEN_METADATA: &str = "authorization";

@@ -35,10 +35,12 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 
 use rand::{Rng, RngCore};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
+use serde::ser::{SerializeSeq, SerializeStruct};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::{Error, Result};
 
@@ -191,24 +193,135 @@ struct LayerRun {
 
 /// The whole EDA state; serialisable for checkpoints (deserialising re-checks every
 /// invariant, so a corrupted checkpoint is an error, not a later panic).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Cloning it is cheap and is how a checkpoint snapshots it: `base` and `span` never
+/// change after construction and are shared; the probability rows are shared chunk by
+/// chunk ([`Rows`]), and an update copies only a chunk a clone still holds. So the
+/// checkpoint written off the event loop costs memory for what changes meanwhile, not a
+/// second copy of the model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "StateRepr")]
 pub struct EdaState {
     params: EdaParams,
     layer_runs: Vec<LayerRun>,
     /// Lowest allowed code of each variable.
-    base: Vec<i8>,
+    base: Arc<Vec<i8>>,
     /// Number of allowed codes of each variable (`1..=width`).
-    span: Vec<u8>,
+    span: Arc<Vec<u8>>,
     /// `width` fixed-point probabilities per variable, each row summing to [`ONE`].
-    probs: Vec<u16>,
+    probs: Rows,
     /// Derived from `probs` and the threshold; kept to make the counts O(1).
-    #[serde(skip_serializing)]
     frozen: usize,
     /// Sum of every row's largest count, derived from `probs`; kept so that
     /// [`EdaState::mean_confidence`] is O(1) (the coordinator reports it every generation).
-    #[serde(skip_serializing)]
     confidence_total: u64,
+}
+
+/// The same fields, in the same order, as [`StateRepr`] reads: the derived values are not
+/// saved.
+impl Serialize for EdaState {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("EdaState", 5)?;
+        st.serialize_field("params", &self.params)?;
+        st.serialize_field("layer_runs", &self.layer_runs)?;
+        st.serialize_field("base", self.base.as_slice())?;
+        st.serialize_field("span", self.span.as_slice())?;
+        st.serialize_field("probs", &self.probs)?;
+        st.end()
+    }
+}
+
+/// Rows per chunk of [`Rows`]: an update that must copy a shared chunk copies
+/// `CHUNK_ROWS * width * 2` bytes (24 KB at radius 1).
+const CHUNK_ROWS: usize = 4096;
+
+/// Fixed-width rows of `u16`, stored in chunks of [`CHUNK_ROWS`] rows behind reference
+/// counts: a clone copies no rows, and writing a row copies its chunk only if a clone
+/// still shares it (copy on write). Serialised as one flat sequence, so the chunking is
+/// invisible outside.
+#[derive(Debug, Clone, PartialEq)]
+struct Rows {
+    width: usize,
+    rows: usize,
+    chunks: Vec<Arc<Vec<u16>>>,
+}
+
+impl Rows {
+    fn new(width: usize) -> Rows {
+        Rows {
+            width,
+            rows: 0,
+            chunks: Vec::new(),
+        }
+    }
+
+    /// `flat.len()` must be a multiple of `width`.
+    fn from_flat(flat: &[u16], width: usize) -> Rows {
+        Rows {
+            width,
+            rows: flat.len() / width,
+            chunks: flat
+                .chunks(CHUNK_ROWS * width)
+                .map(|c| Arc::new(c.to_vec()))
+                .collect(),
+        }
+    }
+
+    /// Appends a row of zeros and returns it.
+    fn push_zero_row(&mut self) -> &mut [u16] {
+        let width = self.width;
+        if self.rows.is_multiple_of(CHUNK_ROWS) {
+            // The previous chunk is full: its capacity was exact.
+            self.chunks
+                .push(Arc::new(Vec::with_capacity(CHUNK_ROWS * width)));
+        }
+        self.rows += 1;
+        let chunk = Arc::make_mut(self.chunks.last_mut().expect("a chunk was just ensured"));
+        let start = chunk.len();
+        chunk.resize(start + width, 0);
+        &mut chunk[start..]
+    }
+
+    /// Releases the unused capacity of the last chunk (after the last push).
+    fn shrink_to_fit(&mut self) {
+        if let Some(last) = self.chunks.last_mut() {
+            Arc::make_mut(last).shrink_to_fit();
+        }
+        self.chunks.shrink_to_fit();
+    }
+
+    fn row(&self, i: usize) -> &[u16] {
+        let at = (i % CHUNK_ROWS) * self.width;
+        &self.chunks[i / CHUNK_ROWS][at..at + self.width]
+    }
+
+    fn row_mut(&mut self, i: usize) -> &mut [u16] {
+        let at = (i % CHUNK_ROWS) * self.width;
+        &mut Arc::make_mut(&mut self.chunks[i / CHUNK_ROWS])[at..at + self.width]
+    }
+
+    /// Heap bytes held: the rows (capacities) and each chunk's reference count and
+    /// vector header.
+    fn heap_bytes(&self) -> usize {
+        let per_chunk = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<Vec<u16>>();
+        self.chunks
+            .iter()
+            .map(|c| c.capacity() * std::mem::size_of::<u16>() + per_chunk)
+            .sum::<usize>()
+            + self.chunks.capacity() * std::mem::size_of::<Arc<Vec<u16>>>()
+    }
+}
+
+impl Serialize for Rows {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.rows * self.width))?;
+        for chunk in &self.chunks {
+            for p in chunk.iter() {
+                seq.serialize_element(p)?;
+            }
+        }
+        seq.end()
+    }
 }
 
 /// The serialised form of [`EdaState`], validated by `TryFrom` on the way in.
@@ -230,15 +343,10 @@ impl EdaState {
         let radius = i16::from(params.radius);
         let vars = vars.into_iter();
         let (hint, _) = vars.size_hint();
-        let mut state = EdaState {
-            layer_runs: Vec::new(),
-            base: Vec::with_capacity(hint),
-            span: Vec::with_capacity(hint),
-            probs: Vec::with_capacity(hint * width),
-            frozen: 0,
-            confidence_total: 0,
-            params,
-        };
+        let mut layer_runs = Vec::new();
+        let mut bases = Vec::with_capacity(hint);
+        let mut spans = Vec::with_capacity(hint);
+        let mut probs = Rows::new(width);
         let mut targets = [0.0f64; MAX_WIDTH];
         for (i, v) in vars.enumerate() {
             if i > u32::MAX as usize {
@@ -266,10 +374,10 @@ impl EdaState {
             let lo = (q0 - radius).max(i16::from(v.lo));
             let hi = (q0 + radius).min(i16::from(v.hi));
             let span = (hi - lo + 1) as usize;
-            state.base.push(lo as i8);
-            state.span.push(span as u8);
-            if state.layer_runs.last().map(|r| r.layer) != Some(v.layer) {
-                state.layer_runs.push(LayerRun {
+            bases.push(lo as i8);
+            spans.push(span as u8);
+            if layer_runs.last().map(|r: &LayerRun| r.layer) != Some(v.layer) {
+                layer_runs.push(LayerRun {
                     start: i,
                     layer: v.layer,
                 });
@@ -278,7 +386,7 @@ impl EdaState {
             let one = f64::from(ONE);
             let initial_slot = (q0 - lo) as usize;
             let rest = if span > 1 {
-                (1.0 - state.params.p0) * one / (span - 1) as f64
+                (1.0 - params.p0) * one / (span - 1) as f64
             } else {
                 0.0
             };
@@ -286,18 +394,23 @@ impl EdaState {
                 *t = if j != initial_slot {
                     rest
                 } else if span > 1 {
-                    state.params.p0 * one
+                    params.p0 * one
                 } else {
                     one
                 };
             }
-            let row_start = state.probs.len();
-            state.probs.resize(row_start + width, 0);
-            apportion(
-                &targets[..span],
-                &mut state.probs[row_start..row_start + span],
-            );
+            apportion(&targets[..span], &mut probs.push_zero_row()[..span]);
         }
+        probs.shrink_to_fit();
+        let mut state = EdaState {
+            params,
+            layer_runs,
+            base: Arc::new(bases),
+            span: Arc::new(spans),
+            probs,
+            frozen: 0,
+            confidence_total: 0,
+        };
         if state.base.is_empty() {
             return Err(Error::setting(
                 "variables",
@@ -315,11 +428,11 @@ impl EdaState {
     }
 
     /// Heap bytes held (capacities): the per-variable arrays and the layer runs. For
-    /// memory accounting (`coordinator bench`).
+    /// memory accounting (`coordinator bench`). Parts shared with clones count in full.
     pub fn heap_bytes(&self) -> usize {
         self.base.capacity()
             + self.span.capacity()
-            + self.probs.capacity() * std::mem::size_of::<u16>()
+            + self.probs.heap_bytes()
             + self.layer_runs.capacity() * std::mem::size_of::<LayerRun>()
     }
 
@@ -722,7 +835,6 @@ impl EdaState {
         let alpha = self.params.alpha;
         let one = f64::from(ONE);
         let k = selected.len() as f64;
-        let width = self.params.width();
         let mut newly_frozen = Vec::new();
         for (pos, &v) in group.iter().enumerate() {
             let i = v as usize;
@@ -736,7 +848,7 @@ impl EdaState {
                 counts[(i16::from(candidate.as_ref()[pos]) - base) as usize] += 1;
             }
             let before = self.max_count(i);
-            let row = &mut self.probs[i * width..i * width + span];
+            let row = &mut self.probs.row_mut(i)[..span];
             let mut targets = [0.0f64; MAX_WIDTH];
             for j in 0..span {
                 let freq = f64::from(counts[j]) / k;
@@ -775,8 +887,7 @@ impl EdaState {
     }
 
     fn row(&self, i: usize) -> &[u16] {
-        let width = self.params.width();
-        &self.probs[i * width..(i + 1) * width]
+        self.probs.row(i)
     }
 
     fn max_count(&self, i: usize) -> u32 {
@@ -915,9 +1026,9 @@ impl TryFrom<StateRepr> for EdaState {
         let mut state = EdaState {
             params: repr.params,
             layer_runs: repr.layer_runs,
-            base: repr.base,
-            span: repr.span,
-            probs: repr.probs,
+            base: Arc::new(repr.base),
+            span: Arc::new(repr.span),
+            probs: Rows::from_flat(&repr.probs, width),
             frozen: 0,
             confidence_total: 0,
         };
@@ -1270,14 +1381,66 @@ mod tests {
                 ..EdaParams::default()
             };
             let s = EdaState::new(params, four_bit(n / 2, 0).chain(four_bit(n / 2, 1))).unwrap();
-            let runs = s.heap_bytes() - per_var * n;
-            assert!(
-                (2 * std::mem::size_of::<LayerRun>()..=8 * std::mem::size_of::<LayerRun>())
-                    .contains(&runs),
-                "radius {radius}: {} bytes for {n} variables in 2 layers",
-                s.heap_bytes()
+            // Beyond the per-variable bytes: per chunk of rows (3 for 10,000 rows) a
+            // reference-count block (two counters), a vector header and a pointer in the
+            // chunk list; and the layer runs.
+            let chunks = n.div_ceil(CHUNK_ROWS);
+            assert_eq!(s.probs.chunks.len(), chunks);
+            assert_eq!(s.probs.chunks.capacity(), chunks, "no spare chunk slots");
+            let word = std::mem::size_of::<usize>();
+            let per_chunk = 2 * word + 3 * word + word;
+            assert_eq!(
+                s.heap_bytes(),
+                per_var * n + per_chunk * chunks + s.layer_runs.capacity() * 16,
+                "radius {radius}: {n} variables in 2 layers"
             );
+            assert!((2..=8).contains(&s.layer_runs.capacity()));
         }
+    }
+
+    /// A clone (a checkpoint's snapshot) shares the model: updating the original leaves
+    /// the clone as it was, and copies only the chunk of rows the update touched.
+    #[test]
+    fn clones_share_rows_until_an_update_copies_one_chunk() {
+        let n = 3 * CHUNK_ROWS;
+        let mut s = EdaState::new(EdaParams::default(), four_bit(n, 0)).unwrap();
+        let snapshot = s.clone();
+        let shared = |a: &EdaState, b: &EdaState| {
+            a.probs
+                .chunks
+                .iter()
+                .zip(&b.probs.chunks)
+                .filter(|(x, y)| Arc::ptr_eq(x, y))
+                .count()
+        };
+        assert_eq!(shared(&s, &snapshot), 3, "a clone copies no rows");
+        assert!(Arc::ptr_eq(&s.base, &snapshot.base) && Arc::ptr_eq(&s.span, &snapshot.span));
+        let var = (CHUNK_ROWS + 5) as u32;
+        s.update(&[var], &[[1i8], [1]]).unwrap();
+        assert_eq!(
+            shared(&s, &snapshot),
+            2,
+            "only the updated row's chunk is copied"
+        );
+        assert!(s.probability(var as usize, 1) > snapshot.probability(var as usize, 1));
+        assert_eq!(
+            snapshot,
+            EdaState::new(EdaParams::default(), four_bit(n, 0)).unwrap(),
+            "the snapshot still holds the model as it was"
+        );
+        // Serialised flat, whatever the chunks: the same JSON as a state rebuilt from it,
+        // and the same through postcard, the checkpoints' encoding (which writes the
+        // sequence's length up front, so it must be exact).
+        let back: EdaState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(
+            serde_json::to_string(&back).unwrap(),
+            serde_json::to_string(&s).unwrap()
+        );
+        let bytes = postcard::to_stdvec(&s).unwrap();
+        let back: EdaState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(postcard::to_stdvec(&back).unwrap(), bytes);
     }
 
     /// The widest rows the state supports (radius MAX_RADIUS over a 4-bit code range,

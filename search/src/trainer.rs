@@ -14,7 +14,7 @@
 //! update, freezing, adoption. `hill` draws local moves each generation and only adopts;
 //! `rtn` has no generations at all.
 
-use std::collections::VecDeque;
+use std::sync::Arc;
 
 use ccq_common::qnet::{EvalStats, QNetwork};
 use rand::SeedableRng;
@@ -79,9 +79,65 @@ pub struct TrainerSnapshot {
     /// existed (which never used it, so position 0 is exact).
     #[serde(default)]
     pub group_rng_pos: Option<String>,
-    pub queue: Vec<Group>,
+    pub queue: GroupQueue,
     pub current: Option<(Group, usize)>,
     pub progress: Progress,
+}
+
+/// The groups left in a cycle. A cycle's groups are formed once and only taken from the
+/// front, so they are kept whole behind a reference count with a cursor: a snapshot
+/// shares them (up to 4 bytes per free variable that a checkpoint need not copy), and
+/// sees, like the serialised form, only the groups not yet started. The cycle's groups
+/// are freed together when the next cycle replaces them.
+#[derive(Debug, Clone, Default)]
+pub struct GroupQueue {
+    groups: Arc<Vec<Group>>,
+    next: usize,
+}
+
+impl GroupQueue {
+    /// The groups not yet started, in order.
+    pub fn remaining(&self) -> &[Group] {
+        &self.groups[self.next..]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.remaining().is_empty()
+    }
+
+    fn pop_front(&mut self) -> Option<Group> {
+        let g = self.remaining().first().cloned();
+        self.next += usize::from(g.is_some());
+        g
+    }
+}
+
+impl From<Vec<Group>> for GroupQueue {
+    fn from(groups: Vec<Group>) -> Self {
+        GroupQueue {
+            groups: Arc::new(groups),
+            next: 0,
+        }
+    }
+}
+
+impl PartialEq for GroupQueue {
+    fn eq(&self, other: &Self) -> bool {
+        self.remaining() == other.remaining()
+    }
+}
+
+/// A sequence of the remaining groups, as `Vec<Group>` was.
+impl Serialize for GroupQueue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.remaining().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for GroupQueue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<Group>::deserialize(d).map(GroupQueue::from)
+    }
 }
 
 pub struct Trainer {
@@ -95,7 +151,7 @@ pub struct Trainer {
     /// Batches are drawn from training indices `0..search_len`.
     search_len: usize,
     /// Groups left in this cycle, and the one in progress with its generations done.
-    queue: VecDeque<Group>,
+    queue: GroupQueue,
     current: Option<(Group, usize)>,
     progress: Progress,
 }
@@ -144,13 +200,15 @@ impl Trainer {
             sample_rng: sample_rng(seed),
             group_rng: group_rng(seed),
             search_len,
-            queue: VecDeque::new(),
+            queue: GroupQueue::default(),
             current: None,
             progress: Progress::default(),
         })
     }
 
-    /// The state to put in a checkpoint.
+    /// The state to put in a checkpoint. Cheap to take on the event loop and to hold
+    /// while it is written elsewhere: the codes are copied (a byte per variable), the EDA
+    /// state and the group queue are shared with the live trainer, copy on write.
     pub fn snapshot(&self) -> TrainerSnapshot {
         TrainerSnapshot {
             codes: self.codes.clone(),
@@ -158,7 +216,7 @@ impl Trainer {
             batch_rng_pos: self.batch_rng.get_word_pos().to_string(),
             sample_rng_pos: self.sample_rng.get_word_pos().to_string(),
             group_rng_pos: Some(self.group_rng.get_word_pos().to_string()),
-            queue: self.queue.iter().cloned().collect(),
+            queue: self.queue.clone(),
             current: self.current.clone(),
             progress: self.progress,
         }
@@ -201,7 +259,7 @@ impl Trainer {
                 ));
             }
         }
-        let groups = snap.queue.iter().chain(snap.current.iter().map(|(g, _)| g));
+        let groups = (snap.queue.remaining().iter()).chain(snap.current.iter().map(|(g, _)| g));
         for g in groups {
             if let Some(&v) = g.vars.iter().find(|&&v| v as usize >= n) {
                 return Err(bad("queue", format!("group names variable {v} of {n}")));
@@ -230,7 +288,7 @@ impl Trainer {
             sample_rng: sample,
             group_rng: group,
             search_len,
-            queue: snap.queue.into(),
+            queue: snap.queue,
             current: snap.current,
             progress: snap.progress,
         })
@@ -744,6 +802,40 @@ mod tests {
         let g = t.next_generation().unwrap().unwrap();
         assert_eq!(g.vars, t.eda().random_groups(&mut group_rng(2))[0].vars);
         assert_ne!(g.vars, t.eda().groups(&mut group_rng(2))[0].vars);
+    }
+
+    /// A snapshot's queue is the groups not yet started: it compares and serialises by
+    /// those alone, whatever the cycle's groups before the cursor; and a snapshot taken
+    /// before a group starts differs from one taken after.
+    #[test]
+    fn a_queue_is_the_groups_not_yet_started() {
+        let g = |layer: u32, v: u32| Group {
+            layer,
+            vars: vec![v, v + 1],
+        };
+        let mut cycle = GroupQueue::from(vec![g(0, 0), g(0, 2), g(1, 4)]);
+        assert_eq!(cycle.pop_front(), Some(g(0, 0)));
+        let rest = GroupQueue::from(vec![g(0, 2), g(1, 4)]);
+        assert_eq!(cycle, rest);
+        assert_eq!(
+            serde_json::to_string(&cycle).unwrap(),
+            serde_json::to_string(&rest).unwrap()
+        );
+        let shared = cycle.clone();
+        assert_eq!(cycle.pop_front(), Some(g(0, 2)));
+        assert_ne!(cycle, shared, "the clone kept its cursor");
+        assert_eq!(shared.remaining(), &[g(0, 2), g(1, 4)]);
+        assert_eq!(cycle.pop_front(), Some(g(1, 4)));
+        assert!(cycle.is_empty() && cycle.pop_front().is_none());
+
+        let (net, pixels, labels) = setup();
+        let (eda, search) = small_search(Strategy::CcLayer);
+        let mut t = Trainer::new(net, eda, search, 3, labels.len()).unwrap();
+        run_one(&mut t, &pixels, &labels).unwrap();
+        let before = t.snapshot();
+        let mut popped = before.clone();
+        popped.queue.pop_front();
+        assert_ne!(before, popped, "snapshots with different queues differ");
     }
 
     /// Checkpoints written before strategies existed have no grouping stream position;

@@ -301,12 +301,11 @@ pub struct NetworkMemory {
     /// (`None` where /proc is not available).
     pub rss_bytes_per_variable: Option<f64>,
     pub rss_bytes_per_variable_peak: Option<f64>,
-    /// Transient buffers, bytes per variable: the whole network as SyncNetwork sends it
-    /// (built once per full sync), and the JSON of the trainer's part of a checkpoint
-    /// (built off the loop at every checkpoint; `Checkpoint::encode` then copies it once
-    /// more behind its header, and the snapshot itself is a copy of codes and EDA state).
+    /// Bytes per variable on the wire and on disk: the whole network as SyncNetwork sends
+    /// it (built once per full sync), and the trainer's part of a checkpoint body (streamed
+    /// to the file, never held whole; see `benches/checkpoint.rs` for its memory).
     pub full_network_bytes_per_variable: f64,
-    pub checkpoint_json_bytes_per_variable: f64,
+    pub checkpoint_bytes_per_variable: f64,
 }
 
 /// What [`ccq_coordinator::state::State`] holds per variable, by part.
@@ -843,7 +842,7 @@ fn network_memory(
     let eval_net = trainer.network().clone();
     let rss_peak = proc_status_bytes("VmRSS:");
     let full_network = trainer.network().to_bytes().len();
-    let checkpoint_json = serde_json::to_vec(&trainer.snapshot())
+    let checkpoint_body = postcard::to_stdvec(&trainer.snapshot())
         .expect("a trainer snapshot always serialises")
         .len();
     let accounting = Accounting {
@@ -873,7 +872,7 @@ fn network_memory(
         rss_bytes_per_variable: steady,
         rss_bytes_per_variable_peak: peak,
         full_network_bytes_per_variable: full_network as f64 / variables as f64,
-        checkpoint_json_bytes_per_variable: checkpoint_json as f64 / variables as f64,
+        checkpoint_bytes_per_variable: checkpoint_body as f64 / variables as f64,
     })
 }
 
@@ -1086,8 +1085,8 @@ impl std::fmt::Display for BenchReport {
             )?;
             writeln!(
                 f,
-                "    transient: full network for SyncNetwork {:.2}, checkpoint JSON (trainer part) {:.2}",
-                n.full_network_bytes_per_variable, n.checkpoint_json_bytes_per_variable
+                "    on the wire / disk: full network for SyncNetwork {:.2}, checkpoint body (trainer part) {:.2}",
+                n.full_network_bytes_per_variable, n.checkpoint_bytes_per_variable
             )?;
         }
         if let Some(e) = &m.eda_only {
