@@ -176,6 +176,22 @@ impl Shard {
         let bound = |k: usize| (k as u128 * total as u128 / self.count as u128) as usize;
         bound(self.index)..bound(self.index + 1)
     }
+
+    /// The index of the shard (of `count`) whose [`range`](Shard::range) holds global
+    /// record `i` of a split of `total`: the inverse of `range`.
+    pub fn holding(i: usize, total: usize, count: usize) -> usize {
+        // Shard k holds [k*N/S, (k+1)*N/S); find the largest k with k*N/S <= i.
+        let start = |k: usize| (k as u128 * total as u128 / count as u128) as usize;
+        let mut k = ((i as u128 * count as u128) / total.max(1) as u128) as usize;
+        k = k.min(count.saturating_sub(1));
+        while k > 0 && start(k) > i {
+            k -= 1;
+        }
+        while k + 1 < count && start(k + 1) <= i {
+            k += 1;
+        }
+        k
+    }
 }
 
 impl FromStr for Shard {
@@ -730,5 +746,27 @@ impl IdxReader {
             self.fill(&mut out[start..], what)?;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holding_inverts_shard_ranges() {
+        for total in [1usize, 7, 100, 1001, 49_000] {
+            for count in 1..=9usize {
+                for index in 0..count {
+                    for i in (Shard { index, count }).range(total) {
+                        assert_eq!(
+                            Shard::holding(i, total, count),
+                            index,
+                            "i={i} total={total} count={count}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,14 +1,18 @@
-//! When to write checkpoints, and writing them off the loop, one at a time.
+//! When to write checkpoints, and writing them off the loop, one at a time; the loop's
+//! share of a checkpoint and taking it over on resume.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::checkpoint::Checkpoint;
+use super::changelog::ChangeLog;
+use super::{LastGeneration, State};
+use crate::checkpoint::{Checkpoint, LoopSnapshot, Phase};
 use crate::config::CheckpointConfig;
+use crate::history::History;
 
 pub struct Checkpointer {
     dir: PathBuf,
@@ -77,6 +81,85 @@ impl Checkpointer {
     pub async fn settle(&mut self) {
         if let Some(h) = self.writing.take() {
             let _ = h.await;
+        }
+    }
+}
+
+impl State {
+    /// The loop's state for a checkpoint.
+    pub fn snapshot(&self) -> LoopSnapshot {
+        let (history, best) = self.history.clone().into_parts();
+        LoopSnapshot {
+            phase: self.phase,
+            generation: self.jobs.generation().cloned(),
+            pending_evals: self.measurements.running(),
+            history,
+            best,
+            network_version: self.version(),
+            last_best_loss: self.last.best_loss,
+            last_train_top1: self.last.train_top1,
+            last_train_secs: self.last.train_secs,
+            stop_reason: self.stop_reason.clone(),
+            ptq_top1: self.setup.ptq_top1,
+            workers_seen: self.workers.seen(),
+        }
+    }
+
+    /// Takes over a checkpoint's loop state (the trainer was restored already). Every
+    /// part is checked against the network first; nothing is changed on error.
+    pub fn restore(&mut self, snap: LoopSnapshot, origin: &str) -> Result<(), crate::Error> {
+        snap.check(self.trainer.network(), self.setup.search_len, origin)?;
+        self.phase = snap.phase;
+        self.history = History::restore(snap.history, snap.best);
+        self.log = ChangeLog::starting_at(snap.network_version);
+        self.last = LastGeneration {
+            best_loss: snap.last_best_loss,
+            train_top1: snap.last_train_top1,
+            train_secs: snap.last_train_secs,
+        };
+        self.stop_reason = snap.stop_reason;
+        self.setup.ptq_top1 = snap.ptq_top1;
+        self.workers.restore_seen(snap.workers_seen);
+        self.checkpoints
+            .resumed_at(self.trainer.progress().generations);
+        self.restored = Some((snap.generation, snap.pending_evals));
+        Ok(())
+    }
+
+    /// Starts a background checkpoint write if one is due. Taken right after a
+    /// generation started, so the snapshot holds it.
+    pub(super) fn maybe_checkpoint(&mut self) {
+        let gens = self.trainer.progress().generations;
+        let now = Instant::now();
+        if self.phase == Phase::Training && self.checkpoints.due(gens, now) {
+            let ck = self.checkpoint();
+            self.checkpoints.start(ck, gens, now);
+        }
+    }
+
+    /// Writes a checkpoint now and waits for it (shutdown, failure).
+    pub(super) async fn checkpoint_now(&mut self) -> Result<(), crate::Error> {
+        let ck = self.checkpoint();
+        let gens = ck.trainer.progress.generations;
+        self.checkpoints.write_now(ck).await?;
+        info!(
+            generation = gens,
+            "checkpoint written; `coordinator run --resume {}` continues the run",
+            self.setup.config.out.display()
+        );
+        Ok(())
+    }
+
+    pub(super) fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            network_fingerprint: self.setup.network_fingerprint.clone(),
+            run_id: self.setup.run_id.clone(),
+            config: self.setup.config.clone(),
+            search_len: self.setup.search_len,
+            float_top1: self.setup.float_top1,
+            search_seconds: self.elapsed(),
+            trainer: self.trainer.snapshot(),
+            state: self.snapshot(),
         }
     }
 }

@@ -1,16 +1,57 @@
-//! What the event loop is asked and what it answers, in domain terms. The gRPC handlers
+//! What the event loop is given ([`Setup`]), asked ([`Event`]), answers, and hands back
+//! at the end ([`Finished`]), in domain terms. The gRPC handlers
 //! ([`crate::service`]) convert the wire messages to and from these, so the loop never
 //! sees a protobuf type or a `tonic::Status`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ccq_common::qnet::EvalStats;
+use ccq_common::data::Dataset;
+use ccq_common::qnet::{EvalStats, QNetwork};
 use ccq_search::trainer::Generation;
 use tokio::sync::oneshot;
 
 use super::telemetry::RunStatus;
-use crate::history::EvalPoint;
+use crate::config::RunConfig;
+use crate::history::{EvalPoint, LayerConfidence};
+
+/// Fixed inputs of the loop.
+pub struct Setup {
+    pub run_id: String,
+    pub config: RunConfig,
+    pub data_source: String,
+    pub shards: usize,
+    pub search_len: usize,
+    pub validation: Arc<Dataset>,
+    pub test: Arc<Dataset>,
+    pub float_top1: f64,
+    pub ptq_top1: Option<f64>,
+    pub eval_threads: usize,
+    /// Identity of the quantized network the search started from (checkpoints).
+    pub network_fingerprint: String,
+    /// Seconds of search before this process took over (a resumed run).
+    pub search_seconds_before: f64,
+    /// Random per process: tells workers that network versions they hold from another
+    /// coordinator process mean nothing here.
+    pub instance: String,
+}
+
+/// What the loop hands back when the run is over.
+pub struct Finished {
+    pub history: Vec<EvalPoint>,
+    /// The network with the best validation accuracy, and where it was measured.
+    pub best: (QNetwork, EvalPoint),
+    pub last: EvalPoint,
+    pub progress: ccq_search::trainer::Progress,
+    pub frozen: usize,
+    /// Confidence per layer at the end (for the report's plots).
+    pub layers: Vec<LayerConfidence>,
+    pub wall_seconds: f64,
+    pub workers_seen: u64,
+    pub stop_reason: String,
+    /// The run reached its end (not interrupted): nothing is left to resume.
+    pub complete: bool,
+}
 
 pub enum Event {
     Register {
@@ -63,7 +104,7 @@ pub struct Registration {
     pub data_source: String,
     pub search_len: usize,
     pub heartbeat_ms: u64,
-    /// Random per coordinator process (see [`super::Setup::instance`]).
+    /// Random per coordinator process (see [`Setup::instance`]).
     pub instance: String,
 }
 

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::*;
+use crate::config::RunConfig;
 
 /// Heartbeat interval of the virtual runs: workers silent for 3 of these are reaped.
 /// Longer than a poll's wait (500 ms), as in real deployments.

@@ -1,4 +1,5 @@
-//! Validation and test measurements of the global network. They run on the blocking pool
+//! Validation and test measurements of the global network, and what the loop does with
+//! their results (the history, the best network, a validation target, the end of the run). They run on the blocking pool
 //! (seconds of CPU each) and report back to the loop as [`Event::EvalDone`]; until then
 //! the loop keeps the codes being measured, so a checkpoint can ask a resumed run to
 //! measure them again.
@@ -10,8 +11,11 @@ use ccq_common::data::Dataset;
 use ccq_common::qnet::QNetwork;
 use tokio::sync::mpsc;
 
-use super::events::Event;
-use crate::checkpoint::PendingEval;
+use tracing::info;
+
+use super::events::{Event, PollReply};
+use super::State;
+use crate::checkpoint::{PendingEval, Phase};
 use crate::history::EvalPoint;
 
 pub struct Measurements {
@@ -82,5 +86,67 @@ impl Measurements {
     /// The measurements still running, in the order they were started.
     pub fn running(&self) -> Vec<PendingEval> {
         self.running.values().cloned().collect()
+    }
+}
+
+impl State {
+    /// Measures the current global network on validation and test data off the loop.
+    pub(super) fn schedule_eval(&mut self, is_final: bool) {
+        let p = self.trainer.progress();
+        let point = EvalPoint {
+            generation: p.generations,
+            evaluations: p.evaluations,
+            wall_seconds: self.elapsed(),
+            best_fitness: self.last.best_loss,
+            train_top1: self.last.train_top1,
+            val_top1: 0.0,
+            val_loss: 0.0,
+            test_top1: 0.0,
+            network_version: self.version(),
+            is_final,
+        };
+        self.measurements
+            .spawn(point, is_final, self.trainer.network().clone());
+    }
+
+    pub(super) fn eval_done(&mut self, id: u64, point: EvalPoint) {
+        let Some(pending) = self.measurements.finish(id) else {
+            return;
+        };
+        let point = EvalPoint {
+            is_final: pending.is_final,
+            ..point
+        };
+        info!(
+            generation = point.generation,
+            evaluations = point.evaluations,
+            "val top-1 {:.2} %, test top-1 {:.2} %",
+            point.val_top1,
+            point.test_top1
+        );
+        if let Some(t) = self.setup.config.budget.target_val_top1 {
+            if point.val_top1 >= t && self.stop_reason.is_none() {
+                self.stop_reason = Some(format!(
+                    "validation top-1 {:.2} % reached the target {t} %",
+                    point.val_top1
+                ));
+            }
+        }
+        if point.generation == 0 && self.setup.ptq_top1.is_none() {
+            self.setup.ptq_top1 = Some(point.test_top1);
+        }
+        let is_final = point.is_final;
+        self.history.record(point, pending.codes);
+        // The run is over once the final measurement and any earlier ones are in.
+        let finishing = is_final || self.phase == Phase::Evaluating;
+        if finishing && self.measurements.is_empty() {
+            self.phase = Phase::Done;
+            self.publish();
+            // Wake parked polls so workers learn the run is over.
+            for (w, reply) in self.jobs.take_parked() {
+                let _ = reply.send(PollReply::Done);
+                self.workers.remove(w);
+            }
+        }
     }
 }

@@ -35,8 +35,6 @@ mod harness;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ccq_common::data::Dataset;
-use ccq_common::qnet::QNetwork;
 use ccq_search::trainer::{Generation, Trainer};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -45,8 +43,8 @@ use tracing::{debug, error, info, warn};
 use self::changelog::ChangeLog;
 use self::checkpointer::Checkpointer;
 pub use self::events::{
-    answer_during_setup, Event, HeartbeatReply, JobSpec, NetworkUpdate, PollReply, Refusal,
-    RegisterWorker, Registration, Submission,
+    answer_during_setup, Event, Finished, HeartbeatReply, JobSpec, NetworkUpdate, PollReply,
+    Refusal, RegisterWorker, Registration, Setup, Submission,
 };
 use self::jobs::{Accepted, JobQueue};
 use self::measure::Measurements;
@@ -54,47 +52,8 @@ use self::observe::NoWorkerWatch;
 use self::telemetry::Counters;
 pub use self::telemetry::{Histogram, RunStatus, Telemetry, WorkerRow};
 use self::workers::WorkerRegistry;
-use crate::checkpoint::{Checkpoint, LoopSnapshot, PendingEval, Phase};
-use crate::config::RunConfig;
-use crate::history::{EvalPoint, History, LayerConfidence};
-
-/// Fixed inputs of the loop.
-pub struct Setup {
-    pub run_id: String,
-    pub config: RunConfig,
-    pub data_source: String,
-    pub shards: usize,
-    pub search_len: usize,
-    pub validation: Arc<Dataset>,
-    pub test: Arc<Dataset>,
-    pub float_top1: f64,
-    pub ptq_top1: Option<f64>,
-    pub eval_threads: usize,
-    /// Identity of the quantized network the search started from (checkpoints).
-    pub network_fingerprint: String,
-    /// Seconds of search before this process took over (a resumed run).
-    pub search_seconds_before: f64,
-    /// Random per process: tells workers that network versions they hold from another
-    /// coordinator process mean nothing here.
-    pub instance: String,
-}
-
-/// What the loop hands back when the run is over.
-pub struct Finished {
-    pub history: Vec<EvalPoint>,
-    /// The network with the best validation accuracy, and where it was measured.
-    pub best: (QNetwork, EvalPoint),
-    pub last: EvalPoint,
-    pub progress: ccq_search::trainer::Progress,
-    pub frozen: usize,
-    /// Confidence per layer at the end (for the report's plots).
-    pub layers: Vec<LayerConfidence>,
-    pub wall_seconds: f64,
-    pub workers_seen: u64,
-    pub stop_reason: String,
-    /// The run reached its end (not interrupted): nothing is left to resume.
-    pub complete: bool,
-}
+use crate::checkpoint::{PendingEval, Phase};
+use crate::history::History;
 
 /// What the latest generation's best candidate scored on its batch.
 #[derive(Debug, Clone, Copy, Default)]
@@ -166,46 +125,6 @@ impl State {
 
     fn version(&self) -> u64 {
         self.log.version()
-    }
-
-    /// The loop's state for a checkpoint.
-    pub fn snapshot(&self) -> LoopSnapshot {
-        let (history, best) = self.history.clone().into_parts();
-        LoopSnapshot {
-            phase: self.phase,
-            generation: self.jobs.generation().cloned(),
-            pending_evals: self.measurements.running(),
-            history,
-            best,
-            network_version: self.version(),
-            last_best_loss: self.last.best_loss,
-            last_train_top1: self.last.train_top1,
-            last_train_secs: self.last.train_secs,
-            stop_reason: self.stop_reason.clone(),
-            ptq_top1: self.setup.ptq_top1,
-            workers_seen: self.workers.seen(),
-        }
-    }
-
-    /// Takes over a checkpoint's loop state (the trainer was restored already). Every
-    /// part is checked against the network first; nothing is changed on error.
-    pub fn restore(&mut self, snap: LoopSnapshot, origin: &str) -> Result<(), crate::Error> {
-        snap.check(self.trainer.network(), self.setup.search_len, origin)?;
-        self.phase = snap.phase;
-        self.history = History::restore(snap.history, snap.best);
-        self.log = ChangeLog::starting_at(snap.network_version);
-        self.last = LastGeneration {
-            best_loss: snap.last_best_loss,
-            train_top1: snap.last_train_top1,
-            train_secs: snap.last_train_secs,
-        };
-        self.stop_reason = snap.stop_reason;
-        self.setup.ptq_top1 = snap.ptq_top1;
-        self.workers.restore_seen(snap.workers_seen);
-        self.checkpoints
-            .resumed_at(self.trainer.progress().generations);
-        self.restored = Some((snap.generation, snap.pending_evals));
-        Ok(())
     }
 
     /// Runs the loop until the run is finished and workers were told, or `shutdown`.
@@ -506,43 +425,6 @@ impl State {
         Ok(())
     }
 
-    /// Starts a background checkpoint write if one is due. Taken right after a
-    /// generation started, so the snapshot holds it.
-    fn maybe_checkpoint(&mut self) {
-        let gens = self.trainer.progress().generations;
-        let now = Instant::now();
-        if self.phase == Phase::Training && self.checkpoints.due(gens, now) {
-            let ck = self.checkpoint();
-            self.checkpoints.start(ck, gens, now);
-        }
-    }
-
-    /// Writes a checkpoint now and waits for it (shutdown, failure).
-    async fn checkpoint_now(&mut self) -> Result<(), crate::Error> {
-        let ck = self.checkpoint();
-        let gens = ck.trainer.progress.generations;
-        self.checkpoints.write_now(ck).await?;
-        info!(
-            generation = gens,
-            "checkpoint written; `coordinator run --resume {}` continues the run",
-            self.setup.config.out.display()
-        );
-        Ok(())
-    }
-
-    fn checkpoint(&self) -> Checkpoint {
-        Checkpoint {
-            network_fingerprint: self.setup.network_fingerprint.clone(),
-            run_id: self.setup.run_id.clone(),
-            config: self.setup.config.clone(),
-            search_len: self.setup.search_len,
-            float_top1: self.setup.float_top1,
-            search_seconds: self.elapsed(),
-            trainer: self.trainer.snapshot(),
-            state: self.snapshot(),
-        }
-    }
-
     /// Starts the next generation, or finishes the run when the budget is spent.
     fn start_generation(&mut self) -> Result<(), crate::Error> {
         if self.phase != Phase::Training {
@@ -572,7 +454,7 @@ impl State {
         self.jobs.launch(
             generation,
             self.log.version(),
-            |i| shard_of(i as usize, total, shards),
+            |i| ccq_common::data::Shard::holding(i as usize, total, shards),
             |s| workers.live_on(s),
         );
         self.dispatch();
@@ -601,66 +483,6 @@ impl State {
         self.stop_reason = Some(reason);
         self.phase = Phase::Evaluating;
         self.schedule_eval(true);
-    }
-
-    /// Measures the current global network on validation and test data off the loop.
-    fn schedule_eval(&mut self, is_final: bool) {
-        let p = self.trainer.progress();
-        let point = EvalPoint {
-            generation: p.generations,
-            evaluations: p.evaluations,
-            wall_seconds: self.elapsed(),
-            best_fitness: self.last.best_loss,
-            train_top1: self.last.train_top1,
-            val_top1: 0.0,
-            val_loss: 0.0,
-            test_top1: 0.0,
-            network_version: self.version(),
-            is_final,
-        };
-        self.measurements
-            .spawn(point, is_final, self.trainer.network().clone());
-    }
-
-    fn eval_done(&mut self, id: u64, point: EvalPoint) {
-        let Some(pending) = self.measurements.finish(id) else {
-            return;
-        };
-        let point = EvalPoint {
-            is_final: pending.is_final,
-            ..point
-        };
-        info!(
-            generation = point.generation,
-            evaluations = point.evaluations,
-            "val top-1 {:.2} %, test top-1 {:.2} %",
-            point.val_top1,
-            point.test_top1
-        );
-        if let Some(t) = self.setup.config.budget.target_val_top1 {
-            if point.val_top1 >= t && self.stop_reason.is_none() {
-                self.stop_reason = Some(format!(
-                    "validation top-1 {:.2} % reached the target {t} %",
-                    point.val_top1
-                ));
-            }
-        }
-        if point.generation == 0 && self.setup.ptq_top1.is_none() {
-            self.setup.ptq_top1 = Some(point.test_top1);
-        }
-        let is_final = point.is_final;
-        self.history.record(point, pending.codes);
-        // The run is over once the final measurement and any earlier ones are in.
-        let finishing = is_final || self.phase == Phase::Evaluating;
-        if finishing && self.measurements.is_empty() {
-            self.phase = Phase::Done;
-            self.publish();
-            // Wake parked polls so workers learn the run is over.
-            for (w, reply) in self.jobs.take_parked() {
-                let _ = reply.send(PollReply::Done);
-                self.workers.remove(w);
-            }
-        }
     }
 
     /// A change list this long or longer is replaced by the whole network.
@@ -702,47 +524,5 @@ impl State {
             self.requeue(job);
         }
         self.dispatch();
-    }
-}
-
-/// The shard holding global training index `i`: the inverse of `Shard::range`.
-pub fn shard_of(i: usize, total: usize, shards: usize) -> usize {
-    // Shard k holds [k*N/S, (k+1)*N/S); find the largest k with k*N/S <= i.
-    let mut k = ((i as u128 * shards as u128) / total.max(1) as u128) as usize;
-    k = k.min(shards - 1);
-    while k > 0 && (k as u128 * total as u128 / shards as u128) as usize > i {
-        k -= 1;
-    }
-    while k + 1 < shards && ((k + 1) as u128 * total as u128 / shards as u128) as usize <= i {
-        k += 1;
-    }
-    k
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ccq_common::data::Shard;
-
-    #[test]
-    fn shard_of_inverts_shard_ranges() {
-        for total in [1usize, 7, 100, 1001, 49_000] {
-            for shards in 1..=9usize {
-                for k in 0..shards {
-                    let r = Shard {
-                        index: k,
-                        count: shards,
-                    }
-                    .range(total);
-                    for i in r {
-                        assert_eq!(
-                            shard_of(i, total, shards),
-                            k,
-                            "i={i} total={total} shards={shards}"
-                        );
-                    }
-                }
-            }
-        }
     }
 }
