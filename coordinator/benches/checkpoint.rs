@@ -37,6 +37,10 @@ use ccq_search::trainer::Trainer;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+#[path = "../src/bench/host.rs"]
+mod host;
+use host::{cpu_model, loadavg, proc_status_bytes, trim_heap};
+
 const SEARCH_LEN: usize = 10_000;
 
 fn main() {
@@ -70,7 +74,7 @@ fn run(variables: usize, dir: &Path) {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         loadavg()
     );
-    let rss_empty = status_bytes("VmRSS:");
+    let rss_empty = proc_status_bytes("VmRSS:").unwrap_or(0);
     let t = Instant::now();
     let net = synthetic_network(variables);
     trim_heap();
@@ -97,12 +101,12 @@ fn run(variables: usize, dir: &Path) {
     }
     let best = trainer.network().codes();
     trim_heap();
-    let steady = status_bytes("VmRSS:");
+    let steady = proc_status_bytes("VmRSS:").unwrap_or(0);
     reset_peak();
     for _ in 0..4 {
         generation(&mut trainer);
     }
-    let steady_peak = status_bytes("VmHWM:");
+    let steady_peak = proc_status_bytes("VmHWM:").unwrap_or(0);
     println!(
         "steady state: {} resident ({:.1} B/variable above the empty process), {} peak over 4 generations",
         mb(steady),
@@ -118,7 +122,7 @@ fn run(variables: usize, dir: &Path) {
     checkpoint::write_atomic(dir, &ck.encode()).expect("checkpoint written");
     drop(ck);
     let write_s = t.elapsed().as_secs_f64();
-    let write_peak = status_bytes("VmHWM:");
+    let write_peak = proc_status_bytes("VmHWM:").unwrap_or(0);
     let size = std::fs::metadata(checkpoint::path(dir)).map_or(0, |m| m.len());
     trim_heap();
 
@@ -137,7 +141,7 @@ fn run(variables: usize, dir: &Path) {
     }
     writer.join().expect("writer thread");
     let concurrent_s = t.elapsed().as_secs_f64();
-    let concurrent_peak = status_bytes("VmHWM:");
+    let concurrent_peak = proc_status_bytes("VmHWM:").unwrap_or(0);
     trim_heap();
 
     // Read: a resumed coordinator holds the rebuilt network, loads, restores.
@@ -145,7 +149,7 @@ fn run(variables: usize, dir: &Path) {
     drop(trainer);
     drop(best);
     trim_heap();
-    let before_read = status_bytes("VmRSS:");
+    let before_read = proc_status_bytes("VmRSS:").unwrap_or(0);
     reset_peak();
     let t = Instant::now();
     let ck = Checkpoint::load(dir).expect("checkpoint read back");
@@ -161,7 +165,7 @@ fn run(variables: usize, dir: &Path) {
     .expect("trainer restored");
     let state = ck.state;
     let read_s = t.elapsed().as_secs_f64();
-    let read_peak = status_bytes("VmHWM:");
+    let read_peak = proc_status_bytes("VmHWM:").unwrap_or(0);
     let best_len = state.best.as_ref().map(|(c, _)| c.len());
     assert_eq!(
         best_len,
@@ -338,56 +342,7 @@ fn mb(bytes: u64) -> String {
     format!("{:.0} MB", bytes as f64 / 1e6)
 }
 
-/// A `/proc/self/status` field in bytes; 0 where there is none (not Linux).
-fn status_bytes(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with(field))?;
-            line[field.len()..]
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 /// Resets VmHWM to the current resident set (Linux >= 4.0), so each phase's peak is its own.
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// Gives freed heap back to the OS (glibc), so resident sets show what is live.
-fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn malloc_trim(pad: usize) -> i32;
-        }
-        // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps; it
-        // takes no pointers and is safe to call at any time.
-        unsafe {
-            malloc_trim(0);
-        }
-    }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }

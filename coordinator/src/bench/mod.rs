@@ -20,6 +20,8 @@
 //! candidates rank differently, the best is usually adopted, and network versions (and so
 //! change-list syncs) advance as in a real run.
 
+mod host;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,6 +49,8 @@ use ccq_coordinator::config::{
 };
 use ccq_coordinator::run::{self, RunOptions};
 use ccq_coordinator::Error;
+
+use self::host::{cpu_model, loadavg, proc_status_bytes, trim_heap};
 use ccq_search::config::SearchConfig;
 use ccq_search::trainer::Trainer;
 
@@ -952,55 +956,6 @@ pub fn synthetic_network(v: usize) -> Result<QNetwork, ccq_common::Error> {
         bias_correction: false,
     };
     quant::quantize(&graph, &Normalization::identity(3), &pixels, n, &q)
-}
-
-/// A `/proc/self/status` field in bytes (Linux); `None` elsewhere.
-fn proc_status_bytes(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with(field))?;
-    let kb: u64 = line[field.len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
-/// Gives freed heap back to the OS where the allocator allows (glibc), so that resident
-/// set deltas show what is live rather than what was once allocated.
-fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn malloc_trim(pad: usize) -> i32;
-        }
-        // SAFETY: `malloc_trim(size_t pad) -> int` is glibc's (this block is compiled for
-        // linux-gnu only), and the declaration above matches it. It takes no pointers and
-        // only returns free pages of glibc's own heaps to the OS, under glibc's arena
-        // locks, so no live allocation of this or any other thread is touched.
-        unsafe {
-            malloc_trim(0);
-        }
-    }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_default()
 }
 
 impl std::fmt::Display for BenchReport {
