@@ -21,6 +21,7 @@ EXPERIMENTS = ROOT / "examples" / "experiments"
 REPORTS = ROOT / "docs" / "results" / "grid"
 PLOTS = ROOT / "docs" / "img" / "results"
 OUT = ROOT / "docs" / "RESULTS.md"
+FINDINGS = ROOT / "docs" / "results" / "findings.md"
 
 # Display order and names; the keys are the configs' `search.strategy` values.
 METHODS = {
@@ -259,7 +260,7 @@ def targets(model, entries, precs):
                         f"{outputs}/{len(rs)} | {when} |")
     if not rows:
         return []
-    return ["Targets (issue #9): the output network's test top-1, how many seeds' output networks reach the "
+    return ["Targets: the output network's test top-1, how many seeds' output networks reach the "
             "target, and how many seeds' global networks reached it during the search, when (search wall time) "
             "and after how many evaluations.", "",
             "| target | method | output test top-1 | outputs ≥ target | reached during the search |",
@@ -374,6 +375,11 @@ def main():
             rel = PLOTS.relative_to(ROOT / "docs")
             md += [f"![{model} {p} vs time]({rel}/{stem}-time.svg)", f"![{model} {p} vs evaluations]({rel}/{stem}-evals.svg)", ""]
 
+    # The reading of the grid is written by hand (docs/results/findings.md) and placed here,
+    # so the numbers above and their interpretation sit on one page.
+    if FINDINGS.exists():
+        md += ["## What the grid says", "", FINDINGS.read_text().strip(), ""]
+
     md += ["## Not run yet", ""]
     missing = [name for name, c in cells.items() if not c["reports"]]
     short = [(name, len(c["reports"])) for name, c in cells.items() if 0 < len(c["reports"]) < 3]
@@ -396,10 +402,13 @@ def main():
             md.append(f"| [{Path(r['_file']).name}](results/grid/{Path(r['_file']).name}) | `{g.get('command', '?')}` | {g.get('commit', '?')} |")
             m = g.get("machine")
             if m:
-                machines[json.dumps(m, sort_keys=True)] = m
+                key = json.dumps(m, sort_keys=True)
+                machines.setdefault(key, (m, set()))[1].add(g.get("finished", "")[:10])
     md += ["", "Machines:", ""]
-    for m in machines.values():
-        md.append(f"- {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb')} GB, {m.get('os')}"
+    for m, days in machines.values():
+        days = sorted(d for d in days if d)
+        when = f", runs finished {days[0]} to {days[-1]}" if len(days) > 1 else (f", {days[0]}" if days else "")
+        md.append(f"- {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb')} GB, {m.get('os')}{when}"
                   " (shared with other work, builds and tests at times: wall times are noisy; evaluation "
                   "counts are not)")
     if not machines:

@@ -10,33 +10,45 @@ use ccq_common::model::Normalization;
 use ccq_common::quant::{Calibration, QuantConfig};
 use ccq_search::config::SearchConfig;
 use ccq_search::eda::EdaParams;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A training run: the model and data, how they are quantized, how the search runs and
+/// when it stops. Top-level fields first, then one table per section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     /// Seeds every random choice of the run (batches, candidates).
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Output directory: model.ccq, report.json.
+    /// Output directory: `model.ccq`, `report.json`, `report.html`, the checkpoint.
     #[serde(default = "default_out")]
     pub out: PathBuf,
+    /// The pretrained float network (required).
     pub model: ModelConfig,
+    /// The training and test data (required).
     pub data: DataConfig,
+    /// Post-training quantization: the starting point of the search.
     #[serde(default)]
     pub quant: QuantSection,
+    /// The estimation-of-distribution algorithm and its groups.
     #[serde(default)]
     pub eda: EdaParams,
+    /// The search strategy, generations per group, batch and fitness.
     #[serde(default)]
     pub search: SearchConfig,
+    /// When the run stops.
     #[serde(default)]
     pub budget: BudgetConfig,
+    /// Validation and test measurements during the run.
     #[serde(default)]
     pub eval: EvalSchedule,
+    /// Networking: listen address, shards, heartbeats, leases, TLS, metrics.
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// When the run's state is written to disk for `--resume`.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
 }
@@ -44,7 +56,7 @@ pub struct RunConfig {
 /// When the coordinator writes `OUT/checkpoint.ccqck` (always also on SIGTERM/SIGINT).
 /// Checkpoints never change results. Each holds a copy of the codes (a byte per variable)
 /// while it is written; the EDA model is shared with the search, copy on write.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CheckpointConfig {
     /// Every N generations (0 = not by generation count).
@@ -62,17 +74,22 @@ impl Default for CheckpointConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The pretrained float network and the input normalisation it was trained with (folded
+/// into the integer network's input lookup table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// The pretrained float network.
+    /// The pretrained float network, an ONNX file (opsets 9-17).
     pub onnx: PathBuf,
-    /// Per-channel mean and std of pixel/255 the model was trained with.
+    /// Per-channel mean of pixel/255 the model was trained with (one value per input
+    /// channel).
     pub mean: Vec<f32>,
+    /// Per-channel standard deviation of pixel/255 the model was trained with.
     pub std: Vec<f32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Where the images come from, and how the training split is divided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// `cifar10:DIR` or `mnist:DIR`; workers read the same path on their machines.
@@ -86,13 +103,19 @@ pub struct DataConfig {
     pub test_limit: Option<usize>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Post-training quantization of the float model: the network the search starts from.
+/// Weights are symmetric per output channel, activations u8 per tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct QuantSection {
+    /// Bits per weight code (2 to 8).
     pub weight_bits: u8,
+    /// Bits per activation (2 to 8).
     pub act_bits: u8,
+    /// Training images the activation ranges are calibrated on.
     pub calib_images: usize,
-    /// `max` or `percentile:P`.
+    /// How activation ranges are calibrated: `max` or `percentile:P` (e.g.
+    /// `percentile:99.99`).
     pub calibration: String,
     /// Correct the integer biases after rounding so that each layer's mean
     /// pre-activation matches the float model's on the calibration images.
@@ -111,8 +134,8 @@ impl Default for QuantSection {
     }
 }
 
-/// The run stops at the first limit reached (at least one must be set).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// When the run stops: at the first limit reached. At least one must be set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BudgetConfig {
     /// Candidate evaluations (one candidate on one batch).
@@ -125,7 +148,8 @@ pub struct BudgetConfig {
     pub target_val_top1: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Validation and test measurements of the current network during the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalSchedule {
     /// Validation and test accuracy of the global network every N generations (and at
@@ -144,13 +168,16 @@ impl Default for EvalSchedule {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The coordinator's endpoint and how it treats its workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// gRPC listen address.
+    /// gRPC listen address. Beyond loopback it needs a cluster token or `--insecure`.
     pub listen: String,
     /// Shards of the training data (default: the number of local workers, else 1).
     pub shards: Option<usize>,
+    /// How often workers send a heartbeat, in milliseconds; a worker silent for three
+    /// heartbeats is dropped and its job requeued.
     pub heartbeat_ms: u64,
     /// A job not answered within this many seconds goes to another worker.
     pub job_timeout_secs: f64,
@@ -161,6 +188,7 @@ pub struct ClusterConfig {
     /// TLS for the gRPC endpoint: the server's certificate chain and private key (PEM).
     /// Workers then connect to https://... with `--tls-ca`.
     pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`.
     pub tls_key: Option<PathBuf>,
     /// The CA (PEM) that local workers (`--local-workers`) trust.
     pub tls_ca: Option<PathBuf>,

@@ -138,6 +138,8 @@ struct EvalArgs {
     /// `cifar10:DIR` (CIFAR-10 binary batches) or `mnist:DIR` (IDX files, raw or .gz).
     #[arg(long)]
     data: String,
+    /// `test` (reported accuracy) or `train` (the training split, validation hold-out
+    /// included).
     #[arg(long, default_value = "test")]
     split: String,
     /// Per-channel mean of pixel/255, comma separated (default 0).

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// What a generation optimises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Fitness {
     /// Mean cross-entropy on the batch.
@@ -20,7 +20,9 @@ pub enum Fitness {
 /// is compared with. All run on the same cluster and engine, draw batches the
 /// same way, count budgets in the same evaluations, and adopt the best candidate of a
 /// generation when it beats the context on the batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     /// EDA + cooperative coevolution, groups of the least confident free variables of a
@@ -66,16 +68,20 @@ impl Strategy {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// How the search runs: the strategy, how long each group is searched, the batch and what
+/// a generation optimises.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct SearchConfig {
+    /// The search method: ccq's EDA+CC or one of the baselines it is compared with.
     pub strategy: Strategy,
     /// Generations spent on one group before moving to the next (group strategies).
     pub generations_per_group: usize,
     /// Training images per generation (one fresh batch each generation).
     pub batch_size: usize,
+    /// What a generation optimises on its batch.
     pub fitness: Fitness,
-    /// Variables each `hill` candidate moves.
+    /// Variables each `hill` candidate moves (`strategy = "hill"` only).
     pub hill_flips: usize,
 }
 

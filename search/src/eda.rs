@@ -54,22 +54,26 @@ const MAX_WIDTH: usize = 2 * MAX_RADIUS as usize + 1;
 
 /// Settings of the EDA and of the cooperative coevolution around it (the `[eda]` section
 /// of the coordinator's configuration). Missing fields take their defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct EdaParams {
-    /// Each variable may move at most this many codes away from its initial code.
+    /// Each variable may move at most this many codes away from its round-to-nearest
+    /// code (1 to 7; codes outside the bit width are never allowed).
     pub radius: u8,
-    /// Initial probability of the initial (post-training) code.
+    /// Initial probability of the round-to-nearest code; the rest is shared equally by the
+    /// other allowed codes (0 < p0 < 1).
     pub p0: f64,
-    /// Learning rate of the update `p <- (1 - alpha) p + alpha freq`.
+    /// Learning rate of the update `p <- (1 - alpha) p + alpha freq`, where `freq` is a
+    /// code's frequency among the `top_k` best candidates (0 < alpha <= 1).
     pub alpha: f64,
-    /// A variable whose largest probability reaches this is frozen at its mode.
+    /// A variable whose largest probability reaches this is frozen at its mode and never
+    /// searched again.
     pub freeze_threshold: f64,
-    /// Largest number of variables searched together.
+    /// Largest number of variables searched together (a group; always inside one layer).
     pub group_size: usize,
-    /// Candidates per group, the current context included.
+    /// Candidates per generation, the current network (the context) included.
     pub population: usize,
-    /// How many of the best candidates feed the update.
+    /// How many of the best candidates feed the update (at most `population`).
     pub top_k: usize,
 }
 
