@@ -36,7 +36,7 @@ MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)", "resnet20": "ResN
 COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN.
-CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:bc)?)-(?P<strategy>[a-z-]+)$")
+CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:bc)?(?:fl\d+)?)-(?P<strategy>[a-z-]+)$")
 
 
 def load_cells():
@@ -86,13 +86,15 @@ def fmt(ms, digits=2):
 
 
 def prec_key(p):
-    w, a, bc = re.match(r"w(\d+)a(\d+)(bc)?", p).groups()
-    return (-int(w), -int(a), bc is not None)
+    w, a, bc, fl = re.match(r"w(\d+)a(\d+)(bc)?(fl\d+)?", p).groups()
+    return (-int(w), -int(a), bc is not None, fl or "")
 
 
 def prec_label(p):
-    """W3A8, or W3A8 + BC for a bias-corrected start."""
-    return p.upper().replace("BC", " + BC")
+    """W3A8, W3A8 + BC for a bias-corrected start, W3A8 + 8-bit first/last for mixed
+    precision (`first_last_bits`)."""
+    label = p.upper().replace("BC", " + BC")
+    return re.sub(r"FL(\d+)", r" + \1-bit first/last", label)
 
 
 def history_curve(reports, x_key):

@@ -464,9 +464,28 @@ impl QNetwork {
         self.input_value.len()
     }
 
-    /// Human precision tag, e.g. `w4a8`.
+    /// Human precision tag, e.g. `w4a8`; `w3a8-fl8` when the first weight layer and the
+    /// logits layer have 8-bit weights (`first_last_bits`), `w3a8-mixed` for any other mix.
     pub fn precision(&self) -> String {
-        format!("w{}a{}", self.weight_bits, self.act_bits)
+        let base = format!("w{}a{}", self.weight_bits, self.act_bits);
+        let bits: Vec<u8> = self
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.op {
+                QOp::Conv(c) => Some(c.weight_bits),
+                _ => None,
+            })
+            .collect();
+        if bits.iter().all(|&b| b == self.weight_bits) {
+            return base;
+        }
+        let (first, last) = (bits[0], bits[bits.len() - 1]);
+        let inner = &bits[1..bits.len() - 1];
+        if first == last && inner.iter().all(|&b| b == self.weight_bits) {
+            format!("{base}-fl{first}")
+        } else {
+            format!("{base}-mixed")
+        }
     }
 
     /// Converts `n` CHW u8 images into NHWC input codes.

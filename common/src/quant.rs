@@ -60,6 +60,10 @@ pub struct QuantConfig {
     /// Shift each layer's integer biases so that its mean pre-activation on the
     /// calibration images matches the float network's ([`correct_biases`]).
     pub bias_correction: bool,
+    /// Weight bits of the first weight layer and the logits layer, when they differ from
+    /// `weight_bits` (mixed precision as commonly practised: the first convolution and the
+    /// classifier are small and sensitive, so they are often kept at 8 bits).
+    pub first_last_bits: Option<u8>,
 }
 
 impl QuantConfig {
@@ -73,6 +77,9 @@ impl QuantConfig {
         }
         if !(2..=8).contains(&self.act_bits) {
             return Err(Error::setting("act_bits", self.act_bits, "must be 2..=8"));
+        }
+        if let Some(b) = self.first_last_bits.filter(|b| !(2..=8).contains(b)) {
+            return Err(Error::setting("first_last_bits", b, "must be 2..=8"));
         }
         Ok(())
     }
@@ -126,6 +133,16 @@ pub fn quantize(
             reason: "the integer engine needs the graph to end with the logits layer (Gemm, MatMul or Conv)".into(),
         });
     }
+
+    // Bits per weight layer: the first weight layer and the logits layer may differ.
+    let first_weights = graph
+        .nodes
+        .iter()
+        .position(|n| matches!(n.op, Op::Conv(_) | Op::Linear(_)));
+    let bits_of = |i: usize| match cfg.first_last_bits {
+        Some(b) if Some(i) == first_weights || i + 1 == last => b,
+        _ => cfg.weight_bits,
+    };
 
     // Which Conv/Linear/Add outputs are consumed only by a ReLU/Clip (fused)?
     let mut consumers = vec![Vec::new(); last + 1];
@@ -280,7 +297,14 @@ pub fn quantize(
                 let bounds = fused_bounds(&out);
                 (
                     QOp::Conv(layer(
-                        &node.name, geom, &w, &c.bias, &src, &out, cfg, bounds, is_logits,
+                        geom,
+                        &w,
+                        &c.bias,
+                        &src,
+                        &out,
+                        bits_of(i),
+                        bounds,
+                        is_logits,
                     )),
                     out,
                     None,
@@ -312,7 +336,14 @@ pub fn quantize(
                 let bounds = fused_bounds(&out);
                 (
                     QOp::Conv(layer(
-                        &node.name, geom, &w, &l.bias, &src, &out, cfg, bounds, is_logits,
+                        geom,
+                        &w,
+                        &l.bias,
+                        &src,
+                        &out,
+                        bits_of(i),
+                        bounds,
+                        is_logits,
                     )),
                     out,
                     None,
@@ -390,7 +421,7 @@ pub fn quantize(
             ),
         };
         if let QOp::Conv(c) = &op {
-            let (lo, hi) = code_range(cfg.weight_bits);
+            let (lo, hi) = code_range(c.weight_bits);
             let g = c.geom;
             layers.push(LayerVars {
                 node: nodes.len(),
@@ -569,18 +600,17 @@ fn acc_channel_means(net: &QNetwork, l: usize, acts: &qnet::Activations) -> Vec<
 /// Quantizes one Conv/Linear with OHWI float weights.
 #[allow(clippy::too_many_arguments)]
 fn layer(
-    _name: &str,
     geom: ConvGeom,
     w: &[f32],
     bias: &[f32],
     src: &QValue,
     out: &QValue,
-    cfg: &QuantConfig,
+    bits: u8,
     (min, max): (u8, u8),
     is_logits: bool,
 ) -> QConv {
     let k = geom.k_len();
-    let qmax = ((1i32 << (cfg.weight_bits - 1)) - 1) as f64;
+    let qmax = ((1i32 << (bits - 1)) - 1) as f64;
     let mut codes = Vec::with_capacity(w.len());
     let mut w_scale = Vec::with_capacity(geom.out_c);
     let mut b = Vec::with_capacity(geom.out_c);
@@ -607,7 +637,7 @@ fn layer(
         min,
         max,
     });
-    QConv::new(geom, cfg.weight_bits, codes, b, src.zp, w_scale, stage)
+    QConv::new(geom, bits, codes, b, src.zp, w_scale, stage)
 }
 
 /// Affine quantization of a value with real range `[lo, hi]` at `bits` bits; unsigned
@@ -784,6 +814,7 @@ mod tests {
             act_bits: a,
             calibration: Calibration::Max,
             bias_correction: false,
+            first_last_bits: None,
         }
     }
 
@@ -799,8 +830,12 @@ mod tests {
     fn logit_error(w: u8, a: u8) -> f64 {
         let g = fixture();
         let net = quantize(&g, &norm(), &images(64, 1), 64, &cfg(w, a)).unwrap();
+        logit_error_of(&g, &net)
+    }
+
+    fn logit_error_of(g: &Graph, net: &QNetwork) -> f64 {
         let test = images(32, 2);
-        let float = float::forward(&g, &normalize(&norm(), g.input_shape, &test, 32), 32);
+        let float = float::forward(g, &normalize(&norm(), g.input_shape, &test, 32), 32);
         let mut acts = Activations::default();
         net.forward(&test, 32, &mut acts);
         let spread = float.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
@@ -838,6 +873,42 @@ mod tests {
     }
 
     #[test]
+    fn first_last_bits_widen_the_first_and_the_logits_layer_only() {
+        let g = fixture();
+        let mixed = QuantConfig {
+            first_last_bits: Some(8),
+            ..cfg(2, 8)
+        };
+        let net = quantize(&g, &norm(), &images(64, 1), 64, &mixed).unwrap();
+        let uniform = quantize(&g, &norm(), &images(64, 1), 64, &cfg(2, 8)).unwrap();
+        let n = net.layers.len();
+        assert!(n >= 3, "the fixture has inner layers");
+        for (i, l) in net.layers.iter().enumerate() {
+            let bits = if i == 0 || i + 1 == n { 8 } else { 2 };
+            assert_eq!(net.conv(l.node).weight_bits, bits, "layer {i}");
+            assert_eq!((l.lo, l.hi), code_range(bits), "layer {i}: search range");
+            // Inner layers are exactly the uniform network's.
+            if bits == 2 {
+                assert_eq!(net.conv(l.node).codes, uniform.conv(l.node).codes);
+            }
+        }
+        assert!(net.codes()[..net.layers[0].len]
+            .iter()
+            .any(|&c| c.abs() > 1));
+        assert_eq!(net.precision(), "w2a8-fl8");
+        assert_eq!(uniform.precision(), "w2a8");
+        assert!(
+            logit_error_of(&g, &net) < logit_error_of(&g, &uniform),
+            "8-bit ends should track the float logits better"
+        );
+        let bad = QuantConfig {
+            first_last_bits: Some(9),
+            ..cfg(2, 8)
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
     fn weight_codes_are_round_to_nearest_within_range() {
         let g = fixture();
         for bits in 2..=8u8 {
@@ -866,6 +937,7 @@ mod tests {
         for bits in [2u8, 3, 4] {
             let q = QuantConfig {
                 bias_correction: true,
+                first_last_bits: None,
                 ..cfg(bits, 8)
             };
             let net = quantize(&g, &norm(), &calib, n, &q).unwrap();

@@ -37,6 +37,7 @@ fn cfg(weight_bits: u8, act_bits: u8) -> QuantConfig {
         act_bits,
         calibration: Calibration::Max,
         bias_correction: false,
+        first_last_bits: None,
     }
 }
 
@@ -160,11 +161,27 @@ fn qdq_export_reimports_as_the_same_integer_network() {
         ("mnist_cnn", cfg(4, 4)),
         ("tiny_resnet", cfg(4, 8)),
         ("tiny_resnet", cfg(8, 3)),
+        // Mixed precision: 8-bit first and logits layers around 3-bit ones.
+        (
+            "tiny_resnet",
+            QuantConfig {
+                first_last_bits: Some(8),
+                ..cfg(3, 8)
+            },
+        ),
     ] {
         let net = fixture_net(name, &q);
         let exported = export::to_onnx_qdq(&net).unwrap();
         let back = reimport(&exported.bytes, None).unwrap();
         assert_same_network(&net, &back);
+        assert_eq!(back.precision(), net.precision(), "{name} {q:?}");
+        let ranges = |n: &QNetwork| -> Vec<_> {
+            n.layers
+                .iter()
+                .map(|l| (l.offset, l.len, l.lo, l.hi))
+                .collect()
+        };
+        assert_eq!(ranges(&back), ranges(&net), "{name} {q:?}: variable ranges");
 
         // The networks compute the same thing up to the recomputed multipliers.
         let n = 200;

@@ -334,6 +334,7 @@ fn synthetic_network(v: usize) -> QNetwork {
         act_bits: 8,
         calibration: Calibration::Max,
         bias_correction: false,
+        first_last_bits: None,
     };
     quantize(&graph, &Normalization::identity(3), &pixels, n, &q).expect("synthetic network")
 }

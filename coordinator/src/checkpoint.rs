@@ -561,6 +561,7 @@ mod tests {
             act_bits: 8,
             calibration: Calibration::Max,
             bias_correction: false,
+            first_last_bits: None,
         };
         quantize(&graph, &Normalization::identity(1), &pixels, 64, &q).unwrap()
     }

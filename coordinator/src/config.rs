@@ -120,6 +120,10 @@ pub struct QuantSection {
     /// Correct the integer biases after rounding so that each layer's mean
     /// pre-activation matches the float model's on the calibration images.
     pub bias_correction: bool,
+    /// Weight bits of the first weight layer and of the logits layer (e.g. 8), when they
+    /// should differ from `weight_bits`: mixed precision as commonly practised. Unset:
+    /// every layer has `weight_bits`.
+    pub first_last_bits: Option<u8>,
 }
 
 impl Default for QuantSection {
@@ -130,6 +134,7 @@ impl Default for QuantSection {
             calib_images: 512,
             calibration: "max".into(),
             bias_correction: false,
+            first_last_bits: None,
         }
     }
 }
@@ -318,6 +323,7 @@ impl RunConfig {
                 .parse::<Calibration>()
                 .map_err(in_quant_section)?,
             bias_correction: self.quant.bias_correction,
+            first_last_bits: self.quant.first_last_bits,
         };
         q.validate().map_err(in_quant_section)?;
         Ok(q)

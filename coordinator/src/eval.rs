@@ -282,14 +282,21 @@ pub fn normalization_flags(
     }
 }
 
-/// The `--weight-bits`/`--act-bits`/`--calibration`/`--bias-correction` flags of `eval`
-/// and `export`: quantize (validated settings) only when weight bits are given.
+/// The `--weight-bits`/`--act-bits`/`--calibration`/`--bias-correction`/`--first-last-bits`
+/// flags of `eval` and `export`: quantize (validated settings) only when weight bits are
+/// given.
 pub fn quant_flags(
     weight_bits: Option<u8>,
     act_bits: u8,
     calibration: &str,
     bias_correction: bool,
+    first_last_bits: Option<u8>,
 ) -> Result<Option<QuantConfig>, Error> {
+    if first_last_bits.is_some() && weight_bits.is_none() {
+        return Err(Error::Usage(
+            "--first-last-bits needs --weight-bits (it changes how a model is quantized)".into(),
+        ));
+    }
     weight_bits
         .map(|w| {
             let q = QuantConfig {
@@ -297,6 +304,7 @@ pub fn quant_flags(
                 act_bits,
                 calibration: parse_calibration(calibration)?,
                 bias_correction,
+                first_last_bits,
             };
             q.validate()?;
             Ok(q)
@@ -317,7 +325,7 @@ mod tests {
                 .unwrap(),
             split: Split::Test,
             normalization: normalization_flags(&Some(vec![0.1307]), &Some(vec![0.3081])).unwrap(),
-            quant: quant_flags(Some(2), 8, "max", bias_correction).unwrap(),
+            quant: quant_flags(Some(2), 8, "max", bias_correction, None).unwrap(),
             calib_images: 256,
             threads: 1,
             limit: None,

@@ -63,6 +63,10 @@ pub struct ExportArgs {
     /// float model's on the calibration images.
     #[arg(long)]
     pub bias_correction: bool,
+    /// Weight bits (2-8) of the first weight layer and the logits layer, when they should
+    /// differ from --weight-bits (e.g. 8: mixed precision as commonly practised).
+    #[arg(long)]
+    pub first_last_bits: Option<u8>,
     /// Also write ccq's logits on --split of --data to this .npz, for
     /// scripts/check_export.py.
     #[arg(long)]
@@ -83,6 +87,7 @@ impl ExportArgs {
             self.act_bits,
             &self.calibration,
             self.bias_correction,
+            self.first_last_bits,
         )?;
         Ok(ExportConfig {
             model: self.model.clone(),

@@ -164,6 +164,10 @@ struct EvalArgs {
     /// float model's on the calibration images.
     #[arg(long)]
     bias_correction: bool,
+    /// Weight bits (2-8) of the first weight layer and the logits layer, when they should
+    /// differ from --weight-bits (e.g. 8: mixed precision as commonly practised).
+    #[arg(long)]
+    first_last_bits: Option<u8>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -316,7 +320,13 @@ fn eval_config(a: &EvalArgs) -> anyhow::Result<EvalConfig> {
     let data: DataSource = a.data.parse().context("--data")?;
     let split: Split = a.split.parse().context("--split")?;
     let normalization = eval::normalization_flags(&a.mean, &a.std)?;
-    let quant = eval::quant_flags(a.weight_bits, a.act_bits, &a.calibration, a.bias_correction)?;
+    let quant = eval::quant_flags(
+        a.weight_bits,
+        a.act_bits,
+        &a.calibration,
+        a.bias_correction,
+        a.first_last_bits,
+    )?;
     Ok(EvalConfig {
         model: a.model.clone(),
         data,

@@ -78,6 +78,7 @@ fn setup(shared: &std::path::Path) -> Setup {
         act_bits: 8,
         calibration: Calibration::Max,
         bias_correction: false,
+        first_last_bits: None,
     };
     let net = quantize(&graph, &norm, &calib.images, calib.len(), &cfg).expect("quantizes");
     let batch = data::load(&source, Split::Train, Some(1000..1000 + BATCH)).expect("loads");

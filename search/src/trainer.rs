@@ -498,6 +498,7 @@ mod tests {
             act_bits: 8,
             calibration: Calibration::Max,
             bias_correction: false,
+            first_last_bits: None,
         };
         let net = quantize(&graph, &Normalization::identity(1), &pixels, n, &q).unwrap();
         (net, pixels, labels)

@@ -69,6 +69,7 @@ fn tiny_network() -> QNetwork {
         act_bits: 8,
         calibration: Calibration::Max,
         bias_correction: false,
+        first_last_bits: None,
     };
     quantize(&graph, &Normalization::identity(1), &pixels, n, &q).unwrap()
 }

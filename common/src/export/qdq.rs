@@ -62,6 +62,9 @@ pub(crate) mod keys {
     pub const STD: &str = "ccq.std";
     pub const WEIGHT_BITS: &str = "ccq.weight_bits";
     pub const ACT_BITS: &str = "ccq.act_bits";
+    /// Per weight layer, comma separated; only written when the layers' bits differ from
+    /// `ccq.weight_bits` (mixed precision, `first_last_bits`).
+    pub const LAYER_WEIGHT_BITS: &str = "ccq.layer_weight_bits";
 }
 
 /// Exports `net` as a QDQ ONNX model.
@@ -248,13 +251,25 @@ pub fn to_onnx_qdq(net: &QNetwork) -> Result<QdqExport> {
             .collect::<Vec<_>>()
             .join(",")
     };
-    let meta = [
+    let layer_bits: Vec<u8> = net
+        .nodes
+        .iter()
+        .filter_map(|n| match &n.op {
+            QOp::Conv(c) => Some(c.weight_bits),
+            _ => None,
+        })
+        .collect();
+    let mut meta = vec![
         (keys::FORMAT, "onnx-qdq".to_string()),
         (keys::MEAN, join(&net.input.mean)),
         (keys::STD, join(&net.input.std)),
         (keys::WEIGHT_BITS, net.weight_bits.to_string()),
         (keys::ACT_BITS, net.act_bits.to_string()),
     ];
+    if layer_bits.iter().any(|&b| b != net.weight_bits) {
+        let list: Vec<String> = layer_bits.iter().map(u8::to_string).collect();
+        meta.push((keys::LAYER_WEIGHT_BITS, list.join(",")));
+    }
     let model = ModelProto {
         // IR version 7 is the one that goes with opset 13.
         ir_version: 7,

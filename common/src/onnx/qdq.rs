@@ -88,6 +88,19 @@ pub fn import_qdq(
     };
     let weight_bits = bits("ccq.weight_bits")?;
     let act_bits = bits("ccq.act_bits")?.unwrap_or(8);
+    let layer_bits = meta
+        .get("ccq.layer_weight_bits")
+        .map(|v| {
+            v.split(',')
+                .map(|b| b.trim().parse::<u8>().ok().filter(|b| (2..=8).contains(b)))
+                .collect::<Option<Vec<u8>>>()
+                .ok_or_else(|| {
+                    bad_file(format!(
+                        "metadata ccq.layer_weight_bits = '{v}' is not a list of 2..=8"
+                    ))
+                })
+        })
+        .transpose()?;
 
     let graph_label = if graph.name.is_empty() {
         "(graph)".to_string()
@@ -145,7 +158,13 @@ pub fn import_qdq(
     for (index, proto) in graph.node.iter().enumerate() {
         im.node(&OnnxNode::new(proto, index))?;
     }
-    im.finish(&output.name, norm, weight_bits, act_bits, origin)
+    im.finish(
+        &output.name,
+        norm,
+        (weight_bits, layer_bits),
+        act_bits,
+        origin,
+    )
 }
 
 /// An activation value as the importer tracks it.
@@ -1027,7 +1046,7 @@ impl Importer {
         mut self,
         output: &str,
         norm: Normalization,
-        weight_bits: Option<u8>,
+        (weight_bits, layer_bits): (Option<u8>, Option<Vec<u8>>),
         act_bits: u8,
         origin: &str,
     ) -> Result<QNetwork> {
@@ -1099,11 +1118,26 @@ impl Importer {
             .max()
             .unwrap_or(2);
         let weight_bits = weight_bits.unwrap_or(widest);
-        let (lo, hi) = code_range(weight_bits);
+        let convs = self
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, QOp::Conv(_)))
+            .count();
+        let layer_bits = layer_bits.unwrap_or_else(|| vec![weight_bits; convs]);
+        if layer_bits.len() != convs {
+            return Err(Error::InvalidModel {
+                node: output.to_string(),
+                reason: format!(
+                    "metadata ccq.layer_weight_bits names {} layers, the graph has {convs}",
+                    layer_bits.len()
+                ),
+            });
+        }
         let mut layers: Vec<LayerVars> = Vec::new();
         for (i, node) in self.nodes.iter_mut().enumerate() {
             if let QOp::Conv(c) = &mut node.op {
-                c.weight_bits = weight_bits;
+                c.weight_bits = layer_bits[layers.len()];
+                let (lo, hi) = code_range(c.weight_bits);
                 let g = c.geom;
                 layers.push(LayerVars {
                     node: i,

@@ -490,7 +490,7 @@ pub fn dispatch_config(
             act_bits: spec.act_bits,
             calib_images: 64,
             calibration: "max".into(),
-            bias_correction: false,
+            ..QuantSection::default()
         },
         eda,
         search: SearchConfig::default(),
@@ -796,6 +796,7 @@ fn measure_memory(opts: &BenchOptions) -> Result<MemoryReport, Error> {
             act_bits: spec.act_bits,
             calibration: Calibration::Max,
             bias_correction: false,
+            first_last_bits: None,
         };
         network_memory(&spec.name, || {
             ccq_coordinator::eval::quantize_from_train(&graph, &norm, &source, &q, 64)
@@ -954,6 +955,7 @@ pub fn synthetic_network(v: usize) -> Result<QNetwork, ccq_common::Error> {
         act_bits: 8,
         calibration: Calibration::Max,
         bias_correction: false,
+        first_last_bits: None,
     };
     quant::quantize(&graph, &Normalization::identity(3), &pixels, n, &q)
 }

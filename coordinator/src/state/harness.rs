@@ -63,6 +63,7 @@ fn network() -> QNetwork {
         act_bits: 8,
         calibration: Calibration::Max,
         bias_correction: false,
+        first_last_bits: None,
     };
     quantize(&graph, &Normalization::identity(1), &pixels, 32, &q).unwrap()
 }
