@@ -451,13 +451,37 @@ fn assert_runtimes_agree(label: &str, net: &QNetwork, data: &data::Dataset, arra
     std::fs::write(&json, export::export(net, Format::Json).unwrap()).unwrap();
     std::fs::write(&reference, export::reference_npz(net, data).unwrap().npz).unwrap();
 
-    let r = check_export(&[
-        "--onnx",
-        onnx.to_str().unwrap(),
-        "--reference",
-        reference.to_str().unwrap(),
-    ]);
+    let run = |optimize: &str| {
+        check_export(&[
+            "--onnx",
+            onnx.to_str().unwrap(),
+            "--reference",
+            reference.to_str().unwrap(),
+            "--optimize",
+            optimize,
+        ])
+    };
+    let mut r = run("all");
     println!("{label}: {r}");
+    // ONNX Runtime fuses QDQ pairs into int8 kernels. On CPUs where those use VPMADDUBSW
+    // (u8 x s8 pairs summed into i16), a pair of products can saturate: 2 * 255 * |w| >
+    // 32767 needs |w| >= 65, so only 8-bit weights can. That is ONNX Runtime's documented
+    // trade-off, not a property of the file: then the file's meaning is checked with the
+    // fusion off (each QDQ pair computed as written).
+    let max_code = net
+        .codes()
+        .iter()
+        .map(|c| c.unsigned_abs())
+        .max()
+        .unwrap_or(0);
+    if r["argmax_agreement"].as_f64().unwrap_or(0.0) < 99.0 && max_code >= 65 {
+        println!(
+            "{label}: ONNX Runtime's fused int8 kernels disagree with 8-bit weights \
+             (u8s8 saturation); checking the graph unfused"
+        );
+        r = run("disable");
+        println!("{label} (unfused): {r}");
+    }
     assert_eq!(r["checker"], "passed", "{label}: {r}");
     let f = |k: &str| {
         r[k].as_f64()
