@@ -464,18 +464,20 @@ impl QNetwork {
         self.input_value.len()
     }
 
+    /// Weight bits of each Conv/Linear layer, in network order (they differ from
+    /// `weight_bits` only under `first_last_bits`).
+    pub fn layer_bits(&self) -> Vec<u8> {
+        self.layers
+            .iter()
+            .map(|l| self.conv(l.node).weight_bits)
+            .collect()
+    }
+
     /// Human precision tag, e.g. `w4a8`; `w3a8-fl8` when the first weight layer and the
     /// logits layer have 8-bit weights (`first_last_bits`), `w3a8-mixed` for any other mix.
     pub fn precision(&self) -> String {
         let base = format!("w{}a{}", self.weight_bits, self.act_bits);
-        let bits: Vec<u8> = self
-            .nodes
-            .iter()
-            .filter_map(|n| match &n.op {
-                QOp::Conv(c) => Some(c.weight_bits),
-                _ => None,
-            })
-            .collect();
+        let bits = self.layer_bits();
         if bits.iter().all(|&b| b == self.weight_bits) {
             return base;
         }

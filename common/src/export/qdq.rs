@@ -251,14 +251,7 @@ pub fn to_onnx_qdq(net: &QNetwork) -> Result<QdqExport> {
             .collect::<Vec<_>>()
             .join(",")
     };
-    let layer_bits: Vec<u8> = net
-        .nodes
-        .iter()
-        .filter_map(|n| match &n.op {
-            QOp::Conv(c) => Some(c.weight_bits),
-            _ => None,
-        })
-        .collect();
+    let layer_bits = net.layer_bits();
     let mut meta = vec![
         (keys::FORMAT, "onnx-qdq".to_string()),
         (keys::MEAN, join(&net.input.mean)),
