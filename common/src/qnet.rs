@@ -482,7 +482,8 @@ impl QNetwork {
             return base;
         }
         let (first, last) = (bits[0], bits[bits.len() - 1]);
-        let inner = &bits[1..bits.len() - 1];
+        // A one-layer network has no inner layers (and its first layer is its last).
+        let inner = bits.get(1..bits.len() - 1).unwrap_or(&[]);
         if first == last && inner.iter().all(|&b| b == self.weight_bits) {
             format!("{base}-fl{first}")
         } else {
