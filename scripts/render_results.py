@@ -30,10 +30,11 @@ METHODS = {
     "cc-layer": "CC, layer-by-layer groups",
     "eda": "EDA without CC",
     "hill": "(1+λ) local search",
+    "eda-cc-distill": "EDA+CC, distillation fitness",
     "rtn": "RTN (no search)",
 }
 MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
-COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "rtn": "#7f7f7f"}
+COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN.
 CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:bc)?(?:fl\d+)?)-(?P<strategy>[a-z-]+)$")
@@ -46,9 +47,13 @@ def load_cells():
         if not m:
             continue
         cfg = tomllib.loads(path.read_text())
+        # A method is the strategy, suffixed with the fitness when it is not the default.
         strategy = cfg.get("search", {}).get("strategy", "eda-cc")
+        fitness = cfg.get("search", {}).get("fitness", "loss")
+        if fitness != "loss":
+            strategy = f"{strategy}-{fitness}"
         if strategy != m["strategy"]:
-            raise SystemExit(f"{path}: name says {m['strategy']}, search.strategy = {strategy}")
+            raise SystemExit(f"{path}: name says {m['strategy']}, search.strategy/fitness say {strategy}")
         cells[path.stem] = {
             "model": m["model"],
             "prec": m["prec"],
@@ -289,7 +294,9 @@ def main():
           "identical to `cc-layer`), `cc-random` / "
           "`cc-layer` = the same with random / static layer-by-layer groups, `eda` = EDA without cooperative "
           "coevolution (all variables sampled jointly), `hill` = (1+λ) random local search in the same "
-          "restricted space, `rtn` = round-to-nearest post-training quantization (no search). A precision "
+          "restricted space, `eda-cc-distill` = ccq's method with the distillation fitness (`[search] fitness = "distill"`: "
+          "KL divergence to the float model's outputs on the batch instead of cross-entropy on the labels), "
+          "`rtn` = round-to-nearest post-training quantization (no search). A precision "
           "marked + BC (e.g. W3A8 + BC) starts every search from the bias-corrected RTN network "
           "(`[quant] bias_correction = true`: after rounding, each layer's integer biases are shifted so that "
           "its mean pre-activation per channel on the calibration images matches the float model's) instead "

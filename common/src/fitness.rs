@@ -13,7 +13,7 @@
 //! side by side so that tests and the `candidates` benchmark can compare them.
 
 use crate::kernels::{ConvGeom, DeltaBase, WeightChange};
-use crate::qnet::{Activations, EvalStats, QConv, QNetwork};
+use crate::qnet::{Activations, EvalStats, QConv, QNetwork, Targets};
 use crate::{Error, Result};
 
 /// How [`evaluate_candidates_with`] computes each candidate. All give the same bits.
@@ -39,7 +39,7 @@ pub enum Strategy {
 pub fn evaluate_candidates(
     base: &QNetwork,
     pixels: &[u8],
-    labels: &[u8],
+    targets: &Targets,
     group_vars: &[u32],
     candidates: &[Vec<i8>],
     threads: usize,
@@ -47,7 +47,7 @@ pub fn evaluate_candidates(
     evaluate_candidates_with(
         base,
         pixels,
-        labels,
+        targets,
         group_vars,
         candidates,
         threads,
@@ -59,13 +59,15 @@ pub fn evaluate_candidates(
 pub fn evaluate_candidates_with(
     base: &QNetwork,
     pixels: &[u8],
-    labels: &[u8],
+    targets: &Targets,
     group_vars: &[u32],
     candidates: &[Vec<i8>],
     threads: usize,
     strategy: Strategy,
 ) -> Result<Vec<EvalStats>> {
-    let n = labels.len();
+    let n = targets.len();
+    let classes = base.num_classes;
+    targets.check(classes)?;
     let il = base.image_len();
     if pixels.len() != n * il {
         return Err(Error::setting(
@@ -84,7 +86,8 @@ pub fn evaluate_candidates_with(
                 let (lo, hi) = (t * per, ((t + 1) * per).min(n));
                 let plans = &plans;
                 scope.spawn(move || {
-                    eval_chunk(base, &pixels[lo * il..hi * il], &labels[lo..hi], plans)
+                    let targets = targets.slice(lo, hi, classes);
+                    eval_chunk(base, &pixels[lo * il..hi * il], &targets, plans)
                 })
             })
             .collect();
@@ -305,21 +308,21 @@ struct DeltaCache {
     stale: Option<Vec<usize>>,
 }
 
-fn eval_chunk(base: &QNetwork, pixels: &[u8], labels: &[u8], plans: &[Plan]) -> Vec<EvalStats> {
-    let n = labels.len();
+fn eval_chunk(base: &QNetwork, pixels: &[u8], targets: &Targets, plans: &[Plan]) -> Vec<EvalStats> {
+    let n = targets.len();
     let mut acts = Activations::default();
     let mut out: Vec<EvalStats> = Vec::with_capacity(plans.len());
     if plans.iter().all(|p| matches!(p, Plan::Full { .. })) {
         for plan in plans {
             if let Plan::Full { layers } = plan {
                 base.forward_patched(pixels, n, layers, &mut acts);
-                out.push(base.stats(&acts, labels));
+                out.push(base.stats(&acts, targets));
             }
         }
         return out;
     }
     base.forward(pixels, n, &mut acts);
-    let base_stats = base.stats(&acts, labels);
+    let base_stats = base.stats(&acts, targets);
     // Built before any candidate overwrites the base values after its first layer.
     let mut caches: Vec<DeltaCache> = Vec::new();
     for plan in plans {
@@ -344,12 +347,12 @@ fn eval_chunk(base: &QNetwork, pixels: &[u8], labels: &[u8], plans: &[Plan]) -> 
             Plan::Full { layers } => {
                 caches.iter_mut().for_each(|c| c.stale = None);
                 base.forward_patched(pixels, n, layers, &mut acts);
-                base.stats(&acts, labels)
+                base.stats(&acts, targets)
             }
             Plan::Patched { first, layers } => {
                 caches.iter_mut().for_each(|c| c.stale = None);
                 base.forward_from(*first, layers, &mut acts);
-                base.stats(&acts, labels)
+                base.stats(&acts, targets)
             }
             Plan::Delta {
                 first,
@@ -382,7 +385,7 @@ fn eval_chunk(base: &QNetwork, pixels: &[u8], labels: &[u8], plans: &[Plan]) -> 
                     }
                 }
                 base.forward_from(first + 1, layers, &mut acts);
-                base.stats(&acts, labels)
+                base.stats(&acts, targets)
             }
         };
         out.push(s);
@@ -394,6 +397,7 @@ fn eval_chunk(base: &QNetwork, pixels: &[u8], labels: &[u8], plans: &[Plan]) -> 
 mod tests {
     use super::*;
     use crate::model::Normalization;
+    use crate::qnet::Teacher;
     use crate::quant::{quantize, Calibration, QuantConfig};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -482,7 +486,8 @@ mod tests {
 
     /// Asserts that every strategy, at 1 and 3 threads, gives each candidate exactly the
     /// fitness of a from-scratch evaluation of the whole network with the candidate's
-    /// codes written in.
+    /// codes written in: scored by cross-entropy on the labels and by distillation
+    /// against a (random) teacher.
     fn assert_all_strategies_exact(
         net: &QNetwork,
         pixels: &[u8],
@@ -490,26 +495,46 @@ mod tests {
         vars: &[u32],
         candidates: &[Vec<i8>],
     ) {
-        let context = net.codes();
-        let want: Vec<EvalStats> = candidates
-            .iter()
-            .map(|cand| {
-                let mut codes = context.clone();
-                for (&v, &x) in vars.iter().zip(cand) {
-                    codes[v as usize] = x;
-                }
-                let mut full = net.clone();
-                full.set_codes(&codes).unwrap();
-                full.evaluate(pixels, labels, 7, 1)
-            })
+        let mut rng = ChaCha8Rng::seed_from_u64(labels.len() as u64);
+        let logits: Vec<f32> = (0..labels.len() * net.num_classes)
+            .map(|_| rng.random_range(-6.0..6.0))
             .collect();
-        for strategy in STRATEGIES {
-            for threads in [1, 3] {
-                let got = evaluate_candidates_with(
-                    net, pixels, labels, vars, candidates, threads, strategy,
-                )
-                .unwrap();
-                assert_eq!(got, want, "{strategy:?}, threads {threads}, vars {vars:?}");
+        let distill = Targets {
+            labels,
+            teacher: Some(Teacher {
+                logits: &logits,
+                temperature: 2.0,
+            }),
+        };
+        for targets in [Targets::labels(labels), distill] {
+            let context = net.codes();
+            let want: Vec<EvalStats> = candidates
+                .iter()
+                .map(|cand| {
+                    let mut codes = context.clone();
+                    for (&v, &x) in vars.iter().zip(cand) {
+                        codes[v as usize] = x;
+                    }
+                    let mut full = net.clone();
+                    full.set_codes(&codes).unwrap();
+                    let mut acts = Activations::default();
+                    full.forward(pixels, labels.len(), &mut acts);
+                    full.stats(&acts, &targets)
+                })
+                .collect();
+            for strategy in STRATEGIES {
+                for threads in [1, 3] {
+                    let got = evaluate_candidates_with(
+                        net, pixels, &targets, vars, candidates, threads, strategy,
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        got,
+                        want,
+                        "{strategy:?}, threads {threads}, vars {vars:?}, teacher {}",
+                        targets.teacher.is_some()
+                    );
+                }
             }
         }
     }
@@ -635,17 +660,106 @@ mod tests {
         assert!(!delta_pays_off(&g, &all));
     }
 
+    /// With a teacher the loss is the distillation loss — zero against the network's
+    /// own logits as teacher — while accuracy still counts the labels.
+    #[test]
+    fn distillation_scores_the_teacher_and_counts_the_labels() {
+        let (net, pixels, labels) = fixture_net(2);
+        let n = labels.len();
+        let mut acts = Activations::default();
+        net.forward(&pixels, n, &mut acts);
+        let own: Vec<f32> = acts
+            .logits
+            .iter()
+            .map(|&l| (l as f64 * net.logit_scale) as f32)
+            .collect();
+        let by_labels = net.stats(&acts, &Targets::labels(&labels));
+        let teacher = |logits| Targets {
+            labels: &labels,
+            teacher: Some(Teacher {
+                logits,
+                temperature: 1.0,
+            }),
+        };
+        let vs_self = net.stats(&acts, &teacher(&own));
+        assert_eq!(
+            (vs_self.correct, vs_self.images),
+            (by_labels.correct, by_labels.images)
+        );
+        assert!(
+            vs_self.loss_fixed <= n as u64,
+            "{vs_self:?}: f32 rounding only"
+        );
+        let reversed: Vec<f32> = own.iter().map(|v| -v).collect();
+        let vs_other = net.stats(&acts, &teacher(&reversed));
+        assert!(vs_other.loss_fixed > 1000 * n as u64, "{vs_other:?}");
+        assert_eq!(vs_other.correct, by_labels.correct);
+    }
+
     #[test]
     fn bad_jobs_are_errors_not_panics() {
         let (net, pixels, labels) = fixture_net(2);
         let n = net.num_vars() as u32;
-        let e = evaluate_candidates(&net, &pixels, &labels, &[n], &[vec![0]], 1).unwrap_err();
+        let e = evaluate_candidates(
+            &net,
+            &pixels,
+            &Targets::labels(&labels),
+            &[n],
+            &[vec![0]],
+            1,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("group_vars"), "{e}");
-        let e = evaluate_candidates(&net, &pixels, &labels, &[0, 1], &[vec![0]], 1).unwrap_err();
+        let e = evaluate_candidates(
+            &net,
+            &pixels,
+            &Targets::labels(&labels),
+            &[0, 1],
+            &[vec![0]],
+            1,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("candidate"), "{e}");
-        let e = evaluate_candidates(&net, &pixels, &labels, &[0], &[vec![5]], 1).unwrap_err();
+        let e = evaluate_candidates(
+            &net,
+            &pixels,
+            &Targets::labels(&labels),
+            &[0],
+            &[vec![5]],
+            1,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("allows [-2, 1]"), "{e}");
-        let e = evaluate_candidates(&net, &pixels[1..], &labels, &[0], &[vec![0]], 1).unwrap_err();
+        let e = evaluate_candidates(
+            &net,
+            &pixels[1..],
+            &Targets::labels(&labels),
+            &[0],
+            &[vec![0]],
+            1,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("images"), "{e}");
+        // A teacher from the network: wrong length, a non-finite logit, a bad temperature.
+        let classes = net.num_classes;
+        let good = vec![0.5f32; labels.len() * classes];
+        let mut nan = good.clone();
+        nan[3] = f32::NAN;
+        for (logits, temperature, says) in [
+            (&good[1..], 1.0, "classes"),
+            (&nan[..], 1.0, "logit 3 is not finite"),
+            (&good[..], 0.0, "temperature"),
+            (&good[..], f32::INFINITY, "temperature"),
+        ] {
+            let t = Targets {
+                labels: &labels,
+                teacher: Some(Teacher {
+                    logits,
+                    temperature,
+                }),
+            };
+            let e = evaluate_candidates(&net, &pixels, &t, &[0], &[vec![0]], 1).unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        }
     }
 }

@@ -290,15 +290,21 @@ pub fn image_loss(logits: &[i32], scale: f64, label: u8) -> (u64, bool) {
     cross_entropy(&real, label)
 }
 
-/// Cross-entropy of real logits in [`EvalStats`] fixed point, and arg-max == label.
-/// Computed in one fixed order, so it is reproducible bit for bit on a given platform.
-pub fn cross_entropy(logits: &[f64], label: u8) -> (u64, bool) {
+/// Index of the first maximum.
+fn argmax(logits: &[f64]) -> usize {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
         if l > logits[best] {
             best = i;
         }
     }
+    best
+}
+
+/// Cross-entropy of real logits in [`EvalStats`] fixed point, and arg-max == label.
+/// Computed in one fixed order, so it is reproducible bit for bit on a given platform.
+pub fn cross_entropy(logits: &[f64], label: u8) -> (u64, bool) {
+    let best = argmax(logits);
     // Shift by the max logit so exp never overflows.
     let max = logits.get(best).copied().unwrap_or(0.0);
     let sum: f64 = logits.iter().map(|&l| (l - max).exp()).sum();
@@ -309,6 +315,111 @@ pub fn cross_entropy(logits: &[f64], label: u8) -> (u64, bool) {
     let loss = (max + sum.ln() - target).clamp(0.0, MAX_IMAGE_LOSS);
     let fixed = (loss * (1u64 << LOSS_FRAC_BITS) as f64).round() as u64;
     (fixed, best == label as usize)
+}
+
+/// `ln(sum(exp(x / t)))` and `x / t`, shifted by the maximum so exp never overflows.
+fn log_softmax(x: impl Iterator<Item = f64>, t: f64) -> Vec<f64> {
+    let z: Vec<f64> = x.map(|v| v / t).collect();
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + z.iter().map(|&v| (v - max).exp()).sum::<f64>().ln();
+    z.into_iter().map(|v| v - lse).collect()
+}
+
+/// Distillation loss of real logits against the float teacher's, in [`EvalStats`] fixed
+/// point: `T^2 * KL(softmax(teacher / T) || softmax(logits / T))`, zero when the
+/// quantized network's softened outputs equal the teacher's. `T^2` keeps its size
+/// comparable across temperatures (Hinton et al.); ranking does not depend on it.
+/// Computed in one fixed order, so it is reproducible bit for bit on a given platform.
+pub fn distillation(logits: &[f64], teacher: &[f32], temperature: f64) -> u64 {
+    let lq = log_softmax(logits.iter().copied(), temperature);
+    let lp = log_softmax(teacher.iter().map(|&v| v as f64), temperature);
+    let kl: f64 = lp
+        .iter()
+        .zip(&lq)
+        .map(|(&p, &q)| p.exp() * (p - q))
+        .sum::<f64>()
+        * temperature
+        * temperature;
+    // A NaN (a non-finite teacher logit that got past the checks) stays NaN here and
+    // becomes 0 in the saturating cast below.
+    let loss = kl.clamp(0.0, MAX_IMAGE_LOSS);
+    (loss * (1u64 << LOSS_FRAC_BITS) as f64).round() as u64
+}
+
+/// What a batch's images are scored against: their labels, and, for distillation, the
+/// float model's logits on the same images.
+#[derive(Debug, Clone, Copy)]
+pub struct Targets<'a> {
+    pub labels: &'a [u8],
+    pub teacher: Option<Teacher<'a>>,
+}
+
+/// The float model's outputs a distillation fitness compares against.
+#[derive(Debug, Clone, Copy)]
+pub struct Teacher<'a> {
+    /// `classes` logits per image, image by image.
+    pub logits: &'a [f32],
+    /// Softmax temperature (> 0).
+    pub temperature: f32,
+}
+
+impl<'a> Targets<'a> {
+    /// Score by cross-entropy against the labels.
+    pub fn labels(labels: &'a [u8]) -> Self {
+        Targets {
+            labels,
+            teacher: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Images `lo..hi` of these targets, for a network of `classes` outputs.
+    pub fn slice(&self, lo: usize, hi: usize, classes: usize) -> Targets<'a> {
+        Targets {
+            labels: &self.labels[lo..hi],
+            teacher: self.teacher.map(|t| Teacher {
+                logits: &t.logits[lo * classes..hi * classes],
+                temperature: t.temperature,
+            }),
+        }
+    }
+
+    /// Checks that the teacher (if any) has `classes` finite logits per image and a
+    /// positive finite temperature: they may come from the network.
+    pub fn check(&self, classes: usize) -> Result<()> {
+        let Some(t) = &self.teacher else {
+            return Ok(());
+        };
+        if t.logits.len() != self.labels.len() * classes {
+            return Err(Error::setting(
+                "teacher logits",
+                t.logits.len(),
+                format!("expected {} images x {classes} classes", self.labels.len()),
+            ));
+        }
+        if let Some(i) = t.logits.iter().position(|v| !v.is_finite()) {
+            return Err(Error::setting(
+                "teacher logits",
+                t.logits[i],
+                format!("logit {i} is not finite"),
+            ));
+        }
+        if !(t.temperature.is_finite() && t.temperature > 0.0) {
+            return Err(Error::setting(
+                "temperature",
+                t.temperature,
+                "must be a positive finite number",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// All values of one forward pass over `n` images.
@@ -658,11 +769,23 @@ impl QNetwork {
         }
     }
 
-    /// Loss and accuracy of the logits in `acts` against `labels`.
-    pub fn stats(&self, acts: &Activations, labels: &[u8]) -> EvalStats {
+    /// Loss and accuracy of the logits in `acts` against `targets`: cross-entropy on the
+    /// labels, or the distillation loss against the teacher when there is one; accuracy
+    /// is always against the labels. `targets` must have passed [`Targets::check`].
+    pub fn stats(&self, acts: &Activations, targets: &Targets) -> EvalStats {
         let mut s = EvalStats::default();
-        for (row, &label) in acts.logits.chunks_exact(self.num_classes).zip(labels) {
-            let (loss, ok) = image_loss(row, self.logit_scale, label);
+        let rows = acts.logits.chunks_exact(self.num_classes);
+        for (i, (row, &label)) in rows.zip(targets.labels).enumerate() {
+            let (loss, ok) = match &targets.teacher {
+                None => image_loss(row, self.logit_scale, label),
+                Some(t) => {
+                    let real: Vec<f64> = row.iter().map(|&l| l as f64 * self.logit_scale).collect();
+                    let c = self.num_classes;
+                    let teacher = &t.logits[i * c..(i + 1) * c];
+                    let loss = distillation(&real, teacher, t.temperature as f64);
+                    (loss, argmax(&real) == label as usize)
+                }
+            };
             s.loss_fixed += loss;
             s.correct += ok as u64;
             s.images += 1;
@@ -699,7 +822,7 @@ impl QNetwork {
                             while i < hi {
                                 let m = batch.min(hi - i);
                                 self.forward(&pixels[i * il..(i + m) * il], m, &mut acts);
-                                s.add(&self.stats(&acts, &labels[i..i + m]));
+                                s.add(&self.stats(&acts, &Targets::labels(&labels[i..i + m])));
                                 i += m;
                             }
                             s
@@ -1078,6 +1201,28 @@ mod tests {
         assert_eq!(s.top1(), 75.0);
         let empty = EvalStats::default();
         assert_eq!((empty.mean_loss(), empty.top1()), (0.0, 0.0));
+    }
+
+    /// The distillation loss is the temperature-scaled KL divergence: zero when the
+    /// softened outputs match the teacher's (whatever the shift of the logits), and the
+    /// hand-computed value for a known pair at T = 1 and T = 2.
+    #[test]
+    fn distillation_is_scaled_kl_to_the_teacher() {
+        let real = |fixed: u64| fixed as f64 / (1u64 << LOSS_FRAC_BITS) as f64;
+        // Same distribution, logits shifted by a constant: no loss.
+        assert_eq!(distillation(&[1.0, 2.0, 3.0], &[11.0, 12.0, 13.0], 1.0), 0);
+        // Teacher (ln 3, 0) -> p = (3/4, 1/4); student (0, 0) -> q = (1/2, 1/2).
+        let kl = 0.75 * (1.5f64).ln() + 0.25 * (0.5f64).ln();
+        let got = real(distillation(&[0.0, 0.0], &[3f32.ln(), 0.0], 1.0));
+        assert!((got - kl).abs() < 1e-6, "{got} vs {kl}");
+        // At T = 2 the teacher's logits (2 ln 3, 0) soften to the same p; times T^2.
+        let got = real(distillation(&[0.0, 0.0], &[2.0 * 3f32.ln(), 0.0], 2.0));
+        assert!((got - 4.0 * kl).abs() < 1e-5, "{got} vs {}", 4.0 * kl);
+        // Disagreeing more costs more; a NaN costs nothing rather than wrapping.
+        let near = distillation(&[1.0, 0.0], &[2.0, 0.0], 1.0);
+        let far = distillation(&[0.0, 1.0], &[2.0, 0.0], 1.0);
+        assert!(0 < near && near < far, "{near} {far}");
+        assert_eq!(distillation(&[0.0, 0.0], &[f32::NAN, 0.0], 1.0), 0);
     }
 
     /// Slicing and padding change the shape on every axis they touch, channels included,

@@ -221,17 +221,34 @@ pub fn float_evaluate(
     d: &Dataset,
     threads: usize,
 ) -> EvalStats {
+    let classes = graph.num_classes();
+    let logits = float_logits(graph, norm, d, threads);
+    let mut total = EvalStats::default();
+    for (row, &label) in logits.chunks_exact(classes).zip(&d.labels) {
+        let real: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+        let (loss, ok) = cross_entropy(&real, label);
+        total.loss_fixed += loss;
+        total.correct += ok as u64;
+        total.images += 1;
+    }
+    total
+}
+
+/// The float model's logits on every image of `d`, image by image (`classes` each),
+/// batches split across threads. Each image's logits depend only on the image, not on
+/// the batch or the split.
+pub fn float_logits(graph: &Graph, norm: &Normalization, d: &Dataset, threads: usize) -> Vec<f32> {
     let n = d.len();
     let il = d.image_len();
     let classes = graph.num_classes();
     let per = n.div_ceil(threads.max(1)).max(1);
-    let mut total = EvalStats::default();
+    let mut out = Vec::with_capacity(n * classes);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..n.div_ceil(per))
             .map(|t| {
                 let (lo, hi) = (t * per, ((t + 1) * per).min(n));
                 scope.spawn(move || {
-                    let mut s = EvalStats::default();
+                    let mut part = Vec::with_capacity((hi - lo) * classes);
                     let mut i = lo;
                     while i < hi {
                         let m = 64.min(hi - i);
@@ -241,25 +258,18 @@ pub fn float_evaluate(
                             &d.images[i * il..(i + m) * il],
                             m,
                         );
-                        let logits = float::forward(graph, &x, m);
-                        for (row, &label) in logits.chunks_exact(classes).zip(&d.labels[i..i + m]) {
-                            let real: Vec<f64> = row.iter().map(|&x| x as f64).collect();
-                            let (loss, ok) = cross_entropy(&real, label);
-                            s.loss_fixed += loss;
-                            s.correct += ok as u64;
-                            s.images += 1;
-                        }
+                        part.extend(float::forward(graph, &x, m));
                         i += m;
                     }
-                    s
+                    part
                 })
             })
             .collect();
         for h in handles {
-            total.add(&h.join().expect("float evaluation thread panicked"));
+            out.extend(h.join().expect("float evaluation thread panicked"));
         }
     });
-    total
+    out
 }
 
 /// `--calibration` values.

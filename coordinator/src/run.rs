@@ -20,10 +20,11 @@ use tracing::info;
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::RunConfig;
-use crate::eval::{float_evaluate, quantize_from_train};
+use crate::eval::{float_evaluate, float_logits, quantize_from_train};
 pub use crate::report::{Accuracy, RunReport};
-use crate::state::{answer_during_setup, Event, Setup, State, Telemetry};
+use crate::state::{answer_during_setup, Event, Setup, State, TeacherLogits, Telemetry};
 use crate::Error;
+use ccq_search::config::Fitness;
 use ccq_search::trainer::Trainer;
 
 pub use crate::service::MAX_REQUEST_BYTES;
@@ -250,6 +251,26 @@ pub async fn run(
             }
         };
 
+        let teacher = match cfg.search.fitness {
+            Fitness::Distill => {
+                phase.send_replace("computing teacher logits");
+                info!("distillation: the float model's logits on the {search_len} search images");
+                let (g, n, src) = (graph.clone(), norm.clone(), source.clone());
+                let logits = tokio::task::spawn_blocking(move || {
+                    let d = data::load(&src, Split::Train, Some(0..search_len))?;
+                    Ok::<_, ccq_common::Error>(float_logits(&g, &n, &d, eval_threads))
+                })
+                .await
+                .expect("teacher logits panicked")?;
+                Some(std::sync::Arc::new(TeacherLogits {
+                    logits,
+                    classes: graph.num_classes(),
+                    temperature: cfg.search.temperature,
+                }))
+            }
+            Fitness::Loss | Fitness::Error => None,
+        };
+
         let setup = Setup {
             run_id: run_id.clone(),
             config: cfg.clone(),
@@ -264,6 +285,7 @@ pub async fn run(
             network_fingerprint,
             search_seconds_before: restored.as_ref().map_or(0.0, |(_, secs)| *secs),
             instance: format!("{:016x}", rand::random::<u64>()),
+            teacher,
         };
         let mut state = State::new(setup, trainer, tx, telemetry.clone());
         if let Some((snap, _)) = restored {

@@ -281,6 +281,11 @@ fn job_to_proto(j: &JobSpec) -> Job {
             .map(|c| c.iter().map(|&x| x as u8).collect())
             .collect(),
         first_candidate: j.first as u32,
+        teacher_logits: j
+            .teacher
+            .as_ref()
+            .map_or_else(Vec::new, |t| t.rows(&j.images)),
+        temperature: j.teacher.as_ref().map_or(0.0, |t| t.temperature),
     }
 }
 
@@ -338,6 +343,7 @@ fn worker_to_proto(w: WorkerRow) -> WorkerStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::TeacherLogits;
 
     fn request(token: Option<&str>) -> Request<()> {
         let mut r = Request::new(());
@@ -382,16 +388,29 @@ mod tests {
             images: vec![5, 6, 7],
             layer: 0,
         };
-        let j = job_to_proto(&JobSpec {
+        let mut spec = JobSpec {
             job_id: 9,
             network_version: 2,
             images: vec![6, 7],
             generation: Arc::new(generation),
             first: 1,
             count: 2,
-        });
+            teacher: None,
+        };
+        let j = job_to_proto(&spec);
         assert_eq!(j.candidates, [vec![0xff, 1], vec![0xfe, 2]]);
         assert_eq!((j.job_id, j.network_version, j.first_candidate), (9, 2, 1));
         assert_eq!((j.group_vars, j.images), (vec![10, 11], vec![6, 7]));
+        assert!(j.teacher_logits.is_empty());
+        // With distillation, the job's images' rows of the teacher, in the job's order.
+        spec.images = vec![7, 6];
+        spec.teacher = Some(Arc::new(TeacherLogits {
+            logits: (0..16).map(|x| x as f32).collect(),
+            classes: 2,
+            temperature: 3.0,
+        }));
+        let j = job_to_proto(&spec);
+        assert_eq!(j.teacher_logits, [14.0, 15.0, 12.0, 13.0]);
+        assert_eq!(j.temperature, 3.0);
     }
 }

@@ -10,7 +10,9 @@ pub mod process;
 
 /// Bumped on any incompatible change to `ccq.proto` or to the meaning of its fields.
 /// 2: `SyncNetworkResponse.full` is the binary network form, no longer the JSON `.ccq`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `Job.teacher_logits` (distillation): a worker that ignored it would score the
+/// labels instead, silently.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Request metadata key carrying the cluster token, as `Bearer <token>`.
 pub const TOKEN_METADATA: &str = "authorization";

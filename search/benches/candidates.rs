@@ -121,7 +121,7 @@ fn run(s: &Setup, job: &LayerJob, strategy: Strategy, threads: usize) {
     let stats = evaluate_candidates_with(
         &s.net,
         black_box(&s.pixels),
-        &s.labels,
+        &ccq_common::qnet::Targets::labels(&s.labels),
         &job.vars,
         &job.candidates,
         threads,

@@ -14,6 +14,11 @@ pub enum Fitness {
     Loss,
     /// Error rate on the batch, cross-entropy breaking ties.
     Error,
+    /// Distillation: mean `T^2 * KL(softmax(teacher / T) || softmax(logits / T))` to the
+    /// float model's logits on the same images (`T` = `search.temperature`). The float
+    /// logits are computed once per training image at setup and travel with the jobs;
+    /// inference stays integer-only.
+    Distill,
 }
 
 /// How the search chooses what to evaluate: ccq's method and the baselines/ablations it
@@ -83,6 +88,9 @@ pub struct SearchConfig {
     pub fitness: Fitness,
     /// Variables each `hill` candidate moves (`strategy = "hill"` only).
     pub hill_flips: usize,
+    /// Softmax temperature of the distillation fitness (`fitness = "distill"` only); above
+    /// 1 the teacher's smaller probabilities weigh more.
+    pub temperature: f32,
 }
 
 impl Default for SearchConfig {
@@ -93,6 +101,7 @@ impl Default for SearchConfig {
             batch_size: 256,
             fitness: Fitness::Loss,
             hill_flips: 4,
+            temperature: 1.0,
         }
     }
 }
@@ -112,6 +121,13 @@ impl SearchConfig {
         }
         if self.batch_size == 0 {
             return Err(Error::setting("search.batch_size", 0, "must be at least 1"));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(Error::setting(
+                "search.temperature",
+                self.temperature,
+                "must be a positive number",
+            ));
         }
         Ok(())
     }
@@ -157,6 +173,20 @@ mod tests {
                 "search.batch_size",
                 SearchConfig {
                     batch_size: 0,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.temperature",
+                SearchConfig {
+                    temperature: 0.0,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.temperature",
+                SearchConfig {
+                    temperature: f32::NAN,
                     ..one.clone()
                 },
             ),

@@ -404,7 +404,8 @@ impl Trainer {
         let key = |i: usize| -> (u64, u64, usize) {
             let s = &stats[i];
             match self.search.fitness {
-                Fitness::Loss => (s.loss_fixed, 0, i),
+                // The loss is the distillation loss when the jobs carry a teacher.
+                Fitness::Loss | Fitness::Distill => (s.loss_fixed, 0, i),
                 Fitness::Error => (s.images - s.correct, s.loss_fixed, i),
             }
         };
@@ -482,6 +483,7 @@ mod tests {
     use super::*;
     use ccq_common::fitness::evaluate_candidates;
     use ccq_common::model::Normalization;
+    use ccq_common::qnet::Targets;
     use ccq_common::quant::{quantize, Calibration, QuantConfig};
     use rand::Rng;
 
@@ -547,8 +549,15 @@ mod tests {
                 .flat_map(|&i| pixels[i as usize * il..(i as usize + 1) * il].to_vec())
                 .collect();
             let lb: Vec<u8> = g.images.iter().map(|&i| labels[i as usize]).collect();
-            let stats =
-                evaluate_candidates(t.network(), &px, &lb, &g.vars, &g.candidates, 1).unwrap();
+            let stats = evaluate_candidates(
+                t.network(),
+                &px,
+                &Targets::labels(&lb),
+                &g.vars,
+                &g.candidates,
+                1,
+            )
+            .unwrap();
             let out = t.complete(&g, &stats).unwrap();
             adoptions += out.adopted as usize;
             let after = t.network().codes();
@@ -646,7 +655,15 @@ mod tests {
             .flat_map(|&i| pixels[i as usize * 784..(i as usize + 1) * 784].to_vec())
             .collect();
         let lb: Vec<u8> = g.images.iter().map(|&i| labels[i as usize]).collect();
-        let stats = evaluate_candidates(t.network(), &px, &lb, &g.vars, &g.candidates, 1).unwrap();
+        let stats = evaluate_candidates(
+            t.network(),
+            &px,
+            &Targets::labels(&lb),
+            &g.vars,
+            &g.candidates,
+            1,
+        )
+        .unwrap();
         let out = t.complete(&g, &stats).unwrap();
         Some((g, out))
     }

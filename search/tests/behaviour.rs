@@ -164,6 +164,7 @@ fn search(strategy: Strategy) -> SearchConfig {
         batch_size: BATCH,
         fitness: Fitness::Loss,
         hill_flips: 1,
+        ..SearchConfig::default()
     }
 }
 

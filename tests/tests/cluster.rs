@@ -97,7 +97,7 @@ async fn cluster_fitness_equals_single_process_evaluation() {
         let stats = fitness::evaluate_candidates(
             trainer.network(),
             &pixels,
-            &labels,
+            &ccq_common::qnet::Targets::labels(&labels),
             &g.vars,
             &g.candidates,
             1,

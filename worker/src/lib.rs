@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ccq_common::data::{self, DataSource, Dataset, Shard, Split};
 use ccq_common::fitness;
-use ccq_common::qnet::QNetwork;
+use ccq_common::qnet::{QNetwork, Targets, Teacher};
 use ccq_proto::client::{self, endpoint, error_chain, Auth, Client};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
@@ -319,7 +319,7 @@ async fn evaluate(
     client: &mut Client,
     worker_id: u64,
     local: &mut Local,
-    job: Job,
+    mut job: Job,
     threads: usize,
 ) -> Result<Option<(Vec<CandidateResult>, u64)>, Error> {
     if !sync_network(client, worker_id, local, job.network_version).await? {
@@ -351,9 +351,20 @@ async fn evaluate(
         .collect();
     let (_, net) = local.net.take().expect("network synced");
     let vars = job.group_vars.clone();
+    // Distillation: the teacher's logits travel with the job (checked with the rest by
+    // `evaluate_candidates`: a malformed teacher is a bad job, not a panic).
+    let teacher = std::mem::take(&mut job.teacher_logits);
+    let temperature = job.temperature;
     let started = Instant::now();
     let (net, res) = tokio::task::spawn_blocking(move || {
-        let r = fitness::evaluate_candidates(&net, &pixels, &labels, &vars, &candidates, threads);
+        let targets = Targets {
+            labels: &labels,
+            teacher: (!teacher.is_empty()).then_some(Teacher {
+                logits: &teacher,
+                temperature,
+            }),
+        };
+        let r = fitness::evaluate_candidates(&net, &pixels, &targets, &vars, &candidates, threads);
         (net, r)
     })
     .await

@@ -34,6 +34,30 @@ pub struct Setup {
     /// Random per process: tells workers that network versions they hold from another
     /// coordinator process mean nothing here.
     pub instance: String,
+    /// The float model's logits on the search images (`search.fitness = "distill"`).
+    pub teacher: Option<Arc<TeacherLogits>>,
+}
+
+/// The float model's logits on every image of the search part of the training split,
+/// computed once at setup; each job carries its images' rows.
+#[derive(Debug)]
+pub struct TeacherLogits {
+    /// `classes` logits per image, by global training index.
+    pub logits: Vec<f32>,
+    pub classes: usize,
+    pub temperature: f32,
+}
+
+impl TeacherLogits {
+    /// The rows of `images` (global training indices below the search length), in order.
+    pub fn rows(&self, images: &[u64]) -> Vec<f32> {
+        let c = self.classes;
+        images
+            .iter()
+            .flat_map(|&i| &self.logits[i as usize * c..(i as usize + 1) * c])
+            .copied()
+            .collect()
+    }
 }
 
 /// What the loop hands back when the run is over.
@@ -147,6 +171,8 @@ pub struct JobSpec {
     /// The candidates `first..first + count` of the generation.
     pub first: usize,
     pub count: usize,
+    /// Shared, not copied: the handler encodes the rows of `images`.
+    pub teacher: Option<Arc<TeacherLogits>>,
 }
 
 /// A worker's results for a job: one entry per candidate of the job, in order.

@@ -124,6 +124,7 @@ impl Virtual {
             network_fingerprint: "0".into(),
             search_seconds_before: 0.0,
             instance: "i".into(),
+            teacher: None,
         };
         let (tx, rx) = mpsc::channel(64);
         let (telemetry, _) = watch::channel(None);

@@ -16,7 +16,7 @@ use ccq_search::trainer::Generation;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::events::{JobSpec, PollReply, Submission};
+use super::events::{JobSpec, PollReply, Submission, TeacherLogits};
 
 #[derive(Debug, Clone)]
 struct JobEntry {
@@ -61,6 +61,8 @@ pub struct JobQueue {
     current: Option<InFlight>,
     /// Polls waiting for work: (worker, reply).
     parked: Vec<(u64, oneshot::Sender<PollReply>)>,
+    /// Every job carries its images' teacher logits (distillation fitness).
+    teacher: Option<Arc<TeacherLogits>>,
 }
 
 impl JobQueue {
@@ -71,7 +73,14 @@ impl JobQueue {
             next_id: 1,
             current: None,
             parked: Vec::new(),
+            teacher: None,
         }
+    }
+
+    /// Jobs carry the teacher's logits of their images (distillation fitness).
+    pub fn with_teacher(mut self, teacher: Option<Arc<TeacherLogits>>) -> JobQueue {
+        self.teacher = teacher;
+        self
     }
 
     /// Cuts `generation` into jobs and queues them: per shard with images in the batch
@@ -201,6 +210,7 @@ impl JobQueue {
             generation: Arc::clone(&c.generation),
             first: j.first,
             count: j.count,
+            teacher: self.teacher.clone(),
         }
     }
 

@@ -44,7 +44,7 @@ use self::changelog::ChangeLog;
 use self::checkpointer::Checkpointer;
 pub use self::events::{
     answer_during_setup, Event, Finished, HeartbeatReply, JobSpec, NetworkUpdate, PollReply,
-    Refusal, RegisterWorker, Registration, Setup, Submission,
+    Refusal, RegisterWorker, Registration, Setup, Submission, TeacherLogits,
 };
 use self::jobs::{Accepted, JobQueue};
 use self::measure::Measurements;
@@ -98,7 +98,7 @@ impl State {
             started: now,
             phase: Phase::Training,
             workers: WorkerRegistry::new(setup.shards),
-            jobs: JobQueue::new(setup.shards),
+            jobs: JobQueue::new(setup.shards).with_teacher(setup.teacher.clone()),
             log: ChangeLog::default(),
             history: History::default(),
             measurements: Measurements::new(
