@@ -2,8 +2,9 @@
 
 use ccq_common::data::{self, DataSource, Split};
 use ccq_common::fitness;
-use ccq_common::qnet::QNetwork;
-use ccq_coordinator::eval::quantize_from_train;
+use ccq_common::qnet::{QNetwork, Targets, Teacher};
+use ccq_coordinator::eval::{float_logits, quantize_from_train};
+use ccq_search::config::Fitness;
 use ccq_search::trainer::Trainer;
 use ccq_tests::{spawn_cluster, tiny_config, write_tiny_mnist};
 
@@ -54,10 +55,24 @@ async fn one_and_three_workers_train_the_identical_network() {
 /// single-process evaluation of the same candidates on the whole batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_fitness_equals_single_process_evaluation() {
+    cluster_matches_replay(Fitness::Loss).await;
+}
+
+/// The same with the distillation fitness: the teacher logits the jobs carry are the
+/// float model's on the job's images, so the cluster's sums equal a replay that
+/// computes them in this process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_distillation_equals_single_process_evaluation() {
+    cluster_matches_replay(Fitness::Distill).await;
+}
+
+async fn cluster_matches_replay(kind: Fitness) {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_mnist(dir.path(), 700, 120, 2);
     let out = dir.path().join("run");
-    let cfg = tiny_config(dir.path(), &out, 160);
+    let mut cfg = tiny_config(dir.path(), &out, 160);
+    cfg.search.fitness = kind;
+    cfg.search.temperature = 2.0;
     let report = spawn_cluster(cfg.clone(), 2).await.finish().await;
 
     // Replay the run in this process: the same trainer, candidates evaluated locally.
@@ -73,6 +88,8 @@ async fn cluster_fitness_equals_single_process_evaluation() {
     .unwrap();
     let train = data::load(&source, Split::Train, None).unwrap();
     let search_len = train.len() - cfg.data.validation;
+    let classes = graph.num_classes();
+    let teacher = float_logits(&graph, &cfg.normalization(), &train, 1);
     let mut trainer = Trainer::new(
         net,
         cfg.eda.clone(),
@@ -94,10 +111,22 @@ async fn cluster_fitness_equals_single_process_evaluation() {
             .flat_map(|&i| train.images[i as usize * il..(i as usize + 1) * il].to_vec())
             .collect();
         let labels: Vec<u8> = g.images.iter().map(|&i| train.labels[i as usize]).collect();
+        let rows: Vec<f32> = g
+            .images
+            .iter()
+            .flat_map(|&i| teacher[i as usize * classes..(i as usize + 1) * classes].to_vec())
+            .collect();
+        let targets = Targets {
+            labels: &labels,
+            teacher: (kind == Fitness::Distill).then_some(Teacher {
+                logits: &rows,
+                temperature: 2.0,
+            }),
+        };
         let stats = fitness::evaluate_candidates(
             trainer.network(),
             &pixels,
-            &ccq_common::qnet::Targets::labels(&labels),
+            &targets,
             &g.vars,
             &g.candidates,
             1,
