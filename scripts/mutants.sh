@@ -59,7 +59,7 @@ esac
 # slow process tests are left out on purpose: they take minutes and guard other things.
 scopes=(
   "search|-p ccq-search --cargo-test-arg=--lib --cargo-test-arg=--tests"
-  "common|-p ccq-common -f common/src/fitness.rs -f common/src/qnet.rs -f common/src/kernels/mod.rs --re fitness\.rs|EvalStats::|image_loss|cross_entropy|distillation|log_softmax|argmax|Targets::|QNetwork::stats|Requant:: -E delta_pays_off|slice_value|pad_value --cargo-test-arg=--lib"
+  "common|-p ccq-common -f common/src/fitness.rs -f common/src/qnet.rs -f common/src/kernels/mod.rs --re fitness\.rs|EvalStats::|image_loss|cross_entropy|distillation|log_softmax|argmax|Targets<|QNetwork::stats|Requant:: -E delta_pays_off|slice_value|pad_value --cargo-test-arg=--lib"
   "coordinator|-p ccq-coordinator -f coordinator/src/checkpoint.rs --cargo-test-arg=--lib"
 )
 

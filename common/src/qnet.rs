@@ -372,12 +372,9 @@ impl<'a> Targets<'a> {
         }
     }
 
-    pub fn len(&self) -> usize {
+    /// Images scored.
+    pub(crate) fn len(&self) -> usize {
         self.labels.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
     }
 
     /// Images `lo..hi` of these targets, for a network of `classes` outputs.
