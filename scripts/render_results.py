@@ -37,6 +37,9 @@ MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)", "resnet20": "ResN
 COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN.
+# The widest int8 kernel path the machine has (scripts/run_grid.py records it; older
+# reports do not).
+ISA = {"avx512_vnni": "AVX-512 VNNI", "avx512bw": "AVX-512, no VNNI", "avx2": "AVX2, no AVX-512"}
 CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:bc)?(?:fl\d+)?)-(?P<strategy>[a-z-]+)$")
 
 
@@ -417,7 +420,8 @@ def main():
     for m, days in machines.values():
         days = sorted(d for d in days if d)
         when = f", runs finished {days[0]} to {days[-1]}" if len(days) > 1 else (f", {days[0]}" if days else "")
-        md.append(f"- {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb')} GB, {m.get('os')}{when}"
+        isa = f" ({ISA.get(m['isa'], m['isa'])})" if m.get("isa") else ""
+        md.append(f"- {m.get('cpu')}{isa}, {m.get('cores')} cores, {m.get('memory_gb')} GB, {m.get('os')}{when}"
                   " (shared with other work, builds and tests at times: wall times are noisy; evaluation "
                   "counts are not)")
     if not machines:

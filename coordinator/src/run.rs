@@ -150,6 +150,7 @@ pub async fn run(
     // Setup (import, float reference, calibration) can take minutes: a shutdown request
     // ends it at once; there is nothing to checkpoint yet.
     tokio::pin!(shutdown);
+    let resuming = resumed.is_some();
     let setup = async {
         let graph = onnx::load_onnx(&cfg.model.onnx)?;
         let train_len = data::split_len(&source, Split::Train)?;
@@ -253,18 +254,38 @@ pub async fn run(
 
         let teacher = match cfg.search.fitness {
             Fitness::Distill => {
-                phase.send_replace("computing teacher logits");
-                info!("distillation: the float model's logits on the {search_len} search images");
-                let (g, n, src) = (graph.clone(), norm.clone(), source.clone());
-                let logits = tokio::task::spawn_blocking(move || {
-                    let d = data::load(&src, Split::Train, Some(0..search_len))?;
-                    Ok::<_, ccq_common::Error>(float_logits(&g, &n, &d, eval_threads))
-                })
-                .await
-                .expect("teacher logits panicked")?;
+                // A resumed run reads back the bits it searched with (crate::teacher).
+                let classes = graph.num_classes();
+                let saved = match resuming {
+                    true => crate::teacher::load(&out_dir, search_len, classes)?,
+                    false => None,
+                };
+                let logits = match saved {
+                    Some(l) => {
+                        let file = crate::teacher::path(&out_dir);
+                        info!(
+                            "distillation: teacher logits read back from {}",
+                            file.display()
+                        );
+                        l
+                    }
+                    None => {
+                        phase.send_replace("computing teacher logits");
+                        info!("distillation: the float model's logits on the {search_len} search images");
+                        let (g, n, src) = (graph.clone(), norm.clone(), source.clone());
+                        let logits = tokio::task::spawn_blocking(move || {
+                            let d = data::load(&src, Split::Train, Some(0..search_len))?;
+                            Ok::<_, ccq_common::Error>(float_logits(&g, &n, &d, eval_threads))
+                        })
+                        .await
+                        .expect("teacher logits panicked")?;
+                        crate::teacher::save(&out_dir, &logits, classes)?;
+                        logits
+                    }
+                };
                 Some(std::sync::Arc::new(TeacherLogits {
                     logits,
-                    classes: graph.num_classes(),
+                    classes,
                     temperature: cfg.search.temperature,
                 }))
             }
@@ -363,6 +384,7 @@ pub async fn run(
     };
     crate::report::write(&report, &out_dir)?;
     if finished.complete {
+        crate::teacher::remove(&out_dir);
         // The outputs are final: nothing is left to resume.
         let ck = checkpoint::path(&out_dir);
         if ck.exists() {

@@ -17,6 +17,11 @@ use support::{
 /// 750 generations of 8 candidates over 2 shards, measured every 25 generations and
 /// checkpointed every 10: long enough to be interrupted many times.
 fn write_config(dir: &Path, name: &str, model: &Path) -> PathBuf {
+    write_config_with(dir, name, model, "loss")
+}
+
+/// [`write_config`] with `search.fitness = fitness`.
+fn write_config_with(dir: &Path, name: &str, model: &Path, fitness: &str) -> PathBuf {
     let config = dir.join(name);
     std::fs::write(
         &config,
@@ -24,7 +29,7 @@ fn write_config(dir: &Path, name: &str, model: &Path) -> PathBuf {
             "seed = 5\nout = \"{}\"\n[model]\nonnx = \"{}\"\nmean = [0.13]\nstd = [0.31]\n\
              [data]\nsource = \"mnist:{}\"\nvalidation = 100\n[quant]\nweight_bits = 2\n\
              calib_images = 64\n[eda]\npopulation = 8\ngroup_size = 32\n\
-             [search]\nbatch_size = 64\n[budget]\nevaluations = 6000\n\
+             [search]\nbatch_size = 64\nfitness = \"{fitness}\"\n[budget]\nevaluations = 6000\n\
              [eval]\nevery_generations = 25\nthreads = 1\n\
              [cluster]\nshards = 2\nheartbeat_ms = 100\n\
              [checkpoint]\nevery_generations = 10\nevery_secs = 0\n",
@@ -77,32 +82,43 @@ fn outcome(out: &Path) -> Outcome {
 /// The undisturbed run (two in-process workers), computed once per test binary.
 fn reference() -> &'static Outcome {
     static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
-    &REF.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), "ref.toml", &fixture_model());
-        let out = dir.path().join("ref");
-        let o = Command::new(coordinator())
-            .args(["run", "--config"])
-            .arg(&config)
-            .arg("--out")
-            .arg(&out)
-            .args(["--local-workers", "2", "--listen", &free_addr().to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "reference run failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert!(
-            !out.join("checkpoint.ccqck").exists(),
-            "a finished run leaves no checkpoint to resume"
-        );
-        let r = outcome(&out);
-        assert_eq!(r.evaluations, 6_000);
-        (dir, r)
-    })
-    .1
+    &REF.get_or_init(|| undisturbed("loss")).1
+}
+
+/// The undisturbed run with the distillation fitness.
+fn reference_distill() -> &'static Outcome {
+    static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
+    &REF.get_or_init(|| undisturbed("distill")).1
+}
+
+fn undisturbed(fitness: &str) -> (tempfile::TempDir, Outcome) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(dir.path(), "ref.toml", &fixture_model(), fitness);
+    let out = dir.path().join("ref");
+    let o = Command::new(coordinator())
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .args(["--local-workers", "2", "--listen", &free_addr().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "reference run failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !out.join("checkpoint.ccqck").exists(),
+        "a finished run leaves no checkpoint to resume"
+    );
+    assert!(
+        !out.join("teacher.bin").exists(),
+        "a finished run leaves no teacher logits"
+    );
+    let r = outcome(&out);
+    assert_eq!(r.evaluations, 6_000);
+    (dir, r)
 }
 
 fn spawn_worker(addr: &str) -> Killed {
@@ -271,4 +287,55 @@ fn coordinator_killed_and_resumed_ends_identical() {
         .resumed_from_generation
         .expect("the report names the resume point");
     assert!((10..750).contains(&from), "resumed from generation {from}");
+}
+
+/// Distillation: the resumed coordinator reads back the teacher logits the run started
+/// with (teacher.bin beside the checkpoint) and ends exactly as the undisturbed run.
+#[test]
+fn a_distillation_run_killed_and_resumed_ends_identical() {
+    let expected = reference_distill();
+    assert_ne!(
+        expected.history,
+        reference().history,
+        "the distillation fitness searches differently"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), "distill");
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap().to_string();
+    let addr = free_addr().to_string();
+    let workers: Vec<Killed> = (0..2).map(|_| spawn_worker(&addr)).collect();
+    let coord = spawn_coordinator(&["--out", &out_s], Some(&config), &addr);
+    let ck = out.join("checkpoint.ccqck");
+    let mid_run = wait_for(Duration::from_secs(120), || {
+        ck.exists() && generation(&addr).is_some_and(|g| g >= 200)
+    });
+    assert!(
+        mid_run,
+        "the run never got past generation 200 with a checkpoint"
+    );
+    drop(coord); // SIGKILL, mid-generation
+    let teacher = std::fs::read(out.join("teacher.bin")).expect("teacher logits kept for resume");
+
+    let mut resumed = spawn_coordinator(&["--resume", &out_s], None, &addr);
+    assert!(
+        finishes(&mut resumed, 180),
+        "the resumed run did not finish"
+    );
+    assert_workers_leave(workers);
+    let got = outcome(&out);
+    assert_eq!(
+        got.history, expected.history,
+        "history differs from the uninterrupted run"
+    );
+    assert!(
+        got.model == expected.model,
+        "the final network differs from the uninterrupted run"
+    );
+    assert!(got.resumed_from_generation.is_some());
+    assert!(
+        !out.join("teacher.bin").exists(),
+        "removed with the checkpoint at the end"
+    );
+    assert!(teacher.starts_with(b"ccq-teacher 1 "));
 }
