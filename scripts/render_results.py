@@ -297,7 +297,7 @@ def main():
           "identical to `cc-layer`), `cc-random` / "
           "`cc-layer` = the same with random / static layer-by-layer groups, `eda` = EDA without cooperative "
           "coevolution (all variables sampled jointly), `hill` = (1+λ) random local search in the same "
-          "restricted space, `eda-cc-distill` = ccq's method with the distillation fitness (`[search] fitness = "distill"`: "
+          "restricted space, `eda-cc-distill` = ccq's method with the distillation fitness (`[search] fitness = \"distill\"`: "
           "KL divergence to the float model's outputs on the batch instead of cross-entropy on the labels), "
           "`rtn` = round-to-nearest post-training quantization (no search). A precision "
           "marked + BC (e.g. W3A8 + BC) starts every search from the bias-corrected RTN network "
