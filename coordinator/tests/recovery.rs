@@ -202,6 +202,24 @@ fn workers_killed_and_restarted_at_random_moments_change_nothing() {
     );
 }
 
+/// Starts the run in `out` with two separate workers and SIGKILLs the coordinator once
+/// it is past generation 200 with a checkpoint. The workers outlive it: they keep
+/// retrying and rejoin a resumed one.
+fn start_and_kill_mid_run(config: &Path, out: &str, addr: &str) -> Vec<Killed> {
+    let workers: Vec<Killed> = (0..2).map(|_| spawn_worker(addr)).collect();
+    let coord = spawn_coordinator(&["--out", out], Some(config), addr);
+    let ck = Path::new(out).join("checkpoint.ccqck");
+    let mid_run = wait_for(Duration::from_secs(120), || {
+        ck.exists() && generation(addr).is_some_and(|g| g >= 200)
+    });
+    assert!(
+        mid_run,
+        "the run never got past generation 200 with a checkpoint"
+    );
+    drop(coord); // SIGKILL, mid-generation
+    workers
+}
+
 #[test]
 fn coordinator_killed_and_resumed_ends_identical() {
     let expected = reference();
@@ -210,18 +228,8 @@ fn coordinator_killed_and_resumed_ends_identical() {
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap().to_string();
     let addr = free_addr().to_string();
-    // Workers outlive the coordinator: they keep retrying and rejoin the resumed one.
-    let workers: Vec<Killed> = (0..2).map(|_| spawn_worker(&addr)).collect();
-    let coord = spawn_coordinator(&["--out", &out_s], Some(&config), &addr);
+    let workers = start_and_kill_mid_run(&config, &out_s, &addr);
     let ck = out.join("checkpoint.ccqck");
-    let mid_run = wait_for(Duration::from_secs(120), || {
-        ck.exists() && generation(&addr).is_some_and(|g| g >= 200)
-    });
-    assert!(
-        mid_run,
-        "the run never got past generation 200 with a checkpoint"
-    );
-    drop(coord); // SIGKILL, mid-generation
     let saved = std::fs::read(&ck).unwrap();
 
     // Guards that lose nothing: a new run over the unfinished one is refused...
@@ -304,17 +312,7 @@ fn a_distillation_run_killed_and_resumed_ends_identical() {
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap().to_string();
     let addr = free_addr().to_string();
-    let workers: Vec<Killed> = (0..2).map(|_| spawn_worker(&addr)).collect();
-    let coord = spawn_coordinator(&["--out", &out_s], Some(&config), &addr);
-    let ck = out.join("checkpoint.ccqck");
-    let mid_run = wait_for(Duration::from_secs(120), || {
-        ck.exists() && generation(&addr).is_some_and(|g| g >= 200)
-    });
-    assert!(
-        mid_run,
-        "the run never got past generation 200 with a checkpoint"
-    );
-    drop(coord); // SIGKILL, mid-generation
+    let workers = start_and_kill_mid_run(&config, &out_s, &addr);
     let teacher = std::fs::read(out.join("teacher.bin")).expect("teacher logits kept for resume");
 
     let mut resumed = spawn_coordinator(&["--resume", &out_s], None, &addr);
