@@ -31,10 +31,11 @@ METHODS = {
     "eda": "EDA without CC",
     "hill": "(1+λ) local search",
     "eda-cc-distill": "EDA+CC, distillation fitness",
+    "eda-cc-confirm": "EDA+CC, adoption confirmed on a fresh batch",
     "rtn": "RTN (no search)",
 }
 MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
-COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "rtn": "#7f7f7f"}
+COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN.
 # The widest int8 kernel path the machine has (scripts/run_grid.py records it; older
@@ -50,13 +51,17 @@ def load_cells():
         if not m:
             continue
         cfg = tomllib.loads(path.read_text())
-        # A method is the strategy, suffixed with the fitness when it is not the default.
+        # A method is the strategy, suffixed with the fitness and the acceptance rule when
+        # they are not the defaults.
         strategy = cfg.get("search", {}).get("strategy", "eda-cc")
         fitness = cfg.get("search", {}).get("fitness", "loss")
         if fitness != "loss":
             strategy = f"{strategy}-{fitness}"
+        acceptance = cfg.get("search", {}).get("acceptance", "batch")
+        if acceptance != "batch":
+            strategy = f"{strategy}-{acceptance}"
         if strategy != m["strategy"]:
-            raise SystemExit(f"{path}: name says {m['strategy']}, search.strategy/fitness say {strategy}")
+            raise SystemExit(f"{path}: name says {m['strategy']}, search.strategy/fitness/acceptance say {strategy}")
         cells[path.stem] = {
             "model": m["model"],
             "prec": m["prec"],
@@ -299,6 +304,9 @@ def main():
           "coevolution (all variables sampled jointly), `hill` = (1+λ) random local search in the same "
           "restricted space, `eda-cc-distill` = ccq's method with the distillation fitness (`[search] fitness = \"distill\"`: "
           "KL divergence to the float model's outputs on the batch instead of cross-entropy on the labels), "
+          "`eda-cc-confirm` = ccq's method adopting a candidate only when it beats the current network on its "
+          "batch and again on a fresh batch (`[search] acceptance = \"confirm\"`: the confirmation scores just the "
+          "two, 2 evaluations of the same budget), "
           "`rtn` = round-to-nearest post-training quantization (no search). A precision "
           "marked + BC (e.g. W3A8 + BC) starts every search from the bias-corrected RTN network "
           "(`[quant] bias_correction = true`: after rounding, each layer's integer biases are shifted so that "

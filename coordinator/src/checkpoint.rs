@@ -38,8 +38,9 @@ use ccq_search::trainer::{Generation, TrainerSnapshot};
 
 pub const FILE_NAME: &str = "checkpoint.ccqck";
 /// Bumped whenever the body's meaning changes; older files are refused, not guessed at.
-/// 1: JSON body, FNV-1a checksum. 2: postcard body, CRC32.
-pub const FORMAT_VERSION: u32 = 2;
+/// 1: JSON body, FNV-1a checksum. 2: postcard body, CRC32. 3: the trainer's snapshot
+/// carries the candidate awaiting confirmation (`search.acceptance = "confirm"`).
+pub const FORMAT_VERSION: u32 = 3;
 const MAGIC: &str = "ccq-checkpoint";
 /// Room for the header line: `MAGIC`, the format, 20 digits of length, 8 of CRC.
 const MAX_HEADER: usize = 128;
@@ -702,7 +703,7 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&on_disk[..nl]).unwrap(),
             format!(
-                "ccq-checkpoint 2 {:020} {:08x}",
+                "ccq-checkpoint {FORMAT_VERSION} {:020} {:08x}",
                 body.len(),
                 crc32fast::hash(body)
             )
@@ -749,11 +750,14 @@ mod tests {
         assert!(r.starts_with("not a ccq checkpoint"), "{r}");
         let r = reason(Checkpoint::decode(b"", "ck"));
         assert!(r.starts_with("not a ccq checkpoint"), "{r}");
-        let mut v3 = b"ccq-checkpoint 3".to_vec();
-        v3.extend_from_slice(&bytes[b"ccq-checkpoint 2".len()..]);
-        let r = reason(Checkpoint::decode(&v3, "ck"));
+        let next = FORMAT_VERSION + 1;
+        let mut newer = format!("ccq-checkpoint {next}").into_bytes();
+        newer.extend_from_slice(&bytes[format!("ccq-checkpoint {FORMAT_VERSION}").len()..]);
+        let r = reason(Checkpoint::decode(&newer, "ck"));
         assert!(
-            r.contains("format version 3; this build reads version 2"),
+            r.contains(&format!(
+                "format version {next}; this build reads version {FORMAT_VERSION}"
+            )),
             "{r}"
         );
         // A valid file whose body is not a checkpoint.
@@ -802,7 +806,7 @@ mod tests {
         assert!(
             e.contains(&path(dir.path()).display().to_string())
                 && e.contains("format version 1 (JSON")
-                && e.contains("this build reads version 2 only"),
+                && e.contains(&format!("this build reads version {FORMAT_VERSION} only")),
             "{e}"
         );
     }

@@ -21,6 +21,32 @@ pub enum Fitness {
     Distill,
 }
 
+/// When the best candidate of a generation replaces the context (the current network).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Acceptance {
+    /// When it beats the context on the generation's batch (the paper's rule). The best of
+    /// many candidates on one batch beats the context by chance alone once true gains are
+    /// smaller than the batch noise, so late in a search the network random-walks.
+    #[default]
+    Batch,
+    /// When it beats the context on its batch and then again on a fresh batch: the next
+    /// generation evaluates just the two of them (2 evaluations), with no selection among
+    /// candidates on that batch to bias it.
+    Confirm,
+}
+
+impl Acceptance {
+    pub fn name(self) -> &'static str {
+        match self {
+            Acceptance::Batch => "batch",
+            Acceptance::Confirm => "confirm",
+        }
+    }
+}
+
 /// How the search chooses what to evaluate: ccq's method and the baselines/ablations it
 /// is compared with. All run on the same cluster and engine, draw batches the
 /// same way, count budgets in the same evaluations, and adopt the best candidate of a
@@ -91,6 +117,8 @@ pub struct SearchConfig {
     /// Softmax temperature of the distillation fitness (`fitness = "distill"` only); above
     /// 1 the teacher's smaller probabilities weigh more.
     pub temperature: f32,
+    /// When the best candidate replaces the current network.
+    pub acceptance: Acceptance,
 }
 
 impl Default for SearchConfig {
@@ -102,6 +130,7 @@ impl Default for SearchConfig {
             fitness: Fitness::Loss,
             hill_flips: 4,
             temperature: 1.0,
+            acceptance: Acceptance::Batch,
         }
     }
 }
@@ -209,5 +238,10 @@ mod tests {
             assert_eq!(parsed.strategy, s);
         }
         assert_eq!(Strategy::EdaCc.name(), "eda-cc");
+        for a in [Acceptance::Batch, Acceptance::Confirm] {
+            let parsed: Acceptance = serde_json::from_str(&format!("\"{}\"", a.name())).unwrap();
+            assert_eq!(parsed, a);
+        }
+        assert_eq!(Acceptance::default(), Acceptance::Batch);
     }
 }

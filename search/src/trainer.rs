@@ -21,7 +21,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Fitness, SearchConfig, Strategy};
+use crate::config::{Acceptance, Fitness, SearchConfig, Strategy};
 use crate::eda::{EdaParams, EdaState, Group, Variable};
 use crate::Error;
 
@@ -82,6 +82,20 @@ pub struct TrainerSnapshot {
     pub queue: GroupQueue,
     pub current: Option<(Group, usize)>,
     pub progress: Progress,
+    /// A candidate waiting for its confirmation (`search.acceptance = "confirm"`).
+    #[serde(default)]
+    pub pending: Option<Pending>,
+}
+
+/// A candidate that beat the context on its batch and waits to be confirmed on a fresh
+/// one before it is adopted (`search.acceptance = "confirm"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pending {
+    /// Its group's variables and its code for each; variables that froze when it was
+    /// selected carry their pinned mode.
+    pub vars: Vec<u32>,
+    pub codes: Vec<i8>,
+    pub layer: u32,
 }
 
 /// The groups left in a cycle. A cycle's groups are formed once and only taken from the
@@ -154,6 +168,8 @@ pub struct Trainer {
     queue: GroupQueue,
     current: Option<(Group, usize)>,
     progress: Progress,
+    /// The candidate the next generation confirms or rejects.
+    pending: Option<Pending>,
 }
 
 impl Trainer {
@@ -203,6 +219,7 @@ impl Trainer {
             queue: GroupQueue::default(),
             current: None,
             progress: Progress::default(),
+            pending: None,
         })
     }
 
@@ -219,6 +236,7 @@ impl Trainer {
             queue: self.queue.clone(),
             current: self.current.clone(),
             progress: self.progress,
+            pending: self.pending.clone(),
         }
     }
 
@@ -265,6 +283,25 @@ impl Trainer {
                 return Err(bad("queue", format!("group names variable {v} of {n}")));
             }
         }
+        if let Some(p) = &snap.pending {
+            if p.vars.len() != p.codes.len() {
+                return Err(bad(
+                    "pending",
+                    format!("{} variables but {} codes", p.vars.len(), p.codes.len()),
+                ));
+            }
+            for (&v, &c) in p.vars.iter().zip(&p.codes) {
+                if v as usize >= n {
+                    return Err(bad("pending", format!("names variable {v} of {n}")));
+                }
+                if !snap.eda.allowed_values(v as usize).contains(&c) {
+                    return Err(bad(
+                        "pending",
+                        format!("variable {v} has code {c}, outside its allowed range"),
+                    ));
+                }
+            }
+        }
         let pos = |field: &str, s: &str| {
             s.parse::<u128>()
                 .map_err(|_| bad(field, format!("{s:?} is not a stream position")))
@@ -291,6 +328,7 @@ impl Trainer {
             queue: snap.queue,
             current: snap.current,
             progress: snap.progress,
+            pending: snap.pending,
         })
     }
 
@@ -315,6 +353,21 @@ impl Trainer {
     /// The next generation, or `None` when there is nothing left to search: every
     /// variable is frozen, or the strategy is `rtn`.
     pub fn next_generation(&mut self) -> Result<Option<Generation>, Error> {
+        if let Some(p) = &self.pending {
+            // The context and the pending candidate, on a fresh batch. The pending
+            // candidate stays set until `complete` decides, so that a snapshot taken
+            // while this generation is out resumes into the same decision.
+            let context = p.vars.iter().map(|&v| self.codes[v as usize]).collect();
+            let (vars, codes, layer) = (p.vars.clone(), p.codes.clone(), p.layer);
+            let images = self.draw_batch();
+            return Ok(Some(Generation {
+                id: self.progress.generations,
+                images,
+                vars,
+                candidates: vec![context, codes],
+                layer,
+            }));
+        }
         match self.search.strategy {
             Strategy::Rtn => return Ok(None),
             Strategy::Hill => {
@@ -401,14 +454,18 @@ impl Trainer {
                 generation.images.len()
             )));
         }
+        let fitness = self.search.fitness;
         let key = |i: usize| -> (u64, u64, usize) {
             let s = &stats[i];
-            match self.search.fitness {
+            match fitness {
                 // The loss is the distillation loss when the jobs carry a teacher.
                 Fitness::Loss | Fitness::Distill => (s.loss_fixed, 0, i),
                 Fitness::Error => (s.images - s.correct, s.loss_fixed, i),
             }
         };
+        if let Some(p) = self.pending.take() {
+            return self.confirm(p, stats, n, key);
+        }
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| key(i));
         let k = self.eda.params().top_k.min(n);
@@ -417,7 +474,9 @@ impl Trainer {
             .map(|&i| &generation.candidates[i])
             .collect();
         let best = order[0];
-        let adopted = best != 0 && key(best) < key(0);
+        let wins = best != 0 && key(best) < key(0);
+        let confirm = wins && self.search.acceptance == Acceptance::Confirm;
+        let adopted = wins && !confirm;
 
         let mut changes = Vec::new();
         if adopted {
@@ -444,6 +503,26 @@ impl Trainer {
         if !changes.is_empty() {
             self.net.apply_changes(&changes)?;
         }
+        if confirm {
+            // Frozen variables keep their pinned mode; a candidate left equal to the
+            // context has nothing to confirm.
+            let codes: Vec<i8> = (generation.vars.iter().zip(&generation.candidates[best]))
+                .map(|(&v, &c)| {
+                    if self.eda.is_frozen(v as usize) {
+                        self.codes[v as usize]
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            if (generation.vars.iter().zip(&codes)).any(|(&v, &c)| self.codes[v as usize] != c) {
+                self.pending = Some(Pending {
+                    vars: generation.vars.clone(),
+                    codes,
+                    layer: generation.layer,
+                });
+            }
+        }
 
         self.progress.generations += 1;
         self.progress.evaluations += n as u64;
@@ -456,6 +535,45 @@ impl Trainer {
             }
         }
         let s = &stats[best];
+        Ok(Outcome {
+            adopted,
+            changes,
+            best_loss: s.mean_loss(),
+            best_top1: s.top1(),
+        })
+    }
+
+    /// Completes a confirmation generation (candidate 0 the context, 1 the pending
+    /// candidate): the candidate is adopted when it beats the context again. The group's
+    /// distribution has learnt from its own generation already; this only decides.
+    fn confirm(
+        &mut self,
+        p: Pending,
+        stats: &[EvalStats],
+        n: usize,
+        key: impl Fn(usize) -> (u64, u64, usize),
+    ) -> Result<Outcome, Error> {
+        if n != 2 {
+            return Err(Error::Results(format!(
+                "confirmation generation got {n} candidates, expected 2"
+            )));
+        }
+        let adopted = key(1) < key(0);
+        let mut changes = Vec::new();
+        if adopted {
+            for (&v, &c) in p.vars.iter().zip(&p.codes) {
+                // A variable frozen since is pinned at its mode.
+                if self.codes[v as usize] != c && !self.eda.is_frozen(v as usize) {
+                    self.codes[v as usize] = c;
+                    changes.push((v, c));
+                }
+            }
+            self.net.apply_changes(&changes)?;
+        }
+        self.progress.generations += 1;
+        self.progress.evaluations += n as u64;
+        self.progress.adoptions += adopted as u64;
+        let s = &stats[usize::from(adopted)];
         Ok(Outcome {
             adopted,
             changes,
