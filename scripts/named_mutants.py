@@ -3,6 +3,7 @@
 the test suite fails on each. Every file is restored afterwards, also on Ctrl-C.
 
 usage: python3 scripts/named_mutants.py [--markdown]
+       python3 scripts/named_mutants.py --check   # only that every mutation still applies (CI)
 
 These are the mutations a reviewer names (issue "Tests that the search searches"); cargo-mutants
 (scripts/mutants.sh) covers the mechanical ones. Each entry: what it breaks, the file, the exact
@@ -30,16 +31,16 @@ MUTATIONS = [
     (
         "never adopting",
         "search/src/trainer.rs",
-        "let adopted = best != 0 && key(best) < key(0);",
-        "let adopted = false;",
+        "let wins = best != 0 && key(best) < key(0);",
+        "let wins = false;",
         SEARCH_TESTS,
     ),
     (
         "adopting the best non-context candidate even when it is worse than the context",
         "search/src/trainer.rs",
-        "let best = order[0];\n        let adopted = best != 0 && key(best) < key(0);",
+        "let best = order[0];\n        let wins = best != 0 && key(best) < key(0);",
         "let best = order.iter().copied().find(|&i| i != 0).unwrap_or(0);\n"
-        "        let adopted = best != 0;",
+        "        let wins = best != 0;",
         SEARCH_TESTS,
     ),
     (
@@ -52,16 +53,8 @@ MUTATIONS = [
     (
         "summing a batch's losses in f32 (rounding depends on how the batch is split)",
         "common/src/qnet.rs",
-        "        let mut s = EvalStats::default();\n"
-        "        for (row, &label) in acts.logits.chunks_exact(self.num_classes).zip(labels) {\n"
-        "            let (loss, ok) = image_loss(row, self.logit_scale, label);\n"
         "            s.loss_fixed += loss;",
-        "        let mut s = EvalStats::default();\n"
-        "        let mut f = 0f32;\n"
-        "        for (row, &label) in acts.logits.chunks_exact(self.num_classes).zip(labels) {\n"
-        "            let (loss, ok) = image_loss(row, self.logit_scale, label);\n"
-        "            f += loss as f32;\n"
-        "            s.loss_fixed = f as u64;",
+        "            s.loss_fixed = (s.loss_fixed as f32 + loss as f32) as u64;",
         CLUSTER_TESTS,
     ),
     (
@@ -81,7 +74,19 @@ MUTATIONS = [
 ]
 
 
+def check() -> int:
+    """Every text to mutate is in its file exactly once (CI runs this: a refactor that
+    moves the code must move the mutation with it)."""
+    bad = [f"{path}: the text to mutate for '{what}' is not there exactly once"
+           for what, path, old, _, _ in MUTATIONS if (ROOT / path).read_text().count(old) != 1]
+    for b in bad:
+        print(b, file=sys.stderr)
+    return 2 if bad else 0
+
+
 def main() -> int:
+    if "--check" in sys.argv:
+        return check()
     # A SIGTERM must restore the mutated file too: turn it into an exception.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     rows = []

@@ -22,6 +22,8 @@ REPORTS = ROOT / "docs" / "results" / "grid"
 PLOTS = ROOT / "docs" / "img" / "results"
 OUT = ROOT / "docs" / "RESULTS.md"
 FINDINGS = ROOT / "docs" / "results" / "findings.md"
+# Float controls written by scripts/adabn_control.py.
+CONTROLS = ROOT / "docs" / "results" / "control"
 
 # Display order and names; the keys are the configs' `search.strategy` values.
 METHODS = {
@@ -345,6 +347,19 @@ def main():
         if model == "resnet20" and any(s == "eda-cc" and p == "w8a8" for p, s in entries):
             md += ["W8A8 is the control: RTN at 8 bits loses nothing, so whatever the search gains there over the "
                    "float model is adaptation to this (JPEG) copy of the data, not recovery from quantization.", ""]
+        control = CONTROLS / f"{model}-float-adabn.json"
+        if control.exists():
+            c = json.loads(control.read_text())
+            md += [f"Float control, AdaBN: the float model with every BatchNorm's mean and variance re-estimated "
+                   f"on {c['estimation_images']:,} images of the search split, layer by layer (no quantization, no search): "
+                   f"test {c['adabn']['test_top1']:.2f} % against {c['float']['test_top1']:.2f} %, validation "
+                   f"{c['adabn']['val_top1']:.2f} % against {c['float']['val_top1']:.2f} % "
+                   f"({c['data']}; `{c['command']}`, ONNX Runtime {c['onnxruntime']}, {c['machine']['cpu']}, "
+                   f"{c['finished'][:10]}). Re-estimating the statistics on this copy does not recover accuracy: "
+                   "what the searches gain over the float model is not what AdaBN adapts." if
+                   c['adabn']['test_top1'] <= c['float']['test_top1'] else
+                   f"Float control, AdaBN: {c['adabn']['test_top1']:.2f} % test against {c['float']['test_top1']:.2f} % "
+                   f"(`{c['command']}`, {c['finished'][:10]}).", ""]
 
         md += ["Per cell: budget, evaluations done, search time and whole-run time (mean over seeds), and the "
                "network at the end of the search (not selected by validation).", "",

@@ -527,7 +527,7 @@ mod tests {
     use ccq_common::qnet::QNetwork;
     use ccq_common::quant::{quantize, Calibration, QuantConfig};
     use ccq_search::eda::EdaParams;
-    use ccq_search::trainer::Trainer;
+    use ccq_search::trainer::{Pending, Trainer};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -619,7 +619,15 @@ mod tests {
             search_len: 500,
             float_top1: 90.0,
             search_seconds: 1.5,
-            trainer: t.snapshot(),
+            trainer: TrainerSnapshot {
+                // A candidate awaiting confirmation travels with the trainer.
+                pending: Some(Pending {
+                    vars: vec![0, 1],
+                    codes: t.network().codes()[..2].to_vec(),
+                    layer: 0,
+                }),
+                ..t.snapshot()
+            },
             state: LoopSnapshot {
                 phase: Phase::Training,
                 generation: gen,

@@ -898,3 +898,73 @@ fn print_noisy_acceptance() {
         }
     }
 }
+
+/// A winning candidate whose every change is undone by freezing (its variables froze at
+/// the context's codes in the same generation) leaves nothing to confirm: the next
+/// generation is an ordinary one. Groups of one variable, alpha 1 and a freezing threshold
+/// of 0.7 make that happen whenever three of the four selected candidates keep the
+/// context's code and the best one moves it.
+#[test]
+fn nothing_is_confirmed_when_freezing_undid_the_candidate() {
+    let eda = EdaParams {
+        p0: 0.6,
+        alpha: 1.0,
+        freeze_threshold: 0.7,
+        population: 8,
+        top_k: 4,
+        group_size: 1,
+        ..EdaParams::default()
+    };
+    let s = SearchConfig {
+        acceptance: Acceptance::Confirm,
+        ..search(Strategy::EdaCc)
+    };
+    let mut t = Trainer::new(tiny_network(), eda, s, 7, SEARCH_LEN).unwrap();
+    let mut undone = 0;
+    for _ in 0..200 {
+        let Some(g) = t.next_generation().unwrap() else {
+            break;
+        };
+        let st = |loss_fixed| EvalStats {
+            loss_fixed,
+            correct: 0,
+            images: g.images.len() as u64,
+        };
+        let keep: Vec<usize> = (1..g.candidates.len())
+            .filter(|&c| g.candidates[c] == g.candidates[0])
+            .collect();
+        let moves = (1..g.candidates.len()).find(|&c| g.candidates[c] != g.candidates[0]);
+        let (Some(b), true) = (moves, keep.len() >= 2) else {
+            // Confirmations and generations without the pattern: the context wins.
+            let mut stats = vec![st(9); g.candidates.len()];
+            stats[0] = st(1);
+            t.complete(&g, &stats).unwrap();
+            continue;
+        };
+        // b first, then the context and two candidates that keep its code.
+        let mut stats = vec![st(100); g.candidates.len()];
+        stats[b] = st(1);
+        stats[0] = st(2);
+        stats[keep[0]] = st(3);
+        stats[keep[1]] = st(4);
+        let v = g.vars[0] as usize;
+        let out = t.complete(&g, &stats).unwrap();
+        assert!(!out.adopted && t.eda().is_frozen(v));
+        assert_eq!(
+            t.network().codes()[v],
+            g.candidates[0][0],
+            "frozen at the context's code"
+        );
+        let next = t.next_generation().unwrap().unwrap();
+        assert_ne!(
+            next.candidates.len(),
+            2,
+            "no confirmation of an undone candidate"
+        );
+        let mut stats = vec![st(9); next.candidates.len()];
+        stats[0] = st(1);
+        t.complete(&next, &stats).unwrap();
+        undone += 1;
+    }
+    assert!(undone > 10, "the scenario arose {undone} times");
+}
