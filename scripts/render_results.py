@@ -34,10 +34,12 @@ METHODS = {
     "hill": "(1+λ) local search",
     "eda-cc-distill": "EDA+CC, distillation fitness",
     "eda-cc-confirm": "EDA+CC, adoption confirmed on a fresh batch",
+    "eda-cc-restarts": "EDA+CC, restarts when every variable froze",
+    "eda-cc-confirm-restarts": "EDA+CC, confirmed adoption and restarts",
     "rtn": "RTN (no search)",
 }
 MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
-COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "rtn": "#7f7f7f"}
+COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN.
 # The widest int8 kernel path the machine has (scripts/run_grid.py records it; older
@@ -62,6 +64,8 @@ def load_cells():
         acceptance = cfg.get("search", {}).get("acceptance", "batch")
         if acceptance != "batch":
             strategy = f"{strategy}-{acceptance}"
+        if cfg.get("search", {}).get("restarts", False):
+            strategy = f"{strategy}-restarts"
         if strategy != m["strategy"]:
             raise SystemExit(f"{path}: name says {m['strategy']}, search.strategy/fitness/acceptance say {strategy}")
         cells[path.stem] = {
@@ -308,7 +312,8 @@ def main():
           "KL divergence to the float model's outputs on the batch instead of cross-entropy on the labels), "
           "`eda-cc-confirm` = ccq's method adopting a candidate only when it beats the current network on its "
           "batch and again on a fresh batch (`[search] acceptance = \"confirm\"`: the confirmation scores just the "
-          "two, 2 evaluations of the same budget), "
+          "two, 2 evaluations of the same budget), `-restarts` = when every variable has frozen, the distributions are "
+          "re-centred on the current codes and the search goes on (`[search] restarts = true`), "
           "`rtn` = round-to-nearest post-training quantization (no search). A precision "
           "marked + BC (e.g. W3A8 + BC) starts every search from the bias-corrected RTN network "
           "(`[quant] bias_correction = true`: after rounding, each layer's integer biases are shifted so that "

@@ -48,6 +48,9 @@ pub struct RunReport {
     pub generations: u64,
     pub adoptions: u64,
     pub cycles: u64,
+    /// Times the distributions were re-centred after every variable froze
+    /// (`search.restarts`).
+    pub restarts: u64,
     pub wall_seconds: f64,
     pub search_seconds: f64,
     pub stop_reason: String,
@@ -746,10 +749,10 @@ fn html(r: &RunReport, charts: &[(&str, String)]) -> String {
             ),
         ),
         (
-            "evaluations / generations / adoptions / cycles",
+            "evaluations / generations / adoptions / cycles / restarts",
             format!(
-                "{} / {} / {} / {}",
-                r.evaluations, r.generations, r.adoptions, r.cycles
+                "{} / {} / {} / {} / {}",
+                r.evaluations, r.generations, r.adoptions, r.cycles, r.restarts
             ),
         ),
         (
@@ -957,6 +960,7 @@ mod tests {
             generations: 200,
             adoptions: 150,
             cycles: 1,
+            restarts: 0,
             wall_seconds: 812.0,
             search_seconds: 800.0,
             stop_reason: "evaluation budget spent".into(),

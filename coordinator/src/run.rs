@@ -369,6 +369,7 @@ pub async fn run(
         generations: finished.progress.generations,
         adoptions: finished.progress.adoptions,
         cycles: finished.progress.cycles,
+        restarts: finished.progress.restarts,
         wall_seconds: t0.elapsed().as_secs_f64(),
         search_seconds,
         stop_reason: finished.stop_reason,

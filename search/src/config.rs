@@ -119,6 +119,11 @@ pub struct SearchConfig {
     pub temperature: f32,
     /// When the best candidate replaces the current network.
     pub acceptance: Acceptance,
+    /// When every variable has frozen and budget remains, re-centre each variable's
+    /// distribution on its current code (the same radius around it, within its layer's
+    /// code range) and search on, instead of ending the search. Over restarts a code can
+    /// move further than `eda.radius` from round-to-nearest.
+    pub restarts: bool,
 }
 
 impl Default for SearchConfig {
@@ -131,6 +136,7 @@ impl Default for SearchConfig {
             hill_flips: 4,
             temperature: 1.0,
             acceptance: Acceptance::Batch,
+            restarts: false,
         }
     }
 }

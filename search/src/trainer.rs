@@ -62,6 +62,10 @@ pub struct Progress {
     pub cycles: u64,
     pub groups: u64,
     pub adoptions: u64,
+    /// Times every variable had frozen and the distributions were re-centred
+    /// (`search.restarts`).
+    #[serde(default)]
+    pub restarts: u64,
 }
 
 /// Everything a [`Trainer`] needs to continue exactly where it was, apart from the
@@ -188,25 +192,7 @@ impl Trainer {
             ));
         }
         let codes = net.codes();
-        let layers = &net.layers;
-        // One pass over the flat codes (an exact-size iterator, so that `EdaState::new`
-        // allocates its per-variable arrays once, at their final size: a flat_map of the
-        // layers gives no size hint and the arrays would grow by doubling to up to twice
-        // the memory they need). Layers are contiguous and in order.
-        let mut li = 0;
-        let vars = codes.iter().enumerate().map(|(i, &c)| {
-            while i >= layers[li].offset + layers[li].len {
-                li += 1;
-            }
-            let l = &layers[li];
-            Variable {
-                initial: c,
-                lo: l.lo,
-                hi: l.hi,
-                layer: li as u32,
-            }
-        });
-        let eda = EdaState::new(eda, vars)?;
+        let eda = EdaState::new(eda, variables(&net, &codes))?;
         Ok(Trainer {
             search,
             net,
@@ -393,13 +379,15 @@ impl Trainer {
                 if self.progress.groups > 0 {
                     self.progress.cycles += 1;
                 }
-                self.queue = match self.search.strategy {
-                    Strategy::CcRandom => self.eda.random_groups(&mut self.group_rng),
-                    Strategy::CcLayer => self.eda.layer_groups(),
-                    Strategy::Eda => self.eda.joint_group(),
-                    _ => self.eda.groups(&mut self.group_rng),
+                self.queue = self.groups().into();
+                if self.queue.is_empty() && self.search.restarts {
+                    // Every variable has frozen: re-centre each distribution on the
+                    // variable's current code and search on from there.
+                    let params = self.eda.params().clone();
+                    self.eda = EdaState::new(params, variables(&self.net, &self.codes))?;
+                    self.progress.restarts += 1;
+                    self.queue = self.groups().into();
                 }
-                .into();
                 if self.queue.is_empty() {
                     return Ok(None);
                 }
@@ -419,6 +407,16 @@ impl Trainer {
             candidates,
             layer: group.layer,
         }))
+    }
+
+    /// The next cycle's groups of free variables, as the strategy forms them.
+    fn groups(&mut self) -> Vec<Group> {
+        match self.search.strategy {
+            Strategy::CcRandom => self.eda.random_groups(&mut self.group_rng),
+            Strategy::CcLayer => self.eda.layer_groups(),
+            Strategy::Eda => self.eda.joint_group(),
+            _ => self.eda.groups(&mut self.group_rng),
+        }
     }
 
     /// A fresh batch from the search part of the training split, ascending.
@@ -581,6 +579,28 @@ impl Trainer {
             best_top1: s.top1(),
         })
     }
+}
+
+/// The network's variables, each centred on its code in `codes`. One pass over the flat
+/// codes (an exact-size iterator, so that `EdaState::new` allocates its per-variable
+/// arrays once, at their final size: a flat_map of the layers gives no size hint and the
+/// arrays would grow by doubling to up to twice the memory they need). Layers are
+/// contiguous and in order.
+fn variables<'a>(net: &'a QNetwork, codes: &'a [i8]) -> impl Iterator<Item = Variable> + 'a {
+    let layers = &net.layers;
+    let mut li = 0;
+    codes.iter().enumerate().map(move |(i, &c)| {
+        while i >= layers[li].offset + layers[li].len {
+            li += 1;
+        }
+        let l = &layers[li];
+        Variable {
+            initial: c,
+            lo: l.lo,
+            hi: l.hi,
+            layer: li as u32,
+        }
+    })
 }
 
 // Distinct streams: changing the batch size must not change the candidates.

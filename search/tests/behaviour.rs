@@ -968,3 +968,80 @@ fn nothing_is_confirmed_when_freezing_undid_the_candidate() {
     }
     assert!(undone > 10, "the scenario arose {undone} times");
 }
+
+/// `search.restarts`: when every variable has frozen, the distributions are re-centred on
+/// the current codes and the search goes on, so codes can move past the radius around
+/// round-to-nearest. Here every target is two codes away from round-to-nearest (outside
+/// the radius-1 space): without restarts the search ends with every code within 1 of its
+/// start; with them it restarts, reaches codes 2 away and ends far lower. A snapshot taken
+/// after a restart resumes identically.
+#[test]
+fn restarts_search_past_the_first_radius() {
+    let run = |restarts: bool| {
+        let s = SearchConfig {
+            restarts,
+            ..search(Strategy::EdaCc)
+        };
+        let mut t = Trainer::new(tiny_network(), params(4), s.clone(), 4, SEARCH_LEN).unwrap();
+        let start = t.network().codes();
+        let mut f = Quadratic::new(&t, 5);
+        let (lo, hi) = (-4, 3); // 3-bit codes
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        for (v, &c) in start.iter().enumerate() {
+            let up = if c + 2 > hi {
+                false
+            } else if c - 2 < lo {
+                true
+            } else {
+                rng.random_bool(0.5)
+            };
+            f.target[v] = if up { c + 2 } else { c - 2 };
+        }
+        let mut gens = 0;
+        while t.progress().evaluations < 40_000 {
+            let Some(g) = t.next_generation().unwrap() else {
+                break;
+            };
+            let stats = f.evaluate(&t.network().codes(), &g);
+            t.complete(&g, &stats).unwrap();
+            gens += 1;
+            if restarts && t.progress().restarts == 1 && gens % 97 == 0 {
+                // Resume from a snapshot taken after the restart: the same next steps.
+                let mut r =
+                    Trainer::restore(tiny_network(), s.clone(), 4, SEARCH_LEN, t.snapshot(), "ck")
+                        .unwrap();
+                for _ in 0..3 {
+                    let (a, b) = (t.next_generation().unwrap(), r.next_generation().unwrap());
+                    assert_eq!(a, b);
+                    let Some(g) = a else { break };
+                    let stats = f.evaluate(&t.network().codes(), &g);
+                    assert_eq!(
+                        t.complete(&g, &stats).unwrap(),
+                        r.complete(&g, &stats).unwrap()
+                    );
+                }
+                assert_eq!(t.snapshot(), r.snapshot());
+            }
+        }
+        let codes = t.network().codes();
+        let far = (codes.iter().zip(&start))
+            .filter(|(a, b)| (**a - **b).abs() >= 2)
+            .count();
+        (f.loss(&start), f.loss(&codes), far, t.progress())
+    };
+    let (start, without, far, p) = run(false);
+    assert_eq!(p.restarts, 0);
+    assert_eq!(far, 0, "without restarts no code leaves the radius");
+    assert!(
+        p.evaluations < 40_000,
+        "the search ended: every variable froze"
+    );
+    let (_, with, far, p) = run(true);
+    assert!(p.restarts >= 1, "{p:?}");
+    assert!(far > 50, "{far} codes reached their target 2 away");
+    assert!(
+        with * 2 < without,
+        "loss from {start}: {without} without restarts, {with} with {} restarts",
+        p.restarts
+    );
+}
