@@ -38,7 +38,8 @@ METHODS = {
     "eda-cc-confirm-restarts": "EDA+CC, confirmed adoption and restarts",
     "rtn": "RTN (no search)",
 }
-MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
+MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)",
+          "mnist100k": "MNIST quickstart CNN, 100,000 evaluations per run (five times the budget above)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
 COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN.
