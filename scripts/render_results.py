@@ -384,7 +384,8 @@ def main():
             last = fmt(mean_std([r["accuracy"]["last"] for r in rs]))
             reasons = defaultdict(int)
             for r in rs:
-                reasons[r.get("stop_reason", "?")] += 1
+                # The budget line names the count reached, which a last generation may carry past the budget.
+                reasons[re.sub(r"evaluation budget \(\d+\) spent", "evaluation budget spent", r.get("stop_reason", "?"))] += 1
             why = "; ".join(f"{k} ({n}×)" if len(reasons) > 1 else k for k, n in reasons.items())
             md.append(f"| {name} | {budget} | {seeds} | {ev:,.0f} | {ss:.1f} | {ws:.1f} | {last} | {why} |")
         md.append("")
