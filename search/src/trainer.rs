@@ -461,8 +461,8 @@ impl Trainer {
                 Fitness::Error => (s.images - s.correct, s.loss_fixed, i),
             }
         };
-        if let Some(p) = self.pending.take() {
-            return self.confirm(p, stats, n, key);
+        if self.pending.is_some() {
+            return self.confirm(stats, n, key);
         }
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| key(i));
@@ -546,16 +546,20 @@ impl Trainer {
     /// distribution has learnt from its own generation already; this only decides.
     fn confirm(
         &mut self,
-        p: Pending,
         stats: &[EvalStats],
         n: usize,
         key: impl Fn(usize) -> (u64, u64, usize),
     ) -> Result<Outcome, Error> {
+        // Checked before the candidate is taken: refused results change nothing.
         if n != 2 {
             return Err(Error::Results(format!(
                 "confirmation generation got {n} candidates, expected 2"
             )));
         }
+        let p = self
+            .pending
+            .take()
+            .expect("a confirmation has a pending candidate");
         let adopted = key(1) < key(0);
         let mut changes = Vec::new();
         if adopted {
@@ -586,7 +590,10 @@ impl Trainer {
 /// arrays once, at their final size: a flat_map of the layers gives no size hint and the
 /// arrays would grow by doubling to up to twice the memory they need). Layers are
 /// contiguous and in order.
-fn variables<'a>(net: &'a QNetwork, codes: &'a [i8]) -> impl Iterator<Item = Variable> + 'a {
+fn variables<'a>(
+    net: &'a QNetwork,
+    codes: &'a [i8],
+) -> impl ExactSizeIterator<Item = Variable> + 'a {
     let layers = &net.layers;
     let mut li = 0;
     codes.iter().enumerate().map(move |(i, &c)| {

@@ -18,7 +18,7 @@ use ccq_common::qnet::{EvalStats, QNetwork};
 use ccq_common::quant::{quantize, Calibration, QuantConfig};
 use ccq_search::config::{Acceptance, Fitness, SearchConfig, Strategy};
 use ccq_search::eda::EdaParams;
-use ccq_search::trainer::{Generation, Outcome, Pending, Trainer};
+use ccq_search::trainer::{Generation, Outcome, Pending, Trainer, TrainerSnapshot};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -472,13 +472,9 @@ fn results_that_do_not_fit_the_generation_are_refused() {
     t.complete(&g, &stats).unwrap();
 }
 
-/// A snapshot whose codes do not match the network's variables is refused by name.
-#[test]
-fn a_snapshot_of_another_size_is_refused() {
-    let t = trainer(Strategy::EdaCc, params(16), 1);
-    let mut snap = t.snapshot();
-    snap.codes.pop();
-    let err = Trainer::restore(
+/// Why restoring `snap` (of an eda-cc trainer of seed 1) is refused; panics if it is not.
+fn refusal(snap: TrainerSnapshot) -> String {
+    Trainer::restore(
         tiny_network(),
         search(Strategy::EdaCc),
         1,
@@ -488,8 +484,32 @@ fn a_snapshot_of_another_size_is_refused() {
     )
     .err()
     .expect("refused")
-    .to_string();
+    .to_string()
+}
+
+/// A snapshot whose codes do not match the network's variables is refused by name.
+#[test]
+fn a_snapshot_of_another_size_is_refused() {
+    let t = trainer(Strategy::EdaCc, params(16), 1);
+    let mut snap = t.snapshot();
+    snap.codes.pop();
+    let err = refusal(snap);
     assert!(err.contains("trainer.codes"), "{err}");
+}
+
+/// EDA settings under which a variable freezes as soon as three of the four selected
+/// candidates agree on its code (alpha 1: the new distribution is the selection's
+/// frequencies, 0.75 >= threshold 0.7).
+fn eager_freezing(group_size: usize) -> EdaParams {
+    EdaParams {
+        p0: 0.6,
+        alpha: 1.0,
+        freeze_threshold: 0.7,
+        population: 8,
+        top_k: 4,
+        group_size,
+        ..EdaParams::default()
+    }
 }
 
 /// A variable that freezes is pinned at its mode even when the candidate adopted in the
@@ -499,16 +519,14 @@ fn a_snapshot_of_another_size_is_refused() {
 /// the variable there.
 #[test]
 fn freezing_pins_the_mode_over_the_adopted_code() {
-    let eda = EdaParams {
-        p0: 0.6,
-        alpha: 1.0,
-        freeze_threshold: 0.7,
-        population: 8,
-        top_k: 4,
-        group_size: 16,
-        ..EdaParams::default()
-    };
-    let mut t = Trainer::new(tiny_network(), eda, search(Strategy::EdaCc), 7, SEARCH_LEN).unwrap();
+    let mut t = Trainer::new(
+        tiny_network(),
+        eager_freezing(16),
+        search(Strategy::EdaCc),
+        7,
+        SEARCH_LEN,
+    )
+    .unwrap();
     let mut pinned = 0;
     for _ in 0..50 {
         let g = t.next_generation().unwrap().unwrap();
@@ -724,6 +742,13 @@ fn a_snapshot_taken_during_a_confirmation_resumes_identically() {
         if g.candidates.len() == 2 {
             let snap = t.snapshot();
             assert!(snap.pending.is_some());
+            // Results that do not fit the confirmation are refused and change nothing.
+            let mut three = stats.clone();
+            three.push(stats[0]);
+            let mut g3 = g.clone();
+            g3.candidates.push(g.candidates[0].clone());
+            assert!(t.complete(&g3, &three).is_err());
+            assert_eq!(t.snapshot(), snap, "the pending candidate is kept");
             let s = SearchConfig {
                 acceptance: Acceptance::Confirm,
                 ..search(Strategy::EdaCc)
@@ -777,17 +802,7 @@ fn a_snapshot_with_a_bad_pending_candidate_is_refused() {
     ] {
         let mut snap = t.snapshot();
         snap.pending = Some(pending);
-        let err = Trainer::restore(
-            tiny_network(),
-            search(Strategy::EdaCc),
-            1,
-            SEARCH_LEN,
-            snap,
-            "ck",
-        )
-        .err()
-        .expect("refused")
-        .to_string();
+        let err = refusal(snap);
         assert!(
             err.contains("trainer.pending") && err.contains(why),
             "{err}"
@@ -906,20 +921,7 @@ fn print_noisy_acceptance() {
 /// context's code and the best one moves it.
 #[test]
 fn nothing_is_confirmed_when_freezing_undid_the_candidate() {
-    let eda = EdaParams {
-        p0: 0.6,
-        alpha: 1.0,
-        freeze_threshold: 0.7,
-        population: 8,
-        top_k: 4,
-        group_size: 1,
-        ..EdaParams::default()
-    };
-    let s = SearchConfig {
-        acceptance: Acceptance::Confirm,
-        ..search(Strategy::EdaCc)
-    };
-    let mut t = Trainer::new(tiny_network(), eda, s, 7, SEARCH_LEN).unwrap();
+    let mut t = confirming(Strategy::EdaCc, eager_freezing(1), 7);
     let mut undone = 0;
     for _ in 0..200 {
         let Some(g) = t.next_generation().unwrap() else {
