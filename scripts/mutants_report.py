@@ -18,6 +18,7 @@ listed, or a listed one has no reason.
 import json
 import re
 import sys
+from datetime import datetime
 from pathlib import Path
 
 NAME = re.compile(r"^([^:]+):\d+:(\d+): (.*)$")
@@ -55,6 +56,20 @@ def survivors(mo: Path) -> list[tuple[str, str]]:
     return out
 
 
+def wall_seconds(mo: Path) -> float | None:
+    """How long cargo-mutants ran on a scope, baseline and every mutant included."""
+    outcomes = mo / "outcomes.json"
+    if not outcomes.is_file():
+        return None
+    d = json.loads(outcomes.read_text())
+    try:
+        # Nanosecond stamps with a Z; fromisoformat wants at most microseconds.
+        stamp = lambda t: datetime.fromisoformat(re.sub(r"(\.\d{6})\d*", r"\1", t).replace("Z", "+00:00"))
+        return round((stamp(d["end_time"]) - stamp(d["start_time"])).total_seconds(), 1)
+    except (KeyError, ValueError):
+        return None
+
+
 def main() -> int:
     out_dir, equivalent_path = Path(sys.argv[1]), Path(sys.argv[2])
     equivalent: dict[str, str] = {}
@@ -83,15 +98,17 @@ def main() -> int:
         counts["detected_percent_of_non_equivalent"] = (
             round(100.0 * detected / non_equivalent, 1) if non_equivalent else 100.0
         )
+        counts["wall_seconds"] = wall_seconds(mo)
         summary[scope.name] = counts
         unlisted += [key for _, key in missed if key not in equivalent]
 
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{'scope':<12} {'caught':>7} {'timeout':>8} {'missed':>7} {'equiv':>6} {'unviable':>9} {'detected':>9}")
+    print(f"{'scope':<12} {'caught':>7} {'timeout':>8} {'missed':>7} {'equiv':>6} {'unviable':>9} {'detected':>9} {'wall':>8}")
     for scope, c in summary.items():
+        wall = f"{c['wall_seconds'] / 60:.1f} min" if c["wall_seconds"] is not None else "?"
         print(
             f"{scope:<12} {c['caught']:>7} {c['timeout']:>8} {c['missed']:>7} {c['equivalent']:>6} "
-            f"{c['unviable']:>9} {c['detected_percent']:>8}%"
+            f"{c['unviable']:>9} {c['detected_percent']:>8}% {wall:>8}"
         )
     for line in bad:
         print(line)
