@@ -46,7 +46,7 @@ COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "e
 # The widest int8 kernel path the machine has (scripts/run_grid.py records it; older
 # reports do not).
 ISA = {"avx512_vnni": "AVX-512 VNNI", "avx512bw": "AVX-512, no VNNI", "avx2": "AVX2, no AVX-512"}
-CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:bc)?(?:fl\d+)?)-(?P<strategy>[a-z-]+)$")
+CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:mse)?(?:bc)?(?:fl\d+)?)-(?P<strategy>[a-z-]+)$")
 
 
 def load_cells():
@@ -106,14 +106,15 @@ def fmt(ms, digits=2):
 
 
 def prec_key(p):
-    w, a, bc, fl = re.match(r"w(\d+)a(\d+)(bc)?(fl\d+)?", p).groups()
-    return (-int(w), -int(a), bc is not None, fl or "")
+    w, a, mse, bc, fl = re.match(r"w(\d+)a(\d+)(mse)?(bc)?(fl\d+)?", p).groups()
+    return (-int(w), -int(a), mse is not None, bc is not None, fl or "")
 
 
 def prec_label(p):
     """W3A8, W3A8 + BC for a bias-corrected start, W3A8 + 8-bit first/last for mixed
-    precision (`first_last_bits`)."""
-    label = p.upper().replace("BC", " + BC")
+    precision (`first_last_bits`), W4A4 + MSE clip for activation ranges calibrated by
+    the least squared quantization error (`calibration = "mse"`)."""
+    label = p.upper().replace("MSE", " + MSE clip").replace("BC", " + BC")
     return re.sub(r"FL(\d+)", r" + \1-bit first/last", label)
 
 

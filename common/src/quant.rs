@@ -2,8 +2,8 @@
 //!
 //! - Weights: symmetric, per output channel, round-to-nearest from max-abs scales
 //!   (`s_w = max|w| / (2^(b-1) - 1)`); the float scales are kept only as metadata.
-//! - Activations: per tensor, calibrated on a few training images by max or by a
-//!   percentile of the observed range. Values that are non-negative in calibration (after a
+//! - Activations: per tensor, calibrated on a few training images by max, by a
+//!   percentile of the observed range, or by the least squared quantization error. Values that are non-negative in calibration (after a
 //!   ReLU) are unsigned with zero point 0; others are affine (min/max, zero point chosen so
 //!   that 0.0 is exact, which makes zero padding exact).
 //! - The network input is always 8-bit affine, and the normalisation `(p/255 - mean)/std`
@@ -29,13 +29,18 @@ pub enum Calibration {
     Max,
     /// Clip the range to this percentile of observed values at each end (e.g. 99.99).
     Percentile(f64),
+    /// Clip the range where the expected squared quantization error of the observed values
+    /// (rounding inside the range, clipping outside it) at the activation bit width is least.
+    Mse,
 }
 
 impl std::str::FromStr for Calibration {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        if s == "max" {
-            return Ok(Calibration::Max);
+        match s {
+            "max" => return Ok(Calibration::Max),
+            "mse" => return Ok(Calibration::Mse),
+            _ => {}
         }
         let p = s
             .strip_prefix("percentile:")
@@ -46,7 +51,7 @@ impl std::str::FromStr for Calibration {
             _ => Err(Error::setting(
                 "calibration",
                 s,
-                "expected 'max' or 'percentile:P' with 50 < P <= 100",
+                "expected 'max', 'mse' or 'percentile:P' with 50 < P <= 100",
             )),
         }
     }
@@ -178,7 +183,15 @@ pub fn quantize(
             wanted[fused_act[i].map_or(i + 1, |a| a + 1)] = true;
         }
     }
-    let ranges = calibrate(graph, norm, calib, n, &wanted, cfg.calibration);
+    let ranges = calibrate(
+        graph,
+        norm,
+        calib,
+        n,
+        &wanted,
+        cfg.calibration,
+        cfg.act_bits,
+    );
 
     // The input: 8-bit affine over the exact range of normalised pixel values.
     let (mut lo, mut hi) = (0f64, 0f64);
@@ -717,6 +730,7 @@ fn calibrate(
     n: usize,
     wanted: &[bool],
     how: Calibration,
+    bits: u8,
 ) -> Vec<Option<(f64, f64)>> {
     let mut minmax: Vec<Option<(f64, f64)>> = vec![None; wanted.len()];
     let for_each_chunk = |f: &mut dyn FnMut(&[Vec<f32>])| float_chunks(graph, norm, pixels, n, f);
@@ -734,9 +748,9 @@ fn calibrate(
             *e = (e.0.min(lo), e.1.max(hi));
         }
     });
-    let Calibration::Percentile(p) = how else {
+    if how == Calibration::Max {
         return minmax;
-    };
+    }
     // Second pass: histogram over [lo, hi] per value, then cut both tails.
     const BINS: usize = 2048;
     let mut hist: Vec<Vec<u64>> = wanted
@@ -767,6 +781,10 @@ fn calibrate(
             if total == 0 || hi <= lo {
                 return Some((lo, hi));
             }
+            let p = match how {
+                Calibration::Percentile(p) => p,
+                _ => return Some(least_squared_error(h, lo, hi, bits)),
+            };
             let tail = ((1.0 - p / 100.0) * total as f64) as u64;
             let width = (hi - lo) / BINS as f64;
             let (mut acc, mut b_lo) = (0, 0);
@@ -788,6 +806,48 @@ fn calibrate(
             Some((new_lo, (lo + b_hi as f64 * width).min(hi)))
         })
         .collect()
+}
+
+/// The clipped range of a histogram over `[lo, hi]` whose `bits`-bit affine quantization
+/// ([`affine`]) has the least expected squared error: each bin counts as its centre, inside
+/// the range with the uniform rounding error `step²/12`, outside it with its distance to the
+/// nearest end squared. Candidates shrink both ends by the same factor, 1/512 apart, so a
+/// non-negative range stays unsigned; the first of equal errors (the widest) wins.
+fn least_squared_error(hist: &[u64], lo: f64, hi: f64, bits: u8) -> (f64, f64) {
+    const STEPS: u32 = 512;
+    let levels = ((1u32 << bits) - 1) as f64;
+    let width = (hi - lo) / hist.len() as f64;
+    let error = |a: f64, b: f64| -> f64 {
+        let step = (b - a) / levels;
+        let inside = step * step / 12.0;
+        hist.iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(i, &c)| {
+                let x = lo + (i as f64 + 0.5) * width;
+                let e = if x < a {
+                    (a - x) * (a - x)
+                } else if x > b {
+                    (x - b) * (x - b)
+                } else {
+                    inside
+                };
+                c as f64 * e
+            })
+            .sum()
+    };
+    let (a0, b0) = (lo.min(0.0), hi.max(0.0));
+    let mut best = (f64::INFINITY, (lo, hi));
+    for k in (1..=STEPS).rev() {
+        let t = f64::from(k) / f64::from(STEPS);
+        let (a, b) = (a0 * t, b0 * t);
+        let e = error(a, b);
+        if e < best.0 {
+            // Keep an observed lower end above zero: affine() widens it to zero anyway.
+            best = (e, (if lo >= 0.0 { lo.min(b) } else { a }, b));
+        }
+    }
+    best.1
 }
 
 #[cfg(test)]
@@ -998,6 +1058,8 @@ mod tests {
             "percentile:99.9".parse::<Calibration>().unwrap(),
             Calibration::Percentile(99.9)
         );
+        assert_eq!("mse".parse::<Calibration>().unwrap(), Calibration::Mse);
+        assert_eq!("max".parse::<Calibration>().unwrap(), Calibration::Max);
     }
 
     #[test]
@@ -1013,6 +1075,53 @@ mod tests {
             narrower += (b.out.scale < a.out.scale) as usize;
         }
         assert!(narrower > 0);
+    }
+
+    #[test]
+    fn mse_calibration_clips_rare_tails_and_never_widens_ranges() {
+        let g = fixture();
+        let max = quantize(&g, &norm(), &images(64, 1), 64, &cfg(4, 4)).unwrap();
+        let mut c = cfg(4, 4);
+        c.calibration = "mse".parse().unwrap();
+        let mse = quantize(&g, &norm(), &images(64, 1), 64, &c).unwrap();
+        let mut narrower = 0;
+        for (a, b) in max.nodes.iter().zip(&mse.nodes) {
+            assert!(b.out.scale <= a.out.scale * (1.0 + 1e-12), "{}", a.name);
+            narrower += (b.out.scale < a.out.scale) as usize;
+        }
+        assert!(narrower > 0);
+    }
+
+    #[test]
+    fn least_squared_error_trades_rounding_against_clipping() {
+        // 10,200 values in [0, 5), one outlier at 100. The expected error is about
+        // 10,200 (b/15)²/12 + (100 - b)² for a range [0, b], least at b ≈ 21 with 4 bits;
+        // with 8 bits (b/255) the steps are fine enough to keep almost all of it.
+        let mut tail = vec![0u64; 2048];
+        for c in &mut tail[..102] {
+            *c = 100;
+        }
+        tail[2047] = 1;
+        let (lo4, hi4) = least_squared_error(&tail, 0.0, 100.0, 4);
+        assert_eq!(lo4, 0.0);
+        assert!((19.0..23.0).contains(&hi4), "{hi4}");
+        let (_, hi8) = least_squared_error(&tail, 0.0, 100.0, 8);
+        assert!((97.0..=100.0).contains(&hi8), "{hi8}");
+        // Spread evenly over the range, every value is as likely as any other: clipping
+        // the ends costs more than the finer step gains.
+        let flat = vec![7u64; 2048];
+        let (_, hi) = least_squared_error(&flat, 0.0, 100.0, 4);
+        assert!(hi >= 95.0, "{hi}");
+        // A signed range shrinks at both ends by the same factor, so zero stays inside.
+        let mut signed = vec![0u64; 2048];
+        for c in &mut signed[900..1100] {
+            *c = 50;
+        }
+        signed[0] = 1;
+        signed[2047] = 1;
+        let (lo, hi) = least_squared_error(&signed, -50.0, 50.0, 4);
+        assert!(lo < 0.0 && hi > 0.0 && hi < 25.0, "({lo}, {hi})");
+        assert!((lo + hi).abs() < 1e-9, "({lo}, {hi})");
     }
 
     #[test]

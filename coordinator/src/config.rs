@@ -114,8 +114,9 @@ pub struct QuantSection {
     pub act_bits: u8,
     /// Training images the activation ranges are calibrated on.
     pub calib_images: usize,
-    /// How activation ranges are calibrated: `max` or `percentile:P` (e.g.
-    /// `percentile:99.99`).
+    /// How activation ranges are calibrated: `max`, `mse` (clipped where the expected
+    /// squared quantization error is least, for the activation bit width) or
+    /// `percentile:P` (e.g. `percentile:99.99`).
     pub calibration: String,
     /// Correct the integer biases after rounding so that each layer's mean
     /// pre-activation matches the float model's on the calibration images.

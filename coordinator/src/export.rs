@@ -56,7 +56,7 @@ pub struct ExportArgs {
     /// Training images used to calibrate activation ranges.
     #[arg(long, default_value_t = 512)]
     pub calib_images: usize,
-    /// `max` or `percentile:P`.
+    /// `max`, `mse` or `percentile:P`.
     #[arg(long, default_value = "max")]
     pub calibration: String,
     /// Correct the integer biases so that each layer's mean pre-activation matches the

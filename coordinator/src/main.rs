@@ -157,7 +157,8 @@ struct EvalArgs {
     /// Training images used to calibrate activation ranges.
     #[arg(long, default_value_t = 512)]
     calib_images: usize,
-    /// `max` or `percentile:P` (e.g. percentile:99.99).
+    /// `max`, `mse` (least squared quantization error) or `percentile:P` (e.g.
+    /// percentile:99.99).
     #[arg(long, default_value = "max")]
     calibration: String,
     /// Correct the integer biases so that each layer's mean pre-activation matches the
