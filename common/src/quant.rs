@@ -1077,6 +1077,52 @@ mod tests {
         assert!(narrower > 0);
     }
 
+    /// `QNetwork::stats` counts every image and every right answer, with labels and with a
+    /// teacher alike, and its loss is the sum of the per-image losses.
+    #[test]
+    fn stats_count_images_and_right_answers() {
+        use crate::qnet::{image_loss, Targets, Teacher};
+        let net = quantize(&fixture(), &norm(), &images(8, 1), 8, &cfg(4, 8)).unwrap();
+        let c = net.num_classes;
+        assert!(c >= 2);
+        // Image i scores class i % c highest; labels make images 0, 1 and 4 right.
+        let n = 5;
+        let mut logits = vec![0i32; n * c];
+        for i in 0..n {
+            logits[i * c + i % c] = 50;
+        }
+        let labels: Vec<u8> = (0..n)
+            .map(|i| {
+                if [0, 1, 4].contains(&i) {
+                    (i % c) as u8
+                } else {
+                    ((i + 1) % c) as u8
+                }
+            })
+            .collect();
+        let acts = Activations {
+            n,
+            values: Vec::new(),
+            logits,
+        };
+        let s = net.stats(&acts, &Targets::labels(&labels));
+        assert_eq!((s.images, s.correct), (n as u64, 3));
+        let loss: u64 = (0..n)
+            .map(|i| image_loss(&acts.logits[i * c..(i + 1) * c], net.logit_scale, labels[i]).0)
+            .sum();
+        assert_eq!(s.loss_fixed, loss);
+        let teacher = vec![0f32; n * c];
+        let targets = Targets {
+            labels: &labels,
+            teacher: Some(Teacher {
+                logits: &teacher,
+                temperature: 1.0,
+            }),
+        };
+        let s = net.stats(&acts, &targets);
+        assert_eq!((s.images, s.correct), (n as u64, 3));
+    }
+
     #[test]
     fn mse_calibration_clips_rare_tails_and_never_widens_ranges() {
         let g = fixture();
