@@ -3,9 +3,10 @@
 //! - Weights: symmetric, per output channel, round-to-nearest from max-abs scales
 //!   (`s_w = max|w| / (2^(b-1) - 1)`); the float scales are kept only as metadata.
 //! - Activations: per tensor, calibrated on a few training images by max, by a
-//!   percentile of the observed range, or by the least squared quantization error. Values that are non-negative in calibration (after a
-//!   ReLU) are unsigned with zero point 0; others are affine (min/max, zero point chosen so
-//!   that 0.0 is exact, which makes zero padding exact).
+//!   percentile of the observed range, or by the least squared quantization error. Values
+//!   that are non-negative in calibration (after a ReLU) are unsigned with zero point 0;
+//!   others are affine (min/max, zero point chosen so that 0.0 is exact, which makes zero
+//!   padding exact).
 //! - The network input is always 8-bit affine, and the normalisation `(p/255 - mean)/std`
 //!   is folded into a per-channel lookup table from raw pixels.
 //! - ReLU/Clip directly after a Conv, Linear or Add are fused into its output stage;
@@ -751,7 +752,7 @@ fn calibrate(
     if how == Calibration::Max {
         return minmax;
     }
-    // Second pass: histogram over [lo, hi] per value, then cut both tails.
+    // Second pass: histogram over [lo, hi] per value, then clip each range by it.
     const BINS: usize = 2048;
     let mut hist: Vec<Vec<u64>> = wanted
         .iter()
@@ -781,31 +782,38 @@ fn calibrate(
             if total == 0 || hi <= lo {
                 return Some((lo, hi));
             }
-            let p = match how {
-                Calibration::Percentile(p) => p,
-                _ => return Some(least_squared_error(h, lo, hi, bits)),
-            };
-            let tail = ((1.0 - p / 100.0) * total as f64) as u64;
-            let width = (hi - lo) / BINS as f64;
-            let (mut acc, mut b_lo) = (0, 0);
-            while b_lo < BINS && acc + h[b_lo] <= tail {
-                acc += h[b_lo];
-                b_lo += 1;
-            }
-            let (mut acc, mut b_hi) = (0, BINS);
-            while b_hi > 0 && acc + h[b_hi - 1] <= tail {
-                acc += h[b_hi - 1];
-                b_hi -= 1;
-            }
-            // A non-negative range keeps its lower end so post-ReLU tensors stay unsigned.
-            let new_lo = if lo >= 0.0 {
-                lo
-            } else {
-                lo + b_lo as f64 * width
-            };
-            Some((new_lo, (lo + b_hi as f64 * width).min(hi)))
+            Some(match how {
+                Calibration::Percentile(p) => cut_tails(h, lo, hi, total, p),
+                Calibration::Mse => least_squared_error(h, lo, hi, bits),
+                Calibration::Max => unreachable!("max returned before the histograms"),
+            })
         })
         .collect()
+}
+
+/// The range of a histogram over `[lo, hi]` holding `total` values with the `100 - p`
+/// percent tail cut at each end.
+fn cut_tails(h: &[u64], lo: f64, hi: f64, total: u64, p: f64) -> (f64, f64) {
+    let bins = h.len();
+    let tail = ((1.0 - p / 100.0) * total as f64) as u64;
+    let width = (hi - lo) / bins as f64;
+    let (mut acc, mut b_lo) = (0, 0);
+    while b_lo < bins && acc + h[b_lo] <= tail {
+        acc += h[b_lo];
+        b_lo += 1;
+    }
+    let (mut acc, mut b_hi) = (0, bins);
+    while b_hi > 0 && acc + h[b_hi - 1] <= tail {
+        acc += h[b_hi - 1];
+        b_hi -= 1;
+    }
+    // A non-negative range keeps its lower end so post-ReLU tensors stay unsigned.
+    let new_lo = if lo >= 0.0 {
+        lo
+    } else {
+        lo + b_lo as f64 * width
+    };
+    (new_lo, (lo + b_hi as f64 * width).min(hi))
 }
 
 /// The clipped range of a histogram over `[lo, hi]` whose `bits`-bit affine quantization
@@ -1062,19 +1070,25 @@ mod tests {
         assert_eq!("max".parse::<Calibration>().unwrap(), Calibration::Max);
     }
 
-    #[test]
-    fn percentile_calibration_never_widens_ranges() {
+    /// Quantizes the fixture with max calibration and with `how` at `act_bits`: no
+    /// activation scale of `how` is wider than max's, and at least one is narrower.
+    fn assert_narrows_ranges(how: Calibration, act_bits: u8) {
         let g = fixture();
-        let max = quantize(&g, &norm(), &images(64, 1), 64, &cfg(4, 8)).unwrap();
-        let mut c = cfg(4, 8);
-        c.calibration = Calibration::Percentile(99.0);
-        let pct = quantize(&g, &norm(), &images(64, 1), 64, &c).unwrap();
+        let max = quantize(&g, &norm(), &images(64, 1), 64, &cfg(4, act_bits)).unwrap();
+        let mut c = cfg(4, act_bits);
+        c.calibration = how;
+        let clipped = quantize(&g, &norm(), &images(64, 1), 64, &c).unwrap();
         let mut narrower = 0;
-        for (a, b) in max.nodes.iter().zip(&pct.nodes) {
+        for (a, b) in max.nodes.iter().zip(&clipped.nodes) {
             assert!(b.out.scale <= a.out.scale * (1.0 + 1e-12), "{}", a.name);
             narrower += (b.out.scale < a.out.scale) as usize;
         }
         assert!(narrower > 0);
+    }
+
+    #[test]
+    fn percentile_calibration_never_widens_ranges() {
+        assert_narrows_ranges(Calibration::Percentile(99.0), 8);
     }
 
     /// `QNetwork::stats` counts every image and every right answer, with labels and with a
@@ -1125,17 +1139,7 @@ mod tests {
 
     #[test]
     fn mse_calibration_clips_rare_tails_and_never_widens_ranges() {
-        let g = fixture();
-        let max = quantize(&g, &norm(), &images(64, 1), 64, &cfg(4, 4)).unwrap();
-        let mut c = cfg(4, 4);
-        c.calibration = "mse".parse().unwrap();
-        let mse = quantize(&g, &norm(), &images(64, 1), 64, &c).unwrap();
-        let mut narrower = 0;
-        for (a, b) in max.nodes.iter().zip(&mse.nodes) {
-            assert!(b.out.scale <= a.out.scale * (1.0 + 1e-12), "{}", a.name);
-            narrower += (b.out.scale < a.out.scale) as usize;
-        }
-        assert!(narrower > 0);
+        assert_narrows_ranges(Calibration::Mse, 4);
     }
 
     #[test]
