@@ -24,7 +24,9 @@ fi
 
 mode=${1:-full}
 # The mutation profile (Cargo.toml) builds the mutated crates for fast incremental rebuilds.
-common_args=(--no-shuffle --profile mutation)
+# A mutant's tests take ~1-3 s: one that runs 10 s (3x the unmutated run, at least 10 s) is
+# stuck in a loop, not slow, and waiting the default 20 s for each of those costs minutes.
+common_args=(--no-shuffle --profile mutation --timeout-multiplier 3 --minimum-test-timeout 10)
 out=target/mutants
 guarded=(search/src common/src coordinator/src)
 case $mode in
@@ -70,10 +72,14 @@ esac
 # delta_pays_off is a cost model that only picks the faster of bit-identical paths, so its
 # mutants change speed, never results: left out. Doc tests and the
 # slow process tests are left out on purpose: they take minutes and guard other things.
+# The targets are --cargo-arg, not --cargo-test-arg: cargo-mutants builds each mutant with
+# its own `cargo test --no-run` before testing it, and only --cargo-arg reaches that build;
+# without it every mutant also built the crate's integration tests, binaries and
+# non-test library (twice the build time for common, four times for the coordinator).
 scopes=(
-  "search|-p ccq-search --cargo-test-arg=--lib --cargo-test-arg=--tests"
-  "common|-p ccq-common -f common/src/fitness.rs -f common/src/qnet.rs -f common/src/kernels/mod.rs --re fitness\.rs|EvalStats::|image_loss|cross_entropy|distillation|log_softmax|argmax|Targets<|QNetwork::stats|Requant:: -E delta_pays_off|slice_value|pad_value --cargo-test-arg=--lib"
-  "coordinator|-p ccq-coordinator -f coordinator/src/checkpoint.rs --cargo-test-arg=--lib"
+  "search|-p ccq-search --cargo-arg=--lib --cargo-arg=--tests"
+  "common|-p ccq-common -f common/src/fitness.rs -f common/src/qnet.rs -f common/src/kernels/mod.rs --re fitness\.rs|EvalStats::|image_loss|cross_entropy|distillation|log_softmax|argmax|Targets<|QNetwork::stats|Requant:: -E delta_pays_off|slice_value|pad_value --cargo-arg=--lib"
+  "coordinator|-p ccq-coordinator -f coordinator/src/checkpoint.rs --cargo-arg=--lib"
 )
 
 split_args() { # "a b --re x|y c" -> array, keeping the regex whole
