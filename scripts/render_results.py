@@ -42,11 +42,12 @@ MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)",
           "mnist100k": "MNIST quickstart CNN, 100,000 evaluations per run (five times the budget above)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
 COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
-# network ([quant] bias_correction = true) instead of plain RTN.
+# network ([quant] bias_correction = true) instead of plain RTN; "ws": weight scales
+# chosen by the least squared error ([quant] weight_scale = "mse") instead of max-abs.
 # The widest int8 kernel path the machine has (scripts/run_grid.py records it; older
 # reports do not).
 ISA = {"avx512_vnni": "AVX-512 VNNI", "avx512bw": "AVX-512, no VNNI", "avx2": "AVX2, no AVX-512"}
-CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:mse)?(?:bc)?(?:fl\d+)?)-(?P<strategy>[a-z-]+)$")
+CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:mse)?(?:ws)?(?:bc)?(?:fl\d+)?)-(?P<strategy>[a-z-]+)$")
 
 
 def load_cells():
@@ -106,15 +107,17 @@ def fmt(ms, digits=2):
 
 
 def prec_key(p):
-    w, a, mse, bc, fl = re.match(r"w(\d+)a(\d+)(mse)?(bc)?(fl\d+)?", p).groups()
-    return (-int(w), -int(a), mse is not None, bc is not None, fl or "")
+    w, a, mse, ws, bc, fl = re.match(r"w(\d+)a(\d+)(mse)?(ws)?(bc)?(fl\d+)?", p).groups()
+    return (-int(w), -int(a), mse is not None, ws is not None, bc is not None, fl or "")
 
 
 def prec_label(p):
     """W3A8, W3A8 + BC for a bias-corrected start, W3A8 + 8-bit first/last for mixed
     precision (`first_last_bits`), W4A4 + MSE clip for activation ranges calibrated by
-    the least squared quantization error (`calibration = "mse"`)."""
+    the least squared quantization error (`calibration = "mse"`), W3A8 + MSE weight scales
+    for weight scales chosen the same way (`weight_scale = "mse"`)."""
     label = p.upper().replace("MSE", " + MSE clip").replace("BC", " + BC")
+    label = label.replace("WS", " + MSE weight scales")
     return re.sub(r"FL(\d+)", r" + \1-bit first/last", label)
 
 
@@ -247,7 +250,8 @@ def comparison(entries, precs):
 
 # Issue #9's accuracy targets, per model and precision: a number, or "float" for the
 # float model's test top-1 as the report records it.
-# A "+ BC" precision has the target of its precision.
+# A "+ BC" or "+ MSE weight scales" precision (another post-training start, the same
+# uniform precision) has the target of its precision.
 TARGETS = {("resnet20", "w4a8"): "float", ("resnet20", "w3a8"): 80.0}
 
 
@@ -265,7 +269,7 @@ def targets(model, entries, precs):
     and when the global network first reached it during the search."""
     rows = []
     for p in precs:
-        goal = TARGETS.get((model, p.removesuffix("bc")))
+        goal = TARGETS.get((model, re.sub(r"(ws)?(bc)?$", "", p)))
         if goal is None:
             continue
         for strategy in METHODS:

@@ -398,7 +398,7 @@ mod tests {
     use super::*;
     use crate::model::Normalization;
     use crate::qnet::Teacher;
-    use crate::quant::{quantize, Calibration, QuantConfig};
+    use crate::quant::{quantize, Calibration, QuantConfig, WeightScale};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -430,6 +430,7 @@ mod tests {
             weight_bits,
             act_bits: 8,
             calibration: Calibration::Max,
+            weight_scale: WeightScale::Max,
             bias_correction: false,
             first_last_bits: None,
         };

@@ -58,11 +58,35 @@ impl std::str::FromStr for Calibration {
     }
 }
 
+/// How each output channel's weight scale is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightScale {
+    /// The channel's largest magnitude maps to the largest code: nothing is clipped.
+    Max,
+    /// The scale whose round-to-nearest codes reconstruct the channel's weights with the
+    /// least squared error ([`least_squared_error_scale`]): at 2-3 bits a few large
+    /// weights are clipped so that the many small ones round finer.
+    Mse,
+}
+
+impl std::str::FromStr for WeightScale {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "max" => Ok(WeightScale::Max),
+            "mse" => Ok(WeightScale::Mse),
+            _ => Err(Error::setting("weight_scale", s, "expected 'max' or 'mse'")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantConfig {
     pub weight_bits: u8,
     pub act_bits: u8,
     pub calibration: Calibration,
+    /// How each output channel's weight scale is chosen.
+    pub weight_scale: WeightScale,
     /// Shift each layer's integer biases so that its mean pre-activation on the
     /// calibration images matches the float network's ([`correct_biases`]).
     pub bias_correction: bool,
@@ -316,7 +340,7 @@ pub fn quantize(
                         &c.bias,
                         &src,
                         &out,
-                        bits_of(i),
+                        (bits_of(i), cfg.weight_scale),
                         bounds,
                         is_logits,
                     )),
@@ -355,7 +379,7 @@ pub fn quantize(
                         &l.bias,
                         &src,
                         &out,
-                        bits_of(i),
+                        (bits_of(i), cfg.weight_scale),
                         bounds,
                         is_logits,
                     )),
@@ -611,7 +635,7 @@ fn acc_channel_means(net: &QNetwork, l: usize, acts: &qnet::Activations) -> Vec<
     sums.iter().map(|s| s / count).collect()
 }
 
-/// Quantizes one Conv/Linear with OHWI float weights.
+/// Quantizes one Conv/Linear with OHWI float weights, symmetric per output channel.
 #[allow(clippy::too_many_arguments)]
 fn layer(
     geom: ConvGeom,
@@ -619,7 +643,7 @@ fn layer(
     bias: &[f32],
     src: &QValue,
     out: &QValue,
-    bits: u8,
+    (bits, how): (u8, WeightScale),
     (min, max): (u8, u8),
     is_logits: bool,
 ) -> QConv {
@@ -634,7 +658,11 @@ fn layer(
         let m = row.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
         // An all-zero channel gets scale 1: its codes are 0 either way, and its bias
         // stays representable.
-        let s = if m > 0.0 { m / qmax } else { 1.0 };
+        let s = match how {
+            _ if m.is_nan() || m <= 0.0 => 1.0,
+            WeightScale::Max => m / qmax,
+            WeightScale::Mse => least_squared_error_scale(row, m, qmax),
+        };
         codes.extend(
             row.iter()
                 .map(|&x| ((x as f64) / s).round().clamp(-qmax, qmax) as i8),
@@ -652,6 +680,32 @@ fn layer(
         max,
     });
     QConv::new(geom, bits, codes, b, src.zp, w_scale, stage)
+}
+
+/// The scale `t * max_abs / qmax`, for `t` in `(0, 1]` in steps of 1/200, whose
+/// round-to-nearest codes (clamped to `[-qmax, qmax]`) reconstruct `row` with the least
+/// squared error. Ties go to the larger scale (the one that clips less), so a row that
+/// the full range already represents exactly keeps it.
+fn least_squared_error_scale(row: &[f32], max_abs: f64, qmax: f64) -> f64 {
+    const STEPS: u32 = 200;
+    let error = |s: f64| -> f64 {
+        row.iter()
+            .map(|&x| {
+                let x = f64::from(x);
+                let q = (x / s).round().clamp(-qmax, qmax);
+                (x - q * s) * (x - q * s)
+            })
+            .sum()
+    };
+    let mut best = (f64::INFINITY, max_abs / qmax);
+    for k in (1..=STEPS).rev() {
+        let s = max_abs * f64::from(k) / f64::from(STEPS) / qmax;
+        let e = error(s);
+        if e < best.0 {
+            best = (e, s);
+        }
+    }
+    best.1
 }
 
 /// Affine quantization of a value with real range `[lo, hi]` at `bits` bits; unsigned
@@ -881,6 +935,7 @@ mod tests {
             weight_bits: w,
             act_bits: a,
             calibration: Calibration::Max,
+            weight_scale: WeightScale::Max,
             bias_correction: false,
             first_last_bits: None,
         }
@@ -1068,6 +1123,9 @@ mod tests {
         );
         assert_eq!("mse".parse::<Calibration>().unwrap(), Calibration::Mse);
         assert_eq!("max".parse::<Calibration>().unwrap(), Calibration::Max);
+        assert_eq!("mse".parse::<WeightScale>().unwrap(), WeightScale::Mse);
+        assert_eq!("max".parse::<WeightScale>().unwrap(), WeightScale::Max);
+        assert!("percentile:99".parse::<WeightScale>().is_err());
     }
 
     /// Quantizes the fixture with max calibration and with `how` at `act_bits`: no
@@ -1172,6 +1230,53 @@ mod tests {
         let (lo, hi) = least_squared_error(&signed, -50.0, 50.0, 4);
         assert!(lo < 0.0 && hi > 0.0 && hi < 25.0, "({lo}, {hi})");
         assert!((lo + hi).abs() < 1e-9, "({lo}, {hi})");
+    }
+
+    #[test]
+    fn mse_weight_scale_clips_outliers_and_keeps_exact_rows() {
+        // One weight of 1.0 among 100 of ±0.1, 2-bit codes (-1, 0, 1). With the full range
+        // every small weight rounds to 0 (error 100 × 0.01 = 1); near s = 0.11 they round
+        // to ±s and the outlier clips to s: 100 (0.1 - s)² + (1 - s)², about 0.80.
+        let mut row = vec![0.1f32; 100];
+        for x in row.iter_mut().step_by(2) {
+            *x = -0.1;
+        }
+        row.push(1.0);
+        let s = least_squared_error_scale(&row, 1.0, 1.0);
+        assert!((0.105..0.115).contains(&s), "{s}");
+        // A row on the full range's own grid is exact there: the full range stays.
+        let exact: Vec<f32> = (-3..=3).map(|c| c as f32 * 0.25).collect();
+        assert_eq!(least_squared_error_scale(&exact, 0.75, 3.0), 0.25);
+    }
+
+    #[test]
+    fn mse_weight_scales_shrink_and_bring_two_bit_logits_closer() {
+        let g = fixture();
+        let calib = images(64, 1);
+        let max = quantize(&g, &norm(), &calib, 64, &cfg(2, 8)).unwrap();
+        let mse = QuantConfig {
+            weight_scale: WeightScale::Mse,
+            ..cfg(2, 8)
+        };
+        let mse = quantize(&g, &norm(), &calib, 64, &mse).unwrap();
+        let (mut smaller, mut channels) = (0, 0);
+        for l in &max.layers {
+            let (a, b) = (&max.conv(l.node).w_scale, &mse.conv(l.node).w_scale);
+            for (a, b) in a.iter().zip(b) {
+                assert!(b <= a, "layer {}: {b} > {a}", l.name);
+                smaller += usize::from(b < a);
+                channels += 1;
+            }
+        }
+        assert!(
+            smaller * 2 > channels,
+            "{smaller} of {channels} scales shrank"
+        );
+        let (e_max, e_mse) = (logit_error_of(&g, &max), logit_error_of(&g, &mse));
+        assert!(
+            e_mse < e_max,
+            "relative logit error: mse {e_mse}, max {e_max}"
+        );
     }
 
     #[test]

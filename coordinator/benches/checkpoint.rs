@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::{EvalStats, QNetwork};
-use ccq_common::quant::{quantize, Calibration, QuantConfig};
+use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
 use ccq_coordinator::checkpoint::{self, Checkpoint};
 use ccq_coordinator::checkpoint::{LoopSnapshot, Phase};
 use ccq_coordinator::config::RunConfig;
@@ -333,6 +333,7 @@ fn synthetic_network(v: usize) -> QNetwork {
         weight_bits: 4,
         act_bits: 8,
         calibration: Calibration::Max,
+        weight_scale: WeightScale::Max,
         bias_correction: false,
         first_last_bits: None,
     };

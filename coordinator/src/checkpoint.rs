@@ -525,7 +525,7 @@ mod tests {
     use super::*;
     use ccq_common::model::Normalization;
     use ccq_common::qnet::QNetwork;
-    use ccq_common::quant::{quantize, Calibration, QuantConfig};
+    use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
     use ccq_search::eda::EdaParams;
     use ccq_search::trainer::{Pending, Trainer};
     use rand::{Rng, SeedableRng};
@@ -561,6 +561,7 @@ mod tests {
             weight_bits: 2,
             act_bits: 8,
             calibration: Calibration::Max,
+            weight_scale: WeightScale::Max,
             bias_correction: false,
             first_last_bits: None,
         };

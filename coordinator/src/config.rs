@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use ccq_common::data::DataSource;
 use ccq_common::model::Normalization;
-use ccq_common::quant::{Calibration, QuantConfig};
+use ccq_common::quant::{Calibration, QuantConfig, WeightScale};
 use ccq_search::config::SearchConfig;
 use ccq_search::eda::EdaParams;
 use schemars::JsonSchema;
@@ -118,6 +118,11 @@ pub struct QuantSection {
     /// squared quantization error is least, for the activation bit width) or
     /// `percentile:P` (e.g. `percentile:99.99`).
     pub calibration: String,
+    /// How each output channel's weight scale is chosen: `max` (its largest magnitude is
+    /// the largest code, nothing clipped) or `mse` (the scale with the least squared
+    /// rounding and clipping error of the channel's weights; clips a few large weights at
+    /// 2-3 bits).
+    pub weight_scale: String,
     /// Correct the integer biases after rounding so that each layer's mean
     /// pre-activation matches the float model's on the calibration images.
     pub bias_correction: bool,
@@ -134,6 +139,7 @@ impl Default for QuantSection {
             act_bits: 8,
             calib_images: 512,
             calibration: "max".into(),
+            weight_scale: "max".into(),
             bias_correction: false,
             first_last_bits: None,
         }
@@ -323,6 +329,11 @@ impl RunConfig {
                 .calibration
                 .parse::<Calibration>()
                 .map_err(in_quant_section)?,
+            weight_scale: self
+                .quant
+                .weight_scale
+                .parse::<WeightScale>()
+                .map_err(in_quant_section)?,
             bias_correction: self.quant.bias_correction,
             first_last_bits: self.quant.first_last_bits,
         };
@@ -413,6 +424,11 @@ mod tests {
                 "weight_bits = 4",
                 "calibration = \"mean\"",
                 "quant.calibration = mean",
+            ),
+            (
+                "weight_bits = 4",
+                "weight_scale = \"minmax\"",
+                "quant.weight_scale = minmax: expected 'max' or 'mse'",
             ),
             (
                 "[budget]",

@@ -9,7 +9,7 @@ use std::time::Instant;
 use ccq_common::data::{self, DataSource, Dataset, Split};
 use ccq_common::model::{Graph, Normalization};
 use ccq_common::qnet::{cross_entropy, EvalStats, QNetwork};
-use ccq_common::quant::{self, Calibration, QuantConfig};
+use ccq_common::quant::{self, Calibration, QuantConfig, WeightScale};
 use ccq_common::{float, onnx};
 use serde::Serialize;
 
@@ -272,11 +272,6 @@ pub fn float_logits(graph: &Graph, norm: &Normalization, d: &Dataset, threads: u
     out
 }
 
-/// `--calibration` values.
-pub fn parse_calibration(s: &str) -> Result<Calibration, Error> {
-    Ok(s.parse()?)
-}
-
 /// The `--mean`/`--std` pair of `eval` and `export`: both or neither.
 pub fn normalization_flags(
     mean: &Option<Vec<f32>>,
@@ -292,39 +287,105 @@ pub fn normalization_flags(
     }
 }
 
-/// The `--weight-bits`/`--act-bits`/`--calibration`/`--bias-correction`/`--first-last-bits`
-/// flags of `eval` and `export`: quantize (validated settings) only when weight bits are
-/// given.
-pub fn quant_flags(
-    weight_bits: Option<u8>,
-    act_bits: u8,
-    calibration: &str,
-    bias_correction: bool,
-    first_last_bits: Option<u8>,
-) -> Result<Option<QuantConfig>, Error> {
-    if first_last_bits.is_some() && weight_bits.is_none() {
-        return Err(Error::Usage(
-            "--first-last-bits needs --weight-bits (it changes how a model is quantized)".into(),
-        ));
+/// The post-training quantization flags of `eval` and `export`. A float model is
+/// quantized (these settings validated) only when `--weight-bits` is given.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QuantArgs {
+    /// Quantize weights to this many bits (2-8) and run the integer engine.
+    #[arg(long)]
+    pub weight_bits: Option<u8>,
+    /// Activation bits (2-8) for the integer engine.
+    #[arg(long, default_value_t = 8)]
+    pub act_bits: u8,
+    /// Training images used to calibrate activation ranges.
+    #[arg(long, default_value_t = 512)]
+    pub calib_images: usize,
+    /// `max`, `mse` (least squared quantization error) or `percentile:P` (e.g.
+    /// percentile:99.99).
+    #[arg(long, default_value = "max")]
+    pub calibration: String,
+    /// How each output channel's weight scale is chosen: `max` (largest magnitude, nothing
+    /// clipped) or `mse` (least squared rounding and clipping error).
+    #[arg(long, default_value = "max")]
+    pub weight_scale: String,
+    /// Correct the integer biases so that each layer's mean pre-activation matches the
+    /// float model's on the calibration images.
+    #[arg(long)]
+    pub bias_correction: bool,
+    /// Weight bits (2-8) of the first weight layer and the logits layer, when they should
+    /// differ from --weight-bits (e.g. 8: mixed precision as commonly practised).
+    #[arg(long)]
+    pub first_last_bits: Option<u8>,
+}
+
+impl QuantArgs {
+    /// The validated quantization settings, or `None` without `--weight-bits`.
+    pub fn config(&self) -> Result<Option<QuantConfig>, Error> {
+        let Some(weight_bits) = self.weight_bits else {
+            if self.first_last_bits.is_some() {
+                return Err(Error::Usage(
+                    "--first-last-bits needs --weight-bits (it changes how a model is quantized)"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let q = QuantConfig {
+            weight_bits,
+            act_bits: self.act_bits,
+            calibration: self.calibration.parse::<Calibration>()?,
+            weight_scale: self.weight_scale.parse::<WeightScale>()?,
+            bias_correction: self.bias_correction,
+            first_last_bits: self.first_last_bits,
+        };
+        q.validate()?;
+        Ok(Some(q))
     }
-    weight_bits
-        .map(|w| {
-            let q = QuantConfig {
-                weight_bits: w,
-                act_bits,
-                calibration: parse_calibration(calibration)?,
-                bias_correction,
-                first_last_bits,
-            };
-            q.validate()?;
-            Ok(q)
-        })
-        .transpose()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn quant_args(flags: &[&str]) -> Result<Option<QuantConfig>, Error> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            quant: QuantArgs,
+        }
+        let argv = std::iter::once("eval").chain(flags.iter().copied());
+        Cli::try_parse_from(argv).unwrap().quant.config()
+    }
+
+    #[test]
+    fn quantization_flags_build_validated_settings_or_name_the_bad_one() {
+        assert_eq!(quant_args(&[]).unwrap(), None, "a float model stays float");
+        let q = quant_args(&["--weight-bits", "3", "--weight-scale", "mse"])
+            .unwrap()
+            .unwrap();
+        assert_eq!((q.weight_bits, q.act_bits), (3, 8));
+        assert_eq!(q.weight_scale, WeightScale::Mse);
+        assert_eq!(q.calibration, Calibration::Max);
+        for (flags, says) in [
+            (
+                &["--weight-bits", "3", "--weight-scale", "minmax"][..],
+                "weight_scale = minmax",
+            ),
+            (
+                &["--weight-bits", "3", "--calibration", "mean"],
+                "calibration = mean",
+            ),
+            (&["--weight-bits", "9"], "weight_bits = 9"),
+            (
+                &["--first-last-bits", "8"],
+                "--first-last-bits needs --weight-bits",
+            ),
+        ] {
+            let err = quant_args(flags).unwrap_err().to_string();
+            assert!(err.contains(says), "{flags:?}: {err}");
+        }
+    }
 
     fn mnist(bias_correction: bool) -> EvalConfig {
         let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -335,7 +396,14 @@ mod tests {
                 .unwrap(),
             split: Split::Test,
             normalization: normalization_flags(&Some(vec![0.1307]), &Some(vec![0.3081])).unwrap(),
-            quant: quant_flags(Some(2), 8, "max", bias_correction, None).unwrap(),
+            quant: Some(QuantConfig {
+                weight_bits: 2,
+                act_bits: 8,
+                calibration: Calibration::Max,
+                weight_scale: WeightScale::Max,
+                bias_correction,
+                first_last_bits: None,
+            }),
             calib_images: 256,
             threads: 1,
             limit: None,

@@ -47,26 +47,9 @@ pub struct ExportArgs {
     /// Per-channel std of pixel/255, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub std: Option<Vec<f32>>,
-    /// Quantize a float model to this many weight bits (2-8) first.
-    #[arg(long)]
-    pub weight_bits: Option<u8>,
-    /// Activation bits (2-8) of that quantization.
-    #[arg(long, default_value_t = 8)]
-    pub act_bits: u8,
-    /// Training images used to calibrate activation ranges.
-    #[arg(long, default_value_t = 512)]
-    pub calib_images: usize,
-    /// `max`, `mse` or `percentile:P`.
-    #[arg(long, default_value = "max")]
-    pub calibration: String,
-    /// Correct the integer biases so that each layer's mean pre-activation matches the
-    /// float model's on the calibration images.
-    #[arg(long)]
-    pub bias_correction: bool,
-    /// Weight bits (2-8) of the first weight layer and the logits layer, when they should
-    /// differ from --weight-bits (e.g. 8: mixed precision as commonly practised).
-    #[arg(long)]
-    pub first_last_bits: Option<u8>,
+    /// Quantization of a float model (as `coordinator eval --weight-bits` does it).
+    #[command(flatten)]
+    pub quant: crate::eval::QuantArgs,
     /// Also write ccq's logits on --split of --data to this .npz, for
     /// scripts/check_export.py.
     #[arg(long)]
@@ -82,13 +65,7 @@ pub struct ExportArgs {
 impl ExportArgs {
     pub fn config(&self) -> Result<ExportConfig, Error> {
         let normalization = crate::eval::normalization_flags(&self.mean, &self.std)?;
-        let quant = crate::eval::quant_flags(
-            self.weight_bits,
-            self.act_bits,
-            &self.calibration,
-            self.bias_correction,
-            self.first_last_bits,
-        )?;
+        let quant = self.quant.config()?;
         Ok(ExportConfig {
             model: self.model.clone(),
             format: self.format.parse()?,
@@ -96,7 +73,7 @@ impl ExportArgs {
             data: self.data.as_deref().map(str::parse).transpose()?,
             normalization,
             quant,
-            calib_images: self.calib_images,
+            calib_images: self.quant.calib_images,
             reference: self.reference.clone(),
             split: self.split.parse()?,
             limit: self.limit,

@@ -148,27 +148,8 @@ struct EvalArgs {
     /// Per-channel std of pixel/255, comma separated (default 1).
     #[arg(long, value_delimiter = ',')]
     std: Option<Vec<f32>>,
-    /// Quantize weights to this many bits (2-8) and run the integer engine.
-    #[arg(long)]
-    weight_bits: Option<u8>,
-    /// Activation bits (2-8) for the integer engine.
-    #[arg(long, default_value_t = 8)]
-    act_bits: u8,
-    /// Training images used to calibrate activation ranges.
-    #[arg(long, default_value_t = 512)]
-    calib_images: usize,
-    /// `max`, `mse` (least squared quantization error) or `percentile:P` (e.g.
-    /// percentile:99.99).
-    #[arg(long, default_value = "max")]
-    calibration: String,
-    /// Correct the integer biases so that each layer's mean pre-activation matches the
-    /// float model's on the calibration images.
-    #[arg(long)]
-    bias_correction: bool,
-    /// Weight bits (2-8) of the first weight layer and the logits layer, when they should
-    /// differ from --weight-bits (e.g. 8: mixed precision as commonly practised).
-    #[arg(long)]
-    first_last_bits: Option<u8>,
+    #[command(flatten)]
+    quant: eval::QuantArgs,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -321,20 +302,14 @@ fn eval_config(a: &EvalArgs) -> anyhow::Result<EvalConfig> {
     let data: DataSource = a.data.parse().context("--data")?;
     let split: Split = a.split.parse().context("--split")?;
     let normalization = eval::normalization_flags(&a.mean, &a.std)?;
-    let quant = eval::quant_flags(
-        a.weight_bits,
-        a.act_bits,
-        &a.calibration,
-        a.bias_correction,
-        a.first_last_bits,
-    )?;
+    let quant = a.quant.config()?;
     Ok(EvalConfig {
         model: a.model.clone(),
         data,
         split,
         normalization,
         quant,
-        calib_images: a.calib_images,
+        calib_images: a.quant.calib_images,
         threads: a.threads.unwrap_or_else(default_threads),
         limit: a.limit,
     })

@@ -629,7 +629,7 @@ mod tests {
     use ccq_common::fitness::evaluate_candidates;
     use ccq_common::model::Normalization;
     use ccq_common::qnet::Targets;
-    use ccq_common::quant::{quantize, Calibration, QuantConfig};
+    use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
     use rand::Rng;
 
     fn setup() -> (QNetwork, Vec<u8>, Vec<u8>) {
@@ -644,6 +644,7 @@ mod tests {
             weight_bits: 2,
             act_bits: 8,
             calibration: Calibration::Max,
+            weight_scale: WeightScale::Max,
             bias_correction: false,
             first_last_bits: None,
         };

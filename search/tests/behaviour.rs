@@ -15,7 +15,7 @@
 
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::{EvalStats, QNetwork};
-use ccq_common::quant::{quantize, Calibration, QuantConfig};
+use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
 use ccq_search::config::{Acceptance, Fitness, SearchConfig, Strategy};
 use ccq_search::eda::EdaParams;
 use ccq_search::trainer::{Generation, Outcome, Pending, Trainer, TrainerSnapshot};
@@ -68,6 +68,7 @@ fn tiny_network() -> QNetwork {
         weight_bits: 3,
         act_bits: 8,
         calibration: Calibration::Max,
+        weight_scale: WeightScale::Max,
         bias_correction: false,
         first_last_bits: None,
     };

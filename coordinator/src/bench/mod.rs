@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use ccq_common::data::DataSource;
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::QNetwork;
-use ccq_common::quant::{self, Calibration, QuantConfig};
+use ccq_common::quant::{self, Calibration, QuantConfig, WeightScale};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
     poll_job_response, CandidateResult, PollJobRequest, RegisterRequest, SubmitResultRequest,
@@ -795,6 +795,7 @@ fn measure_memory(opts: &BenchOptions) -> Result<MemoryReport, Error> {
             weight_bits: spec.weight_bits,
             act_bits: spec.act_bits,
             calibration: Calibration::Max,
+            weight_scale: WeightScale::Max,
             bias_correction: false,
             first_last_bits: None,
         };
@@ -954,6 +955,7 @@ pub fn synthetic_network(v: usize) -> Result<QNetwork, ccq_common::Error> {
         weight_bits: 4,
         act_bits: 8,
         calibration: Calibration::Max,
+        weight_scale: WeightScale::Max,
         bias_correction: false,
         first_last_bits: None,
     };

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ccq_common::data::Dataset;
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::{EvalStats, QNetwork};
-use ccq_common::quant::{quantize, Calibration, QuantConfig};
+use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
 use ccq_search::eda::EdaParams;
 use ccq_search::trainer::Trainer;
 use rand::{Rng, SeedableRng};
@@ -62,6 +62,7 @@ fn network() -> QNetwork {
         weight_bits: 3,
         act_bits: 8,
         calibration: Calibration::Max,
+        weight_scale: WeightScale::Max,
         bias_correction: false,
         first_last_bits: None,
     };
