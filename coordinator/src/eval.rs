@@ -291,10 +291,10 @@ pub fn normalization_flags(
 /// quantized (these settings validated) only when `--weight-bits` is given.
 #[derive(Debug, Clone, clap::Args)]
 pub struct QuantArgs {
-    /// Quantize weights to this many bits (2-8) and run the integer engine.
+    /// Quantize a float model's weights to this many bits (2-8): the integer network.
     #[arg(long)]
     pub weight_bits: Option<u8>,
-    /// Activation bits (2-8) for the integer engine.
+    /// Activation bits (2-8) of the integer network.
     #[arg(long, default_value_t = 8)]
     pub act_bits: u8,
     /// Training images used to calibrate activation ranges.
