@@ -39,8 +39,10 @@ use ccq_search::trainer::{Generation, TrainerSnapshot};
 pub const FILE_NAME: &str = "checkpoint.ccqck";
 /// Bumped whenever the body's meaning changes; older files are refused, not guessed at.
 /// 1: JSON body, FNV-1a checksum. 2: postcard body, CRC32. 3: the trainer's snapshot
-/// carries the candidate awaiting confirmation (`search.acceptance = "confirm"`).
-pub const FORMAT_VERSION: u32 = 3;
+/// carries the candidate awaiting confirmation (`search.acceptance = "confirm"`). 4: the
+/// run config's quant section has `weight_scale` (postcard is not self-describing: a new
+/// field moves every byte after it).
+pub const FORMAT_VERSION: u32 = 4;
 const MAGIC: &str = "ccq-checkpoint";
 /// Room for the header line: `MAGIC`, the format, 20 digits of length, 8 of CRC.
 const MAX_HEADER: usize = 128;
