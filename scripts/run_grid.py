@@ -43,6 +43,19 @@ def cells(pattern):
     return [p for p in found if rx is None or rx.search(p.stem)]
 
 
+def finished(run_dir):
+    """Whether the run in `run_dir` ended. A run stopped by a signal (Ctrl-C, a killed
+    grid) writes its report too, with stop reason "interrupted": that one is resumed from
+    its checkpoint, never counted."""
+    report = run_dir / "report.json"
+    if not report.exists():
+        return False
+    try:
+        return json.loads(report.read_text()).get("stop_reason") != "interrupted"
+    except (OSError, ValueError):
+        return False
+
+
 def machine():
     """What the numbers were measured on, read from the system rather than typed."""
     cpu = platform.processor() or platform.machine()
@@ -146,13 +159,13 @@ def main():
         for cfg in todo:
             run_dir = RUNS / cfg.stem / f"seed{seed}"
             plan.append((cfg, seed, run_dir))
-    done = [p for p in plan if (p[2] / "report.json").exists()]
+    done = [p for p in plan if finished(p[2])]
     print(f"grid: {len(plan)} runs ({len(todo)} cells x seeds {seeds}), {len(done)} already finished", flush=True)
 
     for i, (cfg, seed, run_dir) in enumerate(plan, 1):
         cell = cfg.stem
         tag = f"[{i}/{len(plan)}] {cell} seed {seed}"
-        if (run_dir / "report.json").exists():
+        if finished(run_dir):
             # Finished earlier: make sure its committed copy exists too.
             if not (REPORTS / f"{cell}-seed{seed}.json").exists() and not args.dry_run:
                 copy_report(cell, seed, run_dir, "(copied from an earlier run)", 0.0, "unknown")
