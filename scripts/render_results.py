@@ -83,6 +83,8 @@ def load_cells():
         if cell not in cells:
             raise SystemExit(f"{path}: no experiment config {cell}.toml")
         report = json.loads(path.read_text())
+        if report.get("stop_reason") == "interrupted":
+            raise SystemExit(f"{path}: an interrupted run, not a result: delete it and resume the run")
         report["_seed"] = int(seed)
         report["_file"] = str(path.relative_to(ROOT))
         cells[cell]["reports"].append(report)
