@@ -31,7 +31,9 @@ impl Drop for Process {
     }
 }
 
-/// A run config whose budget outlasts the test (the test kills the process).
+/// A run config that outlasts the test (the test kills the process): a large budget, and
+/// restarts instead of ending once every variable of the 2-bit network has frozen (which
+/// takes this tiny run about two seconds).
 fn write_config(dir: &Path) -> PathBuf {
     let data = dir.join("mnist");
     std::fs::create_dir_all(&data).unwrap();
@@ -43,7 +45,7 @@ fn write_config(dir: &Path) -> PathBuf {
         format!(
             "seed = 5\nout = \"{}\"\n[model]\nonnx = \"{}\"\nmean = [0.13]\nstd = [0.31]\n\
              [data]\nsource = \"mnist:{}\"\nvalidation = 100\n[quant]\nweight_bits = 2\n\
-             [eda]\npopulation = 8\ngroup_size = 32\n[search]\nbatch_size = 64\n\
+             [eda]\npopulation = 8\ngroup_size = 32\n[search]\nbatch_size = 64\nrestarts = true\n\
              [budget]\nevaluations = 100000000\n[eval]\nevery_generations = 10\n\
              [cluster]\nshards = 2\n",
             dir.join("out").display(),
@@ -324,7 +326,7 @@ fn metrics_endpoint_serves_valid_prometheus_text_during_a_run() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
     let metrics = free_addr();
-    let process = start(dir.path(), &config, metrics);
+    let mut process = start(dir.path(), &config, metrics);
 
     // Scrape until the run has trained a little and measured its network.
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -334,6 +336,12 @@ fn metrics_endpoint_serves_valid_prometheus_text_during_a_run() {
             "no useful scrape in time; coordinator log:\n{}",
             process.logs()
         );
+        if let Some(exit) = process.child.try_wait().unwrap() {
+            panic!(
+                "the coordinator exited ({exit}) before a useful scrape; log:\n{}",
+                process.logs()
+            );
+        }
         match scrape(metrics) {
             Ok((200, head, body)) => {
                 let (_, samples) = parse_exposition(&body)

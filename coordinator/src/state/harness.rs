@@ -87,6 +87,8 @@ struct Virtual {
     events: mpsc::Sender<Event>,
     run: JoinHandle<Result<Finished, crate::Error>>,
     stop: Option<oneshot::Sender<()>>,
+    /// What the metrics endpoint and the progress display would see.
+    telemetry: watch::Receiver<Option<Telemetry>>,
     _out: tempfile::TempDir,
 }
 
@@ -128,7 +130,7 @@ impl Virtual {
             teacher: None,
         };
         let (tx, rx) = mpsc::channel(64);
-        let (telemetry, _) = watch::channel(None);
+        let (telemetry, watched) = watch::channel(None);
         let state = State::new(setup, trainer, tx.clone(), telemetry);
         let (stop, stopped) = oneshot::channel::<()>();
         let run = tokio::spawn(state.run(rx, async move {
@@ -138,6 +140,7 @@ impl Virtual {
             events: tx,
             run,
             stop: Some(stop),
+            telemetry: watched,
             _out: out,
         }
     }
@@ -273,6 +276,32 @@ async fn a_silent_worker_is_reaped_and_its_job_reassigned() {
         1,
         "the generation completed once"
     );
+    v.stop().await.unwrap();
+    assert_fast(real);
+}
+
+/// Per-worker latency series cover live workers only: a worker that did jobs and was
+/// then reaped leaves the published telemetry, so churn cannot grow a scrape forever.
+#[tokio::test(start_paused = true)]
+async fn a_departed_worker_leaves_the_per_worker_latencies() {
+    let real = std::time::Instant::now();
+    let v = Virtual::start(1, 1000);
+    let (a, _) = v.register("a", None).await;
+    let (b, _) = v.register("b", None).await;
+    let job = v.job(a).await;
+    assert!(v.submit(a, &job).await);
+    let job = v.job(b).await;
+    assert!(v.submit(b, &job).await);
+    v.stay_alive(&[a, b], HB * 2).await;
+    let ids = |v: &Virtual| -> Vec<u64> {
+        let t = v.telemetry.borrow();
+        let t = t.as_ref().expect("published");
+        t.worker_job_seconds.keys().copied().collect()
+    };
+    assert_eq!(ids(&v), [a, b], "both workers completed a job");
+    // a goes silent and is reaped; b stays.
+    v.stay_alive(&[b], HB * 5).await;
+    assert_eq!(ids(&v), [b], "a reaped worker's series is gone");
     v.stop().await.unwrap();
     assert_fast(real);
 }

@@ -523,6 +523,12 @@ impl State {
             }
             self.requeue(job);
         }
+        // Latency histograms of workers that left by any path (reaped, moved, refused,
+        // told the run is done) go with them, so churn does not grow the counters.
+        let workers = &self.workers;
+        self.counters
+            .worker_job_seconds
+            .retain(|id, _| workers.get(*id).is_some());
         self.dispatch();
     }
 }

@@ -54,7 +54,16 @@ impl State {
             jobs_completed: self.counters.jobs_completed,
             jobs_retried: self.counters.jobs_retried,
             job_seconds: self.counters.job_seconds.clone(),
-            worker_job_seconds: self.counters.worker_job_seconds.clone(),
+            // Live workers only: departed ones would otherwise keep their series for the
+            // rest of the run, and churn (restarts, moves, reaping) would grow the scrape
+            // without bound.
+            worker_job_seconds: self
+                .counters
+                .worker_job_seconds
+                .iter()
+                .filter(|(id, _)| self.workers.get(**id).is_some())
+                .map(|(id, h)| (*id, h.clone()))
+                .collect(),
         }));
     }
 
