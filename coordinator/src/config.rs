@@ -165,9 +165,12 @@ pub struct BudgetConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct EvalSchedule {
     /// Validation and test accuracy of the global network every N generations (and at
-    /// the end). Scheduled by generation, not time, so runs stay reproducible.
+    /// the end). Scheduled by generation, not time, so runs stay reproducible. The
+    /// workers measure, in blocks between training jobs; the coordinator adds the sums.
     pub every_generations: u64,
-    /// Threads for these evaluations on the coordinator (0 = all cores).
+    /// Threads of the coordinator's own evaluations at setup: the float model's test
+    /// accuracy and, with `search.fitness = "distill"`, the teacher's logits (0 = all
+    /// cores).
     pub threads: usize,
 }
 

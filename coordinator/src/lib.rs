@@ -55,6 +55,14 @@ pub enum Error {
     #[error("interrupted while {0}, before the search started; nothing was written")]
     Interrupted(String),
 
+    /// The run stopped before any measurement of the network was in, so there is no
+    /// network to hand back; its checkpoint lets `--resume` continue.
+    #[error(
+        "stopped before the first validation measurement was in: no model was written; \
+         `coordinator run --resume {0}` continues the run (workers measure it)"
+    )]
+    Unmeasured(String),
+
     /// Workers returned something that cannot belong to the job they were given.
     #[error("protocol violation: {0}")]
     Protocol(String),

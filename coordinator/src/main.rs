@@ -42,6 +42,29 @@ enum Command {
     /// Measure the coordinator itself: evaluations/s against no-op workers over loopback,
     /// bytes on the wire per candidate, memory per decision variable.
     Bench(BenchArgs),
+    /// Emulate a cluster: the real coordinator against W workers that wait each job's
+    /// cost as calibrated on this machine; evaluations/s, scale-out efficiency and the
+    /// coordinator's CPU per evaluation.
+    Scale(ScaleArgs),
+}
+
+#[derive(clap::Args)]
+struct ScaleArgs {
+    /// `resnet20` (../shared), `mnist` (examples/), or `auto`: ResNet-20 when present.
+    #[arg(long, default_value = "auto")]
+    model: String,
+    /// Numbers of emulated workers (one shard each), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
+    workers: Vec<usize>,
+    /// Search seconds per case.
+    #[arg(long, default_value_t = 40.0)]
+    seconds: f64,
+    /// Training images per calibration job.
+    #[arg(long, default_value_t = 256)]
+    calibration_images: usize,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -166,7 +189,7 @@ fn main() -> ExitCode {
     let (log_format, level) = match &cli.command {
         Command::Run(a) => (a.log_format.as_str(), "info"),
         // The bench runs many short runs; their info lines would bury its result.
-        Command::Bench(_) => ("text", "warn"),
+        Command::Bench(_) | Command::Scale(_) => ("text", "warn"),
         _ => ("text", "info"),
     };
     // Logs go to stderr (stdout carries results and `--json` output); the writer keeps the
@@ -276,6 +299,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 scratch: std::env::temp_dir().join(format!("ccq-bench-{}", std::process::id())),
             };
             let report = tokio::runtime::Runtime::new()?.block_on(bench::run(&opts));
+            let _ = std::fs::remove_dir_all(&opts.scratch);
+            let report = report?;
+            if a.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(())
+        }
+        Command::Scale(a) => {
+            let opts = bench::scale::ScaleOptions {
+                model: bench::ModelSpec::named(&a.model, std::path::Path::new("."))?,
+                workers: a.workers,
+                seconds: a.seconds,
+                calibration_images: a.calibration_images,
+                scratch: std::env::temp_dir().join(format!("ccq-scale-{}", std::process::id())),
+            };
+            let report = bench::scale::run(&opts);
             let _ = std::fs::remove_dir_all(&opts.scratch);
             let report = report?;
             if a.json {

@@ -163,7 +163,9 @@ pub async fn run(
             .into());
         }
         let search_len = train_len - cfg.data.validation;
-        let validation = data::load(&source, Split::Train, Some(search_len..train_len))?;
+        // Read once here so that unreadable validation images fail the run at start-up,
+        // not in a worker later; workers measure, the coordinator keeps only the count.
+        let validation = data::load(&source, Split::Train, Some(search_len..train_len))?.len();
         let test_len = data::split_len(&source, Split::Test)?;
         let test = data::load(
             &source,
@@ -298,17 +300,16 @@ pub async fn run(
             data_source: source.to_string(),
             shards,
             search_len,
-            validation: std::sync::Arc::new(validation),
-            test: std::sync::Arc::new(test),
+            validation,
+            test: test.len(),
             float_top1,
             ptq_top1: None,
-            eval_threads,
             network_fingerprint,
             search_seconds_before: restored.as_ref().map_or(0.0, |(_, secs)| *secs),
             instance: format!("{:016x}", rand::random::<u64>()),
             teacher,
         };
-        let mut state = State::new(setup, trainer, tx, telemetry.clone());
+        let mut state = State::new(setup, trainer, telemetry.clone());
         if let Some((snap, _)) = restored {
             state.restore(snap, &ck_origin)?;
         }

@@ -14,9 +14,9 @@ use ccq_common::qnet::EvalStats;
 use ccq_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use ccq_proto::v1::monitor_server::{Monitor, MonitorServer};
 use ccq_proto::v1::{
-    poll_job_response, CandidateResult, Done, HeartbeatRequest, HeartbeatResponse, Idle, Job,
-    PollJobRequest, PollJobResponse, RegisterRequest, RegisterResponse, StatusRequest,
-    StatusResponse, SubmitResultRequest, SubmitResultResponse, SyncNetworkRequest,
+    measure, poll_job_response, CandidateResult, Done, HeartbeatRequest, HeartbeatResponse, Idle,
+    Job, Measure, PollJobRequest, PollJobResponse, RegisterRequest, RegisterResponse,
+    StatusRequest, StatusResponse, SubmitResultRequest, SubmitResultResponse, SyncNetworkRequest,
     SyncNetworkResponse, Unknown, VarChange, WorkerStatus,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -25,8 +25,8 @@ use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 use crate::state::{
-    Event, JobSpec, NetworkUpdate, PollReply, Refusal, RegisterWorker, Registration, RunStatus,
-    Submission, WorkerRow,
+    EvalSplit, Event, JobSpec, NetworkUpdate, PollReply, Refusal, RegisterWorker, Registration,
+    RunStatus, Submission, Work, WorkerRow,
 };
 
 /// How long a poll waits for work before answering `idle`.
@@ -205,9 +205,11 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<SyncNetworkRequest>,
     ) -> Result<Response<SyncNetworkResponse>, Status> {
-        let have_version = req.into_inner().have_version;
+        let req = req.into_inner();
+        let (have_version, want_version) = (req.have_version, req.want_version);
         let r = ask(&self.events, |reply| Event::Sync {
             have_version,
+            want_version,
             reply,
         })
         .await?;
@@ -271,21 +273,41 @@ fn registration_to_proto(r: Registration) -> RegisterResponse {
 
 /// One byte per variable per candidate: the i8 codes as two's complement.
 fn job_to_proto(j: &JobSpec) -> Job {
-    Job {
-        job_id: j.job_id,
-        network_version: j.network_version,
-        images: j.images.clone(),
-        group_vars: j.generation.vars.clone(),
-        candidates: j.generation.candidates[j.first..j.first + j.count]
-            .iter()
-            .map(|c| c.iter().map(|&x| x as u8).collect())
-            .collect(),
-        first_candidate: j.first as u32,
-        teacher_logits: j
-            .teacher
-            .as_ref()
-            .map_or_else(Vec::new, |t| t.rows(&j.images)),
-        temperature: j.teacher.as_ref().map_or(0.0, |t| t.temperature),
+    match &j.work {
+        Work::Candidates {
+            images,
+            generation,
+            first,
+            count,
+            teacher,
+        } => Job {
+            job_id: j.job_id,
+            network_version: j.network_version,
+            images: images.clone(),
+            group_vars: generation.vars.clone(),
+            candidates: generation.candidates[*first..*first + *count]
+                .iter()
+                .map(|c| c.iter().map(|&x| x as u8).collect())
+                .collect(),
+            first_candidate: *first as u32,
+            teacher_logits: teacher.as_ref().map_or_else(Vec::new, |t| t.rows(images)),
+            temperature: teacher.as_ref().map_or(0.0, |t| t.temperature),
+            measure: None,
+        },
+        Work::Measure(b) => Job {
+            job_id: j.job_id,
+            network_version: j.network_version,
+            measure: Some(Measure {
+                split: match b.split {
+                    EvalSplit::Validation => measure::Split::Validation,
+                    EvalSplit::Test => measure::Split::Test,
+                }
+                .into(),
+                first: b.first,
+                count: b.count,
+            }),
+            ..Job::default()
+        },
     }
 }
 
@@ -388,29 +410,55 @@ mod tests {
             images: vec![5, 6, 7],
             layer: 0,
         };
-        let mut spec = JobSpec {
+        let generation = Arc::new(generation);
+        let spec = |images: Vec<u64>, teacher| JobSpec {
             job_id: 9,
             network_version: 2,
-            images: vec![6, 7],
-            generation: Arc::new(generation),
-            first: 1,
-            count: 2,
-            teacher: None,
+            work: Work::Candidates {
+                images,
+                generation: Arc::clone(&generation),
+                first: 1,
+                count: 2,
+                teacher,
+            },
         };
-        let j = job_to_proto(&spec);
+        let j = job_to_proto(&spec(vec![6, 7], None));
         assert_eq!(j.candidates, [vec![0xff, 1], vec![0xfe, 2]]);
         assert_eq!((j.job_id, j.network_version, j.first_candidate), (9, 2, 1));
         assert_eq!((j.group_vars, j.images), (vec![10, 11], vec![6, 7]));
         assert!(j.teacher_logits.is_empty());
+        assert!(j.measure.is_none());
         // With distillation, the job's images' rows of the teacher, in the job's order.
-        spec.images = vec![7, 6];
-        spec.teacher = Some(Arc::new(TeacherLogits {
+        let teacher = Arc::new(TeacherLogits {
             logits: (0..16).map(|x| x as f32).collect(),
             classes: 2,
             temperature: 3.0,
-        }));
-        let j = job_to_proto(&spec);
+        });
+        let j = job_to_proto(&spec(vec![7, 6], Some(teacher)));
         assert_eq!(j.teacher_logits, [14.0, 15.0, 12.0, 13.0]);
         assert_eq!(j.temperature, 3.0);
+    }
+
+    /// A measurement block on the wire: its split and range, no candidates.
+    #[test]
+    fn measurement_jobs_carry_their_block() {
+        for (split, wire) in [
+            (EvalSplit::Validation, measure::Split::Validation),
+            (EvalSplit::Test, measure::Split::Test),
+        ] {
+            let j = job_to_proto(&JobSpec {
+                job_id: 3,
+                network_version: 8,
+                work: Work::Measure(crate::state::MeasureBlock {
+                    split,
+                    first: 40,
+                    count: 16,
+                }),
+            });
+            assert_eq!((j.job_id, j.network_version), (3, 8));
+            let m = j.measure.unwrap();
+            assert_eq!((m.split(), m.first, m.count), (wire, 40, 16));
+            assert!(j.candidates.is_empty() && j.images.is_empty() && j.group_vars.is_empty());
+        }
     }
 }

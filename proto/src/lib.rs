@@ -12,7 +12,9 @@ pub mod process;
 /// 2: `SyncNetworkResponse.full` is the binary network form, no longer the JSON `.ccq`.
 /// 3: `Job.teacher_logits` (distillation): a worker that ignored it would score the
 /// labels instead, silently.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: measurement jobs (`Job.measure`) and `SyncNetworkRequest.want_version`: the
+/// coordinator no longer measures validation and test accuracy itself.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Request metadata key carrying the cluster token, as `Bearer <token>`.
 pub const TOKEN_METADATA: &str = "authorization";

@@ -93,7 +93,12 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
                 Some(poll_job_response::Reply::Unknown(_)) => break, // dropped: register again
                 Some(poll_job_response::Reply::Done(_)) => break 'rogue,
             };
-            let n = job.images.len() as u64;
+            // A measurement block wants one result over its images; a training job one per
+            // candidate over the job's images. Both are answered wrongly.
+            let (n, count) = match &job.measure {
+                Some(m) => (m.count, 1),
+                None => (job.images.len() as u64, job.candidates.len()),
+            };
             let good = CandidateResult {
                 loss_fixed: 1,
                 correct: n,
@@ -104,7 +109,7 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
                 .submit_result(SubmitResultRequest {
                     worker_id: id,
                     job_id: job.job_id + 1_000_000,
-                    results: vec![good; job.candidates.len()],
+                    results: vec![good; count],
                     eval_micros: 1,
                 })
                 .await
@@ -114,7 +119,6 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
             assert!(!accepted, "a result for a job not held was accepted");
             not_held += 1;
             // Then a malformed answer to the job it holds.
-            let count = job.candidates.len();
             let max_loss = n * ccq_common::qnet::MAX_IMAGE_LOSS_FIXED;
             let results = match kind % KINDS {
                 0 => vec![good; count + 1],

@@ -4,10 +4,14 @@
 //! matters), registers with the protocol version, loads its shard of the training split,
 //! and then long-polls for jobs. For each job it brings its copy of the network to the
 //! job's version (changes since the version it holds, or the whole network), evaluates the
-//! candidates on the job's images ([`ccq_common::fitness`]) and submits the sums.
+//! candidates on the job's images ([`ccq_common::fitness`]) and submits the sums. A
+//! measurement job names a block of validation or test images and an older network
+//! version: the worker reads the block (once; blocks are kept), brings a second copy of
+//! the network, which only moves forward, to that version, and submits the sums.
 //! It heartbeats in the background; when the coordinator no longer knows it (restart,
 //! reaping) it registers again; when the run is done it returns `Ok`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,8 +22,8 @@ use ccq_common::qnet::{QNetwork, Targets, Teacher};
 use ccq_proto::client::{self, endpoint, error_chain, Auth, Client};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
-    poll_job_response, CandidateResult, HeartbeatRequest, Job, PollJobRequest, RegisterRequest,
-    RegisterResponse, SubmitResultRequest, SyncNetworkRequest,
+    measure, poll_job_response, CandidateResult, HeartbeatRequest, Job, Measure, PollJobRequest,
+    RegisterRequest, RegisterResponse, SubmitResultRequest, SyncNetworkRequest,
 };
 use tracing::{debug, info, warn};
 
@@ -87,12 +91,20 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     }
 }
 
-/// What survives re-registration: the loaded shard and the network copy.
+/// What survives re-registration: the loaded shard, the network copies and the
+/// measurement blocks read so far.
 #[derive(Default)]
 struct Local {
     shard: Option<(String, Shard, Dataset)>,
+    /// Where the data is read from (the coordinator's source or `--data` override).
+    source: Option<DataSource>,
     net: Option<(u64, QNetwork)>,
-    /// The coordinator process `net`'s version number belongs to.
+    /// The network measurement jobs measure: an older version than `net`'s, moving forward.
+    measured: Option<(u64, QNetwork)>,
+    /// Measurement blocks by (test split?, first, count); bounded by the run's validation
+    /// and test sizes.
+    blocks: HashMap<(bool, u64, u64), std::sync::Arc<Dataset>>,
+    /// The coordinator process the network versions belong to.
     instance: String,
 }
 
@@ -141,6 +153,7 @@ async fn run_inner(cfg: &WorkerConfig) -> Result<(), Error> {
         if reg.coordinator_instance != local.instance {
             // A restarted (or another) coordinator: version numbers start afresh.
             local.net = None;
+            local.measured = None;
             local.instance = reg.coordinator_instance.clone();
         }
         info!(
@@ -241,7 +254,11 @@ async fn serve(
         let d = tokio::task::spawn_blocking(move || data::load(&src, Split::Train, Some(range)))
             .await
             .expect("data loading task panicked")?;
-        local.shard = Some((key, shard, d));
+        local.shard = Some((key.clone(), shard, d));
+    }
+    if local.source.as_ref().map(|s| s.to_string()) != Some(key) {
+        local.blocks.clear();
+        local.source = Some(source.clone());
     }
 
     // Heartbeats run beside the job loop; a heartbeat that finds us unknown ends the loop.
@@ -322,7 +339,19 @@ async fn evaluate(
     mut job: Job,
     threads: usize,
 ) -> Result<Option<(Vec<CandidateResult>, u64)>, Error> {
-    if !sync_network(client, worker_id, local, job.network_version).await? {
+    if let Some(m) = job.measure.take() {
+        return measure(
+            client,
+            worker_id,
+            local,
+            job.job_id,
+            job.network_version,
+            m,
+            threads,
+        )
+        .await;
+    }
+    if !sync_network(client, worker_id, &mut local.net, job.network_version, None).await? {
         // The job belongs to a generation that is already over; its result would be refused.
         debug!(job = job.job_id, "skipping a stale job");
         return Ok(None);
@@ -382,28 +411,114 @@ async fn evaluate(
     Ok(Some((results, started.elapsed().as_micros() as u64)))
 }
 
-async fn sync_network(
+/// Evaluates the network at `version` on a measurement block: one result, its sums.
+/// `None` when the measurement is over (the coordinator no longer has that version).
+async fn measure(
     client: &mut Client,
     worker_id: u64,
     local: &mut Local,
+    job_id: u64,
+    version: u64,
+    m: Measure,
+    threads: usize,
+) -> Result<Option<(Vec<CandidateResult>, u64)>, Error> {
+    let bad = |reason: String| Error::BadJob {
+        job: job_id,
+        reason,
+    };
+    let test = match measure::Split::try_from(m.split) {
+        Ok(measure::Split::Validation) => false,
+        Ok(measure::Split::Test) => true,
+        Err(_) => return Err(bad(format!("unknown measurement split {}", m.split))),
+    };
+    let (first, count) = (m.first, m.count);
+    let end = first
+        .checked_add(count)
+        .filter(|_| count > 0)
+        .ok_or_else(|| bad(format!("measurement block {first} + {count}")))?;
+    // The network moves forward between measurements; an older one is a fresh copy.
+    if matches!(&local.measured, Some((v, _)) if *v > version) {
+        local.measured = None;
+    }
+    if !sync_network(
+        client,
+        worker_id,
+        &mut local.measured,
+        version,
+        Some(version),
+    )
+    .await?
+    {
+        debug!(job = job_id, "skipping a measurement that is over");
+        return Ok(None);
+    }
+    let key = (test, first, count);
+    let block = match local.blocks.get(&key) {
+        Some(b) => std::sync::Arc::clone(b),
+        None => {
+            let source = local.source.clone().expect("data source known before jobs");
+            let split = if test { Split::Test } else { Split::Train };
+            let range = first as usize..end as usize;
+            let d = tokio::task::spawn_blocking(move || data::load(&source, split, Some(range)))
+                .await
+                .expect("data loading task panicked")
+                .map_err(|e| bad(format!("measurement block {first}..{end}: {e}")))?;
+            let d = std::sync::Arc::new(d);
+            local.blocks.insert(key, std::sync::Arc::clone(&d));
+            d
+        }
+    };
+    if block.len() as u64 != count {
+        return Err(bad(format!(
+            "measurement block {first}..{end} holds {} images",
+            block.len()
+        )));
+    }
+    let (_, net) = local.measured.take().expect("network synced");
+    let started = Instant::now();
+    let (net, stats) = tokio::task::spawn_blocking(move || {
+        let s = net.evaluate(&block.images, &block.labels, 256, threads);
+        (net, s)
+    })
+    .await
+    .expect("measurement task panicked");
+    local.measured = Some((version, net));
+    Ok(Some((
+        vec![CandidateResult {
+            loss_fixed: stats.loss_fixed,
+            correct: stats.correct,
+            images: stats.images,
+        }],
+        started.elapsed().as_micros() as u64,
+    )))
+}
+
+/// Brings `slot` to version `want`: the latest network (`target` None) or an older one a
+/// measurement names (`target` Some). True when `slot` then holds `want`.
+async fn sync_network(
+    client: &mut Client,
+    worker_id: u64,
+    slot: &mut Option<(u64, QNetwork)>,
     want: u64,
+    target: Option<u64>,
 ) -> Result<bool, Error> {
-    if matches!(&local.net, Some((v, _)) if *v == want) {
+    if matches!(slot, Some((v, _)) if *v == want) {
         return Ok(true);
     }
-    let have = local.net.as_ref().map(|(v, _)| *v);
+    let have = slot.as_ref().map(|(v, _)| *v);
     let r = client
         .sync_network(SyncNetworkRequest {
             worker_id,
             have_version: have,
+            want_version: target,
         })
         .await?
         .into_inner();
     if !r.full.is_empty() {
         let net = QNetwork::from_bytes(&r.full, "network from the coordinator")?;
-        local.net = Some((r.version, net));
+        *slot = Some((r.version, net));
     } else {
-        let (v, net) = local.net.as_mut().ok_or_else(|| Error::BadJob {
+        let (v, net) = slot.as_mut().ok_or_else(|| Error::BadJob {
             job: 0,
             reason: "coordinator sent changes but this worker holds no network".into(),
         })?;
@@ -415,7 +530,7 @@ async fn sync_network(
         net.apply_changes(&changes)?;
         *v = r.version;
     }
-    Ok(local.net.as_ref().map(|(v, _)| *v) == Some(want))
+    Ok(slot.as_ref().map(|(v, _)| *v) == Some(want))
 }
 
 /// Exponential backoff from 50 ms to 2 s.

@@ -12,7 +12,8 @@
 //!    whole network.
 //! 3. **Memory**: bytes per decision variable of what the event loop holds for a network
 //!    (EDA state, the trainer's codes and network, the best network's codes, a running
-//!    validation measurement's copy), by accounting (heap capacities) and by the
+//!    measurement's codes and the network copy built for a worker's whole-network sync
+//!    of it), by accounting (heap capacities) and by the
 //!    process's resident set growing while the same structures are built, for the bench
 //!    model and for a synthetic network of many variables.
 //!
@@ -21,6 +22,7 @@
 //! change-list syncs) advance as in a real run.
 
 mod host;
+pub mod scale;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -323,7 +325,8 @@ pub struct Accounting {
     pub network: usize,
     /// Codes of the best network by validation.
     pub best_codes: usize,
-    /// A running validation measurement: its codes (for checkpoints) and its network.
+    /// A running measurement: its codes (kept until its last block is in) and the
+    /// network built from them when a worker needs that version whole.
     pub eval_codes: usize,
     pub eval_network: usize,
 }
@@ -614,6 +617,22 @@ impl Clock {
         marks.push((Instant::now(), total));
     }
 
+    /// The window from the first mark at `skip` of the total to the last, and the rate
+    /// of candidates over it.
+    fn sustained_window(&self, skip: f64) -> (Option<(Instant, Instant)>, f64) {
+        let marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(&(t1, total)) = marks.last() else {
+            return (None, 0.0);
+        };
+        match marks.iter().find(|(_, n)| *n as f64 >= skip * total as f64) {
+            Some(&(t0, n0)) if t1 > t0 => (
+                Some((t0, t1)),
+                (total - n0) as f64 / (t1 - t0).as_secs_f64(),
+            ),
+            _ => (None, 0.0),
+        }
+    }
+
     /// Evaluations per second from the first mark at `skip` of the total to the last,
     /// and the total.
     fn sustained_rate(&self, skip: f64) -> (f64, u64) {
@@ -635,6 +654,8 @@ impl Clock {
 #[derive(Default)]
 struct Tally {
     jobs: u64,
+    /// Measurement blocks answered (not counted in `jobs` or `wire`).
+    measure_jobs: u64,
     wire: WireCounts,
     error: Option<String>,
 }
@@ -672,6 +693,7 @@ async fn noop_serve(
     };
     let mut worker_id = register(&mut client, name, give_up).await?;
     let mut have: Option<u64> = None;
+    let mut measured: Option<u64> = None;
     loop {
         let poll = client
             .poll_job(PollJobRequest { worker_id })
@@ -686,6 +708,11 @@ async fn noop_serve(
                 continue;
             }
         };
+        if job.measure.is_some() {
+            answer_measurement(&mut client, worker_id, &mut measured, job, None).await?;
+            tally.measure_jobs += 1;
+            continue;
+        }
         let w = &mut tally.wire;
         let bytes = job.encoded_len() as u64;
         let n = job.candidates.len() as u64;
@@ -706,6 +733,7 @@ async fn noop_serve(
                 .sync_network(SyncNetworkRequest {
                     worker_id,
                     have_version: have,
+                    want_version: None,
                 })
                 .await?
                 .into_inner();
@@ -742,6 +770,56 @@ async fn noop_serve(
             clock.record(n);
         }
     }
+}
+
+/// Answers a measurement block as a worker would: brings its measured network's version
+/// to the job's (forward only), waits `wait` if given (the block's emulated cost), and
+/// submits made-up but valid sums. True when the sums were accepted.
+async fn answer_measurement(
+    client: &mut CoordinatorClient<tonic::transport::Channel>,
+    worker_id: u64,
+    measured: &mut Option<u64>,
+    job: ccq_proto::v1::Job,
+    wait: Option<Duration>,
+) -> Result<bool, tonic::Status> {
+    let Some(m) = job.measure else {
+        return Ok(false);
+    };
+    if *measured != Some(job.network_version) {
+        let have = measured.filter(|&v| v <= job.network_version);
+        let r = client
+            .sync_network(SyncNetworkRequest {
+                worker_id,
+                have_version: have,
+                want_version: Some(job.network_version),
+            })
+            .await?
+            .into_inner();
+        *measured = Some(r.version);
+        if r.version != job.network_version {
+            return Ok(false); // the measurement is over
+        }
+    }
+    if let Some(d) = wait {
+        tokio::task::spawn_blocking(move || std::thread::sleep(d))
+            .await
+            .expect("sleeping does not panic");
+    }
+    let result = CandidateResult {
+        loss_fixed: m.count * (1 << 23),
+        correct: m.count / 2,
+        images: m.count,
+    };
+    Ok(client
+        .submit_result(SubmitResultRequest {
+            worker_id,
+            job_id: job.job_id,
+            results: vec![result],
+            eval_micros: wait.map_or(1, |d| d.as_micros() as u64),
+        })
+        .await?
+        .into_inner()
+        .accepted)
 }
 
 async fn register(
@@ -823,8 +901,8 @@ fn measure_memory(opts: &BenchOptions) -> Result<MemoryReport, Error> {
 
 /// Builds what the event loop holds for a network, in the order it does, measuring the
 /// resident set before and after. Mirrors [`ccq_coordinator::state::State`]: the trainer (network,
-/// codes, EDA state), the best network's codes, and a running validation measurement
-/// (its codes and a clone of the network).
+/// codes, EDA state), the best network's codes, and a running measurement (its codes
+/// and the network built from them for a worker's whole-network sync).
 fn network_memory(
     name: &str,
     build: impl FnOnce() -> Result<QNetwork, Error>,

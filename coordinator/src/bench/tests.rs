@@ -93,3 +93,69 @@ async fn tiny_bench_counts_what_it_claims() {
     assert!(synthetic.variables.abs_diff(200_000) < 3_100);
     assert_eq!(report.memory.eda_only.as_ref().unwrap().variables, 200_000);
 }
+
+/// `coordinator scale` in a tiny configuration (the MNIST model, two short cases): the
+/// cost model is made of sane parts, every case ran for its wall-time budget against
+/// emulated workers that all answered, and the shares it reports are fractions whose
+/// parts are consistent. Speed and efficiency values are not asserted.
+#[test]
+fn tiny_scale_emulation_reports_consistent_shares() {
+    let scratch = tempfile::tempdir().unwrap();
+    let opts = super::scale::ScaleOptions {
+        model: ModelSpec::mnist(&repo()),
+        workers: vec![1, 3],
+        seconds: 3.0,
+        calibration_images: 32,
+        scratch: scratch.path().to_path_buf(),
+    };
+    let report = super::scale::run(&opts).unwrap();
+    let cost = &report.cost;
+    assert!(cost.base_per_image_secs > 0.0, "{cost:?}");
+    assert!(cost.layers.len() >= 2, "{cost:?}");
+    assert!(
+        cost.layers
+            .windows(2)
+            .all(|w| w[0].first_var < w[1].first_var),
+        "layers in variable order: {cost:?}"
+    );
+    assert!(cost
+        .layers
+        .iter()
+        .all(|l| l.candidate_per_image_secs >= 0.0));
+    // A job's cost grows with its images and candidates; its useful part never exceeds it.
+    let var = cost.layers[1].first_var;
+    assert!(cost.job_secs(64, 15, var) > cost.job_secs(32, 15, var));
+    assert!(cost.job_secs(64, 15, var) >= cost.job_secs(64, 3, var));
+    assert!(cost.useful_secs(32, 15, var, 256) <= cost.job_secs(32, 15, var));
+
+    assert_eq!(
+        report.cases.iter().map(|c| c.workers).collect::<Vec<_>>(),
+        [1, 3]
+    );
+    for c in &report.cases {
+        let case = format!("{} worker(s)", c.workers);
+        assert!(c.worker_errors.is_empty(), "{case}: {:?}", c.worker_errors);
+        assert_eq!(c.shards, c.workers, "{case}");
+        assert!(
+            c.stop_reason.contains("wall-time"),
+            "{case}: the budget ends the case, not freezing: {}",
+            c.stop_reason
+        );
+        assert!(c.evaluations > 0 && c.generations > 0 && c.measurements >= 2);
+        // At least one job per shard per generation.
+        assert!(c.jobs >= c.generations * c.shards as u64, "{case}");
+        assert!(c.window_seconds > 0.0 && c.evals_per_sec > 0.0, "{case}");
+        // Useful work is part of the waiting, both fractions of W x the window (a job
+        // that ended inside the window may have begun just before it).
+        assert!(c.efficiency > 0.0, "{case}");
+        assert!(c.efficiency <= c.worker_busy_fraction + 1e-9, "{case}");
+        assert!(
+            c.worker_busy_fraction < 1.2,
+            "{case}: {}",
+            c.worker_busy_fraction
+        );
+        assert!(c.coordinator_cpu_secs >= 0.0);
+    }
+    assert_eq!(report.cases[0].rate_ratio, Some(1.0));
+    assert!(report.cases[1].rate_ratio.is_some());
+}

@@ -48,12 +48,19 @@ impl ChangeLog {
     /// The changes from version `have` to the current one, if `have` is known and the
     /// list is shorter than `limit`; otherwise the worker needs the whole network.
     pub fn since(&self, have: u64, limit: usize) -> Option<Vec<(u32, i8)>> {
-        if have < self.base || have > self.version() {
+        self.between(have, self.version(), limit)
+    }
+
+    /// The changes from version `have` forward to version `want` (an older network a
+    /// measurement measures), if both are known, `have` is not past `want` and the list
+    /// is shorter than `limit`.
+    pub fn between(&self, have: u64, want: u64, limit: usize) -> Option<Vec<(u32, i8)>> {
+        if have < self.base || have > want || want > self.version() {
             return None;
         }
         let list: Vec<(u32, i8)> = self
             .entries
-            .range((have - self.base) as usize..)
+            .range((have - self.base) as usize..(want - self.base) as usize)
             .flatten()
             .copied()
             .collect();
@@ -83,6 +90,24 @@ mod tests {
                 trimmed.push(changes.clone(), limit);
                 whole.push(changes, usize::MAX);
                 assert_eq!(trimmed.version(), whole.version());
+                // Forward to an older version: the entries in between, in order.
+                let v = whole.version();
+                for (have, want) in [(v.saturating_sub(3), v.saturating_sub(1)), (v, v)] {
+                    let expect: Option<Vec<(u32, i8)>> = (have >= 7).then(|| {
+                        whole
+                            .entries
+                            .range((have - 7) as usize..(want - 7) as usize)
+                            .flatten()
+                            .copied()
+                            .collect()
+                    });
+                    assert_eq!(whole.between(have, want, usize::MAX), expect);
+                }
+                assert_eq!(
+                    whole.between(v, v.saturating_sub(1), usize::MAX),
+                    None,
+                    "never backwards"
+                );
                 for have in 0..=whole.version() + 1 {
                     let full = whole.since(have, usize::MAX).filter(|l| l.len() < limit);
                     assert_eq!(

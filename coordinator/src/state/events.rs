@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ccq_common::data::Dataset;
 use ccq_common::qnet::{EvalStats, QNetwork};
 use ccq_search::trainer::Generation;
 use tokio::sync::oneshot;
@@ -22,11 +21,12 @@ pub struct Setup {
     pub data_source: String,
     pub shards: usize,
     pub search_len: usize,
-    pub validation: Arc<Dataset>,
-    pub test: Arc<Dataset>,
+    /// Held-out validation images: training indices `search_len..search_len + validation`.
+    pub validation: usize,
+    /// Test images measured: test indices `0..test`.
+    pub test: usize,
     pub float_top1: f64,
     pub ptq_top1: Option<f64>,
-    pub eval_threads: usize,
     /// Identity of the quantized network the search started from (checkpoints).
     pub network_fingerprint: String,
     /// Seconds of search before this process took over (a resumed run).
@@ -97,14 +97,13 @@ pub enum Event {
     Sync {
         /// The network version the worker holds, if any.
         have_version: Option<u64>,
+        /// The version it needs (a measurement job's); `None`: the latest.
+        want_version: Option<u64>,
         reply: oneshot::Sender<Result<NetworkUpdate, Refusal>>,
     },
     Status {
         reply: oneshot::Sender<RunStatus>,
     },
-    /// Validation/test measurement `id` finished (scheduled by the loop on the blocking
-    /// pool; its network was dropped there, the loop keeps the codes it was built from).
-    EvalDone(u64, EvalPoint),
 }
 
 /// A worker asking to join.
@@ -158,21 +157,48 @@ pub enum PollReply {
     Unknown,
 }
 
-/// One job: a slice of a generation's candidates on one shard's part of the batch.
+/// One job: the network at `network_version` and the work to do with it.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
     pub job_id: u64,
-    /// The context network the candidates are sparse deltas against.
+    /// The context network the candidates are sparse deltas against, or the network a
+    /// measurement measures.
     pub network_version: u64,
-    /// Global training-split indices of this shard's part of the batch.
-    pub images: Vec<u64>,
-    /// Shared with the loop, not copied: the handler encodes the candidate slice.
-    pub generation: Arc<Generation>,
-    /// The candidates `first..first + count` of the generation.
-    pub first: usize,
-    pub count: usize,
-    /// Shared, not copied: the handler encodes the rows of `images`.
-    pub teacher: Option<Arc<TeacherLogits>>,
+    pub work: Work,
+}
+
+#[derive(Debug, Clone)]
+pub enum Work {
+    /// A slice of a generation's candidates on one shard's part of the batch.
+    Candidates {
+        /// Global training-split indices of this shard's part of the batch.
+        images: Vec<u64>,
+        /// Shared with the loop, not copied: the handler encodes the candidate slice.
+        generation: Arc<Generation>,
+        /// The candidates `first..first + count` of the generation.
+        first: usize,
+        count: usize,
+        /// Shared, not copied: the handler encodes the rows of `images`.
+        teacher: Option<Arc<TeacherLogits>>,
+    },
+    /// A block of a validation/test measurement: one result, the network's sums on it.
+    Measure(MeasureBlock),
+}
+
+/// Which images a measurement block covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeasureBlock {
+    pub split: EvalSplit,
+    /// Index of the first image: in the training split for validation (at or after
+    /// `search_len`), in the test split for test.
+    pub first: u64,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalSplit {
+    Validation,
+    Test,
 }
 
 /// A worker's results for a job: one entry per candidate of the job, in order.
@@ -236,6 +262,5 @@ pub fn answer_during_setup(ev: Event, run_id: &str, phase: &str, elapsed_secs: f
                 ..Default::default()
             });
         }
-        Event::EvalDone(..) => {}
     }
 }

@@ -4,10 +4,8 @@
 //! task waits, so each scenario is deterministic and takes milliseconds of real time
 //! however many virtual seconds it spans.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use ccq_common::data::Dataset;
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::{EvalStats, QNetwork};
 use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
@@ -69,19 +67,6 @@ fn network() -> QNetwork {
     quantize(&graph, &Normalization::identity(1), &pixels, 32, &q).unwrap()
 }
 
-fn dataset(n: usize, seed: u64) -> Arc<Dataset> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    Arc::new(Dataset {
-        channels: 1,
-        height: 4,
-        width: 4,
-        num_classes: 4,
-        images: (0..n * 16).map(|_| rng.random()).collect(),
-        labels: (0..n).map(|_| rng.random_range(0..4)).collect(),
-        first_index: 0,
-    })
-}
-
 /// A coordinator event loop with no network in front of it.
 struct Virtual {
     events: mpsc::Sender<Event>,
@@ -93,7 +78,21 @@ struct Virtual {
 }
 
 impl Virtual {
+    /// A run whose measurements have no images (they complete at once): for scenarios
+    /// about training jobs alone.
     fn start(shards: usize, evaluations: u64) -> Virtual {
+        Virtual::start_measured(shards, evaluations, 0, 0, 1_000_000)
+    }
+
+    /// A run measuring `validation` and `test` images every `every` generations, as
+    /// jobs for the virtual workers.
+    fn start_measured(
+        shards: usize,
+        evaluations: u64,
+        validation: usize,
+        test: usize,
+        every: u64,
+    ) -> Virtual {
         let out = tempfile::tempdir().unwrap();
         let mut config: RunConfig = toml::from_str(
             "[model]\nonnx = \"m.onnx\"\nmean = [0.5]\nstd = [0.25]\n[data]\nsource = \"mnist:d\"\n",
@@ -104,7 +103,7 @@ impl Virtual {
         config.cluster.job_timeout_secs = JOB_TIMEOUT.as_secs_f64();
         config.budget.evaluations = Some(evaluations);
         config.search.batch_size = 8;
-        config.eval.every_generations = 1_000_000;
+        config.eval.every_generations = every;
         let trainer = Trainer::new(
             network(),
             EdaParams::default(),
@@ -119,11 +118,10 @@ impl Virtual {
             data_source: "mnist:d".into(),
             shards,
             search_len: SEARCH_LEN,
-            validation: dataset(16, 1),
-            test: dataset(16, 2),
+            validation,
+            test,
             float_top1: 50.0,
             ptq_top1: None,
-            eval_threads: 1,
             network_fingerprint: "0".into(),
             search_seconds_before: 0.0,
             instance: "i".into(),
@@ -131,7 +129,7 @@ impl Virtual {
         };
         let (tx, rx) = mpsc::channel(64);
         let (telemetry, watched) = watch::channel(None);
-        let state = State::new(setup, trainer, tx.clone(), telemetry);
+        let state = State::new(setup, trainer, telemetry);
         let (stop, stopped) = oneshot::channel::<()>();
         let run = tokio::spawn(state.run(rx, async move {
             let _ = stopped.await;
@@ -182,10 +180,17 @@ impl Virtual {
             .map(|r| r.unwrap())
     }
 
+    /// The next training job for `worker`; measurement blocks handed out meanwhile are
+    /// answered at once, as a worker would.
     async fn job(&self, worker: u64) -> JobSpec {
-        match self.poll(worker).await {
-            Some(PollReply::Job(j)) => j,
-            other => panic!("worker {worker} expected a job, got {other:?}"),
+        loop {
+            match self.poll(worker).await {
+                Some(PollReply::Job(j)) if matches!(j.work, Work::Measure(_)) => {
+                    assert!(self.submit(worker, &j).await, "measurement block refused");
+                }
+                Some(PollReply::Job(j)) => return j,
+                other => panic!("worker {worker} expected a job, got {other:?}"),
+            }
         }
     }
 
@@ -193,12 +198,35 @@ impl Virtual {
     /// the group's codes' distance from a target code, so the search has something to
     /// find and adopts candidates.
     async fn submit(&self, worker: u64, job: &JobSpec) -> bool {
-        let n = job.images.len() as u64;
-        let g = &job.generation;
+        let (images, g, first, count) = match &job.work {
+            Work::Candidates {
+                images,
+                generation,
+                first,
+                count,
+                ..
+            } => (images, generation, *first, *count),
+            Work::Measure(b) => {
+                let n = b.count;
+                let results = vec![EvalStats {
+                    loss_fixed: n * 1000,
+                    correct: n / 2,
+                    images: n,
+                }];
+                let submission = Submission {
+                    worker,
+                    job: job.job_id,
+                    results,
+                    eval_micros: 100,
+                };
+                return self.ask(|reply| Event::Submit { submission, reply }).await;
+            }
+        };
+        let n = images.len() as u64;
         let submission = Submission {
             worker,
             job: job.job_id,
-            results: g.candidates[job.first..job.first + job.count]
+            results: g.candidates[first..first + count]
                 .iter()
                 .map(|codes| {
                     let distance: u64 = g
@@ -433,7 +461,7 @@ async fn losing_a_worker_mid_run_changes_nothing() {
     }
     let mut ends = Vec::new();
     for (n, die_at) in [(1, None), (3, Some(4))] {
-        let v = Virtual::start(1, 16 * 12);
+        let v = Virtual::start_measured(1, 16 * 12, 16, 16, 4);
         let mut ids = Vec::new();
         for i in 0..n {
             ids.push(v.register(&format!("w{i}"), None).await.0);
@@ -455,4 +483,133 @@ async fn losing_a_worker_mid_run_changes_nothing() {
         ));
     }
     assert_eq!(ends[0], ends[1]);
+}
+
+/// Validation and test measurements are jobs: a single worker serves training first and
+/// measurement blocks once a measurement is overdue, every scheduled measurement is
+/// recorded with the exact sums of its blocks, and the run ends only when the final
+/// measurement is in.
+#[tokio::test(start_paused = true)]
+async fn measurements_are_worker_jobs_and_the_run_waits_for_the_last() {
+    let real = std::time::Instant::now();
+    // 16 candidates per generation: 6 generations; measured every 2 generations.
+    let v = Virtual::start_measured(1, 16 * 6, 40, 24, 2);
+    let (a, _) = v.register("a", None).await;
+    let mut kinds = Vec::new();
+    loop {
+        match v.poll(a).await {
+            Some(PollReply::Job(j)) => {
+                kinds.push(matches!(j.work, Work::Measure(_)));
+                assert!(v.submit(a, &j).await);
+            }
+            Some(PollReply::Done) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    // Training went first: the PTQ measurement waited for a generation.
+    assert!(!kinds[0], "{kinds:?}");
+    let f = v.stop().await.unwrap();
+    assert!(f.complete, "{}", f.stop_reason);
+    let gens: Vec<(u64, bool)> = f
+        .history
+        .iter()
+        .map(|p| (p.generation, p.is_final))
+        .collect();
+    assert_eq!(
+        gens,
+        [(0, false), (2, false), (4, false), (6, false), (6, true)]
+    );
+    for p in &f.history {
+        // The virtual worker answers each block with half its images correct.
+        assert_eq!((p.val_top1, p.test_top1), (50.0, 50.0), "{p:?}");
+        assert!((p.val_loss - 1000.0 / (1u64 << 24) as f64).abs() < 1e-12);
+    }
+    // 40 + 24 images in blocks of at most 8 (batch 8, one shard; at least 16): 3 + 2.
+    let blocks = kinds.iter().filter(|&&m| m).count();
+    assert_eq!(blocks, 5 * 5, "five measurements of five blocks: {kinds:?}");
+    assert_fast(real);
+}
+
+/// A measurement block names an older network version than the latest; `SyncNetwork`
+/// with `want_version` brings a worker there: the whole network as it was at that version,
+/// or the changes forward from an older version the worker holds. Once the measurement
+/// is in, nobody is sent that version any more.
+#[tokio::test(start_paused = true)]
+async fn a_measured_version_is_synced_as_it_was() {
+    let real = std::time::Instant::now();
+    let v = Virtual::start_measured(1, 16 * 40, 16, 16, 3);
+    let (a, _) = v.register("a", None).await;
+    let sync = |have: Option<u64>, want: Option<u64>| {
+        v.ask(move |reply| Event::Sync {
+            have_version: have,
+            want_version: want,
+            reply,
+        })
+    };
+    let codes = |u: NetworkUpdate| match u {
+        NetworkUpdate::Full { version, network } => (
+            version,
+            QNetwork::from_bytes(&network, "test").unwrap().codes(),
+        ),
+        other => panic!("the whole network expected, got {other:?}"),
+    };
+    // Every version the training jobs name, as the latest network was then.
+    let mut seen: std::collections::BTreeMap<u64, Vec<i8>> = Default::default();
+    let block = loop {
+        let Some(PollReply::Job(j)) = v.poll(a).await else {
+            panic!("work expected")
+        };
+        match j.work {
+            Work::Candidates { .. } => {
+                let (version, c) = codes(sync(None, None).await.unwrap());
+                assert_eq!(version, j.network_version);
+                seen.insert(version, c);
+                assert!(v.submit(a, &j).await);
+            }
+            Work::Measure(_) if j.network_version > 1 => break j,
+            Work::Measure(_) => assert!(v.submit(a, &j).await),
+        }
+    };
+    let want = block.network_version;
+    assert!(
+        seen.len() > 2 && seen.contains_key(&want),
+        "{:?}",
+        seen.keys()
+    );
+    let latest = *seen.keys().last().unwrap();
+    assert!(latest > want, "the search moved on while the block waited");
+    // Whole, from nothing or from a newer version than the one wanted.
+    for have in [None, Some(latest)] {
+        let (version, c) = codes(sync(have, Some(want)).await.unwrap());
+        assert_eq!((version, &c), (want, &seen[&want]), "from {have:?}");
+    }
+    // As changes, forward from an older version.
+    let older = *seen.keys().next().unwrap();
+    match sync(Some(older), Some(want)).await.unwrap() {
+        NetworkUpdate::Changes { version, changes } => {
+            assert_eq!(version, want);
+            let mut c = seen[&older].clone();
+            for (var, code) in changes {
+                c[var as usize] = code;
+            }
+            assert_eq!(c, seen[&want]);
+        }
+        other => panic!("changes expected, got {other:?}"),
+    }
+    // The measurement completes; its version is then answered with the latest network.
+    assert!(v.submit(a, &block).await);
+    // Its remaining blocks come first (it is overdue); stop at the first training job.
+    while let Some(PollReply::Job(j)) = v.poll(a).await {
+        if matches!(j.work, Work::Candidates { .. }) {
+            break;
+        }
+        assert!(v.submit(a, &j).await);
+    }
+    let (version, _) = codes(sync(None, Some(want)).await.unwrap());
+    assert!(
+        version > want,
+        "a finished measurement's version is not served"
+    );
+    v.stop().await.unwrap();
+    assert_fast(real);
 }

@@ -1,13 +1,15 @@
-//! The job queue: the generation in flight cut into jobs, the jobs waiting per shard, the
-//! leases on jobs handed out, the polls parked until work exists, and the candidates'
-//! partial sums as results come in.
+//! The job queue: the generation in flight cut into jobs, the measurement blocks
+//! waiting, the jobs waiting per shard, the leases on jobs handed out, the polls parked
+//! until work exists, and the partial sums as results come in.
 //!
-//! A job is one shard's part of the batch for a slice of the candidates, so that several
-//! workers of one shard share the candidates. Results are summed per candidate in exact
-//! integers with checked arithmetic, so arrival order never matters and no worker can
-//! make a sum wrap.
+//! A training job is one shard's part of the batch for a slice of the candidates, so that
+//! several workers of one shard share the candidates. A measurement job is a block of
+//! validation or test images for any worker; training comes first unless a measurement
+//! is overdue (see [`JobQueue::dispatch`]), so measurements use the time workers would
+//! otherwise wait at the generation barrier. Results are summed in exact integers with
+//! checked arithmetic, so arrival order never matters and no worker can make a sum wrap.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,15 +18,27 @@ use ccq_search::trainer::Generation;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::events::{JobSpec, PollReply, Submission, TeacherLogits};
+use super::events::{EvalSplit, JobSpec, MeasureBlock, PollReply, Submission, TeacherLogits, Work};
+
+#[derive(Debug, Clone)]
+enum Task {
+    Candidates {
+        shard: usize,
+        /// Candidate range of the generation.
+        first: usize,
+        count: usize,
+        images: Vec<u64>,
+    },
+    Measure {
+        /// The measurement it is part of.
+        id: u64,
+        block: MeasureBlock,
+    },
+}
 
 #[derive(Debug, Clone)]
 struct JobEntry {
-    shard: usize,
-    /// Candidate range of the generation.
-    first: usize,
-    count: usize,
-    images: Vec<u64>,
+    task: Task,
     /// (worker, when it was handed out).
     lease: Option<(u64, Instant)>,
 }
@@ -38,6 +52,29 @@ struct InFlight {
     outstanding: usize,
 }
 
+/// A measurement whose blocks are out: the network version and the sums per split.
+#[derive(Debug)]
+struct Measuring {
+    version: u64,
+    validation: EvalStats,
+    test: EvalStats,
+    outstanding: usize,
+}
+
+/// What a finished job completed, if anything.
+#[derive(Debug, PartialEq)]
+pub enum Completed {
+    Nothing,
+    /// Every job of the generation is in: the generation and its sums per candidate.
+    Generation(Generation, Vec<EvalStats>),
+    /// Every block of measurement `id` is in: its validation and test sums.
+    Measurement {
+        id: u64,
+        validation: EvalStats,
+        test: EvalStats,
+    },
+}
+
 /// What became of a submitted result.
 #[derive(Debug, PartialEq)]
 pub enum Accepted {
@@ -45,20 +82,23 @@ pub enum Accepted {
     NotHeld,
     /// The results cannot belong to the job; the job is queued again.
     Implausible(String),
-    /// Counted. `images` = images × candidates evaluated; `held_for` = lease age.
-    /// `complete` carries the generation and its sums once every job is in.
+    /// Counted. `images` = images × candidates evaluated (images, for a measurement);
+    /// `held_for` = lease age.
     Counted {
         images: u64,
         held_for: Duration,
-        complete: Option<(Generation, Vec<EvalStats>)>,
+        complete: Completed,
     },
 }
 
 pub struct JobQueue {
     jobs: HashMap<u64, JobEntry>,
     pending: Vec<VecDeque<u64>>,
+    /// Measurement blocks waiting, oldest measurement first.
+    measure_pending: VecDeque<u64>,
     next_id: u64,
     current: Option<InFlight>,
+    measuring: BTreeMap<u64, Measuring>,
     /// Polls waiting for work: (worker, reply).
     parked: Vec<(u64, oneshot::Sender<PollReply>)>,
     /// Every job carries its images' teacher logits (distillation fitness).
@@ -70,8 +110,10 @@ impl JobQueue {
         JobQueue {
             jobs: HashMap::new(),
             pending: vec![VecDeque::new(); shards],
+            measure_pending: VecDeque::new(),
             next_id: 1,
             current: None,
+            measuring: BTreeMap::new(),
             parked: Vec::new(),
             teacher: None,
         }
@@ -81,6 +123,13 @@ impl JobQueue {
     pub fn with_teacher(mut self, teacher: Option<Arc<TeacherLogits>>) -> JobQueue {
         self.teacher = teacher;
         self
+    }
+
+    fn insert(&mut self, task: Task) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.jobs.insert(id, JobEntry { task, lease: None });
+        id
     }
 
     /// Cuts `generation` into jobs and queues them: per shard with images in the batch
@@ -108,18 +157,12 @@ impl JobQueue {
             let mut first = 0;
             while first < n {
                 let count = per.min(n - first);
-                let id = self.next_id;
-                self.next_id += 1;
-                self.jobs.insert(
-                    id,
-                    JobEntry {
-                        shard,
-                        first,
-                        count,
-                        images: images.clone(),
-                        lease: None,
-                    },
-                );
+                let id = self.insert(Task::Candidates {
+                    shard,
+                    first,
+                    count,
+                    images: images.clone(),
+                });
                 self.pending[shard].push_back(id);
                 outstanding += 1;
                 first += count;
@@ -133,17 +176,68 @@ impl JobQueue {
         });
     }
 
+    /// Queues measurement `id` of the network at `version` as blocks of at most `block`
+    /// images: validation images `validation` (training indices) and test images
+    /// `test`. With no images at all it completes at once (returned).
+    pub fn launch_measurement(
+        &mut self,
+        id: u64,
+        version: u64,
+        validation: std::ops::Range<u64>,
+        test: std::ops::Range<u64>,
+        block: u64,
+    ) -> Option<Completed> {
+        let block = block.max(1);
+        let mut outstanding = 0;
+        for (split, range) in [(EvalSplit::Validation, validation), (EvalSplit::Test, test)] {
+            let mut first = range.start;
+            while first < range.end {
+                let count = block.min(range.end - first);
+                let job = self.insert(Task::Measure {
+                    id,
+                    block: MeasureBlock {
+                        split,
+                        first,
+                        count,
+                    },
+                });
+                self.measure_pending.push_back(job);
+                outstanding += 1;
+                first += count;
+            }
+        }
+        if outstanding == 0 {
+            return Some(Completed::Measurement {
+                id,
+                validation: EvalStats::default(),
+                test: EvalStats::default(),
+            });
+        }
+        self.measuring.insert(
+            id,
+            Measuring {
+                version,
+                validation: EvalStats::default(),
+                test: EvalStats::default(),
+                outstanding,
+            },
+        );
+        None
+    }
+
     /// The generation in flight, if any.
     pub fn generation(&self) -> Option<&Generation> {
         self.current.as_ref().map(|c| &*c.generation)
     }
 
+    /// Whether a training job of `shard` waits.
     pub fn has_pending(&self, shard: usize) -> bool {
         !self.pending[shard].is_empty()
     }
 
+    /// Whether any job, training or measurement, waits.
     pub fn any_pending(&self) -> bool {
-        self.pending.iter().any(|q| !q.is_empty())
+        !self.measure_pending.is_empty() || self.pending.iter().any(|q| !q.is_empty())
     }
 
     #[cfg(test)]
@@ -164,11 +258,14 @@ impl JobQueue {
         std::mem::take(&mut self.parked)
     }
 
-    /// Hands pending jobs to parked polls of the right shard (`shard_of_worker`; a
-    /// worker that is gone drops its poll). Returns the (worker, job) leases made.
+    /// Hands pending jobs to parked polls (`shard_of_worker`; a worker that is gone
+    /// drops its poll): a training job of the worker's shard, else a measurement block;
+    /// with `measure_first` (a measurement is overdue) the other way round. Returns the
+    /// (worker, job) leases made.
     pub fn dispatch(
         &mut self,
         now: Instant,
+        measure_first: bool,
         shard_of_worker: impl Fn(u64) -> Option<usize>,
     ) -> Vec<(u64, u64)> {
         let mut leased = Vec::new();
@@ -179,14 +276,23 @@ impl JobQueue {
             let Some(shard) = shard_of_worker(worker) else {
                 continue;
             };
-            let Some(job_id) = self.pending[shard].pop_front() else {
+            let job = if measure_first {
+                self.measure_pending
+                    .pop_front()
+                    .or_else(|| self.pending[shard].pop_front())
+            } else {
+                self.pending[shard]
+                    .pop_front()
+                    .or_else(|| self.measure_pending.pop_front())
+            };
+            let Some(job_id) = job else {
                 self.parked.push((worker, reply));
                 continue;
             };
             let spec = self.spec(job_id);
             if reply.send(PollReply::Job(spec)).is_err() {
                 // The poll timed out just now; keep the job for the next one.
-                self.pending[shard].push_front(job_id);
+                self.queue_front(job_id);
                 continue;
             }
             if let Some(j) = self.jobs.get_mut(&job_id) {
@@ -197,32 +303,54 @@ impl JobQueue {
         leased
     }
 
-    fn spec(&self, job_id: u64) -> JobSpec {
-        let j = &self.jobs[&job_id];
-        let c = self
-            .current
-            .as_ref()
-            .expect("jobs exist only while a generation is in flight");
-        JobSpec {
-            job_id,
-            network_version: c.version,
-            images: j.images.clone(),
-            generation: Arc::clone(&c.generation),
-            first: j.first,
-            count: j.count,
-            teacher: self.teacher.clone(),
+    fn queue_front(&mut self, job_id: u64) {
+        match &self.jobs[&job_id].task {
+            Task::Candidates { shard, .. } => self.pending[*shard].push_front(job_id),
+            Task::Measure { .. } => self.measure_pending.push_front(job_id),
         }
     }
 
-    /// Puts a leased job back at the front of its shard's queue; false if it was not
-    /// leased (already back, or done).
+    fn spec(&self, job_id: u64) -> JobSpec {
+        match &self.jobs[&job_id].task {
+            Task::Candidates {
+                first,
+                count,
+                images,
+                ..
+            } => {
+                let c = self
+                    .current
+                    .as_ref()
+                    .expect("training jobs exist only while a generation is in flight");
+                JobSpec {
+                    job_id,
+                    network_version: c.version,
+                    work: Work::Candidates {
+                        images: images.clone(),
+                        generation: Arc::clone(&c.generation),
+                        first: *first,
+                        count: *count,
+                        teacher: self.teacher.clone(),
+                    },
+                }
+            }
+            Task::Measure { id, block } => JobSpec {
+                job_id,
+                network_version: self.measuring[id].version,
+                work: Work::Measure(*block),
+            },
+        }
+    }
+
+    /// Puts a leased job back at the front of its queue; false if it was not leased
+    /// (already back, or done).
     pub fn requeue(&mut self, job_id: u64) -> bool {
         let Some(j) = self.jobs.get_mut(&job_id) else {
             return false;
         };
         let leased = j.lease.take().is_some();
         if leased {
-            self.pending[j.shard].push_front(job_id);
+            self.queue_front(job_id);
         }
         leased
     }
@@ -249,9 +377,10 @@ impl JobQueue {
     }
 
     /// Takes a worker's results for a job it holds. Checked before anything is counted:
-    /// one result per candidate of the job, each over exactly the job's images, at most
-    /// that many correct, a loss no image can exceed, and sums that cannot overflow.
-    /// An implausible result is refused whole and its job queued again.
+    /// one result per candidate of the job (one for a measurement block), each over
+    /// exactly the job's images, at most that many correct, a loss no image can exceed,
+    /// and sums that cannot overflow. An implausible result is refused whole and its job
+    /// queued again.
     pub fn accept(&mut self, s: &Submission, now: Instant) -> Accepted {
         let Some(j) = self
             .jobs
@@ -260,40 +389,7 @@ impl JobQueue {
         else {
             return Accepted::NotHeld;
         };
-        let current = self
-            .current
-            .as_ref()
-            .expect("jobs exist only while a generation is in flight");
-        let images = j.images.len() as u64;
-        let why = if s.results.len() != j.count {
-            Some(format!(
-                "{} results for a job of {} candidates",
-                s.results.len(),
-                j.count
-            ))
-        } else if let Some((i, r)) = s
-            .results
-            .iter()
-            .enumerate()
-            .find(|(_, r)| !r.plausible_for(images))
-        {
-            Some(format!(
-                "candidate {}: {} images, {} correct, loss {} for a job of {images} images",
-                j.first + i,
-                r.images,
-                r.correct,
-                r.loss_fixed
-            ))
-        } else if current.sums[j.first..j.first + j.count]
-            .iter()
-            .zip(&s.results)
-            .any(|(sum, r)| sum.checked_add(r).is_none())
-        {
-            Some("the sums would overflow".to_string())
-        } else {
-            None
-        };
-        if let Some(why) = why {
+        if let Some(why) = self.implausible(&j.task, &s.results) {
             self.requeue(s.job);
             return Accepted::Implausible(why);
         }
@@ -301,24 +397,115 @@ impl JobQueue {
         let held_for = j
             .lease
             .map_or(Duration::ZERO, |(_, at)| now.duration_since(at));
-        let current = self.current.as_mut().expect("checked above");
-        for (sum, r) in current.sums[j.first..j.first + j.count]
-            .iter_mut()
-            .zip(&s.results)
-        {
-            *sum = sum.checked_add(r).expect("checked above");
-        }
-        current.outstanding -= 1;
-        let complete = (current.outstanding == 0).then(|| {
-            let c = self.current.take().expect("checked above");
-            let generation = Arc::try_unwrap(c.generation).unwrap_or_else(|g| (*g).clone());
-            (generation, c.sums)
-        });
+        let (images, complete) = match j.task {
+            Task::Candidates {
+                first,
+                count,
+                images,
+                ..
+            } => {
+                let current = self.current.as_mut().expect("checked above");
+                for (sum, r) in current.sums[first..first + count]
+                    .iter_mut()
+                    .zip(&s.results)
+                {
+                    *sum = sum.checked_add(r).expect("checked above");
+                }
+                current.outstanding -= 1;
+                let complete = if current.outstanding == 0 {
+                    let c = self.current.take().expect("checked above");
+                    let generation = Arc::try_unwrap(c.generation).unwrap_or_else(|g| (*g).clone());
+                    Completed::Generation(generation, c.sums)
+                } else {
+                    Completed::Nothing
+                };
+                (images.len() as u64 * count as u64, complete)
+            }
+            Task::Measure { id, block } => {
+                let m = self.measuring.get_mut(&id).expect("checked above");
+                let sum = match block.split {
+                    EvalSplit::Validation => &mut m.validation,
+                    EvalSplit::Test => &mut m.test,
+                };
+                *sum = sum.checked_add(&s.results[0]).expect("checked above");
+                m.outstanding -= 1;
+                let complete = if m.outstanding == 0 {
+                    let m = self.measuring.remove(&id).expect("checked above");
+                    Completed::Measurement {
+                        id,
+                        validation: m.validation,
+                        test: m.test,
+                    }
+                } else {
+                    Completed::Nothing
+                };
+                (block.count, complete)
+            }
+        };
         Accepted::Counted {
-            images: images * j.count as u64,
+            images,
             held_for,
             complete,
         }
+    }
+
+    /// Why `results` cannot be the answer to `task`, if they cannot.
+    fn implausible(&self, task: &Task, results: &[EvalStats]) -> Option<String> {
+        let (images, first, sums): (u64, usize, &[EvalStats]) = match task {
+            Task::Candidates {
+                first,
+                count,
+                images,
+                ..
+            } => {
+                let current = self
+                    .current
+                    .as_ref()
+                    .expect("training jobs exist only while a generation is in flight");
+                if results.len() != *count {
+                    return Some(format!(
+                        "{} results for a job of {count} candidates",
+                        results.len()
+                    ));
+                }
+                (
+                    images.len() as u64,
+                    *first,
+                    &current.sums[*first..*first + *count],
+                )
+            }
+            Task::Measure { id, block } => {
+                if results.len() != 1 {
+                    return Some(format!(
+                        "{} results for a measurement block (one expected)",
+                        results.len()
+                    ));
+                }
+                let m = &self.measuring[id];
+                let sum = match block.split {
+                    EvalSplit::Validation => &m.validation,
+                    EvalSplit::Test => &m.test,
+                };
+                (block.count, 0, std::slice::from_ref(sum))
+            }
+        };
+        if let Some((i, r)) = results
+            .iter()
+            .enumerate()
+            .find(|(_, r)| !r.plausible_for(images))
+        {
+            return Some(format!(
+                "result {}: {} images, {} correct, loss {} for a job of {images} images",
+                first + i,
+                r.images,
+                r.correct,
+                r.loss_fixed
+            ));
+        }
+        sums.iter()
+            .zip(results)
+            .any(|(sum, r)| sum.checked_add(r).is_none())
+            .then(|| "the sums would overflow".to_string())
     }
 }
 
@@ -355,12 +542,35 @@ mod tests {
     }
 
     fn poll(q: &mut JobQueue, worker: u64, shard: usize, now: Instant) -> Option<JobSpec> {
+        poll_with(q, worker, shard, now, false)
+    }
+
+    fn poll_with(
+        q: &mut JobQueue,
+        worker: u64,
+        shard: usize,
+        now: Instant,
+        measure_first: bool,
+    ) -> Option<JobSpec> {
         let (tx, mut rx) = oneshot::channel();
         q.park(worker, tx);
-        q.dispatch(now, |_| Some(shard));
+        q.dispatch(now, measure_first, |_| Some(shard));
         match rx.try_recv() {
             Ok(PollReply::Job(j)) => Some(j),
             _ => None,
+        }
+    }
+
+    /// A training job's (first, count, images).
+    fn slice(j: &JobSpec) -> (usize, usize, Vec<u64>) {
+        match &j.work {
+            Work::Candidates {
+                first,
+                count,
+                images,
+                ..
+            } => (*first, *count, images.clone()),
+            Work::Measure(b) => panic!("a training job expected, got {b:?}"),
         }
     }
 
@@ -376,15 +586,16 @@ mod tests {
         let now = Instant::now();
         let a = poll(&mut q, 1, 0, now).unwrap();
         let b = poll(&mut q, 2, 0, now).unwrap();
-        assert_eq!((a.first, a.count, b.first, b.count), (0, 3, 3, 2));
-        assert_eq!(a.images, [3, 7]);
+        let (sa, sb) = (slice(&a), slice(&b));
+        assert_eq!((sa.0, sa.1, sb.0, sb.1), (0, 3, 3, 2));
+        assert_eq!(sa.2, [3, 7]);
         assert_eq!(a.network_version, 3);
         assert!(
             poll(&mut q, 3, 0, now).is_none(),
             "shard 0 has no more jobs"
         );
         let c = poll(&mut q, 4, 2, now).unwrap();
-        assert_eq!(c.images, [25]);
+        assert_eq!(slice(&c).2, [25]);
         assert_eq!(q.generation().unwrap().id, 7);
     }
 
@@ -395,18 +606,21 @@ mod tests {
         let now = Instant::now();
         let j0 = poll(&mut q, 1, 0, now).unwrap();
         let j1 = poll(&mut q, 2, 1, now).unwrap();
-        let sub = |worker, job: &JobSpec, loss: u64| Submission {
-            worker,
-            job: job.job_id,
-            results: (0..job.count)
-                .map(|c| stats(job.images.len() as u64, loss + c as u64))
-                .collect(),
-            eval_micros: 0,
+        let sub = |worker, job: &JobSpec, loss: u64| {
+            let (_, count, images) = slice(job);
+            Submission {
+                worker,
+                job: job.job_id,
+                results: (0..count)
+                    .map(|c| stats(images.len() as u64, loss + c as u64))
+                    .collect(),
+                eval_micros: 0,
+            }
         };
         // In the other order the sums are the same: integers.
         let r = q.accept(&sub(2, &j1, 10), now + Duration::from_millis(30));
         assert!(
-            matches!(r, Accepted::Counted { images: 2, held_for, complete: None } if held_for == Duration::from_millis(30)),
+            matches!(r, Accepted::Counted { images: 2, held_for, complete: Completed::Nothing } if held_for == Duration::from_millis(30)),
             "{r:?}"
         );
         assert_eq!(
@@ -415,7 +629,7 @@ mod tests {
             "counted once"
         );
         let Accepted::Counted {
-            complete: Some((g, sums)),
+            complete: Completed::Generation(g, sums),
             ..
         } = q.accept(&sub(1, &j0, 100), now)
         else {
@@ -470,7 +684,7 @@ mod tests {
         assert!(matches!(
             q.accept(&s, t0),
             Accepted::Counted {
-                complete: Some(_),
+                complete: Completed::Generation(..),
                 ..
             }
         ));
@@ -519,7 +733,7 @@ mod tests {
                 eval_micros: 0,
             };
             let Accepted::Counted {
-                complete: Some((_, sums)),
+                complete: Completed::Generation(_, sums),
                 ..
             } = q.accept(&good, now)
             else {
@@ -536,13 +750,109 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         q.park(1, tx);
         drop(rx);
-        assert!(q.dispatch(Instant::now(), |_| Some(0)).is_empty());
+        assert!(q.dispatch(Instant::now(), false, |_| Some(0)).is_empty());
         assert!(q.has_pending(0));
         // A worker that is gone drops its poll and takes nothing.
         let (tx, _rx) = oneshot::channel();
         q.park(2, tx);
-        assert!(q.dispatch(Instant::now(), |_| None).is_empty());
+        assert!(q.dispatch(Instant::now(), false, |_| None).is_empty());
         assert!(q.any_pending());
         assert!(q.take_parked().is_empty());
+    }
+
+    /// A measurement is cut into blocks of both splits; any worker takes them, after its
+    /// shard's training jobs unless the measurement is overdue; the sums are exact and
+    /// complete the measurement once, in any order.
+    #[tokio::test(start_paused = true)]
+    async fn measurement_blocks_fill_idle_polls_and_sum_exactly() {
+        let mut q = JobQueue::new(2);
+        launch(&mut q, vec![1, 11], 2, 1);
+        assert!(q.launch_measurement(5, 2, 100..140, 0..20, 16).is_none());
+        let now = Instant::now();
+        // Shard 0's training job first; then measurement blocks, oldest first.
+        let t = poll(&mut q, 1, 0, now).unwrap();
+        assert!(matches!(t.work, Work::Candidates { .. }));
+        let mut blocks = Vec::new();
+        while let Some(j) = poll(&mut q, 1, 0, now) {
+            let Work::Measure(b) = j.work else {
+                panic!("only measurement blocks are left for shard 0")
+            };
+            assert_eq!(j.network_version, 2, "the measured version, not the latest");
+            blocks.push((j.job_id, b));
+        }
+        let cut: Vec<(EvalSplit, u64, u64)> = blocks
+            .iter()
+            .map(|(_, b)| (b.split, b.first, b.count))
+            .collect();
+        assert_eq!(
+            cut,
+            [
+                (EvalSplit::Validation, 100, 16),
+                (EvalSplit::Validation, 116, 16),
+                (EvalSplit::Validation, 132, 8),
+                (EvalSplit::Test, 0, 16),
+                (EvalSplit::Test, 16, 4),
+            ]
+        );
+        // Overdue: a block goes before shard 1's training job.
+        q.requeue(blocks[4].0);
+        let j = poll_with(&mut q, 2, 1, now, true).unwrap();
+        assert!(matches!(j.work, Work::Measure(_)), "{j:?}");
+        let answer = |job: u64, b: &MeasureBlock, worker| Submission {
+            worker,
+            job,
+            results: vec![stats(b.count, b.count * 3 + b.first)],
+            eval_micros: 0,
+        };
+        // A block answered with the wrong image count is refused and queued again.
+        let wrong = Submission {
+            results: vec![stats(blocks[4].1.count + 1, 0)],
+            ..answer(j.job_id, &blocks[4].1, 2)
+        };
+        assert!(matches!(q.accept(&wrong, now), Accepted::Implausible(_)));
+        let j = poll_with(&mut q, 2, 1, now, true).unwrap();
+        // In reverse order: nothing completes until the last block.
+        let mut done = None;
+        for (k, (id, b)) in blocks.iter().enumerate().rev() {
+            let (id, worker) = if k == 4 { (j.job_id, 2) } else { (*id, 1) };
+            match q.accept(&answer(id, b, worker), now) {
+                Accepted::Counted {
+                    complete: Completed::Nothing,
+                    images,
+                    ..
+                } => assert_eq!(images, b.count),
+                Accepted::Counted {
+                    complete: c @ Completed::Measurement { .. },
+                    ..
+                } => done = Some((k, c)),
+                other => panic!("{other:?}"),
+            }
+        }
+        let (k, c) = done.expect("the measurement completed");
+        assert_eq!(k, 0, "completed by the last block in");
+        assert_eq!(
+            c,
+            Completed::Measurement {
+                id: 5,
+                validation: EvalStats {
+                    loss_fixed: 40 * 3 + 100 + 116 + 132,
+                    correct: 8 + 8 + 4,
+                    images: 40
+                },
+                test: EvalStats {
+                    loss_fixed: 20 * 3 + 16,
+                    correct: 8 + 2,
+                    images: 20
+                },
+            }
+        );
+        // Training was untouched by all of it.
+        assert!(q.generation().is_some());
+        assert!(q.has_pending(1));
+        // A measurement of no images completes at once.
+        assert!(matches!(
+            q.launch_measurement(6, 2, 0..0, 0..0, 16),
+            Some(Completed::Measurement { id: 6, .. })
+        ));
     }
 }

@@ -1,77 +1,55 @@
 //! Validation and test measurements of the global network, and what the loop does with
-//! their results (the history, the best network, a validation target, the end of the run). They run on the blocking pool
-//! (seconds of CPU each) and report back to the loop as [`Event::EvalDone`]; until then
-//! the loop keeps the codes being measured, so a checkpoint can ask a resumed run to
-//! measure them again.
+//! their results (the history, the best network, a validation target, the end of the
+//! run). The coordinator does not measure: a measurement is cut into blocks of images
+//! that workers evaluate as low-priority jobs ([`super::jobs`]), and the loop adds their
+//! exact integer sums, so a measurement's figures do not depend on which workers took
+//! which blocks. Until the last block is in the loop keeps the codes being measured: a
+//! worker that needs that network in full is sent it, and a checkpoint asks a resumed
+//! run to measure them again.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use ccq_common::data::Dataset;
-use ccq_common::qnet::QNetwork;
-use tokio::sync::mpsc;
-
+use ccq_common::qnet::{EvalStats, QNetwork};
 use tracing::info;
 
-use super::events::{Event, PollReply};
+use super::events::PollReply;
+use super::jobs::Completed;
 use super::State;
 use crate::checkpoint::{PendingEval, Phase};
 use crate::history::EvalPoint;
 
+/// The largest measurement block: a block is about a training job's share of the batch
+/// (`search.batch_size` over the shards), so a worker that takes one at the generation
+/// barrier holds the next generation back by little; at least this many images, so a
+/// measurement is not thousands of round trips.
+const MIN_BLOCK: usize = 16;
+const MAX_BLOCK: usize = 256;
+
+/// Images per measurement block for a batch of `batch` images over `shards` shards.
+pub fn block_images(batch: usize, shards: usize) -> usize {
+    (batch / shards.max(1)).clamp(MIN_BLOCK, MAX_BLOCK)
+}
+
+#[derive(Default)]
 pub struct Measurements {
     running: BTreeMap<u64, PendingEval>,
     next_id: u64,
-    validation: Arc<Dataset>,
-    test: Arc<Dataset>,
-    threads: usize,
-    events: mpsc::Sender<Event>,
 }
 
 impl Measurements {
-    pub fn new(
-        validation: Arc<Dataset>,
-        test: Arc<Dataset>,
-        threads: usize,
-        events: mpsc::Sender<Event>,
-    ) -> Measurements {
-        Measurements {
-            running: BTreeMap::new(),
-            next_id: 1,
-            validation,
-            test,
-            threads,
-            events,
-        }
-    }
-
-    /// Measures `net` (whose codes `point` describes) on validation and test data off
-    /// the loop.
-    pub fn spawn(&mut self, point: EvalPoint, is_final: bool, net: QNetwork) {
-        let id = self.next_id;
+    /// Records a measurement of `codes` (described by `point`) as running; its id.
+    pub fn start(&mut self, point: EvalPoint, is_final: bool, codes: Vec<i8>) -> u64 {
         self.next_id += 1;
+        let id = self.next_id;
         self.running.insert(
             id,
             PendingEval {
-                point: point.clone(),
+                point,
                 is_final,
-                codes: net.codes(),
+                codes,
             },
         );
-        let (val, test) = (Arc::clone(&self.validation), Arc::clone(&self.test));
-        let threads = self.threads;
-        let tx = self.events.clone();
-        tokio::task::spawn_blocking(move || {
-            let v = net.evaluate(&val.images, &val.labels, 256, threads);
-            let t = net.evaluate(&test.images, &test.labels, 256, threads);
-            let point = EvalPoint {
-                val_top1: v.top1(),
-                val_loss: v.mean_loss(),
-                test_top1: t.top1(),
-                ..point
-            };
-            drop(net);
-            let _ = tx.blocking_send(Event::EvalDone(id, point));
-        });
+        id
     }
 
     /// The measurement `id` is in: what was being measured (None if unknown).
@@ -87,10 +65,23 @@ impl Measurements {
     pub fn running(&self) -> Vec<PendingEval> {
         self.running.values().cloned().collect()
     }
+
+    /// The codes of a running measurement of network version `version`.
+    pub fn codes_at(&self, version: u64) -> Option<&[i8]> {
+        self.running
+            .values()
+            .find(|p| p.point.network_version == version)
+            .map(|p| p.codes.as_slice())
+    }
+
+    /// The generation the oldest running measurement was started at.
+    pub fn oldest_generation(&self) -> Option<u64> {
+        self.running.values().next().map(|p| p.point.generation)
+    }
 }
 
 impl State {
-    /// Measures the current global network on validation and test data off the loop.
+    /// Measures the current global network on validation and test data, as jobs.
     pub(super) fn schedule_eval(&mut self, is_final: bool) {
         let p = self.trainer.progress();
         let point = EvalPoint {
@@ -105,17 +96,66 @@ impl State {
             network_version: self.version(),
             is_final,
         };
-        self.measurements
-            .spawn(point, is_final, self.trainer.network().clone());
+        let codes = self.trainer.network().codes();
+        self.launch_measurement(point, is_final, codes);
     }
 
-    pub(super) fn eval_done(&mut self, id: u64, point: EvalPoint) {
+    /// Queues the blocks of a measurement of `codes`.
+    pub(super) fn launch_measurement(&mut self, point: EvalPoint, is_final: bool, codes: Vec<i8>) {
+        let version = point.network_version;
+        let id = self.measurements.start(point, is_final, codes);
+        let first = self.setup.search_len as u64;
+        let validation = first..first + self.setup.validation as u64;
+        let test = 0..self.setup.test as u64;
+        let block = block_images(self.setup.config.search.batch_size, self.setup.shards) as u64;
+        if let Some(Completed::Measurement {
+            id,
+            validation,
+            test,
+        }) = self
+            .jobs
+            .launch_measurement(id, version, validation, test, block)
+        {
+            self.eval_done(id, validation, test);
+        }
+        self.dispatch();
+    }
+
+    /// Whether a measurement has waited long enough to go before training: for half the
+    /// measurement interval (a measurement never waits for one after it), or the search
+    /// is over.
+    pub(super) fn measurement_overdue(&self) -> bool {
+        let Some(started) = self.measurements.oldest_generation() else {
+            return false;
+        };
+        if self.phase != Phase::Training {
+            return true;
+        }
+        let every = self.setup.config.eval.every_generations.max(1);
+        let waited = self.trainer.progress().generations.saturating_sub(started);
+        waited >= every.div_ceil(2)
+    }
+
+    /// The network a running measurement measures, whole (for a worker that cannot be
+    /// brought there by changes).
+    pub(super) fn network_at(&self, version: u64) -> Option<QNetwork> {
+        let codes = self.measurements.codes_at(version)?;
+        let mut net = self.trainer.network().clone();
+        // The codes came from this network's layout; they always fit.
+        net.set_codes(codes).ok()?;
+        Some(net)
+    }
+
+    pub(super) fn eval_done(&mut self, id: u64, validation: EvalStats, test: EvalStats) {
         let Some(pending) = self.measurements.finish(id) else {
             return;
         };
         let point = EvalPoint {
+            val_top1: validation.top1(),
+            val_loss: validation.mean_loss(),
+            test_top1: test.top1(),
             is_final: pending.is_final,
-            ..point
+            ..pending.point
         };
         info!(
             generation = point.generation,

@@ -32,7 +32,6 @@ mod workers;
 #[cfg(test)]
 mod harness;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ccq_search::trainer::{Generation, Trainer};
@@ -43,10 +42,11 @@ use tracing::{debug, error, info, warn};
 use self::changelog::ChangeLog;
 use self::checkpointer::Checkpointer;
 pub use self::events::{
-    answer_during_setup, Event, Finished, HeartbeatReply, JobSpec, NetworkUpdate, PollReply,
-    Refusal, RegisterWorker, Registration, Setup, Submission, TeacherLogits,
+    answer_during_setup, EvalSplit, Event, Finished, HeartbeatReply, JobSpec, MeasureBlock,
+    NetworkUpdate, PollReply, Refusal, RegisterWorker, Registration, Setup, Submission,
+    TeacherLogits, Work,
 };
-use self::jobs::{Accepted, JobQueue};
+use self::jobs::{Accepted, Completed, JobQueue};
 use self::measure::Measurements;
 use self::observe::NoWorkerWatch;
 use self::telemetry::Counters;
@@ -89,7 +89,6 @@ impl State {
     pub fn new(
         setup: Setup,
         trainer: Trainer,
-        events: mpsc::Sender<Event>,
         telemetry: watch::Sender<Option<Telemetry>>,
     ) -> State {
         let now = Instant::now();
@@ -101,12 +100,7 @@ impl State {
             jobs: JobQueue::new(setup.shards).with_teacher(setup.teacher.clone()),
             log: ChangeLog::default(),
             history: History::default(),
-            measurements: Measurements::new(
-                Arc::clone(&setup.validation),
-                Arc::clone(&setup.test),
-                setup.eval_threads,
-                events,
-            ),
+            measurements: Measurements::default(),
             last: LastGeneration::default(),
             stop_reason: None,
             counters: Counters::default(),
@@ -182,9 +176,9 @@ impl State {
         match self.restored.take() {
             Some((generation, evals)) => {
                 for e in evals {
-                    let mut net = self.trainer.network().clone();
-                    net.set_codes(&e.codes)?;
-                    self.measurements.spawn(e.point, e.is_final, net);
+                    // The checkpoint's codes must fit this network before workers get them.
+                    self.trainer.network().clone().set_codes(&e.codes)?;
+                    self.launch_measurement(e.point, e.is_final, e.codes);
                 }
                 match generation {
                     Some(g) => self.launch(g),
@@ -222,9 +216,8 @@ impl State {
     fn finished(mut self) -> Result<Finished, crate::Error> {
         let layers = self.layer_confidence();
         let (history, best) = std::mem::take(&mut self.history).into_parts();
-        let (best_codes, best_point) = best.ok_or_else(|| {
-            crate::Error::Protocol("the run ended before the PTQ network was evaluated".into())
-        })?;
+        let (best_codes, best_point) = best
+            .ok_or_else(|| crate::Error::Unmeasured(self.setup.config.out.display().to_string()))?;
         let mut best_net = self.trainer.network().clone();
         best_net.set_codes(&best_codes)?;
         let last = history
@@ -265,23 +258,26 @@ impl State {
             }
             Event::Sync {
                 have_version,
+                want_version,
                 reply,
             } => {
-                let _ = reply.send(Ok(self.sync(have_version)));
+                let _ = reply.send(Ok(self.sync(have_version, want_version)));
             }
             Event::Status { reply } => {
                 let _ = reply.send(self.status());
             }
-            Event::EvalDone(id, point) => self.eval_done(id, point),
         }
         Ok(())
     }
 
     fn register(&mut self, req: RegisterWorker) -> Result<Registration, Refusal> {
         let address = req.address.map_or_else(String::new, |a| a.to_string());
+        let jobs = &self.jobs;
         let (id, shard) =
             self.workers
-                .register(req.name.clone(), address, req.shard, Instant::now())?;
+                .register(req.name.clone(), address, req.shard, Instant::now(), |s| {
+                    jobs.has_pending(s)
+                })?;
         info!(worker = id, name = %req.name, shard, "worker registered");
         Ok(Registration {
             worker_id: id,
@@ -333,10 +329,11 @@ impl State {
 
     /// Hands pending jobs to parked polls and records the leases on the workers.
     fn dispatch(&mut self) {
+        let measure_first = self.measurement_overdue();
         let workers = &self.workers;
-        let leased = self
-            .jobs
-            .dispatch(Instant::now(), |w| workers.get(w).map(|w| w.shard));
+        let leased = self.jobs.dispatch(Instant::now(), measure_first, |w| {
+            workers.get(w).map(|w| w.shard)
+        });
         for (worker, job) in leased {
             if let Some(w) = self.workers.get_mut(worker) {
                 w.job = Some(job);
@@ -389,8 +386,16 @@ impl State {
                     w.images += images;
                     w.eval_micros = w.eval_micros.saturating_add(s.eval_micros);
                 }
-                if let Some((generation, sums)) = complete {
-                    self.finish_generation(generation, sums)?;
+                match complete {
+                    Completed::Nothing => {}
+                    Completed::Generation(generation, sums) => {
+                        self.finish_generation(generation, sums)?
+                    }
+                    Completed::Measurement {
+                        id,
+                        validation,
+                        test,
+                    } => self.eval_done(id, validation, test),
                 }
                 Ok(true)
             }
@@ -490,7 +495,27 @@ impl State {
         self.trainer.network().num_vars() / 8 + 1024
     }
 
-    fn sync(&self, have_version: Option<u64>) -> NetworkUpdate {
+    /// How a worker holding `have_version` gets to `want_version` (a running
+    /// measurement's network) or, by default, to the latest network. A version nobody
+    /// measures any more is answered with the latest: the worker then finds its job stale.
+    fn sync(&self, have_version: Option<u64>, want_version: Option<u64>) -> NetworkUpdate {
+        let limit = self.full_sync_threshold();
+        if let Some(want) = want_version.filter(|&w| w != self.version()) {
+            if self.measurements.codes_at(want).is_some() {
+                if let Some(changes) = have_version.and_then(|h| self.log.between(h, want, limit)) {
+                    return NetworkUpdate::Changes {
+                        version: want,
+                        changes,
+                    };
+                }
+                if let Some(net) = self.network_at(want) {
+                    return NetworkUpdate::Full {
+                        version: want,
+                        network: net.to_bytes(),
+                    };
+                }
+            }
+        }
         let version = self.version();
         // Changes are cheaper than the whole network unless the worker is far behind.
         match have_version.and_then(|h| self.log.since(h, self.full_sync_threshold())) {

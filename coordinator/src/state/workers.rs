@@ -57,6 +57,7 @@ impl WorkerRegistry {
         address: String,
         requested: Option<(u32, u32)>,
         now: Instant,
+        has_work: impl Fn(usize) -> bool,
     ) -> Result<(u64, usize), Refusal> {
         let shards = self.shards;
         let shard = match requested {
@@ -68,9 +69,18 @@ impl WorkerRegistry {
                 }
                 k as usize
             }
-            None => (0..shards)
-                .min_by_key(|&s| (self.live_on(s), s))
-                .unwrap_or(0),
+            // The fewest live workers; among those a shard with work waiting (the one an
+            // idle worker was moved to serve, not the one it left: otherwise it would go
+            // back and be moved again, forever); then the lowest index.
+            None => {
+                let mut live = vec![0usize; shards];
+                for w in self.workers.values() {
+                    live[w.shard] += 1;
+                }
+                (0..shards)
+                    .min_by_key(|&s| (live[s], !has_work(s), s))
+                    .unwrap_or(0)
+            }
         };
         let id = self.next_id;
         self.next_id += 1;
@@ -158,7 +168,12 @@ impl WorkerRegistry {
         if w.fixed_shard || has_work(w.shard) {
             return None;
         }
-        (0..self.shards).find(|&s| has_work(s) && self.live_on(s) == 0)
+        // One pass over the workers, not one per shard: this runs on every poll.
+        let mut served = vec![false; self.shards];
+        for w in self.workers.values() {
+            served[w.shard] = true;
+        }
+        (0..self.shards).find(|&s| has_work(s) && !served[s])
     }
 }
 
@@ -167,7 +182,8 @@ mod tests {
     use super::*;
 
     fn reg(r: &mut WorkerRegistry, shard: Option<(u32, u32)>, now: Instant) -> (u64, usize) {
-        r.register("w".into(), String::new(), shard, now).unwrap()
+        r.register("w".into(), String::new(), shard, now, |_| false)
+            .unwrap()
     }
 
     #[tokio::test(start_paused = true)]
@@ -182,7 +198,7 @@ mod tests {
         );
         assert_eq!(reg(&mut r, Some((2, 3)), now).1, 2);
         for bad in [(3, 3), (0, 2), (0, 4)] {
-            let e = r.register("x".into(), String::new(), Some(bad), now);
+            let e = r.register("x".into(), String::new(), Some(bad), now, |_| false);
             assert!(
                 matches!(&e, Err(Refusal::Invalid(m)) if m.contains("3 shard(s)")),
                 "{bad:?}: {e:?}"
@@ -243,5 +259,28 @@ mod tests {
         let (_, s) = reg(&mut r, None, now);
         assert_eq!(s, 2);
         assert_eq!(r.orphaned_shard_for(a, work), None, "shard 2 is served now");
+    }
+
+    /// A worker moved off an idle shard to one with work and nobody serving it lands
+    /// there when it registers again, not back on the shard it left (which has as few
+    /// workers): otherwise it is moved again at its next poll, forever. Found by the
+    /// emulated 128-worker cluster (`coordinator scale`), which spent its time doing so.
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_worker_registers_where_the_work_is() {
+        let now = Instant::now();
+        let mut r = WorkerRegistry::new(3);
+        let (a, _) = reg(&mut r, None, now);
+        let work = |s: usize| s == 2;
+        assert_eq!(r.orphaned_shard_for(a, work), Some(2));
+        r.remove(a);
+        let (_, shard) = r
+            .register("a".into(), String::new(), None, now, work)
+            .unwrap();
+        assert_eq!(shard, 2, "the shard with work, not 0 where it came from");
+        // Fewest live workers still comes first.
+        let (_, shard) = r
+            .register("b".into(), String::new(), None, now, work)
+            .unwrap();
+        assert_eq!(shard, 0);
     }
 }

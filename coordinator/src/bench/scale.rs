@@ -1,0 +1,708 @@
+//! `coordinator scale`: how far the real coordinator scales out, emulated on one machine
+//! (issue #16, "emulated").
+//!
+//! Two parts:
+//!
+//! 1. **Calibration.** The cost of a fitness job on this machine, measured with the real
+//!    engine ([`ccq_common::fitness::evaluate_candidates`], one thread) on the bench model
+//!    and real training images: a fixed cost per job, the base forward per image, and per
+//!    layer the cost of one candidate per image when its group lies in that layer
+//!    (groups of the default size at random positions of the layer, codes moved by ±1 as
+//!    the EDA's radius-1 candidates are).
+//! 2. **Emulation.** The real run ([`ccq_coordinator::run::run`]: gRPC on loopback, the
+//!    event loop, the trainer, and its validation and test measurements on its own cores,
+//!    all at the run defaults) against W emulated workers. Each takes real jobs through the
+//!    worker protocol, waits the calibrated cost of the job it holds (its images, its
+//!    candidates, its group's layer) on a thread of its own, and answers with made-up but
+//!    valid sums (as `coordinator bench`'s no-op workers do). Waiting costs no CPU, so 128
+//!    workers fit on two cores; what the coordinator spends is measured from the process's
+//!    CPU time minus the emulator's threads.
+//!
+//! What this does not reproduce: the made-up sums steer the search along another
+//! trajectory than real fitness would (which groups come when, how often a candidate is
+//! adopted), and a real cluster adds network latency that loopback lacks.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ccq_common::data::{self, DataSource, Split};
+use ccq_common::fitness;
+use ccq_common::model::Normalization;
+use ccq_common::qnet::Targets;
+use ccq_common::quant::{Calibration, QuantConfig, WeightScale};
+use ccq_proto::v1::coordinator_client::CoordinatorClient;
+use ccq_proto::v1::{
+    poll_job_response, CandidateResult, PollJobRequest, SubmitResultRequest, SyncNetworkRequest,
+};
+use ccq_search::config::SearchConfig;
+use ccq_search::eda::EdaParams;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use ccq_coordinator::config::{
+    BudgetConfig, CheckpointConfig, ClusterConfig, DataConfig, EvalSchedule, ModelConfig,
+    QuantSection, RunConfig,
+};
+use ccq_coordinator::run::{self, RunOptions};
+use ccq_coordinator::Error;
+
+use super::host::{cpu_model, loadavg};
+use super::{made_up_result, register, Clock, ModelSpec};
+
+/// Names the threads of the emulated workers' runtime, so their CPU time can be told
+/// apart from the coordinator's.
+pub const EMULATOR_THREAD: &str = "ccq-emulator";
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct ScaleOptions {
+    pub model: ModelSpec,
+    /// Numbers of emulated workers (one shard each, as the Kubernetes Job runs them).
+    pub workers: Vec<usize>,
+    /// Search seconds per case (the run's wall-time budget).
+    pub seconds: f64,
+    /// Training images each calibration job evaluates.
+    pub calibration_images: usize,
+    /// Where the runs write their outputs (removed afterwards).
+    pub scratch: PathBuf,
+}
+
+/// The calibrated cost of a job on one core: `fixed + images × (base + candidates ×
+/// per_candidate[layer])`, seconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct CostModel {
+    pub fixed_secs: f64,
+    pub base_per_image_secs: f64,
+    pub layers: Vec<LayerCost>,
+    /// Population and group size the candidates were measured with.
+    pub population: usize,
+    pub group_size: usize,
+    /// Calibration wall time.
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerCost {
+    pub layer: usize,
+    pub first_var: u32,
+    pub variables: usize,
+    /// One candidate whose group lies in this layer, per image.
+    pub candidate_per_image_secs: f64,
+}
+
+impl CostModel {
+    /// Seconds a job of `candidates` changed candidates on `images` images whose group
+    /// starts with variable `var` costs one core.
+    pub fn job_secs(&self, images: usize, candidates: usize, var: u32) -> f64 {
+        let i = self.layers.partition_point(|l| l.first_var <= var);
+        let per = self.layers[i.saturating_sub(1)].candidate_per_image_secs;
+        self.fixed_secs + images as f64 * (self.base_per_image_secs + candidates as f64 * per)
+    }
+
+    /// The part of such a job that one worker holding the whole batch would also spend:
+    /// everything but the fixed cost, of which it pays its share (`images` of `batch`).
+    pub fn useful_secs(&self, images: usize, candidates: usize, var: u32, batch: usize) -> f64 {
+        self.job_secs(images, candidates, var) - self.fixed_secs
+            + self.fixed_secs * images as f64 / batch.max(1) as f64
+    }
+
+    /// One generation (the population on a whole batch) on one core.
+    pub fn generation_secs(&self, batch: usize) -> f64 {
+        let changed = self.population.saturating_sub(1);
+        let total: usize = self.layers.iter().map(|l| l.variables).sum();
+        // Groups are drawn from layers in proportion to their variables.
+        let per: f64 = self
+            .layers
+            .iter()
+            .map(|l| l.candidate_per_image_secs * l.variables as f64 / total.max(1) as f64)
+            .sum();
+        self.fixed_secs + batch as f64 * (self.base_per_image_secs + changed as f64 * per)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleReport {
+    pub machine: super::Machine,
+    pub model: ModelSpec,
+    pub cost: CostModel,
+    pub cases: Vec<ScaleCase>,
+}
+
+/// One run against `workers` emulated workers.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleCase {
+    pub workers: usize,
+    pub shards: usize,
+    pub evaluations: u64,
+    pub generations: u64,
+    /// Validation/test measurements the coordinator made (history rows).
+    pub measurements: usize,
+    /// Candidate evaluations per second, sustained (from a fifth of the results on).
+    pub evals_per_sec: f64,
+    /// Scale-out efficiency over the sustained window: the time one ideal worker (the
+    /// cost model, no coordinator, no network) would need for the same generations, over
+    /// W × the window. Independent of which layers the groups happened to fall in.
+    pub efficiency: f64,
+    /// rate(W) / (W × rate(1)) against the 1-worker case of the same report; depends on
+    /// the cases' mix of layers as well as on scaling.
+    pub rate_ratio: Option<f64>,
+    /// Emulated compute over the sustained window, as a fraction of W × its length.
+    pub worker_busy_fraction: f64,
+    /// Sustained window, seconds.
+    pub window_seconds: f64,
+    /// CPU seconds of the coordinator (process minus emulator threads) over the window:
+    /// its loop, gRPC and the validation/test measurements it ran meanwhile.
+    pub coordinator_cpu_secs: f64,
+    pub coordinator_cpu_micros_per_eval: f64,
+    pub search_seconds: f64,
+    pub stop_reason: String,
+    pub jobs: u64,
+    pub worker_errors: Vec<String>,
+}
+
+/// Calibrates, then runs every case. The emulated workers get a runtime of their own
+/// (threads named [`EMULATOR_THREAD`]) and so does each case's coordinator, so the two
+/// can be told apart in the process's CPU time.
+pub fn run(opts: &ScaleOptions) -> Result<ScaleReport, Error> {
+    let emulator = tokio::runtime::Builder::new_multi_thread()
+        .thread_name(EMULATOR_THREAD)
+        // Threads that exit take their CPU time out of /proc/self/task.
+        .thread_keep_alive(Duration::from_secs(3600))
+        .max_blocking_threads(1024)
+        .enable_all()
+        .build()
+        .map_err(|e| ccq_common::Error::io("the emulator's runtime", e))?;
+    emulator.block_on(run_cases(opts))
+}
+
+async fn run_cases(opts: &ScaleOptions) -> Result<ScaleReport, Error> {
+    let load_before = loadavg();
+    let params = EdaParams::default();
+    let cost = {
+        let o = opts.clone();
+        tokio::task::spawn_blocking(move || {
+            calibrate(
+                &o.model,
+                params.population,
+                params.group_size,
+                o.calibration_images,
+            )
+        })
+        .await
+        .expect("calibration panicked")?
+    };
+    tracing::warn!(
+        "calibrated: {:.1} ms per generation of {} candidates on 256 images, one core",
+        cost.generation_secs(256) * 1e3,
+        params.population
+    );
+    let cost = Arc::new(cost);
+    let mut cases: Vec<ScaleCase> = Vec::new();
+    for &w in &opts.workers {
+        let mut case = scale_case(opts, &cost, w).await?;
+        let single = cases
+            .iter()
+            .find(|c| c.workers == 1)
+            .map(|c| c.evals_per_sec);
+        let single = single.or((w == 1).then_some(case.evals_per_sec));
+        case.rate_ratio = single
+            .filter(|&r| r > 0.0)
+            .map(|r| case.evals_per_sec / (w as f64 * r));
+        tracing::warn!(
+            workers = w,
+            "{:.0} evaluations/s, efficiency {:.2}, coordinator {:.0} µs CPU per evaluation",
+            case.evals_per_sec,
+            case.efficiency,
+            case.coordinator_cpu_micros_per_eval
+        );
+        cases.push(case);
+    }
+    Ok(ScaleReport {
+        machine: super::Machine {
+            cpu: cpu_model(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            load_before,
+            load_after: loadavg(),
+        },
+        model: opts.model.clone(),
+        cost: (*cost).clone(),
+        cases,
+    })
+}
+
+/// Measures the job cost model on the bench model with real training images.
+pub fn calibrate(
+    spec: &ModelSpec,
+    population: usize,
+    group_size: usize,
+    images: usize,
+) -> Result<CostModel, Error> {
+    let started = Instant::now();
+    let graph = ccq_common::onnx::load_onnx(&spec.onnx)?;
+    let source: DataSource = spec.data.parse()?;
+    let norm = Normalization {
+        mean: spec.mean.clone(),
+        std: spec.std.clone(),
+    };
+    let q = QuantConfig {
+        weight_bits: spec.weight_bits,
+        act_bits: spec.act_bits,
+        calibration: Calibration::Max,
+        weight_scale: WeightScale::Max,
+        bias_correction: false,
+        first_last_bits: None,
+    };
+    let net = ccq_coordinator::eval::quantize_from_train(&graph, &norm, &source, &q, 64)?;
+    let n = images.max(8);
+    let d = data::load(&source, Split::Train, Some(0..n))?;
+    let targets = Targets {
+        labels: &d.labels,
+        teacher: None,
+    };
+    let quarter = n / 4;
+    let time = |pixels: &[u8], labels: &[u8], vars: &[u32], cands: &[Vec<i8>]| {
+        let t = Targets {
+            labels,
+            teacher: None,
+        };
+        let mut best = f64::INFINITY;
+        // The fastest of three: what the code costs, not what the machine was doing.
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            fitness::evaluate_candidates(&net, pixels, &t, vars, cands, 1)
+                .expect("a calibration job is well formed");
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        best
+    };
+    let il = d.image_len();
+    let codes = net.codes();
+    let mut rng = ChaCha8Rng::seed_from_u64(16);
+    // The context alone: the base forward, on n and on n/4 images (slope and intercept).
+    let first = &net.layers[0];
+    let context_only = |m: usize| {
+        let vars: Vec<u32> = (0..group_size.min(first.len) as u32).collect();
+        let cands = vec![vars.iter().map(|&v| codes[v as usize]).collect::<Vec<i8>>()];
+        time(&d.images[..m * il], &d.labels[..m], &vars, &cands)
+    };
+    let full = context_only(n);
+    let part = context_only(quarter);
+    let base = ((full - part) / (n - quarter) as f64).max(0.0);
+    let fixed = (part - quarter as f64 * base).max(0.0);
+    let mut layers = Vec::new();
+    for (i, l) in net.layers.iter().enumerate() {
+        if l.len == 0 {
+            continue;
+        }
+        let g = group_size.min(l.len);
+        let mut vars: Vec<u32> = Vec::with_capacity(g);
+        while vars.len() < g {
+            let v = (l.offset + rng.random_range(0..l.len)) as u32;
+            if !vars.contains(&v) {
+                vars.push(v);
+            }
+        }
+        let context: Vec<i8> = vars.iter().map(|&v| codes[v as usize]).collect();
+        let mut cands = vec![context.clone()];
+        for _ in 1..population.max(2) {
+            cands.push(
+                vars.iter()
+                    .zip(&context)
+                    .map(|(&v, &c)| {
+                        let info = net.var_info(v as usize).expect("a variable of the network");
+                        let moved = c as i16 + if rng.random_bool(0.5) { 1 } else { -1 };
+                        moved.clamp(info.lo as i16, info.hi as i16) as i8
+                    })
+                    .collect(),
+            );
+        }
+        let t = time(&d.images, &targets.labels[..n], &vars, &cands);
+        let per = ((t - fixed - n as f64 * base) / (n * (cands.len() - 1)) as f64).max(0.0);
+        layers.push(LayerCost {
+            layer: i,
+            first_var: l.offset as u32,
+            variables: l.len,
+            candidate_per_image_secs: per,
+        });
+    }
+    Ok(CostModel {
+        fixed_secs: fixed,
+        base_per_image_secs: base,
+        layers,
+        population,
+        group_size,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The run configuration of one case: the run defaults (validation and test measured
+/// every 100 generations on the coordinator's cores, the default population, group and
+/// batch), the bench model, one shard per worker, a wall-time budget, no checkpoints.
+fn scale_config(spec: &ModelSpec, workers: usize, seconds: f64, out: PathBuf) -> RunConfig {
+    RunConfig {
+        seed: 1,
+        out,
+        model: ModelConfig {
+            onnx: spec.onnx.clone(),
+            mean: spec.mean.clone(),
+            std: spec.std.clone(),
+        },
+        data: DataConfig {
+            source: spec.data.clone(),
+            // The run default (`data.validation`).
+            validation: 5000,
+            test_limit: None,
+        },
+        quant: QuantSection {
+            weight_bits: spec.weight_bits,
+            act_bits: spec.act_bits,
+            ..QuantSection::default()
+        },
+        eda: EdaParams::default(),
+        // Made-up sums freeze variables as real ones do; restarts keep the search going
+        // for the whole budget instead of ending a case early.
+        search: SearchConfig {
+            restarts: true,
+            ..SearchConfig::default()
+        },
+        budget: BudgetConfig {
+            wall_seconds: Some(seconds),
+            ..BudgetConfig::default()
+        },
+        eval: EvalSchedule::default(),
+        cluster: ClusterConfig {
+            listen: "127.0.0.1:0".into(),
+            shards: Some(workers.max(1)),
+            ..ClusterConfig::default()
+        },
+        checkpoint: CheckpointConfig {
+            every_generations: 0,
+            every_secs: 0.0,
+        },
+    }
+}
+
+/// CPU seconds of this process, and of its threads named [`EMULATOR_THREAD`].
+fn cpu_seconds() -> (f64, f64) {
+    let ticks = 100.0; // USER_HZ: 100 on every Linux ABI ccq runs on.
+    let read = |path: &std::path::Path| -> Option<(String, f64)> {
+        let s = std::fs::read_to_string(path).ok()?;
+        let (head, rest) = s.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1.to_string();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After the comm: state is field 3, utime 14 and stime 15 (1-based).
+        let u: f64 = f.get(11)?.parse().ok()?;
+        let s: f64 = f.get(12)?.parse().ok()?;
+        Some((comm, (u + s) / ticks))
+    };
+    let total = read(std::path::Path::new("/proc/self/stat")).map_or(0.0, |(_, t)| t);
+    let emulator = std::fs::read_dir("/proc/self/task")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| read(&e.path().join("stat")))
+                .filter(|(comm, _)| {
+                    comm.starts_with(&EMULATOR_THREAD[..EMULATOR_THREAD.len().min(15)])
+                })
+                .map(|(_, t)| t)
+                .sum()
+        })
+        .unwrap_or(0.0);
+    (total, emulator)
+}
+
+/// One run of the real coordinator (on its own runtime, `coordinator`) against
+/// `workers` emulated workers (spawned on the caller's runtime).
+async fn scale_case(
+    opts: &ScaleOptions,
+    cost: &Arc<CostModel>,
+    workers: usize,
+) -> Result<ScaleCase, Error> {
+    let out = opts.scratch.join(format!("scale-w{workers}"));
+    if out.exists() {
+        std::fs::remove_dir_all(&out).map_err(|e| ccq_common::Error::io(&out, e))?;
+    }
+    let config = scale_config(&opts.model, workers, opts.seconds, out.clone());
+    let coordinator = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("ccq-coordinator")
+        .enable_all()
+        .build()
+        .map_err(|e| ccq_common::Error::io("the coordinator's runtime", e))?;
+    let listener = {
+        let _guard = coordinator.enter();
+        let std = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| ccq_common::Error::io("127.0.0.1:0", e))?;
+        std.set_nonblocking(true)
+            .map_err(|e| ccq_common::Error::io("listener", e))?;
+        TcpListener::from_std(std).map_err(|e| ccq_common::Error::io("listener", e))?
+    };
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ccq_common::Error::io("listener", e))?;
+    let clock = Arc::new(Clock::default());
+    let busy = Arc::new(Busy::default());
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = {
+        let samples = Arc::clone(&samples);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let (cpu, emu) = cpu_seconds();
+                samples
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((Instant::now(), cpu - emu));
+            }
+        })
+    };
+    let handles: Vec<_> = (0..workers)
+        .map(|i| {
+            tokio::spawn(emulated_worker(
+                format!("http://{addr}"),
+                format!("emulated-{i}"),
+                Arc::clone(cost),
+                Arc::clone(&clock),
+                Arc::clone(&busy),
+            ))
+        })
+        .collect();
+    let run_opts = RunOptions {
+        config,
+        local_workers: 0,
+        worker_threads: 1,
+        token: None,
+        insecure: false,
+        resume: false,
+    };
+    let report = coordinator
+        .spawn(run::run(run_opts, listener, std::future::pending()))
+        .await
+        .expect("the coordinator panicked");
+    let mut tallies = Vec::new();
+    for h in handles {
+        tallies.push(h.await.expect("an emulated worker panicked"));
+    }
+    sampler.abort();
+    coordinator.shutdown_background();
+    let _ = std::fs::remove_dir_all(&out);
+    let report = report?;
+
+    let shards = workers.max(1);
+    let (window, rate_candidates) = clock.sustained_window(0.2);
+    let evals_per_sec = rate_candidates / shards as f64;
+    let secs = window.map_or(0.0, |(t0, t1)| (t1 - t0).as_secs_f64());
+    let (busy_secs, useful_secs) = busy.within(window);
+    let share = |x: f64| x / (workers as f64 * secs.max(1e-9));
+    // The coordinator's CPU between the samples nearest the window's ends.
+    let coordinator_cpu = window.map_or(0.0, |(t0, t1)| {
+        let s = samples.lock().unwrap_or_else(|e| e.into_inner());
+        let at = |t: Instant| {
+            s.iter()
+                .min_by_key(|(when, _)| if *when > t { *when - t } else { t - *when })
+                .map_or(0.0, |(_, c)| *c)
+        };
+        (at(t1) - at(t0)).max(0.0)
+    });
+    let window_evals = evals_per_sec * secs;
+    Ok(ScaleCase {
+        workers,
+        shards,
+        evaluations: report.evaluations,
+        generations: report.generations,
+        measurements: report.history.len(),
+        evals_per_sec,
+        efficiency: share(useful_secs),
+        rate_ratio: None,
+        worker_busy_fraction: share(busy_secs),
+        window_seconds: secs,
+        coordinator_cpu_secs: coordinator_cpu,
+        coordinator_cpu_micros_per_eval: coordinator_cpu * 1e6 / window_evals.max(1.0),
+        search_seconds: report.search_seconds,
+        stop_reason: report.stop_reason.clone(),
+        jobs: tallies.iter().map(|t| t.0).sum(),
+        worker_errors: tallies.into_iter().filter_map(|t| t.1).collect(),
+    })
+}
+
+/// Emulated compute per job: (end time, seconds waited, the useful part).
+#[derive(Default)]
+struct Busy {
+    jobs: std::sync::Mutex<Vec<(Instant, f64, f64)>>,
+}
+
+impl Busy {
+    fn record(&self, end: Instant, secs: f64, useful: f64) {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((end, secs, useful));
+    }
+
+    /// (waited, useful) seconds of the jobs that ended inside `window`.
+    fn within(&self, window: Option<(Instant, Instant)>) -> (f64, f64) {
+        let Some((t0, t1)) = window else {
+            return (0.0, 0.0);
+        };
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.iter()
+            .filter(|(end, _, _)| *end > t0 && *end <= t1)
+            .fold((0.0, 0.0), |(a, b), (_, s, u)| (a + s, b + u))
+    }
+}
+
+/// A worker that waits each job's calibrated cost: the real protocol, made-up sums.
+/// Returns (jobs answered, error).
+async fn emulated_worker(
+    url: String,
+    name: String,
+    cost: Arc<CostModel>,
+    clock: Arc<Clock>,
+    busy: Arc<Busy>,
+) -> (u64, Option<String>) {
+    let mut jobs = 0;
+    let r = emulated_serve(&url, &name, &cost, &clock, &busy, &mut jobs).await;
+    (jobs, r.err().map(|e| format!("{name}: {e}")))
+}
+
+async fn emulated_serve(
+    url: &str,
+    name: &str,
+    cost: &CostModel,
+    clock: &Clock,
+    busy: &Busy,
+    jobs: &mut u64,
+) -> Result<(), tonic::Status> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+    let give_up = Instant::now() + Duration::from_secs(600);
+    let mut client = loop {
+        match endpoint.connect().await {
+            Ok(ch) => break CoordinatorClient::new(ch).max_decoding_message_size(256 << 20),
+            Err(e) if Instant::now() > give_up => {
+                return Err(tonic::Status::unavailable(e.to_string()))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let mut worker_id = register(&mut client, name, give_up).await?;
+    let mut have: Option<u64> = None;
+    let mut measured: Option<u64> = None;
+    let batch = SearchConfig::default().batch_size;
+    loop {
+        let poll = client
+            .poll_job(PollJobRequest { worker_id })
+            .await?
+            .into_inner();
+        let job = match poll.reply {
+            Some(poll_job_response::Reply::Job(job)) => job,
+            Some(poll_job_response::Reply::Idle(_)) | None => continue,
+            Some(poll_job_response::Reply::Done(_)) => return Ok(()),
+            Some(poll_job_response::Reply::Unknown(_)) => {
+                worker_id = register(&mut client, name, give_up).await?;
+                continue;
+            }
+        };
+        if let Some(m) = &job.measure {
+            // A block of a measurement: one base forward per image.
+            let secs = cost.fixed_secs + m.count as f64 * cost.base_per_image_secs;
+            let wait = Duration::from_secs_f64(secs);
+            if super::answer_measurement(&mut client, worker_id, &mut measured, job, Some(wait))
+                .await?
+            {
+                busy.record(Instant::now(), secs, 0.0);
+            }
+            *jobs += 1;
+            continue;
+        }
+        if have != Some(job.network_version) {
+            let r = client
+                .sync_network(SyncNetworkRequest {
+                    worker_id,
+                    have_version: have,
+                    want_version: None,
+                })
+                .await?
+                .into_inner();
+            have = Some(r.version);
+            if have != Some(job.network_version) {
+                continue; // a stale job: the real worker skips it too
+            }
+        }
+        let images = job.images.len();
+        // Candidate 0 of a generation is the context: the real engine does not recompute it.
+        let changed = job.candidates.len() - usize::from(job.first_candidate == 0);
+        let var = job.group_vars.first().copied().unwrap_or(0);
+        let secs = cost.job_secs(images, changed, var);
+        // A thread's sleep is precise to tens of microseconds; the runtime's timer rounds
+        // up to milliseconds, as long as the short jobs of a large cluster.
+        tokio::task::spawn_blocking(move || std::thread::sleep(Duration::from_secs_f64(secs)))
+            .await
+            .expect("sleeping does not panic");
+        let useful = cost.useful_secs(images, changed, var, batch);
+        busy.record(Instant::now(), secs, useful);
+        let results: Vec<CandidateResult> = job
+            .candidates
+            .iter()
+            .map(|c| made_up_result(c, images as u64))
+            .collect();
+        let n = results.len() as u64;
+        let accepted = client
+            .submit_result(SubmitResultRequest {
+                worker_id,
+                job_id: job.job_id,
+                results,
+                eval_micros: (secs * 1e6) as u64,
+            })
+            .await?
+            .into_inner()
+            .accepted;
+        *jobs += 1;
+        if accepted {
+            clock.record(n);
+        }
+    }
+}
+
+impl std::fmt::Display for ScaleReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "machine  {} ({} cores), load {} -> {}",
+            self.machine.cpu, self.machine.cores, self.machine.load_before, self.machine.load_after
+        )?;
+        writeln!(f, "model    {}", self.model.name)?;
+        writeln!(
+            f,
+            "job cost (one core): {:.2} ms fixed + {:.1} µs base forward per image + {:.1}–{:.1} µs per candidate per image (by layer); a generation of {} on 256 images {:.1} ms (layers weighted by their variables)",
+            self.cost.fixed_secs * 1e3,
+            self.cost.base_per_image_secs * 1e6,
+            self.cost.layers.iter().map(|l| l.candidate_per_image_secs).fold(f64::INFINITY, f64::min) * 1e6,
+            self.cost.layers.iter().map(|l| l.candidate_per_image_secs).fold(0.0, f64::max) * 1e6,
+            self.cost.population,
+            self.cost.generation_secs(256) * 1e3,
+        )?;
+        writeln!(
+            f,
+            "\n  workers  evals/s  efficiency  rate ratio  busy  coordinator µs CPU/eval  generations  measurements"
+        )?;
+        for c in &self.cases {
+            writeln!(
+                f,
+                "  {:>7}  {:>7.0}  {:>9.0}%  {:>10}  {:>4.0}%  {:>23.0}  {:>11}  {:>12}",
+                c.workers,
+                c.evals_per_sec,
+                c.efficiency * 100.0,
+                c.rate_ratio
+                    .map_or("—".into(), |e| format!("{:.0}%", e * 100.0)),
+                c.worker_busy_fraction * 100.0,
+                c.coordinator_cpu_micros_per_eval,
+                c.generations,
+                c.measurements
+            )?;
+        }
+        Ok(())
+    }
+}
