@@ -293,6 +293,15 @@ fn job_to_proto(j: &JobSpec) -> Job {
             teacher_logits: teacher.as_ref().map_or_else(Vec::new, |t| t.rows(images)),
             temperature: teacher.as_ref().map_or(0.0, |t| t.temperature),
             measure: None,
+            changes_from: j.changes.as_ref().map(|(from, _)| *from),
+            changes: j.changes.as_ref().map_or_else(Vec::new, |(_, c)| {
+                c.iter()
+                    .map(|&(var, code)| VarChange {
+                        var,
+                        code: code.into(),
+                    })
+                    .collect()
+            }),
         },
         Work::Measure(b) => Job {
             job_id: j.job_id,
@@ -421,6 +430,7 @@ mod tests {
                 count: 2,
                 teacher,
             },
+            changes: None,
         };
         let j = job_to_proto(&spec(vec![6, 7], None));
         assert_eq!(j.candidates, [vec![0xff, 1], vec![0xfe, 2]]);
@@ -454,6 +464,7 @@ mod tests {
                     first: 40,
                     count: 16,
                 }),
+                changes: None,
             });
             assert_eq!((j.job_id, j.network_version), (3, 8));
             let m = j.measure.unwrap();

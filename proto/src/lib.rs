@@ -13,7 +13,8 @@ pub mod process;
 /// 3: `Job.teacher_logits` (distillation): a worker that ignored it would score the
 /// labels instead, silently.
 /// 4: measurement jobs (`Job.measure`) and `SyncNetworkRequest.want_version`: the
-/// coordinator no longer measures validation and test accuracy itself.
+/// coordinator no longer measures validation and test accuracy itself; training jobs
+/// carry the network changes since the worker's last job (`Job.changes`).
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Request metadata key carrying the cluster token, as `Bearer <token>`.

@@ -23,7 +23,7 @@ use ccq_proto::client::{self, endpoint, error_chain, Auth, Client};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
     measure, poll_job_response, CandidateResult, HeartbeatRequest, Job, Measure, PollJobRequest,
-    RegisterRequest, RegisterResponse, SubmitResultRequest, SyncNetworkRequest,
+    RegisterRequest, RegisterResponse, SubmitResultRequest, SyncNetworkRequest, VarChange,
 };
 use tracing::{debug, info, warn};
 
@@ -351,6 +351,17 @@ async fn evaluate(
         )
         .await;
     }
+    // The job may carry the changes from the version of our previous job: no round trip.
+    if let (Some(from), Some((have, net))) = (job.changes_from, local.net.as_mut()) {
+        if *have == from && from != job.network_version {
+            net.apply_changes(&wire_changes(&job.changes))
+                .map_err(|e| Error::BadJob {
+                    job: job.job_id,
+                    reason: format!("its network changes: {e}"),
+                })?;
+            *have = job.network_version;
+        }
+    }
     if !sync_network(client, worker_id, &mut local.net, job.network_version, None).await? {
         // The job belongs to a generation that is already over; its result would be refused.
         debug!(job = job.job_id, "skipping a stale job");
@@ -522,15 +533,19 @@ async fn sync_network(
             job: 0,
             reason: "coordinator sent changes but this worker holds no network".into(),
         })?;
-        let changes: Vec<(u32, i8)> = r
-            .changes
-            .iter()
-            .map(|c| (c.var, c.code.clamp(i8::MIN as i32, i8::MAX as i32) as i8))
-            .collect();
-        net.apply_changes(&changes)?;
+        net.apply_changes(&wire_changes(&r.changes))?;
         *v = r.version;
     }
     Ok(slot.as_ref().map(|(v, _)| *v) == Some(want))
+}
+
+/// Variable changes as the wire carries them, codes clamped to i8 (a code out of the
+/// variable's range is refused by `apply_changes`).
+fn wire_changes(changes: &[VarChange]) -> Vec<(u32, i8)> {
+    changes
+        .iter()
+        .map(|c| (c.var, c.code.clamp(i8::MIN as i32, i8::MAX as i32) as i8))
+        .collect()
 }
 
 /// Exponential backoff from 50 ms to 2 s.

@@ -220,6 +220,8 @@ pub struct WireCounts {
     pub changes: u64,
     /// Jobs that needed no SyncNetwork (the worker held the job's version).
     pub jobs_without_sync: u64,
+    /// Jobs that carried the changes from the worker's version (no SyncNetwork either).
+    pub jobs_with_changes: u64,
 }
 
 impl WireCounts {
@@ -239,6 +241,7 @@ impl WireCounts {
         self.change_sync_bytes += o.change_sync_bytes;
         self.changes += o.changes;
         self.jobs_without_sync += o.jobs_without_sync;
+        self.jobs_with_changes += o.jobs_with_changes;
     }
 }
 
@@ -726,7 +729,11 @@ async fn noop_serve(
                 .max_full_group_job_bytes_per_candidate
                 .max(bytes as f64 / n as f64);
         }
-        if have == Some(job.network_version) {
+        if job.changes_from.is_some() && job.changes_from == have {
+            w.jobs_with_changes += 1;
+            w.changes += job.changes.len() as u64;
+            have = Some(job.network_version);
+        } else if have == Some(job.network_version) {
             w.jobs_without_sync += 1;
         } else {
             let r = client

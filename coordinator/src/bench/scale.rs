@@ -617,6 +617,9 @@ async fn emulated_serve(
             *jobs += 1;
             continue;
         }
+        if job.changes_from.is_some() && job.changes_from == have {
+            have = Some(job.network_version);
+        }
         if have != Some(job.network_version) {
             let r = client
                 .sync_network(SyncNetworkRequest {

@@ -48,11 +48,22 @@ async fn tiny_bench_counts_what_it_claims() {
         );
         assert!(c.wire.change_syncs <= c.generations * c.workers as u64);
         assert_eq!(
-            c.wire.full_syncs + c.wire.change_syncs + c.wire.jobs_without_sync,
+            c.wire.full_syncs
+                + c.wire.change_syncs
+                + c.wire.jobs_without_sync
+                + c.wire.jobs_with_changes,
             c.jobs,
-            "{case}: every job either synced once or needed nothing"
+            "{case}: every job synced once, carried its changes or needed nothing"
         );
-        assert!(c.wire.change_syncs > 0, "{case}");
+        // A worker holds its previous job's version, so the changes come inside the
+        // jobs; a change-list round trip is left only after a (re-)registration.
+        assert!(c.wire.jobs_with_changes > 0, "{case}");
+        assert!(
+            c.wire.change_syncs < c.wire.jobs_with_changes,
+            "{case}: {} change syncs, {} jobs with changes",
+            c.wire.change_syncs,
+            c.wire.jobs_with_changes
+        );
         // Groups are layer-local: the MNIST CNN's two larger layers give 256-variable
         // groups, and such a candidate costs well under 1 KB in its job.
         assert!(c.wire.full_group_jobs > 0, "{case}");

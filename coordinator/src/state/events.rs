@@ -165,6 +165,9 @@ pub struct JobSpec {
     /// measurement measures.
     pub network_version: u64,
     pub work: Work,
+    /// Training jobs: the changes from the version of the worker's previous job to
+    /// `network_version`, when the log has them (the worker syncs otherwise).
+    pub changes: Option<(u64, Vec<(u32, i8)>)>,
 }
 
 #[derive(Debug, Clone)]

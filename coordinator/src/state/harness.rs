@@ -613,3 +613,55 @@ async fn a_measured_version_is_synced_as_it_was() {
     v.stop().await.unwrap();
     assert_fast(real);
 }
+
+/// A training job carries the network changes since the version of the worker's previous
+/// job, so a worker that holds that version needs no `SyncNetwork`: applied to it they
+/// give exactly the network the coordinator serves for the job's version.
+#[tokio::test(start_paused = true)]
+async fn jobs_carry_the_changes_since_the_workers_previous_job() {
+    let real = std::time::Instant::now();
+    let v = Virtual::start(1, 16 * 30);
+    let (a, _) = v.register("a", None).await;
+    let latest = || async {
+        match v
+            .ask(|reply| Event::Sync {
+                have_version: None,
+                want_version: None,
+                reply,
+            })
+            .await
+            .unwrap()
+        {
+            NetworkUpdate::Full { version, network } => (
+                version,
+                QNetwork::from_bytes(&network, "test").unwrap().codes(),
+            ),
+            other => panic!("{other:?}"),
+        }
+    };
+    let first = v.job(a).await;
+    assert!(first.changes.is_none(), "nothing was sent before: it syncs");
+    let (mut held, mut codes) = latest().await;
+    assert_eq!(held, first.network_version);
+    assert!(v.submit(a, &first).await);
+    let mut carried = 0;
+    // Until the search ends (the 64 variables freeze).
+    while let Some(PollReply::Job(j)) = v.poll(a).await {
+        match &j.changes {
+            Some((from, changes)) => {
+                assert_eq!(*from, held, "from the previous job's version");
+                for &(var, code) in changes {
+                    codes[var as usize] = code;
+                }
+                held = j.network_version;
+                assert_eq!((held, &codes), (latest().await.0, &latest().await.1));
+                carried += 1;
+            }
+            None => assert_eq!(j.network_version, held, "no changes: nothing changed"),
+        }
+        assert!(v.submit(a, &j).await);
+    }
+    assert!(carried > 0, "the network moved and the jobs carried it");
+    v.stop().await.unwrap();
+    assert_fast(real);
+}

@@ -260,13 +260,15 @@ impl JobQueue {
 
     /// Hands pending jobs to parked polls (`shard_of_worker`; a worker that is gone
     /// drops its poll): a training job of the worker's shard, else a measurement block;
-    /// with `measure_first` (a measurement is overdue) the other way round. Returns the
-    /// (worker, job) leases made.
+    /// with `measure_first` (a measurement is overdue) the other way round. A training job
+    /// carries `changes(worker, version)`, the network changes that worker needs, if any.
+    /// Returns the (worker, job) leases made.
     pub fn dispatch(
         &mut self,
         now: Instant,
         measure_first: bool,
         shard_of_worker: impl Fn(u64) -> Option<usize>,
+        changes: impl Fn(u64, u64) -> Option<(u64, Vec<(u32, i8)>)>,
     ) -> Vec<(u64, u64)> {
         let mut leased = Vec::new();
         for (worker, reply) in std::mem::take(&mut self.parked) {
@@ -289,7 +291,10 @@ impl JobQueue {
                 self.parked.push((worker, reply));
                 continue;
             };
-            let spec = self.spec(job_id);
+            let mut spec = self.spec(job_id);
+            if matches!(spec.work, Work::Candidates { .. }) {
+                spec.changes = changes(worker, spec.network_version);
+            }
             if reply.send(PollReply::Job(spec)).is_err() {
                 // The poll timed out just now; keep the job for the next one.
                 self.queue_front(job_id);
@@ -301,6 +306,14 @@ impl JobQueue {
             leased.push((worker, job_id));
         }
         leased
+    }
+
+    /// The network version of training job `job_id` (None for a measurement block).
+    pub fn training_version(&self, job_id: u64) -> Option<u64> {
+        match self.jobs.get(&job_id)?.task {
+            Task::Candidates { .. } => self.current.as_ref().map(|c| c.version),
+            Task::Measure { .. } => None,
+        }
     }
 
     fn queue_front(&mut self, job_id: u64) {
@@ -332,12 +345,14 @@ impl JobQueue {
                         count: *count,
                         teacher: self.teacher.clone(),
                     },
+                    changes: None,
                 }
             }
             Task::Measure { id, block } => JobSpec {
                 job_id,
                 network_version: self.measuring[id].version,
                 work: Work::Measure(*block),
+                changes: None,
             },
         }
     }
@@ -554,7 +569,7 @@ mod tests {
     ) -> Option<JobSpec> {
         let (tx, mut rx) = oneshot::channel();
         q.park(worker, tx);
-        q.dispatch(now, measure_first, |_| Some(shard));
+        q.dispatch(now, measure_first, |_| Some(shard), |_, _| None);
         match rx.try_recv() {
             Ok(PollReply::Job(j)) => Some(j),
             _ => None,
@@ -750,12 +765,16 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         q.park(1, tx);
         drop(rx);
-        assert!(q.dispatch(Instant::now(), false, |_| Some(0)).is_empty());
+        assert!(q
+            .dispatch(Instant::now(), false, |_| Some(0), |_, _| None)
+            .is_empty());
         assert!(q.has_pending(0));
         // A worker that is gone drops its poll and takes nothing.
         let (tx, _rx) = oneshot::channel();
         q.park(2, tx);
-        assert!(q.dispatch(Instant::now(), false, |_| None).is_empty());
+        assert!(q
+            .dispatch(Instant::now(), false, |_| None, |_, _| None)
+            .is_empty());
         assert!(q.any_pending());
         assert!(q.take_parked().is_empty());
     }

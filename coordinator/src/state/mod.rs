@@ -330,13 +330,25 @@ impl State {
     /// Hands pending jobs to parked polls and records the leases on the workers.
     fn dispatch(&mut self) {
         let measure_first = self.measurement_overdue();
-        let workers = &self.workers;
-        let leased = self.jobs.dispatch(Instant::now(), measure_first, |w| {
-            workers.get(w).map(|w| w.shard)
-        });
+        let limit = self.full_sync_threshold();
+        let (workers, log) = (&self.workers, &self.log);
+        let leased = self.jobs.dispatch(
+            Instant::now(),
+            measure_first,
+            |w| workers.get(w).map(|w| w.shard),
+            // The changes since the worker's last training job, so that it need not ask.
+            |w, version| {
+                let from = workers.get(w)?.version_sent.filter(|&v| v != version)?;
+                Some((from, log.between(from, version, limit)?))
+            },
+        );
         for (worker, job) in leased {
+            let version = self.jobs.training_version(job);
             if let Some(w) = self.workers.get_mut(worker) {
                 w.job = Some(job);
+                if version.is_some() {
+                    w.version_sent = version;
+                }
             }
         }
     }

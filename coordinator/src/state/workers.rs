@@ -19,6 +19,9 @@ pub struct WorkerEntry {
     pub fixed_shard: bool,
     pub last_seen: Instant,
     pub job: Option<u64>,
+    /// The network version of the last training job it was sent (it holds that version
+    /// unless the job was lost on the way).
+    pub version_sent: Option<u64>,
     pub jobs_done: u64,
     pub images: u64,
     pub eval_micros: u64,
@@ -94,6 +97,7 @@ impl WorkerRegistry {
                 fixed_shard: requested.is_some(),
                 last_seen: now,
                 job: None,
+                version_sent: None,
                 jobs_done: 0,
                 images: 0,
                 eval_micros: 0,
