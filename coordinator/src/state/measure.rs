@@ -150,6 +150,9 @@ impl State {
         let Some(pending) = self.measurements.finish(id) else {
             return;
         };
+        if matches!(&self.measured_whole, Some((v, _)) if *v == pending.point.network_version) {
+            self.measured_whole = None;
+        }
         let point = EvalPoint {
             val_top1: validation.top1(),
             val_loss: validation.mean_loss(),

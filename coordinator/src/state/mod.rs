@@ -83,6 +83,8 @@ pub struct State {
     /// What a resumed run picks up when its loop starts.
     restored: Option<(Option<Generation>, Vec<PendingEval>)>,
     no_worker: NoWorkerWatch,
+    /// The last measured network version sent whole, encoded (see `sync`).
+    measured_whole: Option<(u64, Vec<u8>)>,
 }
 
 impl State {
@@ -108,6 +110,7 @@ impl State {
             checkpoints: Checkpointer::new(&setup.config.checkpoint, setup.config.out.clone(), now),
             restored: None,
             no_worker: NoWorkerWatch::default(),
+            measured_whole: None,
             setup,
         }
     }
@@ -510,7 +513,7 @@ impl State {
     /// How a worker holding `have_version` gets to `want_version` (a running
     /// measurement's network) or, by default, to the latest network. A version nobody
     /// measures any more is answered with the latest: the worker then finds its job stale.
-    fn sync(&self, have_version: Option<u64>, want_version: Option<u64>) -> NetworkUpdate {
+    fn sync(&mut self, have_version: Option<u64>, want_version: Option<u64>) -> NetworkUpdate {
         let limit = self.full_sync_threshold();
         if let Some(want) = want_version.filter(|&w| w != self.version()) {
             if self.measurements.codes_at(want).is_some() {
@@ -520,10 +523,15 @@ impl State {
                         changes,
                     };
                 }
-                if let Some(net) = self.network_at(want) {
+                // Every worker's first measurement needs the network whole: rebuilt once
+                // per version, not once per worker.
+                if !matches!(&self.measured_whole, Some((v, _)) if *v == want) {
+                    self.measured_whole = self.network_at(want).map(|n| (want, n.to_bytes()));
+                }
+                if let Some((_, network)) = &self.measured_whole {
                     return NetworkUpdate::Full {
                         version: want,
-                        network: net.to_bytes(),
+                        network: network.clone(),
                     };
                 }
             }
