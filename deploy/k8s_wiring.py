@@ -215,7 +215,8 @@ def check_workers_dial_service(m: Manifests, r: Report) -> None:
 
 
 def check_index_is_shard(m: Manifests, r: Report) -> None:
-    """Indexed Job: pod k gets JOB_COMPLETION_INDEX=k and shard k of CCQ_SHARDS = shards."""
+    """Indexed Job: pod k gets JOB_COMPLETION_INDEX=k and shard k mod CCQ_SHARDS (= shards);
+    completions is a multiple of CCQ_SHARDS, so every shard has the same number of workers."""
     job = m.get("Job", "ccq-workers")
     spec = job["spec"]
     r.expect(spec.get("completionMode") == "Indexed", "the worker Job is not completionMode: Indexed")
@@ -233,7 +234,11 @@ def check_index_is_shard(m: Manifests, r: Report) -> None:
     if not r.expect(shards_env is not None and "value" in shards_env, "workers have no literal CCQ_SHARDS"):
         return
     shards = int(shards_env["value"])
-    r.expect(shards == spec.get("completions"), f"CCQ_SHARDS {shards} != completions {spec.get('completions')}: indexes and shards do not map one to one")
+    completions = spec.get("completions")
+    r.expect(
+        isinstance(completions, int) and shards >= 1 and completions >= shards and completions % shards == 0,
+        f"completions {completions} is not a multiple of CCQ_SHARDS {shards}: some shards would get more workers than others, or none",
+    )
     cfg = run_config(m, r)
     if cfg is not None:
         r.expect(cfg.get("cluster", {}).get("shards") == shards, f"run config cluster.shards {cfg.get('cluster', {}).get('shards')} != CCQ_SHARDS {shards}: the coordinator refuses the workers' shards")
@@ -432,7 +437,8 @@ MUTATIONS = {
         lambda m: _set_arg(worker(m), "coordinator", "http://ccq-coordinator:50052"),
         "check_workers_dial_service",
     ),
-    "CCQ_SHARDS != completions": (lambda m: _set_env(worker(m), "CCQ_SHARDS", "3"), "check_index_is_shard"),
+    "completions not a multiple of CCQ_SHARDS": (lambda m: _set_env(worker(m), "CCQ_SHARDS", "3"), "check_index_is_shard"),
+    "more shards than completions": (lambda m: _set_env(worker(m), "CCQ_SHARDS", "8"), "check_index_is_shard"),
     "parallelism != completions": (
         lambda m: m.get("Job", "ccq-workers")["spec"].update({"parallelism": 2}),
         "check_index_is_shard",

@@ -71,6 +71,36 @@ pub struct WorkerConfig {
     pub tls_ca: Option<PathBuf>,
 }
 
+/// The shard of a Kubernetes Indexed-Job pod: completion index `index` serves shard
+/// `index mod shards`, so a Job of R × S completions runs R workers per shard (the
+/// coordinator splits a shard's candidates among its workers). Errors name the variable
+/// at fault.
+pub fn shard_from_index(index: &str, shards: &str) -> Result<Shard, Error> {
+    let bad = |what: &str, v: &str| {
+        Error::Common(ccq_common::Error::setting(
+            what,
+            v,
+            "expected a whole number (the Indexed Job sets JOB_COMPLETION_INDEX; CCQ_SHARDS must equal cluster.shards)",
+        ))
+    };
+    let k: usize = index
+        .trim()
+        .parse()
+        .map_err(|_| bad("JOB_COMPLETION_INDEX", index))?;
+    let s: usize = shards
+        .trim()
+        .parse()
+        .map_err(|_| bad("CCQ_SHARDS", shards))?;
+    if s == 0 {
+        return Err(Error::Common(ccq_common::Error::setting(
+            "CCQ_SHARDS",
+            shards,
+            "must be at least 1",
+        )));
+    }
+    Ok(Shard::new(k % s, s)?)
+}
+
 /// How a worker's run ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -562,5 +592,31 @@ impl Backoff {
     }
     fn reset(&mut self) {
         *self = Backoff::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completion_indexes_map_onto_shards_round_robin() {
+        let shards: Vec<usize> = (0..8)
+            .map(|k| shard_from_index(&k.to_string(), "3").unwrap().index)
+            .collect();
+        assert_eq!(shards, [0, 1, 2, 0, 1, 2, 0, 1]);
+        assert_eq!(
+            shard_from_index(" 4 ", "4").unwrap(),
+            Shard::new(0, 4).unwrap()
+        );
+        for (index, shards, names) in [
+            ("x", "4", "JOB_COMPLETION_INDEX"),
+            ("-1", "4", "JOB_COMPLETION_INDEX"),
+            ("1", "four", "CCQ_SHARDS"),
+            ("1", "0", "CCQ_SHARDS"),
+        ] {
+            let e = shard_from_index(index, shards).unwrap_err().to_string();
+            assert!(e.contains(names), "{index}/{shards}: {e}");
+        }
     }
 }

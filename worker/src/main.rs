@@ -18,7 +18,8 @@ struct Cli {
     #[arg(long, env = "CCQ_COORDINATOR")]
     coordinator: String,
     /// Shard K/S of the training data; default: the Kubernetes Indexed-Job index
-    /// (JOB_COMPLETION_INDEX, with CCQ_SHARDS) if set, else the coordinator assigns one.
+    /// (JOB_COMPLETION_INDEX mod CCQ_SHARDS, so R × S pods serve S shards R times) if
+    /// set, else the coordinator assigns one.
     #[arg(long)]
     shard: Option<String>,
     /// Evaluation threads (default 1: run one worker per core).
@@ -72,7 +73,7 @@ async fn run(cli: Cli) -> anyhow::Result<ccq_worker::Exit> {
         std::env::var("CCQ_SHARDS").ok(),
     ) {
         (Some(s), _, _) => Some(s.parse::<Shard>()?),
-        (None, Some(k), Some(n)) => Some(format!("{k}/{n}").parse::<Shard>()?),
+        (None, Some(k), Some(n)) => Some(ccq_worker::shard_from_index(&k, &n)?),
         _ => None,
     };
     let data_override = cli
