@@ -53,9 +53,12 @@ struct ScaleArgs {
     /// `resnet20` (../shared), `mnist` (examples/), or `auto`: ResNet-20 when present.
     #[arg(long, default_value = "auto")]
     model: String,
-    /// Numbers of emulated workers (one shard each), comma separated.
+    /// Numbers of emulated workers, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
     workers: Vec<usize>,
+    /// Workers per shard: W workers serve W / R shards.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
     /// Search seconds per case.
     #[arg(long, default_value_t = 40.0)]
     seconds: f64,
@@ -312,6 +315,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let opts = bench::scale::ScaleOptions {
                 model: bench::ModelSpec::named(&a.model, std::path::Path::new("."))?,
                 workers: a.workers,
+                replicas: a.replicas,
                 seconds: a.seconds,
                 calibration_images: a.calibration_images,
                 scratch: std::env::temp_dir().join(format!("ccq-scale-{}", std::process::id())),

@@ -60,8 +60,10 @@ pub const EMULATOR_THREAD: &str = "ccq-emulator";
 #[derive(Debug, Clone)]
 pub struct ScaleOptions {
     pub model: ModelSpec,
-    /// Numbers of emulated workers (one shard each, as the Kubernetes Job runs them).
+    /// Numbers of emulated workers.
     pub workers: Vec<usize>,
+    /// Workers per shard: W workers serve W / replicas shards (1: one shard each).
+    pub replicas: usize,
     /// Search seconds per case (the run's wall-time budget).
     pub seconds: f64,
     /// Training images each calibration job evaluates.
@@ -102,11 +104,26 @@ impl CostModel {
         self.fixed_secs + images as f64 * (self.base_per_image_secs + candidates as f64 * per)
     }
 
-    /// The part of such a job that one worker holding the whole batch would also spend:
-    /// everything but the fixed cost, of which it pays its share (`images` of `batch`).
-    pub fn useful_secs(&self, images: usize, candidates: usize, var: u32, batch: usize) -> f64 {
-        self.job_secs(images, candidates, var) - self.fixed_secs
-            + self.fixed_secs * images as f64 / batch.max(1) as f64
+    /// The part of a job of `count` of the generation's candidates (`changed` of them
+    /// not the context) that one worker holding the whole batch would also spend: the
+    /// changed candidates, and of the base forward and the fixed cost only the job's
+    /// share (`images` of `batch`, `count` of the population). Workers that split a
+    /// shard's candidates each run the base forward; one worker would run it once.
+    pub fn useful_secs(
+        &self,
+        images: usize,
+        count: usize,
+        changed: usize,
+        var: u32,
+        batch: usize,
+    ) -> f64 {
+        let share = count as f64 / self.population.max(1) as f64;
+        let once = self.fixed_secs * images as f64 / batch.max(1) as f64
+            + images as f64 * self.base_per_image_secs;
+        let candidates = self.job_secs(images, changed, var)
+            - self.fixed_secs
+            - images as f64 * self.base_per_image_secs;
+        once * share + candidates
     }
 
     /// One generation (the population on a whole batch) on one core.
@@ -339,9 +356,9 @@ pub fn calibrate(
 }
 
 /// The run configuration of one case: the run defaults (validation and test measured
-/// every 100 generations on the coordinator's cores, the default population, group and
-/// batch), the bench model, one shard per worker, a wall-time budget, no checkpoints.
-fn scale_config(spec: &ModelSpec, workers: usize, seconds: f64, out: PathBuf) -> RunConfig {
+/// every 100 generations, the default population, group and batch), the bench model,
+/// `shards` shards, a wall-time budget, no checkpoints.
+fn scale_config(spec: &ModelSpec, shards: usize, seconds: f64, out: PathBuf) -> RunConfig {
     RunConfig {
         seed: 1,
         out,
@@ -375,7 +392,7 @@ fn scale_config(spec: &ModelSpec, workers: usize, seconds: f64, out: PathBuf) ->
         eval: EvalSchedule::default(),
         cluster: ClusterConfig {
             listen: "127.0.0.1:0".into(),
-            shards: Some(workers.max(1)),
+            shards: Some(shards.max(1)),
             ..ClusterConfig::default()
         },
         checkpoint: CheckpointConfig {
@@ -424,7 +441,8 @@ async fn scale_case(
     if out.exists() {
         std::fs::remove_dir_all(&out).map_err(|e| ccq_common::Error::io(&out, e))?;
     }
-    let config = scale_config(&opts.model, workers, opts.seconds, out.clone());
+    let shards = (workers / opts.replicas.max(1)).max(1);
+    let config = scale_config(&opts.model, shards, opts.seconds, out.clone());
     let coordinator = tokio::runtime::Builder::new_multi_thread()
         .thread_name("ccq-coordinator")
         .enable_all()
@@ -490,7 +508,7 @@ async fn scale_case(
     let _ = std::fs::remove_dir_all(&out);
     let report = report?;
 
-    let shards = workers.max(1);
+    // Each shard's jobs together carry every candidate once.
     let (window, rate_candidates) = clock.sustained_window(0.2);
     let evals_per_sec = rate_candidates / shards as f64;
     let secs = window.map_or(0.0, |(t0, t1)| (t1 - t0).as_secs_f64());
@@ -644,7 +662,7 @@ async fn emulated_serve(
         tokio::task::spawn_blocking(move || std::thread::sleep(Duration::from_secs_f64(secs)))
             .await
             .expect("sleeping does not panic");
-        let useful = cost.useful_secs(images, changed, var, batch);
+        let useful = cost.useful_secs(images, job.candidates.len(), changed, var, batch);
         busy.record(Instant::now(), secs, useful);
         let results: Vec<CandidateResult> = job
             .candidates

@@ -115,6 +115,7 @@ fn tiny_scale_emulation_reports_consistent_shares() {
     let opts = super::scale::ScaleOptions {
         model: ModelSpec::mnist(&repo()),
         workers: vec![1, 3],
+        replicas: 1,
         seconds: 3.0,
         calibration_images: 32,
         scratch: scratch.path().to_path_buf(),
@@ -137,7 +138,10 @@ fn tiny_scale_emulation_reports_consistent_shares() {
     let var = cost.layers[1].first_var;
     assert!(cost.job_secs(64, 15, var) > cost.job_secs(32, 15, var));
     assert!(cost.job_secs(64, 15, var) >= cost.job_secs(64, 3, var));
-    assert!(cost.useful_secs(32, 15, var, 256) <= cost.job_secs(32, 15, var));
+    assert!(cost.useful_secs(32, 16, 15, var, 256) <= cost.job_secs(32, 15, var));
+    // A quarter of the candidates: a quarter of the base forward is useful, not all.
+    let quarter = cost.useful_secs(32, 4, 4, var, 256);
+    assert!(quarter < cost.job_secs(32, 4, var), "{quarter}");
 
     assert_eq!(
         report.cases.iter().map(|c| c.workers).collect::<Vec<_>>(),
