@@ -284,12 +284,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status(_) => unreachable!("handled in main"),
         Command::Export(a) => {
             let report = ccq_coordinator::export::run(&a.config()?)?;
-            if a.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{report}");
-            }
-            Ok(())
+            print_report(&report, a.json)
         }
         Command::Bench(a) => {
             let opts = bench::BenchOptions {
@@ -304,12 +299,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let report = tokio::runtime::Runtime::new()?.block_on(bench::run(&opts));
             let _ = std::fs::remove_dir_all(&opts.scratch);
             let report = report?;
-            if a.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{report}");
-            }
-            Ok(())
+            print_report(&report, a.json)
         }
         Command::Scale(a) => {
             let opts = bench::scale::ScaleOptions {
@@ -323,24 +313,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let report = bench::scale::run(&opts);
             let _ = std::fs::remove_dir_all(&opts.scratch);
             let report = report?;
-            if a.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{report}");
-            }
-            Ok(())
+            print_report(&report, a.json)
         }
         Command::Eval(a) => {
             let cfg = eval_config(&a)?;
             let report = eval::run(&cfg)?;
-            if a.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{report}");
-            }
-            Ok(())
+            print_report(&report, a.json)
         }
     }
+}
+
+/// A command's result on stdout: one JSON object, or its human-readable form.
+fn print_report(
+    report: &(impl serde::Serialize + std::fmt::Display),
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
 }
 
 fn eval_config(a: &EvalArgs) -> anyhow::Result<EvalConfig> {

@@ -679,40 +679,18 @@ async fn noop_serve(
     clock: &Clock,
     tally: &mut Tally,
 ) -> Result<(), tonic::Status> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
     // The coordinator accepts connections from the start but refuses registrations until
-    // its model is imported and calibrated: retry like the real worker's backoff, for at
-    // most a few minutes.
-    let give_up = Instant::now() + Duration::from_secs(300);
-    let mut client = loop {
-        match endpoint.connect().await {
-            Ok(ch) => break CoordinatorClient::new(ch).max_decoding_message_size(256 << 20),
-            Err(e) if Instant::now() > give_up => {
-                return Err(tonic::Status::unavailable(e.to_string()))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
-    let mut worker_id = register(&mut client, name, give_up).await?;
+    // its model is imported and calibrated: retry for at most a few minutes.
+    let mut session = Session::start(url, name, Duration::from_secs(300)).await?;
     let mut have: Option<u64> = None;
     let mut measured: Option<u64> = None;
     loop {
-        let poll = client
-            .poll_job(PollJobRequest { worker_id })
-            .await?
-            .into_inner();
-        let job = match poll.reply {
-            Some(poll_job_response::Reply::Job(job)) => job,
-            Some(poll_job_response::Reply::Idle(_)) | None => continue,
-            Some(poll_job_response::Reply::Done(_)) => return Ok(()),
-            Some(poll_job_response::Reply::Unknown(_)) => {
-                worker_id = register(&mut client, name, give_up).await?;
-                continue;
-            }
+        let Some(job) = session.next_job().await? else {
+            return Ok(());
         };
+        let (client, worker_id) = (&mut session.client, session.worker_id);
         if job.measure.is_some() {
-            answer_measurement(&mut client, worker_id, &mut measured, job, None).await?;
+            answer_measurement(client, worker_id, &mut measured, job, None).await?;
             tally.measure_jobs += 1;
             continue;
         }
@@ -775,6 +753,62 @@ async fn noop_serve(
         tally.jobs += 1;
         if accepted {
             clock.record(n);
+        }
+    }
+}
+
+/// A protocol client of the bench's workers: connected and registered, re-registering
+/// when the coordinator has forgotten it.
+struct Session {
+    client: CoordinatorClient<tonic::transport::Channel>,
+    worker_id: u64,
+    name: String,
+    give_up: Instant,
+}
+
+impl Session {
+    /// Connects and registers, retrying for at most `patience`.
+    async fn start(url: &str, name: &str, patience: Duration) -> Result<Session, tonic::Status> {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let give_up = Instant::now() + patience;
+        let mut client = loop {
+            match endpoint.connect().await {
+                Ok(ch) => break CoordinatorClient::new(ch).max_decoding_message_size(256 << 20),
+                Err(e) if Instant::now() > give_up => {
+                    return Err(tonic::Status::unavailable(e.to_string()))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let worker_id = register(&mut client, name, give_up).await?;
+        Ok(Session {
+            client,
+            worker_id,
+            name: name.to_string(),
+            give_up,
+        })
+    }
+
+    /// The next job, polling through idle answers and registering again when told to;
+    /// `None` once the run is done.
+    async fn next_job(&mut self) -> Result<Option<ccq_proto::v1::Job>, tonic::Status> {
+        loop {
+            let poll = self
+                .client
+                .poll_job(PollJobRequest {
+                    worker_id: self.worker_id,
+                })
+                .await?
+                .into_inner();
+            match poll.reply {
+                Some(poll_job_response::Reply::Job(job)) => return Ok(Some(job)),
+                Some(poll_job_response::Reply::Idle(_)) | None => {}
+                Some(poll_job_response::Reply::Done(_)) => return Ok(None),
+                Some(poll_job_response::Reply::Unknown(_)) => {
+                    self.worker_id = register(&mut self.client, &self.name, self.give_up).await?;
+                }
+            }
         }
     }
 }

@@ -31,10 +31,7 @@ use ccq_common::fitness;
 use ccq_common::model::Normalization;
 use ccq_common::qnet::Targets;
 use ccq_common::quant::{Calibration, QuantConfig, WeightScale};
-use ccq_proto::v1::coordinator_client::CoordinatorClient;
-use ccq_proto::v1::{
-    poll_job_response, CandidateResult, PollJobRequest, SubmitResultRequest, SyncNetworkRequest,
-};
+use ccq_proto::v1::{CandidateResult, SubmitResultRequest, SyncNetworkRequest};
 use ccq_search::config::SearchConfig;
 use ccq_search::eda::EdaParams;
 use rand::{Rng, SeedableRng};
@@ -50,7 +47,7 @@ use ccq_coordinator::run::{self, RunOptions};
 use ccq_coordinator::Error;
 
 use super::host::{cpu_model, loadavg};
-use super::{made_up_result, register, Clock, ModelSpec};
+use super::{made_up_result, Clock, ModelSpec};
 
 /// Names the threads of the emulated workers' runtime, so their CPU time can be told
 /// apart from the coordinator's.
@@ -593,43 +590,20 @@ async fn emulated_serve(
     busy: &Busy,
     jobs: &mut u64,
 ) -> Result<(), tonic::Status> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-    let give_up = Instant::now() + Duration::from_secs(600);
-    let mut client = loop {
-        match endpoint.connect().await {
-            Ok(ch) => break CoordinatorClient::new(ch).max_decoding_message_size(256 << 20),
-            Err(e) if Instant::now() > give_up => {
-                return Err(tonic::Status::unavailable(e.to_string()))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
-    let mut worker_id = register(&mut client, name, give_up).await?;
+    let mut session = super::Session::start(url, name, Duration::from_secs(600)).await?;
     let mut have: Option<u64> = None;
     let mut measured: Option<u64> = None;
     let batch = SearchConfig::default().batch_size;
     loop {
-        let poll = client
-            .poll_job(PollJobRequest { worker_id })
-            .await?
-            .into_inner();
-        let job = match poll.reply {
-            Some(poll_job_response::Reply::Job(job)) => job,
-            Some(poll_job_response::Reply::Idle(_)) | None => continue,
-            Some(poll_job_response::Reply::Done(_)) => return Ok(()),
-            Some(poll_job_response::Reply::Unknown(_)) => {
-                worker_id = register(&mut client, name, give_up).await?;
-                continue;
-            }
+        let Some(job) = session.next_job().await? else {
+            return Ok(());
         };
+        let (client, worker_id) = (&mut session.client, session.worker_id);
         if let Some(m) = &job.measure {
             // A block of a measurement: one base forward per image.
             let secs = cost.fixed_secs + m.count as f64 * cost.base_per_image_secs;
             let wait = Duration::from_secs_f64(secs);
-            if super::answer_measurement(&mut client, worker_id, &mut measured, job, Some(wait))
-                .await?
-            {
+            if super::answer_measurement(client, worker_id, &mut measured, job, Some(wait)).await? {
                 busy.record(Instant::now(), secs, 0.0);
             }
             *jobs += 1;

@@ -247,6 +247,16 @@ impl Virtual {
         self.ask(|reply| Event::Submit { submission, reply }).await
     }
 
+    /// A worker's `SyncNetwork`: from `have` to `want` (None: the latest).
+    async fn sync(&self, have: Option<u64>, want: Option<u64>) -> Result<NetworkUpdate, Refusal> {
+        self.ask(|reply| Event::Sync {
+            have_version: have,
+            want_version: want,
+            reply,
+        })
+        .await
+    }
+
     async fn status(&self) -> RunStatus {
         self.ask(|reply| Event::Status { reply }).await
     }
@@ -265,6 +275,17 @@ impl Virtual {
     async fn stop(mut self) -> Result<Finished, crate::Error> {
         let _ = self.stop.take().unwrap().send(());
         self.run.await.unwrap()
+    }
+}
+
+/// The (version, codes) of a whole-network answer to a sync.
+fn codes(u: NetworkUpdate) -> (u64, Vec<i8>) {
+    match u {
+        NetworkUpdate::Full { version, network } => (
+            version,
+            QNetwork::from_bytes(&network, "test").unwrap().codes(),
+        ),
+        other => panic!("the whole network expected, got {other:?}"),
     }
 }
 
@@ -539,20 +560,7 @@ async fn a_measured_version_is_synced_as_it_was() {
     let real = std::time::Instant::now();
     let v = Virtual::start_measured(1, 16 * 40, 16, 16, 3);
     let (a, _) = v.register("a", None).await;
-    let sync = |have: Option<u64>, want: Option<u64>| {
-        v.ask(move |reply| Event::Sync {
-            have_version: have,
-            want_version: want,
-            reply,
-        })
-    };
-    let codes = |u: NetworkUpdate| match u {
-        NetworkUpdate::Full { version, network } => (
-            version,
-            QNetwork::from_bytes(&network, "test").unwrap().codes(),
-        ),
-        other => panic!("the whole network expected, got {other:?}"),
-    };
+    let sync = |have, want| v.sync(have, want);
     // Every version the training jobs name, as the latest network was then.
     let mut seen: std::collections::BTreeMap<u64, Vec<i8>> = Default::default();
     let block = loop {
@@ -622,23 +630,7 @@ async fn jobs_carry_the_changes_since_the_workers_previous_job() {
     let real = std::time::Instant::now();
     let v = Virtual::start(1, 16 * 30);
     let (a, _) = v.register("a", None).await;
-    let latest = || async {
-        match v
-            .ask(|reply| Event::Sync {
-                have_version: None,
-                want_version: None,
-                reply,
-            })
-            .await
-            .unwrap()
-        {
-            NetworkUpdate::Full { version, network } => (
-                version,
-                QNetwork::from_bytes(&network, "test").unwrap().codes(),
-            ),
-            other => panic!("{other:?}"),
-        }
-    };
+    let latest = || async { codes(v.sync(None, None).await.unwrap()) };
     let first = v.job(a).await;
     assert!(first.changes.is_none(), "nothing was sent before: it syncs");
     let (mut held, mut codes) = latest().await;

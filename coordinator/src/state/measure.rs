@@ -18,9 +18,9 @@ use super::State;
 use crate::checkpoint::{PendingEval, Phase};
 use crate::history::EvalPoint;
 
-/// The largest measurement block: a block is about a training job's share of the batch
+/// Bounds of a measurement block. A block is about a training job's share of the batch
 /// (`search.batch_size` over the shards), so a worker that takes one at the generation
-/// barrier holds the next generation back by little; at least this many images, so a
+/// barrier holds the next generation back by little; at least `MIN_BLOCK` images, so a
 /// measurement is not thousands of round trips.
 const MIN_BLOCK: usize = 16;
 const MAX_BLOCK: usize = 256;
