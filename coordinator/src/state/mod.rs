@@ -470,12 +470,12 @@ impl State {
     /// batch) and hands them out.
     fn launch(&mut self, generation: Generation) {
         let (total, shards) = (self.setup.search_len, self.setup.shards);
-        let workers = &self.workers;
+        let live = self.workers.live_per_shard();
         self.jobs.launch(
             generation,
             self.log.version(),
             |i| ccq_common::data::Shard::holding(i as usize, total, shards),
-            |s| workers.live_on(s),
+            |s| live[s],
         );
         self.dispatch();
     }

@@ -76,10 +76,7 @@ impl WorkerRegistry {
             // idle worker was moved to serve, not the one it left: otherwise it would go
             // back and be moved again, forever); then the lowest index.
             None => {
-                let mut live = vec![0usize; shards];
-                for w in self.workers.values() {
-                    live[w.shard] += 1;
-                }
+                let live = self.live_per_shard();
                 (0..shards)
                     .min_by_key(|&s| (live[s], !has_work(s), s))
                     .unwrap_or(0)
@@ -146,9 +143,13 @@ impl WorkerRegistry {
         self.seen
     }
 
-    /// Live workers serving `shard`.
-    pub fn live_on(&self, shard: usize) -> usize {
-        self.workers.values().filter(|w| w.shard == shard).count()
+    /// Live workers per shard, in one pass over the workers (not one per shard).
+    pub fn live_per_shard(&self) -> Vec<usize> {
+        let mut live = vec![0usize; self.shards];
+        for w in self.workers.values() {
+            live[w.shard] += 1;
+        }
+        live
     }
 
     /// Removes the workers not heard from for longer than three heartbeat intervals and
@@ -172,12 +173,8 @@ impl WorkerRegistry {
         if w.fixed_shard || has_work(w.shard) {
             return None;
         }
-        // One pass over the workers, not one per shard: this runs on every poll.
-        let mut served = vec![false; self.shards];
-        for w in self.workers.values() {
-            served[w.shard] = true;
-        }
-        (0..self.shards).find(|&s| has_work(s) && !served[s])
+        let live = self.live_per_shard();
+        (0..self.shards).find(|&s| has_work(s) && live[s] == 0)
     }
 }
 
