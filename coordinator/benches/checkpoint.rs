@@ -244,7 +244,8 @@ fn checkpoint_of(trainer: &Trainer, best: &[i8], cfg: &RunConfig) -> Checkpoint 
         trainer: trainer.snapshot(),
         state: LoopSnapshot {
             phase: Phase::Training,
-            generation: None,
+            in_flight_versions: Vec::new(),
+            recent_changes: Vec::new(),
             pending_evals: Vec::new(),
             history: vec![point.clone()],
             best: Some((best.to_vec(), point)),

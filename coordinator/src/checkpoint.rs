@@ -4,8 +4,9 @@
 //!
 //! What is saved: the trainer (current codes, every distribution, the cycle's group
 //! queue and the group in progress, both RNG stream positions, counters) and the event
-//! loop's run state (the generation in flight, which a resumed run evaluates again from
-//! scratch; validation/test measurements still running, with the codes they measure;
+//! loop's run state (the network versions the generations in flight were sampled against
+//! and the changes since the oldest of them, so that a resumed run evaluates those
+//! generations again from scratch on the same networks; validation/test measurements still running, with the codes they measure;
 //! history; the best network so far; the network version). What is not: workers, jobs and
 //! leases — a resumed coordinator starts with no workers, and they re-register.
 //!
@@ -34,15 +35,16 @@ use serde::{Deserialize, Serialize};
 use crate::config::RunConfig;
 use crate::history::EvalPoint;
 use crate::Error;
-use ccq_search::trainer::{Generation, TrainerSnapshot};
+use ccq_search::trainer::TrainerSnapshot;
 
 pub const FILE_NAME: &str = "checkpoint.ccqck";
 /// Bumped whenever the body's meaning changes; older files are refused, not guessed at.
 /// 1: JSON body, FNV-1a checksum. 2: postcard body, CRC32. 3: the trainer's snapshot
 /// carries the candidate awaiting confirmation (`search.acceptance = "confirm"`). 4: the
 /// run config's quant section has `weight_scale` (postcard is not self-describing: a new
-/// field moves every byte after it).
-pub const FORMAT_VERSION: u32 = 4;
+/// field moves every byte after it). 5: `search.window`: the trainer holds every
+/// generation in flight, the loop their networks' versions and the changes since.
+pub const FORMAT_VERSION: u32 = 5;
 const MAGIC: &str = "ccq-checkpoint";
 /// Room for the header line: `MAGIC`, the format, 20 digits of length, 8 of CRC.
 const MAX_HEADER: usize = 128;
@@ -104,8 +106,13 @@ pub struct PendingEval {
 #[serde(deny_unknown_fields)]
 pub struct LoopSnapshot {
     pub phase: Phase,
-    /// The generation being evaluated; a resumed run evaluates it again from scratch.
-    pub generation: Option<Generation>,
+    /// The network version each generation in flight (the trainer's, oldest first) was
+    /// sampled against; a resumed run evaluates them again from scratch.
+    pub in_flight_versions: Vec<u64>,
+    /// The network's changes from the oldest of those versions to `network_version`, one
+    /// list per version as (variable, code before, code after): what rebuilds the older
+    /// networks.
+    pub recent_changes: Vec<Vec<(u32, i8, i8)>>,
     pub pending_evals: Vec<PendingEval>,
     pub history: Vec<EvalPoint>,
     /// Codes of the best network by validation, and where it was measured.
@@ -121,13 +128,9 @@ pub struct LoopSnapshot {
 
 impl LoopSnapshot {
     /// Checks every part against the network it will be used with (`net`, already
-    /// restored) and the size of the search range, so that nothing is half-loaded.
-    pub fn check(
-        &self,
-        net: &ccq_common::qnet::QNetwork,
-        search_len: usize,
-        origin: &str,
-    ) -> Result<(), Error> {
+    /// restored), so that nothing is half-loaded. The generations in flight are the
+    /// trainer's, checked when it is restored.
+    pub fn check(&self, net: &ccq_common::qnet::QNetwork, origin: &str) -> Result<(), Error> {
         let bad = |reason: String| Error::Checkpoint {
             path: origin.to_string(),
             reason,
@@ -149,18 +152,49 @@ impl LoopSnapshot {
                 e.codes.len()
             )));
         }
-        if let Some(g) = &self.generation {
-            let fits = g.vars.iter().all(|&v| (v as usize) < n)
-                && !g.candidates.is_empty()
-                && g.candidates.iter().all(|c| c.len() == g.vars.len())
-                && g.images.iter().all(|&i| (i as usize) < search_len);
-            if !fits {
-                return Err(bad(format!(
-                    "state.generation {} does not fit the network and data",
-                    g.id
-                )));
-            }
+        let oldest = self
+            .network_version
+            .checked_sub(self.recent_changes.len() as u64)
+            .ok_or_else(|| {
+                bad(format!(
+                    "state.recent_changes holds {} versions before version {}",
+                    self.recent_changes.len(),
+                    self.network_version
+                ))
+            })?;
+        if let Some(v) =
+            (self.in_flight_versions.iter()).find(|&&v| v < oldest || v > self.network_version)
+        {
+            return Err(bad(format!(
+                "state.in_flight_versions names version {v}, outside {oldest}..={}",
+                self.network_version
+            )));
         }
+        if !self.in_flight_versions.is_sorted() {
+            return Err(bad("state.in_flight_versions is not in order".into()));
+        }
+        if let Some(&(v, ..)) = self
+            .recent_changes
+            .iter()
+            .flatten()
+            .find(|c| c.0 as usize >= n)
+        {
+            return Err(bad(format!(
+                "state.recent_changes names variable {v}, the network has {n}"
+            )));
+        }
+        // Undone from the current network, the changes must give codes in range.
+        let undo: Vec<(u32, i8)> = (self.recent_changes.iter().rev())
+            .flat_map(|e| e.iter().rev().map(|&(v, old, _)| (v, old)))
+            .collect();
+        let redo: Vec<(u32, i8)> = (self.recent_changes.iter().flatten())
+            .map(|&(v, _, new)| (v, new))
+            .collect();
+        let mut older = net.clone();
+        older
+            .apply_changes(&undo)
+            .and_then(|()| older.apply_changes(&redo))
+            .map_err(|e| bad(format!("state.recent_changes: {e}")))?;
         if self.phase == Phase::Done {
             return Err(bad("the run it belongs to is finished".into()));
         }
@@ -590,7 +624,6 @@ mod tests {
             500,
         )
         .unwrap();
-        let mut gen = None;
         for _ in 0..3 {
             let g = t.next_generation().unwrap().unwrap();
             let stats: Vec<_> = (0..g.candidates.len())
@@ -601,8 +634,9 @@ mod tests {
                 })
                 .collect();
             t.complete(&g, &stats).unwrap();
-            gen = Some(g);
         }
+        // One generation in flight, sampled against the current network.
+        t.next_generation().unwrap().unwrap();
         let point = EvalPoint {
             generation: 3,
             evaluations: 24,
@@ -633,7 +667,8 @@ mod tests {
             },
             state: LoopSnapshot {
                 phase: Phase::Training,
-                generation: gen,
+                in_flight_versions: vec![2],
+                recent_changes: vec![vec![(0, 0, 0)], vec![(1, 0, 0), (2, 0, 0)]],
                 pending_evals: Vec::new(),
                 history: vec![point.clone()],
                 best: Some((t.network().codes(), point)),
@@ -898,18 +933,14 @@ mod tests {
     #[test]
     fn loop_snapshots_that_do_not_fit_are_refused_naming_the_field() {
         let (ck, net) = sample();
-        let len = ck.search_len;
-        ck.state.check(&net, len, "ck").unwrap();
+        ck.state.check(&net, "ck").unwrap();
         let n = net.num_vars();
-        let refused = |f: &dyn Fn(&mut LoopSnapshot), len: usize| {
+        let refused = |f: &dyn Fn(&mut LoopSnapshot)| {
             let mut s = ck.state.clone();
             f(&mut s);
-            reason(s.check(&net, len, "ck").map(|_| ck.clone()))
+            reason(s.check(&net, "ck").map(|_| ck.clone()))
         };
-        let r = refused(
-            &|s| s.best.as_mut().unwrap().0.pop().map(|_| ()).unwrap(),
-            len,
-        );
+        let r = refused(&|s| s.best.as_mut().unwrap().0.pop().map(|_| ()).unwrap());
         assert!(
             r.contains(&format!(
                 "state.best holds {} codes, the network has {n}",
@@ -917,59 +948,68 @@ mod tests {
             )),
             "{r}"
         );
-        let r = refused(&|s| s.best.as_mut().unwrap().0[0] = 100, len);
+        let r = refused(&|s| s.best.as_mut().unwrap().0[0] = 100);
         assert!(r.starts_with("state.best: "), "a code out of range: {r}");
-        let r = refused(
-            &|s| {
-                s.pending_evals.push(PendingEval {
-                    point: s.history[0].clone(),
-                    is_final: false,
-                    codes: vec![0; n + 1],
-                })
-            },
-            len,
-        );
+        let r = refused(&|s| {
+            s.pending_evals.push(PendingEval {
+                point: s.history[0].clone(),
+                is_final: false,
+                codes: vec![0; n + 1],
+            })
+        });
         assert!(
             r.contains("state.pending_evals (generation 3) holds"),
             "{r}"
         );
-        let g = ck.state.generation.clone().unwrap();
-        let gen_refused = |f: &dyn Fn(&mut Generation), len: usize| {
-            refused(&|s| f(s.generation.as_mut().unwrap()), len)
-        };
-        for (what, r) in [
+        let codes = net.codes();
+        for (what, f, expect) in [
+            (
+                "a version after the network's",
+                (&|s: &mut LoopSnapshot| s.in_flight_versions[0] = 3) as &dyn Fn(&mut LoopSnapshot),
+                "state.in_flight_versions names version 3, outside 0..=2",
+            ),
+            (
+                "a version older than the changes reach",
+                &|s| s.recent_changes.pop().map(|_| ()).unwrap(),
+                "state.in_flight_versions names version 0, outside 1..=2",
+            ),
+            (
+                "more changes than versions",
+                &|s| s.recent_changes.extend([vec![], vec![]]),
+                "state.recent_changes holds 4 versions before version 2",
+            ),
+            (
+                "versions out of order",
+                &|s| s.in_flight_versions = vec![2, 1],
+                "state.in_flight_versions is not in order",
+            ),
             (
                 "a variable past the network",
-                gen_refused(&|g| g.vars[0] = n as u32, len),
-            ),
-            ("no candidates", gen_refused(&|g| g.candidates.clear(), len)),
-            (
-                "a short candidate",
-                gen_refused(&|g| g.candidates[1].pop().map(|_| ()).unwrap(), len),
+                &|s| s.recent_changes[1][0].0 = n as u32,
+                "state.recent_changes names variable",
             ),
             (
-                "an image past the data",
-                gen_refused(&|g| g.images[0] = len as u64, len),
-            ),
-            (
-                "less data than its images",
-                gen_refused(&|_| (), *g.images.iter().max().unwrap() as usize),
+                "a code out of range",
+                &|s| s.recent_changes[1][0].1 = 100,
+                "state.recent_changes: ",
             ),
         ] {
-            assert!(
-                r.contains(&format!("state.generation {} does not fit", g.id)),
-                "{what}: {r}"
-            );
+            let r = refused(&|s| {
+                s.in_flight_versions = vec![0];
+                for e in s.recent_changes.iter_mut().flatten() {
+                    (e.1, e.2) = (codes[e.0 as usize], codes[e.0 as usize]);
+                }
+                f(s)
+            });
+            assert!(r.contains(expect), "{what}: {r}");
         }
-        // Data just large enough for the batch's largest index is fine.
-        let enough = *g.images.iter().max().unwrap() as usize + 1;
-        ck.state.check(&net, enough, "ck").unwrap();
-        let r = refused(&|s| s.phase = Phase::Done, len);
+        let r = refused(&|s| s.phase = Phase::Done);
         assert!(r.contains("is finished"), "{r}");
-        // Nothing about the generation, evals or best is required.
+        // Nothing about generations in flight, evals or best is required.
         let mut bare = ck.state.clone();
-        (bare.best, bare.generation) = (None, None);
-        bare.check(&net, len, "ck").unwrap();
+        bare.best = None;
+        (bare.in_flight_versions, bare.recent_changes) = (Vec::new(), Vec::new());
+        bare.check(&net, "ck").unwrap();
     }
 
     #[test]

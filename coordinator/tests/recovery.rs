@@ -17,11 +17,17 @@ use support::{
 /// 750 generations of 8 candidates over 2 shards, measured every 25 generations and
 /// checkpointed every 10: long enough to be interrupted many times.
 fn write_config(dir: &Path, name: &str, model: &Path) -> PathBuf {
-    write_config_with(dir, name, model, "loss")
+    write_config_with(dir, name, model, "loss", 1)
 }
 
-/// [`write_config`] with `search.fitness = fitness`.
-fn write_config_with(dir: &Path, name: &str, model: &Path, fitness: &str) -> PathBuf {
+/// [`write_config`] with `search.fitness = fitness` and `search.window = window`.
+fn write_config_with(
+    dir: &Path,
+    name: &str,
+    model: &Path,
+    fitness: &str,
+    window: usize,
+) -> PathBuf {
     let config = dir.join(name);
     std::fs::write(
         &config,
@@ -29,7 +35,7 @@ fn write_config_with(dir: &Path, name: &str, model: &Path, fitness: &str) -> Pat
             "seed = 5\nout = \"{}\"\n[model]\nonnx = \"{}\"\nmean = [0.13]\nstd = [0.31]\n\
              [data]\nsource = \"mnist:{}\"\nvalidation = 100\n[quant]\nweight_bits = 2\n\
              calib_images = 64\n[eda]\npopulation = 8\ngroup_size = 32\n\
-             [search]\nbatch_size = 64\nfitness = \"{fitness}\"\n[budget]\nevaluations = 6000\n\
+             [search]\nbatch_size = 64\nfitness = \"{fitness}\"\nwindow = {window}\n[budget]\nevaluations = 6000\n\
              [eval]\nevery_generations = 25\nthreads = 1\n\
              [cluster]\nshards = 2\nheartbeat_ms = 100\n\
              [checkpoint]\nevery_generations = 10\nevery_secs = 0\n",
@@ -82,18 +88,26 @@ fn outcome(out: &Path) -> Outcome {
 /// The undisturbed run (two in-process workers), computed once per test binary.
 fn reference() -> &'static Outcome {
     static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
-    &REF.get_or_init(|| undisturbed("loss")).1
+    &REF.get_or_init(|| undisturbed("loss", 1)).1
 }
 
 /// The undisturbed run with the distillation fitness.
 fn reference_distill() -> &'static Outcome {
     static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
-    &REF.get_or_init(|| undisturbed("distill")).1
+    &REF.get_or_init(|| undisturbed("distill", 1)).1
 }
 
-fn undisturbed(fitness: &str) -> (tempfile::TempDir, Outcome) {
+/// The undisturbed run with eight generations in flight (`search.window = 8`).
+fn reference_windowed() -> &'static Outcome {
+    static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
+    &REF.get_or_init(|| undisturbed("loss", WINDOW)).1
+}
+
+const WINDOW: usize = 8;
+
+fn undisturbed(fitness: &str, window: usize) -> (tempfile::TempDir, Outcome) {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with(dir.path(), "ref.toml", &fixture_model(), fitness);
+    let config = write_config_with(dir.path(), "ref.toml", &fixture_model(), fitness, window);
     let out = dir.path().join("ref");
     let o = Command::new(coordinator())
         .args(["run", "--config"])
@@ -147,13 +161,32 @@ fn spawn_coordinator(args: &[&str], config: Option<&Path>, addr: &str) -> Killed
 
 #[test]
 fn workers_killed_and_restarted_at_random_moments_change_nothing() {
-    let expected = reference();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "run.toml", &fixture_model());
-    let out = dir.path().join("run");
+    kill_workers_at_random_moments(reference(), &config, &dir.path().join("run"));
+}
+
+/// The same with a window of generations in flight: jobs of several generations are lost
+/// mid-flight, results come back in another order, and the run still ends identical.
+#[test]
+fn a_windowed_run_with_workers_killed_changes_nothing() {
+    let expected = reference_windowed();
+    assert_ne!(
+        expected.history,
+        reference().history,
+        "a window searches differently"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), "loss", WINDOW);
+    kill_workers_at_random_moments(expected, &config, &dir.path().join("run"));
+}
+
+/// Runs `config` in `out` with three separate workers, SIGKILLs a random one at six
+/// random moments and starts a fresh one in its place; the run must end as `expected`.
+fn kill_workers_at_random_moments(expected: &Outcome, config: &Path, out: &Path) {
     let addr = free_addr().to_string();
     let mut workers: Vec<Killed> = (0..3).map(|_| spawn_worker(&addr)).collect();
-    let mut coord = spawn_coordinator(&["--out", out.to_str().unwrap()], Some(&config), &addr);
+    let mut coord = spawn_coordinator(&["--out", out.to_str().unwrap()], Some(config), &addr);
 
     // Random moments, drawn from a fixed seed so a failure can be replayed: after these
     // generations, SIGKILL a random worker (jobs it held are lost mid-flight) and start
@@ -183,7 +216,7 @@ fn workers_killed_and_restarted_at_random_moments_change_nothing() {
         finishes(&mut coord, 180),
         "the disturbed run did not finish"
     );
-    let got = outcome(&out);
+    let got = outcome(out);
     assert_eq!(got.evaluations, expected.evaluations);
     assert_eq!(
         got.history, expected.history,
@@ -308,7 +341,7 @@ fn a_distillation_run_killed_and_resumed_ends_identical() {
         "the distillation fitness searches differently"
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), "distill");
+    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), "distill", 1);
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap().to_string();
     let addr = free_addr().to_string();
@@ -336,4 +369,42 @@ fn a_distillation_run_killed_and_resumed_ends_identical() {
         "removed with the checkpoint at the end"
     );
     assert!(teacher.starts_with(b"ccq-teacher 1 "));
+}
+
+/// A windowed run: the coordinator is killed with generations in flight, and the resumed
+/// one evaluates them again on the networks they were sampled against (rebuilt from the
+/// checkpoint's recent changes) and ends exactly as the undisturbed run.
+#[test]
+fn a_windowed_run_killed_and_resumed_ends_identical() {
+    let expected = reference_windowed();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), "loss", WINDOW);
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap().to_string();
+    let addr = free_addr().to_string();
+    let workers = start_and_kill_mid_run(&config, &out_s, &addr);
+    let ck = ccq_coordinator::checkpoint::Checkpoint::load(&out).unwrap();
+    let in_flight = ck.trainer.in_flight.len();
+    assert!(
+        (2..=WINDOW).contains(&in_flight),
+        "taken with generations in flight: {in_flight}"
+    );
+    assert_eq!(ck.state.in_flight_versions.len(), in_flight);
+
+    let mut resumed = spawn_coordinator(&["--resume", &out_s], None, &addr);
+    assert!(
+        finishes(&mut resumed, 180),
+        "the resumed run did not finish"
+    );
+    assert_workers_leave(workers);
+    let got = outcome(&out);
+    assert_eq!(
+        got.history, expected.history,
+        "history differs from the uninterrupted run"
+    );
+    assert!(
+        got.model == expected.model,
+        "the final network differs from the uninterrupted run"
+    );
+    assert!(got.resumed_from_generation.is_some());
 }

@@ -15,7 +15,10 @@ pub mod process;
 /// 4: measurement jobs (`Job.measure`) and `SyncNetworkRequest.want_version`: the
 /// coordinator no longer measures validation and test accuracy itself; training jobs
 /// carry the network changes since the worker's last job (`Job.changes`).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: `search.window`: a training job's `network_version` may be older than the latest
+/// (or than the worker's), and the worker asks for exactly that version
+/// (`SyncNetworkRequest.want_version`); change lists may go back as well as forward.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Request metadata key carrying the cluster token, as `Bearer <token>`.
 pub const TOKEN_METADATA: &str = "authorization";

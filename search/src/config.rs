@@ -124,6 +124,14 @@ pub struct SearchConfig {
     /// code range) and search on, instead of ending the search. Over restarts a code can
     /// move further than `eda.radius` from round-to-nearest.
     pub restarts: bool,
+    /// Generations in flight at once (windowed cooperative coevolution). Generation `g`
+    /// is created when generation `g - window` has been merged and samples against the
+    /// network as it was then; results merge strictly in generation order, and a cycle's
+    /// end waits for every generation in flight. 1 is the sequential algorithm. The result
+    /// depends on the config, the seed and the window only, never on the number of
+    /// workers or the order their answers arrive in; a larger window keeps more workers
+    /// busy at the cost of searching against a network up to `window - 1` merges old.
+    pub window: usize,
 }
 
 impl Default for SearchConfig {
@@ -137,6 +145,7 @@ impl Default for SearchConfig {
             temperature: 1.0,
             acceptance: Acceptance::Batch,
             restarts: false,
+            window: 1,
         }
     }
 }
@@ -164,9 +173,28 @@ impl SearchConfig {
                 "must be a positive number",
             ));
         }
+        if !(1..=MAX_WINDOW).contains(&self.window) {
+            return Err(Error::setting(
+                "search.window",
+                self.window,
+                format!("must be between 1 and {MAX_WINDOW}"),
+            ));
+        }
+        if self.window > 1 && self.acceptance == Acceptance::Confirm {
+            return Err(Error::setting(
+                "search.window",
+                self.window,
+                "must be 1 with search.acceptance = \"confirm\" (a confirmation waits for \
+                 the generation before it)",
+            ));
+        }
         Ok(())
     }
 }
+
+/// The largest `search.window`: beyond it the searched network is too stale to matter,
+/// and a checkpoint holds every generation in flight.
+pub const MAX_WINDOW: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -222,6 +250,28 @@ mod tests {
                 "search.temperature",
                 SearchConfig {
                     temperature: f32::NAN,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.window",
+                SearchConfig {
+                    window: 0,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.window",
+                SearchConfig {
+                    window: MAX_WINDOW + 1,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.window",
+                SearchConfig {
+                    window: 2,
+                    acceptance: Acceptance::Confirm,
                     ..one.clone()
                 },
             ),

@@ -14,6 +14,7 @@
 //! update, freezing, adoption. `hill` draws local moves each generation and only adopts;
 //! `rtn` has no generations at all.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use ccq_common::qnet::{EvalStats, QNetwork};
@@ -47,6 +48,9 @@ pub struct Outcome {
     pub adopted: bool,
     /// Variables set in the global network, by adoption and by freezing.
     pub changes: Vec<(u32, i8)>,
+    /// The code each of `changes` replaced, in the same order (what takes a network
+    /// back to the version before this generation).
+    pub replaced: Vec<i8>,
     /// Mean cross-entropy of the best candidate on the batch.
     pub best_loss: f64,
     /// Its top-1 on the batch, percent.
@@ -89,6 +93,10 @@ pub struct TrainerSnapshot {
     /// A candidate waiting for its confirmation (`search.acceptance = "confirm"`).
     #[serde(default)]
     pub pending: Option<Pending>,
+    /// The generations handed out and not merged yet, oldest first (`search.window`); a
+    /// resumed run evaluates them again.
+    #[serde(default)]
+    pub in_flight: Vec<Generation>,
 }
 
 /// A candidate that beat the context on its batch and waits to be confirmed on a fresh
@@ -174,6 +182,8 @@ pub struct Trainer {
     progress: Progress,
     /// The candidate the next generation confirms or rejects.
     pending: Option<Pending>,
+    /// Generations handed out and not merged yet, oldest first: at most `search.window`.
+    in_flight: VecDeque<Generation>,
 }
 
 impl Trainer {
@@ -206,6 +216,7 @@ impl Trainer {
             current: None,
             progress: Progress::default(),
             pending: None,
+            in_flight: VecDeque::new(),
         })
     }
 
@@ -223,6 +234,7 @@ impl Trainer {
             current: self.current.clone(),
             progress: self.progress,
             pending: self.pending.clone(),
+            in_flight: self.in_flight.iter().cloned().collect(),
         }
     }
 
@@ -288,6 +300,48 @@ impl Trainer {
                 }
             }
         }
+        for (k, g) in snap.in_flight.iter().enumerate() {
+            let field = format!("in_flight[{k}]");
+            if g.id != snap.progress.generations + k as u64 {
+                return Err(bad(
+                    &field,
+                    format!(
+                        "is generation {}, expected {} (generations merge in order)",
+                        g.id,
+                        snap.progress.generations + k as u64
+                    ),
+                ));
+            }
+            if let Some(&v) = g.vars.iter().find(|&&v| v as usize >= n) {
+                return Err(bad(&field, format!("names variable {v} of {n}")));
+            }
+            if let Some(&i) = g.images.iter().find(|&&i| i >= search_len as u64) {
+                return Err(bad(
+                    &field,
+                    format!("names image {i} of the {search_len} searched"),
+                ));
+            }
+            for c in &g.candidates {
+                if c.len() != g.vars.len() {
+                    return Err(bad(
+                        &field,
+                        format!(
+                            "a candidate has {} codes for {} variables",
+                            c.len(),
+                            g.vars.len()
+                        ),
+                    ));
+                }
+                for (&v, &code) in g.vars.iter().zip(c) {
+                    if !snap.eda.allowed_values(v as usize).contains(&code) {
+                        return Err(bad(
+                            &field,
+                            format!("variable {v} has code {code}, outside its allowed range"),
+                        ));
+                    }
+                }
+            }
+        }
         let pos = |field: &str, s: &str| {
             s.parse::<u128>()
                 .map_err(|_| bad(field, format!("{s:?} is not a stream position")))
@@ -315,6 +369,7 @@ impl Trainer {
             current: snap.current,
             progress: snap.progress,
             pending: snap.pending,
+            in_flight: snap.in_flight.into(),
         })
     }
 
@@ -331,14 +386,42 @@ impl Trainer {
         self.search.strategy
     }
 
-    /// The layer of the group in progress, if any.
+    /// The layer of the group in progress (or of the newest generation in flight), if any.
     pub fn current_layer(&self) -> Option<u32> {
-        self.current.as_ref().map(|(g, _)| g.layer)
+        (self.current.as_ref().map(|(g, _)| g.layer))
+            .or_else(|| self.in_flight.back().map(|g| g.layer))
     }
 
-    /// The next generation, or `None` when there is nothing left to search: every
-    /// variable is frozen, or the strategy is `rtn`.
+    /// The generations handed out and not merged yet, oldest first.
+    pub fn in_flight(&self) -> &VecDeque<Generation> {
+        &self.in_flight
+    }
+
+    /// Evaluations of the generations in flight: what budgets count once they merge.
+    pub fn in_flight_evaluations(&self) -> u64 {
+        self.in_flight
+            .iter()
+            .map(|g| g.candidates.len() as u64)
+            .sum()
+    }
+
+    /// The next generation, or `None` when none can start now: the window is full, a
+    /// cycle ends and waits for the generations in flight, or — with nothing in flight —
+    /// there is nothing left to search (every variable is frozen, or the strategy is
+    /// `rtn`). The generation is in flight until [`Trainer::complete`] merges it.
     pub fn next_generation(&mut self) -> Result<Option<Generation>, Error> {
+        if self.in_flight.len() >= self.search.window {
+            return Ok(None);
+        }
+        let generation = self.draw_generation()?;
+        if let Some(g) = &generation {
+            self.in_flight.push_back(g.clone());
+        }
+        Ok(generation)
+    }
+
+    fn draw_generation(&mut self) -> Result<Option<Generation>, Error> {
+        let id = self.progress.generations + self.in_flight.len() as u64;
         if let Some(p) = &self.pending {
             // The context and the pending candidate, on a fresh batch. The pending
             // candidate stays set until `complete` decides, so that a snapshot taken
@@ -347,7 +430,7 @@ impl Trainer {
             let (vars, codes, layer) = (p.vars.clone(), p.codes.clone(), p.layer);
             let images = self.draw_batch();
             return Ok(Some(Generation {
-                id: self.progress.generations,
+                id,
                 images,
                 vars,
                 candidates: vec![context, codes],
@@ -365,7 +448,7 @@ impl Trainer {
                     &mut self.sample_rng,
                 )?;
                 return Ok(Some(Generation {
-                    id: self.progress.generations,
+                    id,
                     images,
                     vars: group.vars,
                     candidates,
@@ -376,6 +459,10 @@ impl Trainer {
         }
         if self.current.is_none() {
             if self.queue.is_empty() {
+                if !self.in_flight.is_empty() {
+                    // A new cycle's groups are formed from every generation's results.
+                    return Ok(None);
+                }
                 if self.progress.groups > 0 {
                     self.progress.cycles += 1;
                 }
@@ -396,17 +483,25 @@ impl Trainer {
             self.current = Some((g, 0));
         }
         let images = self.draw_batch();
-        let (group, _) = self.current.as_ref().expect("a group is in progress");
+        let (group, issued) = self.current.as_mut().expect("a group is in progress");
         let candidates = self
             .eda
             .sample(&group.vars, &self.codes, &mut self.sample_rng)?;
-        Ok(Some(Generation {
-            id: self.progress.generations,
+        let generation = Generation {
+            id,
             images,
             vars: group.vars.clone(),
             candidates,
             layer: group.layer,
-        }))
+        };
+        // A group's generations are counted as they are handed out, so that with a window
+        // the next group starts while the last ones of this group are in flight.
+        *issued += 1;
+        if *issued >= self.search.generations_per_group {
+            self.current = None;
+            self.progress.groups += 1;
+        }
+        Ok(Some(generation))
     }
 
     /// The next cycle's groups of free variables, as the strategy forms them.
@@ -432,24 +527,34 @@ impl Trainer {
     }
 
     /// Selection, distribution update, adoption and freezing for a generation whose
-    /// candidates scored `stats` (summed over the whole batch, in candidate order).
+    /// candidates scored `stats` (summed over the whole batch, in candidate order). It
+    /// must be the oldest generation in flight: generations merge in order. Refused
+    /// results change nothing.
     pub fn complete(
         &mut self,
         generation: &Generation,
         stats: &[EvalStats],
     ) -> Result<Outcome, Error> {
-        let n = generation.candidates.len();
-        if stats.len() != n
-            || stats
-                .iter()
-                .any(|s| s.images != generation.images.len() as u64)
+        // Checked against the generation as it was handed out: refused results change
+        // nothing.
+        let Some(out) = self.in_flight.front().filter(|g| g.id == generation.id) else {
+            return Err(Error::Results(format!(
+                "generation {} completed, but the oldest in flight is {}",
+                generation.id,
+                (self.in_flight.front()).map_or_else(|| "none".to_string(), |g| g.id.to_string())
+            )));
+        };
+        let n = out.candidates.len();
+        if generation.candidates.len() != n
+            || stats.len() != n
+            || stats.iter().any(|s| s.images != out.images.len() as u64)
         {
             return Err(Error::Results(format!(
                 "generation {} got {} results over {:?} images for {n} candidates of {} images",
                 generation.id,
                 stats.len(),
                 stats.iter().map(|s| s.images).collect::<Vec<_>>(),
-                generation.images.len()
+                out.images.len()
             )));
         }
         let fitness = self.search.fitness;
@@ -464,6 +569,8 @@ impl Trainer {
         if self.pending.is_some() {
             return self.confirm(stats, n, key);
         }
+        let generation = self.in_flight.pop_front().expect("checked above");
+        let generation = &generation;
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| key(i));
         let k = self.eda.params().top_k.min(n);
@@ -477,9 +584,13 @@ impl Trainer {
         let adopted = wins && !confirm;
 
         let mut changes = Vec::new();
+        let mut replaced = Vec::new();
         if adopted {
             for (&v, &c) in generation.vars.iter().zip(&generation.candidates[best]) {
-                if self.codes[v as usize] != c {
+                // A variable that froze while this generation was in flight (a window) keeps
+                // its pinned mode; with no window a frozen variable's candidates hold it.
+                if self.codes[v as usize] != c && !self.eda.is_frozen(v as usize) {
+                    replaced.push(self.codes[v as usize]);
                     self.codes[v as usize] = c;
                     changes.push((v, c));
                 }
@@ -493,9 +604,17 @@ impl Trainer {
         for v in frozen {
             let mode = self.eda.mode(v as usize);
             if self.codes[v as usize] != mode {
+                // Adopted and then pinned: one change, from the code before adoption.
+                let old = match changes.iter().position(|&(x, _)| x == v) {
+                    Some(k) => {
+                        changes.remove(k);
+                        replaced.remove(k)
+                    }
+                    None => self.codes[v as usize],
+                };
                 self.codes[v as usize] = mode;
-                changes.retain(|&(x, _)| x != v);
                 changes.push((v, mode));
+                replaced.push(old);
             }
         }
         if !changes.is_empty() {
@@ -525,17 +644,11 @@ impl Trainer {
         self.progress.generations += 1;
         self.progress.evaluations += n as u64;
         self.progress.adoptions += adopted as u64;
-        if let Some((_, done)) = self.current.as_mut() {
-            *done += 1;
-            if *done >= self.search.generations_per_group {
-                self.current = None;
-                self.progress.groups += 1;
-            }
-        }
         let s = &stats[best];
         Ok(Outcome {
             adopted,
             changes,
+            replaced,
             best_loss: s.mean_loss(),
             best_top1: s.top1(),
         })
@@ -556,16 +669,19 @@ impl Trainer {
                 "confirmation generation got {n} candidates, expected 2"
             )));
         }
+        self.in_flight.pop_front();
         let p = self
             .pending
             .take()
             .expect("a confirmation has a pending candidate");
         let adopted = key(1) < key(0);
         let mut changes = Vec::new();
+        let mut replaced = Vec::new();
         if adopted {
             for (&v, &c) in p.vars.iter().zip(&p.codes) {
                 // A variable frozen since is pinned at its mode.
                 if self.codes[v as usize] != c && !self.eda.is_frozen(v as usize) {
+                    replaced.push(self.codes[v as usize]);
                     self.codes[v as usize] = c;
                     changes.push((v, c));
                 }
@@ -579,6 +695,7 @@ impl Trainer {
         Ok(Outcome {
             adopted,
             changes,
+            replaced,
             best_loss: s.mean_loss(),
             best_top1: s.top1(),
         })
@@ -876,7 +993,9 @@ mod tests {
 
         // cc-random: same seed, same groups; another seed, other groups.
         let groups = |seed| {
-            let (eda, search) = small_search(Strategy::CcRandom);
+            let (eda, mut search) = small_search(Strategy::CcRandom);
+            // Eight generations handed out without results.
+            search.window = 8;
             let mut t = Trainer::new(net.clone(), eda, search, seed, labels.len()).unwrap();
             (0..8)
                 .map(|_| t.next_generation().unwrap().unwrap().vars)

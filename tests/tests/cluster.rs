@@ -10,45 +10,57 @@ use ccq_tests::{spawn_cluster, tiny_config, write_tiny_mnist};
 
 /// The same seed gives a byte-identical network and identical history whether one worker
 /// holds all the data, three workers hold a third each, or three workers share one shard
-/// (the coordinator then spreads each generation's candidates across them).
+/// (the coordinator then spreads each generation's candidates across them) — with one
+/// generation at a time and with eight in flight (`search.window`), where results arrive
+/// in any order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_and_three_workers_train_the_identical_network() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_mnist(dir.path(), 700, 120, 1);
-    let mut models = Vec::new();
-    let mut histories = Vec::new();
-    for (workers, shards) in [(1, None), (3, None), (3, Some(1))] {
-        let out = dir.path().join(format!("run-{workers}-{shards:?}"));
-        let mut cfg = tiny_config(dir.path(), &out, 320);
-        cfg.cluster.shards = shards;
-        let report = spawn_cluster(cfg, workers).await.finish().await;
-        assert_eq!(report.evaluations, 320);
-        assert!(report.workers_seen >= workers as u64);
-        models.push(std::fs::read(out.join("model.ccq")).unwrap());
-        let h: Vec<_> = report
-            .history
-            .iter()
-            .map(|p| {
-                (
-                    p.generation,
-                    p.evaluations,
-                    p.best_fitness.map(f64::to_bits),
-                    p.val_top1.to_bits(),
-                    p.network_version,
-                )
-            })
-            .collect();
-        assert!(h.len() > 10, "one history row per generation");
-        histories.push(h);
+    let mut by_window = Vec::new();
+    for window in [1, 8] {
+        let mut models = Vec::new();
+        let mut histories = Vec::new();
+        for (workers, shards) in [(1, None), (3, None), (3, Some(1))] {
+            let out = dir
+                .path()
+                .join(format!("run-{window}-{workers}-{shards:?}"));
+            let mut cfg = tiny_config(dir.path(), &out, 320);
+            cfg.cluster.shards = shards;
+            cfg.search.window = window;
+            let report = spawn_cluster(cfg, workers).await.finish().await;
+            assert_eq!(report.evaluations, 320);
+            assert!(report.workers_seen >= workers as u64);
+            models.push(std::fs::read(out.join("model.ccq")).unwrap());
+            let h: Vec<_> = report
+                .history
+                .iter()
+                .map(|p| {
+                    (
+                        p.generation,
+                        p.evaluations,
+                        p.best_fitness.map(f64::to_bits),
+                        p.val_top1.to_bits(),
+                        p.network_version,
+                    )
+                })
+                .collect();
+            assert!(h.len() > 10, "one history row per generation");
+            histories.push(h);
+        }
+        for k in 1..3 {
+            assert_eq!(
+                histories[0], histories[k],
+                "window {window}: history depends on the number of workers"
+            );
+            assert!(
+                models[0] == models[k],
+                "window {window}: model.ccq depends on the number of workers"
+            );
+        }
+        by_window.push(histories.swap_remove(0));
     }
-    assert_eq!(
-        histories[0], histories[1],
-        "history depends on the number of workers"
-    );
-    assert!(
-        models[0] == models[1],
-        "model.ccq depends on the number of workers"
-    );
+    assert_ne!(by_window[0], by_window[1], "a window searches differently");
 }
 
 /// Every generation's best fitness, as the cluster summed it from its shards, equals a

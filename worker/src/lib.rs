@@ -392,7 +392,9 @@ async fn evaluate(
             *have = job.network_version;
         }
     }
-    if !sync_network(client, worker_id, &mut local.net, job.network_version, None).await? {
+    // The generation's own network, which with a window may be older than the latest.
+    let version = job.network_version;
+    if !sync_network(client, worker_id, &mut local.net, version).await? {
         // The job belongs to a generation that is already over; its result would be refused.
         debug!(job = job.job_id, "skipping a stale job");
         return Ok(None);
@@ -481,15 +483,7 @@ async fn measure(
     if matches!(&local.measured, Some((v, _)) if *v > version) {
         local.measured = None;
     }
-    if !sync_network(
-        client,
-        worker_id,
-        &mut local.measured,
-        version,
-        Some(version),
-    )
-    .await?
-    {
+    if !sync_network(client, worker_id, &mut local.measured, version).await? {
         debug!(job = job_id, "skipping a measurement that is over");
         return Ok(None);
     }
@@ -534,14 +528,14 @@ async fn measure(
     )))
 }
 
-/// Brings `slot` to version `want`: the latest network (`target` None) or an older one a
-/// measurement names (`target` Some). True when `slot` then holds `want`.
+/// Brings `slot` to version `want`, which may be older than the latest (a generation's
+/// in a window, or a measurement's). True when `slot` then holds `want`; false when the
+/// coordinator no longer has that version (it sends the latest instead).
 async fn sync_network(
     client: &mut Client,
     worker_id: u64,
     slot: &mut Option<(u64, QNetwork)>,
     want: u64,
-    target: Option<u64>,
 ) -> Result<bool, Error> {
     if matches!(slot, Some((v, _)) if *v == want) {
         return Ok(true);
@@ -551,7 +545,7 @@ async fn sync_network(
         .sync_network(SyncNetworkRequest {
             worker_id,
             have_version: have,
-            want_version: target,
+            want_version: Some(want),
         })
         .await?
         .into_inner();

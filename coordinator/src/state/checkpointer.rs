@@ -8,7 +8,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::changelog::ChangeLog;
+use super::changelog::{Change, ChangeLog};
 use super::{LastGeneration, State};
 use crate::checkpoint::{Checkpoint, LoopSnapshot, Phase};
 use crate::config::CheckpointConfig;
@@ -89,9 +89,20 @@ impl State {
     /// The loop's state for a checkpoint.
     pub fn snapshot(&self) -> LoopSnapshot {
         let (history, best) = self.history.clone().into_parts();
+        let in_flight_versions = self.jobs.in_flight_versions();
+        let oldest = in_flight_versions
+            .first()
+            .copied()
+            .unwrap_or(self.version());
+        let recent_changes = (self.log.entries_since(oldest))
+            .expect("the log keeps the networks of the generations in flight")
+            .into_iter()
+            .map(|e| e.into_iter().map(|c| (c.var, c.old, c.new)).collect())
+            .collect();
         LoopSnapshot {
             phase: self.phase,
-            generation: self.jobs.generation().cloned(),
+            in_flight_versions,
+            recent_changes,
             pending_evals: self.measurements.running(),
             history,
             best,
@@ -108,10 +119,27 @@ impl State {
     /// Takes over a checkpoint's loop state (the trainer was restored already). Every
     /// part is checked against the network first; nothing is changed on error.
     pub fn restore(&mut self, snap: LoopSnapshot, origin: &str) -> Result<(), crate::Error> {
-        snap.check(self.trainer.network(), self.setup.search_len, origin)?;
+        snap.check(self.trainer.network(), origin)?;
+        let in_flight = self.trainer.in_flight().len();
+        if snap.in_flight_versions.len() != in_flight {
+            return Err(crate::Error::Checkpoint {
+                path: origin.to_string(),
+                reason: format!(
+                    "state.in_flight_versions names {} versions for the trainer's {in_flight} generations in flight",
+                    snap.in_flight_versions.len()
+                ),
+            });
+        }
         self.phase = snap.phase;
         self.history = History::restore(snap.history, snap.best);
-        self.log = ChangeLog::starting_at(snap.network_version);
+        let entries = (snap.recent_changes.into_iter())
+            .map(|e| {
+                (e.into_iter()
+                    .map(|(var, old, new)| Change { var, old, new }))
+                .collect()
+            })
+            .collect();
+        self.log = ChangeLog::restore(snap.network_version, entries);
         self.last = LastGeneration {
             best_loss: snap.last_best_loss,
             train_top1: snap.last_train_top1,
@@ -122,7 +150,7 @@ impl State {
         self.workers.restore_seen(snap.workers_seen);
         self.checkpoints
             .resumed_at(self.trainer.progress().generations);
-        self.restored = Some((snap.generation, snap.pending_evals));
+        self.restored = Some((snap.in_flight_versions, snap.pending_evals));
         Ok(())
     }
 

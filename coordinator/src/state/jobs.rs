@@ -1,6 +1,8 @@
-//! The job queue: the generation in flight cut into jobs, the measurement blocks
+//! The job queue: the generations in flight cut into jobs, the measurement blocks
 //! waiting, the jobs waiting per shard, the leases on jobs handed out, the polls parked
-//! until work exists, and the partial sums as results come in.
+//! until work exists, and the partial sums as results come in. Generations complete in
+//! any order but are handed back strictly in generation order (the reorder buffer of
+//! `search.window`); a shard's jobs are served oldest generation first.
 //!
 //! A training job is one shard's part of the batch for a slice of the candidates, so that
 //! several workers of one shard share the candidates. A measurement job is a block of
@@ -23,6 +25,8 @@ use super::events::{EvalSplit, JobSpec, MeasureBlock, PollReply, Submission, Tea
 #[derive(Debug, Clone)]
 enum Task {
     Candidates {
+        /// The generation it is part of.
+        generation: u64,
         shard: usize,
         /// Candidate range of the generation.
         first: usize,
@@ -43,7 +47,7 @@ struct JobEntry {
     lease: Option<(u64, Instant)>,
 }
 
-/// The generation whose jobs are out.
+/// A generation whose jobs are out (or all in, waiting for an older one).
 #[derive(Debug)]
 struct InFlight {
     generation: Arc<Generation>,
@@ -65,8 +69,9 @@ struct Measuring {
 #[derive(Debug, PartialEq)]
 pub enum Completed {
     Nothing,
-    /// Every job of the generation is in: the generation and its sums per candidate.
-    Generation(Generation, Vec<EvalStats>),
+    /// Every job of these generations is in, and of every generation before them: each
+    /// generation with its sums per candidate, oldest first.
+    Generations(Vec<(Generation, Vec<EvalStats>)>),
     /// Every block of measurement `id` is in: its validation and test sums.
     Measurement {
         id: u64,
@@ -97,7 +102,8 @@ pub struct JobQueue {
     /// Measurement blocks waiting, oldest measurement first.
     measure_pending: VecDeque<u64>,
     next_id: u64,
-    current: Option<InFlight>,
+    /// The generations in flight, by id.
+    in_flight: BTreeMap<u64, InFlight>,
     measuring: BTreeMap<u64, Measuring>,
     /// Polls waiting for work: (worker, reply).
     parked: Vec<(u64, oneshot::Sender<PollReply>)>,
@@ -112,7 +118,7 @@ impl JobQueue {
             pending: vec![VecDeque::new(); shards],
             measure_pending: VecDeque::new(),
             next_id: 1,
-            current: None,
+            in_flight: BTreeMap::new(),
             measuring: BTreeMap::new(),
             parked: Vec::new(),
             teacher: None,
@@ -149,6 +155,7 @@ impl JobQueue {
         }
         let n = generation.candidates.len();
         let mut outstanding = 0;
+        let gen = generation.id;
         for (shard, images) in per_shard.into_iter().enumerate() {
             if images.is_empty() {
                 continue;
@@ -158,6 +165,7 @@ impl JobQueue {
             while first < n {
                 let count = per.min(n - first);
                 let id = self.insert(Task::Candidates {
+                    generation: gen,
                     shard,
                     first,
                     count,
@@ -168,12 +176,15 @@ impl JobQueue {
                 first += count;
             }
         }
-        self.current = Some(InFlight {
-            version,
-            sums: vec![EvalStats::default(); n],
-            generation: Arc::new(generation),
-            outstanding,
-        });
+        self.in_flight.insert(
+            gen,
+            InFlight {
+                version,
+                sums: vec![EvalStats::default(); n],
+                generation: Arc::new(generation),
+                outstanding,
+            },
+        );
     }
 
     /// Queues measurement `id` of the network at `version` as blocks of at most `block`
@@ -225,9 +236,20 @@ impl JobQueue {
         None
     }
 
-    /// The generation in flight, if any.
-    pub fn generation(&self) -> Option<&Generation> {
-        self.current.as_ref().map(|c| &*c.generation)
+    /// The network versions the generations in flight were sampled against, oldest
+    /// generation first.
+    pub fn in_flight_versions(&self) -> Vec<u64> {
+        self.in_flight.values().map(|g| g.version).collect()
+    }
+
+    /// Whether a generation in flight was sampled against network `version`.
+    pub fn has_version(&self, version: u64) -> bool {
+        self.in_flight.values().any(|g| g.version == version)
+    }
+
+    /// The network version the oldest generation in flight was sampled against.
+    pub fn oldest_version(&self) -> Option<u64> {
+        self.in_flight.first_key_value().map(|(_, g)| g.version)
     }
 
     /// Whether a training job of `shard` waits.
@@ -311,7 +333,9 @@ impl JobQueue {
     /// The network version of training job `job_id` (None for a measurement block).
     pub fn training_version(&self, job_id: u64) -> Option<u64> {
         match self.jobs.get(&job_id)?.task {
-            Task::Candidates { .. } => self.current.as_ref().map(|c| c.version),
+            Task::Candidates { generation, .. } => {
+                self.in_flight.get(&generation).map(|c| c.version)
+            }
             Task::Measure { .. } => None,
         }
     }
@@ -326,15 +350,13 @@ impl JobQueue {
     fn spec(&self, job_id: u64) -> JobSpec {
         match &self.jobs[&job_id].task {
             Task::Candidates {
+                generation,
                 first,
                 count,
                 images,
                 ..
             } => {
-                let c = self
-                    .current
-                    .as_ref()
-                    .expect("training jobs exist only while a generation is in flight");
+                let c = &self.in_flight[generation];
                 JobSpec {
                     job_id,
                     network_version: c.version,
@@ -414,12 +436,13 @@ impl JobQueue {
             .map_or(Duration::ZERO, |(_, at)| now.duration_since(at));
         let (images, complete) = match j.task {
             Task::Candidates {
+                generation,
                 first,
                 count,
                 images,
                 ..
             } => {
-                let current = self.current.as_mut().expect("checked above");
+                let current = self.in_flight.get_mut(&generation).expect("checked above");
                 for (sum, r) in current.sums[first..first + count]
                     .iter_mut()
                     .zip(&s.results)
@@ -427,14 +450,7 @@ impl JobQueue {
                     *sum = sum.checked_add(r).expect("checked above");
                 }
                 current.outstanding -= 1;
-                let complete = if current.outstanding == 0 {
-                    let c = self.current.take().expect("checked above");
-                    let generation = Arc::try_unwrap(c.generation).unwrap_or_else(|g| (*g).clone());
-                    Completed::Generation(generation, c.sums)
-                } else {
-                    Completed::Nothing
-                };
-                (images.len() as u64 * count as u64, complete)
+                (images.len() as u64 * count as u64, self.take_completed())
             }
             Task::Measure { id, block } => {
                 let m = self.measuring.get_mut(&id).expect("checked above");
@@ -464,19 +480,36 @@ impl JobQueue {
         }
     }
 
+    /// The generations at the front whose jobs are all in, oldest first: completed ones
+    /// wait here until every older one is in too.
+    fn take_completed(&mut self) -> Completed {
+        let mut done = Vec::new();
+        while let Some(entry) = self.in_flight.first_entry() {
+            if entry.get().outstanding > 0 {
+                break;
+            }
+            let c = entry.remove();
+            let generation = Arc::try_unwrap(c.generation).unwrap_or_else(|g| (*g).clone());
+            done.push((generation, c.sums));
+        }
+        if done.is_empty() {
+            Completed::Nothing
+        } else {
+            Completed::Generations(done)
+        }
+    }
+
     /// Why `results` cannot be the answer to `task`, if they cannot.
     fn implausible(&self, task: &Task, results: &[EvalStats]) -> Option<String> {
         let (images, first, sums): (u64, usize, &[EvalStats]) = match task {
             Task::Candidates {
+                generation,
                 first,
                 count,
                 images,
                 ..
             } => {
-                let current = self
-                    .current
-                    .as_ref()
-                    .expect("training jobs exist only while a generation is in flight");
+                let current = &self.in_flight[generation];
                 if results.len() != *count {
                     return Some(format!(
                         "{} results for a job of {count} candidates",
@@ -611,7 +644,7 @@ mod tests {
         );
         let c = poll(&mut q, 4, 2, now).unwrap();
         assert_eq!(slice(&c).2, [25]);
-        assert_eq!(q.generation().unwrap().id, 7);
+        assert_eq!(q.in_flight_versions(), [3]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -644,12 +677,14 @@ mod tests {
             "counted once"
         );
         let Accepted::Counted {
-            complete: Completed::Generation(g, sums),
+            complete: Completed::Generations(mut done),
             ..
         } = q.accept(&sub(1, &j0, 100), now)
         else {
             panic!("the last job completes the generation");
         };
+        let (g, sums) = done.pop().unwrap();
+        assert!(done.is_empty());
         assert_eq!(g.id, 7);
         assert_eq!(
             sums,
@@ -662,7 +697,7 @@ mod tests {
                 }
             ]
         );
-        assert!(q.generation().is_none());
+        assert!(q.in_flight_versions().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -699,7 +734,7 @@ mod tests {
         assert!(matches!(
             q.accept(&s, t0),
             Accepted::Counted {
-                complete: Completed::Generation(..),
+                complete: Completed::Generations(..),
                 ..
             }
         ));
@@ -748,12 +783,13 @@ mod tests {
                 eval_micros: 0,
             };
             let Accepted::Counted {
-                complete: Completed::Generation(_, sums),
+                complete: Completed::Generations(mut done),
                 ..
             } = q.accept(&good, now)
             else {
                 panic!("the honest result completes it");
             };
+            let (_, sums) = done.pop().unwrap();
             assert_eq!(sums, vec![stats(2, 5); 2], "{results:?} left no trace");
         }
     }
@@ -866,12 +902,67 @@ mod tests {
             }
         );
         // Training was untouched by all of it.
-        assert!(q.generation().is_some());
+        assert_eq!(q.in_flight_versions().len(), 1);
         assert!(q.has_pending(1));
         // A measurement of no images completes at once.
         assert!(matches!(
             q.launch_measurement(6, 2, 0..0, 0..0, 16),
             Some(Completed::Measurement { id: 6, .. })
         ));
+    }
+
+    /// Generations complete in any order but come back strictly in generation order: a
+    /// younger one whose jobs are all in waits for the older ones, and then both come
+    /// back together, oldest first. A shard's jobs are served oldest generation first,
+    /// each on its generation's network version.
+    #[tokio::test(start_paused = true)]
+    async fn generations_come_back_in_order_whatever_order_they_complete_in() {
+        let mut q = JobQueue::new(1);
+        let now = Instant::now();
+        for (id, version) in [(4, 10), (5, 10), (6, 11)] {
+            let g = Generation {
+                id,
+                ..generation(vec![1, 2], 2)
+            };
+            q.launch(g, version, |_| 0, |_| 1);
+        }
+        assert_eq!(q.in_flight_versions(), [10, 10, 11]);
+        assert_eq!(q.oldest_version(), Some(10));
+        let jobs: Vec<JobSpec> = (1..=3).map(|w| poll(&mut q, w, 0, now).unwrap()).collect();
+        let versions: Vec<u64> = jobs.iter().map(|j| j.network_version).collect();
+        assert_eq!(versions, [10, 10, 11], "oldest generation first");
+        let submit = |q: &mut JobQueue, k: usize| {
+            q.accept(
+                &Submission {
+                    worker: k as u64 + 1,
+                    job: jobs[k].job_id,
+                    results: vec![stats(2, 7 + k as u64); 2],
+                    eval_micros: 0,
+                },
+                now,
+            )
+        };
+        let nothing = |r: Accepted| {
+            matches!(
+                r,
+                Accepted::Counted {
+                    complete: Completed::Nothing,
+                    ..
+                }
+            )
+        };
+        assert!(nothing(submit(&mut q, 2)), "generation 6 waits for 4 and 5");
+        assert!(nothing(submit(&mut q, 1)), "generation 5 waits for 4");
+        let Accepted::Counted {
+            complete: Completed::Generations(done),
+            ..
+        } = submit(&mut q, 0)
+        else {
+            panic!("generation 4 releases all three");
+        };
+        let ids: Vec<u64> = done.iter().map(|(g, _)| g.id).collect();
+        assert_eq!(ids, [4, 5, 6]);
+        assert_eq!(done[2].1, vec![stats(2, 9); 2], "each with its own sums");
+        assert_eq!(q.oldest_version(), None);
     }
 }

@@ -150,8 +150,8 @@ impl State {
         let Some(pending) = self.measurements.finish(id) else {
             return;
         };
-        if matches!(&self.measured_whole, Some((v, _)) if *v == pending.point.network_version) {
-            self.measured_whole = None;
+        if matches!(&self.older_whole, Some((v, _)) if *v == pending.point.network_version) {
+            self.older_whole = None;
         }
         let point = EvalPoint {
             val_top1: validation.top1(),

@@ -7,12 +7,15 @@
 //!
 //! The state is made of parts, each owning one concern and tested on its own:
 //! [`workers::WorkerRegistry`] (who is connected, shards, liveness),
-//! [`jobs::JobQueue`] (the generation in flight as jobs, leases, dispatch, the sums),
+//! [`jobs::JobQueue`] (the generations in flight as jobs, leases, dispatch, the sums, the
+//! order they merge in),
 //! [`changelog::ChangeLog`] (network versions for syncs), [`crate::history::History`]
 //! (measurements and the best network), [`measure::Measurements`] (measurements
 //! running), [`telemetry::Counters`] and [`checkpointer::Checkpointer`]. This module
 //! wires them to the [`Trainer`]: a generation is launched as jobs, results are summed,
-//! and when every job is in the trainer completes it and the next one starts.
+//! and when every job of it and of every older generation is in the trainer completes it
+//! and the window (`search.window` generations in flight) is filled again, so generation
+//! `g` always starts right after `g - window` merged, whatever the order results came in.
 //!
 //! Liveness: every request from a worker refreshes it; a worker silent for three heartbeat
 //! intervals is dropped and its job goes back to the queue, as does a job held longer than
@@ -39,7 +42,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use self::changelog::ChangeLog;
+use self::changelog::{Change, ChangeLog};
 use self::checkpointer::Checkpointer;
 pub use self::events::{
     answer_during_setup, EvalSplit, Event, Finished, HeartbeatReply, JobSpec, MeasureBlock,
@@ -80,11 +83,13 @@ pub struct State {
     counters: Counters,
     telemetry: watch::Sender<Option<Telemetry>>,
     checkpoints: Checkpointer,
-    /// What a resumed run picks up when its loop starts.
-    restored: Option<(Option<Generation>, Vec<PendingEval>)>,
+    /// What a resumed run picks up when its loop starts: the network versions of the
+    /// trainer's generations in flight, and the measurements running.
+    restored: Option<(Vec<u64>, Vec<PendingEval>)>,
     no_worker: NoWorkerWatch,
-    /// The last measured network version sent whole, encoded (see `sync`).
-    measured_whole: Option<(u64, Vec<u8>)>,
+    /// The last older network version (measured, or of a generation in flight) sent
+    /// whole, encoded (see `sync`).
+    older_whole: Option<(u64, Vec<u8>)>,
 }
 
 impl State {
@@ -110,7 +115,7 @@ impl State {
             checkpoints: Checkpointer::new(&setup.config.checkpoint, setup.config.out.clone(), now),
             restored: None,
             no_worker: NoWorkerWatch::default(),
-            measured_whole: None,
+            older_whole: None,
             setup,
         }
     }
@@ -177,17 +182,19 @@ impl State {
     /// The first generation, or what a resumed run was in the middle of.
     fn begin(&mut self) -> Result<(), crate::Error> {
         match self.restored.take() {
-            Some((generation, evals)) => {
+            Some((versions, evals)) => {
                 for e in evals {
                     // The checkpoint's codes must fit this network before workers get them.
                     self.trainer.network().clone().set_codes(&e.codes)?;
                     self.launch_measurement(e.point, e.is_final, e.codes);
                 }
-                match generation {
-                    Some(g) => self.launch(g),
-                    None if self.phase == Phase::Training => self.start_generation()?,
-                    None => {}
+                // The generations in flight, evaluated again on the networks they were
+                // sampled against.
+                let in_flight: Vec<Generation> = self.trainer.in_flight().iter().cloned().collect();
+                for (g, version) in in_flight.into_iter().zip(versions) {
+                    self.launch_at(g, version);
                 }
+                self.start_generation()?;
                 if self.phase == Phase::Evaluating && self.measurements.is_empty() {
                     self.schedule_eval(true);
                 }
@@ -403,9 +410,7 @@ impl State {
                 }
                 match complete {
                     Completed::Nothing => {}
-                    Completed::Generation(generation, sums) => {
-                        self.finish_generation(generation, sums)?
-                    }
+                    Completed::Generations(done) => self.finish_generations(done)?,
                     Completed::Measurement {
                         id,
                         validation,
@@ -417,7 +422,21 @@ impl State {
         }
     }
 
-    fn finish_generation(
+    /// Merges generations whose results are all in, oldest first; after each merge the
+    /// window is filled again, so what starts never depends on how many came in at once.
+    fn finish_generations(
+        &mut self,
+        done: Vec<(Generation, Vec<ccq_common::qnet::EvalStats>)>,
+    ) -> Result<(), crate::Error> {
+        for (generation, sums) in done {
+            self.merge(generation, sums)?;
+        }
+        self.publish();
+        self.maybe_checkpoint();
+        Ok(())
+    }
+
+    fn merge(
         &mut self,
         generation: Generation,
         sums: Vec<ccq_common::qnet::EvalStats>,
@@ -425,7 +444,12 @@ impl State {
         let outcome = self.trainer.complete(&generation, &sums)?;
         if !outcome.changes.is_empty() {
             let limit = self.full_sync_threshold();
-            self.log.push(outcome.changes, limit);
+            let changes = (outcome.changes.iter().zip(&outcome.replaced))
+                .map(|(&(var, new), &old)| Change { var, old, new })
+                .collect();
+            // The networks of generations still in flight stay in the log.
+            let keep = self.jobs.oldest_version().unwrap_or(u64::MAX);
+            self.log.push(changes, limit, keep);
         }
         self.last = LastGeneration {
             best_loss: Some(outcome.best_loss),
@@ -439,41 +463,48 @@ impl State {
         {
             self.schedule_eval(false);
         }
-        self.publish();
-        self.start_generation()?;
-        self.maybe_checkpoint();
+        self.start_generation()
+    }
+
+    /// Fills the window with new generations; when none can start and none is in flight,
+    /// finishes the run (budget spent, every variable frozen).
+    fn start_generation(&mut self) -> Result<(), crate::Error> {
+        while self.phase == Phase::Training {
+            if let Some(reason) = self.budget_spent() {
+                if self.trainer.in_flight().is_empty() {
+                    self.finish(reason);
+                }
+                return Ok(());
+            }
+            let Some(generation) = self.trainer.next_generation()? else {
+                if self.trainer.in_flight().is_empty() {
+                    let reason = match self.trainer.strategy() {
+                        ccq_search::config::Strategy::Rtn => "strategy rtn: no search",
+                        _ => "every variable is frozen",
+                    };
+                    self.finish(reason.into());
+                }
+                return Ok(());
+            };
+            self.launch(generation);
+        }
         Ok(())
     }
 
-    /// Starts the next generation, or finishes the run when the budget is spent.
-    fn start_generation(&mut self) -> Result<(), crate::Error> {
-        if self.phase != Phase::Training {
-            return Ok(());
-        }
-        if let Some(reason) = self.budget_spent() {
-            self.finish(reason);
-            return Ok(());
-        }
-        let Some(generation) = self.trainer.next_generation()? else {
-            let reason = match self.trainer.strategy() {
-                ccq_search::config::Strategy::Rtn => "strategy rtn: no search",
-                _ => "every variable is frozen",
-            };
-            self.finish(reason.into());
-            return Ok(());
-        };
-        self.launch(generation);
-        Ok(())
+    /// Cuts a generation sampled against the current network into jobs and hands them
+    /// out.
+    fn launch(&mut self, generation: Generation) {
+        self.launch_at(generation, self.log.version());
     }
 
     /// Cuts a generation into jobs (one per live worker of each shard with images in the
-    /// batch) and hands them out.
-    fn launch(&mut self, generation: Generation) {
+    /// batch) on the network at `version` and hands them out.
+    fn launch_at(&mut self, generation: Generation, version: u64) {
         let (total, shards) = (self.setup.search_len, self.setup.shards);
         let live = self.workers.live_per_shard();
         self.jobs.launch(
             generation,
-            self.log.version(),
+            version,
             |i| ccq_common::data::Shard::holding(i as usize, total, shards),
             |s| live[s],
         );
@@ -486,7 +517,9 @@ impl State {
         }
         let b = &self.setup.config.budget;
         let p = self.trainer.progress();
-        if b.evaluations.is_some_and(|e| p.evaluations >= e) {
+        // Generations in flight count: a window never starts what the budget cannot merge.
+        let evaluations = p.evaluations + self.trainer.in_flight_evaluations();
+        if b.evaluations.is_some_and(|e| evaluations >= e) {
             return Some(format!("evaluation budget ({}) spent", p.evaluations));
         }
         if b.cycles.is_some_and(|c| p.cycles >= c) {
@@ -510,25 +543,32 @@ impl State {
         self.trainer.network().num_vars() / 8 + 1024
     }
 
-    /// How a worker holding `have_version` gets to `want_version` (a running
-    /// measurement's network) or, by default, to the latest network. A version nobody
-    /// measures any more is answered with the latest: the worker then finds its job stale.
+    /// How a worker holding `have_version` gets to `want_version` (the network a
+    /// generation in flight was sampled against, or a running measurement's) or, by
+    /// default, to the latest network. A version nobody needs any more is answered with
+    /// the latest: the worker then finds its job stale.
     fn sync(&mut self, have_version: Option<u64>, want_version: Option<u64>) -> NetworkUpdate {
         let limit = self.full_sync_threshold();
-        if let Some(want) = want_version.filter(|&w| w != self.version()) {
-            if self.measurements.codes_at(want).is_some() {
+        let current = self.version();
+        if let Some(want) = want_version.filter(|&w| w != current) {
+            let needed = self.jobs.has_version(want) || self.measurements.codes_at(want).is_some();
+            if needed {
                 if let Some(changes) = have_version.and_then(|h| self.log.between(h, want, limit)) {
                     return NetworkUpdate::Changes {
                         version: want,
                         changes,
                     };
                 }
-                // Every worker's first measurement needs the network whole: rebuilt once
-                // per version, not once per worker.
-                if !matches!(&self.measured_whole, Some((v, _)) if *v == want) {
-                    self.measured_whole = self.network_at(want).map(|n| (want, n.to_bytes()));
+                // Every worker's first job on an older network needs it whole: rebuilt
+                // once per version, not once per worker.
+                if !matches!(&self.older_whole, Some((v, _)) if *v == want) {
+                    let net = match want >= self.log.oldest() {
+                        true => self.log.network_at(self.trainer.network(), want),
+                        false => self.network_at(want),
+                    };
+                    self.older_whole = net.map(|n| (want, n.to_bytes()));
                 }
-                if let Some((_, network)) = &self.measured_whole {
+                if let Some((_, network)) = &self.older_whole {
                     return NetworkUpdate::Full {
                         version: want,
                         network: network.clone(),
@@ -536,12 +576,14 @@ impl State {
                 }
             }
         }
-        let version = self.version();
         // Changes are cheaper than the whole network unless the worker is far behind.
-        match have_version.and_then(|h| self.log.since(h, self.full_sync_threshold())) {
-            Some(changes) => NetworkUpdate::Changes { version, changes },
+        match have_version.and_then(|h| self.log.since(h, limit)) {
+            Some(changes) => NetworkUpdate::Changes {
+                version: current,
+                changes,
+            },
             None => NetworkUpdate::Full {
-                version,
+                version: current,
                 network: self.trainer.network().to_bytes(),
             },
         }
