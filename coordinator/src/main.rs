@@ -59,6 +59,9 @@ struct ScaleArgs {
     /// Workers per shard: W workers serve W / R shards.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Generations in flight (`search.window`).
+    #[arg(long, default_value_t = 1)]
+    window: usize,
     /// Search seconds per case.
     #[arg(long, default_value_t = 40.0)]
     seconds: f64,
@@ -306,6 +309,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 model: bench::ModelSpec::named(&a.model, std::path::Path::new("."))?,
                 workers: a.workers,
                 replicas: a.replicas,
+                window: a.window,
                 seconds: a.seconds,
                 calibration_images: a.calibration_images,
                 scratch: std::env::temp_dir().join(format!("ccq-scale-{}", std::process::id())),

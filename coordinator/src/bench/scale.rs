@@ -61,6 +61,8 @@ pub struct ScaleOptions {
     pub workers: Vec<usize>,
     /// Workers per shard: W workers serve W / replicas shards (1: one shard each).
     pub replicas: usize,
+    /// Generations in flight (`search.window`).
+    pub window: usize,
     /// Search seconds per case (the run's wall-time budget).
     pub seconds: f64,
     /// Training images each calibration job evaluates.
@@ -141,6 +143,8 @@ impl CostModel {
 pub struct ScaleReport {
     pub machine: super::Machine,
     pub model: ModelSpec,
+    /// Generations in flight (`search.window`) in every case.
+    pub window: usize,
     pub cost: CostModel,
     pub cases: Vec<ScaleCase>,
 }
@@ -242,6 +246,7 @@ async fn run_cases(opts: &ScaleOptions) -> Result<ScaleReport, Error> {
             load_after: loadavg(),
         },
         model: opts.model.clone(),
+        window: opts.window,
         cost: (*cost).clone(),
         cases,
     })
@@ -355,7 +360,13 @@ pub fn calibrate(
 /// The run configuration of one case: the run defaults (validation and test measured
 /// every 100 generations, the default population, group and batch), the bench model,
 /// `shards` shards, a wall-time budget, no checkpoints.
-fn scale_config(spec: &ModelSpec, shards: usize, seconds: f64, out: PathBuf) -> RunConfig {
+fn scale_config(
+    spec: &ModelSpec,
+    shards: usize,
+    window: usize,
+    seconds: f64,
+    out: PathBuf,
+) -> RunConfig {
     RunConfig {
         seed: 1,
         out,
@@ -380,6 +391,7 @@ fn scale_config(spec: &ModelSpec, shards: usize, seconds: f64, out: PathBuf) -> 
         // for the whole budget instead of ending a case early.
         search: SearchConfig {
             restarts: true,
+            window,
             ..SearchConfig::default()
         },
         budget: BudgetConfig {
@@ -439,7 +451,7 @@ async fn scale_case(
         std::fs::remove_dir_all(&out).map_err(|e| ccq_common::Error::io(&out, e))?;
     }
     let shards = (workers / opts.replicas.max(1)).max(1);
-    let config = scale_config(&opts.model, shards, opts.seconds, out.clone());
+    let config = scale_config(&opts.model, shards, opts.window, opts.seconds, out.clone());
     let coordinator = tokio::runtime::Builder::new_multi_thread()
         .thread_name("ccq-coordinator")
         .enable_all()
@@ -668,7 +680,11 @@ impl std::fmt::Display for ScaleReport {
             "machine  {} ({} cores), load {} -> {}",
             self.machine.cpu, self.machine.cores, self.machine.load_before, self.machine.load_after
         )?;
-        writeln!(f, "model    {}", self.model.name)?;
+        writeln!(
+            f,
+            "model    {}, search.window {}",
+            self.model.name, self.window
+        )?;
         writeln!(
             f,
             "job cost (one core): {:.2} ms fixed + {:.1} µs base forward per image + {:.1}–{:.1} µs per candidate per image (by layer); a generation of {} on 256 images {:.1} ms (layers weighted by their variables)",

@@ -108,7 +108,8 @@ async fn tiny_bench_counts_what_it_claims() {
 /// `coordinator scale` in a tiny configuration (the MNIST model, two short cases): the
 /// cost model is made of sane parts, every case ran for its wall-time budget against
 /// emulated workers that all answered, and the shares it reports are fractions whose
-/// parts are consistent. Speed and efficiency values are not asserted.
+/// parts are consistent, with a window of 4 generations in flight. Speed and efficiency
+/// values are not asserted.
 #[test]
 fn tiny_scale_emulation_reports_consistent_shares() {
     let scratch = tempfile::tempdir().unwrap();
@@ -116,6 +117,8 @@ fn tiny_scale_emulation_reports_consistent_shares() {
         model: ModelSpec::mnist(&repo()),
         workers: vec![1, 3],
         replicas: 1,
+        // Generations in flight: the emulated workers take jobs of several at once.
+        window: 4,
         seconds: 3.0,
         calibration_images: 32,
         scratch: scratch.path().to_path_buf(),
