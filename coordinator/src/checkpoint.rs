@@ -1005,6 +1005,10 @@ mod tests {
         }
         let r = refused(&|s| s.phase = Phase::Done);
         assert!(r.contains("is finished"), "{r}");
+        // Versions at both ends of what the changes reach are fine.
+        let mut edges = ck.state.clone();
+        edges.in_flight_versions = vec![0, 2];
+        edges.check(&net, "ck").unwrap();
         // Nothing about generations in flight, evals or best is required.
         let mut bare = ck.state.clone();
         bare.best = None;

@@ -180,7 +180,24 @@ fn step(t: &mut Trainer, f: &Quadratic) -> Option<(Generation, Vec<i8>, Vec<Eval
     let context = t.network().codes();
     let stats = f.evaluate(&context, &g);
     let out = t.complete(&g, &stats).unwrap();
+    check_changes(&context, &t.network().codes(), &out);
     Some((g, context, stats, out))
+}
+
+/// An outcome's changes are exactly what turned `before` into `after`, each variable
+/// once, with the code it replaced.
+fn check_changes(before: &[i8], after: &[i8], out: &Outcome) {
+    assert_eq!(out.changes.len(), out.replaced.len());
+    let mut codes = before.to_vec();
+    for (&(v, new), &old) in out.changes.iter().zip(&out.replaced) {
+        assert_eq!(old, codes[v as usize], "variable {v}: the code it replaced");
+        codes[v as usize] = new;
+    }
+    assert_eq!(codes, after);
+    let mut vars: Vec<u32> = out.changes.iter().map(|c| c.0).collect();
+    vars.sort_unstable();
+    vars.dedup();
+    assert_eq!(vars.len(), out.changes.len(), "each variable once");
 }
 
 const SEARCHING: [Strategy; 5] = [
@@ -1082,8 +1099,10 @@ fn windowed_run(t: &mut Trainer, f: &Quadratic, window: usize, merges: u64) -> V
         assert_eq!(g.id, t.progress().generations, "merged in order");
         let context: Vec<i8> = g.vars.iter().map(|&v| base[v as usize]).collect();
         assert_eq!(g.candidates[0], context, "candidate 0 is the base network");
-        t.complete(&g, &f.evaluate(&base, &g)).unwrap();
+        let before = t.network().codes();
+        let outcome = t.complete(&g, &f.evaluate(&base, &g)).unwrap();
         let codes = t.network().codes();
+        check_changes(&before, &codes, &outcome);
         for (v, &c) in codes.iter().enumerate() {
             if t.eda().is_frozen(v) {
                 assert_eq!(c, t.eda().mode(v), "frozen variable {v} holds its mode");
@@ -1141,6 +1160,9 @@ fn generations_merge_in_order_only() {
         out.iter().map(|(g, _)| g.id).collect::<Vec<_>>(),
         vec![0, 1, 2]
     );
+    let candidates: usize = out.iter().map(|(g, _)| g.candidates.len()).sum();
+    assert_eq!(t.in_flight_evaluations(), candidates as u64);
+    assert_eq!(candidates, 3 * 8, "population 8");
     assert!(t.next_generation().unwrap().is_none(), "the window is full");
     let before = t.snapshot();
     let (g1, base1) = &out[1];
