@@ -36,18 +36,21 @@ METHODS = {
     "eda-cc-confirm": "EDA+CC, adoption confirmed on a fresh batch",
     "eda-cc-restarts": "EDA+CC, restarts when every variable froze",
     "eda-cc-confirm-restarts": "EDA+CC, confirmed adoption and restarts",
+    "eda-cc-window4": "EDA+CC, 4 generations in flight (window)",
+    "eda-cc-window16": "EDA+CC, 16 generations in flight (window)",
+    "eda-cc-window32": "EDA+CC, 32 generations in flight (window)",
     "rtn": "RTN (no search)",
 }
 MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)",
           "mnist100k": "MNIST quickstart CNN, 100,000 evaluations per run (five times the budget above)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
-COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "rtn": "#7f7f7f"}
+COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN; "ws": weight scales
 # chosen by the least squared error ([quant] weight_scale = "mse") instead of max-abs.
 # The widest int8 kernel path the machine has (scripts/run_grid.py records it; older
 # reports do not).
 ISA = {"avx512_vnni": "AVX-512 VNNI", "avx512bw": "AVX-512, no VNNI", "avx2": "AVX2, no AVX-512"}
-CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:mse)?(?:ws)?(?:bc)?(?:fl\d+)?)-(?P<strategy>[a-z-]+)$")
+CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:mse)?(?:ws)?(?:bc)?(?:fl\d+)?)-(?P<strategy>[a-z0-9-]+)$")
 
 
 def load_cells():
@@ -68,6 +71,9 @@ def load_cells():
             strategy = f"{strategy}-{acceptance}"
         if cfg.get("search", {}).get("restarts", False):
             strategy = f"{strategy}-restarts"
+        window = cfg.get("search", {}).get("window", 1)
+        if window != 1:
+            strategy = f"{strategy}-window{window}"
         if strategy != m["strategy"]:
             raise SystemExit(f"{path}: name says {m['strategy']}, search.strategy/fitness/acceptance say {strategy}")
         cells[path.stem] = {
