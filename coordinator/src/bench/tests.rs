@@ -120,7 +120,7 @@ fn tiny_scale_emulation_reports_consistent_shares() {
         // Generations in flight: the emulated workers take jobs of several at once.
         window: 4,
         seconds: 3.0,
-        calibration_images: 32,
+        calibration_images: 64,
         scratch: scratch.path().to_path_buf(),
     };
     let report = super::scale::run(&opts).unwrap();

@@ -4,8 +4,9 @@
 //! any order but are handed back strictly in generation order (the reorder buffer of
 //! `search.window`); a shard's jobs are served oldest generation first.
 //!
-//! A training job is one shard's part of the batch for a slice of the candidates, so that
-//! several workers of one shard share the candidates. A measurement job is a block of
+//! A training job is a block of one shard's part of the batch, for all the candidates or
+//! (when a generation alone must keep more of the shard's workers busy than it has
+//! blocks) for a slice of them. See [`JobQueue::launch`]. A measurement job is a block of
 //! validation or test images for any worker; training comes first unless a measurement
 //! is overdue (see [`JobQueue::dispatch`]), so measurements use the time workers would
 //! otherwise wait at the generation barrier. Results are summed in exact integers with
@@ -109,7 +110,14 @@ pub struct JobQueue {
     parked: Vec<(u64, oneshot::Sender<PollReply>)>,
     /// Every job carries its images' teacher logits (distillation fitness).
     teacher: Option<Arc<TeacherLogits>>,
+    /// Generations in flight at once (`search.window`): how many jobs a generation
+    /// needs to keep the workers busy.
+    window: usize,
 }
+
+/// The fewest images a training job is cut down to: below this a job's fixed costs (a
+/// round trip, the base forward's setup) outweigh its evaluation.
+pub const MIN_JOB_IMAGES: usize = 16;
 
 impl JobQueue {
     pub fn new(shards: usize) -> JobQueue {
@@ -122,7 +130,14 @@ impl JobQueue {
             measuring: BTreeMap::new(),
             parked: Vec::new(),
             teacher: None,
+            window: 1,
         }
+    }
+
+    /// Generations in flight at once (`search.window`, at least 1).
+    pub fn with_window(mut self, window: usize) -> JobQueue {
+        self.window = window.max(1);
+        self
     }
 
     /// Jobs carry the teacher's logits of their images (distillation fitness).
@@ -138,9 +153,16 @@ impl JobQueue {
         id
     }
 
-    /// Cuts `generation` into jobs and queues them: per shard with images in the batch
-    /// (`shard_of` maps a global index to its shard), one job per live worker of the
-    /// shard (`live(shard)`, at least one), each a slice of the candidates.
+    /// Cuts `generation` into jobs and queues them, per shard with images in the batch
+    /// (`shard_of` maps a global index to its shard). A shard's workers (`live(shard)`,
+    /// at least one) need `live` jobs per generation with no window, and fewer with one:
+    /// `ceil(live × min(window, 2) / window)`, twice what the window alone needs, so that
+    /// a worker has a job while the oldest generation waits for its last one. The shard's
+    /// images are cut into that many contiguous blocks of equal size (but no smaller than
+    /// [`MIN_JOB_IMAGES`]), each with all the candidates: every job costs about the same,
+    /// and the base forward runs once per image, not once per job. Only when there are
+    /// fewer blocks than jobs needed are the candidates sliced as well. How a generation
+    /// is cut never changes its sums.
     pub fn launch(
         &mut self,
         generation: Generation,
@@ -160,20 +182,27 @@ impl JobQueue {
             if images.is_empty() {
                 continue;
             }
-            let per = n.div_ceil(live(shard).clamp(1, n.max(1)));
-            let mut first = 0;
-            while first < n {
-                let count = per.min(n - first);
-                let id = self.insert(Task::Candidates {
-                    generation: gen,
-                    shard,
-                    first,
-                    count,
-                    images: images.clone(),
-                });
-                self.pending[shard].push_back(id);
-                outstanding += 1;
-                first += count;
+            let live = live(shard).max(1);
+            let want = (live * self.window.min(2)).div_ceil(self.window);
+            let blocks = want.min(images.len().div_ceil(MIN_JOB_IMAGES)).max(1);
+            let slices = want.div_ceil(blocks).clamp(1, n.max(1));
+            let per = n.div_ceil(slices);
+            for b in 0..blocks {
+                let block = &images[b * images.len() / blocks..(b + 1) * images.len() / blocks];
+                let mut first = 0;
+                while first < n {
+                    let count = per.min(n - first);
+                    let id = self.insert(Task::Candidates {
+                        generation: gen,
+                        shard,
+                        first,
+                        count,
+                        images: block.to_vec(),
+                    });
+                    self.pending[shard].push_back(id);
+                    outstanding += 1;
+                    first += count;
+                }
             }
         }
         self.in_flight.insert(
@@ -964,5 +993,54 @@ mod tests {
         assert_eq!(ids, [4, 5, 6]);
         assert_eq!(done[2].1, vec![stats(2, 9); 2], "each with its own sums");
         assert_eq!(q.oldest_version(), None);
+    }
+
+    /// A generation is cut into blocks of images with all the candidates, as many as the
+    /// shard's workers need (fewer with a window), never below `MIN_JOB_IMAGES` images;
+    /// candidates are sliced only when there are too few blocks. Every (image, candidate)
+    /// pair is in exactly one job.
+    #[tokio::test(start_paused = true)]
+    async fn jobs_are_blocks_of_images_with_all_candidates() {
+        // (images in the shard, live workers, window) -> (jobs, images per job, candidates
+        // per job) with 16 candidates.
+        for (images, live, window, expect) in [
+            (256, 4, 1, (4, 64, 16)),
+            (256, 128, 32, (8, 32, 16)),
+            (256, 128, 1, (128, 16, 2)),
+            (20, 4, 1, (4, 10, 8)),
+            (256, 1, 8, (1, 256, 16)),
+            (256, 6, 4, (3, 85, 16)),
+        ] {
+            let mut q = JobQueue::new(1).with_window(window);
+            q.launch(generation((0..images).collect(), 16), 1, |_| 0, |_| live);
+            let now = Instant::now();
+            let mut jobs = Vec::new();
+            while let Some(j) = poll(&mut q, jobs.len() as u64 + 1, 0, now) {
+                jobs.push(slice(&j));
+            }
+            let case = (images, live, window);
+            assert_eq!(jobs.len(), expect.0, "{case:?}: jobs");
+            assert!(
+                jobs.iter().all(
+                    |(_, count, imgs)| imgs.len().abs_diff(expect.1) <= 1 && *count == expect.2
+                ),
+                "{case:?}: {:?}",
+                jobs.iter()
+                    .map(|(f, c, i)| (*f, *c, i.len()))
+                    .collect::<Vec<_>>()
+            );
+            let mut pairs: Vec<(u64, usize)> = jobs
+                .iter()
+                .flat_map(|(first, count, imgs)| {
+                    imgs.iter()
+                        .flat_map(move |&i| (*first..first + count).map(move |c| (i, c)))
+                })
+                .collect();
+            pairs.sort_unstable();
+            let all: Vec<(u64, usize)> = (0..images)
+                .flat_map(|i| (0..16).map(move |c| (i, c)))
+                .collect();
+            assert_eq!(pairs, all, "{case:?}: every pair once");
+        }
     }
 }

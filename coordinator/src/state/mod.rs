@@ -104,7 +104,9 @@ impl State {
             started: now,
             phase: Phase::Training,
             workers: WorkerRegistry::new(setup.shards),
-            jobs: JobQueue::new(setup.shards).with_teacher(setup.teacher.clone()),
+            jobs: JobQueue::new(setup.shards)
+                .with_teacher(setup.teacher.clone())
+                .with_window(setup.config.search.window),
             log: ChangeLog::default(),
             history: History::default(),
             measurements: Measurements::default(),
