@@ -217,6 +217,15 @@ mod tests {
             ..SearchConfig::default()
         };
         assert!(one.validate().is_ok(), "1 is allowed everywhere");
+        // A window goes with batch acceptance; confirmation with no window.
+        for (window, acceptance) in [(2, Acceptance::Batch), (1, Acceptance::Confirm)] {
+            let cfg = SearchConfig {
+                window,
+                acceptance,
+                ..one.clone()
+            };
+            assert!(cfg.validate().is_ok(), "window {window}, {acceptance:?}");
+        }
         for (field, cfg) in [
             (
                 "search.generations_per_group",

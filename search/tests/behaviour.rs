@@ -1255,3 +1255,44 @@ fn a_snapshot_with_a_full_window_resumes_identically() {
         .to_string();
     assert!(err.contains("trainer.in_flight[0]"), "{err}");
 }
+
+/// With a window, a variable can freeze while a younger generation of its group is in
+/// flight with candidates sampled before: adopting one of them must not move the frozen
+/// variable off its mode (`windowed_run` checks every merge). Eager freezing makes it
+/// happen often; the test counts that it did.
+#[test]
+fn a_variable_that_froze_in_flight_keeps_its_mode() {
+    let mut stale_codes = 0;
+    for seed in 0..4 {
+        let mut t = windowed(Strategy::EdaCc, eager_freezing(8), seed, 8);
+        let f = Quadratic::new(&t, seed);
+        let mut out = std::collections::VecDeque::new();
+        fill(&mut t, &mut out);
+        for _ in 0..400 {
+            let Some((g, base)) = out.pop_front() else {
+                break;
+            };
+            let best = f.evaluate(&base, &g);
+            let winner = (0..g.candidates.len())
+                .min_by_key(|&i| (best[i].loss_fixed, i))
+                .unwrap();
+            // Candidates of the winner that would move a variable frozen since.
+            stale_codes += (g.vars.iter().zip(&g.candidates[winner]))
+                .filter(|&(&v, &c)| t.eda().is_frozen(v as usize) && c != t.eda().mode(v as usize))
+                .count();
+            let before = t.network().codes();
+            let o = t.complete(&g, &best).unwrap();
+            check_changes(&before, &t.network().codes(), &o);
+            for (v, &c) in t.network().codes().iter().enumerate() {
+                if t.eda().is_frozen(v) {
+                    assert_eq!(c, t.eda().mode(v), "seed {seed}: frozen variable {v}");
+                }
+            }
+            fill(&mut t, &mut out);
+        }
+    }
+    assert!(
+        stale_codes > 0,
+        "no winner carried a stale code for a frozen variable"
+    );
+}
