@@ -124,13 +124,17 @@ pub struct SearchConfig {
     /// code range) and search on, instead of ending the search. Over restarts a code can
     /// move further than `eda.radius` from round-to-nearest.
     pub restarts: bool,
-    /// Generations in flight at once (windowed cooperative coevolution). Generation `g`
-    /// is created when generation `g - window` has been merged and samples against the
-    /// network as it was then; results merge strictly in generation order, and a cycle's
-    /// end waits for every generation in flight. 1 is the sequential algorithm. The result
-    /// depends on the config, the seed and the window only, never on the number of
-    /// workers or the order their answers arrive in; a larger window keeps more workers
-    /// busy at the cost of searching against a network up to `window - 1` merges old.
+    /// Generations in flight at once (windowed cooperative coevolution): up to `window`
+    /// groups are searched side by side, one generation of each in flight, so a group's
+    /// generations still run one after another (each samples from the distribution its
+    /// previous one updated). Generation `g` is created when generation `g - window` has
+    /// been merged and samples against the network as it was then; results merge
+    /// strictly in generation order, and a cycle's end waits for every generation in
+    /// flight. 1 is the sequential algorithm. The result depends on the config, the seed
+    /// and the window only, never on the number of workers or the order their answers
+    /// arrive in; a larger window keeps more workers busy at the cost of scoring each
+    /// group against a network that misses up to `window - 1` other groups' latest
+    /// merges.
     pub window: usize,
 }
 

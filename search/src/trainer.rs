@@ -8,6 +8,10 @@
 //! networks depends on the seed alone — never on how many workers there were or in which
 //! order they answered.
 //!
+//! With `search.window = L` up to L generations are in flight: groups are searched side
+//! by side, one generation of each at a time, generation `g` handed out when `g - L` has
+//! merged and merged strictly in order (the caller refills the window after each merge).
+//!
 //! The [`Strategy`] picks what a generation searches; the grouping and sampling rules
 //! themselves live in [`crate::eda`]. Group strategies (`eda-cc`, `cc-random`,
 //! `cc-layer`, `eda`) share everything but the grouping: G generations per group, top-k
@@ -88,7 +92,8 @@ pub struct TrainerSnapshot {
     #[serde(default)]
     pub group_rng_pos: Option<String>,
     pub queue: GroupQueue,
-    pub current: Option<(Group, usize)>,
+    /// The groups in progress (one, or up to `search.window` with a window).
+    pub active: Vec<Active>,
     pub progress: Progress,
     /// A candidate waiting for its confirmation (`search.acceptance = "confirm"`).
     #[serde(default)]
@@ -97,6 +102,17 @@ pub struct TrainerSnapshot {
     /// resumed run evaluates them again.
     #[serde(default)]
     pub in_flight: Vec<Generation>,
+}
+
+/// A group in progress. Its generations run one after another, each sampling from the
+/// distribution the one before updated; a window runs several groups side by side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Active {
+    pub group: Group,
+    /// Its generations handed out so far.
+    pub issued: usize,
+    /// Its generation in flight, if any.
+    pub in_flight: Option<u64>,
 }
 
 /// A candidate that beat the context on its batch and waits to be confirmed on a fresh
@@ -176,9 +192,9 @@ pub struct Trainer {
     group_rng: ChaCha8Rng,
     /// Batches are drawn from training indices `0..search_len`.
     search_len: usize,
-    /// Groups left in this cycle, and the one in progress with its generations done.
+    /// Groups left in this cycle, and the ones in progress.
     queue: GroupQueue,
-    current: Option<(Group, usize)>,
+    active: Vec<Active>,
     progress: Progress,
     /// The candidate the next generation confirms or rejects.
     pending: Option<Pending>,
@@ -213,7 +229,7 @@ impl Trainer {
             group_rng: group_rng(seed),
             search_len,
             queue: GroupQueue::default(),
-            current: None,
+            active: Vec::new(),
             progress: Progress::default(),
             pending: None,
             in_flight: VecDeque::new(),
@@ -231,7 +247,7 @@ impl Trainer {
             sample_rng_pos: self.sample_rng.get_word_pos().to_string(),
             group_rng_pos: Some(self.group_rng.get_word_pos().to_string()),
             queue: self.queue.clone(),
-            current: self.current.clone(),
+            active: self.active.clone(),
             progress: self.progress,
             pending: self.pending.clone(),
             in_flight: self.in_flight.iter().cloned().collect(),
@@ -275,7 +291,7 @@ impl Trainer {
                 ));
             }
         }
-        let groups = (snap.queue.remaining().iter()).chain(snap.current.iter().map(|(g, _)| g));
+        let groups = (snap.queue.remaining().iter()).chain(snap.active.iter().map(|a| &a.group));
         for g in groups {
             if let Some(&v) = g.vars.iter().find(|&&v| v as usize >= n) {
                 return Err(bad("queue", format!("group names variable {v} of {n}")));
@@ -342,6 +358,17 @@ impl Trainer {
                 }
             }
         }
+        for a in &snap.active {
+            if let Some(id) = a
+                .in_flight
+                .filter(|id| !snap.in_flight.iter().any(|g| g.id == *id))
+            {
+                return Err(bad(
+                    "active",
+                    format!("a group's generation {id} is not among those in flight"),
+                ));
+            }
+        }
         let pos = |field: &str, s: &str| {
             s.parse::<u128>()
                 .map_err(|_| bad(field, format!("{s:?} is not a stream position")))
@@ -366,7 +393,7 @@ impl Trainer {
             group_rng: group,
             search_len,
             queue: snap.queue,
-            current: snap.current,
+            active: snap.active,
             progress: snap.progress,
             pending: snap.pending,
             in_flight: snap.in_flight.into(),
@@ -388,8 +415,8 @@ impl Trainer {
 
     /// The layer of the group in progress (or of the newest generation in flight), if any.
     pub fn current_layer(&self) -> Option<u32> {
-        (self.current.as_ref().map(|(g, _)| g.layer))
-            .or_else(|| self.in_flight.back().map(|g| g.layer))
+        (self.in_flight.back().map(|g| g.layer))
+            .or_else(|| self.active.last().map(|a| a.group.layer))
     }
 
     /// The generations handed out and not merged yet, oldest first.
@@ -457,7 +484,12 @@ impl Trainer {
             }
             Strategy::EdaCc | Strategy::CcRandom | Strategy::CcLayer | Strategy::Eda => {}
         }
-        if self.current.is_none() {
+        // The oldest group in progress with no generation in flight; else a new group,
+        // while the window has room for it.
+        let free = self.active.iter().position(|a| a.in_flight.is_none());
+        let slot = if let Some(k) = free {
+            k
+        } else {
             if self.queue.is_empty() {
                 if !self.in_flight.is_empty() {
                     // A new cycle's groups are formed from every generation's results.
@@ -479,29 +511,28 @@ impl Trainer {
                     return Ok(None);
                 }
             }
-            let g = self.queue.pop_front().expect("queue is not empty");
-            self.current = Some((g, 0));
-        }
+            let group = self.queue.pop_front().expect("queue is not empty");
+            self.active.push(Active {
+                group,
+                issued: 0,
+                in_flight: None,
+            });
+            self.active.len() - 1
+        };
         let images = self.draw_batch();
-        let (group, issued) = self.current.as_mut().expect("a group is in progress");
+        let a = &mut self.active[slot];
         let candidates = self
             .eda
-            .sample(&group.vars, &self.codes, &mut self.sample_rng)?;
-        let generation = Generation {
+            .sample(&a.group.vars, &self.codes, &mut self.sample_rng)?;
+        a.issued += 1;
+        a.in_flight = Some(id);
+        Ok(Some(Generation {
             id,
             images,
-            vars: group.vars.clone(),
+            vars: a.group.vars.clone(),
             candidates,
-            layer: group.layer,
-        };
-        // A group's generations are counted as they are handed out, so that with a window
-        // the next group starts while the last ones of this group are in flight.
-        *issued += 1;
-        if *issued >= self.search.generations_per_group {
-            self.current = None;
-            self.progress.groups += 1;
-        }
-        Ok(Some(generation))
+            layer: a.group.layer,
+        }))
     }
 
     /// The next cycle's groups of free variables, as the strategy forms them.
@@ -570,6 +601,14 @@ impl Trainer {
             return self.confirm(stats, n, key);
         }
         let generation = self.in_flight.pop_front().expect("checked above");
+        // Its group may hand out its next generation, or is done.
+        if let Some(k) = (self.active.iter()).position(|a| a.in_flight == Some(generation.id)) {
+            self.active[k].in_flight = None;
+            if self.active[k].issued >= self.search.generations_per_group {
+                self.active.remove(k);
+                self.progress.groups += 1;
+            }
+        }
         let generation = &generation;
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| key(i));
@@ -587,9 +626,7 @@ impl Trainer {
         let mut replaced = Vec::new();
         if adopted {
             for (&v, &c) in generation.vars.iter().zip(&generation.candidates[best]) {
-                // A variable that froze while this generation was in flight (a window) keeps
-                // its pinned mode; with no window a frozen variable's candidates hold it.
-                if self.codes[v as usize] != c && !self.eda.is_frozen(v as usize) {
+                if self.codes[v as usize] != c {
                     replaced.push(self.codes[v as usize]);
                     self.codes[v as usize] = c;
                     changes.push((v, c));
