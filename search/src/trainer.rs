@@ -413,23 +413,9 @@ impl Trainer {
         self.search.strategy
     }
 
-    /// The layer of the group in progress (or of the newest generation in flight), if any.
-    pub fn current_layer(&self) -> Option<u32> {
-        (self.in_flight.back().map(|g| g.layer))
-            .or_else(|| self.active.last().map(|a| a.group.layer))
-    }
-
     /// The generations handed out and not merged yet, oldest first.
     pub fn in_flight(&self) -> &VecDeque<Generation> {
         &self.in_flight
-    }
-
-    /// Evaluations of the generations in flight: what budgets count once they merge.
-    pub fn in_flight_evaluations(&self) -> u64 {
-        self.in_flight
-            .iter()
-            .map(|g| g.candidates.len() as u64)
-            .sum()
     }
 
     /// The next generation, or `None` when none can start now: the window is full, a

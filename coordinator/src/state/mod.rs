@@ -523,7 +523,10 @@ impl State {
         let b = &self.setup.config.budget;
         let p = self.trainer.progress();
         // Generations in flight count: a window never starts what the budget cannot merge.
-        let evaluations = p.evaluations + self.trainer.in_flight_evaluations();
+        let in_flight: u64 = (self.trainer.in_flight().iter())
+            .map(|g| g.candidates.len() as u64)
+            .sum();
+        let evaluations = p.evaluations + in_flight;
         if b.evaluations.is_some_and(|e| evaluations >= e) {
             return Some(format!("evaluation budget ({}) spent", p.evaluations));
         }

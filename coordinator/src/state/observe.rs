@@ -117,9 +117,9 @@ impl State {
         let rate = self.counters.rate();
         let b = &self.setup.config.budget;
         let latest = self.history.latest();
-        let layer = self
-            .trainer
-            .current_layer()
+        // The layer of the newest generation in flight.
+        let layer = (self.trainer.in_flight().back())
+            .map(|g| g.layer)
             .and_then(|l| self.trainer.network().layers.get(l as usize))
             .map(|l| l.name.clone())
             .unwrap_or_default();
