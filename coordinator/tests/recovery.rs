@@ -301,23 +301,9 @@ fn coordinator_killed_and_resumed_ends_identical() {
     );
 
     // Resume with nothing but the directory: the checkpoint carries the config.
-    let mut resumed = spawn_coordinator(&["--resume", &out_s], None, &addr);
-    assert!(
-        finishes(&mut resumed, 180),
-        "the resumed run did not finish"
-    );
-    assert_workers_leave(workers);
-    let got = outcome(&out);
+    let got = resume_to_the_end(&out, &addr, workers, expected);
     assert_eq!(got.evaluations, expected.evaluations);
     assert_eq!(got.generations, expected.generations);
-    assert_eq!(
-        got.history, expected.history,
-        "history differs from the uninterrupted run"
-    );
-    assert!(
-        got.model == expected.model,
-        "the final network differs from the uninterrupted run"
-    );
     assert_eq!(got.accuracy_final, expected.accuracy_final);
     assert!(!ck.exists(), "the finished run removed its checkpoint");
     // It continued from a checkpoint (not from the start): the kill came after
@@ -348,22 +334,7 @@ fn a_distillation_run_killed_and_resumed_ends_identical() {
     let workers = start_and_kill_mid_run(&config, &out_s, &addr);
     let teacher = std::fs::read(out.join("teacher.bin")).expect("teacher logits kept for resume");
 
-    let mut resumed = spawn_coordinator(&["--resume", &out_s], None, &addr);
-    assert!(
-        finishes(&mut resumed, 180),
-        "the resumed run did not finish"
-    );
-    assert_workers_leave(workers);
-    let got = outcome(&out);
-    assert_eq!(
-        got.history, expected.history,
-        "history differs from the uninterrupted run"
-    );
-    assert!(
-        got.model == expected.model,
-        "the final network differs from the uninterrupted run"
-    );
-    assert!(got.resumed_from_generation.is_some());
+    resume_to_the_end(&out, &addr, workers, expected);
     assert!(
         !out.join("teacher.bin").exists(),
         "removed with the checkpoint at the end"
@@ -391,13 +362,19 @@ fn a_windowed_run_killed_and_resumed_ends_identical() {
     );
     assert_eq!(ck.state.in_flight_versions.len(), in_flight);
 
-    let mut resumed = spawn_coordinator(&["--resume", &out_s], None, &addr);
+    resume_to_the_end(&out, &addr, workers, expected);
+}
+
+/// Resumes the run in `out` (its checkpoint carries the config), waits for it to finish
+/// and for `workers` to leave, and checks that it ended as `expected`, from a checkpoint.
+fn resume_to_the_end(out: &Path, addr: &str, workers: Vec<Killed>, expected: &Outcome) -> Outcome {
+    let mut resumed = spawn_coordinator(&["--resume", out.to_str().unwrap()], None, addr);
     assert!(
         finishes(&mut resumed, 180),
         "the resumed run did not finish"
     );
     assert_workers_leave(workers);
-    let got = outcome(&out);
+    let got = outcome(out);
     assert_eq!(
         got.history, expected.history,
         "history differs from the uninterrupted run"
@@ -407,4 +384,5 @@ fn a_windowed_run_killed_and_resumed_ends_identical() {
         "the final network differs from the uninterrupted run"
     );
     assert!(got.resumed_from_generation.is_some());
+    got
 }
