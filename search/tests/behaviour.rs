@@ -1256,7 +1256,11 @@ fn a_snapshot_with_a_full_window_resumes_identically() {
         .to_string();
     assert!(err.contains("trainer.in_flight[2]"), "{err}");
     let mut bad = snap.clone();
-    let active = bad.active.iter_mut().find(|a| a.in_flight.is_some()).unwrap();
+    let active = bad
+        .active
+        .iter_mut()
+        .find(|a| a.in_flight.is_some())
+        .unwrap();
     active.in_flight = Some(999);
     let err = Trainer::restore(tiny_network(), s.clone(), 7, SEARCH_LEN, bad, "ck")
         .err()
