@@ -46,11 +46,12 @@ MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)",
 COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN; "ws": weight scales
-# chosen by the least squared error ([quant] weight_scale = "mse") instead of max-abs.
+# chosen by the least squared error ([quant] weight_scale = "mse") instead of max-abs;
+# "gq": the searches start from the GPTQ-rounded network ([quant] rounding = "gptq").
 # The widest int8 kernel path the machine has (scripts/run_grid.py records it; older
 # reports do not).
 ISA = {"avx512_vnni": "AVX-512 VNNI", "avx512bw": "AVX-512, no VNNI", "avx2": "AVX2, no AVX-512"}
-CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:mse)?(?:ws)?(?:bc)?(?:fl\d+)?)-(?P<strategy>[a-z0-9-]+)$")
+CELL_RX = re.compile(r"^(?P<model>[a-z0-9]+)-(?P<prec>w\d+a\d+(?:mse)?(?:ws)?(?:gq)?(?:bc)?(?:fl\d+)?)-(?P<strategy>[a-z0-9-]+)$")
 
 
 def load_cells():
@@ -115,8 +116,8 @@ def fmt(ms, digits=2):
 
 
 def prec_key(p):
-    w, a, mse, ws, bc, fl = re.match(r"w(\d+)a(\d+)(mse)?(ws)?(bc)?(fl\d+)?", p).groups()
-    return (-int(w), -int(a), mse is not None, ws is not None, bc is not None, fl or "")
+    w, a, mse, ws, gq, bc, fl = re.match(r"w(\d+)a(\d+)(mse)?(ws)?(gq)?(bc)?(fl\d+)?", p).groups()
+    return (-int(w), -int(a), mse is not None, ws is not None, gq is not None, bc is not None, fl or "")
 
 
 def prec_label(p):
@@ -125,7 +126,7 @@ def prec_label(p):
     the least squared quantization error (`calibration = "mse"`), W3A8 + MSE weight scales
     for weight scales chosen the same way (`weight_scale = "mse"`)."""
     label = p.upper().replace("MSE", " + MSE clip").replace("BC", " + BC")
-    label = label.replace("WS", " + MSE weight scales")
+    label = label.replace("WS", " + MSE weight scales").replace("GQ", " + GPTQ start")
     return re.sub(r"FL(\d+)", r" + \1-bit first/last", label)
 
 
@@ -258,9 +259,10 @@ def comparison(entries, precs):
 
 # Issue #9's accuracy targets, per model and precision: a number, or "float" for the
 # float model's test top-1 as the report records it.
-# A "+ BC" or "+ MSE weight scales" precision (another post-training start, the same
-# uniform precision) has the target of its precision.
-TARGETS = {("resnet20", "w4a8"): "float", ("resnet20", "w3a8"): 80.0}
+# A "+ BC", "+ MSE clip", "+ MSE weight scales" or "+ GPTQ start" precision (another
+# post-training start, the same uniform precision) has the target of its precision.
+TARGETS = {("resnet20", "w4a8"): "float", ("resnet20", "w3a8"): 80.0, ("resnet20", "w4a4"): 77.0,
+           ("resnet20", "w2a8"): 60.0, ("mnist", "w2a8"): 97.0}
 
 
 def first_reach(report, target):
@@ -277,7 +279,7 @@ def targets(model, entries, precs):
     and when the global network first reached it during the search."""
     rows = []
     for p in precs:
-        goal = TARGETS.get((model, re.sub(r"(ws)?(bc)?$", "", p)))
+        goal = TARGETS.get((model, re.sub(r"(mse)?(ws)?(gq)?(bc)?$", "", p)))
         if goal is None:
             continue
         for strategy in METHODS:
@@ -332,7 +334,11 @@ def main():
           "marked + BC (e.g. W3A8 + BC) starts every search from the bias-corrected RTN network "
           "(`[quant] bias_correction = true`: after rounding, each layer's integer biases are shifted so that "
           "its mean pre-activation per channel on the calibration images matches the float model's) instead "
-          "of plain RTN; its `rtn` entry is that corrected network without search. "
+          "of plain RTN; its `rtn` entry is that corrected network without search. A precision marked + GPTQ start "
+          "starts from the network whose codes error-feedback rounding chose (`[quant] rounding = \"gptq\"`: layer by "
+          "layer, each rounding error compensated by the weights not yet rounded, so that the layer's output on the "
+          "calibration images stays close to the float layer's; the search's codes are then centred on those); its "
+          "`rtn` entry is that network without search. "
           "Regenerate: `python3 scripts/run_grid.py` (runs what is missing), then `python3 scripts/render_results.py`.", ""]
 
     for model in sorted(by_model, key=lambda m: (m != "mnist", m)):

@@ -398,7 +398,7 @@ mod tests {
     use super::*;
     use crate::model::Normalization;
     use crate::qnet::Teacher;
-    use crate::quant::{quantize, Calibration, QuantConfig, WeightScale};
+    use crate::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -431,6 +431,7 @@ mod tests {
             act_bits: 8,
             calibration: Calibration::Max,
             weight_scale: WeightScale::Max,
+            rounding: Rounding::Nearest,
             bias_correction: false,
             first_last_bits: None,
         };

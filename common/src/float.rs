@@ -143,7 +143,7 @@ fn conv(c: &Conv, x: &[f32], xs: Shape, ys: Shape, n: usize) -> Vec<f32> {
 
 /// Fills `col` (`[channels * kh * kw, oh * ow]`) with the input patches of channels
 /// `first..first + channels`; positions in the padding are 0.
-fn im2col(
+pub(crate) fn im2col(
     c: &Conv,
     x: &[f32],
     xs: Shape,

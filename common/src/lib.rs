@@ -6,7 +6,8 @@
 //! - [`onnx`]: ONNX protobuf decoding and lowering into the IR (BatchNorm folded away);
 //! - [`float`]: the f32 reference engine (reports float accuracy; never used in training);
 //! - [`kernels`]: integer kernels, each fast one beside a plain reference;
-//! - [`quant`]: post-training quantization of a float graph into a [`qnet::QNetwork`];
+//! - [`quant`]: post-training quantization of a float graph into a [`qnet::QNetwork`]
+//!   (`rounding`: its error-feedback rounding of a layer's codes);
 //! - [`qnet`]: the integer-only network and its engine, with the weight codes exposed as
 //!   one flat vector of decision variables;
 //! - [`data`]: CIFAR-10 / MNIST readers and deterministic sharding;
@@ -22,5 +23,6 @@ pub mod model;
 pub mod onnx;
 pub mod qnet;
 pub mod quant;
+mod rounding;
 
 pub use error::{Error, Result};

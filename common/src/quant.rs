@@ -1,7 +1,10 @@
 //! Post-training quantization: float [`Graph`] + calibration images -> [`QNetwork`].
 //!
 //! - Weights: symmetric, per output channel, round-to-nearest from max-abs scales
-//!   (`s_w = max|w| / (2^(b-1) - 1)`); the float scales are kept only as metadata.
+//!   (`s_w = max|w| / (2^(b-1) - 1)`) or least-squared-error scales; the float scales are
+//!   kept only as metadata. Optionally ([`QuantConfig::rounding`]) the codes come from
+//!   error-feedback rounding ([`crate::rounding`], GPTQ) instead of rounding each weight
+//!   to its nearest code.
 //! - Activations: per tensor, calibrated on a few training images by max, by a
 //!   percentile of the observed range, or by the least squared quantization error. Values
 //!   that are non-negative in calibration (after a ReLU) are unsigned with zero point 0;
@@ -21,6 +24,7 @@ use crate::float;
 use crate::kernels::{AddParams, ConvGeom, OutputStage, PoolGeom, Requant};
 use crate::model::{Graph, Normalization, Op, Pool, Shape};
 use crate::qnet::{self, code_range, InputQuant, LayerVars, QConv, QNetwork, QNode, QOp, QValue};
+use crate::rounding;
 use crate::{Error, Result};
 
 /// How activation ranges are taken from calibration data.
@@ -80,6 +84,33 @@ impl std::str::FromStr for WeightScale {
     }
 }
 
+/// How float weights become codes once each channel's scale is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rounding {
+    /// Every weight to its nearest code, clamped to the symmetric range.
+    Nearest,
+    /// Error-feedback rounding (GPTQ, [`crate::rounding`]): layer by layer, the codes
+    /// that keep the layer's output on the calibration images close to the float
+    /// layer's, each rounding error compensated by the weights not yet rounded. Codes may
+    /// use the whole signed range (e.g. -2 at 2 bits).
+    Gptq,
+}
+
+impl std::str::FromStr for Rounding {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "nearest" => Ok(Rounding::Nearest),
+            "gptq" => Ok(Rounding::Gptq),
+            _ => Err(Error::setting(
+                "rounding",
+                s,
+                "expected 'nearest' or 'gptq'",
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantConfig {
     pub weight_bits: u8,
@@ -87,6 +118,8 @@ pub struct QuantConfig {
     pub calibration: Calibration,
     /// How each output channel's weight scale is chosen.
     pub weight_scale: WeightScale,
+    /// How weights are rounded to codes at those scales.
+    pub rounding: Rounding,
     /// Shift each layer's integer biases so that its mean pre-activation on the
     /// calibration images matches the float network's ([`correct_biases`]).
     pub bias_correction: bool,
@@ -240,6 +273,21 @@ pub fn quantize(
         std: norm.std.clone(),
     };
 
+    // Error-feedback rounding needs each weight layer's input statistics.
+    let mut stats = (cfg.rounding == Rounding::Gptq).then(|| {
+        let mut stats = rounding::InputStats::new(graph, 0..last);
+        float_chunks(graph, norm, calib, n, &mut |vals| {
+            stats.add(graph, vals, vals[0].len() / ishape.len())
+        });
+        stats
+    });
+    // Node `i`'s statistics, reordered like its weights (`perm[a]` is the float graph's
+    // index of the layer's own weight index `a`).
+    let mut hessian = |i: usize, perm: &[usize]| -> Option<Vec<f64>> {
+        let h = stats.as_mut()?.take(i)?;
+        Some(rounding::permuted(&h, perm))
+    };
+
     let amax = ((1u32 << cfg.act_bits) - 1) as u8;
     let mut roles = vec![Role::At(0); last + 1];
     let mut qvals: Vec<QValue> = vec![input_value];
@@ -318,17 +366,21 @@ pub fn quantize(
                     pad_b: c.pads[2],
                     pad_r: c.pads[3],
                 };
-                // ONNX OIHW -> OHWI.
+                // ONNX OIHW -> OHWI: `perm[a]` is the IHW index of the HWI index `a`.
                 let (kh, kw, ic) = (c.kernel[0], c.kernel[1], src.c);
+                let mut perm = vec![0; kh * kw * ic];
+                for ci in 0..ic {
+                    for y in 0..kh {
+                        for x in 0..kw {
+                            perm[(y * kw + x) * ic + ci] = (ci * kh + y) * kw + x;
+                        }
+                    }
+                }
+                let k = perm.len();
                 let mut w = vec![0f32; c.weight.len()];
                 for o in 0..c.out_channels {
-                    for ci in 0..ic {
-                        for y in 0..kh {
-                            for x in 0..kw {
-                                w[((o * kh + y) * kw + x) * ic + ci] =
-                                    c.weight[((o * ic + ci) * kh + y) * kw + x];
-                            }
-                        }
+                    for (a, &g) in perm.iter().enumerate() {
+                        w[o * k + a] = c.weight[o * k + g];
                     }
                 }
                 let out = if is_logits { src } else { own_scale(i) };
@@ -341,6 +393,7 @@ pub fn quantize(
                         &src,
                         &out,
                         (bits_of(i), cfg.weight_scale),
+                        hessian(i, &perm).as_deref(),
                         bounds,
                         is_logits,
                     )),
@@ -352,15 +405,19 @@ pub fn quantize(
                 // Columns follow the float (CHW) flattening; the integer engine flattens
                 // NHWC, so permute them when the input was a flattened feature map.
                 let mut w = l.weight.clone();
+                let mut perm: Vec<usize> = (0..l.in_features).collect();
                 if let Some(s) = flat_from[q_in[0]] {
                     let hw = s.h * s.w;
+                    for c in 0..s.c {
+                        for p in 0..hw {
+                            perm[p * s.c + c] = c * hw + p;
+                        }
+                    }
                     for o in 0..l.out_features {
                         let row = &l.weight[o * l.in_features..(o + 1) * l.in_features];
                         let dst = &mut w[o * l.in_features..(o + 1) * l.in_features];
-                        for c in 0..s.c {
-                            for p in 0..hw {
-                                dst[p * s.c + c] = row[c * hw + p];
-                            }
+                        for (d, &g) in dst.iter_mut().zip(&perm) {
+                            *d = row[g];
                         }
                     }
                 } else if src.h * src.w != 1 {
@@ -380,6 +437,7 @@ pub fn quantize(
                         &src,
                         &out,
                         (bits_of(i), cfg.weight_scale),
+                        hessian(i, &perm).as_deref(),
                         bounds,
                         is_logits,
                     )),
@@ -635,7 +693,9 @@ fn acc_channel_means(net: &QNetwork, l: usize, acts: &qnet::Activations) -> Vec<
     sums.iter().map(|s| s / count).collect()
 }
 
-/// Quantizes one Conv/Linear with OHWI float weights, symmetric per output channel.
+/// Quantizes one Conv/Linear with OHWI float weights, symmetric per output channel:
+/// rounded to nearest, or by error feedback against `hessian` (the layer's input
+/// statistics in the same HWI order) when given.
 #[allow(clippy::too_many_arguments)]
 fn layer(
     geom: ConvGeom,
@@ -644,34 +704,46 @@ fn layer(
     src: &QValue,
     out: &QValue,
     (bits, how): (u8, WeightScale),
+    hessian: Option<&[f64]>,
     (min, max): (u8, u8),
     is_logits: bool,
 ) -> QConv {
     let k = geom.k_len();
     let qmax = ((1i32 << (bits - 1)) - 1) as f64;
-    let mut codes = Vec::with_capacity(w.len());
-    let mut w_scale = Vec::with_capacity(geom.out_c);
+    let w_scale: Vec<f64> = w
+        .chunks_exact(k)
+        .map(|row| {
+            let m = row.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+            // An all-zero channel gets scale 1: its codes are 0 either way, and its bias
+            // stays representable.
+            match how {
+                _ if m.is_nan() || m <= 0.0 => 1.0,
+                WeightScale::Max => m / qmax,
+                WeightScale::Mse => least_squared_error_scale(row, m, qmax),
+            }
+        })
+        .collect();
+    let codes = match hessian {
+        Some(h) => {
+            let (lo, hi) = code_range(bits);
+            rounding::round_rows(w, &w_scale, h, lo, hi)
+        }
+        None => w
+            .chunks_exact(k)
+            .zip(&w_scale)
+            .flat_map(|(row, &s)| {
+                row.iter()
+                    .map(move |&x| ((x as f64) / s).round().clamp(-qmax, qmax) as i8)
+            })
+            .collect(),
+    };
     let mut b = Vec::with_capacity(geom.out_c);
     let mut requant = Vec::with_capacity(geom.out_c);
-    for o in 0..geom.out_c {
-        let row = &w[o * k..(o + 1) * k];
-        let m = row.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
-        // An all-zero channel gets scale 1: its codes are 0 either way, and its bias
-        // stays representable.
-        let s = match how {
-            _ if m.is_nan() || m <= 0.0 => 1.0,
-            WeightScale::Max => m / qmax,
-            WeightScale::Mse => least_squared_error_scale(row, m, qmax),
-        };
-        codes.extend(
-            row.iter()
-                .map(|&x| ((x as f64) / s).round().clamp(-qmax, qmax) as i8),
-        );
+    for (o, &s) in w_scale.iter().enumerate() {
         let acc_scale = src.scale * s;
         let bq = (bias.get(o).copied().unwrap_or(0.0) as f64 / acc_scale).round();
         b.push(bq.clamp(i32::MIN as f64, i32::MAX as f64) as i32);
         requant.push(Requant::from_real(acc_scale / out.scale));
-        w_scale.push(s);
     }
     let stage = (!is_logits).then_some(OutputStage {
         requant,
@@ -936,6 +1008,7 @@ mod tests {
             act_bits: a,
             calibration: Calibration::Max,
             weight_scale: WeightScale::Max,
+            rounding: Rounding::Nearest,
             bias_correction: false,
             first_last_bits: None,
         }
@@ -1277,6 +1350,64 @@ mod tests {
             e_mse < e_max,
             "relative logit error: mse {e_mse}, max {e_max}"
         );
+    }
+
+    /// Top-1 (%) of `net` on `n` digits of the committed MNIST test split.
+    fn mnist_top1(net: &QNetwork, test: &crate::data::Dataset) -> f64 {
+        let mut acts = Activations::default();
+        net.forward(&test.images, test.len(), &mut acts);
+        let k = net.num_classes;
+        let correct = acts
+            .logits
+            .chunks_exact(k)
+            .zip(&test.labels)
+            .filter(|(row, &y)| {
+                let best = (0..k).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+                best == usize::from(y)
+            })
+            .count();
+        100.0 * correct as f64 / test.len() as f64
+    }
+
+    #[test]
+    fn gptq_rounding_recovers_two_bit_accuracy_and_changes_only_codes() {
+        use crate::data::{self, DataFormat, DataSource, Split};
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let g = crate::onnx::load_onnx(&root.join("examples/mnist/mnist-cnn.onnx")).unwrap();
+        let source = DataSource::new(DataFormat::Mnist, root.join("examples/data/mnist-10k"));
+        let calib = data::load(&source, Split::Train, Some(0..256)).unwrap();
+        let test = data::load(&source, Split::Test, Some(0..1000)).unwrap();
+        let q = |rounding| QuantConfig {
+            rounding,
+            ..cfg(2, 8)
+        };
+        let quant = |r| quantize(&g, &norm(), &calib.images, calib.len(), &q(r)).unwrap();
+        let (near, gptq) = (quant(Rounding::Nearest), quant(Rounding::Gptq));
+        let mut moved = 0;
+        for l in &near.layers {
+            let (a, b) = (near.conv(l.node), gptq.conv(l.node));
+            // Same scales and biases: only the codes differ.
+            assert_eq!(a.w_scale, b.w_scale, "layer {}", l.name);
+            assert_eq!(a.bias, b.bias, "layer {}", l.name);
+            assert!(b.codes.iter().all(|&q| (l.lo..=l.hi).contains(&q)));
+            moved += a.codes.iter().zip(&b.codes).filter(|(x, y)| x != y).count();
+        }
+        assert!(moved > 0, "error feedback changed no code");
+        let (a_near, a_gptq) = (mnist_top1(&near, &test), mnist_top1(&gptq, &test));
+        assert!(
+            a_gptq > a_near + 20.0,
+            "2-bit top-1 on 1,000 test digits: gptq {a_gptq} %, nearest {a_near} %"
+        );
+        // The same inputs give the same network.
+        assert_eq!(quant(Rounding::Gptq).to_json(), gptq.to_json());
+    }
+
+    #[test]
+    fn rounding_names_parse_and_unknown_ones_are_refused() {
+        assert_eq!("gptq".parse::<Rounding>().unwrap(), Rounding::Gptq);
+        assert_eq!("nearest".parse::<Rounding>().unwrap(), Rounding::Nearest);
+        let e = "adaround".parse::<Rounding>().unwrap_err().to_string();
+        assert!(e.contains("rounding") && e.contains("gptq"), "{e}");
     }
 
     #[test]

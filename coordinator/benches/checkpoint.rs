@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::{EvalStats, QNetwork};
-use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
+use ccq_common::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
 use ccq_coordinator::checkpoint::{self, Checkpoint};
 use ccq_coordinator::checkpoint::{LoopSnapshot, Phase};
 use ccq_coordinator::config::RunConfig;
@@ -335,6 +335,7 @@ fn synthetic_network(v: usize) -> QNetwork {
         act_bits: 8,
         calibration: Calibration::Max,
         weight_scale: WeightScale::Max,
+        rounding: Rounding::Nearest,
         bias_correction: false,
         first_last_bits: None,
     };

@@ -43,8 +43,9 @@ pub const FILE_NAME: &str = "checkpoint.ccqck";
 /// carries the candidate awaiting confirmation (`search.acceptance = "confirm"`). 4: the
 /// run config's quant section has `weight_scale` (postcard is not self-describing: a new
 /// field moves every byte after it). 5: `search.window`: the trainer holds every
-/// generation in flight, the loop their networks' versions and the changes since.
-pub const FORMAT_VERSION: u32 = 5;
+/// generation in flight, the loop their networks' versions and the changes since. 6: the
+/// run config's quant section has `rounding`.
+pub const FORMAT_VERSION: u32 = 6;
 const MAGIC: &str = "ccq-checkpoint";
 /// Room for the header line: `MAGIC`, the format, 20 digits of length, 8 of CRC.
 const MAX_HEADER: usize = 128;
@@ -561,7 +562,7 @@ mod tests {
     use super::*;
     use ccq_common::model::Normalization;
     use ccq_common::qnet::QNetwork;
-    use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
+    use ccq_common::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
     use ccq_search::eda::EdaParams;
     use ccq_search::trainer::{Pending, Trainer};
     use rand::{Rng, SeedableRng};
@@ -598,6 +599,7 @@ mod tests {
             act_bits: 8,
             calibration: Calibration::Max,
             weight_scale: WeightScale::Max,
+            rounding: Rounding::Nearest,
             bias_correction: false,
             first_last_bits: None,
         };

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use ccq_common::data::DataSource;
 use ccq_common::model::Normalization;
-use ccq_common::quant::{Calibration, QuantConfig, WeightScale};
+use ccq_common::quant::{Calibration, QuantConfig, Rounding, WeightScale};
 use ccq_search::config::SearchConfig;
 use ccq_search::eda::EdaParams;
 use schemars::JsonSchema;
@@ -123,6 +123,12 @@ pub struct QuantSection {
     /// rounding and clipping error of the channel's weights; clips a few large weights at
     /// 2-3 bits).
     pub weight_scale: String,
+    /// How weights are rounded to codes at those scales: `nearest` (each weight on its
+    /// own) or `gptq` (error feedback: layer by layer, each rounding error compensated by
+    /// the weights not yet rounded, so that the layer's output on the calibration images
+    /// stays close to the float layer's). The search starts from, and stays near, these
+    /// codes.
+    pub rounding: String,
     /// Correct the integer biases after rounding so that each layer's mean
     /// pre-activation matches the float model's on the calibration images.
     pub bias_correction: bool,
@@ -140,6 +146,7 @@ impl Default for QuantSection {
             calib_images: 512,
             calibration: "max".into(),
             weight_scale: "max".into(),
+            rounding: "nearest".into(),
             bias_correction: false,
             first_last_bits: None,
         }
@@ -336,6 +343,11 @@ impl RunConfig {
                 .quant
                 .weight_scale
                 .parse::<WeightScale>()
+                .map_err(in_quant_section)?,
+            rounding: self
+                .quant
+                .rounding
+                .parse::<Rounding>()
                 .map_err(in_quant_section)?,
             bias_correction: self.quant.bias_correction,
             first_last_bits: self.quant.first_last_bits,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use ccq_common::data::{self, DataSource, Dataset, Split};
 use ccq_common::model::{Graph, Normalization};
 use ccq_common::qnet::{cross_entropy, EvalStats, QNetwork};
-use ccq_common::quant::{self, Calibration, QuantConfig, WeightScale};
+use ccq_common::quant::{self, Calibration, QuantConfig, Rounding, WeightScale};
 use ccq_common::{float, onnx};
 use serde::Serialize;
 
@@ -308,6 +308,10 @@ pub struct QuantArgs {
     /// clipped) or `mse` (least squared rounding and clipping error).
     #[arg(long, default_value = "max")]
     pub weight_scale: String,
+    /// How weights are rounded to codes: `nearest` or `gptq` (error feedback that keeps
+    /// each layer's output on the calibration images close to the float layer's).
+    #[arg(long, default_value = "nearest")]
+    pub rounding: String,
     /// Correct the integer biases so that each layer's mean pre-activation matches the
     /// float model's on the calibration images.
     #[arg(long)]
@@ -335,6 +339,7 @@ impl QuantArgs {
             act_bits: self.act_bits,
             calibration: self.calibration.parse::<Calibration>()?,
             weight_scale: self.weight_scale.parse::<WeightScale>()?,
+            rounding: self.rounding.parse::<Rounding>()?,
             bias_correction: self.bias_correction,
             first_last_bits: self.first_last_bits,
         };
@@ -401,6 +406,7 @@ mod tests {
                 act_bits: 8,
                 calibration: Calibration::Max,
                 weight_scale: WeightScale::Max,
+                rounding: Rounding::Nearest,
                 bias_correction,
                 first_last_bits: None,
             }),

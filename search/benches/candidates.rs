@@ -24,7 +24,7 @@ use ccq_common::fitness::{evaluate_candidates_with, Strategy};
 use ccq_common::kernels::{DeltaBase, WeightChange};
 use ccq_common::model::Normalization;
 use ccq_common::qnet::{Activations, QNetwork};
-use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
+use ccq_common::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
 use ccq_search::eda::{EdaParams, EdaState, Group, Variable};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
@@ -78,6 +78,7 @@ fn setup(shared: &std::path::Path) -> Setup {
         act_bits: 8,
         calibration: Calibration::Max,
         weight_scale: WeightScale::Max,
+        rounding: Rounding::Nearest,
         bias_correction: false,
         first_last_bits: None,
     };

@@ -769,7 +769,7 @@ mod tests {
     use ccq_common::fitness::evaluate_candidates;
     use ccq_common::model::Normalization;
     use ccq_common::qnet::Targets;
-    use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
+    use ccq_common::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
     use rand::Rng;
 
     fn setup() -> (QNetwork, Vec<u8>, Vec<u8>) {
@@ -785,6 +785,7 @@ mod tests {
             act_bits: 8,
             calibration: Calibration::Max,
             weight_scale: WeightScale::Max,
+            rounding: Rounding::Nearest,
             bias_correction: false,
             first_last_bits: None,
         };

@@ -15,7 +15,7 @@
 
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::{EvalStats, QNetwork};
-use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
+use ccq_common::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
 use ccq_search::config::{Acceptance, Fitness, SearchConfig, Strategy};
 use ccq_search::eda::EdaParams;
 use ccq_search::trainer::{Generation, Outcome, Pending, Trainer, TrainerSnapshot};
@@ -69,6 +69,7 @@ fn tiny_network() -> QNetwork {
         act_bits: 8,
         calibration: Calibration::Max,
         weight_scale: WeightScale::Max,
+        rounding: Rounding::Nearest,
         bias_correction: false,
         first_last_bits: None,
     };

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use ccq_common::data::DataSource;
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::QNetwork;
-use ccq_common::quant::{self, Calibration, QuantConfig, WeightScale};
+use ccq_common::quant::{self, Calibration, QuantConfig, Rounding, WeightScale};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
     poll_job_response, CandidateResult, PollJobRequest, RegisterRequest, SubmitResultRequest,
@@ -915,6 +915,7 @@ fn measure_memory(opts: &BenchOptions) -> Result<MemoryReport, Error> {
             act_bits: spec.act_bits,
             calibration: Calibration::Max,
             weight_scale: WeightScale::Max,
+            rounding: Rounding::Nearest,
             bias_correction: false,
             first_last_bits: None,
         };
@@ -1075,6 +1076,7 @@ pub fn synthetic_network(v: usize) -> Result<QNetwork, ccq_common::Error> {
         act_bits: 8,
         calibration: Calibration::Max,
         weight_scale: WeightScale::Max,
+        rounding: Rounding::Nearest,
         bias_correction: false,
         first_last_bits: None,
     };

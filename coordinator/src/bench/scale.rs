@@ -30,7 +30,7 @@ use ccq_common::data::{self, DataSource, Split};
 use ccq_common::fitness;
 use ccq_common::model::Normalization;
 use ccq_common::qnet::Targets;
-use ccq_common::quant::{Calibration, QuantConfig, WeightScale};
+use ccq_common::quant::{Calibration, QuantConfig, Rounding, WeightScale};
 use ccq_proto::v1::{CandidateResult, SubmitResultRequest, SyncNetworkRequest};
 use ccq_search::config::SearchConfig;
 use ccq_search::eda::EdaParams;
@@ -271,6 +271,7 @@ pub fn calibrate(
         act_bits: spec.act_bits,
         calibration: Calibration::Max,
         weight_scale: WeightScale::Max,
+        rounding: Rounding::Nearest,
         bias_correction: false,
         first_last_bits: None,
     };

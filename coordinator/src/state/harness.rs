@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::{EvalStats, QNetwork};
-use ccq_common::quant::{quantize, Calibration, QuantConfig, WeightScale};
+use ccq_common::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
 use ccq_search::eda::EdaParams;
 use ccq_search::trainer::Trainer;
 use rand::{Rng, SeedableRng};
@@ -61,6 +61,7 @@ fn network() -> QNetwork {
         act_bits: 8,
         calibration: Calibration::Max,
         weight_scale: WeightScale::Max,
+        rounding: Rounding::Nearest,
         bias_correction: false,
         first_last_bits: None,
     };
