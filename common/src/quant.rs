@@ -3,7 +3,7 @@
 //! - Weights: symmetric, per output channel, round-to-nearest from max-abs scales
 //!   (`s_w = max|w| / (2^(b-1) - 1)`) or least-squared-error scales; the float scales are
 //!   kept only as metadata. Optionally ([`QuantConfig::rounding`]) the codes come from
-//!   error-feedback rounding ([`crate::rounding`], GPTQ) instead of rounding each weight
+//!   error-feedback rounding (GPTQ, in `rounding.rs`) instead of rounding each weight
 //!   to its nearest code.
 //! - Activations: per tensor, calibrated on a few training images by max, by a
 //!   percentile of the observed range, or by the least squared quantization error. Values
@@ -89,7 +89,7 @@ impl std::str::FromStr for WeightScale {
 pub enum Rounding {
     /// Every weight to its nearest code, clamped to the symmetric range.
     Nearest,
-    /// Error-feedback rounding (GPTQ, [`crate::rounding`]): layer by layer, the codes
+    /// Error-feedback rounding (GPTQ, in `rounding.rs`): layer by layer, the codes
     /// that keep the layer's output on the calibration images close to the float
     /// layer's, each rounding error compensated by the weights not yet rounded. Codes may
     /// use the whole signed range (e.g. -2 at 2 bits).
