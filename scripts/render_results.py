@@ -39,11 +39,12 @@ METHODS = {
     "eda-cc-window4": "EDA+CC, 4 generations in flight (window)",
     "eda-cc-window16": "EDA+CC, 16 generations in flight (window)",
     "eda-cc-window32": "EDA+CC, 32 generations in flight (window)",
+    "eda-cc-confirm-b1024-p95": "EDA+CC, confirmed adoption, 1,024-image batches, p0 = 0.95 (a quarter of the evaluations)",
     "rtn": "RTN (no search)",
 }
 MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)",
           "mnist100k": "MNIST quickstart CNN, 100,000 evaluations per run (five times the budget above)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
-COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "rtn": "#7f7f7f"}
+COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "eda-cc-confirm-b1024-p95": "#000000", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN; "ws": weight scales
 # chosen by the least squared error ([quant] weight_scale = "mse") instead of max-abs;
@@ -75,6 +76,12 @@ def load_cells():
         window = cfg.get("search", {}).get("window", 1)
         if window != 1:
             strategy = f"{strategy}-window{window}"
+        batch = cfg.get("search", {}).get("batch_size", 256)
+        if batch != 256:
+            strategy = f"{strategy}-b{batch}"
+        p0 = cfg.get("eda", {}).get("p0", 0.8)
+        if p0 != 0.8:
+            strategy = f"{strategy}-p{round(p0 * 100)}"
         if strategy != m["strategy"]:
             raise SystemExit(f"{path}: name says {m['strategy']}, search.strategy/fitness/acceptance say {strategy}")
         cells[path.stem] = {

@@ -403,6 +403,21 @@ mod tests {
     }
 
     #[test]
+    fn rounding_is_nearest_unless_asked_for_and_unknown_names_are_refused_in_the_quant_section() {
+        let plain = load(VALID).unwrap().quant_config().unwrap();
+        assert_eq!(plain.rounding, Rounding::Nearest);
+        let gptq = load(&VALID.replace("weight_bits = 4", "weight_bits = 2\nrounding = \"gptq\""))
+            .unwrap()
+            .quant_config()
+            .unwrap();
+        assert_eq!(gptq.rounding, Rounding::Gptq);
+        let e = load(&VALID.replace("weight_bits = 4", "rounding = \"stochastic\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("quant") && e.contains("rounding") && e.contains("stochastic"), "{e}");
+    }
+
+    #[test]
     fn bias_correction_is_off_unless_asked_for() {
         let plain = load(VALID).unwrap().quant_config().unwrap();
         assert!(!plain.bias_correction);
