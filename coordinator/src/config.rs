@@ -414,7 +414,10 @@ mod tests {
         let e = load(&VALID.replace("weight_bits = 4", "rounding = \"stochastic\""))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("quant") && e.contains("rounding") && e.contains("stochastic"), "{e}");
+        assert!(
+            e.contains("quant") && e.contains("rounding") && e.contains("stochastic"),
+            "{e}"
+        );
     }
 
     #[test]
