@@ -38,6 +38,11 @@ pub enum Error {
         reason: String,
     },
 
+    /// A dataset file or directory that cannot be used as it is: an image that does not
+    /// decode, a class directory without images, an array of the wrong type or shape.
+    #[error("{}: {reason}", path.display())]
+    DataFile { path: PathBuf, reason: String },
+
     /// A data source string such as `cifar10:DIR` that cannot be parsed.
     #[error("invalid data source '{spec}': {reason}")]
     InvalidDataSource { spec: String, reason: String },

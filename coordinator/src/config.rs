@@ -92,7 +92,10 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// `cifar10:DIR` or `mnist:DIR`; workers read the same path on their machines.
+    /// `cifar10:DIR` (CIFAR-10 binary batches), `mnist:DIR` (IDX files, raw or .gz),
+    /// `folder:DIR[?resize=N&crop=N&channels=rgb|bgr|gray]` (JPEG/PNG, one directory per
+    /// class) or `npy:DIR[?layout=nhwc|nchw]` (x_train.npy, y_train.npy, ...): see
+    /// [DATA.md](DATA.md). Workers read the same path on their machines.
     pub source: String,
     /// Images at the end of the training split held out for validation (model
     /// selection); batches are drawn from the rest.

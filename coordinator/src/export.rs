@@ -33,7 +33,8 @@ pub struct ExportArgs {
     /// The file to write.
     #[arg(long)]
     pub out: PathBuf,
-    /// `cifar10:DIR` or `mnist:DIR`: calibration images for a float model, and the images
+    /// A data source (`cifar10:DIR`, `mnist:DIR`, `folder:DIR`, `npy:DIR`; docs/DATA.md):
+    /// calibration images for a float model, and the images
     /// of --reference.
     #[arg(long)]
     pub data: Option<String>,

@@ -164,7 +164,10 @@ struct EvalArgs {
     /// An ONNX model, or a .ccq integer network written by `coordinator run`.
     #[arg(long)]
     model: PathBuf,
-    /// `cifar10:DIR` (CIFAR-10 binary batches) or `mnist:DIR` (IDX files, raw or .gz).
+    /// `cifar10:DIR` (CIFAR-10 binary batches), `mnist:DIR` (IDX files, raw or .gz),
+    /// `folder:DIR[?resize=N&crop=N&channels=rgb|bgr|gray]` (JPEG/PNG, one directory per
+    /// class) or `npy:DIR[?layout=nhwc|nchw]` (x_train.npy, y_train.npy, ...): see
+    /// docs/DATA.md.
     #[arg(long)]
     data: String,
     /// `test` (reported accuracy) or `train` (the training split, validation hold-out

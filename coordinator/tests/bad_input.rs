@@ -334,6 +334,30 @@ fn worker_asking_for_a_shard_out_of_range_is_refused_and_the_run_goes_on() {
     assert_eq!(v["phase"], "training", "{v}");
     assert_eq!(v["workers"].as_array().map(Vec::len), Some(0), "{v}");
 
+    // A worker whose --data reads the same directory in another format would compute
+    // fitness on other pixels: it stops before taking a job, naming both sources.
+    let other = format!("folder:{}", data_dir().display());
+    let e = run_to_end(worker_cmd(&addr, &["--data", &other]), 60);
+    assert!(!e.success, "the worker ran: {}", e.stderr);
+    assert_says(
+        &e.stderr,
+        &[
+            &other,
+            "the coordinator reads mnist:",
+            "not another format or other options",
+        ],
+    );
+    // It registered before it could compare; the coordinator drops it when its
+    // heartbeats stop.
+    assert!(
+        wait_for(Duration::from_secs(30), || status(&addr).is_some_and(|v| v
+            ["workers"]
+            .as_array()
+            .map(Vec::len)
+            == Some(0))),
+        "the stopped worker was never dropped"
+    );
+
     // The run is unaffected: two ordinary workers finish it...
     let workers: Vec<Killed> = (0..2)
         .map(|_| {

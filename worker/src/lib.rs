@@ -270,7 +270,21 @@ async fn serve(
         count: reg.shard_count as usize,
     };
     let source = match &cfg.data_override {
-        Some(s) => s.clone(),
+        // An override moves the data, it must not change how it is read: other options
+        // (a crop, a channel order) would give other pixels than the coordinator measures.
+        Some(s) => match reg.data_source.parse::<DataSource>() {
+            Ok(theirs) if theirs.format != s.format => {
+                return Err(ccq_common::Error::InvalidDataSource {
+                    spec: s.to_string(),
+                    reason: format!(
+                        "the coordinator reads {theirs}; --data may name another directory \
+                         but not another format or other options"
+                    ),
+                }
+                .into())
+            }
+            _ => s.clone(),
+        },
         None => reg.data_source.parse::<DataSource>()?,
     };
     let key = source.to_string();

@@ -25,7 +25,8 @@ struct Cli {
     /// Evaluation threads (default 1: run one worker per core).
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Read the training data from here instead of the path the coordinator names.
+    /// Read the training data from here instead of the path the coordinator names: the same
+    /// format and options (`folder:/mnt/photos?resize=36&crop=32`), another directory.
     #[arg(long, env = "CCQ_DATA")]
     data: Option<String>,
     /// Name shown in `coordinator status` (default: host name).

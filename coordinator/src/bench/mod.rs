@@ -69,7 +69,7 @@ pub struct ModelSpec {
     pub onnx: PathBuf,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
-    /// `cifar10:DIR` or `mnist:DIR`; the coordinator reads its validation and test
+    /// A data source (`cifar10:DIR`, `mnist:DIR`, `folder:DIR`, `npy:DIR`); the coordinator reads its validation and test
     /// images and the calibration images from it (no-op workers read nothing).
     pub data: String,
     pub weight_bits: u8,

@@ -1,15 +1,19 @@
-//! Dataset readers (CIFAR-10 binary batches, MNIST IDX files) and deterministic sharding.
+//! Dataset readers and deterministic sharding: CIFAR-10 binary batches, MNIST IDX files,
+//! image folders (`folder.rs`) and NumPy arrays (`npy.rs`).
 //!
 //! The coordinator loads the test split whole; each worker loads only its [`Shard`] of the
 //! training split. Shard boundaries depend on nothing but the split's record count, which
-//! [`split_len`] gets from file sizes and headers alone, so every process computes the same
-//! boundaries without talking to the others.
+//! [`split_len`] gets from file sizes, headers or a directory listing alone, so every process
+//! computes the same boundaries without talking to the others.
 //!
-//! Images are kept exactly as the files store them: `u8`, CHW planar (3×32×32 for CIFAR-10,
-//! 1×H×W for MNIST). Normalisation belongs to the model's input quantization, not here.
+//! Images are held as `u8`, CHW planar (3×32×32 for CIFAR-10, 1×H×W for MNIST, the
+//! decoded, resized and cropped pixels for an image folder): the form fitness jobs read,
+//! decoded once when a process loads its records, never per job. Normalisation belongs to
+//! the model's input quantization, not here.
 //!
 //! File contents are never trusted: sizes, magic numbers, dimensions and labels are checked,
-//! and anything wrong comes back as [`Error::MalformedData`] with the file and byte offset.
+//! and anything wrong comes back as [`Error::MalformedData`] with the file and byte offset,
+//! or [`Error::DataFile`] with the file and the reason (an image that does not decode).
 
 use std::fmt;
 use std::fs::{self, File};
@@ -23,16 +27,26 @@ use flate2::read::MultiGzDecoder;
 use crate::model::Shape;
 use crate::{Error, Result};
 
-/// Both supported datasets have ten classes.
+mod folder;
+mod npy;
+
+pub use folder::{Channels, FolderOptions};
+pub use npy::NpyLayout;
+
+/// CIFAR-10 and MNIST have ten classes.
 const NUM_CLASSES: usize = 10;
 
-/// The on-disk format of a dataset directory.
+/// The on-disk format of a dataset directory, with the options that say how to read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataFormat {
     /// CIFAR-10 binary version: `data_batch_{1..5}.bin` and `test_batch.bin`.
     Cifar10,
     /// MNIST IDX files `{train,t10k}-{images-idx3,labels-idx1}-ubyte`, raw or `.gz`.
     Mnist,
+    /// JPEG and PNG files in one directory per class (torchvision's ImageFolder).
+    Folder(FolderOptions),
+    /// `x_train.npy` / `y_train.npy` / `x_test.npy` / `y_test.npy`: u8 images, integer labels.
+    Npy(NpyLayout),
 }
 
 impl DataFormat {
@@ -40,6 +54,8 @@ impl DataFormat {
         match self {
             DataFormat::Cifar10 => "cifar10",
             DataFormat::Mnist => "mnist",
+            DataFormat::Folder(_) => "folder",
+            DataFormat::Npy(_) => "npy",
         }
     }
 
@@ -47,6 +63,8 @@ impl DataFormat {
         match name {
             "cifar10" => Some(DataFormat::Cifar10),
             "mnist" => Some(DataFormat::Mnist),
+            "folder" => Some(DataFormat::Folder(FolderOptions::default())),
+            "npy" => Some(DataFormat::Npy(NpyLayout::default())),
             _ => None,
         }
     }
@@ -58,10 +76,15 @@ impl fmt::Display for DataFormat {
     }
 }
 
-/// Where a dataset lives, written `cifar10:DIR` or `mnist:DIR` on command lines.
+/// Where a dataset lives and how it is read, written `FORMAT:DIR[?OPTIONS]` on command lines
+/// and in configs; the same string reaches the workers.
 ///
-/// For CIFAR-10, `DIR` is the `cifar-10-batches-bin` directory itself or the directory that
-/// contains it (where the official tarball was unpacked).
+/// - `cifar10:DIR`: the `cifar-10-batches-bin` directory itself or the directory that
+///   contains it (where the official tarball was unpacked).
+/// - `mnist:DIR`: the four IDX files, raw or gzipped.
+/// - `folder:DIR?resize=N&crop=N|HxW&channels=rgb|bgr|gray&test_percent=P&split_seed=S`:
+///   see [`FolderOptions`].
+/// - `npy:DIR?layout=nhwc|nchw`: see [`NpyLayout`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DataSource {
     pub format: DataFormat,
@@ -86,24 +109,54 @@ impl FromStr for DataSource {
             reason,
         };
         // Split at the first colon only: format names have none, directories may.
-        let (format, dir) = spec.split_once(':').ok_or_else(|| {
+        let (format, rest) = spec.split_once(':').ok_or_else(|| {
             invalid("expected FORMAT:DIR, e.g. cifar10:data/cifar-10-batches-bin".into())
         })?;
-        let format = DataFormat::from_name(format).ok_or_else(|| {
+        let mut format = DataFormat::from_name(format).ok_or_else(|| {
             invalid(format!(
-                "unknown format '{format}' (expected cifar10 or mnist)"
+                "unknown format '{format}' (expected cifar10, mnist, folder or npy)"
             ))
         })?;
+        // Only the formats with options read a '?': an existing cifar10/mnist directory
+        // whose name holds one keeps working.
+        let (dir, options) = match format {
+            DataFormat::Folder(_) | DataFormat::Npy(_) => match rest.rsplit_once('?') {
+                Some((dir, options)) => (dir, Some(options)),
+                None => (rest, None),
+            },
+            DataFormat::Cifar10 | DataFormat::Mnist => (rest, None),
+        };
         if dir.is_empty() {
             return Err(invalid("the directory after ':' is empty".into()));
+        }
+        for option in options.into_iter().flat_map(|o| o.split('&')) {
+            let (key, value) = option
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("option '{option}' is not KEY=VALUE")))?;
+            let set = match &mut format {
+                DataFormat::Folder(o) => o.set(key, value),
+                DataFormat::Npy(l) => l.set(key, value),
+                DataFormat::Cifar10 | DataFormat::Mnist => unreachable!("no options parsed"),
+            };
+            set.map_err(|reason| invalid(format!("option {key}={value}: {reason}")))?;
         }
         Ok(DataSource::new(format, dir))
     }
 }
 
 impl fmt::Display for DataSource {
+    /// The canonical spec, options included: it parses back to the same source.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.format, self.dir.display())
+        write!(f, "{}:{}", self.format, self.dir.display())?;
+        let options = match self.format {
+            DataFormat::Folder(o) => o.to_string(),
+            DataFormat::Npy(l) => l.to_string(),
+            DataFormat::Cifar10 | DataFormat::Mnist => String::new(),
+        };
+        if !options.is_empty() {
+            write!(f, "?{options}")?;
+        }
+        Ok(())
     }
 }
 
@@ -258,8 +311,8 @@ impl Dataset {
     }
 }
 
-/// Number of records in `split`, from file sizes (CIFAR-10) or headers (MNIST), without
-/// reading any pixels.
+/// Number of records in `split`, from file sizes (CIFAR-10), headers (MNIST, npy) or the
+/// directory listing (folder), without reading any pixels.
 pub fn split_len(source: &DataSource, split: Split) -> Result<usize> {
     match source.format {
         DataFormat::Cifar10 => Ok(cifar_batches(&source.dir, split)?
@@ -267,6 +320,8 @@ pub fn split_len(source: &DataSource, split: Split) -> Result<usize> {
             .map(|b| b.records)
             .sum()),
         DataFormat::Mnist => Ok(MnistFiles::open(&source.dir, split)?.count),
+        DataFormat::Folder(options) => folder::split_len(&source.dir, &options, split),
+        DataFormat::Npy(layout) => npy::split_len(&source.dir, layout, split),
     }
 }
 
@@ -276,6 +331,16 @@ pub fn load(source: &DataSource, split: Split, range: Option<Range<usize>>) -> R
     let dataset = match source.format {
         DataFormat::Cifar10 => load_cifar(source, split, range)?,
         DataFormat::Mnist => load_mnist(source, split, range)?,
+        DataFormat::Folder(options) => {
+            let index = folder::Index::open(&source.dir, &options, split)?;
+            let range = check_range(range, index.len(), source, split)?;
+            index.load(&options, range)?
+        }
+        DataFormat::Npy(layout) => {
+            let arrays = npy::Arrays::open(&source.dir, layout, split)?;
+            let range = check_range(range, arrays.len(), source, split)?;
+            arrays.load(range)?
+        }
     };
     tracing::debug!(
         %source,
