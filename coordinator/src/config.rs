@@ -514,4 +514,20 @@ mod tests {
         let err = load(&VALID.replace("weight_bits = 4", "weight_bits = \"4\"")).unwrap_err();
         assert!(err.to_string().contains("weight_bits"), "{err}");
     }
+
+    #[test]
+    fn every_committed_example_config_is_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut checked = 0;
+        for dir in ["examples", "examples/experiments"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    RunConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 10, "only {checked} example configs found");
+    }
 }
