@@ -165,7 +165,11 @@ pub async fn run(
         let search_len = train_len - cfg.data.validation;
         // Read once here so that unreadable validation images fail the run at start-up,
         // not in a worker later; workers measure, the coordinator keeps only the count.
-        let validation = data::load(&source, Split::Train, Some(search_len..train_len))?.len();
+        let validation = {
+            let v = data::load(&source, Split::Train, Some(search_len..train_len))?;
+            warn_if_one_class(&v.labels, &cfg.data.source);
+            v.len()
+        };
         let test_len = data::split_len(&source, Split::Test)?;
         let test = data::load(
             &source,
@@ -491,6 +495,22 @@ async fn answer_until_ready(
                 Some(ev) => answer_during_setup(ev, &run_id, *phase.borrow(), t0.elapsed().as_secs_f64()),
                 None => return rx,
             },
+        }
+    }
+}
+
+/// A validation hold-out of a single class cannot select a model: it is what the end of a
+/// class-sorted training split looks like (arrays saved in class order, say). Warned, not
+/// refused: a one-class dataset is odd but possible.
+fn warn_if_one_class(labels: &[u8], source: &str) {
+    if let Some(&first) = labels.first() {
+        if labels.len() > 1 && labels.iter().all(|&l| l == first) {
+            tracing::warn!(
+                "every one of the {} validation images (the end of the training split of {source}) \
+                 is class {first}: the training split looks sorted by class, so validation \
+                 cannot select a model; shuffle the records (docs/DATA.md)",
+                labels.len()
+            );
         }
     }
 }

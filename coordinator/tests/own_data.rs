@@ -227,3 +227,49 @@ fn write_idx(dir: &Path, train: &Dataset, test: &Dataset) {
         fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
     }
 }
+
+#[test]
+fn a_class_sorted_training_split_is_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, test) = mnist();
+    // The arrays as a careless export writes them: sorted by label, so the validation
+    // hold-out at the end of the split is all nines.
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    order.sort_by_key(|&i| train.labels[i]);
+    let sorted = Dataset {
+        images: order
+            .iter()
+            .flat_map(|&i| train.image(i).to_vec())
+            .collect(),
+        labels: order.iter().map(|&i| train.labels[i]).collect(),
+        ..train.clone()
+    };
+    let arrays = tmp.path().join("sorted");
+    write_npy(&arrays, &sorted, &test);
+    let config = tmp.path().join("run.toml");
+    fs::write(
+        &config,
+        format!(
+            "out = \"{}\"\n[model]\nonnx = \"{}\"\nmean = [0.1307]\nstd = [0.3081]\n\
+             [data]\nsource = \"npy:{}\"\nvalidation = 50\n[quant]\nweight_bits = 4\n\
+             calib_images = 64\n[search]\nbatch_size = 32\n[budget]\nevaluations = 64\n",
+            tmp.path().join("out").display(),
+            repo().join("examples/mnist/mnist-cnn.onnx").display(),
+            arrays.display(),
+        ),
+    )
+    .unwrap();
+    let o = Command::new(coordinator())
+        .args(["run", "--local-workers", "1", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("every one of the 50 validation images")
+            && stderr.contains("is class 9")
+            && stderr.contains("looks sorted by class"),
+        "{stderr}"
+    );
+}
