@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use ccq_common::data::{self, DataSource, Dataset, Split};
 
 mod support;
-use support::{assert_workers_leave, coordinator, finishes, free_addr, repo, worker, Killed};
+use support::{assert_workers_leave, coordinator, finishes, free_addr, repo, spawn_worker, Killed};
 
 const TRAIN: usize = 700;
 const TEST: usize = 200;
@@ -167,17 +167,7 @@ fn train_on(spec: &str, tmp: &Path) {
     )
     .unwrap();
     let addr = free_addr().to_string();
-    let workers: Vec<Killed> = (0..2)
-        .map(|_| {
-            Killed(
-                Command::new(worker())
-                    .args(["--coordinator", &format!("http://{addr}"), "--threads", "1"])
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("start worker"),
-            )
-        })
-        .collect();
+    let workers: Vec<Killed> = (0..2).map(|_| spawn_worker(&addr)).collect();
     let mut coord = Killed(
         Command::new(coordinator())
             .args(["run", "--config"])

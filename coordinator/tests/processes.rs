@@ -6,7 +6,7 @@ use std::time::Duration;
 
 mod support;
 use support::{
-    assert_workers_leave, coordinator, finishes, free_addr, repo, wait_for, worker,
+    assert_workers_leave, coordinator, finishes, free_addr, repo, spawn_worker, wait_for,
     write_tiny_mnist, Killed,
 };
 
@@ -38,17 +38,7 @@ fn coordinator_and_worker_processes_train_and_finish() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     // Workers first: they retry until the coordinator serves.
-    let workers: Vec<Killed> = (0..2)
-        .map(|_| {
-            Killed(
-                Command::new(worker())
-                    .args(["--coordinator", &format!("http://{addr}")])
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("start worker"),
-            )
-        })
-        .collect();
+    let workers: Vec<Killed> = (0..2).map(|_| spawn_worker(&addr)).collect();
     let mut coord = Killed(
         Command::new(coordinator())
             .args(["run", "--config"])

@@ -11,7 +11,7 @@ use std::time::Duration;
 mod support;
 use support::{
     assert_workers_leave, coordinator, finishes, free_addr, generation, history_without_times,
-    read_report, repo, shared_tiny_mnist, wait_for, worker, Killed,
+    read_report, repo, shared_tiny_mnist, spawn_worker, wait_for, Killed,
 };
 
 /// 750 generations of 8 candidates over 2 shards, measured every 25 generations and
@@ -133,16 +133,6 @@ fn undisturbed(fitness: &str, window: usize) -> (tempfile::TempDir, Outcome) {
     let r = outcome(&out);
     assert_eq!(r.evaluations, 6_000);
     (dir, r)
-}
-
-fn spawn_worker(addr: &str) -> Killed {
-    Killed(
-        Command::new(worker())
-            .args(["--coordinator", &format!("http://{addr}")])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start worker"),
-    )
 }
 
 fn spawn_coordinator(args: &[&str], config: Option<&Path>, addr: &str) -> Killed {

@@ -26,6 +26,17 @@ impl Drop for Killed {
     }
 }
 
+/// A `worker` process dialing the coordinator at `addr`, its log discarded.
+pub fn spawn_worker(addr: &str) -> Killed {
+    Killed(
+        std::process::Command::new(worker())
+            .args(["--coordinator", &format!("http://{addr}")])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start worker"),
+    )
+}
+
 /// `coordinator status --json` of the run at `addr` (None while unreachable).
 pub fn status(addr: &str) -> Option<serde_json::Value> {
     let o = std::process::Command::new(coordinator())
