@@ -676,3 +676,41 @@ fn npy_missing_labels_file_is_an_io_error_naming_it() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn labels_beyond_the_model_outputs_are_refused_naming_the_data() {
+    // A folder numbers its labels by its training classes: 3 classes fit a 3-output
+    // model, not a 2-output one, in either split.
+    let tmp = TempDir::new().unwrap();
+    write_tree(
+        &tmp.path().join("train"),
+        &["a", "b", "c"],
+        &[1, 1, 1],
+        2,
+        2,
+    );
+    write_tree(&tmp.path().join("val"), &["a"], &[1], 2, 2);
+    let s = source("folder", tmp.path());
+    data::check_classes(&s, Split::Train, 3).unwrap();
+    for split in [Split::Train, Split::Test] {
+        expect_data_file(
+            data::check_classes(&s, split, 2),
+            tmp.path(),
+            &format!("the {split} split's labels name 3 classes (0 to 2), the model has 2 outputs"),
+        );
+    }
+    // npy: the largest label decides; the labels file is named.
+    let tmp = npy_fixture();
+    let s = source("npy", tmp.path());
+    data::check_classes(&s, Split::Train, 6).unwrap();
+    expect_data_file(
+        data::check_classes(&s, Split::Train, 5),
+        &tmp.path().join("y_train.npy"),
+        "name 6 classes",
+    );
+    expect_data_file(
+        data::check_classes(&s, Split::Test, 9),
+        &tmp.path().join("y_test.npy"),
+        "name 10 classes (0 to 9), the model has 9 outputs",
+    );
+}

@@ -118,6 +118,7 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, Error> {
             net.input_value.w,
             &dataset,
         )?;
+        data::check_classes(&cfg.data, cfg.split, net.num_classes)?;
         let load = start.elapsed().as_secs_f64();
         let t = Instant::now();
         let s = net.evaluate(&dataset.images, &dataset.labels, BATCH, cfg.threads);
@@ -126,6 +127,7 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, Error> {
         let graph = onnx::load_onnx(&cfg.model)?;
         let s = graph.input_shape;
         check_shape(s.c, s.h, s.w, &dataset)?;
+        data::check_classes(&cfg.data, cfg.split, graph.num_classes())?;
         let norm = cfg
             .normalization
             .clone()

@@ -187,6 +187,9 @@ pub async fn run(
             }
             .into());
         }
+        for split in [Split::Train, Split::Test] {
+            data::check_classes(&source, split, graph.num_classes())?;
+        }
         if norm.mean.len() != s.c {
             return Err(ccq_common::Error::setting(
                 "model.mean",

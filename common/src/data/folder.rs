@@ -257,6 +257,11 @@ impl Index {
         self.records.len()
     }
 
+    /// Classes of the training tree, which numbers the labels of both splits.
+    pub(super) fn classes(&self) -> usize {
+        self.classes
+    }
+
     /// Decodes the records in `range` (global indices of the split, already checked).
     /// Without a crop every image must have the size of the split's record 0.
     pub(super) fn load(&self, options: &FolderOptions, range: Range<usize>) -> Result<Dataset> {

@@ -352,6 +352,35 @@ pub fn load(source: &DataSource, split: Split, range: Option<Range<usize>>) -> R
     Ok(dataset)
 }
 
+/// Checks that every label of `split` names one of a model's `classes` outputs, from the
+/// labels alone (a folder's class count, an npy labels file; CIFAR-10 and MNIST labels are
+/// checked against their ten classes as they are read). A label beyond the model's outputs
+/// would score as an impossible class, silently.
+pub fn check_classes(source: &DataSource, split: Split, classes: usize) -> Result<()> {
+    let (needed, path) = match source.format {
+        DataFormat::Cifar10 | DataFormat::Mnist => (NUM_CLASSES, source.dir.clone()),
+        DataFormat::Folder(options) => (
+            folder::Index::open(&source.dir, &options, split)?.classes(),
+            source.dir.clone(),
+        ),
+        DataFormat::Npy(layout) => {
+            let arrays = npy::Arrays::open(&source.dir, layout, split)?;
+            (arrays.class_count()?, arrays.labels_path().to_path_buf())
+        }
+    };
+    if needed > classes {
+        return Err(Error::DataFile {
+            path,
+            reason: format!(
+                "the {split} split's labels name {needed} classes (0 to {}), the model has \
+                 {classes} outputs",
+                needed - 1
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Loads shard `shard` of `split`: `load` over `shard.range(split_len(..))`.
 pub fn load_shard(source: &DataSource, split: Split, shard: Shard) -> Result<Dataset> {
     // The fields are public, so a shard may not have gone through `Shard::new`.

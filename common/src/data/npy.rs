@@ -178,6 +178,40 @@ impl Arrays {
         self.len
     }
 
+    pub(super) fn labels_path(&self) -> &Path {
+        &self.y_path
+    }
+
+    /// The largest label plus one, reading the labels file only (each label checked).
+    pub(super) fn class_count(&self) -> Result<usize> {
+        Ok(self
+            .labels(0..self.len)?
+            .iter()
+            .map(|&l| l as usize + 1)
+            .max()
+            .unwrap_or(0))
+    }
+
+    /// The labels of `range`, each checked to be a byte.
+    fn labels(&self, range: Range<usize>) -> Result<Vec<u8>> {
+        let t = self.y_type;
+        let bytes = read_range(&self.y_path, self.y_data, range.clone(), t.bytes)?;
+        let mut labels = Vec::with_capacity(range.len());
+        for (i, b) in bytes.chunks_exact(t.bytes).enumerate() {
+            let value = int_value(b, t);
+            let label = u8::try_from(value).map_err(|_| Error::MalformedData {
+                path: self.y_path.clone(),
+                offset: self.y_data + ((range.start + i) * t.bytes) as u64,
+                reason: format!(
+                    "label {value} of record {}: labels must lie in 0..=255",
+                    range.start + i
+                ),
+            })?;
+            labels.push(label);
+        }
+        Ok(labels)
+    }
+
     /// Reads the records in `range` (checked against [`Arrays::len`] by the caller).
     pub(super) fn load(&self, range: Range<usize>) -> Result<Dataset> {
         let (c, h, w) = (self.channels, self.height, self.width);
@@ -197,21 +231,7 @@ impl Arrays {
             }
             raw = chw;
         }
-        let t = self.y_type;
-        let label_bytes = read_range(&self.y_path, self.y_data, range.clone(), t.bytes)?;
-        let mut labels = Vec::with_capacity(range.len());
-        for (i, b) in label_bytes.chunks_exact(t.bytes).enumerate() {
-            let value = int_value(b, t);
-            let label = u8::try_from(value).map_err(|_| Error::MalformedData {
-                path: self.y_path.clone(),
-                offset: self.y_data + ((range.start + i) * t.bytes) as u64,
-                reason: format!(
-                    "label {value} of record {}: labels must lie in 0..=255",
-                    range.start + i
-                ),
-            })?;
-            labels.push(label);
-        }
+        let labels = self.labels(range.clone())?;
         let num_classes = labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
         Ok(Dataset {
             channels: c,
