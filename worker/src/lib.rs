@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use ccq_common::data::{self, DataSource, Dataset, Shard, Split};
 use ccq_common::fitness;
-use ccq_common::qnet::{QNetwork, Targets, Teacher};
+use ccq_common::qnet::{EvalStats, QNetwork, Targets, Teacher};
 use ccq_proto::client::{self, endpoint, error_chain, Auth, Client};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
@@ -450,7 +450,16 @@ async fn evaluate(
                 temperature,
             }),
         };
-        let r = fitness::evaluate_candidates(&net, &pixels, &targets, &vars, &candidates, threads);
+        let per_pass = images_per_pass(&net, PASS_BYTES, threads);
+        let r = evaluate_in_passes(
+            &net,
+            &pixels,
+            &targets,
+            &vars,
+            &candidates,
+            threads,
+            per_pass,
+        );
         (net, r)
     })
     .await
@@ -603,9 +612,140 @@ impl Backoff {
     }
 }
 
+/// Activation bytes one job may hold at a time. A forward pass keeps every intermediate
+/// value of its images (candidates reuse the prefix before their layer), so a job of 1,024
+/// images through a 224 x 224 network would need gigabytes at once; evaluated in passes of
+/// at most this many bytes it does not. Sums are exact, so passes change no result, and a
+/// CIFAR-sized job of 256 images fits in one pass.
+const PASS_BYTES: usize = 256 << 20;
+
+/// Images per pass so that a pass's activations stay within `budget` bytes: every value of
+/// the forward pass twice (the context's and a candidate's), per image, and never fewer
+/// images than threads.
+fn images_per_pass(net: &QNetwork, budget: usize, threads: usize) -> usize {
+    let values: usize =
+        net.input_value.len() + net.nodes.iter().map(|n| n.out.len()).sum::<usize>();
+    let per_image = 2 * values + 4 * net.num_classes;
+    (budget / per_image.max(1)).max(threads).max(1)
+}
+
+/// [`fitness::evaluate_candidates`] over the job's images `per_pass` at a time, the
+/// per-candidate sums added.
+fn evaluate_in_passes(
+    net: &QNetwork,
+    pixels: &[u8],
+    targets: &Targets,
+    vars: &[u32],
+    candidates: &[Vec<i8>],
+    threads: usize,
+    per_pass: usize,
+) -> ccq_common::Result<Vec<EvalStats>> {
+    let (n, il, classes) = (targets.labels.len(), net.image_len(), net.num_classes);
+    if n <= per_pass {
+        return fitness::evaluate_candidates(net, pixels, targets, vars, candidates, threads);
+    }
+    // A job whose pixels or teacher do not match its images is refused whole, as one pass
+    // would refuse it, before any slicing.
+    targets.check(classes)?;
+    if pixels.len() != n * il {
+        return fitness::evaluate_candidates(net, pixels, targets, vars, candidates, threads);
+    }
+    let mut totals = vec![EvalStats::default(); candidates.len()];
+    for lo in (0..n).step_by(per_pass) {
+        let hi = (lo + per_pass).min(n);
+        let part = fitness::evaluate_candidates(
+            net,
+            &pixels[lo * il..hi * il],
+            &targets.slice(lo, hi, classes),
+            vars,
+            candidates,
+            threads,
+        )?;
+        for (t, p) in totals.iter_mut().zip(&part) {
+            t.add(p);
+        }
+    }
+    Ok(totals)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The random-weight MNIST-shaped CNN fixture, quantized at 4 bits, and 40 random
+    /// images with labels.
+    fn fixture() -> (QNetwork, Vec<u8>, Vec<u8>) {
+        use ccq_common::quant::{self, Calibration, QuantConfig, Rounding, WeightScale};
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../common/tests/fixtures/mnist_cnn.onnx");
+        let graph = ccq_common::onnx::load_onnx(&path).unwrap();
+        let n = 40;
+        let pixels: Vec<u8> = (0..n * 784).map(|i| (i * 37 % 251) as u8).collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i * 7 % 10) as u8).collect();
+        let norm = ccq_common::model::Normalization {
+            mean: vec![0.45],
+            std: vec![0.25],
+        };
+        let cfg = QuantConfig {
+            weight_bits: 4,
+            act_bits: 8,
+            calibration: Calibration::Max,
+            weight_scale: WeightScale::Max,
+            rounding: Rounding::Nearest,
+            bias_correction: false,
+            first_last_bits: None,
+        };
+        let net = quant::quantize(&graph, &norm, &pixels, n, &cfg).unwrap();
+        (net, pixels, labels)
+    }
+
+    #[test]
+    fn passes_give_the_same_sums_as_one_evaluation() {
+        let (net, pixels, labels) = fixture();
+        let targets = Targets::labels(&labels);
+        // Two variables of the first layer and of the last, each candidate moving them.
+        let last = net.num_vars() as u32 - 1;
+        let vars = vec![0, 1, last - 1, last];
+        let codes = net.codes();
+        let candidates: Vec<Vec<i8>> = (0..5)
+            .map(|c| {
+                vars.iter()
+                    .map(|&v| {
+                        let l = &net.layers[net.layer_of(v as usize)];
+                        (codes[v as usize] + c as i8 - 2).clamp(l.lo, l.hi)
+                    })
+                    .collect()
+            })
+            .collect();
+        let whole =
+            fitness::evaluate_candidates(&net, &pixels, &targets, &vars, &candidates, 2).unwrap();
+        assert_eq!(whole[0].images, 40);
+        for per_pass in [1, 7, 16, 39, 40, 1000] {
+            let passes =
+                evaluate_in_passes(&net, &pixels, &targets, &vars, &candidates, 2, per_pass)
+                    .unwrap();
+            assert_eq!(passes, whole, "{per_pass} images per pass");
+        }
+        // A job whose pixels do not match its images is refused in passes as in one.
+        assert!(
+            evaluate_in_passes(&net, &pixels[1..], &targets, &vars, &candidates, 2, 7).is_err()
+        );
+    }
+
+    #[test]
+    fn passes_are_sized_by_the_activation_budget() {
+        let (net, _, _) = fixture();
+        let values: usize =
+            net.input_value.len() + net.nodes.iter().map(|n| n.out.len()).sum::<usize>();
+        let per_image = 2 * values + 4 * net.num_classes;
+        assert_eq!(images_per_pass(&net, per_image * 10, 1), 10);
+        assert_eq!(images_per_pass(&net, per_image * 10 + per_image - 1, 1), 10);
+        // Never fewer images than threads, never zero.
+        assert_eq!(images_per_pass(&net, per_image * 2, 4), 4);
+        assert_eq!(images_per_pass(&net, 0, 0), 1);
+        // A small network's job fits the real budget in one pass.
+        assert!(images_per_pass(&net, PASS_BYTES, 1) > 1024);
+    }
 
     #[test]
     fn completion_indexes_map_onto_shards_round_robin() {
