@@ -86,6 +86,35 @@ fn run(graph: &Graph, input: &[f32], n: usize, keep_all: bool) -> Vec<Vec<f32>> 
                     .for_each(|(a, b)| *a += b);
                 y
             }
+            Op::Unary(f) => {
+                let mut y = owned_input(&mut values);
+                y.iter_mut().for_each(|v| *v = f.apply(*v as f64) as f32);
+                y
+            }
+            Op::Mul => {
+                let mut y = owned_input(&mut values);
+                let b = &values[node.inputs[1]];
+                if b.len() == y.len() {
+                    y.iter_mut().zip(b).for_each(|(a, b)| *a *= b);
+                } else {
+                    // `[C, 1, 1]` per image, broadcast over the plane.
+                    let hw = xs.h * xs.w;
+                    for (plane, &s) in y.chunks_exact_mut(hw).zip(b) {
+                        plane.iter_mut().for_each(|a| *a *= s);
+                    }
+                }
+                y
+            }
+            Op::Concat => {
+                let mut y = Vec::with_capacity(n * ys.len());
+                for img in 0..n {
+                    for &v in &node.inputs {
+                        let len = graph.shape(v).len();
+                        y.extend_from_slice(&values[v][img * len..(img + 1) * len]);
+                    }
+                }
+                y
+            }
             Op::MaxPool(p) => pool(p, false, &values[first], xs, ys, n),
             Op::AveragePool(p) => pool(p, true, &values[first], xs, ys, n),
             Op::GlobalAveragePool => global_average_pool(&values[first], xs),

@@ -88,6 +88,13 @@ pub enum Op {
     },
     /// Elementwise sum of two same-shape inputs (residual connections).
     Add,
+    /// An elementwise function of one input (activations other than ReLU and Clip).
+    Unary(Unary),
+    /// Elementwise product of two inputs: the second has the first's shape or is
+    /// `[C, 1, 1]`, broadcast over H and W (the scaling of a squeeze-excitation block).
+    Mul,
+    /// Concatenation along channels of inputs with equal H and W.
+    Concat,
     MaxPool(Pool),
     AveragePool(Pool),
     /// Mean over H and W: `[C, H, W] -> [C, 1, 1]`.
@@ -98,6 +105,64 @@ pub enum Op {
     Slice(Slice),
     /// Constant-zero padding on each axis, e.g. the option-A shortcut's channel padding.
     Pad(Pad),
+}
+
+/// The elementwise activations the integer engine runs as a 256-entry lookup table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Unary {
+    Sigmoid,
+    Tanh,
+    /// `max(0, min(1, alpha * x + beta))` (ONNX defaults 0.2 and 0.5; PyTorch's
+    /// Hardsigmoid exports 1/6 and 0.5).
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
+    /// `x * max(0, min(1, x / 6 + 1 / 2))`.
+    HardSwish,
+    /// `x` when `x >= 0`, else `alpha * x`.
+    LeakyRelu {
+        alpha: f32,
+    },
+    /// SiLU / Swish, `x * sigmoid(x)` (PyTorch exports it as Sigmoid then Mul; the importer
+    /// fuses the pair).
+    Silu,
+}
+
+impl Unary {
+    /// The function, in f64 (the float engine rounds the result to f32; the quantizer
+    /// tabulates it).
+    pub fn apply(self, x: f64) -> f64 {
+        let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+        match self {
+            Unary::Sigmoid => sigmoid(x),
+            Unary::Tanh => x.tanh(),
+            Unary::HardSigmoid { alpha, beta } => {
+                (alpha as f64 * x + beta as f64).max(0.0).min(1.0)
+            }
+            Unary::HardSwish => x * (x / 6.0 + 0.5).max(0.0).min(1.0),
+            Unary::LeakyRelu { alpha } => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    alpha as f64 * x
+                }
+            }
+            Unary::Silu => x * sigmoid(x),
+        }
+    }
+
+    /// The ONNX operator name (SiLU has none: "Sigmoid+Mul").
+    pub fn name(self) -> &'static str {
+        match self {
+            Unary::Sigmoid => "Sigmoid",
+            Unary::Tanh => "Tanh",
+            Unary::HardSigmoid { .. } => "HardSigmoid",
+            Unary::HardSwish => "HardSwish",
+            Unary::LeakyRelu { .. } => "LeakyRelu",
+            Unary::Silu => "Sigmoid+Mul (SiLU)",
+        }
+    }
 }
 
 /// 2-D convolution with the weights in ONNX layout `[O, I/group, KH, KW]`.

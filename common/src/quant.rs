@@ -475,6 +475,13 @@ pub fn quantize(
                 let hi = quantize_real(*max as f64, &src, 255);
                 (QOp::Clamp { min: lo, max: hi }, src, None)
             }
+            Op::Unary(_) | Op::Mul | Op::Concat => {
+                return Err(Error::UnsupportedOp {
+                    node: node.name.clone(),
+                    op: format!("{:?}", node.op),
+                    reason: "not in the integer engine yet".into(),
+                })
+            }
             Op::MaxPool(p) => {
                 let g = pool_geom(&src, p);
                 (QOp::MaxPool(g), pooled(&src, &g), None)
