@@ -100,19 +100,28 @@ def run_arrays(path, ref):
     logits = None
     for node in net["nodes"]:
         op = node["op"]
-        if op == "add":
+        if op in ("add", "mul"):
             a, b = (vals[i] for i in node["inputs"])
-        else:
+        elif op != "concat":
             x = vals[node["input"]]
         if op == "conv":
             kh, kw = node["kernel"]
-            o, i = node["out_channels"], node["in_channels"]
-            w = np.array(node["weights"], dtype=np.int64).reshape(o, kh * kw * i)
+            o, i, g = node["out_channels"], node["in_channels"], node.get("groups", 1)
+            ipg, opg = i // g, o // g
+            w = np.array(node["weights"], dtype=np.int64).reshape(o, kh * kw * ipg)
             p = windows(
                 x.astype(np.int64) - node["input_zero_point"],
                 kh, kw, *node["stride"], *node["dilation"], node["pads"], 0,
             )
-            acc = p.reshape(*p.shape[:3], -1) @ w.T + np.array(node["bias"], dtype=np.int64)
+            # Group k: output channels k*opg.. read input channels k*ipg.. only.
+            acc = np.concatenate(
+                [
+                    p[..., k * ipg : (k + 1) * ipg].reshape(*p.shape[:3], -1)
+                    @ w[k * opg : (k + 1) * opg].T
+                    for k in range(g)
+                ],
+                axis=-1,
+            ) + np.array(node["bias"], dtype=np.int64)
             if node["requant"] is None:
                 logits = acc.reshape(n, -1)
                 break
@@ -155,6 +164,16 @@ def run_arrays(path, ref):
             y = x.reshape(n, 1, 1, -1)
         elif op == "clamp":
             y = np.minimum(np.maximum(x, node["min"]), node["max"])
+        elif op == "lookup":
+            y = np.array(node["table"], dtype=np.int64)[x]
+        elif op == "mul":
+            # b is a's shape or [N, 1, 1, C]; NumPy broadcasts the latter over H and W.
+            prod = (a.astype(np.int64) - node["a_zero_point"]) * (b.astype(np.int64) - node["b_zero_point"])
+            y = node["output_zero_point"] + requant(prod, node["multiplier"], node["shift"])
+            y = np.minimum(np.maximum(y, node["clamp_min"]), node["clamp_max"])
+        elif op == "concat":
+            parts = [np.array(t, dtype=np.int64)[vals[i]] for i, t in zip(node["inputs"], node["tables"])]
+            y = np.concatenate(parts, axis=-1)
         else:
             raise SystemExit(f"{path}: unknown op '{op}'")
         vals.append(y.astype(np.int64))

@@ -42,6 +42,7 @@ fn conv3x3(hw: usize, in_c: usize, out_c: usize, stride: usize) -> ConvGeom {
         pad_l: 1,
         pad_b: 1,
         pad_r: 1,
+        groups: 1,
     }
 }
 

@@ -285,11 +285,12 @@ fn first_layer_changes(
             continue;
         }
         let (oc, r) = (i / g.k_len(), i % g.k_len());
+        let ipg = g.in_per_group();
         changes.push(WeightChange {
             oc,
-            ky: r / (g.k_w * g.in_c),
-            kx: r / g.in_c % g.k_w,
-            ic: r % g.in_c,
+            ky: r / (g.k_w * ipg),
+            kx: r / ipg % g.k_w,
+            ic: r % ipg,
             delta: i32::from(code) - i32::from(old),
         });
     }

@@ -108,7 +108,7 @@ pub enum Op {
 }
 
 /// The elementwise activations the integer engine runs as a 256-entry lookup table.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Unary {
     Sigmoid,
     Tanh,

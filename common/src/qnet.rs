@@ -18,8 +18,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::{self, AddParams, ConvGeom, OutputStage, PackedConv, PoolGeom, Requant};
-use crate::model::{Pad, Slice};
+use crate::kernels::{
+    self, AddParams, ConvGeom, MulParams, OutputStage, PackedConv, PoolGeom, Requant,
+};
+use crate::model::{Pad, Slice, Unary};
 use crate::{Error, Result};
 
 /// Per-tensor quantization of one activation value, NHWC shape.
@@ -162,6 +164,28 @@ pub enum QOp {
         min: u8,
         max: u8,
     },
+    /// An elementwise function as a table over the input codes, `out = table[x]`, built
+    /// at quantization time from the input's and the output's quantization; `func` is
+    /// what it tabulates (for reports and export).
+    Lut {
+        func: Unary,
+        /// 256 entries.
+        table: Vec<u8>,
+    },
+    /// Elementwise product; the second input has the first's shape or is `[1, 1, C]`.
+    Mul(MulParams),
+    /// Concatenation along channels, each input's codes through its own table into the
+    /// output's quantization.
+    Concat {
+        /// One 256-entry table per input.
+        tables: Vec<Vec<u8>>,
+    },
+}
+
+/// A 256-entry table of a node that [`QNetwork::validate`] has checked.
+fn table(t: &[u8]) -> &[u8; 256] {
+    t.try_into()
+        .expect("validated networks hold 256-entry tables")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -743,6 +767,26 @@ impl QNetwork {
                             .map(|&x| x.clamp(*min, *max)),
                     );
                 }
+                QOp::Lut { table: t, .. } => {
+                    out.resize(n * node.out.len(), 0);
+                    kernels::lookup(table(t), &acts.values[node.inputs[0]], &mut out);
+                }
+                QOp::Mul(p) => {
+                    out.resize(n * node.out.len(), 0);
+                    let (a, b) = (&acts.values[node.inputs[0]], &acts.values[node.inputs[1]]);
+                    kernels::mul(p, a, b, n, &mut out);
+                }
+                QOp::Concat { tables } => {
+                    let inputs: Vec<(&[u8], &[u8; 256])> = node
+                        .inputs
+                        .iter()
+                        .zip(tables)
+                        .map(|(&v, t)| (&acts.values[v][..], table(t)))
+                        .collect();
+                    let channels: Vec<usize> =
+                        node.inputs.iter().map(|&v| self.value(v).c).collect();
+                    kernels::concat(&inputs, &channels, &mut out);
+                }
             }
             acts.values[idx + 1] = out;
         }
@@ -861,6 +905,8 @@ impl QNetwork {
                     node.name
                 )));
             }
+            self.validate_elementwise(node)
+                .map_err(|why| bad(format!("node '{}' is inconsistent: {why}", node.name)))?;
             if let QOp::Conv(c) = &node.op {
                 let g = &c.geom;
                 let src = self.value(node.inputs[0]);
@@ -913,6 +959,67 @@ impl QNetwork {
                 )));
             }
             offset += l.len;
+        }
+        Ok(())
+    }
+
+    /// Shapes, arities and parameters of the lookup, product and concatenation nodes,
+    /// whose kernels would otherwise index out of bounds on a damaged network.
+    fn validate_elementwise(&self, node: &QNode) -> std::result::Result<(), String> {
+        let arity = |k: usize| {
+            if node.inputs.len() == k {
+                Ok(())
+            } else {
+                Err(format!("{} inputs, expected {k}", node.inputs.len()))
+            }
+        };
+        let plane = |v: &QValue| (v.h, v.w);
+        match &node.op {
+            QOp::Lut { table, .. } => {
+                arity(1)?;
+                let src = self.value(node.inputs[0]);
+                if table.len() != 256 {
+                    return Err(format!("a table of {} entries", table.len()));
+                }
+                if (src.h, src.w, src.c) != (node.out.h, node.out.w, node.out.c) {
+                    return Err("output shape differs from the input's".into());
+                }
+            }
+            QOp::Mul(p) => {
+                arity(2)?;
+                let (a, b) = (self.value(node.inputs[0]), self.value(node.inputs[1]));
+                if !p.is_valid() {
+                    return Err(format!("invalid parameters {p:?}"));
+                }
+                let same = (a.h, a.w, a.c) == (b.h, b.w, b.c);
+                let per_channel = (b.h, b.w, b.c) == (1, 1, a.c);
+                if !(same || per_channel) || (a.h, a.w, a.c) != (node.out.h, node.out.w, node.out.c)
+                {
+                    return Err("operand shapes do not match".into());
+                }
+            }
+            QOp::Concat { tables } => {
+                if node.inputs.len() < 2 || tables.len() != node.inputs.len() {
+                    return Err(format!(
+                        "{} inputs and {} tables",
+                        node.inputs.len(),
+                        tables.len()
+                    ));
+                }
+                if tables.iter().any(|t| t.len() != 256) {
+                    return Err("a table without 256 entries".into());
+                }
+                let values: Vec<QValue> = node.inputs.iter().map(|&v| self.value(v)).collect();
+                let channels: usize = values.iter().map(|v| v.c).sum();
+                if values
+                    .iter()
+                    .any(|v| plane(v) != plane(&node.out) || v.c == 0)
+                    || channels != node.out.c
+                {
+                    return Err("input shapes do not add up to the output's".into());
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -1016,7 +1123,7 @@ impl QNetwork {
 /// A conv's output height and width and its number of weights, with every size the
 /// kernels derive from the geometry (padded input, tap offsets) computed without overflow;
 /// `None` for a geometry no real layer has (a zero stride, dilation, kernel or channel
-/// count, or sizes beyond `usize`), which a damaged file or message may carry.
+/// count, groups that do not divide the channels, or sizes beyond `usize`), which a damaged file or message may carry.
 fn checked_conv_sizes(g: &ConvGeom) -> Option<(usize, usize, usize)> {
     if [
         g.in_c, g.out_c, g.k_h, g.k_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
@@ -1025,11 +1132,14 @@ fn checked_conv_sizes(g: &ConvGeom) -> Option<(usize, usize, usize)> {
     {
         return None;
     }
+    if g.groups == 0 || g.in_c % g.groups != 0 || g.out_c % g.groups != 0 {
+        return None;
+    }
     let weights = g
         .out_c
         .checked_mul(g.k_h)?
         .checked_mul(g.k_w)?
-        .checked_mul(g.in_c)?;
+        .checked_mul(g.in_per_group())?;
     let c4 = g.in_c.checked_add(3)? / 4 * 4;
     let padded_h = g.in_h.checked_add(g.pad_t)?.checked_add(g.pad_b)?;
     let padded_w = g.in_w.checked_add(g.pad_l)?.checked_add(g.pad_r)?;

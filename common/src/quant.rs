@@ -21,7 +21,7 @@
 //!   3-4 weight bits that shift costs more accuracy than the rounding noise itself.
 
 use crate::float;
-use crate::kernels::{AddParams, ConvGeom, OutputStage, PoolGeom, Requant};
+use crate::kernels::{AddParams, ConvGeom, MulParams, OutputStage, PoolGeom, Requant};
 use crate::model::{Graph, Normalization, Op, Pool, Shape};
 use crate::qnet::{self, code_range, InputQuant, LayerVars, QConv, QNetwork, QNode, QOp, QValue};
 use crate::rounding;
@@ -237,7 +237,10 @@ pub fn quantize(
         if absorbed[i] || i + 1 == last {
             continue;
         }
-        if matches!(graph.nodes[i].op, Op::Conv(_) | Op::Linear(_) | Op::Add) {
+        if matches!(
+            graph.nodes[i].op,
+            Op::Conv(_) | Op::Linear(_) | Op::Add | Op::Unary(_) | Op::Mul | Op::Concat
+        ) {
             wanted[fused_act[i].map_or(i + 1, |a| a + 1)] = true;
         }
     }
@@ -340,16 +343,6 @@ pub fn quantize(
         let is_logits = i + 1 == last;
         let (op, out, flat) = match &node.op {
             Op::Conv(c) => {
-                if c.group != 1 {
-                    return Err(Error::UnsupportedOp {
-                        node: node.name.clone(),
-                        op: "Conv".into(),
-                        reason: format!(
-                            "group = {}: the integer engine supports group = 1 only",
-                            c.group
-                        ),
-                    });
-                }
                 let geom = ConvGeom {
                     in_h: src.h,
                     in_w: src.w,
@@ -365,9 +358,13 @@ pub fn quantize(
                     pad_l: c.pads[1],
                     pad_b: c.pads[2],
                     pad_r: c.pads[3],
+                    groups: c.group,
                 };
-                // ONNX OIHW -> OHWI: `perm[a]` is the IHW index of the HWI index `a`.
-                let (kh, kw, ic) = (c.kernel[0], c.kernel[1], src.c);
+                // ONNX OIHW -> OHWI (I = input channels per group): `perm[a]` is the IHW
+                // index of the HWI index `a`. Grouped layers get no error-feedback
+                // statistics (`rounding::InputStats` covers dense layers), so they are
+                // rounded to nearest.
+                let (kh, kw, ic) = (c.kernel[0], c.kernel[1], geom.in_per_group());
                 let mut perm = vec![0; kh * kw * ic];
                 for ci in 0..ic {
                     for y in 0..kh {
@@ -475,12 +472,41 @@ pub fn quantize(
                 let hi = quantize_real(*max as f64, &src, 255);
                 (QOp::Clamp { min: lo, max: hi }, src, None)
             }
-            Op::Unary(_) | Op::Mul | Op::Concat => {
-                return Err(Error::UnsupportedOp {
-                    node: node.name.clone(),
-                    op: format!("{:?}", node.op),
-                    reason: "not in the integer engine yet".into(),
-                })
+            // Any function of one code is a table over the 2^act_bits input codes.
+            Op::Unary(f) => {
+                let out = own_scale(i);
+                let table = (0..=255u8)
+                    .map(|x| {
+                        let real = (f64::from(x) - f64::from(src.zp)) * src.scale;
+                        quantize_real(f.apply(real), &out, amax)
+                    })
+                    .collect();
+                (QOp::Lut { func: *f, table }, out, None)
+            }
+            Op::Mul => {
+                let b = qvals[q_in[1]];
+                let out = own_scale(i);
+                let p =
+                    MulParams::new(src.scale, src.zp, b.scale, b.zp, out.scale, out.zp, 0, amax);
+                (QOp::Mul(p), out, None)
+            }
+            // Each input is re-quantized to the output's scale by a table (the identity
+            // when they already share it).
+            Op::Concat => {
+                let out = own_scale(i);
+                let tables = q_in
+                    .iter()
+                    .map(|&q| {
+                        let v = qvals[q];
+                        (0..=255u8)
+                            .map(|x| {
+                                let real = (f64::from(x) - f64::from(v.zp)) * v.scale;
+                                quantize_real(real, &out, amax)
+                            })
+                            .collect()
+                    })
+                    .collect();
+                (QOp::Concat { tables }, out, None)
             }
             Op::MaxPool(p) => {
                 let g = pool_geom(&src, p);
@@ -533,7 +559,7 @@ pub fn quantize(
                 len: c.codes.len(),
                 lo,
                 hi,
-                dims: [g.out_c, g.k_h, g.k_w, g.in_c],
+                dims: [g.out_c, g.k_h, g.k_w, g.in_per_group()],
             });
             pre_act.push(i + 1);
             if is_logits {
@@ -1583,5 +1609,275 @@ mod tests {
         let after = net.codes();
         assert_eq!((after[0], after[n - 1]), (7, -8));
         assert_eq!(after[1..n - 1], before[1..n - 1]);
+    }
+
+    /// A hand-built graph with every op of mobile networks: dense, grouped and depthwise
+    /// convolutions, each table activation, a squeeze-excitation product and a channel
+    /// concatenation of two branches with different ranges.
+    fn mobile_graph() -> Graph {
+        use crate::model::{Conv, Linear, Node, Unary};
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut push = |nodes: &mut Vec<Node>, op: Op, inputs: Vec<usize>, shape: Shape| {
+            nodes.push(Node {
+                name: format!("n{}", nodes.len()),
+                op,
+                inputs,
+                shape,
+            });
+            nodes.len()
+        };
+        let mut conv = |cin: usize, cout: usize, k: usize, group: usize| {
+            let fan_in = cin / group * k * k;
+            let sd = (2.0 / fan_in as f64).sqrt();
+            Op::Conv(Conv {
+                out_channels: cout,
+                in_channels: cin,
+                kernel: [k, k],
+                stride: [1, 1],
+                pads: [k / 2; 4],
+                dilation: [1, 1],
+                group,
+                weight: (0..cout * fan_in)
+                    .map(|_| (rng.random::<f64>() * 2.0 - 1.0) as f32 * sd as f32 * 1.7)
+                    .collect(),
+                bias: (0..cout).map(|_| rng.random::<f32>() * 0.2 - 0.1).collect(),
+            })
+        };
+        let sh = |c| Shape::new(c, 6, 6);
+        let stem = push(&mut nodes, conv(2, 8, 3, 1), vec![0], sh(8));
+        let hs = push(&mut nodes, Op::Unary(Unary::HardSwish), vec![stem], sh(8));
+        let dw = push(&mut nodes, conv(8, 8, 3, 8), vec![hs], sh(8));
+        let silu = push(&mut nodes, Op::Unary(Unary::Silu), vec![dw], sh(8));
+        // Branch a: grouped 1x1 then LeakyRelu; branch b: dense then Tanh (range [-1, 1]).
+        let grp = push(&mut nodes, conv(8, 8, 1, 4), vec![silu], sh(8));
+        let a = push(
+            &mut nodes,
+            Op::Unary(Unary::LeakyRelu { alpha: 0.1 }),
+            vec![grp],
+            sh(8),
+        );
+        let dense = push(&mut nodes, conv(8, 4, 3, 1), vec![silu], sh(4));
+        let b = push(&mut nodes, Op::Unary(Unary::Tanh), vec![dense], sh(4));
+        let cat = push(&mut nodes, Op::Concat, vec![a, b], sh(12));
+        // Squeeze-excitation over the concatenation.
+        let sq = push(
+            &mut nodes,
+            Op::GlobalAveragePool,
+            vec![cat],
+            Shape::new(12, 1, 1),
+        );
+        let fc1 = push(&mut nodes, conv(12, 4, 1, 1), vec![sq], Shape::new(4, 1, 1));
+        let r = push(&mut nodes, Op::Relu, vec![fc1], Shape::new(4, 1, 1));
+        let fc2 = push(&mut nodes, conv(4, 12, 1, 1), vec![r], Shape::new(12, 1, 1));
+        let gate = push(
+            &mut nodes,
+            Op::Unary(Unary::HardSigmoid {
+                alpha: 1.0 / 6.0,
+                beta: 0.5,
+            }),
+            vec![fc2],
+            Shape::new(12, 1, 1),
+        );
+        let scaled = push(&mut nodes, Op::Mul, vec![cat, gate], sh(12));
+        let sig = push(&mut nodes, Op::Unary(Unary::Sigmoid), vec![scaled], sh(12));
+        let prod = push(&mut nodes, Op::Mul, vec![sig, scaled], sh(12));
+        let pool = push(
+            &mut nodes,
+            Op::GlobalAveragePool,
+            vec![prod],
+            Shape::new(12, 1, 1),
+        );
+        let flat = push(&mut nodes, Op::Flatten, vec![pool], Shape::new(12, 1, 1));
+        let out = push(
+            &mut nodes,
+            Op::Linear(Linear {
+                out_features: 5,
+                in_features: 12,
+                weight: (0..60).map(|_| rng.random::<f32>() - 0.5).collect(),
+                bias: vec![0.0; 5],
+            }),
+            vec![flat],
+            Shape::new(5, 1, 1),
+        );
+        Graph {
+            input_name: "x".into(),
+            input_shape: Shape::new(2, 6, 6),
+            nodes,
+            output: out,
+        }
+    }
+
+    fn mobile_error(g: &Graph, w: u8, a: u8) -> f64 {
+        let norm = Normalization::identity(2);
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let pixels = |rng: &mut ChaCha8Rng, n: usize| -> Vec<u8> {
+            (0..n * 72).map(|_| rng.random()).collect()
+        };
+        let calib = pixels(&mut rng, 64);
+        let net = quantize(g, &norm, &calib, 64, &cfg(w, a)).unwrap();
+        let test = pixels(&mut rng, 32);
+        let float = float::forward(g, &normalize(&norm, g.input_shape, &test, 32), 32);
+        let mut acts = Activations::default();
+        net.forward(&test, 32, &mut acts);
+        let spread = float.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+        let err = acts.logits.iter().zip(&float).fold(0f64, |m, (&q, &f)| {
+            m.max((q as f64 * net.logit_scale - f as f64).abs())
+        });
+        err / spread
+    }
+
+    #[test]
+    fn mobile_ops_run_in_integers_and_track_the_float_graph() {
+        let g = mobile_graph();
+        let norm = Normalization::identity(2);
+        let net = quantize(&g, &norm, &images(1, 3)[..72], 1, &cfg(8, 8)).unwrap();
+        // Every op became its integer form, the grouped layers with their group count
+        // and codes per group as decision variables.
+        let kinds: Vec<&str> = net
+            .nodes
+            .iter()
+            .map(|n| match &n.op {
+                QOp::Conv(c) if c.geom.groups > 1 => "grouped",
+                QOp::Conv(_) => "conv",
+                QOp::Lut { .. } => "lut",
+                QOp::Mul(_) => "mul",
+                QOp::Concat { .. } => "concat",
+                QOp::Clamp { .. } => "clamp",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "conv", "lut", "grouped", "lut", "grouped", "lut", "conv", "lut", "concat",
+                "other", "conv", "conv", "lut", "mul", "lut", "mul", "other", "other", "conv"
+            ]
+        );
+        let dw = &net.layers[1];
+        assert_eq!((dw.dims, dw.len), ([8, 3, 3, 1], 72));
+        assert_eq!(net.layers[2].dims, [8, 1, 1, 2]);
+
+        let (e8, e6, e4) = (
+            mobile_error(&g, 8, 8),
+            mobile_error(&g, 6, 6),
+            mobile_error(&g, 4, 4),
+        );
+        assert!(e8 < 0.03, "w8a8 relative logit error {e8}");
+        assert!(
+            e8 < e6 && e6 < e4,
+            "errors should grow as bits shrink: {e8} {e6} {e4}"
+        );
+
+        // The network file carries the new ops and reloads to the same logits.
+        let back = QNetwork::from_bytes(&net.to_bytes(), "test").unwrap();
+        let json = QNetwork::from_json(&net.to_json(), "test").unwrap();
+        let test = images(1, 5)[..4 * 72].to_vec();
+        let mut acts = [
+            Activations::default(),
+            Activations::default(),
+            Activations::default(),
+        ];
+        for (n, a) in [&net, &back, &json].iter().zip(&mut acts) {
+            n.forward(&test, 4, a);
+        }
+        assert_eq!(acts[0].logits, acts[1].logits);
+        assert_eq!(acts[0].logits, acts[2].logits);
+    }
+
+    #[test]
+    fn tables_are_the_function_between_the_two_quantizations() {
+        let g = mobile_graph();
+        let net = quantize(
+            &g,
+            &Normalization::identity(2),
+            &images(1, 3)[..72],
+            1,
+            &cfg(8, 8),
+        )
+        .unwrap();
+        let mut checked = 0;
+        for node in &net.nodes {
+            let QOp::Lut { func, table } = &node.op else {
+                continue;
+            };
+            let (src, out) = (net.value(node.inputs[0]), node.out);
+            for x in 0..=255u8 {
+                let y = func.apply((f64::from(x) - f64::from(src.zp)) * src.scale);
+                let code = (y / out.scale + f64::from(out.zp))
+                    .round()
+                    .clamp(0.0, 255.0);
+                assert_eq!(f64::from(table[x as usize]), code, "{func:?} at {x}");
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 6);
+    }
+
+    #[test]
+    fn damaged_mobile_nodes_are_refused_by_name() {
+        let g = mobile_graph();
+        let net = quantize(
+            &g,
+            &Normalization::identity(2),
+            &images(1, 3)[..72],
+            1,
+            &cfg(8, 8),
+        )
+        .unwrap();
+        let find = |f: &dyn Fn(&QOp) -> bool| net.nodes.iter().position(|n| f(&n.op)).unwrap();
+        let lut = find(&|op| matches!(op, QOp::Lut { .. }));
+        let mul = find(&|op| matches!(op, QOp::Mul(_)));
+        let cat = find(&|op| matches!(op, QOp::Concat { .. }));
+        let dw = find(&|op| matches!(op, QOp::Conv(c) if c.geom.groups > 1));
+        type Damage = Box<dyn Fn(&mut QNetwork)>;
+        let damages: Vec<(usize, Damage)> = vec![
+            (
+                lut,
+                Box::new(move |n| {
+                    if let QOp::Lut { table, .. } = &mut n.nodes[lut].op {
+                        table.pop();
+                    }
+                }),
+            ),
+            (
+                mul,
+                Box::new(move |n| {
+                    if let QOp::Mul(p) = &mut n.nodes[mul].op {
+                        p.b_zp = 300;
+                    }
+                }),
+            ),
+            (mul, Box::new(move |n| n.nodes[mul].inputs.truncate(1))),
+            (
+                cat,
+                Box::new(move |n| {
+                    if let QOp::Concat { tables } = &mut n.nodes[cat].op {
+                        tables.pop();
+                    }
+                }),
+            ),
+            (cat, Box::new(move |n| n.nodes[cat].out.c += 1)),
+            (
+                dw,
+                Box::new(move |n| {
+                    if let QOp::Conv(c) = &mut n.nodes[dw].op {
+                        c.geom.groups = 3;
+                    }
+                }),
+            ),
+        ];
+        for (node, damage) in damages {
+            let mut bad = net.clone();
+            damage(&mut bad);
+            let name = &net.nodes[node].name;
+            for err in [
+                QNetwork::from_json(&bad.to_json(), "t.ccq").unwrap_err(),
+                QNetwork::from_bytes(&bad.to_bytes(), "t.bin").unwrap_err(),
+            ] {
+                let msg = err.to_string();
+                assert!(msg.contains(&format!("'{name}'")), "{msg}");
+            }
+        }
     }
 }

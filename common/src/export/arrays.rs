@@ -74,13 +74,16 @@ enum Node<'a> {
         output: usize,
         in_channels: usize,
         out_channels: usize,
+        /// Output channel `oc` reads input channels `oc / (out_channels / groups) *
+        /// (in_channels / groups)` onwards, `in_channels / groups` of them.
+        groups: usize,
         kernel: [usize; 2],
         stride: [usize; 2],
         dilation: [usize; 2],
         /// `[top, left, bottom, right]`; padded cells hold the input zero point.
         pads: [usize; 4],
         weight_bits: u8,
-        /// OHWI, `out_channels * kh * kw * in_channels` codes.
+        /// OHWI, `out_channels * kh * kw * (in_channels / groups)` codes.
         weights: &'a [i8],
         /// Per output channel, at scale `input scale * weight_scale[oc]`.
         bias: &'a [i32],
@@ -155,6 +158,34 @@ enum Node<'a> {
         min: u8,
         max: u8,
     },
+    /// `out = table[x]`; `function` says what the table holds (for people).
+    Lookup {
+        name: &'a str,
+        input: usize,
+        output: usize,
+        function: &'static str,
+        table: &'a [u8],
+    },
+    /// The second input has the first's shape or is `[1, 1, C]` (broadcast per pixel).
+    Mul {
+        name: &'a str,
+        inputs: [usize; 2],
+        output: usize,
+        a_zero_point: i32,
+        b_zero_point: i32,
+        multiplier: i32,
+        shift: u8,
+        output_zero_point: i32,
+        clamp_min: u8,
+        clamp_max: u8,
+    },
+    /// Along channels; input `k`'s codes go through `tables[k]` first.
+    Concat {
+        name: &'a str,
+        inputs: &'a [usize],
+        output: usize,
+        tables: Vec<&'a [u8]>,
+    },
 }
 
 #[derive(Serialize)]
@@ -203,6 +234,7 @@ pub fn to_json(net: &QNetwork) -> Vec<u8> {
                     output,
                     in_channels: g.in_c,
                     out_channels: g.out_c,
+                    groups: g.groups,
                     kernel: [g.k_h, g.k_w],
                     stride: [g.stride_h, g.stride_w],
                     dilation: [g.dil_h, g.dil_w],
@@ -280,6 +312,31 @@ pub fn to_json(net: &QNetwork) -> Vec<u8> {
                 output,
                 min: *min,
                 max: *max,
+            },
+            QOp::Lut { func, table } => Node::Lookup {
+                name,
+                input,
+                output,
+                function: func.name(),
+                table,
+            },
+            QOp::Mul(p) => Node::Mul {
+                name,
+                inputs: [n.inputs[0], n.inputs[1]],
+                output,
+                a_zero_point: p.a_zp,
+                b_zero_point: p.b_zp,
+                multiplier: p.requant.multiplier,
+                shift: p.requant.shift,
+                output_zero_point: p.out_zp,
+                clamp_min: p.min,
+                clamp_max: p.max,
+            },
+            QOp::Concat { tables } => Node::Concat {
+                name,
+                inputs: &n.inputs,
+                output,
+                tables: tables.iter().map(Vec::as_slice).collect(),
             },
         });
     }

@@ -1,4 +1,5 @@
-//! [`QNetwork`] -> ONNX in QDQ form (opset [`ONNX_OPSET`]).
+//! [`QNetwork`] -> ONNX in QDQ form (opset [`ONNX_OPSET`], or the next when a HardSwish
+//! needs it).
 //!
 //! Every activation value of the integer network becomes a QuantizeLinear ->
 //! DequantizeLinear pair with the value's scale and u8 zero point, applied to the float
@@ -24,6 +25,7 @@ use std::collections::HashSet;
 use prost::Message;
 
 use super::ONNX_OPSET;
+use crate::model::Unary;
 use crate::onnx::proto::{
     tensor_shape_proto::{dimension, Dimension},
     type_proto, AttributeProto, AttributeType, DataType, GraphProto, ModelProto, NodeProto,
@@ -223,6 +225,54 @@ pub fn to_onnx_qdq(net: &QNetwork) -> Result<QdqExport> {
             QOp::Clamp { min, max } => {
                 b.quantize(label, src.name.clone(), &node.out, Some((*min, *max)))
             }
+            // ONNX Runtime evaluates the function in float between the QDQ pairs; ccq
+            // tabulated it in f64, so a value on a rounding boundary may land one code
+            // apart.
+            QOp::Lut { func, .. } => {
+                let x = [src.name.as_str()];
+                let real = match *func {
+                    Unary::Silu => {
+                        let sig = format!("{label}.sigmoid");
+                        let s = b.node("Sigmoid", &sig, &x, &sig, vec![]);
+                        b.node("Mul", label, &[&src.name, &s], &real(label), vec![])
+                    }
+                    Unary::HardSigmoid { alpha, beta } => {
+                        let attrs = vec![float("alpha", alpha), float("beta", beta)];
+                        b.node("HardSigmoid", label, &x, &real(label), attrs)
+                    }
+                    Unary::LeakyRelu { alpha } => {
+                        let attrs = vec![float("alpha", alpha)];
+                        b.node("LeakyRelu", label, &x, &real(label), attrs)
+                    }
+                    f => b.node(f.name(), label, &x, &real(label), vec![]),
+                };
+                b.quantize(label, real, &node.out, None)
+            }
+            QOp::Mul(p) => {
+                spatial("Mul")?;
+                let other = &vals[node.inputs[1]];
+                // The `[N, C, 1, 1]` operand broadcasts over H and W as in ccq.
+                let real = b.node(
+                    "Mul",
+                    label,
+                    &[&src.name, &other.name],
+                    &real(label),
+                    vec![],
+                );
+                b.quantize(label, real, &node.out, Some((p.min, p.max)))
+            }
+            QOp::Concat { .. } => {
+                spatial("Concat")?;
+                let names: Vec<&str> = node.inputs.iter().map(|&v| vals[v].name.as_str()).collect();
+                if node.inputs.iter().any(|&v| vals[v].rank != 4) {
+                    return Err(Error::InvalidModel {
+                        node: node.name.clone(),
+                        reason: "concatenates a flattened value".into(),
+                    });
+                }
+                let real = b.node("Concat", label, &names, &real(label), vec![int("axis", 1)]);
+                b.quantize(label, real, &node.out, None)
+            }
         };
         vals.push(Val { name, rank, hwc });
     }
@@ -263,6 +313,16 @@ pub fn to_onnx_qdq(net: &QNetwork) -> Result<QdqExport> {
         let list: Vec<String> = layer_bits.iter().map(u8::to_string).collect();
         meta.push((keys::LAYER_WEIGHT_BITS, list.join(",")));
     }
+    // HardSwish entered ONNX in opset 14 (IR version 7 reads both).
+    let hard_swish = net.nodes.iter().any(|n| {
+        matches!(
+            n.op,
+            QOp::Lut {
+                func: Unary::HardSwish,
+                ..
+            }
+        )
+    });
     let model = ModelProto {
         // IR version 7 is the one that goes with opset 13.
         ir_version: 7,
@@ -271,7 +331,11 @@ pub fn to_onnx_qdq(net: &QNetwork) -> Result<QdqExport> {
         graph: Some(graph),
         opset_import: vec![OperatorSetIdProto {
             domain: String::new(),
-            version: ONNX_OPSET,
+            version: if hard_swish {
+                ONNX_OPSET + 1
+            } else {
+                ONNX_OPSET
+            },
         }],
         metadata_props: meta
             .into_iter()
@@ -501,19 +565,20 @@ impl Builder {
         let g = c.geom;
         let (o, k) = (g.out_c, g.k_len());
         let (dims, codes): (Vec<usize>, Vec<i8>) = if src.rank == 4 {
-            // OHWI -> OIHW.
+            // OHWI -> OIHW, I being the input channels per group.
+            let ipg = g.in_per_group();
             let mut w = vec![0i8; c.codes.len()];
             for oc in 0..o {
                 for y in 0..g.k_h {
                     for x in 0..g.k_w {
-                        for ic in 0..g.in_c {
-                            w[((oc * g.in_c + ic) * g.k_h + y) * g.k_w + x] =
-                                c.codes[((oc * g.k_h + y) * g.k_w + x) * g.in_c + ic];
+                        for ic in 0..ipg {
+                            w[((oc * ipg + ic) * g.k_h + y) * g.k_w + x] =
+                                c.codes[((oc * g.k_h + y) * g.k_w + x) * ipg + ic];
                         }
                     }
                 }
             }
-            (vec![o, g.in_c, g.k_h, g.k_w], w)
+            (vec![o, ipg, g.k_h, g.k_w], w)
         } else if (g.in_h, g.in_w, g.k_h, g.k_w) == (1, 1, 1, 1) {
             let w = match src.hwc {
                 // ccq column p * C + ch  ->  ONNX column ch * H * W + p.
@@ -582,11 +647,21 @@ impl Builder {
                 ints("strides", &[g.stride_h, g.stride_w]),
                 ints("dilations", &[g.dil_h, g.dil_w]),
                 ints("pads", &[g.pad_t, g.pad_l, g.pad_b, g.pad_r]),
+                int("group", g.groups as i64),
             ];
             self.node("Conv", label, &inputs, output, attrs)
         } else {
             self.node("Gemm", label, &inputs, output, vec![int("transB", 1)])
         })
+    }
+}
+
+fn float(name: &str, f: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        f,
+        r#type: AttributeType::Float as i32,
+        ..Default::default()
     }
 }
 

@@ -148,7 +148,9 @@ impl DeltaBase {
             if w == 0 {
                 continue;
             }
-            let (ky, kx, ic) = (k / (g.k_w * g.in_c), k / g.in_c % g.k_w, k % g.in_c);
+            let ipg = g.in_per_group();
+            let (ky, kx, ic) = (k / (g.k_w * ipg), k / ipg % g.k_w, k % ipg);
+            let ic = g.first_input_of(oc) + ic;
             let x = &self.input[ic * n * ph * pw..][..n * ph * pw];
             let off = ky * g.dil_h * pw + kx * g.dil_w;
             dispatch!(self.isa, axpy(&mut plane, &x[off..], i32::from(w)));
@@ -167,11 +169,13 @@ impl DeltaBase {
         acc.extend_from_slice(self.acc[oc].as_deref().expect("ensured above"));
         for ch in changes {
             assert!(
-                ch.oc == oc && ch.ky < g.k_h && ch.kx < g.k_w && ch.ic < g.in_c,
+                ch.oc == oc && ch.ky < g.k_h && ch.kx < g.k_w && ch.ic < g.in_per_group(),
                 "change {ch:?} is not a weight of channel {oc} of {g:?}"
             );
             let d = ch.delta;
-            let x = &self.input[ch.ic * n * ph * pw..][..n * ph * pw];
+            // `ic` counts within the channel's group.
+            let ic = g.first_input_of(oc) + ch.ic;
+            let x = &self.input[ic * n * ph * pw..][..n * ph * pw];
             let (ky_off, kx_off) = (ch.ky * g.dil_h, ch.kx * g.dil_w);
             if self.flat {
                 // Cells past the output (and the last `off` cells) are never read back.

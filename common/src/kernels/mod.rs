@@ -40,6 +40,7 @@
 mod blocked;
 mod delta;
 mod eltwise;
+mod grouped;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -160,6 +161,16 @@ pub struct ConvGeom {
     pub pad_l: usize,
     pub pad_b: usize,
     pub pad_r: usize,
+    /// Channel groups (ONNX `group`): output channel `oc` reads only input channels
+    /// `oc / out_per_group * in_per_group..` (`in_per_group` of them). 1 is a dense
+    /// convolution; `in_c` groups with `out_c == in_c` a depthwise one. Networks written
+    /// before grouped convolutions existed have no such field and are dense.
+    #[serde(default = "one")]
+    pub groups: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl ConvGeom {
@@ -181,7 +192,21 @@ impl ConvGeom {
             pad_l: 0,
             pad_b: 0,
             pad_r: 0,
+            groups: 1,
         }
+    }
+
+    /// Input channels each output channel reads.
+    pub fn in_per_group(&self) -> usize {
+        self.in_c / self.groups
+    }
+    /// Output channels per group.
+    pub fn out_per_group(&self) -> usize {
+        self.out_c / self.groups
+    }
+    /// The first input channel output channel `oc` reads.
+    pub fn first_input_of(&self, oc: usize) -> usize {
+        oc / self.out_per_group() * self.in_per_group()
     }
 
     pub fn out_h(&self) -> usize {
@@ -205,8 +230,9 @@ impl ConvGeom {
         )
     }
     /// Length of one output channel's weight row: `k_h * k_w * in_c`.
+    /// Weights per output channel: `k_h * k_w * in_per_group`.
     pub fn k_len(&self) -> usize {
-        self.k_h * self.k_w * self.in_c
+        self.k_h * self.k_w * self.in_per_group()
     }
     pub fn in_len(&self) -> usize {
         self.in_h * self.in_w * self.in_c
@@ -251,8 +277,15 @@ pub struct PackedConv {
     /// OHWI weights and raw bias, for the reference path.
     weights: Vec<i8>,
     bias: Vec<i32>,
-    /// Packed weights, corrected bias and tiling plan of the blocked paths.
-    blocked: blocked::Plan,
+    /// Packed weights, corrected bias and tiling plan of the fast paths.
+    fast: Fast,
+}
+
+/// What the non-reference paths run.
+#[derive(Debug, Clone)]
+enum Fast {
+    Dense(blocked::Plan),
+    Grouped(grouped::GroupedPlan),
 }
 
 impl PackedConv {
@@ -268,7 +301,10 @@ impl PackedConv {
                 && geom.stride_h > 0
                 && geom.stride_w > 0
                 && geom.dil_h > 0
-                && geom.dil_w > 0,
+                && geom.dil_w > 0
+                && geom.groups > 0
+                && geom.in_c % geom.groups == 0
+                && geom.out_c % geom.groups == 0,
             "degenerate conv geometry {geom:?}"
         );
         assert_eq!(
@@ -282,7 +318,11 @@ impl PackedConv {
             input_zp,
             weights: weights.to_vec(),
             bias: bias.to_vec(),
-            blocked: blocked::Plan::new(&geom, weights, bias, input_zp),
+            fast: if geom.groups == 1 {
+                Fast::Dense(blocked::Plan::new(&geom, weights, bias, input_zp))
+            } else {
+                Fast::Grouped(grouped::GroupedPlan::new(&geom, weights, bias, input_zp))
+            },
         }
     }
 
@@ -291,7 +331,24 @@ impl PackedConv {
     pub fn heap_bytes(&self) -> usize {
         self.weights.capacity()
             + self.bias.capacity() * std::mem::size_of::<i32>()
-            + self.blocked.heap_bytes()
+            + match &self.fast {
+                Fast::Dense(p) => p.heap_bytes(),
+                Fast::Grouped(p) => p.heap_bytes(),
+            }
+    }
+
+    /// Runs a non-reference path.
+    fn run_fast(&self, path: KernelPath, input: &[u8], n: usize, dst: blocked::Dst) {
+        match &self.fast {
+            Fast::Dense(p) => p.run(path, input, n, dst),
+            Fast::Grouped(p) => {
+                assert!(
+                    path.is_available(),
+                    "kernel path {path} is not available on this CPU"
+                );
+                p.run(&self.geom, path, input, n, dst)
+            }
+        }
     }
 
     /// `out[n][oy][ox][oc] = bias[oc] + sum (x - input_zp) * w`, padded cells counting as
@@ -321,7 +378,7 @@ impl PackedConv {
                     out,
                 );
             }
-            _ => self.blocked.run(path, input, n, blocked::Dst::Acc(out)),
+            _ => self.run_fast(path, input, n, blocked::Dst::Acc(out)),
         }
     }
 
@@ -359,9 +416,7 @@ impl PackedConv {
                     out,
                 );
             }
-            _ => self
-                .blocked
-                .run(path, input, n, blocked::Dst::Codes(out, stage)),
+            _ => self.run_fast(path, input, n, blocked::Dst::Codes(out, stage)),
         }
     }
 
@@ -513,6 +568,112 @@ pub fn add_with(path: KernelPath, p: &AddParams, a: &[u8], b: &[u8], out: &mut [
 }
 
 /// A pooling window over an NHWC image.
+/// Elementwise product of two quantized values (a squeeze-excitation block's scaling):
+/// `out = clamp(out_zp + requant((a - a_zp) * (b - b_zp)), min, max)`. With u8 zero
+/// points the product is below 2^16 in magnitude, so one i32 and one [`Requant`] are exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MulParams {
+    pub a_zp: i32,
+    pub b_zp: i32,
+    /// `s_a * s_b / s_out`.
+    pub requant: Requant,
+    pub out_zp: i32,
+    pub min: u8,
+    pub max: u8,
+}
+
+impl MulParams {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        s_a: f64,
+        a_zp: u8,
+        s_b: f64,
+        b_zp: u8,
+        s_out: f64,
+        out_zp: u8,
+        min: u8,
+        max: u8,
+    ) -> MulParams {
+        MulParams {
+            a_zp: a_zp.into(),
+            b_zp: b_zp.into(),
+            requant: Requant::from_real(s_a * s_b / s_out),
+            out_zp: out_zp.into(),
+            min,
+            max,
+        }
+    }
+
+    /// Whether [`MulParams::apply`] is exact for these fields: zero points in the u8 range
+    /// and a valid requantization. A loader of serialized networks refuses anything else.
+    pub fn is_valid(&self) -> bool {
+        let u8_range = 0..=255;
+        u8_range.contains(&self.a_zp)
+            && u8_range.contains(&self.b_zp)
+            && u8_range.contains(&self.out_zp)
+            && self.requant.is_valid()
+    }
+
+    #[inline]
+    pub fn apply(&self, a: u8, b: u8) -> u8 {
+        let product = (i32::from(a) - self.a_zp) * (i32::from(b) - self.b_zp);
+        let v = i64::from(self.out_zp) + i64::from(self.requant.apply(product));
+        v.max(i64::from(self.min)).min(i64::from(self.max)) as u8
+    }
+}
+
+/// `out = a * b` elementwise over `n` images, where each image of `b` either has the
+/// length of an image of `a` or holds one value per channel (`a`'s NHWC pixels each
+/// multiplied by `b`'s channel vector). A plain loop: it is a small part of any network.
+pub fn mul(p: &MulParams, a: &[u8], b: &[u8], n: usize, out: &mut [u8]) {
+    assert!(p.is_valid(), "invalid {p:?}");
+    assert_eq!(a.len(), out.len(), "mul output length");
+    let (la, lb) = (a.len() / n.max(1), b.len() / n.max(1));
+    assert!(
+        n > 0 && la * n == a.len() && lb * n == b.len() && lb > 0 && la % lb == 0
+            || a.is_empty() && b.is_empty(),
+        "mul lengths {} and {} over {n} images",
+        a.len(),
+        b.len()
+    );
+    for ((a_img, b_img), o_img) in a
+        .chunks_exact(la.max(1))
+        .zip(b.chunks_exact(lb.max(1)))
+        .zip(out.chunks_exact_mut(la.max(1)))
+    {
+        for (x, o) in a_img.chunks_exact(lb).zip(o_img.chunks_exact_mut(lb)) {
+            for ((o, &x), &y) in o.iter_mut().zip(x).zip(b_img) {
+                *o = p.apply(x, y);
+            }
+        }
+    }
+}
+
+/// `out[i] = table[x[i]]`: every elementwise function of one u8 code.
+pub fn lookup(table: &[u8; 256], x: &[u8], out: &mut [u8]) {
+    assert_eq!(x.len(), out.len(), "lookup lengths");
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = table[usize::from(x)];
+    }
+}
+
+/// Concatenates NHWC values along channels: pixel after pixel, each input's channels in
+/// input order, each input's codes through its table (its quantization to the output's).
+/// `inputs[k]` holds `n * pixels * channels[k]` codes.
+pub fn concat(inputs: &[(&[u8], &[u8; 256])], channels: &[usize], out: &mut Vec<u8>) {
+    let total: usize = channels.iter().sum();
+    let pixels = inputs
+        .first()
+        .map_or(0, |(x, _)| x.len() / channels[0].max(1));
+    out.clear();
+    out.reserve(pixels * total);
+    for p in 0..pixels {
+        for ((x, table), &c) in inputs.iter().zip(channels) {
+            out.extend(x[p * c..(p + 1) * c].iter().map(|&v| table[usize::from(v)]));
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolGeom {
     pub in_h: usize,

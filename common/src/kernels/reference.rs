@@ -36,6 +36,8 @@ pub fn conv_acc(
         for oy in 0..out_h {
             for ox in 0..out_w {
                 for oc in 0..g.out_c {
+                    // Grouped convolutions read only their group's input channels.
+                    let (first, ipg) = (g.first_input_of(oc), g.in_per_group());
                     let mut acc = bias[oc];
                     for ky in 0..g.k_h {
                         let Some(iy) = input_coord(oy, ky, g.stride_h, g.dil_h, g.pad_t, g.in_h)
@@ -48,12 +50,11 @@ pub fn conv_acc(
                             else {
                                 continue;
                             };
-                            for ic in 0..g.in_c {
-                                let xv =
-                                    i32::from(x[(iy * g.in_w + ix) * g.in_c + ic]) - i32::from(zp);
-                                let wv = i32::from(
-                                    weights[((oc * g.k_h + ky) * g.k_w + kx) * g.in_c + ic],
-                                );
+                            for ic in 0..ipg {
+                                let xv = i32::from(x[(iy * g.in_w + ix) * g.in_c + first + ic])
+                                    - i32::from(zp);
+                                let wv =
+                                    i32::from(weights[((oc * g.k_h + ky) * g.k_w + kx) * ipg + ic]);
                                 acc = acc.wrapping_add(xv * wv);
                             }
                         }

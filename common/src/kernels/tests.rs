@@ -51,6 +51,7 @@ fn geom(
         pad_l: pad,
         pad_b: pad,
         pad_r: pad,
+        groups: 1,
     }
 }
 
@@ -70,6 +71,7 @@ fn random_geom(rng: &mut ChaCha8Rng) -> ConvGeom {
         pad_l: rng.random_range(0..=2),
         pad_b: rng.random_range(0..=2),
         pad_r: rng.random_range(0..=2),
+        groups: 1,
     };
     // At least one output pixel; sometimes exactly one (the fully connected tiling).
     let min_h = (g.dil_h * (g.k_h - 1) + 1)
@@ -80,6 +82,22 @@ fn random_geom(rng: &mut ChaCha8Rng) -> ConvGeom {
         .max(1);
     g.in_h = min_h + rng.random_range(0..8);
     g.in_w = min_w + rng.random_range(0..8);
+    g
+}
+
+/// [`random_geom`] with channel groups: depthwise half the time (up to 70 channels, the
+/// direct kernel), otherwise 2–6 groups of 1–9 input and 1–9 output channels each (the
+/// per-group blocked path, including depthwise with a channel multiplier).
+fn random_grouped_geom(rng: &mut ChaCha8Rng) -> ConvGeom {
+    let mut g = random_geom(rng);
+    if rng.random() {
+        g.groups = rng.random_range(1..70);
+        (g.in_c, g.out_c) = (g.groups, g.groups);
+    } else {
+        g.groups = rng.random_range(2..=6);
+        g.in_c = g.groups * rng.random_range(1..=9);
+        g.out_c = g.groups * rng.random_range(1..=9);
+    }
     g
 }
 
@@ -186,15 +204,18 @@ fn naive_conv(c: &ConvCase, img: usize) -> Vec<i64> {
         for ox in 0..g.out_w() {
             for oc in 0..g.out_c {
                 let mut sum = i64::from(c.bias[oc]);
+                // Output channel `oc` of group `oc / opg` reads that group's `ipg` inputs.
+                let (ipg, opg) = (g.in_c / g.groups, g.out_c / g.groups);
+                let first = oc / opg * ipg;
                 for ky in 0..g.k_h {
                     for kx in 0..g.k_w {
-                        for ch in 0..g.in_c {
+                        for ch in 0..ipg {
                             let (y, x) = (
                                 oy * g.stride_h + ky * g.dil_h,
                                 ox * g.stride_w + kx * g.dil_w,
                             );
-                            let w = c.weights[((oc * g.k_h + ky) * g.k_w + kx) * g.in_c + ch];
-                            sum += (padded[(y * pw + x) * g.in_c + ch] - i64::from(c.zp))
+                            let w = c.weights[((oc * g.k_h + ky) * g.k_w + kx) * ipg + ch];
+                            sum += (padded[(y * pw + x) * g.in_c + first + ch] - i64::from(c.zp))
                                 * i64::from(w);
                         }
                     }
@@ -290,6 +311,82 @@ fn reference_conv_matches_independent_formula() {
                 &got[img * g.out_len()..][..g.out_len()],
                 &expected[..],
                 "{g:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn reference_grouped_conv_by_hand() {
+    // 1x1 image, 4 channels (10, 20, 30, 40), zp 0, 2 groups of 2 inputs -> 1 output each:
+    // oc 0 reads channels 0-1 with w (1, 2), oc 1 reads channels 2-3 with w (3, -1).
+    let c = ConvCase {
+        geom: ConvGeom {
+            groups: 2,
+            ..geom((1, 1), 4, 2, (1, 1), 1, 0)
+        },
+        weights: vec![1, 2, 3, -1],
+        bias: vec![5, 0],
+        zp: 0,
+        n: 1,
+        input: vec![10, 20, 30, 40],
+    };
+    assert_eq!(c.acc(KernelPath::Reference), vec![5 + 10 + 40, 90 - 40]);
+    // Depthwise 3x1 over a 1x3 image, 2 channels, zp 1, padding 1 on the left and right:
+    // channel 0 (x - 1 = 0, 1, 2) with w (1, 1, 1), channel 1 (x - 1 = 4, 5, 6) with
+    // w (0, 2, 0), i.e. twice the centre pixel.
+    let mut g = geom((1, 3), 2, 2, (1, 3), 1, 0);
+    (g.groups, g.pad_l, g.pad_r) = (2, 1, 1);
+    let c = ConvCase {
+        geom: g,
+        weights: vec![1, 1, 1, 0, 2, 0],
+        bias: vec![0, 0],
+        zp: 1,
+        n: 1,
+        input: vec![1, 5, 2, 6, 3, 7],
+    };
+    let want = vec![1, 8, 3, 10, 3, 12];
+    for path in KernelPath::available() {
+        assert_eq!(c.acc(path), want, "{path}");
+    }
+}
+
+#[test]
+fn reference_grouped_conv_matches_independent_formula() {
+    let mut rng = rng(3);
+    for _ in 0..40 {
+        let g = random_grouped_geom(&mut rng);
+        let c = ConvCase::random(&mut rng, g);
+        let got = c.acc(KernelPath::Reference);
+        for img in 0..c.n {
+            let expected: Vec<i32> = naive_conv(&c, img).into_iter().map(|v| v as i32).collect();
+            assert_eq!(
+                &got[img * g.out_len()..][..g.out_len()],
+                &expected[..],
+                "{g:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_path_matches_reference_on_random_grouped_convs() {
+    let paths = KernelPath::available();
+    let mut rng = rng(4);
+    for case in 0..150 {
+        let g = random_grouped_geom(&mut rng);
+        let c = ConvCase::random(&mut rng, g);
+        let stage = random_stage(&mut rng, g.out_c);
+        let (acc, codes) = (
+            c.acc(KernelPath::Reference),
+            c.codes(KernelPath::Reference, &stage),
+        );
+        for &path in &paths[1..] {
+            assert_eq!(c.acc(path), acc, "case {case}, {path}, acc, {g:?}");
+            assert_eq!(
+                c.codes(path, &stage),
+                codes,
+                "case {case}, {path}, codes, {g:?} {stage:?}"
             );
         }
     }
@@ -930,8 +1027,8 @@ fn random_changes(
         } else {
             (rng.random_range(0..g.k_h), rng.random_range(0..g.k_w))
         };
-        let ic = rng.random_range(0..g.in_c);
-        let i = ((oc * g.k_h + ky) * g.k_w + kx) * g.in_c + ic;
+        let ic = rng.random_range(0..g.in_per_group());
+        let i = ((oc * g.k_h + ky) * g.k_w + kx) * g.in_per_group() + ic;
         if !seen.insert(i) {
             continue;
         }
@@ -955,8 +1052,13 @@ fn random_changes(
 #[test]
 fn sparse_delta_matches_full_recompute_on_random_convs() {
     let mut rng = rng(41);
-    for case in 0..300 {
-        let g = random_geom(&mut rng);
+    for case in 0..400 {
+        // Every fourth case grouped or depthwise: changes index within the group.
+        let g = if case % 4 == 3 {
+            random_grouped_geom(&mut rng)
+        } else {
+            random_geom(&mut rng)
+        };
         let c = ConvCase::random(&mut rng, g);
         let count = match case % 3 {
             0 => 1,
@@ -1084,4 +1186,71 @@ fn sparse_delta_rejects_unsorted_changes() {
         delta: 1,
     };
     base.run_acc(&[ch(1), ch(0)], &mut [0; 8]);
+}
+
+// ---- products, tables, concatenation -------------------------------------------------------
+
+#[test]
+fn mul_by_hand_with_broadcast_zero_points_and_clamp() {
+    // Real a = (a - 10) * 0.5, b = (b - 0) * 0.25, out scale 0.125, zp 3: the product
+    // (a - 10) * b * 0.125 / 0.125 = (a - 10) * b, plus 3, clamped to [0, 200].
+    let p = MulParams::new(0.5, 10, 0.25, 0, 0.125, 3, 0, 200);
+    // Two images of 2 pixels x 2 channels; b holds one value per channel per image.
+    let a = [10, 12, 11, 20, 0, 255, 13, 14];
+    let b = [1, 3, 0, 2];
+    let mut out = [0; 8];
+    mul(&p, &a, &b, 2, &mut out);
+    assert_eq!(
+        out,
+        [3, 3 + 6, 3 + 1, 3 + 30, 3, 3 + 2 * 245, 3, 3 + 8].map(|v: i32| v.clamp(0, 200) as u8)
+    );
+    // Same shapes: elementwise.
+    let mut out = [0; 2];
+    mul(&p, &[12, 14], &[5, 1], 1, &mut out);
+    assert_eq!(out, [3 + 10, 3 + 4]);
+}
+
+#[test]
+fn mul_matches_exact_real_arithmetic_within_one_code() {
+    let mut rng = rng(77);
+    for _ in 0..200 {
+        let s = |rng: &mut ChaCha8Rng| 2f64.powf(rng.random_range(-8.0..0.0));
+        let (s_a, s_b, s_o) = (s(&mut rng), s(&mut rng), s(&mut rng));
+        let (za, zb, zo) = (code(&mut rng), code(&mut rng), code(&mut rng));
+        let p = MulParams::new(s_a, za, s_b, zb, s_o, zo, 0, 255);
+        let (a, b) = (code(&mut rng), code(&mut rng));
+        let mut out = [0];
+        mul(&p, &[a], &[b], 1, &mut out);
+        let real = (f64::from(a) - f64::from(za)) * s_a * (f64::from(b) - f64::from(zb)) * s_b;
+        let want = (real / s_o + f64::from(zo)).round().clamp(0.0, 255.0);
+        assert!(
+            (f64::from(out[0]) - want).abs() <= 1.0,
+            "{p:?} {a} {b}: {} vs {want}",
+            out[0]
+        );
+    }
+}
+
+#[test]
+fn lookup_and_concat_by_hand() {
+    let mut table = [0u8; 256];
+    for (i, t) in table.iter_mut().enumerate() {
+        *t = (255 - i) as u8;
+    }
+    let mut out = [0; 3];
+    lookup(&table, &[0, 7, 255], &mut out);
+    assert_eq!(out, [255, 248, 0]);
+
+    // Two pixels; input 0 has 1 channel (inverted by its table), input 1 has 2 (identity).
+    let mut identity = [0u8; 256];
+    for (i, t) in identity.iter_mut().enumerate() {
+        *t = i as u8;
+    }
+    let mut out = Vec::new();
+    concat(
+        &[(&[1, 2], &table), (&[10, 11, 20, 21], &identity)],
+        &[1, 2],
+        &mut out,
+    );
+    assert_eq!(out, [254, 10, 11, 253, 20, 21]);
 }

@@ -738,6 +738,7 @@ impl Importer {
             pad_l,
             pad_b,
             pad_r,
+            groups: 1,
         };
         if geom.out_h() == 0 || geom.out_w() == 0 {
             return Err(n.invalid("the kernel is larger than the padded input"));
@@ -1146,7 +1147,7 @@ impl Importer {
                     len: c.codes.len(),
                     lo,
                     hi,
-                    dims: [g.out_c, g.k_h, g.k_w, g.in_c],
+                    dims: [g.out_c, g.k_h, g.k_w, g.in_per_group()],
                 });
             }
         }
@@ -1248,6 +1249,9 @@ fn op_name(op: &QOp) -> &'static str {
         QOp::Pad { .. } => "Pad",
         QOp::Flatten => "Flatten",
         QOp::Clamp { .. } => "Clip",
+        QOp::Lut { func, .. } => func.name(),
+        QOp::Mul(_) => "Mul",
+        QOp::Concat { .. } => "Concat",
     }
 }
 
