@@ -22,6 +22,20 @@ so that together they exercise every lowering rule of common/src/onnx/:
                          without a constant value, Add, padded MaxPool over signed values,
                          Dropout with a ratio input, Reshape [0, -1] from a Constant node,
                          Gemm with C of shape [1, K]
+  mobile17     opset 17  a MobileNetV3/EfficientNet-style net in PyTorch's export forms:
+                         stem Conv + BatchNormalization + HardSwish, depthwise Conv +
+                         LeakyRelu (alpha 0.1), squeeze-excitation (GlobalAveragePool,
+                         1x1 Conv, Relu, 1x1 Conv, HardSigmoid alpha 0.25 beta 0.45, Mul by
+                         the [N, C, 1, 1] scale), grouped Conv (group 4) + BatchNormalization
+                         + SiLU as Sigmoid then Mul(x, sigmoid), two branches (1x1 Conv +
+                         Tanh, 3x3 Conv + Sigmoid) joined by Concat axis 1,
+                         GlobalAveragePool, Flatten, Gemm
+  mobile17_variants
+               opset 17  the other forms: Mul(Sigmoid(x), x), Mul(scale, x) with the
+                         [N, C, 1, 1] scale first, HardSigmoid and LeakyRelu with default
+                         attributes, a Sigmoid read twice (not a SiLU), same-shape Mul,
+                         Concat of three inputs along axis -3, grouped 1x1 Conv (group 3),
+                         Tanh, HardSwish, Mul and Concat on [N, F] features between Gemms
 
 For each fixture NAME it writes NAME.onnx, NAME.input.bin and NAME.output.bin
 (little-endian float32, NCHW / [N, classes]) and NAME.json giving their shapes; the
@@ -223,6 +237,51 @@ def misc17():
     return b.model("misc17", 17, (4, 9, 9), logits, 10), (4, 9, 9)
 
 
+def mobile17():
+    b = Builder(seed=6)
+    x = b.bn(b.conv("input", 3, 8, "stem", strides=[2, 2], pads=[1] * 4), 8, "stem_bn")
+    x = b.node("HardSwish", [x], "stem_act")
+    x = b.conv(x, 8, 8, "dw", bias=True, group=8, pads=[1] * 4)
+    x = b.node("LeakyRelu", [x], "dw_act", alpha=0.1)
+    # Squeeze-excitation: a per-channel scale in [0, 1] from the pooled features.
+    s = b.node("GlobalAveragePool", [x], "se.pool")
+    s = b.node("Relu", [b.conv(s, 8, 4, "se.fc1", k=1, bias=True)], "se.relu")
+    s = b.node("HardSigmoid", [b.conv(s, 4, 8, "se.fc2", k=1, bias=True)], "se.gate", alpha=0.25, beta=0.45)
+    x = b.node("Mul", [x, s], "se.Mul")
+    # Grouped, neither plain nor depthwise: 2 input and 3 output channels per group.
+    x = b.bn(b.conv(x, 8, 12, "gconv", group=4, strides=[2, 2], pads=[1] * 4), 12, "gconv_bn")
+    x = b.node("Mul", [x, b.node("Sigmoid", [x], "act.Sigmoid")], "act.Mul")  # nn.SiLU
+    branch_a = b.node("Tanh", [b.conv(x, 12, 6, "branch_a", k=1, bias=True)], "branch_a.act")
+    branch_b = b.node("Sigmoid", [b.conv(x, 12, 6, "branch_b", bias=True, pads=[1] * 4)], "branch_b.act")
+    x = b.node("Concat", [branch_a, branch_b], "cat", axis=1)
+    # 16x16 -> stem (8, 8, 8) -> gconv (12, 4, 4) -> cat (12, 4, 4) -> pool (12, 1, 1); a
+    # small last map keeps the logits of random inputs apart.
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
+    logits = b.node("Gemm", [x, b.weight("fc.weight", (10, 12), 12), b.small("fc.bias", (10,))], "fc", transB=1)
+    return b.model("mobile17", 17, (3, 16, 16), logits, 10), (3, 16, 16)
+
+
+def mobile17_variants():
+    b = Builder(seed=7)
+    x = b.conv("input", 4, 8, "conv1", bias=True, pads=[1] * 4)
+    x = b.node("Mul", [b.node("Sigmoid", [x], "act1.Sigmoid"), x], "act1.Mul")  # SiLU, Sigmoid first
+    s = b.node("GlobalAveragePool", [x], "se.pool")
+    s = b.node("HardSigmoid", [b.conv(s, 8, 8, "se.fc", k=1, bias=True)], "se.gate")
+    y = b.node("Mul", [s, x], "se.Mul")  # the [N, C, 1, 1] scale first
+    gate = b.node("Sigmoid", [y], "gate")  # read by the Mul and the Concat: no SiLU
+    z = b.node("Mul", [y, gate], "gate.Mul")
+    leaky = b.node("LeakyRelu", [y], "leaky")
+    x = b.node("Concat", [z, gate, leaky], "cat", axis=-3)
+    x = b.conv(x, 24, 12, "gconv", k=1, bias=True, group=3)  # 8 input, 4 output channels per group
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
+    f = b.node("Gemm", [x, b.weight("fc1.weight", (16, 12), 12), b.small("fc1.bias", (16,))], "fc1", transB=1)
+    t = b.node("Tanh", [f], "fc1.tanh")
+    h = b.node("HardSwish", [f], "fc1.hardswish")
+    x = b.node("Concat", [b.node("Mul", [t, h], "fc1.Mul"), t], "fc1.cat", axis=1)
+    logits = b.node("Gemm", [x, b.weight("fc2.weight", (5, 32), 32), b.small("fc2.bias", (5,))], "fc2", transB=1)
+    return b.model("mobile17_variants", 17, (4, 6, 6), logits, 5), (4, 6, 6)
+
+
 def ort_run(model_bytes, x):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -282,7 +341,7 @@ def write_resnet20_logits(count=8):
 
 def main():
     FIXTURES.mkdir(parents=True, exist_ok=True)
-    for build in (tiny_resnet, mnist_cnn, misc11, legacy9, misc17):
+    for build in (tiny_resnet, mnist_cnn, misc11, legacy9, misc17, mobile17, mobile17_variants):
         model, input_shape = build()
         write_fixture(model.graph.name, model, input_shape)
     write_resnet20_logits()

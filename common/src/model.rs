@@ -137,10 +137,9 @@ impl Unary {
         match self {
             Unary::Sigmoid => sigmoid(x),
             Unary::Tanh => x.tanh(),
-            Unary::HardSigmoid { alpha, beta } => {
-                (alpha as f64 * x + beta as f64).max(0.0).min(1.0)
-            }
-            Unary::HardSwish => x * (x / 6.0 + 0.5).max(0.0).min(1.0),
+            // Constant bounds, so clamp cannot panic.
+            Unary::HardSigmoid { alpha, beta } => (alpha as f64 * x + beta as f64).clamp(0.0, 1.0),
+            Unary::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
             Unary::LeakyRelu { alpha } => {
                 if x >= 0.0 {
                     x

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ccq_common::model::{Graph, Op, Shape};
+use ccq_common::model::{Graph, Op, Shape, Unary};
 use ccq_common::onnx::proto::{self, AttributeProto, ModelProto, NodeProto, TensorProto};
 use ccq_common::onnx::{import_onnx, load_onnx};
 use ccq_common::{float, Error};
@@ -101,6 +101,9 @@ fn op_names(graph: &Graph) -> Vec<&'static str> {
             Op::Relu => "Relu",
             Op::Clip { .. } => "Clip",
             Op::Add => "Add",
+            Op::Unary(f) => f.name(),
+            Op::Mul => "Mul",
+            Op::Concat => "Concat",
             Op::MaxPool(_) => "MaxPool",
             Op::AveragePool(_) => "AveragePool",
             Op::GlobalAveragePool => "GlobalAveragePool",
@@ -118,6 +121,26 @@ fn find_op<'g>(graph: &'g Graph, name: &str) -> &'g Op {
         .find(|n| n.name == name)
         .unwrap_or_else(|| panic!("no IR node '{name}'"))
         .op
+}
+
+/// The input values of the IR node `name`.
+fn inputs_of(graph: &Graph, name: &str) -> Vec<usize> {
+    graph
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .unwrap_or_else(|| panic!("no IR node '{name}'"))
+        .inputs
+        .clone()
+}
+
+/// The value the IR node `name` produces.
+fn value_of(graph: &Graph, name: &str) -> usize {
+    1 + graph
+        .nodes
+        .iter()
+        .position(|n| n.name == name)
+        .unwrap_or_else(|| panic!("no IR node '{name}'"))
 }
 
 // ---- fixtures against ONNX Runtime --------------------------------------------------------
@@ -253,6 +276,152 @@ fn misc17_matches_onnx_runtime() {
 }
 
 #[test]
+fn mobile17_matches_onnx_runtime() {
+    let f = check_fixture("mobile17");
+    // BatchNormalizations fold, the Sigmoid + Mul pair is one SiLU, Flatten is a no-op.
+    assert_eq!(
+        op_names(&f.graph),
+        [
+            "Conv",
+            "HardSwish", // stem
+            "Conv",
+            "LeakyRelu", // depthwise
+            "GlobalAveragePool",
+            "Conv",
+            "Relu",
+            "Conv",
+            "HardSigmoid",
+            "Mul", // squeeze-excitation
+            "Conv",
+            "Sigmoid+Mul (SiLU)", // grouped
+            "Conv",
+            "Tanh",
+            "Conv",
+            "Sigmoid",
+            "Concat",
+            "GlobalAveragePool",
+            "Linear",
+        ]
+    );
+    let Op::Conv(dw) = find_op(&f.graph, "dw") else {
+        panic!("not a conv")
+    };
+    assert_eq!((dw.group, dw.in_channels, dw.out_channels), (8, 8, 8));
+    let Op::Conv(grouped) = find_op(&f.graph, "gconv") else {
+        panic!("not a conv")
+    };
+    assert_eq!(
+        (grouped.group, grouped.in_channels, grouped.out_channels),
+        (4, 8, 12)
+    );
+    assert_eq!(grouped.weight.len(), 12 * 2 * 9);
+    assert_eq!(
+        find_op(&f.graph, "se.gate"),
+        &Op::Unary(Unary::HardSigmoid {
+            alpha: 0.25,
+            beta: 0.45
+        })
+    );
+    assert_eq!(
+        find_op(&f.graph, "dw_act"),
+        &Op::Unary(Unary::LeakyRelu { alpha: 0.1 })
+    );
+    // The feature map first, the [C, 1, 1] scale second.
+    assert_eq!(
+        inputs_of(&f.graph, "se.Mul"),
+        [value_of(&f.graph, "dw_act"), value_of(&f.graph, "se.gate")]
+    );
+    // The fused node takes the Mul's name and reads the grouped Conv's output; the
+    // Sigmoid is gone.
+    assert_eq!(find_op(&f.graph, "act.Mul"), &Op::Unary(Unary::Silu));
+    assert_eq!(
+        inputs_of(&f.graph, "act.Mul"),
+        [value_of(&f.graph, "gconv")]
+    );
+    assert!(f.graph.nodes.iter().all(|n| n.name != "act.Sigmoid"));
+    assert_eq!(
+        inputs_of(&f.graph, "cat"),
+        [
+            value_of(&f.graph, "branch_a.act"),
+            value_of(&f.graph, "branch_b.act")
+        ]
+    );
+    assert_eq!(
+        f.graph.shape(value_of(&f.graph, "cat")),
+        Shape::new(12, 4, 4)
+    );
+}
+
+#[test]
+fn mobile17_variants_matches_onnx_runtime() {
+    let f = check_fixture("mobile17_variants");
+    assert_eq!(
+        op_names(&f.graph),
+        [
+            "Conv",
+            "Sigmoid+Mul (SiLU)",
+            "GlobalAveragePool",
+            "Conv",
+            "HardSigmoid",
+            "Mul",
+            "Sigmoid",
+            "Mul",
+            "LeakyRelu",
+            "Concat",
+            "Conv",
+            "GlobalAveragePool",
+            "Linear",
+            "Tanh",
+            "HardSwish",
+            "Mul",
+            "Concat",
+            "Linear",
+        ]
+    );
+    // Mul(Sigmoid(x), x) fuses like Mul(x, Sigmoid(x)).
+    assert_eq!(find_op(&f.graph, "act1.Mul"), &Op::Unary(Unary::Silu));
+    // Mul(scale, x) is stored as Mul(x, scale).
+    assert_eq!(
+        inputs_of(&f.graph, "se.Mul"),
+        [
+            value_of(&f.graph, "act1.Mul"),
+            value_of(&f.graph, "se.gate")
+        ]
+    );
+    // ONNX defaults.
+    assert_eq!(
+        find_op(&f.graph, "se.gate"),
+        &Op::Unary(Unary::HardSigmoid {
+            alpha: 0.2,
+            beta: 0.5
+        })
+    );
+    assert_eq!(
+        find_op(&f.graph, "leaky"),
+        &Op::Unary(Unary::LeakyRelu { alpha: 0.01 })
+    );
+    // The Concat also reads the Sigmoid, so Mul(y, Sigmoid(y)) is no SiLU here.
+    assert_eq!(find_op(&f.graph, "gate"), &Op::Unary(Unary::Sigmoid));
+    assert_eq!(
+        inputs_of(&f.graph, "gate.Mul"),
+        [value_of(&f.graph, "se.Mul"), value_of(&f.graph, "gate")]
+    );
+    assert_eq!(
+        f.graph.shape(value_of(&f.graph, "cat")),
+        Shape::new(24, 6, 6)
+    );
+    let Op::Conv(grouped) = find_op(&f.graph, "gconv") else {
+        panic!("not a conv")
+    };
+    assert_eq!(grouped.group, 3);
+    // Concat of [N, F] features: 16 + 16.
+    assert_eq!(
+        f.graph.shape(value_of(&f.graph, "fc1.cat")),
+        Shape::new(32, 1, 1)
+    );
+}
+
+#[test]
 fn forward_all_returns_every_value_and_agrees_with_forward() {
     let f = check_fixture("tiny_resnet");
     let all = float::forward_all(&f.graph, &f.input, f.n);
@@ -273,16 +442,20 @@ fn forward_all_returns_every_value_and_agrees_with_forward() {
 
 #[test]
 fn images_are_independent_of_their_batch() {
-    let f = check_fixture("misc17");
-    let per_image = f.graph.input_shape.len();
-    let classes = f.graph.num_classes();
-    let batch = float::forward(&f.graph, &f.input, f.n);
-    for i in 0..f.n {
-        let one = float::forward(&f.graph, &f.input[i * per_image..(i + 1) * per_image], 1);
-        let diff = max_abs_diff(&one, &batch[i * classes..(i + 1) * classes]);
-        assert!(diff <= 1e-6, "image {i}: {diff}");
+    // mobile17 and its variants cover the ops that read two or more values per image
+    // (broadcast Mul, Concat).
+    for name in ["misc17", "mobile17", "mobile17_variants"] {
+        let f = check_fixture(name);
+        let per_image = f.graph.input_shape.len();
+        let classes = f.graph.num_classes();
+        let batch = float::forward(&f.graph, &f.input, f.n);
+        for i in 0..f.n {
+            let one = float::forward(&f.graph, &f.input[i * per_image..(i + 1) * per_image], 1);
+            let diff = max_abs_diff(&one, &batch[i * classes..(i + 1) * classes]);
+            assert!(diff <= 1e-6, "{name}, image {i}: {diff}");
+        }
+        assert!(float::forward(&f.graph, &[], 0).is_empty());
     }
-    assert!(float::forward(&f.graph, &[], 0).is_empty());
 }
 
 // ---- the real ResNet-20 -------------------------------------------------------------------
@@ -498,10 +671,20 @@ fn nonexistent_file_error_names_the_path() {
 #[test]
 fn unsupported_op_names_node_op_and_supported_ops() {
     let mut model = fixture_model("tiny_resnet");
-    node_mut(&mut model, "layer1.0.relu1").op_type = "Sigmoid".into();
+    node_mut(&mut model, "layer1.0.relu1").op_type = "Elu".into();
     let (node, op, reason) = unsupported(import_model(&model));
-    assert_eq!((node.as_str(), op.as_str()), ("layer1.0.relu1", "Sigmoid"));
-    for listed in ["Conv", "BatchNormalization", "Gemm", "Slice", "Pad"] {
+    assert_eq!((node.as_str(), op.as_str()), ("layer1.0.relu1", "Elu"));
+    for listed in [
+        "Conv (any group)",
+        "BatchNormalization",
+        "Gemm",
+        "Slice",
+        "Pad",
+        "Sigmoid",
+        "HardSwish",
+        "Mul",
+        "Concat (axis 1)",
+    ] {
         assert!(
             reason.contains(listed),
             "reason does not list {listed}: {reason}"
@@ -510,16 +693,198 @@ fn unsupported_op_names_node_op_and_supported_ops() {
 }
 
 #[test]
-fn grouped_conv_is_unsupported() {
-    // Half the input channels per group: weight [8, 4, 3, 3] with group=2.
+fn grouped_conv_imports_and_runs() {
+    // Half the input channels per group: weight [8, 4, 3, 3] with group=2 (mobile17
+    // checks grouped convolution against ONNX Runtime).
     let mut model = fixture_model("tiny_resnet");
     let w = initializer_mut(&mut model, "layer1.0.conv2.weight");
     w.dims = vec![8, 4, 3, 3];
     w.raw_data.truncate(8 * 4 * 9 * 4);
     attr_mut(node_mut(&mut model, "layer1.0.conv2"), "group").i = 2;
+    let graph = import_model(&model).unwrap();
+    let Op::Conv(conv) = find_op(&graph, "layer1.0.conv2") else {
+        panic!("not a conv")
+    };
+    assert_eq!((conv.group, conv.in_channels, conv.out_channels), (2, 8, 8));
+    let input = vec![0.5; graph.input_shape.len()];
+    assert!(float::forward(&graph, &input, 1)
+        .iter()
+        .all(|v| v.is_finite()));
+}
+
+#[test]
+fn group_not_dividing_the_channels_is_an_invalid_model() {
+    // mobile17's gconv: 8 input channels, weight [12, 2, 3, 3], group=4.
+    let mut model = fixture_model("mobile17");
+    attr_mut(node_mut(&mut model, "gconv"), "group").i = 3;
+    let (node, reason) = invalid(import_model(&model));
+    assert_eq!(node, "gconv");
+    assert_eq!(
+        reason,
+        "group=3 does not divide the 8 input channels (input shape [8, 8, 8])"
+    );
+
+    // 10 output channels cannot be split into 4 groups.
+    let mut model = fixture_model("mobile17");
+    let w = initializer_mut(&mut model, "gconv.weight");
+    w.dims = vec![10, 2, 3, 3];
+    w.raw_data.truncate(10 * 2 * 9 * 4);
+    let (node, reason) = invalid(import_model(&model));
+    assert_eq!(node, "gconv");
+    assert_eq!(
+        reason,
+        "group=4 does not divide the 10 output channels of the weight [10, 2, 3, 3]"
+    );
+
+    // group divides the input, but the weight has the wrong channels per group.
+    let mut model = fixture_model("mobile17");
+    attr_mut(node_mut(&mut model, "gconv"), "group").i = 2;
+    let (node, reason) = invalid(import_model(&model));
+    assert_eq!(node, "gconv");
+    assert!(
+        reason.contains("with group=2 expects 4 input channels"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn mul_with_an_unsupported_broadcast_is_refused() {
+    // A one-channel SE scale, [N, 1, 1, 1] against [N, 8, 8, 8]: valid ONNX, no IR form.
+    let mut model = fixture_model("mobile17");
+    let w = initializer_mut(&mut model, "se.fc2.weight");
+    w.dims = vec![1, 4, 1, 1];
+    w.raw_data.truncate(4 * 4);
+    let b = initializer_mut(&mut model, "se.fc2.bias");
+    b.dims = vec![1];
+    b.raw_data.truncate(4);
     let (node, op, reason) = unsupported(import_model(&model));
-    assert_eq!((node.as_str(), op.as_str()), ("layer1.0.conv2", "Conv"));
-    assert!(reason.contains("group=2"), "{reason}");
+    assert_eq!((node.as_str(), op.as_str()), ("se.Mul", "Mul"));
+    assert!(
+        reason.starts_with(
+            "broadcasting 'dw_act_output_0' [N, 8, 8, 8] and 'se.gate_output_0' [N, 1, 1, 1] \
+             is not supported"
+        ),
+        "{reason}"
+    );
+
+    // [N, 16] features against an [N, 12, 1, 1] value: mixed ranks.
+    let mut model = fixture_model("mobile17_variants");
+    node_mut(&mut model, "fc1.Mul").input[1] = "pool_output_0".into();
+    let (node, op, reason) = unsupported(import_model(&model));
+    assert_eq!((node.as_str(), op.as_str()), ("fc1.Mul", "Mul"));
+    assert!(reason.contains("[N, 16] and"), "{reason}");
+
+    // 8 channels against 4: no broadcast at all.
+    let mut model = fixture_model("mobile17");
+    node_mut(&mut model, "se.Mul").input[1] = "se.relu_output_0".into();
+    let (node, reason) = invalid(import_model(&model));
+    assert_eq!(node, "se.Mul");
+    assert_eq!(
+        reason,
+        "its inputs 'dw_act_output_0' [N, 8, 8, 8] and 'se.relu_output_0' [N, 4, 1, 1] do \
+         not broadcast"
+    );
+
+    // A constant factor, in either position.
+    for position in [0, 1] {
+        let mut model = fixture_model("mobile17");
+        node_mut(&mut model, "se.Mul").input[position] = "se.fc2.bias".into();
+        let (node, op, reason) = unsupported(import_model(&model));
+        assert_eq!((node.as_str(), op.as_str()), ("se.Mul", "Mul"));
+        assert!(
+            reason.starts_with("Mul by a constant ('se.fc2.bias', dims [8]) is not supported"),
+            "{reason}"
+        );
+    }
+}
+
+#[test]
+fn sigmoid_with_a_second_reader_is_not_fused() {
+    // branch_a reads the SiLU's Sigmoid too, so the Sigmoid must stay.
+    let mut model = fixture_model("mobile17");
+    node_mut(&mut model, "branch_a").input[0] = "act.Sigmoid_output_0".into();
+    let graph = import_model(&model).unwrap();
+    assert_eq!(find_op(&graph, "act.Sigmoid"), &Op::Unary(Unary::Sigmoid));
+    assert_eq!(
+        inputs_of(&graph, "act.Mul"),
+        [value_of(&graph, "gconv"), value_of(&graph, "act.Sigmoid")]
+    );
+    assert_eq!(
+        inputs_of(&graph, "branch_a"),
+        [value_of(&graph, "act.Sigmoid")]
+    );
+    assert!(graph.nodes.iter().all(|n| n.op != Op::Unary(Unary::Silu)));
+
+    // Nor is Mul(x, Sigmoid(y)): here the Sigmoid's only reader multiplies it by the
+    // SiLU's output instead of the Sigmoid's own input.
+    let mut model = fixture_model("mobile17_variants");
+    node_mut(&mut model, "cat").input[1] = "se.Mul_output_0".into();
+    node_mut(&mut model, "gate.Mul").input[0] = "act1.Mul_output_0".into();
+    let graph = import_model(&model).unwrap();
+    assert_eq!(find_op(&graph, "gate"), &Op::Unary(Unary::Sigmoid));
+    assert_eq!(find_op(&graph, "gate.Mul"), &Op::Mul);
+}
+
+#[test]
+fn concat_off_the_channel_axis_is_refused() {
+    let mut model = fixture_model("mobile17");
+    attr_mut(node_mut(&mut model, "cat"), "axis").i = 2;
+    let (node, op, reason) = unsupported(import_model(&model));
+    assert_eq!((node.as_str(), op.as_str()), ("cat", "Concat"));
+    assert_eq!(
+        reason,
+        "Concat along axis 2 of [N, 6, 4, 4] is not supported; only along channels (axis 1; \
+         also -3 for [N, C, H, W] or -1 for [N, F] inputs) is"
+    );
+
+    // The batch axis, written from the end.
+    attr_mut(node_mut(&mut model, "cat"), "axis").i = -4;
+    let (_, _, reason) = unsupported(import_model(&model));
+    assert!(reason.starts_with("Concat along axis -4"), "{reason}");
+
+    attr_mut(node_mut(&mut model, "cat"), "axis").i = 4;
+    let (node, reason) = invalid(import_model(&model));
+    assert_eq!(node, "cat");
+    assert!(reason.contains("out of range"), "{reason}");
+
+    node_mut(&mut model, "cat").attribute.clear();
+    let (_, reason) = invalid(import_model(&model));
+    assert_eq!(reason, "attribute 'axis' is missing");
+}
+
+#[test]
+fn concat_of_different_sizes_is_an_invalid_model() {
+    // branch_a is [N, 6, 4, 4]; dw_act is [N, 8, 8, 8].
+    let mut model = fixture_model("mobile17");
+    node_mut(&mut model, "cat").input[1] = "dw_act_output_0".into();
+    let (node, reason) = invalid(import_model(&model));
+    assert_eq!(node, "cat");
+    assert!(
+        reason.contains("[N, 6, 4, 4]") && reason.contains("[N, 8, 8, 8]"),
+        "{reason}"
+    );
+
+    // [N, C, H, W] with [N, F].
+    let mut model = fixture_model("mobile17_variants");
+    node_mut(&mut model, "fc1.cat").input[1] = "pool_output_0".into();
+    let (node, reason) = invalid(import_model(&model));
+    assert_eq!(node, "fc1.cat");
+    assert!(reason.contains("differ in rank"), "{reason}");
+}
+
+#[test]
+fn activation_attributes_must_be_finite() {
+    let mut model = fixture_model("mobile17");
+    attr_mut(node_mut(&mut model, "se.gate"), "alpha").f = f32::NAN;
+    let (node, reason) = invalid(import_model(&model));
+    assert_eq!(node, "se.gate");
+    assert!(reason.contains("alpha=NaN"), "{reason}");
+
+    let mut model = fixture_model("mobile17");
+    attr_mut(node_mut(&mut model, "dw_act"), "alpha").f = f32::INFINITY;
+    let (node, reason) = invalid(import_model(&model));
+    assert_eq!(node, "dw_act");
+    assert!(reason.contains("alpha=inf"), "{reason}");
 }
 
 #[test]
@@ -666,7 +1031,15 @@ fn graph_must_have_one_output() {
 fn import_never_panics_on_damaged_files() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let mut outcomes = [0usize; 2];
-    for name in ["tiny_resnet", "mnist_cnn", "misc11", "legacy9", "misc17"] {
+    for name in [
+        "tiny_resnet",
+        "mnist_cnn",
+        "misc11",
+        "legacy9",
+        "misc17",
+        "mobile17",
+        "mobile17_variants",
+    ] {
         let bytes = fixture_bytes(name);
         let mut cases: Vec<Vec<u8>> = (0..bytes.len())
             .step_by(97)

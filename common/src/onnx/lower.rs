@@ -1,6 +1,6 @@
 //! Lowering a decoded ONNX graph into [`Graph`]: graph input/output checks, one handler per
 //! supported op, shape inference, and the folds (BatchNormalization and bias Adds into the
-//! layer before them).
+//! layer before them, Sigmoid + Mul into one SiLU).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -10,14 +10,16 @@ use super::proto::{
     tensor_shape_proto::dimension, DataType, GraphProto, ModelProto, TensorProto, ValueInfoProto,
 };
 use super::tensor::Tensor;
-use crate::model::{self, Conv, Graph, Linear, Node, Op, Pad, Pool, Shape, Slice, ValueId};
+use crate::model::{self, Conv, Graph, Linear, Node, Op, Pad, Pool, Shape, Slice, Unary, ValueId};
 use crate::{Error, Result};
 
 /// Listed in every UnsupportedOp error so that a user sees what would work.
-const SUPPORTED_OPS: &str = "Conv (group 1 or depthwise), \
-    BatchNormalization (after Conv/Gemm/MatMul), Relu, Clip, Add, MaxPool, AveragePool, \
-    GlobalAveragePool, Flatten (axis 1), Reshape (flatten to [N, K] only), Gemm, \
-    MatMul (by a constant), Identity, Dropout, Slice, Pad (constant 0), Constant";
+const SUPPORTED_OPS: &str = "Conv (any group), \
+    BatchNormalization (after Conv/Gemm/MatMul), Relu, Clip, Sigmoid, Tanh, HardSigmoid, \
+    HardSwish, LeakyRelu, Add, Mul (same shapes, or by an [N, C, 1, 1] scale), \
+    Concat (axis 1), MaxPool, AveragePool, GlobalAveragePool, Flatten (axis 1), \
+    Reshape (flatten to [N, K] only), Gemm, MatMul (by a constant), Identity, Dropout, \
+    Slice, Pad (constant 0), Constant";
 
 /// Largest per-image tensor ccq accepts; the integer engine indexes with i32-sized counts,
 /// and the limit keeps every later size computation far from overflow.
@@ -267,7 +269,14 @@ impl<'a> Lowering<'a> {
             "BatchNormalization" => self.batch_norm(n),
             "Relu" => self.elementwise(n, Op::Relu),
             "Clip" => self.clip(n),
+            "Sigmoid" => self.elementwise(n, Op::Unary(Unary::Sigmoid)),
+            "Tanh" => self.elementwise(n, Op::Unary(Unary::Tanh)),
+            "HardSigmoid" => self.hard_sigmoid(n),
+            "HardSwish" => self.elementwise(n, Op::Unary(Unary::HardSwish)),
+            "LeakyRelu" => self.leaky_relu(n),
             "Add" => self.add(n),
+            "Mul" => self.mul(n),
+            "Concat" => self.concat(n),
             "MaxPool" => self.pool(n, false),
             "AveragePool" => self.pool(n, true),
             "GlobalAveragePool" => self.global_average_pool(n),
@@ -279,7 +288,9 @@ impl<'a> Lowering<'a> {
             "Constant" => self.constant_node(n),
             "Slice" => self.slice(n),
             "Pad" => self.pad(n),
-            "Shape" | "Gather" | "Unsqueeze" | "Concat" => Err(n.unsupported(format!(
+            // Concat belongs to that pattern too, but it comes after these nodes, so the
+            // pattern is reported here; on its own, Concat is a channel concatenation.
+            "Shape" | "Gather" | "Unsqueeze" => Err(n.unsupported(format!(
                 "run-time shape computations are not supported (PyTorch emits them for \
                  x.view(x.size(0), -1) with a dynamic batch; use torch.flatten(x, 1) instead); \
                  supported ops: {SUPPORTED_OPS}"
@@ -509,6 +520,14 @@ impl<'a> Lowering<'a> {
             .ok()
             .filter(|&g| g >= 1)
             .ok_or_else(|| n.invalid("attribute 'group' must be >= 1"))?;
+        // Any group works (the float engine runs one matrix product per group), as long as
+        // it splits both channel counts evenly, which ONNX requires too.
+        if !input.c.is_multiple_of(group) {
+            return Err(n.invalid(format!(
+                "group={group} does not divide the {} input channels (input shape {input})",
+                input.c
+            )));
+        }
         if in_per_group.checked_mul(group) != Some(input.c) {
             return Err(n.invalid(format!(
                 "the weight {wdims:?} with group={group} expects {} input channels, the input \
@@ -516,10 +535,10 @@ impl<'a> Lowering<'a> {
                 in_per_group.saturating_mul(group)
             )));
         }
-        if group != 1 && !(group == input.c && out_c == input.c) {
-            return Err(n.unsupported(format!(
-                "group={group} is not supported: only group=1 and depthwise convolution \
-                 (group = input channels = output channels) are"
+        if !out_c.is_multiple_of(group) {
+            return Err(n.invalid(format!(
+                "group={group} does not divide the {out_c} output channels of the weight \
+                 {wdims:?}"
             )));
         }
         if let Some(ks) = n.ints("kernel_shape")? {
@@ -640,6 +659,25 @@ impl<'a> Lowering<'a> {
         self.elementwise(n, Op::Clip { min, max })
     }
 
+    fn hard_sigmoid(&mut self, n: &OnnxNode<'a>) -> Result<()> {
+        let alpha = n.float("alpha", 0.2)?;
+        let beta = n.float("beta", 0.5)?;
+        if !(alpha.is_finite() && beta.is_finite()) {
+            return Err(n.invalid(format!(
+                "attributes alpha={alpha} and beta={beta} must be finite"
+            )));
+        }
+        self.elementwise(n, Op::Unary(Unary::HardSigmoid { alpha, beta }))
+    }
+
+    fn leaky_relu(&mut self, n: &OnnxNode<'a>) -> Result<()> {
+        let alpha = n.float("alpha", 0.01)?;
+        if !alpha.is_finite() {
+            return Err(n.invalid(format!("attribute alpha={alpha} must be finite")));
+        }
+        self.elementwise(n, Op::Unary(Unary::LeakyRelu { alpha }))
+    }
+
     fn add(&mut self, n: &OnnxNode<'a>) -> Result<()> {
         let (a, b) = (n.required_input(0)?, n.required_input(1)?);
         match (self.values.get(a).copied(), self.values.get(b).copied()) {
@@ -701,6 +739,146 @@ impl<'a> Lowering<'a> {
             };
         }
         self.alias(n, x)
+    }
+
+    /// Elementwise product of two run-time tensors: same shapes, or a tensor and an
+    /// `[N, C, 1, 1]` per-channel scale in either order (the IR wants the scale second),
+    /// or `x * Sigmoid(x)`, which becomes one SiLU.
+    fn mul(&mut self, n: &OnnxNode<'a>) -> Result<()> {
+        let (a, b) = (n.required_input(0)?, n.required_input(1)?);
+        let (x, y) = match (self.values.get(a).copied(), self.values.get(b).copied()) {
+            (Some(x), Some(y)) => (x, y),
+            (Some(_), None) | (None, Some(_)) => {
+                // The IR has no constant operand, so a constant scale would have to be
+                // folded into the layer before it, which is only exact for a per-channel
+                // constant after a Conv/Gemm that feeds nothing else. The blocks this Mul
+                // is for (squeeze-excitation, SiLU) multiply two run-time tensors, so a
+                // constant is refused rather than folded.
+                let name = if self.values.contains_key(a) { b } else { a };
+                let t = self.constant_named(n, name, "factor")?;
+                return Err(n.unsupported(format!(
+                    "Mul by a constant ('{name}', dims {:?}) is not supported; ccq supports Mul \
+                     of two run-time tensors of the same shape, or of a tensor by an \
+                     [N, C, 1, 1] per-channel scale (fold constant scales into the layer \
+                     before them when exporting)",
+                    t.dims
+                )));
+            }
+            // Neither input is a run-time value: `value` explains what the first one is.
+            (None, None) => return self.value(n, 0).map(drop),
+        };
+        if self.fuse_silu(n, x, y)? {
+            return Ok(());
+        }
+        let (sx, sy) = (self.shape(x.id), self.shape(y.id));
+        if x.rank == y.rank && sx == sy {
+            return self.push(n, Op::Mul, vec![x.id, y.id], sx, x.rank);
+        }
+        let per_channel = |s: Shape| s.h == 1 && s.w == 1;
+        if x.rank == 4 && y.rank == 4 && sx.c == sy.c {
+            if per_channel(sy) {
+                return self.push(n, Op::Mul, vec![x.id, y.id], sx, 4);
+            }
+            if per_channel(sx) {
+                return self.push(n, Op::Mul, vec![y.id, x.id], sy, 4);
+            }
+        }
+        let shapes = format!(
+            "'{a}' {} and '{b}' {}",
+            onnx_shape(sx, x.rank),
+            onnx_shape(sy, y.rank)
+        );
+        // Same-rank shapes whose dims differ with neither being 1 cannot broadcast at all;
+        // anything else is valid ONNX that the IR has no form for.
+        let pairs = [(sx.c, sy.c), (sx.h, sy.h), (sx.w, sy.w)];
+        if x.rank == y.rank && pairs.iter().any(|&(p, q)| p != q && p != 1 && q != 1) {
+            return Err(n.invalid(format!("its inputs {shapes} do not broadcast")));
+        }
+        Err(n.unsupported(format!(
+            "broadcasting {shapes} is not supported; ccq supports Mul of same-shape tensors \
+             and of an [N, C, H, W] tensor by an [N, C, 1, 1] per-channel scale (either order)"
+        )))
+    }
+
+    /// `x * Sigmoid(x)` (either order) is SiLU as PyTorch exports `nn.SiLU`. When this Mul
+    /// is the Sigmoid's only reader, the Sigmoid node becomes the SiLU in place (its
+    /// position is already after `x`) and takes the Mul's name, since it now computes the
+    /// Mul's output; the Mul's output then names that value, so no dead node remains. A
+    /// Sigmoid read elsewhere too is left alone, and the Mul stays a Mul.
+    fn fuse_silu(&mut self, n: &OnnxNode<'a>, x: Val, y: Val) -> Result<bool> {
+        for (plain, gate) in [(x, y), (y, x)] {
+            if gate.id == 0 || gate.rank != plain.rank || self.live_uses[gate.id] != 1 {
+                continue;
+            }
+            let node = &mut self.nodes[gate.id - 1];
+            if node.op == Op::Unary(Unary::Sigmoid) && node.inputs == [plain.id] {
+                node.op = Op::Unary(Unary::Silu);
+                node.name.clone_from(&n.name);
+                self.alias(n, gate)?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Concatenation along channels (features for `[N, F]` values) of inputs with equal
+    /// H and W. One input is just renamed.
+    fn concat(&mut self, n: &OnnxNode<'a>) -> Result<()> {
+        if n.proto.input.is_empty() {
+            return Err(n.invalid("it has no inputs"));
+        }
+        let inputs = (0..n.proto.input.len())
+            .map(|i| self.value(n, i))
+            .collect::<Result<Vec<Val>>>()?;
+        let first = inputs[0];
+        let first_shape = self.shape(first.id);
+        let describe = |i: usize, v: Val| {
+            format!(
+                "'{}' {}",
+                n.proto.input[i],
+                onnx_shape(self.shape(v.id), v.rank)
+            )
+        };
+        if let Some(i) = inputs.iter().position(|v| v.rank != first.rank) {
+            return Err(n.invalid(format!(
+                "its inputs {} and {} differ in rank",
+                describe(0, first),
+                describe(i, inputs[i])
+            )));
+        }
+        // `axis` is required from opset 4; before, it defaulted to 1.
+        if self.opset >= 4 && !n.has_attr("axis") {
+            return Err(n.invalid("attribute 'axis' is missing"));
+        }
+        let axis = n.int("axis", 1)?;
+        if onnx_axis(n, axis, first.rank)? != 1 {
+            return Err(n.unsupported(format!(
+                "Concat along axis {axis} of {} is not supported; only along channels (axis 1; \
+                 also -3 for [N, C, H, W] or -1 for [N, F] inputs) is",
+                onnx_shape(first_shape, first.rank)
+            )));
+        }
+        let mut channels = 0usize;
+        for (i, &v) in inputs.iter().enumerate() {
+            let s = self.shape(v.id);
+            if (s.h, s.w) != (first_shape.h, first_shape.w) {
+                return Err(n.invalid(format!(
+                    "its inputs {} and {} differ in height or width; Concat along channels \
+                     needs them equal",
+                    describe(0, first),
+                    describe(i, v)
+                )));
+            }
+            channels = channels
+                .checked_add(s.c)
+                .ok_or_else(|| n.invalid("its output is too large"))?;
+        }
+        if inputs.len() == 1 {
+            return self.alias(n, first);
+        }
+        let shape = Shape::new(channels, first_shape.h, first_shape.w);
+        let ids = inputs.iter().map(|v| v.id).collect();
+        self.push(n, Op::Concat, ids, shape, first.rank)
     }
 
     fn pool(&mut self, n: &OnnxNode<'a>, average: bool) -> Result<()> {

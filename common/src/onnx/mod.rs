@@ -7,6 +7,8 @@
 //!
 //! - BatchNormalization is folded into the Conv/Gemm/MatMul before it, and an Add of a
 //!   constant into that layer's bias, when that layer's output feeds nothing else;
+//! - `Mul(x, Sigmoid(x))` (PyTorch's `nn.SiLU`) becomes one SiLU when the Mul is the
+//!   Sigmoid's only reader; a Mul by an `[N, C, 1, 1]` scale keeps the scale second;
 //! - MatMul by a constant `[in, out]` matrix and Gemm become [`Op::Linear`](crate::model::Op);
 //! - Flatten and flattening Reshapes become `Flatten`; Identity, Dropout and no-op
 //!   Flatten/Slice/Pad bind their output to their input and produce no node;
