@@ -1132,7 +1132,7 @@ fn checked_conv_sizes(g: &ConvGeom) -> Option<(usize, usize, usize)> {
     {
         return None;
     }
-    if g.groups == 0 || g.in_c % g.groups != 0 || g.out_c % g.groups != 0 {
+    if g.groups == 0 || !g.in_c.is_multiple_of(g.groups) || !g.out_c.is_multiple_of(g.groups) {
         return None;
     }
     let weights = g

@@ -459,18 +459,20 @@ pub fn quantize(
                 (QOp::Add(p), out, None)
             }
             // Zero is exactly the zero point, so a ReLU is a clamp at it.
+            // Elementwise ops keep a flattened value's element order, so the layer after
+            // them needs the same column permutation as one reading the Flatten.
             Op::Relu => (
                 QOp::Clamp {
                     min: src.zp,
                     max: 255,
                 },
                 src,
-                None,
+                flat_from[q_in[0]],
             ),
             Op::Clip { min, max } => {
                 let lo = quantize_real(*min as f64, &src, 255);
                 let hi = quantize_real(*max as f64, &src, 255);
-                (QOp::Clamp { min: lo, max: hi }, src, None)
+                (QOp::Clamp { min: lo, max: hi }, src, flat_from[q_in[0]])
             }
             // Any function of one code is a table over the 2^act_bits input codes.
             Op::Unary(f) => {
@@ -481,7 +483,22 @@ pub fn quantize(
                         quantize_real(f.apply(real), &out, amax)
                     })
                     .collect();
-                (QOp::Lut { func: *f, table }, out, None)
+                (QOp::Lut { func: *f, table }, out, flat_from[q_in[0]])
+            }
+            Op::Mul | Op::Concat if q_in.iter().any(|&q| flat_from[q].is_some()) => {
+                return Err(Error::UnsupportedOp {
+                    node: node.name.clone(),
+                    op: if matches!(node.op, Op::Mul) {
+                        "Mul"
+                    } else {
+                        "Concat"
+                    }
+                    .into(),
+                    reason: "an input is a flattened feature map (the integer engine keeps \
+                             channels last, so its element order differs from ONNX's); \
+                             apply it before the Flatten"
+                        .into(),
+                });
             }
             Op::Mul => {
                 let b = qvals[q_in[1]];
@@ -1618,7 +1635,7 @@ mod tests {
         use crate::model::{Conv, Linear, Node, Unary};
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let mut nodes: Vec<Node> = Vec::new();
-        let mut push = |nodes: &mut Vec<Node>, op: Op, inputs: Vec<usize>, shape: Shape| {
+        let push = |nodes: &mut Vec<Node>, op: Op, inputs: Vec<usize>, shape: Shape| {
             nodes.push(Node {
                 name: format!("n{}", nodes.len()),
                 op,
@@ -1879,5 +1896,77 @@ mod tests {
                 assert!(msg.contains(&format!("'{name}'")), "{msg}");
             }
         }
+    }
+
+    /// An activation between a Flatten of a 2 x 2 map and the fully connected layer keeps
+    /// the column permutation; a Concat of flattened maps is refused by name.
+    #[test]
+    fn activations_after_a_flatten_keep_its_column_order() {
+        use crate::model::{Linear, Node, Unary};
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let node = |name: &str, op: Op, inputs: Vec<usize>, shape: Shape| Node {
+            name: name.into(),
+            op,
+            inputs,
+            shape,
+        };
+        let linear = |rng: &mut ChaCha8Rng, inputs: usize| Linear {
+            out_features: 3,
+            in_features: inputs,
+            weight: (0..3 * inputs).map(|_| rng.random::<f32>() - 0.5).collect(),
+            bias: vec![0.0; 3],
+        };
+        let flat = Shape::new(8, 1, 1);
+        for act in [Op::Relu, Op::Unary(Unary::Tanh)] {
+            let g = Graph {
+                input_name: "x".into(),
+                input_shape: Shape::new(2, 2, 2),
+                nodes: vec![
+                    node("flatten", Op::Flatten, vec![0], flat),
+                    node("act", act, vec![1], flat),
+                    node(
+                        "fc",
+                        Op::Linear(linear(&mut rng, 8)),
+                        vec![2],
+                        Shape::new(3, 1, 1),
+                    ),
+                ],
+                output: 3,
+            };
+            let norm = Normalization::identity(2);
+            let calib: Vec<u8> = (0..64 * 8).map(|_| rng.random()).collect();
+            let net = quantize(&g, &norm, &calib, 64, &cfg(8, 8)).unwrap();
+            let test: Vec<u8> = (0..16 * 8).map(|_| rng.random()).collect();
+            let float = float::forward(&g, &normalize(&norm, g.input_shape, &test, 16), 16);
+            let mut acts = Activations::default();
+            net.forward(&test, 16, &mut acts);
+            let spread = float.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+            for (&q, &f) in acts.logits.iter().zip(&float) {
+                let err = (q as f64 * net.logit_scale - f as f64).abs();
+                assert!(
+                    err < 0.03 * spread,
+                    "{:?}: {err} of {spread}",
+                    g.nodes[1].op
+                );
+            }
+        }
+        let g = Graph {
+            input_name: "x".into(),
+            input_shape: Shape::new(2, 2, 2),
+            nodes: vec![
+                node("flatten", Op::Flatten, vec![0], flat),
+                node("cat", Op::Concat, vec![1, 1], Shape::new(16, 1, 1)),
+                node(
+                    "fc",
+                    Op::Linear(linear(&mut rng, 16)),
+                    vec![2],
+                    Shape::new(3, 1, 1),
+                ),
+            ],
+            output: 3,
+        };
+        let calib = vec![7u8; 8];
+        let err = quantize(&g, &Normalization::identity(2), &calib, 1, &cfg(8, 8)).unwrap_err();
+        assert!(err.to_string().contains("'cat'"), "{err}");
     }
 }

@@ -550,6 +550,49 @@ fn onnx_runtime_agrees_on_residual_networks() {
 }
 
 #[test]
+fn onnx_runtime_agrees_on_mobile_networks() {
+    if let Some(why) = python_missing() {
+        return skip(&why);
+    }
+    // The worked example's MobileNet-style model on the digits: depthwise convolutions,
+    // HardSwish and HardSigmoid tables, squeeze-excitation products.
+    let source = DataSource::new(
+        data::DataFormat::Mnist,
+        repo().join("examples/data/mnist-10k"),
+    );
+    let graph = onnx_import::load_onnx(&repo().join("examples/mnist/mobilenet.onnx")).unwrap();
+    let norm = Normalization {
+        mean: vec![0.1307],
+        std: vec![0.3081],
+    };
+    let calib = data::load(&source, Split::Train, Some(0..512)).unwrap();
+    let test = data::load(&source, Split::Test, None).unwrap();
+    for q in [cfg(4, 8), cfg(8, 8)] {
+        let net = quantize(&graph, &norm, &calib.images, calib.len(), &q).unwrap();
+        assert_runtimes_agree(&format!("mobilenet {}", net.precision()), &net, &test, true);
+    }
+    // The fixtures with every other new op (grouped Conv, Sigmoid, Tanh, LeakyRelu, SiLU,
+    // Concat), on random images.
+    for name in ["mobile17", "mobile17_variants"] {
+        let net = fixture_net(name, &cfg(8, 8));
+        let n = 500;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let data = data::Dataset {
+            channels: net.input_value.c,
+            height: net.input_value.h,
+            width: net.input_value.w,
+            num_classes: net.num_classes,
+            images: random_images(net.image_len(), n, 5),
+            labels: (0..n)
+                .map(|_| rng.random_range(0..net.num_classes as u8))
+                .collect(),
+            first_index: 0,
+        };
+        assert_runtimes_agree(&format!("{name} w8a8"), &net, &data, true);
+    }
+}
+
+#[test]
 fn onnx_runtime_agrees_on_resnet20_cifar10() {
     let Some(shared) = shared("") else {
         return skip("../shared (ResNet-20 and CIFAR-10) is not available");

@@ -249,8 +249,13 @@ pub fn to_onnx_qdq(net: &QNetwork) -> Result<QdqExport> {
                 b.quantize(label, real, &node.out, None)
             }
             QOp::Mul(p) => {
-                spatial("Mul")?;
                 let other = &vals[node.inputs[1]];
+                if other.rank != src.rank {
+                    return Err(Error::InvalidModel {
+                        node: node.name.clone(),
+                        reason: "multiplies a flattened value by an unflattened one".into(),
+                    });
+                }
                 // The `[N, C, 1, 1]` operand broadcasts over H and W as in ccq.
                 let real = b.node(
                     "Mul",
@@ -262,12 +267,11 @@ pub fn to_onnx_qdq(net: &QNetwork) -> Result<QdqExport> {
                 b.quantize(label, real, &node.out, Some((p.min, p.max)))
             }
             QOp::Concat { .. } => {
-                spatial("Concat")?;
                 let names: Vec<&str> = node.inputs.iter().map(|&v| vals[v].name.as_str()).collect();
-                if node.inputs.iter().any(|&v| vals[v].rank != 4) {
+                if node.inputs.iter().any(|&v| vals[v].rank != src.rank) {
                     return Err(Error::InvalidModel {
                         node: node.name.clone(),
-                        reason: "concatenates a flattened value".into(),
+                        reason: "concatenates flattened and unflattened values".into(),
                     });
                 }
                 let real = b.node("Concat", label, &names, &real(label), vec![int("axis", 1)]);

@@ -303,8 +303,8 @@ impl PackedConv {
                 && geom.dil_h > 0
                 && geom.dil_w > 0
                 && geom.groups > 0
-                && geom.in_c % geom.groups == 0
-                && geom.out_c % geom.groups == 0,
+                && geom.in_c.is_multiple_of(geom.groups)
+                && geom.out_c.is_multiple_of(geom.groups),
             "degenerate conv geometry {geom:?}"
         );
         assert_eq!(
