@@ -43,6 +43,7 @@ METHODS = {
     "rtn": "RTN (no search)",
 }
 MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)",
+          "mobilenet": "MobileNetV3-style model of the worked example (examples/mnist/mobilenet.onnx, 2,000 test digits)",
           "mnist100k": "MNIST quickstart CNN, 100,000 evaluations per run (five times the budget above)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
 COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "eda-cc-confirm-b1024-p95": "#000000", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
