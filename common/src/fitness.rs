@@ -284,13 +284,12 @@ fn first_layer_changes(
         if code == old {
             continue;
         }
-        let (oc, r) = (i / g.k_len(), i % g.k_len());
-        let ipg = g.in_per_group();
+        let [oc, ky, kx, ic] = g.weight_position(i);
         changes.push(WeightChange {
             oc,
-            ky: r / (g.k_w * ipg),
-            kx: r / ipg % g.k_w,
-            ic: r % ipg,
+            ky,
+            kx,
+            ic,
             delta: i32::from(code) - i32::from(old),
         });
     }

@@ -1176,10 +1176,12 @@ fn check_header(format: &str, version: u32, expected: u32, origin: &str) -> Resu
 }
 
 const FORMAT_TAG: &str = "ccq-network";
-/// Version of the `.ccq` JSON file.
+/// Version of the `.ccq` JSON file. Version-1 files written before grouped convolutions
+/// and table activations existed read unchanged (a missing `groups` is 1).
 const FORMAT_VERSION: u32 = 1;
 /// Version of the binary form ([`QNetwork::to_bytes`]); independent of the JSON's.
-const BINARY_VERSION: u32 = 1;
+/// 2: convolutions carry `groups` (postcard has no defaults, so version 1 cannot be read).
+const BINARY_VERSION: u32 = 2;
 
 #[derive(Deserialize)]
 struct NetworkFile {

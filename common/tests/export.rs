@@ -163,6 +163,8 @@ fn qdq_export_reimports_as_the_same_integer_network() {
         ("mnist_cnn", cfg(4, 4)),
         ("tiny_resnet", cfg(4, 8)),
         ("tiny_resnet", cfg(8, 3)),
+        // misc17: a depthwise convolution (the group attribute), a padded MaxPool.
+        ("misc17", cfg(4, 8)),
         // Mixed precision: 8-bit first and logits layers around 3-bit ones.
         (
             "tiny_resnet",

@@ -208,6 +208,12 @@ impl ConvGeom {
     pub fn first_input_of(&self, oc: usize) -> usize {
         oc / self.out_per_group() * self.in_per_group()
     }
+    /// `[oc, ky, kx, ic]` of OHWI weight `i`, `ic` counted within the channel's group.
+    pub fn weight_position(&self, i: usize) -> [usize; 4] {
+        let ipg = self.in_per_group();
+        let (oc, r) = (i / self.k_len(), i % self.k_len());
+        [oc, r / (self.k_w * ipg), r / ipg % self.k_w, r % ipg]
+    }
 
     pub fn out_h(&self) -> usize {
         crate::model::window_out(

@@ -1254,3 +1254,20 @@ fn lookup_and_concat_by_hand() {
     );
     assert_eq!(out, [254, 10, 11, 253, 20, 21]);
 }
+
+#[test]
+fn weight_positions_follow_the_ohwi_layout_within_groups() {
+    // 2 groups of 3 inputs -> 2 outputs each, 2x2 kernel: 12 weights per output channel.
+    let g = ConvGeom {
+        groups: 2,
+        ..geom((4, 4), 6, 4, (2, 2), 1, 0)
+    };
+    assert_eq!(g.k_len(), 12);
+    for i in 0..g.out_c * g.k_len() {
+        let [oc, ky, kx, ic] = g.weight_position(i);
+        assert_eq!(((oc * 2 + ky) * 2 + kx) * 3 + ic, i);
+        assert!(ky < 2 && kx < 2 && ic < 3 && oc < 4);
+    }
+    assert_eq!(g.weight_position(12 * 3 + 7), [3, 1, 0, 1]);
+    assert_eq!((g.first_input_of(1), g.first_input_of(2)), (0, 3));
+}

@@ -709,13 +709,14 @@ impl Importer {
         let [o, i, kh, kw] = *dims.as_slice() else {
             return Err(n.unsupported(format!("only 2-D convolutions: weight dims {dims:?}")));
         };
-        if i != in_c || o == 0 || kh == 0 || kw == 0 {
+        let group = usize::try_from(n.int("group", 1)?)
+            .ok()
+            .filter(|&g| g >= 1)
+            .ok_or_else(|| n.invalid("attribute 'group' must be >= 1"))?;
+        if i.checked_mul(group) != Some(in_c) || o == 0 || kh == 0 || kw == 0 || o % group != 0 {
             return Err(n.invalid(format!(
-                "weight dims {dims:?} do not fit an input of {in_c} channels"
+                "weight dims {dims:?} with group={group} do not fit an input of {in_c} channels"
             )));
-        }
-        if n.int("group", 1)? != 1 {
-            return Err(n.unsupported("the integer engine supports group = 1 only"));
         }
         if n.string("auto_pad", "NOTSET")? != "NOTSET" {
             return Err(n.unsupported("auto_pad is not supported; give explicit pads"));
@@ -738,12 +739,12 @@ impl Importer {
             pad_l,
             pad_b,
             pad_r,
-            groups: 1,
+            groups: group,
         };
         if geom.out_h() == 0 || geom.out_w() == 0 {
             return Err(n.invalid("the kernel is larger than the padded input"));
         }
-        // OIHW -> OHWI.
+        // OIHW -> OHWI (I = input channels per group).
         let mut ohwi = vec![0i8; codes.len()];
         for oc in 0..o {
             for ic in 0..i {
