@@ -95,6 +95,41 @@ fn layers() -> Vec<Layer> {
     ]
 }
 
+/// Layers of mobile networks (not part of the ResNet-20 estimate): depthwise 3x3 at the
+/// widths of an inverted-residual block, and a grouped 1x1.
+fn mobile_layers() -> Vec<Layer> {
+    let depthwise = |hw, c, stride| ConvGeom {
+        groups: c,
+        ..conv3x3(hw, c, c, stride)
+    };
+    vec![
+        Layer {
+            name: "dw_28x28_96",
+            geom: depthwise(28, 96, 1),
+            count: 1,
+        },
+        Layer {
+            name: "dw_28x28_144_s2",
+            geom: depthwise(28, 144, 2),
+            count: 1,
+        },
+        Layer {
+            name: "grouped1x1_14x14_64to64_g4",
+            geom: ConvGeom {
+                k_h: 1,
+                k_w: 1,
+                pad_t: 0,
+                pad_l: 0,
+                pad_b: 0,
+                pad_r: 0,
+                groups: 4,
+                ..conv3x3(14, 64, 64, 1)
+            },
+            count: 1,
+        },
+    ]
+}
+
 struct Prepared {
     conv: PackedConv,
     stage: OutputStage,
@@ -137,7 +172,7 @@ fn bench_convs(c: &mut Criterion) {
     group
         .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_millis(300));
-    for layer in layers() {
+    for layer in layers().into_iter().chain(mobile_layers()) {
         for path in KernelPath::available() {
             let batch = batch_for(path);
             let p = prepare(layer.geom, batch, &mut rng);

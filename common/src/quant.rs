@@ -1559,12 +1559,12 @@ mod tests {
             .to_string();
         assert!(e.contains("m.ccq"), "{e}");
         // Another version of the binary form is refused before its body is read.
-        let mut v2 = bytes.clone();
+        let mut v1 = bytes.clone();
         let tag_len = 1 + "ccq-network".len();
-        assert_eq!(v2[tag_len], 1, "the version follows the tag");
-        v2[tag_len] = 2;
-        let e = QNetwork::from_bytes(&v2, "sync").unwrap_err().to_string();
-        assert!(e.contains("format version 2"), "{e}");
+        assert_eq!(v1[tag_len], 2, "the version follows the tag");
+        v1[tag_len] = 1;
+        let e = QNetwork::from_bytes(&v1, "sync").unwrap_err().to_string();
+        assert!(e.contains("format version 1"), "{e}");
         streamed.push(0);
         let e = QNetwork::from_bytes(&streamed, "sync")
             .unwrap_err()

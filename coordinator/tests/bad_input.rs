@@ -226,7 +226,7 @@ fn onnx_model_with_an_unsupported_op_names_the_node_and_op() {
     let dir = tempfile::tempdir().unwrap();
     let mut m =
         ModelProto::decode(std::fs::read(fixture("mnist_cnn.onnx")).unwrap().as_slice()).unwrap();
-    // A Relu turned into a Sigmoid: a valid ONNX model that ccq cannot import.
+    // A Relu turned into an Elu: a valid ONNX model that ccq cannot import.
     let node = m
         .graph
         .as_mut()
@@ -235,13 +235,13 @@ fn onnx_model_with_an_unsupported_op_names_the_node_and_op() {
         .iter_mut()
         .find(|n| n.op_type == "Relu")
         .expect("the fixture has a Relu");
-    node.op_type = "Sigmoid".into();
+    node.op_type = "Elu".into();
     let name = node.name.clone();
     assert!(!name.is_empty(), "the fixture's nodes are named");
-    let model = dir.path().join("sigmoid.onnx");
+    let model = dir.path().join("elu.onnx");
     std::fs::write(&model, m.encode_to_vec()).unwrap();
     let (err, _) = refused(dir.path(), &model, data_dir(), None);
-    assert_says(&err, &[&format!("node '{name}' (op Sigmoid)")]);
+    assert_says(&err, &[&format!("node '{name}' (op Elu)")]);
 }
 
 #[test]
