@@ -57,7 +57,7 @@ impl GroupedPlan {
 
     pub(super) fn run(&self, g: &ConvGeom, path: KernelPath, input: &[u8], n: usize, dst: Dst) {
         match self {
-            GroupedPlan::Depthwise(d) => d.run(input, n, dst),
+            GroupedPlan::Depthwise(d) => d.run(path, input, n, dst),
             GroupedPlan::PerGroup(plans) => per_group(g, plans, path, input, n, dst),
         }
     }
@@ -164,45 +164,155 @@ impl Depthwise {
         (self.weights.capacity() + self.bias.capacity()) * std::mem::size_of::<i32>()
     }
 
-    fn run(&self, input: &[u8], n: usize, mut dst: Dst) {
+    fn run(&self, path: KernelPath, input: &[u8], n: usize, mut dst: Dst) {
         let g = &self.geom;
         let c = g.out_c;
         let (out_h, out_w) = (g.out_h(), g.out_w());
         if n == 0 || out_h * out_w == 0 {
             return;
         }
+        // The output stage per channel, widened once per call so that the row loop is
+        // plain lane-wise i64 arithmetic the compiler vectorises.
+        let stage = match &dst {
+            Dst::Acc(_) => None,
+            Dst::Codes(_, s) => Some(RowStage::new(s)),
+        };
         let mut buf = vec![self.input_zp; self.pad_h * self.pad_w * c];
-        let mut acc = vec![0i32; c];
+        let mut acc = vec![0i32; out_w * c];
         for (img, x) in input.chunks_exact(g.in_len()).enumerate() {
             for iy in 0..g.in_h {
                 let row = ((iy + g.pad_t) * self.pad_w + g.pad_l) * c;
                 buf[row..row + g.in_w * c].copy_from_slice(&x[iy * g.in_w * c..][..g.in_w * c]);
             }
             for oy in 0..out_h {
-                for ox in 0..out_w {
-                    acc.copy_from_slice(&self.bias);
-                    for ky in 0..g.k_h {
-                        let iy = oy * g.stride_h + ky * g.dil_h;
-                        for kx in 0..g.k_w {
-                            let ix = ox * g.stride_w + kx * g.dil_w;
-                            let src = &buf[(iy * self.pad_w + ix) * c..][..c];
-                            let w = &self.weights[(ky * g.k_w + kx) * c..][..c];
-                            for ((a, &x), &w) in acc.iter_mut().zip(src).zip(w) {
-                                *a = a.wrapping_add(i32::from(x).wrapping_mul(w));
-                            }
-                        }
+                let at = (img * out_h + oy) * out_w * c;
+                let row = Row {
+                    dw: self,
+                    buf: &buf,
+                    oy,
+                };
+                match &mut dst {
+                    Dst::Acc(out) => {
+                        run_row(path, &row, &mut acc, None);
+                        out[at..at + out_w * c].copy_from_slice(&acc);
                     }
-                    let at = ((img * out_h + oy) * out_w + ox) * c;
-                    match &mut dst {
-                        Dst::Acc(out) => out[at..at + c].copy_from_slice(&acc),
-                        Dst::Codes(out, stage) => {
-                            for (oc, (o, &a)) in out[at..at + c].iter_mut().zip(&acc).enumerate() {
-                                *o = stage.code(oc, a);
-                            }
-                        }
+                    Dst::Codes(out, _) => {
+                        let stage = stage.as_ref().map(|s| (s, &mut out[at..at + out_w * c]));
+                        run_row(path, &row, &mut acc, stage);
                     }
                 }
             }
         }
+    }
+}
+
+/// One output row of a depthwise convolution over one padded image.
+struct Row<'a> {
+    dw: &'a Depthwise,
+    buf: &'a [u8],
+    oy: usize,
+}
+
+/// [`OutputStage`] as per-channel lanes: `code = clamp(out_zp + clamp_i32((acc * m + r) >>
+/// s), min, max)`, the arithmetic of [`super::Requant::apply`] and
+/// [`OutputStage::code`].
+struct RowStage {
+    mult: Vec<i64>,
+    round: Vec<i64>,
+    shift: Vec<i64>,
+    out_zp: i64,
+    min: i64,
+    max: i64,
+}
+
+impl RowStage {
+    fn new(s: &OutputStage) -> RowStage {
+        RowStage {
+            mult: s.requant.iter().map(|r| i64::from(r.multiplier)).collect(),
+            round: s
+                .requant
+                .iter()
+                .map(|r| 1i64 << (u32::from(r.shift) - 1))
+                .collect(),
+            shift: s.requant.iter().map(|r| i64::from(r.shift)).collect(),
+            out_zp: i64::from(s.out_zp),
+            min: i64::from(s.min),
+            max: i64::from(s.max),
+        }
+    }
+}
+
+/// Accumulators of `row` into `acc` (`out_w * C`), then, with a stage, its codes.
+fn run_row(path: KernelPath, row: &Row, acc: &mut [i32], stage: Option<(&RowStage, &mut [u8])>) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `PackedConv::run_fast` asserted that the path is available, i.e. that
+        // the CPU has the features these functions are compiled for.
+        KernelPath::Avx2 => unsafe { x86::row_avx2(row, acc, stage) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        KernelPath::Vnni => unsafe { x86::row_avx512(row, acc, stage) },
+        _ => row_portable(row, acc, stage),
+    }
+}
+
+#[inline(always)]
+fn row_portable(row: &Row, acc: &mut [i32], stage: Option<(&RowStage, &mut [u8])>) {
+    let dw = row.dw;
+    let g = &dw.geom;
+    let c = g.out_c;
+    for (ox, a) in acc.chunks_exact_mut(c).enumerate() {
+        a.copy_from_slice(&dw.bias);
+        for ky in 0..g.k_h {
+            let iy = row.oy * g.stride_h + ky * g.dil_h;
+            for kx in 0..g.k_w {
+                let ix = ox * g.stride_w + kx * g.dil_w;
+                let src = &row.buf[(iy * dw.pad_w + ix) * c..][..c];
+                let w = &dw.weights[(ky * g.k_w + kx) * c..][..c];
+                for ((a, &x), &w) in a.iter_mut().zip(src).zip(w) {
+                    *a = a.wrapping_add(i32::from(x).wrapping_mul(w));
+                }
+            }
+        }
+    }
+    if let Some((s, out)) = stage {
+        for (a, o) in acc.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+            for ((((o, &a), &m), &r), &sh) in
+                o.iter_mut().zip(a).zip(&s.mult).zip(&s.round).zip(&s.shift)
+            {
+                let v =
+                    ((i64::from(a) * m + r) >> sh).clamp(i64::from(i32::MIN), i64::from(i32::MAX));
+                *o = (s.out_zp + v).max(s.min).min(s.max) as u8;
+            }
+        }
+    }
+}
+
+/// The row kernel compiled for the x86 paths' instruction sets (the blocked kernels'
+/// intrinsics would buy little here: the loops are lane-wise and vectorise as written).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{row_portable, Row, RowStage};
+
+    /// # Safety
+    /// The CPU supports AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn row_avx2(
+        row: &Row,
+        acc: &mut [i32],
+        stage: Option<(&RowStage, &mut [u8])>,
+    ) {
+        row_portable(row, acc, stage)
+    }
+
+    /// # Safety
+    /// The CPU supports the enabled AVX-512 features.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    pub(super) unsafe fn row_avx512(
+        row: &Row,
+        acc: &mut [i32],
+        stage: Option<(&RowStage, &mut [u8])>,
+    ) {
+        row_portable(row, acc, stage)
     }
 }
