@@ -228,6 +228,50 @@ fn train_on(spec: &str, tmp: &Path, model: &str, bits: u8, lift: f64) {
     assert_eq!(e["top1"], report["accuracy"]["final"], "{spec}");
 }
 
+/// A worker keeps heartbeating while it decodes its shard: with heartbeats every 50 ms
+/// (reaped after 150 ms of silence) and a shard that takes longer than that to decode
+/// (every digit resized to 224 x 224, then cropped back to 28 x 28), the run still sees
+/// one worker, registered once — before, it was reaped mid-load and registered again.
+#[test]
+fn a_worker_decoding_its_shard_is_not_reaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, test) = mnist();
+    let folder = tmp.path().join("digits-png");
+    write_folder(&folder, &train, &test);
+    let out = tmp.path().join("run");
+    let config = tmp.path().join("run.toml");
+    fs::write(
+        &config,
+        format!(
+            "seed = 1\nout = \"{}\"\n[model]\nonnx = \"{}\"\nmean = [0.1307]\nstd = [0.3081]\n\
+             [data]\nsource = \"folder:{}?channels=gray&resize=224&crop=28\"\nvalidation = 100\n\
+             [quant]\nweight_bits = 4\ncalib_images = 64\n[budget]\nevaluations = 32\n\
+             [cluster]\nheartbeat_ms = 50\n",
+            out.display(),
+            repo().join("examples/mnist/mnist-cnn.onnx").display(),
+            folder.display(),
+        ),
+    )
+    .unwrap();
+    let addr = free_addr().to_string();
+    let workers = vec![spawn_worker(&addr)];
+    let mut coord = Killed(
+        Command::new(coordinator())
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--listen", &addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start coordinator"),
+    );
+    assert!(finishes(&mut coord, 300), "the run did not finish");
+    assert_workers_leave(workers);
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["workers_seen"], 1, "{}", report["workers_seen"]);
+}
+
 /// The same digits as MNIST IDX files, so all three readers see exactly these images.
 fn write_idx(dir: &Path, train: &Dataset, test: &Dataset) {
     fs::create_dir_all(dir).unwrap();

@@ -265,6 +265,17 @@ async fn serve(
     reg: &RegisterResponse,
     local: &mut Local,
 ) -> Result<Served, Error> {
+    // Heartbeats run beside everything that follows, loading the shard included: decoding
+    // a shard of large images takes longer than the coordinator waits for a heartbeat, and
+    // a worker silent that long would be reaped and register again after loading. A
+    // heartbeat that finds us unknown (or the run done) ends the job loop.
+    let (hb_tx, mut hb_rx) = tokio::sync::oneshot::channel::<Served>();
+    let _heartbeats = AbortOnDrop(tokio::spawn(heartbeat(
+        client.clone(),
+        reg.worker_id,
+        Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64),
+        hb_tx,
+    )));
     let shard = Shard {
         index: reg.shard_index as usize,
         count: reg.shard_count as usize,
@@ -305,15 +316,7 @@ async fn serve(
         local.source = Some(source.clone());
     }
 
-    // Heartbeats run beside the job loop; a heartbeat that finds us unknown ends the loop.
-    let (hb_tx, mut hb_rx) = tokio::sync::oneshot::channel::<Served>();
-    let hb = tokio::spawn(heartbeat(
-        client.clone(),
-        reg.worker_id,
-        Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64),
-        hb_tx,
-    ));
-    let result = async {
+    async {
         loop {
             let poll = tokio::select! {
                 p = client.poll_job(PollJobRequest { worker_id: reg.worker_id }) => p?.into_inner(),
@@ -342,9 +345,16 @@ async fn serve(
             }
         }
     }
-    .await;
-    hb.abort();
-    result
+    .await
+}
+
+/// Aborts the task when dropped: the heartbeats stop on every way out of `serve`.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn heartbeat(
