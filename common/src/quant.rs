@@ -130,6 +130,20 @@ pub struct QuantConfig {
 }
 
 impl QuantConfig {
+    /// `weight_bits` / `act_bits` with every other setting at its default: max
+    /// calibration, max weight scales, round to nearest, no bias correction, uniform bits.
+    pub fn new(weight_bits: u8, act_bits: u8) -> QuantConfig {
+        QuantConfig {
+            weight_bits,
+            act_bits,
+            calibration: Calibration::Max,
+            weight_scale: WeightScale::Max,
+            rounding: Rounding::Nearest,
+            bias_correction: false,
+            first_last_bits: None,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(2..=8).contains(&self.weight_bits) {
             return Err(Error::setting(
@@ -477,12 +491,7 @@ pub fn quantize(
             // Any function of one code is a table over the 2^act_bits input codes.
             Op::Unary(f) => {
                 let out = own_scale(i);
-                let table = (0..=255u8)
-                    .map(|x| {
-                        let real = (f64::from(x) - f64::from(src.zp)) * src.scale;
-                        quantize_real(f.apply(real), &out, amax)
-                    })
-                    .collect();
+                let table = table(&src, &out, amax, |x| f.apply(x));
                 (QOp::Lut { func: *f, table }, out, flat_from[q_in[0]])
             }
             Op::Mul | Op::Concat if q_in.iter().any(|&q| flat_from[q].is_some()) => {
@@ -513,15 +522,7 @@ pub fn quantize(
                 let out = own_scale(i);
                 let tables = q_in
                     .iter()
-                    .map(|&q| {
-                        let v = qvals[q];
-                        (0..=255u8)
-                            .map(|x| {
-                                let real = (f64::from(x) - f64::from(v.zp)) * v.scale;
-                                quantize_real(real, &out, amax)
-                            })
-                            .collect()
-                    })
+                    .map(|&q| table(&qvals[q], &out, amax, |x| x))
                     .collect();
                 (QOp::Concat { tables }, out, None)
             }
@@ -853,6 +854,14 @@ fn affine(shape: Shape, lo: f64, hi: f64, bits: u8) -> QValue {
 }
 
 /// The code of real value `x` in `v`, clamped to `[0, max]`.
+/// The 256 output codes of `f` applied to each input code's real value: what a lookup
+/// table (an activation, or a change of quantization when `f` is the identity) holds.
+fn table(from: &QValue, to: &QValue, max: u8, f: impl Fn(f64) -> f64) -> Vec<u8> {
+    (0..=255u8)
+        .map(|x| quantize_real(f((f64::from(x) - f64::from(from.zp)) * from.scale), to, max))
+        .collect()
+}
+
 fn quantize_real(x: f64, v: &QValue, max: u8) -> u8 {
     let q = (x / v.scale).round() + v.zp as f64;
     if q.is_nan() {
@@ -1053,15 +1062,7 @@ mod tests {
     }
 
     fn cfg(w: u8, a: u8) -> QuantConfig {
-        QuantConfig {
-            weight_bits: w,
-            act_bits: a,
-            calibration: Calibration::Max,
-            weight_scale: WeightScale::Max,
-            rounding: Rounding::Nearest,
-            bias_correction: false,
-            first_last_bits: None,
-        }
+        QuantConfig::new(w, a)
     }
 
     fn norm() -> Normalization {
@@ -1080,10 +1081,21 @@ mod tests {
     }
 
     fn logit_error_of(g: &Graph, net: &QNetwork) -> f64 {
-        let test = images(32, 2);
-        let float = float::forward(g, &normalize(&norm(), g.input_shape, &test, 32), 32);
+        relative_logit_error(g, &norm(), net, &images(32, 2), 32)
+    }
+
+    /// Max |integer logit - float logit| over `n` images, relative to the largest float
+    /// logit's magnitude.
+    fn relative_logit_error(
+        g: &Graph,
+        norm: &Normalization,
+        net: &QNetwork,
+        test: &[u8],
+        n: usize,
+    ) -> f64 {
+        let float = float::forward(g, &normalize(norm, g.input_shape, test, n), n);
         let mut acts = Activations::default();
-        net.forward(&test, 32, &mut acts);
+        net.forward(test, n, &mut acts);
         let spread = float.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
         let err = acts.logits.iter().zip(&float).fold(0f64, |m, (&q, &f)| {
             m.max((q as f64 * net.logit_scale - f as f64).abs())
@@ -1733,15 +1745,7 @@ mod tests {
         };
         let calib = pixels(&mut rng, 64);
         let net = quantize(g, &norm, &calib, 64, &cfg(w, a)).unwrap();
-        let test = pixels(&mut rng, 32);
-        let float = float::forward(g, &normalize(&norm, g.input_shape, &test, 32), 32);
-        let mut acts = Activations::default();
-        net.forward(&test, 32, &mut acts);
-        let spread = float.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
-        let err = acts.logits.iter().zip(&float).fold(0f64, |m, (&q, &f)| {
-            m.max((q as f64 * net.logit_scale - f as f64).abs())
-        });
-        err / spread
+        relative_logit_error(g, &norm, &net, &pixels(&mut rng, 32), 32)
     }
 
     #[test]
@@ -1937,18 +1941,12 @@ mod tests {
             let calib: Vec<u8> = (0..64 * 8).map(|_| rng.random()).collect();
             let net = quantize(&g, &norm, &calib, 64, &cfg(8, 8)).unwrap();
             let test: Vec<u8> = (0..16 * 8).map(|_| rng.random()).collect();
-            let float = float::forward(&g, &normalize(&norm, g.input_shape, &test, 16), 16);
-            let mut acts = Activations::default();
-            net.forward(&test, 16, &mut acts);
-            let spread = float.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
-            for (&q, &f) in acts.logits.iter().zip(&float) {
-                let err = (q as f64 * net.logit_scale - f as f64).abs();
-                assert!(
-                    err < 0.03 * spread,
-                    "{:?}: {err} of {spread}",
-                    g.nodes[1].op
-                );
-            }
+            let err = relative_logit_error(&g, &norm, &net, &test, 16);
+            assert!(
+                err < 0.03,
+                "{:?}: relative logit error {err}",
+                g.nodes[1].op
+            );
         }
         let g = Graph {
             input_name: "x".into(),

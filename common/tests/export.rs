@@ -15,7 +15,7 @@ use ccq_common::model::Normalization;
 use ccq_common::onnx::proto::{self, ModelProto};
 use ccq_common::onnx::{self as onnx_import, qdq};
 use ccq_common::qnet::{Activations, QNetwork, QOp};
-use ccq_common::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
+use ccq_common::quant::{quantize, QuantConfig};
 use ccq_common::Error;
 use prost::Message;
 use rand::{Rng, SeedableRng};
@@ -32,15 +32,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn cfg(weight_bits: u8, act_bits: u8) -> QuantConfig {
-    QuantConfig {
-        weight_bits,
-        act_bits,
-        calibration: Calibration::Max,
-        weight_scale: WeightScale::Max,
-        rounding: Rounding::Nearest,
-        bias_correction: false,
-        first_last_bits: None,
-    }
+    QuantConfig::new(weight_bits, act_bits)
 }
 
 fn random_images(len: usize, n: usize, seed: u64) -> Vec<u8> {

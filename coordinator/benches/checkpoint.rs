@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::{EvalStats, QNetwork};
-use ccq_common::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
+use ccq_common::quant::{quantize, QuantConfig};
 use ccq_coordinator::checkpoint::{self, Checkpoint};
 use ccq_coordinator::checkpoint::{LoopSnapshot, Phase};
 use ccq_coordinator::config::RunConfig;
@@ -330,15 +330,7 @@ fn synthetic_network(v: usize) -> QNetwork {
     };
     let n = 4;
     let pixels: Vec<u8> = (0..n * inp).map(|_| rng.random()).collect();
-    let q = QuantConfig {
-        weight_bits: 4,
-        act_bits: 8,
-        calibration: Calibration::Max,
-        weight_scale: WeightScale::Max,
-        rounding: Rounding::Nearest,
-        bias_correction: false,
-        first_last_bits: None,
-    };
+    let q = QuantConfig::new(4, 8);
     quantize(&graph, &Normalization::identity(3), &pixels, n, &q).expect("synthetic network")
 }
 

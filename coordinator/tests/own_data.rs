@@ -198,16 +198,7 @@ fn train_on(spec: &str, tmp: &Path, model: &str, bits: u8, lift: f64) {
     .unwrap();
     let addr = free_addr().to_string();
     let workers: Vec<Killed> = (0..2).map(|_| spawn_worker(&addr)).collect();
-    let mut coord = Killed(
-        Command::new(coordinator())
-            .args(["run", "--config"])
-            .arg(&config)
-            .args(["--listen", &addr])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start coordinator"),
-    );
+    let mut coord = run_coordinator(&config, &addr);
     assert!(
         finishes(&mut coord, 300),
         "the run on {spec} did not finish"
@@ -255,21 +246,26 @@ fn a_worker_decoding_its_shard_is_not_reaped() {
     .unwrap();
     let addr = free_addr().to_string();
     let workers = vec![spawn_worker(&addr)];
-    let mut coord = Killed(
-        Command::new(coordinator())
-            .args(["run", "--config"])
-            .arg(&config)
-            .args(["--listen", &addr])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start coordinator"),
-    );
+    let mut coord = run_coordinator(&config, &addr);
     assert!(finishes(&mut coord, 300), "the run did not finish");
     assert_workers_leave(workers);
     let report: serde_json::Value =
         serde_json::from_slice(&fs::read(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["workers_seen"], 1, "{}", report["workers_seen"]);
+}
+
+/// `coordinator run --config config --listen addr`, quiet.
+fn run_coordinator(config: &Path, addr: &str) -> Killed {
+    Killed(
+        Command::new(coordinator())
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--listen", addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start coordinator"),
+    )
 }
 
 /// The same digits as MNIST IDX files, so all three readers see exactly these images.

@@ -24,7 +24,7 @@ use ccq_common::fitness::{evaluate_candidates_with, Strategy};
 use ccq_common::kernels::{DeltaBase, WeightChange};
 use ccq_common::model::Normalization;
 use ccq_common::qnet::{Activations, QNetwork};
-use ccq_common::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
+use ccq_common::quant::{quantize, QuantConfig};
 use ccq_search::eda::{EdaParams, EdaState, Group, Variable};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
@@ -73,15 +73,7 @@ fn setup(shared: &std::path::Path) -> Setup {
         mean: vec![0.485, 0.456, 0.406],
         std: vec![0.229, 0.224, 0.225],
     };
-    let cfg = QuantConfig {
-        weight_bits: 4,
-        act_bits: 8,
-        calibration: Calibration::Max,
-        weight_scale: WeightScale::Max,
-        rounding: Rounding::Nearest,
-        bias_correction: false,
-        first_last_bits: None,
-    };
+    let cfg = QuantConfig::new(4, 8);
     let net = quantize(&graph, &norm, &calib.images, calib.len(), &cfg).expect("quantizes");
     let batch = data::load(&source, Split::Train, Some(1000..1000 + BATCH)).expect("loads");
 

@@ -15,7 +15,7 @@
 
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::{EvalStats, QNetwork};
-use ccq_common::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
+use ccq_common::quant::{quantize, QuantConfig};
 use ccq_search::config::{Acceptance, Fitness, SearchConfig, Strategy};
 use ccq_search::eda::EdaParams;
 use ccq_search::trainer::{Generation, Outcome, Pending, Trainer, TrainerSnapshot};
@@ -64,15 +64,7 @@ fn tiny_network() -> QNetwork {
     };
     let n = 32;
     let pixels: Vec<u8> = (0..n * 16).map(|_| rng.random()).collect();
-    let q = QuantConfig {
-        weight_bits: 3,
-        act_bits: 8,
-        calibration: Calibration::Max,
-        weight_scale: WeightScale::Max,
-        rounding: Rounding::Nearest,
-        bias_correction: false,
-        first_last_bits: None,
-    };
+    let q = QuantConfig::new(3, 8);
     quantize(&graph, &Normalization::identity(1), &pixels, n, &q).unwrap()
 }
 

@@ -685,7 +685,7 @@ mod tests {
     /// The random-weight MNIST-shaped CNN fixture, quantized at 4 bits, and 40 random
     /// images with labels.
     fn fixture() -> (QNetwork, Vec<u8>, Vec<u8>) {
-        use ccq_common::quant::{self, Calibration, QuantConfig, Rounding, WeightScale};
+        use ccq_common::quant::{self, QuantConfig};
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../common/tests/fixtures/mnist_cnn.onnx");
         let graph = ccq_common::onnx::load_onnx(&path).unwrap();
@@ -696,15 +696,7 @@ mod tests {
             mean: vec![0.45],
             std: vec![0.25],
         };
-        let cfg = QuantConfig {
-            weight_bits: 4,
-            act_bits: 8,
-            calibration: Calibration::Max,
-            weight_scale: WeightScale::Max,
-            rounding: Rounding::Nearest,
-            bias_correction: false,
-            first_last_bits: None,
-        };
+        let cfg = QuantConfig::new(4, 8);
         let net = quant::quantize(&graph, &norm, &pixels, n, &cfg).unwrap();
         (net, pixels, labels)
     }

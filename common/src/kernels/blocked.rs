@@ -114,12 +114,7 @@ impl Plan {
 
         let mut folded = vec![0i32; total_blocks * LANES];
         for (oc, f) in folded.iter_mut().enumerate().take(g.out_c) {
-            let sum: i64 = weights[oc * k_len..][..k_len]
-                .iter()
-                .map(|&w| i64::from(w))
-                .sum();
-            // Modulo 2^32 like every accumulator (see the module docs of `kernels`).
-            *f = (i64::from(bias[oc]) - i64::from(input_zp) * sum) as i32;
+            *f = super::folded_bias(&weights[oc * k_len..][..k_len], bias[oc], input_zp);
         }
 
         Plan {

@@ -80,9 +80,9 @@ fn per_group(
         Dst::Acc(out) => {
             let mut y = vec![0i32; pixels_out * opg];
             for (grp, plan) in plans.iter().enumerate() {
-                gather(input, g.in_c, grp * ipg, &mut x);
+                gather(input, g.in_c, grp * ipg, &mut x, ipg);
                 plan.run(path, &x, n, Dst::Acc(&mut y));
-                scatter(&y, out, g.out_c, grp * opg);
+                scatter(&y, opg, out, g.out_c, grp * opg);
             }
         }
         Dst::Codes(out, stage) => {
@@ -92,18 +92,17 @@ fn per_group(
                     requant: stage.requant[grp * opg..][..opg].to_vec(),
                     ..stage.clone()
                 };
-                gather(input, g.in_c, grp * ipg, &mut x);
+                gather(input, g.in_c, grp * ipg, &mut x, ipg);
                 plan.run(path, &x, n, Dst::Codes(&mut y, &sub));
-                scatter(&y, out, g.out_c, grp * opg);
+                scatter(&y, opg, out, g.out_c, grp * opg);
             }
         }
     }
 }
 
-/// Copies channels `first..first + dst_c` of every pixel of `src` (`src_c` channels) into
-/// `dst`, `dst_c` channels per pixel.
-fn gather(src: &[u8], src_c: usize, first: usize, dst: &mut [u8]) {
-    let dst_c = dst.len() / (src.len() / src_c).max(1);
+/// Copies channels `first..first + dst_c` of every pixel of `src` (`src_c` channels per
+/// pixel) into `dst` (`dst_c` channels per pixel).
+fn gather(src: &[u8], src_c: usize, first: usize, dst: &mut [u8], dst_c: usize) {
     for (d, s) in dst.chunks_exact_mut(dst_c).zip(src.chunks_exact(src_c)) {
         d.copy_from_slice(&s[first..first + dst_c]);
     }
@@ -111,8 +110,7 @@ fn gather(src: &[u8], src_c: usize, first: usize, dst: &mut [u8]) {
 
 /// The inverse of [`gather`] for outputs: `src` (`src_c` channels per pixel) into channels
 /// `first..first + src_c` of `dst` (`dst_c` channels per pixel).
-fn scatter<T: Copy>(src: &[T], dst: &mut [T], dst_c: usize, first: usize) {
-    let src_c = src.len() / (dst.len() / dst_c).max(1);
+fn scatter<T: Copy>(src: &[T], src_c: usize, dst: &mut [T], dst_c: usize, first: usize) {
     for (s, d) in src.chunks_exact(src_c).zip(dst.chunks_exact_mut(dst_c)) {
         d[first..first + src_c].copy_from_slice(s);
     }
@@ -142,13 +140,7 @@ impl Depthwise {
             }
         }
         let folded = (0..c)
-            .map(|oc| {
-                let sum: i64 = weights[oc * taps..][..taps]
-                    .iter()
-                    .map(|&w| i64::from(w))
-                    .sum();
-                (i64::from(bias[oc]) - i64::from(input_zp) * sum) as i32
-            })
+            .map(|oc| super::folded_bias(&weights[oc * taps..][..taps], bias[oc], input_zp))
             .collect();
         Depthwise {
             geom: *g,

@@ -235,7 +235,6 @@ impl ConvGeom {
             self.dil_w,
         )
     }
-    /// Length of one output channel's weight row: `k_h * k_w * in_c`.
     /// Weights per output channel: `k_h * k_w * in_per_group`.
     pub fn k_len(&self) -> usize {
         self.k_h * self.k_w * self.in_per_group()
@@ -285,6 +284,13 @@ pub struct PackedConv {
     bias: Vec<i32>,
     /// Packed weights, corrected bias and tiling plan of the fast paths.
     fast: Fast,
+}
+
+/// `bias - input_zp * sum(row)` modulo 2^32 (like every accumulator, see the module docs):
+/// the bias that lets the fast paths multiply raw codes, padding cells holding `input_zp`.
+pub(super) fn folded_bias(row: &[i8], bias: i32, input_zp: u8) -> i32 {
+    let sum: i64 = row.iter().map(|&w| i64::from(w)).sum();
+    (i64::from(bias) - i64::from(input_zp) * sum) as i32
 }
 
 /// What the non-reference paths run.
@@ -345,15 +351,13 @@ impl PackedConv {
 
     /// Runs a non-reference path.
     fn run_fast(&self, path: KernelPath, input: &[u8], n: usize, dst: blocked::Dst) {
+        assert!(
+            path.is_available(),
+            "kernel path {path} is not available on this CPU"
+        );
         match &self.fast {
             Fast::Dense(p) => p.run(path, input, n, dst),
-            Fast::Grouped(p) => {
-                assert!(
-                    path.is_available(),
-                    "kernel path {path} is not available on this CPU"
-                );
-                p.run(&self.geom, path, input, n, dst)
-            }
+            Fast::Grouped(p) => p.run(&self.geom, path, input, n, dst),
         }
     }
 

@@ -296,13 +296,11 @@ fn reference_conv_fused_stage_by_hand() {
     assert_eq!(c.codes(KernelPath::Reference, &stage), vec![12, 17, 200]);
 }
 
-#[test]
-fn reference_conv_matches_independent_formula() {
-    let mut rng = rng(1);
+/// The reference against [`naive_conv`] on 40 geometries from `geom`.
+fn reference_matches_independent_formula(seed: u64, geom: fn(&mut ChaCha8Rng) -> ConvGeom) {
+    let mut rng = rng(seed);
     for _ in 0..40 {
-        let mut g = random_geom(&mut rng);
-        g.in_c = g.in_c.min(9);
-        g.out_c = g.out_c.min(9);
+        let g = geom(&mut rng);
         let c = ConvCase::random(&mut rng, g);
         let got = c.acc(KernelPath::Reference);
         for img in 0..c.n {
@@ -314,6 +312,21 @@ fn reference_conv_matches_independent_formula() {
             );
         }
     }
+}
+
+#[test]
+fn reference_conv_matches_independent_formula() {
+    reference_matches_independent_formula(1, |rng| {
+        let mut g = random_geom(rng);
+        g.in_c = g.in_c.min(9);
+        g.out_c = g.out_c.min(9);
+        g
+    });
+}
+
+#[test]
+fn reference_grouped_conv_matches_independent_formula() {
+    reference_matches_independent_formula(3, random_grouped_geom);
 }
 
 #[test]
@@ -351,30 +364,14 @@ fn reference_grouped_conv_by_hand() {
     }
 }
 
-#[test]
-fn reference_grouped_conv_matches_independent_formula() {
-    let mut rng = rng(3);
-    for _ in 0..40 {
-        let g = random_grouped_geom(&mut rng);
-        let c = ConvCase::random(&mut rng, g);
-        let got = c.acc(KernelPath::Reference);
-        for img in 0..c.n {
-            let expected: Vec<i32> = naive_conv(&c, img).into_iter().map(|v| v as i32).collect();
-            assert_eq!(
-                &got[img * g.out_len()..][..g.out_len()],
-                &expected[..],
-                "{g:?}"
-            );
-        }
-    }
-}
-
-#[test]
-fn every_path_matches_reference_on_random_grouped_convs() {
+/// Every fast path against the reference, accumulators and codes, on 150 geometries from
+/// `geom` with random output stages.
+fn every_path_matches_reference(seed: u64, geom: fn(&mut ChaCha8Rng) -> ConvGeom) {
     let paths = KernelPath::available();
-    let mut rng = rng(4);
+    println!("testing paths {paths:?}");
+    let mut rng = rng(seed);
     for case in 0..150 {
-        let g = random_grouped_geom(&mut rng);
+        let g = geom(&mut rng);
         let c = ConvCase::random(&mut rng, g);
         let stage = random_stage(&mut rng, g.out_c);
         let (acc, codes) = (
@@ -394,26 +391,12 @@ fn every_path_matches_reference_on_random_grouped_convs() {
 
 #[test]
 fn every_path_matches_reference_on_random_convs() {
-    let paths = KernelPath::available();
-    println!("testing paths {paths:?}");
-    let mut rng = rng(2);
-    for case in 0..150 {
-        let g = random_geom(&mut rng);
-        let c = ConvCase::random(&mut rng, g);
-        let stage = random_stage(&mut rng, g.out_c);
-        let (acc, codes) = (
-            c.acc(KernelPath::Reference),
-            c.codes(KernelPath::Reference, &stage),
-        );
-        for &path in &paths[1..] {
-            assert_eq!(c.acc(path), acc, "case {case}, {path}, acc, {g:?}");
-            assert_eq!(
-                c.codes(path, &stage),
-                codes,
-                "case {case}, {path}, codes, {g:?} {stage:?}"
-            );
-        }
-    }
+    every_path_matches_reference(2, random_geom);
+}
+
+#[test]
+fn every_path_matches_reference_on_random_grouped_convs() {
+    every_path_matches_reference(4, random_grouped_geom);
 }
 
 #[test]

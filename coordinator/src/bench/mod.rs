@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use ccq_common::data::DataSource;
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::QNetwork;
-use ccq_common::quant::{self, Calibration, QuantConfig, Rounding, WeightScale};
+use ccq_common::quant::{self, QuantConfig};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
     poll_job_response, CandidateResult, PollJobRequest, RegisterRequest, SubmitResultRequest,
@@ -910,15 +910,7 @@ fn measure_memory(opts: &BenchOptions) -> Result<MemoryReport, Error> {
             mean: spec.mean.clone(),
             std: spec.std.clone(),
         };
-        let q = QuantConfig {
-            weight_bits: spec.weight_bits,
-            act_bits: spec.act_bits,
-            calibration: Calibration::Max,
-            weight_scale: WeightScale::Max,
-            rounding: Rounding::Nearest,
-            bias_correction: false,
-            first_last_bits: None,
-        };
+        let q = QuantConfig::new(spec.weight_bits, spec.act_bits);
         network_memory(&spec.name, || {
             ccq_coordinator::eval::quantize_from_train(&graph, &norm, &source, &q, 64)
         })?
@@ -1071,15 +1063,7 @@ pub fn synthetic_network(v: usize) -> Result<QNetwork, ccq_common::Error> {
     };
     let n = 4;
     let pixels: Vec<u8> = (0..n * input.len()).map(|_| rng.random()).collect();
-    let q = QuantConfig {
-        weight_bits: 4,
-        act_bits: 8,
-        calibration: Calibration::Max,
-        weight_scale: WeightScale::Max,
-        rounding: Rounding::Nearest,
-        bias_correction: false,
-        first_last_bits: None,
-    };
+    let q = QuantConfig::new(4, 8);
     quant::quantize(&graph, &Normalization::identity(3), &pixels, n, &q)
 }
 

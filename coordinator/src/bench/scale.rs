@@ -30,7 +30,7 @@ use ccq_common::data::{self, DataSource, Split};
 use ccq_common::fitness;
 use ccq_common::model::Normalization;
 use ccq_common::qnet::Targets;
-use ccq_common::quant::{Calibration, QuantConfig, Rounding, WeightScale};
+use ccq_common::quant::QuantConfig;
 use ccq_proto::v1::{CandidateResult, SubmitResultRequest, SyncNetworkRequest};
 use ccq_search::config::SearchConfig;
 use ccq_search::eda::EdaParams;
@@ -266,15 +266,7 @@ pub fn calibrate(
         mean: spec.mean.clone(),
         std: spec.std.clone(),
     };
-    let q = QuantConfig {
-        weight_bits: spec.weight_bits,
-        act_bits: spec.act_bits,
-        calibration: Calibration::Max,
-        weight_scale: WeightScale::Max,
-        rounding: Rounding::Nearest,
-        bias_correction: false,
-        first_last_bits: None,
-    };
+    let q = QuantConfig::new(spec.weight_bits, spec.act_bits);
     let net = ccq_coordinator::eval::quantize_from_train(&graph, &norm, &source, &q, 64)?;
     let n = images.max(8);
     let d = data::load(&source, Split::Train, Some(0..n))?;
