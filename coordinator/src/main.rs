@@ -53,9 +53,24 @@ struct ScaleArgs {
     /// `resnet20` (../shared), `mnist` (examples/), or `auto`: ResNet-20 when present.
     #[arg(long, default_value = "auto")]
     model: String,
-    /// Numbers of emulated workers, comma separated.
+    /// Numbers of emulated workers, comma separated (0: none).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
     workers: Vec<usize>,
+    /// Numbers of simulated workers, comma separated: the real event loop on a virtual
+    /// clock with the calibrated costs, after the emulated cases.
+    #[arg(long, value_delimiter = ',')]
+    simulate: Vec<usize>,
+    /// Round trip between a simulated worker and the coordinator, microseconds.
+    #[arg(long, default_value_t = 100.0)]
+    round_trip_us: f64,
+    /// Coordinator CPU per request in the simulation, microseconds [default: as the
+    /// emulated case with the most workers measured it].
+    #[arg(long)]
+    coordinator_us_per_request: Option<f64>,
+    /// Evaluations of a simulated case with no emulated case of its size (otherwise as
+    /// many as that case made).
+    #[arg(long, default_value_t = 50_000)]
+    simulate_evaluations: u64,
     /// Workers per shard: W workers serve W / R shards.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -308,14 +323,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print_report(&report, a.json)
         }
         Command::Scale(a) => {
+            anyhow::ensure!(
+                a.round_trip_us >= 0.0 && a.round_trip_us.is_finite(),
+                "--round-trip-us must be a number of microseconds >= 0, not {}",
+                a.round_trip_us
+            );
+            if let Some(u) = a.coordinator_us_per_request {
+                anyhow::ensure!(
+                    u >= 0.0 && u.is_finite(),
+                    "--coordinator-us-per-request must be a number of microseconds >= 0, not {u}"
+                );
+            }
             let opts = bench::scale::ScaleOptions {
                 model: bench::ModelSpec::named(&a.model, std::path::Path::new("."))?,
-                workers: a.workers,
+                workers: a.workers.into_iter().filter(|&w| w > 0).collect(),
                 replicas: a.replicas,
                 window: a.window,
                 seconds: a.seconds,
                 calibration_images: a.calibration_images,
                 scratch: std::env::temp_dir().join(format!("ccq-scale-{}", std::process::id())),
+                simulate: a.simulate.into_iter().filter(|&w| w > 0).collect(),
+                round_trip_secs: a.round_trip_us * 1e-6,
+                coordinator_secs_per_request: a.coordinator_us_per_request.map(|u| u * 1e-6),
+                simulate_evaluations: a.simulate_evaluations,
             };
             let report = bench::scale::run(&opts);
             let _ = std::fs::remove_dir_all(&opts.scratch);

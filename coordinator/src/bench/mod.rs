@@ -889,14 +889,11 @@ async fn register(
 /// A valid result for a candidate on `images` images: loss between 0.5 and 1 nat per
 /// image (2^-24 fixed point), chosen by a hash of the codes so candidates differ.
 fn made_up_result(codes: &[u8], images: u64) -> CandidateResult {
-    // FNV-1a.
-    let h = codes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let s = ccq_coordinator::state::sim::made_up_stats(codes.iter().copied(), images);
     CandidateResult {
-        loss_fixed: images * ((1 << 23) + (h >> 41)),
-        correct: (h % (images + 1)).min(images),
-        images,
+        loss_fixed: s.loss_fixed,
+        correct: s.correct,
+        images: s.images,
     }
 }
 

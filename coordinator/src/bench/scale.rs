@@ -44,6 +44,8 @@ use ccq_coordinator::config::{
     QuantSection, RunConfig,
 };
 use ccq_coordinator::run::{self, RunOptions};
+use ccq_coordinator::state::sim::{self, Cluster, SimCase};
+pub use ccq_coordinator::state::sim::{CostModel, LayerCost};
 use ccq_coordinator::Error;
 
 use super::host::{cpu_model, loadavg};
@@ -69,74 +71,17 @@ pub struct ScaleOptions {
     pub calibration_images: usize,
     /// Where the runs write their outputs (removed afterwards).
     pub scratch: PathBuf,
-}
-
-/// The calibrated cost of a job on one core: `fixed + images × (base + candidates ×
-/// per_candidate[layer])`, seconds.
-#[derive(Debug, Clone, Serialize)]
-pub struct CostModel {
-    pub fixed_secs: f64,
-    pub base_per_image_secs: f64,
-    pub layers: Vec<LayerCost>,
-    /// Population and group size the candidates were measured with.
-    pub population: usize,
-    pub group_size: usize,
-    /// Calibration wall time.
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct LayerCost {
-    pub layer: usize,
-    pub first_var: u32,
-    pub variables: usize,
-    /// One candidate whose group lies in this layer, per image.
-    pub candidate_per_image_secs: f64,
-}
-
-impl CostModel {
-    /// Seconds a job of `candidates` changed candidates on `images` images whose group
-    /// starts with variable `var` costs one core.
-    pub fn job_secs(&self, images: usize, candidates: usize, var: u32) -> f64 {
-        let i = self.layers.partition_point(|l| l.first_var <= var);
-        let per = self.layers[i.saturating_sub(1)].candidate_per_image_secs;
-        self.fixed_secs + images as f64 * (self.base_per_image_secs + candidates as f64 * per)
-    }
-
-    /// The part of a job of `count` of the generation's candidates (`changed` of them
-    /// not the context) that one worker holding the whole batch would also spend: the
-    /// changed candidates, and of the base forward and the fixed cost only the job's
-    /// share (`images` of `batch`, `count` of the population). Workers that split a
-    /// shard's candidates each run the base forward; one worker would run it once.
-    pub fn useful_secs(
-        &self,
-        images: usize,
-        count: usize,
-        changed: usize,
-        var: u32,
-        batch: usize,
-    ) -> f64 {
-        let share = count as f64 / self.population.max(1) as f64;
-        let once = self.fixed_secs * images as f64 / batch.max(1) as f64
-            + images as f64 * self.base_per_image_secs;
-        let candidates = self.job_secs(images, changed, var)
-            - self.fixed_secs
-            - images as f64 * self.base_per_image_secs;
-        once * share + candidates
-    }
-
-    /// One generation (the population on a whole batch) on one core.
-    pub fn generation_secs(&self, batch: usize) -> f64 {
-        let changed = self.population.saturating_sub(1);
-        let total: usize = self.layers.iter().map(|l| l.variables).sum();
-        // Groups are drawn from layers in proportion to their variables.
-        let per: f64 = self
-            .layers
-            .iter()
-            .map(|l| l.candidate_per_image_secs * l.variables as f64 / total.max(1) as f64)
-            .sum();
-        self.fixed_secs + batch as f64 * (self.base_per_image_secs + changed as f64 * per)
-    }
+    /// Numbers of simulated workers ([`ccq_coordinator::state::sim`]), after the
+    /// emulated cases, with the same cost model.
+    pub simulate: Vec<usize>,
+    /// Round trip between a simulated worker and the coordinator, seconds.
+    pub round_trip_secs: f64,
+    /// Coordinator CPU per request in the simulation; `None`: as the emulated case with
+    /// the most workers measured it.
+    pub coordinator_secs_per_request: Option<f64>,
+    /// Evaluations a simulated case runs for when no emulated case had its number of
+    /// workers (otherwise as many as that case did, so both follow one trajectory).
+    pub simulate_evaluations: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -147,6 +92,9 @@ pub struct ScaleReport {
     pub window: usize,
     pub cost: CostModel,
     pub cases: Vec<ScaleCase>,
+    /// The simulated cluster's parameters (W aside), when cases were simulated.
+    pub simulation: Option<Cluster>,
+    pub simulated: Vec<SimCase>,
 }
 
 /// One run against `workers` emulated workers.
@@ -175,6 +123,12 @@ pub struct ScaleCase {
     /// its loop, gRPC and the validation/test measurements it ran meanwhile.
     pub coordinator_cpu_secs: f64,
     pub coordinator_cpu_micros_per_eval: f64,
+    /// Jobs that ended inside the sustained window, and the coordinator's CPU per job
+    /// (two requests each: the result and the next poll).
+    #[serde(default)]
+    pub jobs_in_window: u64,
+    #[serde(default)]
+    pub coordinator_cpu_micros_per_job: f64,
     pub search_seconds: f64,
     pub stop_reason: String,
     pub jobs: u64,
@@ -238,6 +192,7 @@ async fn run_cases(opts: &ScaleOptions) -> Result<ScaleReport, Error> {
         );
         cases.push(case);
     }
+    let (simulation, simulated) = simulate_cases(opts, &cost, &cases).await?;
     Ok(ScaleReport {
         machine: super::Machine {
             cpu: cpu_model(),
@@ -249,7 +204,141 @@ async fn run_cases(opts: &ScaleOptions) -> Result<ScaleReport, Error> {
         window: opts.window,
         cost: (*cost).clone(),
         cases,
+        simulation,
+        simulated,
     })
+}
+
+/// The simulated cases: the real event loop on a virtual clock (`state::sim`) with the
+/// calibrated costs, each to as many evaluations as the emulated case of its size made.
+async fn simulate_cases(
+    opts: &ScaleOptions,
+    cost: &Arc<CostModel>,
+    emulated: &[ScaleCase],
+) -> Result<(Option<Cluster>, Vec<SimCase>), Error> {
+    if opts.simulate.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let per_request = match opts.coordinator_secs_per_request {
+        Some(s) => s,
+        None => emulated
+            .iter()
+            .filter(|c| c.jobs_in_window > 0)
+            .max_by_key(|c| c.workers)
+            .map(|c| c.coordinator_cpu_micros_per_job / 2.0 * 1e-6)
+            .ok_or_else(|| {
+                Error::Usage(
+                    "simulating needs the coordinator's CPU per request: emulate a case \
+                     (--workers) or pass --coordinator-us-per-request"
+                        .into(),
+                )
+            })?,
+    };
+    let template = Cluster {
+        workers: 0,
+        round_trip_secs: opts.round_trip_secs,
+        coordinator_secs_per_request: per_request,
+        coordinator_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let o = opts.clone();
+    let (cost, base) = (Arc::clone(cost), template.clone());
+    let emulated: Vec<(usize, u64)> = emulated
+        .iter()
+        .map(|c| (c.workers, c.evaluations))
+        .collect();
+    let cases = tokio::task::spawn_blocking(move || {
+        let setup = SimSetup::new(&o.model)?;
+        let mut cases = Vec::new();
+        for &w in &o.simulate {
+            let evaluations = emulated
+                .iter()
+                .find(|(n, _)| *n == w)
+                .map_or(o.simulate_evaluations, |(_, e)| *e);
+            let shards = (w / o.replicas.max(1)).max(1);
+            let mut config = scale_config(&o.model, shards, o.window, 0.0, o.scratch.join("sim"));
+            config.budget = BudgetConfig {
+                evaluations: Some(evaluations.max(1)),
+                ..BudgetConfig::default()
+            };
+            let cluster = Cluster {
+                workers: w,
+                ..base.clone()
+            };
+            let (state_setup, trainer) = setup.build(config, shards)?;
+            let case = sim::simulate(state_setup, trainer, &cost, &cluster)?;
+            tracing::warn!(
+                workers = w,
+                "simulated: {:.0} evaluations/s, efficiency {:.2}, coordinator {:.0} % busy ({:.1} s)",
+                case.evals_per_sec,
+                case.efficiency,
+                case.coordinator_busy_fraction * 100.0,
+                case.real_seconds
+            );
+            cases.push(case);
+        }
+        Ok::<_, Error>(cases)
+    })
+    .await
+    .expect("the simulation panicked")?;
+    Ok((Some(template), cases))
+}
+
+/// What every simulated case starts from: the bench model quantized as a run would, and
+/// the sizes of its data splits (run defaults: 5,000 validation images).
+struct SimSetup {
+    net: ccq_common::qnet::QNetwork,
+    train_len: usize,
+    test_len: usize,
+}
+
+impl SimSetup {
+    fn new(spec: &ModelSpec) -> Result<SimSetup, Error> {
+        let graph = ccq_common::onnx::load_onnx(&spec.onnx)?;
+        let source: DataSource = spec.data.parse()?;
+        let norm = Normalization {
+            mean: spec.mean.clone(),
+            std: spec.std.clone(),
+        };
+        let q = QuantConfig::new(spec.weight_bits, spec.act_bits);
+        let net = ccq_coordinator::eval::quantize_from_train(&graph, &norm, &source, &q, 64)?;
+        Ok(SimSetup {
+            net,
+            train_len: data::split_len(&source, Split::Train)?,
+            test_len: data::split_len(&source, Split::Test)?,
+        })
+    }
+
+    fn build(
+        &self,
+        config: RunConfig,
+        shards: usize,
+    ) -> Result<(ccq_coordinator::state::Setup, ccq_search::trainer::Trainer), Error> {
+        let validation = config.data.validation.min(self.train_len / 2);
+        let search_len = self.train_len - validation;
+        let trainer = ccq_search::trainer::Trainer::new(
+            self.net.clone(),
+            config.eda.clone(),
+            config.search.clone(),
+            config.seed,
+            search_len,
+        )?;
+        let setup = ccq_coordinator::state::Setup {
+            run_id: "simulated".into(),
+            data_source: config.data.source.clone(),
+            shards,
+            search_len,
+            validation,
+            test: self.test_len,
+            float_top1: 0.0,
+            ptq_top1: None,
+            network_fingerprint: String::new(),
+            search_seconds_before: 0.0,
+            instance: "simulated".into(),
+            teacher: None,
+            config,
+        };
+        Ok((setup, trainer))
+    }
 }
 
 /// Measures the job cost model on the bench model with real training images.
@@ -511,11 +600,13 @@ async fn scale_case(
     let _ = std::fs::remove_dir_all(&out);
     let report = report?;
 
-    // Each shard's jobs together carry every candidate once.
-    let (window, rate_candidates) = clock.sustained_window(0.2);
-    let evals_per_sec = rate_candidates / shards as f64;
+    // Recorded: candidates × images per job. A generation's jobs together carry each
+    // candidate on each image of the batch once, however the batch was cut.
+    let batch = SearchConfig::default().batch_size;
+    let (window, rate_candidate_images) = clock.sustained_window(0.2);
+    let evals_per_sec = rate_candidate_images / batch as f64;
     let secs = window.map_or(0.0, |(t0, t1)| (t1 - t0).as_secs_f64());
-    let (busy_secs, useful_secs) = busy.within(window);
+    let (busy_secs, useful_secs, jobs_in_window) = busy.within(window);
     let share = |x: f64| x / (workers as f64 * secs.max(1e-9));
     // The coordinator's CPU between the samples nearest the window's ends.
     let coordinator_cpu = window.map_or(0.0, |(t0, t1)| {
@@ -541,6 +632,8 @@ async fn scale_case(
         window_seconds: secs,
         coordinator_cpu_secs: coordinator_cpu,
         coordinator_cpu_micros_per_eval: coordinator_cpu * 1e6 / window_evals.max(1.0),
+        jobs_in_window,
+        coordinator_cpu_micros_per_job: coordinator_cpu * 1e6 / jobs_in_window.max(1) as f64,
         search_seconds: report.search_seconds,
         stop_reason: report.stop_reason.clone(),
         jobs: tallies.iter().map(|t| t.0).sum(),
@@ -562,15 +655,15 @@ impl Busy {
             .push((end, secs, useful));
     }
 
-    /// (waited, useful) seconds of the jobs that ended inside `window`.
-    fn within(&self, window: Option<(Instant, Instant)>) -> (f64, f64) {
+    /// (waited, useful) seconds and the number of the jobs that ended inside `window`.
+    fn within(&self, window: Option<(Instant, Instant)>) -> (f64, f64, u64) {
         let Some((t0, t1)) = window else {
-            return (0.0, 0.0);
+            return (0.0, 0.0, 0);
         };
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         jobs.iter()
             .filter(|(end, _, _)| *end > t0 && *end <= t1)
-            .fold((0.0, 0.0), |(a, b), (_, s, u)| (a + s, b + u))
+            .fold((0.0, 0.0, 0), |(a, b, n), (_, s, u)| (a + s, b + u, n + 1))
     }
 }
 
@@ -649,7 +742,7 @@ async fn emulated_serve(
             .iter()
             .map(|c| made_up_result(c, images as u64))
             .collect();
-        let n = results.len() as u64;
+        let candidate_images = (results.len() * images) as u64;
         let accepted = client
             .submit_result(SubmitResultRequest {
                 worker_id,
@@ -662,7 +755,7 @@ async fn emulated_serve(
             .accepted;
         *jobs += 1;
         if accepted {
-            clock.record(n);
+            clock.record(candidate_images);
         }
     }
 }
@@ -707,6 +800,43 @@ impl std::fmt::Display for ScaleReport {
                 c.generations,
                 c.measurements
             )?;
+        }
+        if let Some(sim) = &self.simulation {
+            writeln!(
+                f,
+                "\nsimulated: round trip {:.0} µs, coordinator {:.1} µs CPU per request on {} cores",
+                sim.round_trip_secs * 1e6,
+                sim.coordinator_secs_per_request * 1e6,
+                sim.coordinator_cores
+            )?;
+            writeln!(
+                f,
+                "  workers  evals/s  efficiency  busy  coordinator busy  evaluations  vs emulated (evals/s, E)"
+            )?;
+            for c in &self.simulated {
+                let vs = self
+                    .cases
+                    .iter()
+                    .find(|e| e.workers == c.workers && e.evals_per_sec > 0.0 && e.efficiency > 0.0)
+                    .map_or("—".into(), |e| {
+                        format!(
+                            "{:.2}, {:.2}",
+                            c.evals_per_sec / e.evals_per_sec,
+                            c.efficiency / e.efficiency
+                        )
+                    });
+                writeln!(
+                    f,
+                    "  {:>7}  {:>7.0}  {:>9.0}%  {:>3.0}%  {:>15.0}%  {:>11}  {}",
+                    c.workers,
+                    c.evals_per_sec,
+                    c.efficiency * 100.0,
+                    c.worker_busy_fraction * 100.0,
+                    c.coordinator_busy_fraction * 100.0,
+                    c.evaluations,
+                    vs
+                )?;
+            }
         }
         Ok(())
     }

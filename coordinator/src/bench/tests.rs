@@ -122,6 +122,10 @@ fn tiny_scale_emulation_reports_consistent_shares() {
         seconds: 3.0,
         calibration_images: 64,
         scratch: scratch.path().to_path_buf(),
+        simulate: vec![1, 3, 64],
+        round_trip_secs: 1e-4,
+        coordinator_secs_per_request: None,
+        simulate_evaluations: 2_000,
     };
     let report = super::scale::run(&opts).unwrap();
     let cost = &report.cost;
@@ -163,6 +167,18 @@ fn tiny_scale_emulation_reports_consistent_shares() {
         // At least one job per shard per generation.
         assert!(c.jobs >= c.generations * c.shards as u64, "{case}");
         assert!(c.window_seconds > 0.0 && c.evals_per_sec > 0.0, "{case}");
+        // Evaluations as the trainer counts them: the window holds at most all of them.
+        assert!(
+            c.evals_per_sec * c.window_seconds <= c.evaluations as f64 * 1.001,
+            "{case}: {} evaluations/s over {} s, {} in all",
+            c.evals_per_sec,
+            c.window_seconds,
+            c.evaluations
+        );
+        assert!(
+            c.jobs_in_window > 0 && c.coordinator_cpu_micros_per_job > 0.0,
+            "{case}"
+        );
         // Useful work is part of the waiting, both fractions of W x the window (a job
         // that ended inside the window may have begun just before it).
         assert!(c.efficiency > 0.0, "{case}");
@@ -176,4 +192,28 @@ fn tiny_scale_emulation_reports_consistent_shares() {
     }
     assert_eq!(report.cases[0].rate_ratio, Some(1.0));
     assert!(report.cases[1].rate_ratio.is_some());
+
+    // The simulated cases: the coordinator's cost per request as the 3-worker case
+    // measured it; as many evaluations as the emulated case of the same size made, on
+    // the same trajectory (made-up sums are a function of the codes), so the same
+    // generations; 64 workers, never emulated, run for the given budget.
+    let sim = report.simulation.as_ref().unwrap();
+    let measured = report.cases[1].coordinator_cpu_micros_per_job / 2.0;
+    assert!((sim.coordinator_secs_per_request * 1e6 - measured).abs() < 1e-6);
+    assert_eq!(report.simulated.len(), 3);
+    for (s, e) in report.simulated.iter().zip(&report.cases) {
+        assert_eq!(s.workers, e.workers);
+        assert_eq!(s.evaluations, e.evaluations, "{} workers", s.workers);
+        assert_eq!(s.generations, e.generations, "{} workers", s.workers);
+    }
+    let big = &report.simulated[2];
+    assert_eq!(big.evaluations, 2_000);
+    for s in &report.simulated {
+        assert!(s.evals_per_sec > 0.0 && s.efficiency > 0.0, "{s:?}");
+        assert!(s.efficiency <= s.worker_busy_fraction + 1e-9, "{s:?}");
+        assert!(s.worker_busy_fraction <= 1.0 + 1e-9, "{s:?}");
+        assert!(s.coordinator_busy_fraction <= 1.0 + 1e-9, "{s:?}");
+    }
+    // 64 workers on one generation of 4 at a time cannot all be busy.
+    assert!(big.worker_busy_fraction < report.simulated[0].worker_busy_fraction);
 }

@@ -29,7 +29,7 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(10);
 const SEARCH_LEN: usize = 64;
 
 /// A 16-4 perceptron on 4x4 one-channel images, 3-bit weights: 64 variables.
-fn network() -> QNetwork {
+pub(super) fn network() -> QNetwork {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let graph = Graph {
         input_name: "x".into(),
@@ -70,6 +70,55 @@ struct Virtual {
     _out: tempfile::TempDir,
 }
 
+/// The loop's inputs for a virtual run of [`network`]: `shards` shards, an evaluation
+/// budget, `validation` and `test` images measured every `every` generations, `window`
+/// generations in flight. The directory holds the run's outputs.
+pub(super) fn virtual_setup(
+    shards: usize,
+    evaluations: u64,
+    validation: usize,
+    test: usize,
+    every: u64,
+    window: usize,
+) -> (Setup, Trainer, tempfile::TempDir) {
+    let out = tempfile::tempdir().unwrap();
+    let mut config: RunConfig = toml::from_str(
+        "[model]\nonnx = \"m.onnx\"\nmean = [0.5]\nstd = [0.25]\n[data]\nsource = \"mnist:d\"\n",
+    )
+    .unwrap();
+    config.out = out.path().to_path_buf();
+    config.cluster.heartbeat_ms = HB.as_millis() as u64;
+    config.cluster.job_timeout_secs = JOB_TIMEOUT.as_secs_f64();
+    config.budget.evaluations = Some(evaluations);
+    config.search.batch_size = 8;
+    config.search.window = window;
+    config.eval.every_generations = every;
+    let trainer = Trainer::new(
+        network(),
+        EdaParams::default(),
+        config.search.clone(),
+        7,
+        SEARCH_LEN,
+    )
+    .unwrap();
+    let setup = Setup {
+        run_id: "virtual".into(),
+        config,
+        data_source: "mnist:d".into(),
+        shards,
+        search_len: SEARCH_LEN,
+        validation,
+        test,
+        float_top1: 50.0,
+        ptq_top1: None,
+        network_fingerprint: "0".into(),
+        search_seconds_before: 0.0,
+        instance: "i".into(),
+        teacher: None,
+    };
+    (setup, trainer, out)
+}
+
 impl Virtual {
     /// A run whose measurements have no images (they complete at once): for scenarios
     /// about training jobs alone.
@@ -86,40 +135,7 @@ impl Virtual {
         test: usize,
         every: u64,
     ) -> Virtual {
-        let out = tempfile::tempdir().unwrap();
-        let mut config: RunConfig = toml::from_str(
-            "[model]\nonnx = \"m.onnx\"\nmean = [0.5]\nstd = [0.25]\n[data]\nsource = \"mnist:d\"\n",
-        )
-        .unwrap();
-        config.out = out.path().to_path_buf();
-        config.cluster.heartbeat_ms = HB.as_millis() as u64;
-        config.cluster.job_timeout_secs = JOB_TIMEOUT.as_secs_f64();
-        config.budget.evaluations = Some(evaluations);
-        config.search.batch_size = 8;
-        config.eval.every_generations = every;
-        let trainer = Trainer::new(
-            network(),
-            EdaParams::default(),
-            config.search.clone(),
-            7,
-            SEARCH_LEN,
-        )
-        .unwrap();
-        let setup = Setup {
-            run_id: "virtual".into(),
-            config,
-            data_source: "mnist:d".into(),
-            shards,
-            search_len: SEARCH_LEN,
-            validation,
-            test,
-            float_top1: 50.0,
-            ptq_top1: None,
-            network_fingerprint: "0".into(),
-            search_seconds_before: 0.0,
-            instance: "i".into(),
-            teacher: None,
-        };
+        let (setup, trainer, out) = virtual_setup(shards, evaluations, validation, test, every, 1);
         let (tx, rx) = mpsc::channel(64);
         let (telemetry, watched) = watch::channel(None);
         let state = State::new(setup, trainer, telemetry);

@@ -34,6 +34,7 @@ mod workers;
 
 #[cfg(test)]
 mod harness;
+pub mod sim;
 
 use std::time::Duration;
 
