@@ -118,6 +118,27 @@ pub struct CoordinatorService {
     events: mpsc::Sender<Event>,
 }
 
+impl CoordinatorService {
+    /// A poll: the loop parks it until work exists, or it is answered "idle" after
+    /// [`POLL_WAIT`]. A job sent just as we give up is not lost: the loop re-queues a
+    /// worker's job when that worker polls again.
+    async fn poll(&self, worker: u64) -> Result<PollJobResponse, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.events
+            .send(Event::Poll { worker, reply: tx })
+            .await
+            .map_err(|_| shutting_down())?;
+        let reply = match tokio::time::timeout(POLL_WAIT, rx).await {
+            Ok(Ok(PollReply::Job(job))) => poll_job_response::Reply::Job(job_to_proto(&job)),
+            Ok(Ok(PollReply::Done)) => poll_job_response::Reply::Done(Done {}),
+            Ok(Ok(PollReply::Unknown)) => poll_job_response::Reply::Unknown(Unknown {}),
+            Ok(Err(_)) => return Err(shutting_down()),
+            Err(_) => poll_job_response::Reply::Idle(Idle {}),
+        };
+        Ok(PollJobResponse { reply: Some(reply) })
+    }
+}
+
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn register(
@@ -169,21 +190,7 @@ impl Coordinator for CoordinatorService {
         req: Request<PollJobRequest>,
     ) -> Result<Response<PollJobResponse>, Status> {
         let worker = req.into_inner().worker_id;
-        let (tx, rx) = oneshot::channel();
-        self.events
-            .send(Event::Poll { worker, reply: tx })
-            .await
-            .map_err(|_| shutting_down())?;
-        // The loop parks the poll until work exists. A job sent just as we give up is not
-        // lost: the loop re-queues a worker's job when that worker polls again.
-        let reply = match tokio::time::timeout(POLL_WAIT, rx).await {
-            Ok(Ok(PollReply::Job(job))) => poll_job_response::Reply::Job(job_to_proto(&job)),
-            Ok(Ok(PollReply::Done)) => poll_job_response::Reply::Done(Done {}),
-            Ok(Ok(PollReply::Unknown)) => poll_job_response::Reply::Unknown(Unknown {}),
-            Ok(Err(_)) => return Err(shutting_down()),
-            Err(_) => poll_job_response::Reply::Idle(Idle {}),
-        };
-        Ok(Response::new(PollJobResponse { reply: Some(reply) }))
+        Ok(Response::new(self.poll(worker).await?))
     }
 
     async fn submit_result(
@@ -198,7 +205,11 @@ impl Coordinator for CoordinatorService {
             eval_micros: req.eval_micros,
         };
         let accepted = ask(&self.events, |reply| Event::Submit { submission, reply }).await?;
-        Ok(Response::new(SubmitResultResponse { accepted }))
+        let next = match req.take_next {
+            true => Some(self.poll(req.worker_id).await?),
+            false => None,
+        };
+        Ok(Response::new(SubmitResultResponse { accepted, next }))
     }
 
     async fn sync_network(

@@ -111,6 +111,7 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
                     job_id: job.job_id + 1_000_000,
                     results: vec![good; count],
                     eval_micros: 1,
+                    take_next: false,
                 })
                 .await
                 .unwrap()
@@ -159,6 +160,7 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
                     job_id: job.job_id,
                     results,
                     eval_micros: 1,
+                    take_next: false,
                 })
                 .await
                 .unwrap()
@@ -298,6 +300,7 @@ async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
                     })
                     .collect(),
                 eval_micros: rng.random(),
+                take_next: rng.random(),
             }
             .encode_to_vec()
         };

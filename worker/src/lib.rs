@@ -23,7 +23,8 @@ use ccq_proto::client::{self, endpoint, error_chain, Auth, Client};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
     measure, poll_job_response, CandidateResult, HeartbeatRequest, Job, Measure, PollJobRequest,
-    RegisterRequest, RegisterResponse, SubmitResultRequest, SyncNetworkRequest, VarChange,
+    PollJobResponse, RegisterRequest, RegisterResponse, SubmitResultRequest, SyncNetworkRequest,
+    VarChange,
 };
 use tracing::{debug, info, warn};
 
@@ -317,10 +318,17 @@ async fn serve(
     }
 
     async {
+        // The next job comes with the previous result's acknowledgement (one round trip
+        // per job); a poll only when there was none (the first, after idle or a skipped
+        // job, or from a coordinator that does not send one).
+        let mut next: Option<PollJobResponse> = None;
         loop {
-            let poll = tokio::select! {
-                p = client.poll_job(PollJobRequest { worker_id: reg.worker_id }) => p?.into_inner(),
-                Ok(s) = &mut hb_rx => return Ok(s),
+            let poll = match next.take() {
+                Some(p) => p,
+                None => tokio::select! {
+                    p = client.poll_job(PollJobRequest { worker_id: reg.worker_id }) => p?.into_inner(),
+                    Ok(s) = &mut hb_rx => return Ok(s),
+                },
             };
             match poll.reply {
                 Some(poll_job_response::Reply::Job(job)) => {
@@ -330,14 +338,18 @@ async fn serve(
                     else {
                         continue;
                     };
-                    client
+                    // Waits at most a poll's wait for the next job.
+                    let submitted = client
                         .submit_result(SubmitResultRequest {
                             worker_id: reg.worker_id,
                             job_id,
                             results,
                             eval_micros: micros,
+                            take_next: true,
                         })
-                        .await?;
+                        .await?
+                        .into_inner();
+                    next = submitted.next;
                 }
                 Some(poll_job_response::Reply::Idle(_)) | None => {}
                 Some(poll_job_response::Reply::Done(_)) => return Ok(Served::Done),

@@ -35,8 +35,8 @@ use ccq_common::qnet::QNetwork;
 use ccq_common::quant::{self, QuantConfig};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
-    poll_job_response, CandidateResult, PollJobRequest, RegisterRequest, SubmitResultRequest,
-    SyncNetworkRequest,
+    poll_job_response, CandidateResult, PollJobRequest, PollJobResponse, RegisterRequest,
+    SubmitResultRequest, SyncNetworkRequest,
 };
 use ccq_search::eda::{EdaParams, EdaState, Variable};
 use prost::Message;
@@ -688,9 +688,8 @@ async fn noop_serve(
         let Some(job) = session.next_job().await? else {
             return Ok(());
         };
-        let (client, worker_id) = (&mut session.client, session.worker_id);
         if job.measure.is_some() {
-            answer_measurement(client, worker_id, &mut measured, job, None).await?;
+            answer_measurement(&mut session, &mut measured, job, None).await?;
             tally.measure_jobs += 1;
             continue;
         }
@@ -714,9 +713,10 @@ async fn noop_serve(
         } else if have == Some(job.network_version) {
             w.jobs_without_sync += 1;
         } else {
-            let r = client
+            let r = session
+                .client
                 .sync_network(SyncNetworkRequest {
-                    worker_id,
+                    worker_id: session.worker_id,
                     have_version: have,
                     want_version: None,
                 })
@@ -743,13 +743,14 @@ async fn noop_serve(
             .map(|c| made_up_result(c, images))
             .collect();
         let submit = SubmitResultRequest {
-            worker_id,
+            worker_id: session.worker_id,
             job_id: job.job_id,
             results,
             eval_micros: 1,
+            take_next: true,
         };
         w.submit_bytes += submit.encoded_len() as u64;
-        let accepted = client.submit_result(submit).await?.into_inner().accepted;
+        let accepted = session.submit(submit).await?;
         tally.jobs += 1;
         if accepted {
             clock.record(n);
@@ -764,6 +765,8 @@ struct Session {
     worker_id: u64,
     name: String,
     give_up: Instant,
+    /// The next job's answer, taken with the last result as real workers do.
+    next: Option<PollJobResponse>,
 }
 
 impl Session {
@@ -787,20 +790,33 @@ impl Session {
             worker_id,
             name: name.to_string(),
             give_up,
+            next: None,
         })
+    }
+
+    /// Submits a job's results and takes the next job's answer with it, as real workers
+    /// do (one round trip per job). True when the results were accepted.
+    async fn submit(&mut self, mut req: SubmitResultRequest) -> Result<bool, tonic::Status> {
+        req.take_next = true;
+        let r = self.client.submit_result(req).await?.into_inner();
+        self.next = r.next;
+        Ok(r.accepted)
     }
 
     /// The next job, polling through idle answers and registering again when told to;
     /// `None` once the run is done.
     async fn next_job(&mut self) -> Result<Option<ccq_proto::v1::Job>, tonic::Status> {
         loop {
-            let poll = self
-                .client
-                .poll_job(PollJobRequest {
-                    worker_id: self.worker_id,
-                })
-                .await?
-                .into_inner();
+            let poll = match self.next.take() {
+                Some(p) => p,
+                None => self
+                    .client
+                    .poll_job(PollJobRequest {
+                        worker_id: self.worker_id,
+                    })
+                    .await?
+                    .into_inner(),
+            };
             match poll.reply {
                 Some(poll_job_response::Reply::Job(job)) => return Ok(Some(job)),
                 Some(poll_job_response::Reply::Idle(_)) | None => {}
@@ -817,8 +833,7 @@ impl Session {
 /// to the job's (forward only), waits `wait` if given (the block's emulated cost), and
 /// submits made-up but valid sums. True when the sums were accepted.
 async fn answer_measurement(
-    client: &mut CoordinatorClient<tonic::transport::Channel>,
-    worker_id: u64,
+    session: &mut Session,
     measured: &mut Option<u64>,
     job: ccq_proto::v1::Job,
     wait: Option<Duration>,
@@ -828,9 +843,10 @@ async fn answer_measurement(
     };
     if *measured != Some(job.network_version) {
         let have = measured.filter(|&v| v <= job.network_version);
-        let r = client
+        let r = session
+            .client
             .sync_network(SyncNetworkRequest {
-                worker_id,
+                worker_id: session.worker_id,
                 have_version: have,
                 want_version: Some(job.network_version),
             })
@@ -851,16 +867,16 @@ async fn answer_measurement(
         correct: m.count / 2,
         images: m.count,
     };
-    Ok(client
-        .submit_result(SubmitResultRequest {
+    let worker_id = session.worker_id;
+    session
+        .submit(SubmitResultRequest {
             worker_id,
             job_id: job.job_id,
             results: vec![result],
             eval_micros: wait.map_or(1, |d| d.as_micros() as u64),
+            take_next: true,
         })
-        .await?
-        .into_inner()
-        .accepted)
+        .await
 }
 
 async fn register(

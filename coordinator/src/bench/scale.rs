@@ -95,6 +95,10 @@ pub struct ScaleReport {
     /// The simulated cluster's parameters (W aside), when cases were simulated.
     pub simulation: Option<Cluster>,
     pub simulated: Vec<SimCase>,
+    /// Each emulated case simulated as it ran: the coordinator's and the emulated
+    /// workers' CPU per job, as that case measured them, sharing the machine's cores.
+    /// How close these come to the emulated cases is what validates the simulation.
+    pub validation: Vec<SimCase>,
 }
 
 /// One run against `workers` emulated workers.
@@ -124,11 +128,12 @@ pub struct ScaleCase {
     pub coordinator_cpu_secs: f64,
     pub coordinator_cpu_micros_per_eval: f64,
     /// Jobs that ended inside the sustained window, and the coordinator's CPU per job
-    /// (two requests each: the result and the next poll).
-    #[serde(default)]
+    /// (one request each: the result, with the next job's poll).
     pub jobs_in_window: u64,
-    #[serde(default)]
     pub coordinator_cpu_micros_per_job: f64,
+    /// The emulated workers' CPU per job (their gRPC clients; the waiting costs none),
+    /// which shares the machine's cores with the coordinator.
+    pub emulator_cpu_micros_per_job: f64,
     pub search_seconds: f64,
     pub stop_reason: String,
     pub jobs: u64,
@@ -192,7 +197,7 @@ async fn run_cases(opts: &ScaleOptions) -> Result<ScaleReport, Error> {
         );
         cases.push(case);
     }
-    let (simulation, simulated) = simulate_cases(opts, &cost, &cases).await?;
+    let (simulation, simulated, validation) = simulate_cases(opts, &cost, &cases).await?;
     Ok(ScaleReport {
         machine: super::Machine {
             cpu: cpu_model(),
@@ -206,18 +211,22 @@ async fn run_cases(opts: &ScaleOptions) -> Result<ScaleReport, Error> {
         cases,
         simulation,
         simulated,
+        validation,
     })
 }
 
 /// The simulated cases: the real event loop on a virtual clock (`state::sim`) with the
-/// calibrated costs, each to as many evaluations as the emulated case of its size made.
+/// calibrated costs. Projected: every size in `opts.simulate`, the coordinator's CPU per
+/// request as the largest emulated case measured it. Validation: every emulated case
+/// again, as it ran (its own CPU per job, the emulated workers' included, on this
+/// machine's cores). Each runs as many evaluations as the emulated case of its size.
 async fn simulate_cases(
     opts: &ScaleOptions,
     cost: &Arc<CostModel>,
     emulated: &[ScaleCase],
-) -> Result<(Option<Cluster>, Vec<SimCase>), Error> {
+) -> Result<(Option<Cluster>, Vec<SimCase>, Vec<SimCase>), Error> {
     if opts.simulate.is_empty() {
-        return Ok((None, Vec::new()));
+        return Ok((None, Vec::new(), Vec::new()));
     }
     let per_request = match opts.coordinator_secs_per_request {
         Some(s) => s,
@@ -225,7 +234,7 @@ async fn simulate_cases(
             .iter()
             .filter(|c| c.jobs_in_window > 0)
             .max_by_key(|c| c.workers)
-            .map(|c| c.coordinator_cpu_micros_per_job / 2.0 * 1e-6)
+            .map(|c| c.coordinator_cpu_micros_per_job * 1e-6)
             .ok_or_else(|| {
                 Error::Usage(
                     "simulating needs the coordinator's CPU per request: emulate a case \
@@ -240,47 +249,67 @@ async fn simulate_cases(
         coordinator_secs_per_request: per_request,
         coordinator_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    let o = opts.clone();
-    let (cost, base) = (Arc::clone(cost), template.clone());
-    let emulated: Vec<(usize, u64)> = emulated
+    let evaluations_of = |w: usize| {
+        emulated
+            .iter()
+            .find(|c| c.workers == w)
+            .map_or(opts.simulate_evaluations, |c| c.evaluations)
+    };
+    let mut runs: Vec<(Cluster, u64, bool)> = opts
+        .simulate
         .iter()
-        .map(|c| (c.workers, c.evaluations))
+        .map(|&w| {
+            let cluster = Cluster {
+                workers: w,
+                ..template.clone()
+            };
+            (cluster, evaluations_of(w), false)
+        })
         .collect();
-    let cases = tokio::task::spawn_blocking(move || {
+    for c in emulated.iter().filter(|c| c.jobs_in_window > 0) {
+        let cluster = Cluster {
+            workers: c.workers,
+            coordinator_secs_per_request: (c.coordinator_cpu_micros_per_job
+                + c.emulator_cpu_micros_per_job)
+                * 1e-6,
+            ..template.clone()
+        };
+        runs.push((cluster, c.evaluations, true));
+    }
+    let o = opts.clone();
+    let cost = Arc::clone(cost);
+    let (simulated, validation) = tokio::task::spawn_blocking(move || {
         let setup = SimSetup::new(&o.model)?;
-        let mut cases = Vec::new();
-        for &w in &o.simulate {
-            let evaluations = emulated
-                .iter()
-                .find(|(n, _)| *n == w)
-                .map_or(o.simulate_evaluations, |(_, e)| *e);
+        let (mut simulated, mut validation) = (Vec::new(), Vec::new());
+        for (cluster, evaluations, as_emulated) in runs {
+            let w = cluster.workers;
             let shards = (w / o.replicas.max(1)).max(1);
             let mut config = scale_config(&o.model, shards, o.window, 0.0, o.scratch.join("sim"));
             config.budget = BudgetConfig {
                 evaluations: Some(evaluations.max(1)),
                 ..BudgetConfig::default()
             };
-            let cluster = Cluster {
-                workers: w,
-                ..base.clone()
-            };
             let (state_setup, trainer) = setup.build(config, shards)?;
             let case = sim::simulate(state_setup, trainer, &cost, &cluster)?;
             tracing::warn!(
                 workers = w,
-                "simulated: {:.0} evaluations/s, efficiency {:.2}, coordinator {:.0} % busy ({:.1} s)",
+                "simulated{}: {:.0} evaluations/s, efficiency {:.2}, coordinator {:.0} % busy ({:.1} s)",
+                if as_emulated { " as emulated" } else { "" },
                 case.evals_per_sec,
                 case.efficiency,
                 case.coordinator_busy_fraction * 100.0,
                 case.real_seconds
             );
-            cases.push(case);
+            match as_emulated {
+                true => validation.push(case),
+                false => simulated.push(case),
+            }
         }
-        Ok::<_, Error>(cases)
+        Ok::<_, Error>((simulated, validation))
     })
     .await
     .expect("the simulation panicked")?;
-    Ok((Some(template), cases))
+    Ok((Some(template), simulated, validation))
 }
 
 /// What every simulated case starts from: the bench model quantized as a run would, and
@@ -561,10 +590,11 @@ async fn scale_case(
             loop {
                 tick.tick().await;
                 let (cpu, emu) = cpu_seconds();
-                samples
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((Instant::now(), cpu - emu));
+                samples.lock().unwrap_or_else(|e| e.into_inner()).push((
+                    Instant::now(),
+                    cpu - emu,
+                    emu,
+                ));
             }
         })
     };
@@ -608,15 +638,17 @@ async fn scale_case(
     let secs = window.map_or(0.0, |(t0, t1)| (t1 - t0).as_secs_f64());
     let (busy_secs, useful_secs, jobs_in_window) = busy.within(window);
     let share = |x: f64| x / (workers as f64 * secs.max(1e-9));
-    // The coordinator's CPU between the samples nearest the window's ends.
-    let coordinator_cpu = window.map_or(0.0, |(t0, t1)| {
+    // The coordinator's and the emulated workers' CPU between the samples nearest the
+    // window's ends.
+    let (coordinator_cpu, emulator_cpu) = window.map_or((0.0, 0.0), |(t0, t1)| {
         let s = samples.lock().unwrap_or_else(|e| e.into_inner());
         let at = |t: Instant| {
             s.iter()
-                .min_by_key(|(when, _)| if *when > t { *when - t } else { t - *when })
-                .map_or(0.0, |(_, c)| *c)
+                .min_by_key(|(when, ..)| if *when > t { *when - t } else { t - *when })
+                .map_or((0.0, 0.0), |&(_, c, e)| (c, e))
         };
-        (at(t1) - at(t0)).max(0.0)
+        let ((c0, e0), (c1, e1)) = (at(t0), at(t1));
+        ((c1 - c0).max(0.0), (e1 - e0).max(0.0))
     });
     let window_evals = evals_per_sec * secs;
     Ok(ScaleCase {
@@ -634,6 +666,7 @@ async fn scale_case(
         coordinator_cpu_micros_per_eval: coordinator_cpu * 1e6 / window_evals.max(1.0),
         jobs_in_window,
         coordinator_cpu_micros_per_job: coordinator_cpu * 1e6 / jobs_in_window.max(1) as f64,
+        emulator_cpu_micros_per_job: emulator_cpu * 1e6 / jobs_in_window.max(1) as f64,
         search_seconds: report.search_seconds,
         stop_reason: report.stop_reason.clone(),
         jobs: tallies.iter().map(|t| t.0).sum(),
@@ -697,12 +730,11 @@ async fn emulated_serve(
         let Some(job) = session.next_job().await? else {
             return Ok(());
         };
-        let (client, worker_id) = (&mut session.client, session.worker_id);
         if let Some(m) = &job.measure {
             // A block of a measurement: one base forward per image.
             let secs = cost.fixed_secs + m.count as f64 * cost.base_per_image_secs;
             let wait = Duration::from_secs_f64(secs);
-            if super::answer_measurement(client, worker_id, &mut measured, job, Some(wait)).await? {
+            if super::answer_measurement(&mut session, &mut measured, job, Some(wait)).await? {
                 busy.record(Instant::now(), secs, 0.0);
             }
             *jobs += 1;
@@ -712,9 +744,10 @@ async fn emulated_serve(
             have = Some(job.network_version);
         }
         if have != Some(job.network_version) {
-            let r = client
+            let r = session
+                .client
                 .sync_network(SyncNetworkRequest {
-                    worker_id,
+                    worker_id: session.worker_id,
                     have_version: have,
                     want_version: None,
                 })
@@ -743,16 +776,15 @@ async fn emulated_serve(
             .map(|c| made_up_result(c, images as u64))
             .collect();
         let candidate_images = (results.len() * images) as u64;
-        let accepted = client
-            .submit_result(SubmitResultRequest {
-                worker_id,
+        let accepted = session
+            .submit(SubmitResultRequest {
+                worker_id: session.worker_id,
                 job_id: job.job_id,
                 results,
                 eval_micros: (secs * 1e6) as u64,
+                take_next: true,
             })
-            .await?
-            .into_inner()
-            .accepted;
+            .await?;
         *jobs += 1;
         if accepted {
             clock.record(candidate_images);
@@ -811,18 +843,25 @@ impl std::fmt::Display for ScaleReport {
             )?;
             writeln!(
                 f,
-                "  workers  evals/s  efficiency  busy  coordinator busy  evaluations  vs emulated (evals/s, E)"
+                "  workers  evals/s  efficiency  busy  coordinator busy  evaluations  simulated as emulated / emulated (evals/s, E)"
             )?;
             for c in &self.simulated {
                 let vs = self
-                    .cases
+                    .validation
                     .iter()
-                    .find(|e| e.workers == c.workers && e.evals_per_sec > 0.0 && e.efficiency > 0.0)
-                    .map_or("—".into(), |e| {
+                    .find(|v| v.workers == c.workers)
+                    .and_then(|v| {
+                        self.cases
+                            .iter()
+                            .find(|e| e.workers == v.workers)
+                            .map(|e| (v, e))
+                    })
+                    .filter(|(_, e)| e.evals_per_sec > 0.0 && e.efficiency > 0.0)
+                    .map_or("—".into(), |(v, e)| {
                         format!(
                             "{:.2}, {:.2}",
-                            c.evals_per_sec / e.evals_per_sec,
-                            c.efficiency / e.efficiency
+                            v.evals_per_sec / e.evals_per_sec,
+                            v.efficiency / e.efficiency
                         )
                     });
                 writeln!(

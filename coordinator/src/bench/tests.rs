@@ -198,17 +198,21 @@ fn tiny_scale_emulation_reports_consistent_shares() {
     // the same trajectory (made-up sums are a function of the codes), so the same
     // generations; 64 workers, never emulated, run for the given budget.
     let sim = report.simulation.as_ref().unwrap();
-    let measured = report.cases[1].coordinator_cpu_micros_per_job / 2.0;
+    let measured = report.cases[1].coordinator_cpu_micros_per_job;
     assert!((sim.coordinator_secs_per_request * 1e6 - measured).abs() < 1e-6);
     assert_eq!(report.simulated.len(), 3);
+    assert_eq!(report.validation.len(), 2);
     for (s, e) in report.simulated.iter().zip(&report.cases) {
         assert_eq!(s.workers, e.workers);
         assert_eq!(s.evaluations, e.evaluations, "{} workers", s.workers);
         assert_eq!(s.generations, e.generations, "{} workers", s.workers);
     }
+    for (v, e) in report.validation.iter().zip(&report.cases) {
+        assert_eq!((v.workers, v.generations), (e.workers, e.generations));
+    }
     let big = &report.simulated[2];
     assert_eq!(big.evaluations, 2_000);
-    for s in &report.simulated {
+    for s in report.simulated.iter().chain(&report.validation) {
         assert!(s.evals_per_sec > 0.0 && s.efficiency > 0.0, "{s:?}");
         assert!(s.efficiency <= s.worker_busy_fraction + 1e-9, "{s:?}");
         assert!(s.worker_busy_fraction <= 1.0 + 1e-9, "{s:?}");

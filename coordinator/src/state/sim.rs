@@ -10,7 +10,8 @@
 //!   again), taking the job's cost from a [`CostModel`] calibrated on the machine with the
 //!   real engine (`coordinator scale` measures it) and answering with made-up but valid
 //!   sums ([`made_up_stats`], the same as the emulated workers').
-//! - **The network**: every request and every reply takes half a round trip.
+//! - **The network**: every request and every reply takes half a round trip. A worker
+//!   submits a result and takes its next job in one request, as real workers do.
 //! - **The coordinator's CPU**: every request occupies one of its cores for a fixed time
 //!   (its gRPC handling and its turn of the loop), measured by the emulation; requests
 //!   queue when every core is busy. That is where a large cluster saturates it.
@@ -193,7 +194,6 @@ enum Request {
 enum Reply {
     Registered(u64),
     Poll(PollReply),
-    Submitted,
     Synced(Option<u64>),
 }
 
@@ -388,7 +388,6 @@ async fn simulate_paused(
                             }
                         }
                     },
-                    Reply::Submitted => Some(Request::Poll),
                 };
                 if let Some(req) = next {
                     q.push(at + half, w, What::Arrive(req));
@@ -509,20 +508,11 @@ fn handle(
                 }
             }
         }
-        Request::Poll => {
-            let (tx, mut rx) = oneshot::channel();
-            state.poll(worker.id, tx);
-            match rx.try_recv() {
-                Ok(r) => Some(Reply::Poll(r)),
-                Err(_) => {
-                    worker.parked = Some(rx);
-                    None
-                }
-            }
-        }
+        Request::Poll => poll(state, worker),
         Request::Submit(submission) => {
+            // With the next job's answer, as real workers take it.
             state.submit(submission)?;
-            Some(Reply::Submitted)
+            poll(state, worker)
         }
         Request::Sync { have, want } => {
             let version = match state.sync(have, want) {
@@ -533,6 +523,19 @@ fn handle(
             Some(Reply::Synced(Some(version)))
         }
     })
+}
+
+/// A poll: answered now, or parked until work exists.
+fn poll(state: &mut State, worker: &mut Worker) -> Option<Reply> {
+    let (tx, mut rx) = oneshot::channel();
+    state.poll(worker.id, tx);
+    match rx.try_recv() {
+        Ok(r) => Some(Reply::Poll(r)),
+        Err(_) => {
+            worker.parked = Some(rx);
+            None
+        }
+    }
 }
 
 /// A worker got a job: computes it at once if its network copy is where the job needs
@@ -667,12 +670,13 @@ mod tests {
         assert!((c.evals_per_sec / expected - 1.0).abs() < 1e-6, "{c:?}");
     }
 
-    /// Between two jobs a worker waits for two round trips: its submit's and its poll's.
+    /// Between two jobs a worker waits for one round trip: its result goes, its next
+    /// job comes back.
     #[test]
     fn round_trips_idle_a_worker() {
         let rtt = JOB_SECS / 4.0;
         let c = run(1600, 1, &cluster(1, rtt, 0.0));
-        let expected = JOB_SECS / (JOB_SECS + 2.0 * rtt);
+        let expected = JOB_SECS / (JOB_SECS + rtt);
         assert!((c.efficiency - expected).abs() < 0.01, "{c:?}, {expected}");
         assert!((c.worker_busy_fraction - expected).abs() < 0.01, "{c:?}");
     }
@@ -694,14 +698,14 @@ mod tests {
     }
 
     /// A window keeps eight workers mostly busy (each cycle of eight groups drains it),
-    /// until each request costs the coordinator half
-    /// a job's time: then its core is what limits, busy all the time, and the rate is
+    /// until each request (a result and the next poll) costs the coordinator a job's
+    /// time: then its one core is what limits, busy nearly all the time, and the rate is
     /// what it can serve: evaluations per request over a request's cost.
     #[test]
     fn a_saturated_coordinator_caps_the_rate() {
         let free = run(3200, 8, &cluster(8, 0.0, 0.0));
         assert!(free.worker_busy_fraction > 0.7, "{free:?}");
-        let per_request = JOB_SECS / 2.0;
+        let per_request = JOB_SECS;
         let c = run(3200, 8, &cluster(8, 0.0, per_request));
         assert!(c.coordinator_busy_fraction > 0.95, "{c:?}");
         assert!(c.worker_busy_fraction < 0.5, "{c:?}");
