@@ -71,6 +71,10 @@ struct ScaleArgs {
     /// many as that case made).
     #[arg(long, default_value_t = 50_000)]
     simulate_evaluations: u64,
+    /// Take the job costs from an earlier `coordinator scale --json` report instead of
+    /// calibrating.
+    #[arg(long)]
+    costs: Option<std::path::PathBuf>,
     /// Workers per shard: W workers serve W / R shards.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -346,6 +350,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 round_trip_secs: a.round_trip_us * 1e-6,
                 coordinator_secs_per_request: a.coordinator_us_per_request.map(|u| u * 1e-6),
                 simulate_evaluations: a.simulate_evaluations,
+                costs: a.costs,
             };
             let report = bench::scale::run(&opts);
             let _ = std::fs::remove_dir_all(&opts.scratch);

@@ -82,6 +82,8 @@ pub struct ScaleOptions {
     /// Evaluations a simulated case runs for when no emulated case had its number of
     /// workers (otherwise as many as that case did, so both follow one trajectory).
     pub simulate_evaluations: u64,
+    /// The cost model of an earlier report (its `cost`) instead of calibrating.
+    pub costs: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -158,7 +160,9 @@ pub fn run(opts: &ScaleOptions) -> Result<ScaleReport, Error> {
 async fn run_cases(opts: &ScaleOptions) -> Result<ScaleReport, Error> {
     let load_before = loadavg();
     let params = EdaParams::default();
-    let cost = {
+    let cost = if let Some(file) = &opts.costs {
+        read_costs(file)?
+    } else {
         let o = opts.clone();
         tokio::task::spawn_blocking(move || {
             calibrate(
@@ -172,7 +176,11 @@ async fn run_cases(opts: &ScaleOptions) -> Result<ScaleReport, Error> {
         .expect("calibration panicked")?
     };
     tracing::warn!(
-        "calibrated: {:.1} ms per generation of {} candidates on 256 images, one core",
+        "{}: {:.1} ms per generation of {} candidates on 256 images, one core",
+        opts.costs.as_ref().map_or("calibrated".into(), |f| format!(
+            "job costs from {}",
+            f.display()
+        )),
         cost.generation_secs(256) * 1e3,
         params.population
     );
@@ -368,6 +376,33 @@ impl SimSetup {
         };
         Ok((setup, trainer))
     }
+}
+
+/// The cost model of an earlier `coordinator scale --json` report.
+pub(crate) fn read_costs(file: &std::path::Path) -> Result<CostModel, Error> {
+    #[derive(serde::Deserialize)]
+    struct Report {
+        cost: CostModel,
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| ccq_common::Error::io(file, e))?;
+    let r: Report = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: file.display().to_string(),
+        reason: format!("not a `coordinator scale --json` report with a cost model: {e}"),
+    })?;
+    let c = &r.cost;
+    let finite = |x: f64| x.is_finite() && x >= 0.0;
+    let sane = finite(c.fixed_secs)
+        && finite(c.base_per_image_secs)
+        && !c.layers.is_empty()
+        && c.layers.windows(2).all(|w| w[0].first_var < w[1].first_var)
+        && c.layers.iter().all(|l| finite(l.candidate_per_image_secs));
+    if !sane {
+        return Err(Error::Config {
+            path: file.display().to_string(),
+            reason: "cost: times must be finite and >= 0, layers in variable order".into(),
+        });
+    }
+    Ok(r.cost)
 }
 
 /// Measures the job cost model on the bench model with real training images.

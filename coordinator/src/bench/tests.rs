@@ -126,6 +126,7 @@ fn tiny_scale_emulation_reports_consistent_shares() {
         round_trip_secs: 1e-4,
         coordinator_secs_per_request: None,
         simulate_evaluations: 2_000,
+        costs: None,
     };
     let report = super::scale::run(&opts).unwrap();
     let cost = &report.cost;
@@ -220,4 +221,39 @@ fn tiny_scale_emulation_reports_consistent_shares() {
     }
     // 64 workers on one generation of 4 at a time cannot all be busy.
     assert!(big.worker_busy_fraction < report.simulated[0].worker_busy_fraction);
+}
+
+/// `--costs` takes an earlier report's cost model; a file that is not one, or whose costs
+/// cannot be times, is refused naming the file.
+#[test]
+fn costs_from_a_report_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.json");
+    std::fs::write(
+        &good,
+        r#"{"cost": {"fixed_secs": 0.0, "base_per_image_secs": 2.5e-4, "population": 16,
+            "group_size": 128, "seconds": 1.0, "layers": [
+            {"layer": 0, "first_var": 0, "variables": 432, "candidate_per_image_secs": 1e-4},
+            {"layer": 2, "first_var": 432, "variables": 2304, "candidate_per_image_secs": 5e-5}]}}"#,
+    )
+    .unwrap();
+    let c = super::scale::read_costs(&good).unwrap();
+    assert_eq!(c.layers.len(), 2);
+    assert!((c.job_secs(10, 1, 500) - 10.0 * (2.5e-4 + 5e-5)).abs() < 1e-12);
+
+    for (name, text) in [
+        ("not-json.json", "calibrated: 190 ms"),
+        ("no-cost.json", r#"{"cases": []}"#),
+        (
+            "negative.json",
+            r#"{"cost": {"fixed_secs": -1.0, "base_per_image_secs": 2.5e-4, "population": 16,
+                "group_size": 128, "seconds": 1.0, "layers": [
+                {"layer": 0, "first_var": 0, "variables": 4, "candidate_per_image_secs": 0.0}]}}"#,
+        ),
+    ] {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let e = super::scale::read_costs(&file).unwrap_err().to_string();
+        assert!(e.contains(name), "{name}: {e}");
+    }
 }

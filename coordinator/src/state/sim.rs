@@ -156,6 +156,9 @@ pub struct SimCase {
     pub measurements: u64,
     /// Virtual seconds from the start to the last merged generation.
     pub search_seconds: f64,
+    /// Virtual seconds from the start to the end of the run (its last measurement in),
+    /// as a run's report counts `search_seconds`.
+    pub finished_seconds: f64,
     /// Candidate evaluations per second over the sustained window (from a fifth of the
     /// evaluations on), counted by the trainer.
     pub evals_per_sec: f64,
@@ -300,6 +303,7 @@ async fn simulate_paused(
     let mut work: Vec<(u64, u64, f64)> = Vec::new();
     let mut coordinator_busy: Vec<(u64, u64)> = Vec::new();
     let (mut requests, mut jobs) = (0u64, 0u64);
+    let mut finished_at: Option<u64> = None;
 
     while let Some((at, w, what)) = q.pop() {
         match what {
@@ -345,6 +349,7 @@ async fn simulate_paused(
                     marks.push((at, e));
                 }
                 if state.phase == Phase::Done {
+                    finished_at.get_or_insert(at);
                     // A real parked poll times out and polls again, to hear "done".
                     for p in parked.drain(..) {
                         workers[p].parked = None;
@@ -470,6 +475,7 @@ async fn simulate_paused(
         generations: p.generations,
         measurements: state.history.points().len() as u64,
         search_seconds: to.0 as f64 / 1e9,
+        finished_seconds: finished_at.unwrap_or(to.0) as f64 / 1e9,
         evals_per_sec: (to.1 - from.1) as f64 / (span as f64 / 1e9),
         efficiency: useful * 1e9 / capacity(cluster.workers),
         worker_busy_fraction: busy as f64 / capacity(cluster.workers),
@@ -747,6 +753,8 @@ mod tests {
         let c = simulate(setup, trainer, &cost(), &cluster(2, 0.0, 0.0)).unwrap();
         // The first (before any search), one per 20 generations, the last.
         assert_eq!(c.measurements, 1 + 100 / 20 + 1, "{c:?}");
+        // The run ends when its last measurement is in, after the last generation.
+        assert!(c.finished_seconds > c.search_seconds, "{c:?}");
         assert!(c.worker_busy_fraction > c.efficiency, "{c:?}");
     }
 }
