@@ -767,6 +767,8 @@ struct Session {
     give_up: Instant,
     /// The next job's answer, taken with the last result as real workers do.
     next: Option<PollJobResponse>,
+    /// PollJob requests sent (a job that did not come with the previous result's reply).
+    polls: u64,
 }
 
 impl Session {
@@ -791,6 +793,7 @@ impl Session {
             name: name.to_string(),
             give_up,
             next: None,
+            polls: 0,
         })
     }
 
@@ -809,13 +812,15 @@ impl Session {
         loop {
             let poll = match self.next.take() {
                 Some(p) => p,
-                None => self
-                    .client
-                    .poll_job(PollJobRequest {
-                        worker_id: self.worker_id,
-                    })
-                    .await?
-                    .into_inner(),
+                None => {
+                    self.polls += 1;
+                    self.client
+                        .poll_job(PollJobRequest {
+                            worker_id: self.worker_id,
+                        })
+                        .await?
+                        .into_inner()
+                }
             };
             match poll.reply {
                 Some(poll_job_response::Reply::Job(job)) => return Ok(Some(job)),

@@ -139,6 +139,8 @@ pub struct ScaleCase {
     pub search_seconds: f64,
     pub stop_reason: String,
     pub jobs: u64,
+    /// PollJob requests: jobs that did not come with the previous result's reply.
+    pub polls: u64,
     pub worker_errors: Vec<String>,
 }
 
@@ -705,7 +707,8 @@ async fn scale_case(
         search_seconds: report.search_seconds,
         stop_reason: report.stop_reason.clone(),
         jobs: tallies.iter().map(|t| t.0).sum(),
-        worker_errors: tallies.into_iter().filter_map(|t| t.1).collect(),
+        polls: tallies.iter().map(|t| t.1).sum(),
+        worker_errors: tallies.into_iter().filter_map(|t| t.2).collect(),
     })
 }
 
@@ -736,17 +739,17 @@ impl Busy {
 }
 
 /// A worker that waits each job's calibrated cost: the real protocol, made-up sums.
-/// Returns (jobs answered, error).
+/// Returns (jobs answered, polls sent, error).
 async fn emulated_worker(
     url: String,
     name: String,
     cost: Arc<CostModel>,
     clock: Arc<Clock>,
     busy: Arc<Busy>,
-) -> (u64, Option<String>) {
-    let mut jobs = 0;
-    let r = emulated_serve(&url, &name, &cost, &clock, &busy, &mut jobs).await;
-    (jobs, r.err().map(|e| format!("{name}: {e}")))
+) -> (u64, u64, Option<String>) {
+    let (mut jobs, mut polls) = (0, 0);
+    let r = emulated_serve(&url, &name, &cost, &clock, &busy, &mut jobs, &mut polls).await;
+    (jobs, polls, r.err().map(|e| format!("{name}: {e}")))
 }
 
 async fn emulated_serve(
@@ -756,13 +759,16 @@ async fn emulated_serve(
     clock: &Clock,
     busy: &Busy,
     jobs: &mut u64,
+    polls: &mut u64,
 ) -> Result<(), tonic::Status> {
     let mut session = super::Session::start(url, name, Duration::from_secs(600)).await?;
     let mut have: Option<u64> = None;
     let mut measured: Option<u64> = None;
     let batch = SearchConfig::default().batch_size;
     loop {
-        let Some(job) = session.next_job().await? else {
+        let next = session.next_job().await;
+        *polls = session.polls;
+        let Some(job) = next? else {
             return Ok(());
         };
         if let Some(m) = &job.measure {

@@ -167,6 +167,13 @@ fn tiny_scale_emulation_reports_consistent_shares() {
         assert!(c.evaluations > 0 && c.generations > 0 && c.measurements >= 2);
         // At least one job per shard per generation.
         assert!(c.jobs >= c.generations * c.shards as u64, "{case}");
+        // Most jobs come with the previous result's reply, not from a poll of their own.
+        assert!(
+            c.polls * 2 < c.jobs,
+            "{case}: {} polls for {} jobs",
+            c.polls,
+            c.jobs
+        );
         assert!(c.window_seconds > 0.0 && c.evals_per_sec > 0.0, "{case}");
         // Evaluations as the trainer counts them: the window holds at most all of them.
         assert!(
