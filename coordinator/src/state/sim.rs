@@ -153,6 +153,8 @@ pub struct SimCase {
     pub shards: usize,
     pub evaluations: u64,
     pub generations: u64,
+    /// Completed passes over the free variables: the window drains at the end of each.
+    pub cycles: u64,
     pub measurements: u64,
     /// Virtual seconds from the start to the last merged generation.
     pub search_seconds: f64,
@@ -473,6 +475,7 @@ async fn simulate_paused(
         shards,
         evaluations: p.evaluations,
         generations: p.generations,
+        cycles: p.cycles,
         measurements: state.history.points().len() as u64,
         search_seconds: to.0 as f64 / 1e9,
         finished_seconds: finished_at.unwrap_or(to.0) as f64 / 1e9,
