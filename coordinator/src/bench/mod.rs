@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use ccq_common::data::DataSource;
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
-use ccq_common::qnet::QNetwork;
+use ccq_common::qnet::{EvalStats, QNetwork};
 use ccq_common::quant::{self, QuantConfig};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
@@ -77,6 +77,24 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// The model quantized as a run quantizes it (64 calibration images from the
+    /// training split), and the data source it was calibrated on.
+    pub fn quantized(&self) -> Result<(QNetwork, DataSource), Error> {
+        let graph = ccq_common::onnx::load_onnx(&self.onnx)?;
+        let source: DataSource = self.data.parse()?;
+        Ok((self.quantize(&graph, &source)?, source))
+    }
+
+    /// [`ModelSpec::quantized`] from a graph already loaded.
+    fn quantize(&self, graph: &Graph, source: &DataSource) -> Result<QNetwork, Error> {
+        let norm = Normalization {
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+        };
+        let q = QuantConfig::new(self.weight_bits, self.act_bits);
+        ccq_coordinator::eval::quantize_from_train(graph, &norm, source, &q, 64)
+    }
+
     /// The headline model: ResNet-20 W4A8 on CIFAR-10 (JPEG q75 copy) from `../shared`.
     pub fn resnet20(repo: &Path) -> ModelSpec {
         let shared = repo.join("../shared");
@@ -867,11 +885,7 @@ async fn answer_measurement(
             .await
             .expect("sleeping does not panic");
     }
-    let result = CandidateResult {
-        loss_fixed: m.count * (1 << 23),
-        correct: m.count / 2,
-        images: m.count,
-    };
+    let result = candidate_result(ccq_coordinator::state::sim::made_up_measurement(m.count));
     let worker_id = session.worker_id;
     session
         .submit(SubmitResultRequest {
@@ -910,7 +924,13 @@ async fn register(
 /// A valid result for a candidate on `images` images: loss between 0.5 and 1 nat per
 /// image (2^-24 fixed point), chosen by a hash of the codes so candidates differ.
 fn made_up_result(codes: &[u8], images: u64) -> CandidateResult {
-    let s = ccq_coordinator::state::sim::made_up_stats(codes.iter().copied(), images);
+    candidate_result(ccq_coordinator::state::sim::made_up_stats(
+        codes.iter().copied(),
+        images,
+    ))
+}
+
+fn candidate_result(s: EvalStats) -> CandidateResult {
     CandidateResult {
         loss_fixed: s.loss_fixed,
         correct: s.correct,
@@ -924,14 +944,7 @@ fn measure_memory(opts: &BenchOptions) -> Result<MemoryReport, Error> {
     let model = {
         let graph = ccq_common::onnx::load_onnx(&spec.onnx)?;
         let source: DataSource = spec.data.parse()?;
-        let norm = Normalization {
-            mean: spec.mean.clone(),
-            std: spec.std.clone(),
-        };
-        let q = QuantConfig::new(spec.weight_bits, spec.act_bits);
-        network_memory(&spec.name, || {
-            ccq_coordinator::eval::quantize_from_train(&graph, &norm, &source, &q, 64)
-        })?
+        network_memory(&spec.name, || spec.quantize(&graph, &source))?
     };
     let (synthetic, eda_only) = if opts.memory_variables > 0 {
         let v = opts.memory_variables;

@@ -26,11 +26,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ccq_common::data::{self, DataSource, Split};
+use ccq_common::data::{self, Split};
 use ccq_common::fitness;
-use ccq_common::model::Normalization;
 use ccq_common::qnet::Targets;
-use ccq_common::quant::QuantConfig;
 use ccq_proto::v1::{CandidateResult, SubmitResultRequest, SyncNetworkRequest};
 use ccq_search::config::SearchConfig;
 use ccq_search::eda::EdaParams;
@@ -332,14 +330,7 @@ struct SimSetup {
 
 impl SimSetup {
     fn new(spec: &ModelSpec) -> Result<SimSetup, Error> {
-        let graph = ccq_common::onnx::load_onnx(&spec.onnx)?;
-        let source: DataSource = spec.data.parse()?;
-        let norm = Normalization {
-            mean: spec.mean.clone(),
-            std: spec.std.clone(),
-        };
-        let q = QuantConfig::new(spec.weight_bits, spec.act_bits);
-        let net = ccq_coordinator::eval::quantize_from_train(&graph, &norm, &source, &q, 64)?;
+        let (net, source) = spec.quantized()?;
         Ok(SimSetup {
             net,
             train_len: data::split_len(&source, Split::Train)?,
@@ -415,14 +406,7 @@ pub fn calibrate(
     images: usize,
 ) -> Result<CostModel, Error> {
     let started = Instant::now();
-    let graph = ccq_common::onnx::load_onnx(&spec.onnx)?;
-    let source: DataSource = spec.data.parse()?;
-    let norm = Normalization {
-        mean: spec.mean.clone(),
-        std: spec.std.clone(),
-    };
-    let q = QuantConfig::new(spec.weight_bits, spec.act_bits);
-    let net = ccq_coordinator::eval::quantize_from_train(&graph, &norm, &source, &q, 64)?;
+    let (net, source) = spec.quantized()?;
     let n = images.max(8);
     let d = data::load(&source, Split::Train, Some(0..n))?;
     let targets = Targets {

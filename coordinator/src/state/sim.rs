@@ -26,7 +26,7 @@
 //! along another trajectory than a real run's).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use ccq_common::qnet::EvalStats;
@@ -127,6 +127,15 @@ pub fn made_up_stats(codes: impl IntoIterator<Item = u8>, images: u64) -> EvalSt
     }
 }
 
+/// Made-up but valid sums for a measurement block of `images` images.
+pub fn made_up_measurement(images: u64) -> EvalStats {
+    EvalStats {
+        loss_fixed: images * (1 << 23),
+        correct: images / 2,
+        images,
+    }
+}
+
 /// FNV-1a.
 fn made_up_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
     bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -210,8 +219,9 @@ enum What {
     Handle(Request),
     /// The reply reached the worker.
     Reply(Reply),
-    /// The worker finished computing its job.
-    Computed,
+    /// The worker finished computing its job: the seconds it took, and the part of them
+    /// one worker holding the whole batch would also have spent.
+    Computed { secs: f64, useful: f64 },
 }
 
 /// One simulated worker.
@@ -227,28 +237,54 @@ struct Worker {
     done: bool,
 }
 
-/// The event queue: (virtual nanoseconds, sequence) orders events; the sequence number
-/// breaks ties in the order they were scheduled, so nothing depends on the heap's whims.
+/// One scheduled event. Ordered by (virtual nanoseconds, sequence): the sequence number
+/// breaks ties in the order events were scheduled, so nothing depends on the heap's whims.
+struct Entry {
+    at: u64,
+    seq: u64,
+    worker: usize,
+    what: What,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+/// The event queue, earliest first.
+#[derive(Default)]
 struct Queue {
-    heap: BinaryHeap<Reverse<(u64, u64, usize)>>,
-    events: BTreeMap<u64, What>,
+    heap: BinaryHeap<Reverse<Entry>>,
     seq: u64,
 }
 
 impl Queue {
     fn push(&mut self, at: u64, worker: usize, what: What) {
         self.seq += 1;
-        self.heap.push(Reverse((at, self.seq, worker)));
-        self.events.insert(self.seq, what);
+        let seq = self.seq;
+        self.heap.push(Reverse(Entry {
+            at,
+            seq,
+            worker,
+            what,
+        }));
     }
 
     fn pop(&mut self) -> Option<(u64, usize, What)> {
-        let Reverse((at, seq, worker)) = self.heap.pop()?;
-        let what = self
-            .events
-            .remove(&seq)
-            .expect("every queued event has a body");
-        Some((at, worker, what))
+        let Reverse(e) = self.heap.pop()?;
+        Some((e.at, e.worker, e.what))
     }
 }
 
@@ -289,11 +325,7 @@ async fn simulate_paused(
     let half = nanos(cluster.round_trip_secs / 2.0);
     let per_request = nanos(cluster.coordinator_secs_per_request);
     let mut cores = vec![0u64; cluster.coordinator_cores.max(1)];
-    let mut q = Queue {
-        heap: BinaryHeap::new(),
-        events: BTreeMap::new(),
-        seq: 0,
-    };
+    let mut q = Queue::default();
     let mut workers: Vec<Worker> = (0..cluster.workers).map(|_| Worker::default()).collect();
     for w in 0..workers.len() {
         q.push(half, w, What::Arrive(Request::Register));
@@ -303,7 +335,8 @@ async fn simulate_paused(
     let mut marks: Vec<(u64, u64)> = vec![(0, 0)];
     // (end, busy ns, useful ns) per job.
     let mut work: Vec<(u64, u64, f64)> = Vec::new();
-    let mut coordinator_busy: Vec<(u64, u64)> = Vec::new();
+    // When each request's CPU time on the coordinator ended.
+    let mut coordinator_busy: Vec<u64> = Vec::new();
     let (mut requests, mut jobs) = (0u64, 0u64);
     let mut finished_at: Option<u64> = None;
 
@@ -314,7 +347,7 @@ async fn simulate_paused(
                 let core = (0..cores.len()).min_by_key(|&c| cores[c]).unwrap_or(0);
                 let done = cores[core].max(at) + per_request;
                 cores[core] = done;
-                coordinator_busy.push((done, per_request));
+                coordinator_busy.push(done);
                 q.push(done, w, What::Handle(req));
             }
             What::Handle(req) => {
@@ -371,12 +404,14 @@ async fn simulate_paused(
                         None
                     }
                     Reply::Poll(PollReply::Unknown) => Some(Request::Register),
-                    Reply::Poll(PollReply::Job(job)) => start_job(worker, job, cost, at, &mut q, w),
+                    Reply::Poll(PollReply::Job(job)) => {
+                        start_job(worker, job, cost, batch, at, &mut q, w)
+                    }
                     Reply::Synced(version) => match &worker.job {
                         Some(job) if matches!(job.work, Work::Measure(_)) => {
                             worker.measured = version;
                             if version == Some(job.network_version) {
-                                compute(worker, cost, at, &mut q, w);
+                                compute(worker, cost, batch, at, &mut q, w);
                                 None
                             } else {
                                 worker.job = None; // the measurement is over
@@ -388,7 +423,7 @@ async fn simulate_paused(
                             let job = worker.job.take().expect("a sync is for a job");
                             if version == Some(job.network_version) {
                                 worker.job = Some(job);
-                                compute(worker, cost, at, &mut q, w);
+                                compute(worker, cost, batch, at, &mut q, w);
                                 None
                             } else {
                                 Some(Request::Poll) // a stale job: skipped
@@ -400,39 +435,21 @@ async fn simulate_paused(
                     q.push(at + half, w, What::Arrive(req));
                 }
             }
-            What::Computed => {
+            What::Computed { secs, useful } => {
                 let worker = &mut workers[w];
                 let job = worker.job.take().expect("a worker computes a job it holds");
-                let (secs, useful, results) = match &job.work {
-                    Work::Measure(b) => (
-                        cost.measure_secs(b.count),
-                        0.0,
-                        vec![EvalStats {
-                            loss_fixed: b.count * (1 << 23),
-                            correct: b.count / 2,
-                            images: b.count,
-                        }],
-                    ),
+                let results = match &job.work {
+                    Work::Measure(b) => vec![made_up_measurement(b.count)],
                     Work::Candidates {
                         images,
                         generation,
                         first,
                         count,
                         ..
-                    } => {
-                        let n = images.len();
-                        let changed = count - usize::from(*first == 0);
-                        let var = generation.vars.first().copied().unwrap_or(0);
-                        let results = generation.candidates[*first..first + count]
-                            .iter()
-                            .map(|c| made_up_stats(c.iter().map(|&x| x as u8), n as u64))
-                            .collect();
-                        (
-                            cost.job_secs(n, changed, var),
-                            cost.useful_secs(n, *count, changed, var, batch),
-                            results,
-                        )
-                    }
+                    } => generation.candidates[*first..first + count]
+                        .iter()
+                        .map(|c| made_up_stats(c.iter().map(|&x| x as u8), images.len() as u64))
+                        .collect(),
                 };
                 jobs += 1;
                 work.push((at, nanos(secs), useful));
@@ -464,11 +481,8 @@ async fn simulate_paused(
         .iter()
         .filter(|(end, _, _)| inside(*end))
         .fold((0u64, 0.0), |(b, u), (_, s, x)| (b + s, u + x));
-    let coordinator: u64 = coordinator_busy
-        .iter()
-        .filter(|(end, _)| inside(*end))
-        .map(|(_, s)| s)
-        .sum();
+    let coordinator =
+        coordinator_busy.iter().filter(|&&end| inside(end)).count() as u64 * per_request;
     let capacity = |n: usize| n as f64 * span as f64;
     Ok(SimCase {
         workers: cluster.workers,
@@ -553,6 +567,7 @@ fn start_job(
     worker: &mut Worker,
     job: JobSpec,
     cost: &CostModel,
+    batch: usize,
     at: u64,
     q: &mut Queue,
     index: usize,
@@ -573,7 +588,7 @@ fn start_job(
     };
     worker.job = Some(job);
     if current == Some(version) {
-        compute(worker, cost, at, q, index);
+        compute(worker, cost, batch, at, q, index);
         return None;
     }
     Some(if measure {
@@ -590,23 +605,28 @@ fn start_job(
 }
 
 /// Schedules the end of the job the worker holds, after its calibrated cost.
-fn compute(worker: &Worker, cost: &CostModel, at: u64, q: &mut Queue, index: usize) {
-    let secs = match worker.job.as_ref().map(|j| &j.work) {
-        Some(Work::Measure(b)) => cost.measure_secs(b.count),
+fn compute(worker: &Worker, cost: &CostModel, batch: usize, at: u64, q: &mut Queue, w: usize) {
+    let (secs, useful) = match worker.job.as_ref().map(|j| &j.work) {
+        // Measurements are not search: none of their time counts as useful.
+        Some(Work::Measure(b)) => (cost.measure_secs(b.count), 0.0),
         Some(Work::Candidates {
             images,
             generation,
             first,
             count,
             ..
-        }) => cost.job_secs(
-            images.len(),
-            count - usize::from(*first == 0),
-            generation.vars.first().copied().unwrap_or(0),
-        ),
+        }) => {
+            // Candidate 0 is the context: the engine does not evaluate it again.
+            let changed = count - usize::from(*first == 0);
+            let var = generation.vars.first().copied().unwrap_or(0);
+            (
+                cost.job_secs(images.len(), changed, var),
+                cost.useful_secs(images.len(), *count, changed, var, batch),
+            )
+        }
         None => return,
     };
-    q.push(at + nanos(secs), index, What::Computed);
+    q.push(at + nanos(secs), w, What::Computed { secs, useful });
 }
 
 #[cfg(test)]
