@@ -46,16 +46,21 @@ fn conv3x3(hw: usize, in_c: usize, out_c: usize, stride: usize) -> ConvGeom {
     }
 }
 
-fn layers() -> Vec<Layer> {
-    let linear = ConvGeom {
+/// A 1×1 convolution, stride 1, no padding.
+fn conv1x1(hw: usize, in_c: usize, out_c: usize) -> ConvGeom {
+    ConvGeom {
         k_h: 1,
         k_w: 1,
         pad_t: 0,
         pad_l: 0,
         pad_b: 0,
         pad_r: 0,
-        ..conv3x3(1, 64, 10, 1)
-    };
+        ..conv3x3(hw, in_c, out_c, 1)
+    }
+}
+
+fn layers() -> Vec<Layer> {
+    let linear = conv1x1(1, 64, 10);
     vec![
         Layer {
             name: "stem_32x32_3to16",
@@ -116,14 +121,8 @@ fn mobile_layers() -> Vec<Layer> {
         Layer {
             name: "grouped1x1_14x14_64to64_g4",
             geom: ConvGeom {
-                k_h: 1,
-                k_w: 1,
-                pad_t: 0,
-                pad_l: 0,
-                pad_b: 0,
-                pad_r: 0,
                 groups: 4,
-                ..conv3x3(14, 64, 64, 1)
+                ..conv1x1(14, 64, 64)
             },
             count: 1,
         },
