@@ -40,12 +40,15 @@ METHODS = {
     "eda-cc-window16": "EDA+CC, 16 generations in flight (window)",
     "eda-cc-window32": "EDA+CC, 32 generations in flight (window)",
     "eda-cc-confirm-b1024-p95": "EDA+CC, confirmed adoption, 1,024-image batches, p0 = 0.95 (a quarter of the evaluations)",
+    "eda-cc-margin1": "EDA+CC, adoption by a margin of 1 standard error",
+    "eda-cc-margin2": "EDA+CC, adoption by a margin of 2 standard errors",
+    "eda-cc-margin2-b1024-p95": "EDA+CC, adoption by a margin of 2 standard errors, 1,024-image batches, p0 = 0.95 (a quarter of the evaluations)",
     "rtn": "RTN (no search)",
 }
 MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)",
           "mobilenet": "MobileNetV3-style model of the worked example (examples/mnist/mobilenet.onnx, 2,000 test digits)",
           "mnist100k": "MNIST quickstart CNN, 100,000 evaluations per run (five times the budget above)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
-COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "eda-cc-confirm-b1024-p95": "#000000", "rtn": "#7f7f7f"}
+COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "eda-cc-confirm-b1024-p95": "#000000", "eda-cc-margin1": "#aec7e8", "eda-cc-margin2": "#393b79", "eda-cc-margin2-b1024-p95": "#637939", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN; "ws": weight scales
 # chosen by the least squared error ([quant] weight_scale = "mse") instead of max-abs;
@@ -72,6 +75,11 @@ def load_cells():
         acceptance = cfg.get("search", {}).get("acceptance", "batch")
         if acceptance != "batch":
             strategy = f"{strategy}-{acceptance}"
+        margin = cfg.get("search", {}).get("margin", 0)
+        if margin != 0:
+            if margin != int(margin):
+                raise SystemExit(f"{path}: search.margin {margin}: grid cells use whole margins")
+            strategy = f"{strategy}-margin{int(margin)}"
         if cfg.get("search", {}).get("restarts", False):
             strategy = f"{strategy}-restarts"
         window = cfg.get("search", {}).get("window", 1)
@@ -336,7 +344,9 @@ def main():
           "KL divergence to the float model's outputs on the batch instead of cross-entropy on the labels), "
           "`eda-cc-confirm` = ccq's method adopting a candidate only when it beats the current network on its "
           "batch and again on a fresh batch (`[search] acceptance = \"confirm\"`: the confirmation scores just the "
-          "two, 2 evaluations of the same budget), `-restarts` = when every variable has frozen, the distributions are "
+          "two, 2 evaluations of the same budget), `-marginZ` = a candidate beats the current network only when "
+          "its mean loss on the batch is lower by more than Z standard errors of the per-image paired loss "
+          "difference (`[search] margin = Z`; no extra evaluations), `-restarts` = when every variable has frozen, the distributions are "
           "re-centred on the current codes and the search goes on (`[search] restarts = true`), "
           "`-b1024` = 1,024-image batches (`[search] batch_size = 1024`; such cells get a quarter of the evaluations, "
           "so that every cell scores the same number of images), `-p95` = each variable starts with probability 0.95 "

@@ -139,7 +139,11 @@ enum Plan {
     /// Same codes as an earlier candidate.
     SameAs(usize),
     /// Full forward pass with these layers replaced ([`Strategy::Naive`]).
-    Full { layers: Vec<(usize, QConv)> },
+    Full {
+        layers: Vec<(usize, QConv)>,
+        /// The candidate's codes are the base network's.
+        is_base: bool,
+    },
     /// Recompute from node `first` with these layers replaced.
     Patched {
         first: usize,
@@ -251,7 +255,10 @@ fn build_plans(
             conv.repack();
         }
         plans.push(match (strategy, delta) {
-            (Strategy::Naive, _) => Plan::Full { layers },
+            (Strategy::Naive, _) => Plan::Full {
+                layers,
+                is_base: *cand == base_codes,
+            },
             (_, Some(changes)) => Plan::Delta {
                 first,
                 changes,
@@ -313,16 +320,39 @@ fn eval_chunk(base: &QNetwork, pixels: &[u8], targets: &Targets, plans: &[Plan])
     let mut acts = Activations::default();
     let mut out: Vec<EvalStats> = Vec::with_capacity(plans.len());
     if plans.iter().all(|p| matches!(p, Plan::Full { .. })) {
-        for plan in plans {
-            if let Plan::Full { layers } = plan {
+        let mut results = Vec::with_capacity(plans.len());
+        let mut base_at = None;
+        for (i, plan) in plans.iter().enumerate() {
+            if let Plan::Full { layers, is_base } = plan {
                 base.forward_patched(pixels, n, layers, &mut acts);
-                out.push(base.stats(&acts, targets));
+                results.push(base.image_results(&acts, targets));
+                if *is_base && base_at.is_none() {
+                    base_at = Some(i);
+                }
             }
         }
-        return out;
+        // The paired spreads need the base network's losses: a candidate equal to it
+        // has them, else one more forward.
+        let base_losses: Vec<u64> = match base_at {
+            Some(i) => results[i].iter().map(|r| r.0).collect(),
+            None => {
+                base.forward(pixels, n, &mut acts);
+                (base.image_results(&acts, targets).iter())
+                    .map(|r| r.0)
+                    .collect()
+            }
+        };
+        return (results.iter())
+            .map(|r| EvalStats::tally(r, Some(&base_losses)))
+            .collect();
     }
     base.forward(pixels, n, &mut acts);
-    let base_stats = base.stats(&acts, targets);
+    let base_results = base.image_results(&acts, targets);
+    let base_losses: Vec<u64> = base_results.iter().map(|r| r.0).collect();
+    let base_stats = EvalStats::tally(&base_results, Some(&base_losses));
+    let score = |acts: &Activations| {
+        EvalStats::tally(&base.image_results(acts, targets), Some(&base_losses))
+    };
     // Built before any candidate overwrites the base values after its first layer.
     let mut caches: Vec<DeltaCache> = Vec::new();
     for plan in plans {
@@ -344,15 +374,15 @@ fn eval_chunk(base: &QNetwork, pixels: &[u8], targets: &Targets, plans: &[Plan])
         let s = match plan {
             Plan::Base => base_stats,
             Plan::SameAs(prev) => out[*prev],
-            Plan::Full { layers } => {
+            Plan::Full { layers, .. } => {
                 caches.iter_mut().for_each(|c| c.stale = None);
                 base.forward_patched(pixels, n, layers, &mut acts);
-                base.stats(&acts, targets)
+                score(&acts)
             }
             Plan::Patched { first, layers } => {
                 caches.iter_mut().for_each(|c| c.stale = None);
                 base.forward_from(*first, layers, &mut acts);
-                base.stats(&acts, targets)
+                score(&acts)
             }
             Plan::Delta {
                 first,
@@ -385,7 +415,7 @@ fn eval_chunk(base: &QNetwork, pixels: &[u8], targets: &Targets, plans: &[Plan])
                     }
                 }
                 base.forward_from(first + 1, layers, &mut acts);
-                base.stats(&acts, targets)
+                score(&acts)
             }
         };
         out.push(s);
@@ -510,6 +540,11 @@ mod tests {
         };
         for targets in [Targets::labels(labels), distill] {
             let context = net.codes();
+            let mut acts = Activations::default();
+            net.forward(pixels, labels.len(), &mut acts);
+            let base_losses: Vec<u64> = (net.image_results(&acts, &targets).iter())
+                .map(|r| r.0)
+                .collect();
             let want: Vec<EvalStats> = candidates
                 .iter()
                 .map(|cand| {
@@ -519,11 +554,22 @@ mod tests {
                     }
                     let mut full = net.clone();
                     full.set_codes(&codes).unwrap();
-                    let mut acts = Activations::default();
                     full.forward(pixels, labels.len(), &mut acts);
-                    full.stats(&acts, &targets)
+                    let results = full.image_results(&acts, &targets);
+                    let s = EvalStats::tally(&results, Some(&base_losses));
+                    assert_eq!(
+                        (s.loss_fixed, s.correct, s.images),
+                        {
+                            let t = full.stats(&acts, &targets);
+                            (t.loss_fixed, t.correct, t.images)
+                        },
+                        "the paired tally sums what stats sums"
+                    );
+                    s
                 })
                 .collect();
+            // Without the context among them, the naive path scores the base itself.
+            let without_context = &candidates[1..];
             for strategy in STRATEGIES {
                 for threads in [1, 3] {
                     let got = evaluate_candidates_with(
@@ -536,8 +582,24 @@ mod tests {
                         "{strategy:?}, threads {threads}, vars {vars:?}, teacher {}",
                         targets.teacher.is_some()
                     );
+                    let got = evaluate_candidates_with(
+                        net,
+                        pixels,
+                        &targets,
+                        vars,
+                        without_context,
+                        threads,
+                        strategy,
+                    )
+                    .unwrap();
+                    assert_eq!(got, want[1..], "{strategy:?} without the context");
                 }
             }
+            assert_eq!(want[0].paired_sq, 0, "the context against itself");
+            assert!(
+                want.iter().any(|s| s.paired_sq > 0),
+                "some candidate's losses differ from the context's"
+            );
         }
     }
 

@@ -249,6 +249,14 @@ pub struct EvalStats {
     pub loss_fixed: u64,
     pub correct: u64,
     pub images: u64,
+    /// Sum over the images of the squared difference between this network's loss and
+    /// the job's base network's (the context's) on the same image, each difference
+    /// rounded to a multiple of 2^-[`PAIRED_FRAC_BITS`] and clamped to
+    /// ±[`MAX_PAIRED_DIFF`]: the spread of a candidate's paired gain, which
+    /// `search.margin` weighs the gain against. 0 for the base network itself and for
+    /// measurements.
+    #[serde(default)]
+    pub paired_sq: u64,
 }
 
 /// Fractional bits of [`EvalStats::loss_fixed`]: 2^-24 ≈ 6e-8 per image; 2^40 images of
@@ -261,11 +269,38 @@ pub const MAX_IMAGE_LOSS: f64 = 1e6;
 /// exceeds `n` times this.
 pub const MAX_IMAGE_LOSS_FIXED: u64 = 1_000_000 << LOSS_FRAC_BITS;
 
+/// Fractional bits of a paired loss difference in [`EvalStats::paired_sq`] (2^-12 ≈
+/// 2.4e-4 nats, far below any gain that matters), so its square has
+/// [`LOSS_FRAC_BITS`] of them.
+pub const PAIRED_FRAC_BITS: u32 = 12;
+/// The largest paired difference of one image counted in [`EvalStats::paired_sq`], in
+/// 2^-[`PAIRED_FRAC_BITS`] units (64 nats): one absurd image cannot swamp the spread,
+/// and 2^27 images of it still fit a u64.
+pub const MAX_PAIRED_DIFF: i64 = 64 << PAIRED_FRAC_BITS;
+/// The largest term of [`EvalStats::paired_sq`].
+pub const MAX_PAIRED_SQ: u64 = (MAX_PAIRED_DIFF * MAX_PAIRED_DIFF) as u64;
+
 impl EvalStats {
+    /// The statistics of per-image `(loss, correct)` results; with the base network's
+    /// losses of the same images (`base`, same order), also their paired spread.
+    pub fn tally(results: &[(u64, bool)], base: Option<&[u64]>) -> EvalStats {
+        let mut s = EvalStats::default();
+        for (i, &(loss, ok)) in results.iter().enumerate() {
+            s.loss_fixed += loss;
+            s.correct += ok as u64;
+            s.images += 1;
+            if let Some(base) = base {
+                s.paired_sq += paired_term(loss, base[i]);
+            }
+        }
+        s
+    }
+
     pub fn add(&mut self, other: &EvalStats) {
         self.loss_fixed += other.loss_fixed;
         self.correct += other.correct;
         self.images += other.images;
+        self.paired_sq += other.paired_sq;
     }
     /// The sum of both, or None if any count would overflow (sums from the network are
     /// checked: a worker's numbers are not trusted to be small).
@@ -274,6 +309,7 @@ impl EvalStats {
             loss_fixed: self.loss_fixed.checked_add(other.loss_fixed)?,
             correct: self.correct.checked_add(other.correct)?,
             images: self.images.checked_add(other.images)?,
+            paired_sq: self.paired_sq.checked_add(other.paired_sq)?,
         })
     }
 
@@ -286,6 +322,31 @@ impl EvalStats {
             && images
                 .checked_mul(MAX_IMAGE_LOSS_FIXED)
                 .is_some_and(|max| self.loss_fixed <= max)
+            && images
+                .checked_mul(MAX_PAIRED_SQ)
+                .is_some_and(|max| self.paired_sq <= max)
+    }
+
+    /// Whether these statistics (a candidate's) beat `context`'s on the same images by
+    /// more than `margin` standard errors of the mean paired loss difference: the mean
+    /// difference `d` must be negative and `d^2 > margin^2 * var / n`, with `var` the
+    /// sample variance of the per-image differences from [`EvalStats::paired_sq`].
+    /// With `margin` 0 this is just a lower loss. A gain within the batch's noise is not
+    /// credible: the best of many candidates on one batch beats the context by chance.
+    pub fn beats_by_margin(&self, context: &EvalStats, margin: f64) -> bool {
+        if self.loss_fixed >= context.loss_fixed {
+            return false;
+        }
+        let n = self.images;
+        if margin <= 0.0 || n < 2 {
+            return true;
+        }
+        let unit = (1u64 << LOSS_FRAC_BITS) as f64;
+        let n = n as f64;
+        let mean = (context.loss_fixed - self.loss_fixed) as f64 / unit / n;
+        let mean_sq = self.paired_sq as f64 / unit / n;
+        let var = ((mean_sq - mean * mean) * n / (n - 1.0)).max(0.0);
+        mean * mean * n > margin * margin * var
     }
 
     pub fn loss_sum(&self) -> f64 {
@@ -305,6 +366,17 @@ impl EvalStats {
             100.0 * self.correct as f64 / self.images as f64
         }
     }
+}
+
+/// One image's term of [`EvalStats::paired_sq`]: the squared difference of two losses
+/// in [`EvalStats::loss_fixed`] units, rounded (half up) to 2^-[`PAIRED_FRAC_BITS`] and
+/// clamped to ±[`MAX_PAIRED_DIFF`] first.
+fn paired_term(loss: u64, base: u64) -> u64 {
+    let diff = loss as i128 - base as i128;
+    let half = 1i128 << (LOSS_FRAC_BITS - PAIRED_FRAC_BITS - 1);
+    let d = ((diff + half) >> (LOSS_FRAC_BITS - PAIRED_FRAC_BITS))
+        .clamp(-MAX_PAIRED_DIFF as i128, MAX_PAIRED_DIFF as i128) as i64;
+    (d * d) as u64
 }
 
 /// Cross-entropy of one image's integer logits (real value `logit * scale`), rounded to
@@ -814,8 +886,14 @@ impl QNetwork {
     /// labels, or the distillation loss against the teacher when there is one; accuracy
     /// is always against the labels. `targets` must have passed [`Targets::check`].
     pub fn stats(&self, acts: &Activations, targets: &Targets) -> EvalStats {
-        let mut s = EvalStats::default();
+        EvalStats::tally(&self.image_results(acts, targets), None)
+    }
+
+    /// Per image of `acts`, in order: its loss (as [`QNetwork::stats`] sums it) and
+    /// whether its arg-max is the label.
+    pub fn image_results(&self, acts: &Activations, targets: &Targets) -> Vec<(u64, bool)> {
         let rows = acts.logits.chunks_exact(self.num_classes);
+        let mut out = Vec::with_capacity(targets.labels.len());
         for (i, (row, &label)) in rows.zip(targets.labels).enumerate() {
             let (loss, ok) = match &targets.teacher {
                 None => image_loss(row, self.logit_scale, label),
@@ -827,11 +905,9 @@ impl QNetwork {
                     (loss, argmax(&real) == label as usize)
                 }
             };
-            s.loss_fixed += loss;
-            s.correct += ok as u64;
-            s.images += 1;
+            out.push((loss, ok));
         }
-        s
+        out
     }
 
     /// Evaluates the network on `n` CHW images in chunks of `batch`, with `threads`
@@ -1272,22 +1348,26 @@ mod tests {
                 loss_fixed: (1 << 60) + 1,
                 correct: 7,
                 images: 9,
+                paired_sq: 1 << 58,
             },
             EvalStats {
                 loss_fixed: 3,
                 correct: 1,
                 images: 2,
+                paired_sq: 6,
             },
             EvalStats {
                 loss_fixed: (1 << 54) + 5,
                 correct: 0,
                 images: 4,
+                paired_sq: 0,
             },
         ];
         let expected = EvalStats {
             loss_fixed: (1 << 60) + (1 << 54) + 9,
             correct: 8,
             images: 15,
+            paired_sq: (1 << 58) + 6,
         };
         for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2], [1, 2, 0]] {
             let mut s = EvalStats::default();
@@ -1304,6 +1384,7 @@ mod tests {
             loss_fixed: 3 << LOSS_FRAC_BITS,
             correct: 3,
             images: 4,
+            paired_sq: 0,
         };
         assert_eq!(s.loss_sum(), 3.0);
         assert_eq!(s.mean_loss(), 0.75);
@@ -1372,6 +1453,7 @@ mod tests {
             loss_fixed,
             correct,
             images,
+            paired_sq: 0,
         };
         assert_eq!(s(1, 2, 3).checked_add(&s(10, 20, 30)), Some(s(11, 22, 33)));
         // Exact at any size (no float in between).
@@ -1383,6 +1465,14 @@ mod tests {
         assert_eq!(s(u64::MAX, 0, 0).checked_add(&s(1, 0, 0)), None);
         assert_eq!(s(0, u64::MAX, 0).checked_add(&s(0, 1, 0)), None);
         assert_eq!(s(0, 0, u64::MAX).checked_add(&s(0, 0, 1)), None);
+        let p = |paired_sq| EvalStats {
+            paired_sq,
+            ..s(1, 1, 2)
+        };
+        assert_eq!(p(5).checked_add(&p(7)).map(|t| t.paired_sq), Some(12));
+        assert_eq!(p(u64::MAX).checked_add(&p(1)), None);
+        assert!(p(2 * MAX_PAIRED_SQ).plausible_for(2));
+        assert!(!p(2 * MAX_PAIRED_SQ + 1).plausible_for(2), "paired spread");
         assert_eq!(
             s(u64::MAX - 1, 0, 0).checked_add(&s(1, 0, 0)),
             Some(s(u64::MAX, 0, 0))
@@ -1407,6 +1497,99 @@ mod tests {
             "no bound fits u64"
         );
         assert!(s(u64::MAX / max * max, 0, u64::MAX / max).plausible_for(u64::MAX / max));
+    }
+
+    /// The paired spread: each image's loss difference to the base, rounded half up to
+    /// 2^-12 and clamped to 64 nats, squared and summed; the other sums as `stats`.
+    #[test]
+    fn tally_sums_the_squared_paired_differences() {
+        let unit = 1u64 << (LOSS_FRAC_BITS - PAIRED_FRAC_BITS);
+        let base = [10 * unit, 10 * unit, 10 * unit, 0, 5 * unit];
+        let results = [
+            (13 * unit, true),       // +3
+            (8 * unit, false),       // -2
+            (10 * unit, true),       // 0
+            (1000 << 24, false),     // +1000 nats: clamped to 64
+            (5 * unit + 2047, true), // just under half a unit: rounds to 0
+        ];
+        let s = EvalStats::tally(&results, Some(&base));
+        let clamp = (64u64 << PAIRED_FRAC_BITS).pow(2);
+        assert_eq!(s.paired_sq, 9 + 4 + clamp);
+        assert_eq!((s.correct, s.images), (3, 5));
+        assert_eq!(
+            s.loss_fixed,
+            results.iter().map(|r| r.0).sum::<u64>(),
+            "losses are summed exactly, unclamped"
+        );
+        assert_eq!(EvalStats::tally(&results, None).paired_sq, 0);
+        assert_eq!(
+            EvalStats::tally(&[(5 * unit + 2048, true)], Some(&[5 * unit])).paired_sq,
+            1
+        );
+        assert_eq!(
+            EvalStats::tally(&[(5 * unit - 2049, true)], Some(&[5 * unit])).paired_sq,
+            1
+        );
+        assert_eq!(
+            EvalStats::tally(&[(5 * unit - 2048, true)], Some(&[5 * unit])).paired_sq,
+            0
+        );
+        assert_eq!(paired_term(0, 1000 << 24), clamp, "clamped below as well");
+    }
+
+    /// A gain counts with a margin only when it is that many standard errors of the paired
+    /// difference: the same mean gain passes with a small spread and fails with a large
+    /// one, and never passes without a lower loss.
+    #[test]
+    fn margin_weighs_the_gain_against_its_spread() {
+        let one = 1u64 << LOSS_FRAC_BITS;
+        let n = 100u64;
+        let context = EvalStats {
+            loss_fixed: n * one,
+            correct: 0,
+            images: n,
+            paired_sq: 0,
+        };
+        // Mean gain 0.1 nat per image. Per-image differences of sd `sd` give
+        // sum d^2 = (n - 1) sd^2 + n 0.1^2 (in 2^-24 units: times 2^24).
+        let cand = |sd: f64| EvalStats {
+            loss_fixed: n * one - n * one / 10,
+            paired_sq: (((n - 1) as f64 * sd * sd + n as f64 * 0.01) * one as f64) as u64,
+            ..context
+        };
+        // Standard error = sd / 10: with sd 0.5, gain = 2 standard errors.
+        assert!(cand(0.5).beats_by_margin(&context, 1.9));
+        assert!(!cand(0.5).beats_by_margin(&context, 2.1));
+        assert!(
+            !cand(2.0).beats_by_margin(&context, 1.0),
+            "gain within the noise"
+        );
+        assert!(
+            cand(2.0).beats_by_margin(&context, 0.0),
+            "no margin: any gain"
+        );
+        assert!(
+            cand(0.0).beats_by_margin(&context, 10.0),
+            "no spread at all"
+        );
+        for margin in [0.0, 1.0] {
+            assert!(
+                !context.beats_by_margin(&context, margin),
+                "a tie is no gain"
+            );
+            assert!(
+                !context.beats_by_margin(&cand(0.5), margin),
+                "a loss is no gain"
+            );
+        }
+        let single = EvalStats {
+            images: 1,
+            ..cand(2.0)
+        };
+        assert!(
+            single.beats_by_margin(&context, 5.0),
+            "one image: no spread to weigh"
+        );
     }
 
     /// Cross-entropy in fixed point: ln(10) for ten equal logits, about 0 for a confident

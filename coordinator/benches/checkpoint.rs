@@ -270,6 +270,7 @@ fn generation(trainer: &mut Trainer) {
             loss_fixed: 1_000_000 - (i as u64 * 7919) % 1000,
             correct: 3,
             images: g.images.len() as u64,
+            paired_sq: 0,
         })
         .collect();
     trainer.complete(&g, &stats).expect("complete");

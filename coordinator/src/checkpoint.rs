@@ -44,8 +44,8 @@ pub const FILE_NAME: &str = "checkpoint.ccqck";
 /// run config's quant section has `weight_scale` (postcard is not self-describing: a new
 /// field moves every byte after it). 5: `search.window`: the trainer holds every
 /// generation in flight, the loop their networks' versions and the changes since. 6: the
-/// run config's quant section has `rounding`.
-pub const FORMAT_VERSION: u32 = 6;
+/// run config's quant section has `rounding`. 7: the search section has `margin`.
+pub const FORMAT_VERSION: u32 = 7;
 const MAGIC: &str = "ccq-checkpoint";
 /// Room for the header line: `MAGIC`, the format, 20 digits of length, 8 of CRC.
 const MAX_HEADER: usize = 128;
@@ -633,6 +633,7 @@ mod tests {
                     loss_fixed: 1000 + (i as u64 * 37) % 11,
                     correct: 3,
                     images: g.images.len() as u64,
+                    paired_sq: 0,
                 })
                 .collect();
             t.complete(&g, &stats).unwrap();

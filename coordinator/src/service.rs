@@ -336,6 +336,7 @@ fn result_from_proto(r: &CandidateResult) -> EvalStats {
         loss_fixed: r.loss_fixed,
         correct: r.correct,
         images: r.images,
+        paired_sq: r.paired_sq,
     }
 }
 

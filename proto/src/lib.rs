@@ -18,7 +18,9 @@ pub mod process;
 /// 5: `search.window`: a training job's `network_version` may be older than the latest
 /// (or than the worker's), and the worker asks for exactly that version
 /// (`SyncNetworkRequest.want_version`); change lists may go back as well as forward.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: `CandidateResult.paired_sq` (`search.margin`): a worker that left it 0 would make
+/// every gain look noise-free, silently.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Request metadata key carrying the cluster token, as `Bearer <token>`.
 pub const TOKEN_METADATA: &str = "authorization";

@@ -119,6 +119,12 @@ pub struct SearchConfig {
     pub temperature: f32,
     /// When the best candidate replaces the current network.
     pub acceptance: Acceptance,
+    /// How credible a gain must be for the best candidate to count as beating the
+    /// context (under either acceptance rule): its mean loss on the batch must be lower
+    /// by more than `margin` standard errors of the per-image paired loss difference
+    /// (the same images scored by both networks). 0 is the paper's rule: any lower loss.
+    /// Costs no evaluations; needs `fitness = "loss"` or `"distill"`.
+    pub margin: f64,
     /// When every variable has frozen and budget remains, re-centre each variable's
     /// distribution on its current code (the same radius around it, within its layer's
     /// code range) and search on, instead of ending the search. Over restarts a code can
@@ -148,6 +154,7 @@ impl Default for SearchConfig {
             hill_flips: 4,
             temperature: 1.0,
             acceptance: Acceptance::Batch,
+            margin: 0.0,
             restarts: false,
             window: 1,
         }
@@ -177,6 +184,21 @@ impl SearchConfig {
                 "must be a positive number",
             ));
         }
+        if !(self.margin.is_finite() && (0.0..=MAX_MARGIN).contains(&self.margin)) {
+            return Err(Error::setting(
+                "search.margin",
+                self.margin,
+                format!("must be a number of standard errors between 0 and {MAX_MARGIN}"),
+            ));
+        }
+        if self.margin > 0.0 && self.fitness == Fitness::Error {
+            return Err(Error::setting(
+                "search.margin",
+                self.margin,
+                "must be 0 with search.fitness = \"error\" (the margin weighs loss \
+                 differences)",
+            ));
+        }
         if !(1..=MAX_WINDOW).contains(&self.window) {
             return Err(Error::setting(
                 "search.window",
@@ -195,6 +217,9 @@ impl SearchConfig {
         Ok(())
     }
 }
+
+/// The largest `search.margin`: beyond it hardly a candidate is ever adopted.
+pub const MAX_MARGIN: f64 = 10.0;
 
 /// The largest `search.window`: beyond it the searched network is too stale to matter,
 /// and a checkpoint holds every generation in flight.
@@ -229,6 +254,18 @@ mod tests {
                 ..one.clone()
             };
             assert!(cfg.validate().is_ok(), "window {window}, {acceptance:?}");
+        }
+        for (margin, fitness) in [
+            (MAX_MARGIN, Fitness::Loss),
+            (1.5, Fitness::Distill),
+            (0.0, Fitness::Error),
+        ] {
+            let cfg = SearchConfig {
+                margin,
+                fitness,
+                ..one.clone()
+            };
+            assert!(cfg.validate().is_ok(), "margin {margin}, {fitness:?}");
         }
         for (field, cfg) in [
             (
@@ -285,6 +322,35 @@ mod tests {
                 SearchConfig {
                     window: 2,
                     acceptance: Acceptance::Confirm,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.margin",
+                SearchConfig {
+                    margin: -0.5,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.margin",
+                SearchConfig {
+                    margin: MAX_MARGIN + 0.5,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.margin",
+                SearchConfig {
+                    margin: f64::NAN,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.margin",
+                SearchConfig {
+                    margin: 1.0,
+                    fitness: Fitness::Error,
                     ..one.clone()
                 },
             ),

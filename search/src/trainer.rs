@@ -521,6 +521,13 @@ impl Trainer {
         }))
     }
 
+    /// Whether `candidate`'s gain over `context` on the same images clears
+    /// `search.margin` (always, with margin 0 and a lower loss: the caller has compared
+    /// the fitness keys already).
+    fn credible(&self, candidate: &EvalStats, context: &EvalStats) -> bool {
+        self.search.margin <= 0.0 || candidate.beats_by_margin(context, self.search.margin)
+    }
+
     /// The next cycle's groups of free variables, as the strategy forms them.
     fn groups(&mut self) -> Vec<Group> {
         match self.search.strategy {
@@ -604,7 +611,7 @@ impl Trainer {
             .map(|&i| &generation.candidates[i])
             .collect();
         let best = order[0];
-        let wins = best != 0 && key(best) < key(0);
+        let wins = best != 0 && key(best) < key(0) && self.credible(&stats[best], &stats[0]);
         let confirm = wins && self.search.acceptance == Acceptance::Confirm;
         let adopted = wins && !confirm;
 
@@ -697,7 +704,7 @@ impl Trainer {
             .pending
             .take()
             .expect("a confirmation has a pending candidate");
-        let adopted = key(1) < key(0);
+        let adopted = key(1) < key(0) && self.credible(&stats[1], &stats[0]);
         let mut changes = Vec::new();
         let mut replaced = Vec::new();
         if adopted {

@@ -121,6 +121,7 @@ impl Quadratic {
                 loss_fixed: self.candidate_loss(context, g, c) * g.images.len() as u64,
                 correct: 0,
                 images: g.images.len() as u64,
+                paired_sq: 0,
             })
             .collect()
     }
@@ -335,6 +336,7 @@ fn error_fitness_ranks_by_mistakes_then_loss() {
         loss_fixed,
         correct,
         images: b,
+        paired_sq: 0,
     };
     // Candidate 3 makes the fewest mistakes (2) despite a high loss; 5 ties it on
     // mistakes with a higher loss; 2 makes one mistake more with a far lower loss.
@@ -557,7 +559,8 @@ fn freezing_pins_the_mode_over_the_adopted_code() {
                 EvalStats {
                     loss_fixed: 9,
                     correct: 0,
-                    images: BATCH as u64
+                    images: BATCH as u64,
+                    paired_sq: 0,
                 };
                 g.candidates.len()
             ];
@@ -568,7 +571,8 @@ fn freezing_pins_the_mode_over_the_adopted_code() {
             EvalStats {
                 loss_fixed: 100,
                 correct: 0,
-                images: BATCH as u64
+                images: BATCH as u64,
+                paired_sq: 0,
             };
             g.candidates.len()
         ];
@@ -665,6 +669,7 @@ fn confirmation_adopts_only_a_candidate_that_wins_again_on_a_fresh_batch() {
                     loss_fixed,
                     correct: 0,
                     images: g.images.len() as u64,
+                    paired_sq: 0,
                 };
                 let stats = if wins {
                     vec![st(50), st(49)]
@@ -846,6 +851,7 @@ fn noisy(f: &Quadratic, amplitude: u64, context: &[i8], g: &Generation) -> Vec<E
                 loss_fixed: score * g.images.len() as u64,
                 correct: 0,
                 images: g.images.len() as u64,
+                paired_sq: 0,
             }
         })
         .collect()
@@ -888,6 +894,69 @@ fn confirmation_beats_batch_noise_at_equal_evaluations() {
         assert!(
             confirm_end < batch_end && batch_lowest < batch_end,
             "seed {seed}: batch ends at {batch_end} (lowest {batch_lowest}), confirm at {confirm_end}"
+        );
+    }
+}
+
+/// [`noisy`] with the scores in units a paired spread can resolve (2^16 loss units per
+/// score unit) and each candidate's `paired_sq` as the batch's per-image differences to
+/// the context would give it: their mean is the observed difference of the scores, and
+/// their spread is what makes two noises in ±`amplitude` apart by `sd * sqrt(2/3)`
+/// between batch means (so `sqrt(n)` times that per image).
+fn noisy_paired(f: &Quadratic, amplitude: u64, context: &[i8], g: &Generation) -> Vec<EvalStats> {
+    const UNIT: u64 = 1 << 16;
+    let plain = noisy(f, amplitude, context, g);
+    let n = g.images.len() as f64;
+    let score = |s: &EvalStats| s.loss_fixed as f64 / n;
+    let per_image_sd = n.sqrt() * amplitude as f64 * (2.0f64 / 3.0).sqrt();
+    plain
+        .iter()
+        .map(|s| {
+            let mean = score(s) - score(&plain[0]);
+            let sum_sq = (n - 1.0) * per_image_sd.powi(2) + n * mean * mean;
+            EvalStats {
+                loss_fixed: s.loss_fixed * UNIT,
+                // Score units squared, to 2^-24 nats squared.
+                paired_sq: (sum_sq * (UNIT * UNIT) as f64 / (1u64 << 24) as f64) as u64,
+                ..*s
+            }
+        })
+        .collect()
+}
+
+/// A margin of two standard errors beats batch noise without spending evaluations: on
+/// the noisy problem at equal evaluations it ends closer to the optimum than adoption on
+/// the batch alone, for every seed, and adopts far less often.
+#[test]
+fn a_margin_beats_batch_noise_at_equal_evaluations() {
+    for seed in 0..3 {
+        let run = |margin| {
+            let s = SearchConfig {
+                margin,
+                ..search(Strategy::EdaCc)
+            };
+            let mut t = Trainer::new(tiny_network(), patient(4), s, seed, SEARCH_LEN).unwrap();
+            let f = Quadratic::new(&t, seed + 100);
+            let mut lowest = f.loss(&t.network().codes());
+            while t.progress().evaluations < 20_000 {
+                let Some(g) = t.next_generation().unwrap() else {
+                    break;
+                };
+                let stats = noisy_paired(&f, 8, &t.network().codes(), &g);
+                t.complete(&g, &stats).unwrap();
+                lowest = lowest.min(f.loss(&t.network().codes()));
+            }
+            (f.loss(&t.network().codes()), lowest, t.progress().adoptions)
+        };
+        let (batch_end, batch_lowest, batch_adoptions) = run(0.0);
+        let (margin_end, _, margin_adoptions) = run(2.0);
+        assert!(
+            margin_end < batch_end && batch_lowest < batch_end,
+            "seed {seed}: batch ends at {batch_end} (lowest {batch_lowest}), margin at {margin_end}"
+        );
+        assert!(
+            margin_adoptions * 2 < batch_adoptions,
+            "seed {seed}: {margin_adoptions} adoptions with a margin, {batch_adoptions} without"
         );
     }
 }
@@ -941,6 +1010,7 @@ fn nothing_is_confirmed_when_freezing_undid_the_candidate() {
             loss_fixed,
             correct: 0,
             images: g.images.len() as u64,
+            paired_sq: 0,
         };
         let keep: Vec<usize> = (1..g.candidates.len())
             .filter(|&c| g.candidates[c] == g.candidates[0])

@@ -20,7 +20,7 @@ use tonic::{Code, Status};
 
 const EVALUATIONS: u64 = 480;
 /// Kinds of wrong answers the rogue gives in turn.
-const KINDS: usize = 6;
+const KINDS: usize = 7;
 
 /// The model of the run left alone (2 workers) on the dataset in `data`.
 async fn undisturbed(data: &Path, evaluations: u64) -> Vec<u8> {
@@ -103,6 +103,7 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
                 loss_fixed: 1,
                 correct: n,
                 images: n,
+                paired_sq: 0,
             };
             // First a perfect-looking answer to a job this client does not hold.
             let accepted = client
@@ -146,6 +147,12 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
                     };
                     count
                 ],
+                // One candidate's paired spread past what its images can have.
+                5 => {
+                    let mut r = vec![good; count];
+                    r[count - 1].paired_sq = n * ccq_common::qnet::MAX_PAIRED_SQ + 1;
+                    r
+                }
                 // One candidate just past the largest loss its images can have.
                 _ => {
                     let mut r = vec![good; count];
@@ -297,6 +304,7 @@ async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
                         loss_fixed: rng.random(),
                         correct: rng.random_range(0..200),
                         images: rng.random_range(0..200),
+                        paired_sq: rng.random(),
                     })
                     .collect(),
                 eval_micros: rng.random(),

@@ -494,6 +494,7 @@ async fn evaluate(
             loss_fixed: s.loss_fixed,
             correct: s.correct,
             images: s.images,
+            paired_sq: s.paired_sq,
         })
         .collect();
     Ok(Some((results, started.elapsed().as_micros() as u64)))
@@ -568,6 +569,7 @@ async fn measure(
             loss_fixed: stats.loss_fixed,
             correct: stats.correct,
             images: stats.images,
+            paired_sq: stats.paired_sq,
         }],
         started.elapsed().as_micros() as u64,
     )))

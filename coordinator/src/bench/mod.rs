@@ -935,6 +935,7 @@ fn candidate_result(s: EvalStats) -> CandidateResult {
         loss_fixed: s.loss_fixed,
         correct: s.correct,
         images: s.images,
+        paired_sq: s.paired_sq,
     }
 }
 

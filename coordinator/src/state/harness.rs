@@ -221,6 +221,7 @@ impl Virtual {
                     loss_fixed: n * 1000,
                     correct: n / 2,
                     images: n,
+                    paired_sq: 0,
                 }];
                 let submission = Submission {
                     worker,
@@ -248,6 +249,7 @@ impl Virtual {
                         loss_fixed: n * (1000 + distance),
                         correct: n / 2,
                         images: n,
+                        paired_sq: 0,
                     }
                 })
                 .collect(),

@@ -615,6 +615,7 @@ mod tests {
             loss_fixed: loss,
             correct: images / 2,
             images,
+            paired_sq: 0,
         }
     }
 
@@ -722,7 +723,8 @@ mod tests {
                 EvalStats {
                     loss_fixed: 112,
                     correct: 1,
-                    images: 3
+                    images: 3,
+                    paired_sq: 0,
                 }
             ]
         );
@@ -921,12 +923,14 @@ mod tests {
                 validation: EvalStats {
                     loss_fixed: 40 * 3 + 100 + 116 + 132,
                     correct: 8 + 8 + 4,
-                    images: 40
+                    images: 40,
+                    paired_sq: 0,
                 },
                 test: EvalStats {
                     loss_fixed: 20 * 3 + 16,
                     correct: 8 + 2,
-                    images: 20
+                    images: 20,
+                    paired_sq: 0,
                 },
             }
         );

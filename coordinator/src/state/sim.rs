@@ -124,6 +124,7 @@ pub fn made_up_stats(codes: impl IntoIterator<Item = u8>, images: u64) -> EvalSt
         loss_fixed: images * ((1 << 23) + (h >> 41)),
         correct: (h % (images + 1)).min(images),
         images,
+        paired_sq: 0,
     }
 }
 
@@ -133,6 +134,7 @@ pub fn made_up_measurement(images: u64) -> EvalStats {
         loss_fixed: images * (1 << 23),
         correct: images / 2,
         images,
+        paired_sq: 0,
     }
 }
 
