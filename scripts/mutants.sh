@@ -78,7 +78,7 @@ esac
 # non-test library (twice the build time for common, four times for the coordinator).
 scopes=(
   "search|-p ccq-search --cargo-arg=--lib --cargo-arg=--tests"
-  "common|-p ccq-common -f common/src/fitness.rs -f common/src/qnet.rs -f common/src/kernels/mod.rs --re fitness\.rs|EvalStats::|image_loss|cross_entropy|distillation|log_softmax|argmax|Targets<|QNetwork::stats|Requant:: -E delta_pays_off|slice_value|pad_value --cargo-arg=--lib"
+  "common|-p ccq-common -f common/src/fitness.rs -f common/src/qnet.rs -f common/src/kernels/mod.rs --re fitness\.rs|EvalStats::|image_loss|paired_term|cross_entropy|distillation|log_softmax|argmax|Targets<|QNetwork::stats|QNetwork::image_results|Requant:: -E delta_pays_off|slice_value|pad_value --cargo-arg=--lib"
   "coordinator|-p ccq-coordinator -f coordinator/src/checkpoint.rs --cargo-arg=--lib"
 )
 
