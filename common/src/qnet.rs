@@ -1590,6 +1590,39 @@ mod tests {
             single.beats_by_margin(&context, 5.0),
             "one image: no spread to weigh"
         );
+
+        // Exact, on four images: differences -3, -1, -1, +1 (in 2^-12 nats) have mean
+        // -1, sample variance (12 - 4) / 3 and standard error sqrt(2/3): the gain is
+        // 1.2247 standard errors.
+        let unit = 1u64 << (LOSS_FRAC_BITS - PAIRED_FRAC_BITS);
+        let base = EvalStats {
+            loss_fixed: 400 * unit,
+            correct: 0,
+            images: 4,
+            paired_sq: 0,
+        };
+        let cand = EvalStats::tally(
+            &[97, 99, 99, 101].map(|l| (l * unit, false)),
+            Some(&[100 * unit; 4]),
+        );
+        assert_eq!((cand.loss_fixed, cand.paired_sq), (396 * unit, 12));
+        assert!(cand.beats_by_margin(&base, 1.22));
+        assert!(!cand.beats_by_margin(&base, 1.23));
+        // Two images are enough for a spread: -3 and +1 give a gain of 0.5 standard
+        // errors.
+        let two = EvalStats::tally(
+            &[(97 * unit, false), (101 * unit, false)],
+            Some(&[100 * unit; 2]),
+        );
+        let base = EvalStats {
+            loss_fixed: 200 * unit,
+            images: 2,
+            ..base
+        };
+        assert!(two.beats_by_margin(&base, 0.49));
+        assert!(!two.beats_by_margin(&base, 0.51));
+        // Exactly 0.5 (every quantity a power of two): not more than the margin.
+        assert!(!two.beats_by_margin(&base, 0.5));
     }
 
     /// Cross-entropy in fixed point: ln(10) for ten equal logits, about 0 for a confident
