@@ -31,14 +31,14 @@ MUTATIONS = [
     (
         "never adopting",
         "search/src/trainer.rs",
-        "let wins = best != 0 && key(best) < key(0);",
+        "let wins = best != 0 && key(best) < key(0) && self.credible(&stats[best], &stats[0]);",
         "let wins = false;",
         SEARCH_TESTS,
     ),
     (
         "adopting the best non-context candidate even when it is worse than the context",
         "search/src/trainer.rs",
-        "let best = order[0];\n        let wins = best != 0 && key(best) < key(0);",
+        "let best = order[0];\n        let wins = best != 0 && key(best) < key(0) && self.credible(&stats[best], &stats[0]);",
         "let best = order.iter().copied().find(|&i| i != 0).unwrap_or(0);\n"
         "        let wins = best != 0;",
         SEARCH_TESTS,
