@@ -857,15 +857,27 @@ fn noisy(f: &Quadratic, amplitude: u64, context: &[i8], g: &Generation) -> Vec<E
         .collect()
 }
 
-/// Runs `evaluations` candidate evaluations on the noisy problem; returns the true loss
-/// at the end and the lowest true loss on the way.
+/// Runs `evaluations` candidate evaluations on the noisy problem with [`noisy`] scores;
+/// returns the true loss at the end and the lowest true loss on the way.
 fn noisy_run(t: &mut Trainer, f: &Quadratic, amplitude: u64, evaluations: u64) -> (u64, u64) {
+    scored_run(t, f, evaluations, |context, g| {
+        noisy(f, amplitude, context, g)
+    })
+}
+
+/// [`noisy_run`] with the scores `score(context, generation)` gives.
+fn scored_run(
+    t: &mut Trainer,
+    f: &Quadratic,
+    evaluations: u64,
+    score: impl Fn(&[i8], &Generation) -> Vec<EvalStats>,
+) -> (u64, u64) {
     let mut lowest = f.loss(&t.network().codes());
     while t.progress().evaluations < evaluations {
         let Some(g) = t.next_generation().unwrap() else {
             break;
         };
-        let stats = noisy(f, amplitude, &t.network().codes(), &g);
+        let stats = score(&t.network().codes(), &g);
         t.complete(&g, &stats).unwrap();
         lowest = lowest.min(f.loss(&t.network().codes()));
     }
@@ -937,16 +949,10 @@ fn a_margin_beats_batch_noise_at_equal_evaluations() {
             };
             let mut t = Trainer::new(tiny_network(), patient(4), s, seed, SEARCH_LEN).unwrap();
             let f = Quadratic::new(&t, seed + 100);
-            let mut lowest = f.loss(&t.network().codes());
-            while t.progress().evaluations < 20_000 {
-                let Some(g) = t.next_generation().unwrap() else {
-                    break;
-                };
-                let stats = noisy_paired(&f, 8, &t.network().codes(), &g);
-                t.complete(&g, &stats).unwrap();
-                lowest = lowest.min(f.loss(&t.network().codes()));
-            }
-            (f.loss(&t.network().codes()), lowest, t.progress().adoptions)
+            let (end, lowest) = scored_run(&mut t, &f, 20_000, |context, g| {
+                noisy_paired(&f, 8, context, g)
+            });
+            (end, lowest, t.progress().adoptions)
         };
         let (batch_end, batch_lowest, batch_adoptions) = run(0.0);
         let (margin_end, _, margin_adoptions) = run(2.0);
