@@ -317,7 +317,15 @@ struct DeltaCache {
 
 fn eval_chunk(base: &QNetwork, pixels: &[u8], targets: &Targets, plans: &[Plan]) -> Vec<EvalStats> {
     let n = targets.len();
-    let mut acts = Activations::default();
+    // Residual adds fused into the convolutions before them, except where a delta plan
+    // needs the convolution's own output (its cache, below).
+    let keep = (plans.iter())
+        .filter_map(|p| match p {
+            Plan::Delta { first, .. } => Some(*first),
+            _ => None,
+        })
+        .collect();
+    let mut acts = Activations::fused(keep);
     let mut out: Vec<EvalStats> = Vec::with_capacity(plans.len());
     if plans.iter().all(|p| matches!(p, Plan::Full { .. })) {
         let mut results = Vec::with_capacity(plans.len());
@@ -427,7 +435,7 @@ fn eval_chunk(base: &QNetwork, pixels: &[u8], targets: &Targets, plans: &[Plan])
 mod tests {
     use super::*;
     use crate::model::Normalization;
-    use crate::qnet::Teacher;
+    use crate::qnet::{QOp, Teacher};
     use crate::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -664,6 +672,53 @@ mod tests {
             moved(&|i| i >= 12), // second layer again
         ];
         assert_all_strategies_exact(&net, &pixels, &labels, &vars, &candidates);
+    }
+
+    /// Residual fusion (used by every evaluation here) leaves the logits and every value
+    /// but the fused convolutions' own outputs bit-identical to the plain forward pass,
+    /// keeps the convolutions it is told to keep, and does fuse something in a residual
+    /// network.
+    #[test]
+    fn residual_fusion_changes_no_value_it_keeps() {
+        let (net, pixels, _) = fixture("tiny_resnet", 3, 16, 4);
+        let n = pixels.len() / net.image_len();
+        let mut plain = Activations::default();
+        net.forward(&pixels, n, &mut plain);
+        // Convolutions whose output only a residual add reads: right before it, or (in
+        // the downsampling block) with the shortcut's Slice and Pad in between.
+        let readers = |v: usize| net.nodes.iter().filter(move |x| x.inputs.contains(&v));
+        let fusable: Vec<usize> = (0..net.nodes.len() - 1)
+            .filter(|&i| matches!(net.nodes[i].op, QOp::Conv(_)))
+            .filter(|&i| readers(i + 1).count() == 1)
+            .filter(|&i| readers(i + 1).all(|x| matches!(x.op, QOp::Add(_))))
+            .collect();
+        assert_eq!(fusable.len(), 2, "the fixture has two residual adds");
+        let add_of_second = (net.nodes.iter())
+            .position(|x| x.inputs.contains(&(fusable[1] + 1)))
+            .unwrap();
+        assert!(add_of_second > fusable[1] + 1, "the shortcut lies between");
+        let keep = vec![fusable[0]];
+        let mut fused = Activations::fused(keep.clone());
+        net.forward(&pixels, n, &mut fused);
+        assert_eq!(fused.logits, plain.logits);
+        for (v, (f, p)) in fused.values.iter().zip(&plain.values).enumerate() {
+            let conv = v.checked_sub(1);
+            if conv.is_some_and(|c| fusable.contains(&c) && !keep.contains(&c)) {
+                assert!(
+                    f.is_empty(),
+                    "value {v} of a fused convolution is left empty"
+                );
+            } else {
+                assert_eq!(f, p, "value {v}");
+            }
+        }
+        // Recomputing from a fused convolution, from between it and its add, or from the
+        // add after a kept one, gives the same logits again.
+        for first in [fusable[1], fusable[1] + 1, add_of_second, fusable[0] + 1] {
+            fused.logits.clear();
+            net.forward_from(first, &[], &mut fused);
+            assert_eq!(fused.logits, plain.logits, "from node {first}");
+        }
     }
 
     /// The same on a small residual network (strided convs, Add, shortcut Slice/Pad), with

@@ -519,10 +519,30 @@ impl<'a> Targets<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct Activations {
     pub n: usize,
-    /// Indexed by value id; the logits node's slot is empty.
+    /// Indexed by value id; the logits node's slot is empty, and so is a convolution's
+    /// when residual fusion wrote the add after it directly ([`Activations::fused`]).
     pub values: Vec<Vec<u8>>,
     /// `n * num_classes`.
     pub logits: Vec<i32>,
+    /// Residual fusion: `None` keeps every value; `Some(keep)` fuses every residual add
+    /// into the convolution before it except after the convolution nodes in `keep`.
+    fusion: Option<Vec<usize>>,
+}
+
+impl Activations {
+    /// Activations whose forward passes fuse each residual add into the store of the
+    /// convolution before it ([`crate::kernels::PackedConv::run_residual`]) where that
+    /// convolution's output feeds nothing else: the add's output is written at once and
+    /// the convolution's own value is left empty. The convolution nodes in `keep` are not
+    /// fused, so their outputs stay readable. Every other value, and the logits, are the
+    /// same bits as without fusion. For callers that read the logits and block outputs
+    /// (evaluation, candidate scoring), not every intermediate value (calibration).
+    pub fn fused(keep: Vec<usize>) -> Activations {
+        Activations {
+            fusion: Some(keep),
+            ..Activations::default()
+        }
+    }
 }
 
 impl QNetwork {
@@ -742,18 +762,74 @@ impl QNetwork {
         self.run_nodes(first, patches, acts);
     }
 
+    /// The convolution whose store add node `add` can take over: the add reads a hidden
+    /// convolution's output, which nothing else reads, and another value. Returns the
+    /// convolution's node, the other value, and the add with the convolution's output as
+    /// its `a`.
+    fn fusable_conv(&self, add: usize) -> Option<(usize, usize, AddParams)> {
+        let QOp::Add(p) = &self.nodes[add].op else {
+            return None;
+        };
+        let [a, b] = self.nodes[add].inputs[..] else {
+            return None;
+        };
+        let hidden_conv = |v: usize| {
+            (1..self.nodes.len()).contains(&v) && matches!(self.nodes[v - 1].op, QOp::Conv(_))
+        };
+        let readers = |v: usize| {
+            (self.nodes.iter())
+                .flat_map(|n| &n.inputs)
+                .filter(|&&x| x == v)
+                .count()
+        };
+        [(a, b, *p), (b, a, p.swapped())]
+            .into_iter()
+            .find(|&(c, other, _)| c != other && hidden_conv(c) && readers(c) == 1)
+            .map(|(c, other, add)| (c - 1, other, add))
+    }
+
+    /// The layer node `idx` runs: its patch if it has one.
+    fn conv_at<'a>(&'a self, idx: usize, patches: &'a [(usize, QConv)]) -> &'a QConv {
+        match patches.iter().find(|(p, _)| *p == idx) {
+            Some((_, c)) => c,
+            None => self.conv(idx),
+        }
+    }
+
     fn run_nodes(&self, first: usize, patches: &[(usize, QConv)], acts: &mut Activations) {
         let n = acts.n;
+        // Per add node, the convolution fused into it. That convolution is skipped where
+        // it stands and run by the add, so it runs even when `first` lies between the
+        // two (its input is earlier still, so it is there).
+        let fused: Vec<Option<(usize, usize, AddParams)>> = match &acts.fusion {
+            None => Vec::new(),
+            Some(keep) => (0..self.nodes.len())
+                .map(|j| self.fusable_conv(j).filter(|(c, ..)| !keep.contains(c)))
+                .collect(),
+        };
         for (idx, node) in self.nodes.iter().enumerate().skip(first) {
             // Take the output buffer out so inputs (strictly earlier values) can be borrowed.
             let mut out = std::mem::take(&mut acts.values[idx + 1]);
             let is_logits = idx + 1 == self.nodes.len();
+            if fused.iter().flatten().any(|&(c, ..)| c == idx) {
+                // Left empty, so a reader of it fails loudly rather than reading stale codes.
+                out.clear();
+                acts.values[idx + 1] = out;
+                continue;
+            }
+            if let Some(&Some((c, other, add))) = fused.get(idx) {
+                let conv = self.conv_at(c, patches);
+                let stage = (conv.stage.as_ref()).expect("hidden layers have an output stage");
+                out.resize(n * node.out.len(), 0);
+                let (input, b) = (&acts.values[self.nodes[c].inputs[0]], &acts.values[other]);
+                conv.packed()
+                    .run_residual(stage, input, n, b, &add, &mut out);
+                acts.values[idx + 1] = out;
+                continue;
+            }
             match &node.op {
-                QOp::Conv(conv) => {
-                    let conv = patches
-                        .iter()
-                        .find(|(p, _)| *p == idx)
-                        .map_or(conv, |(_, c)| c);
+                QOp::Conv(_) => {
+                    let conv = self.conv_at(idx, patches);
                     let input = &acts.values[node.inputs[0]];
                     if is_logits {
                         acts.logits.resize(n * self.num_classes, 0);
@@ -933,7 +1009,7 @@ impl QNetwork {
                     let hi = ((t + 1) * per).min(n);
                     (lo < hi).then(|| {
                         scope.spawn(move || {
-                            let mut acts = Activations::default();
+                            let mut acts = Activations::fused(Vec::new());
                             let mut s = EvalStats::default();
                             let mut i = lo;
                             while i < hi {

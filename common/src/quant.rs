@@ -1307,11 +1307,8 @@ mod tests {
                 }
             })
             .collect();
-        let acts = Activations {
-            n,
-            values: Vec::new(),
-            logits,
-        };
+        let mut acts = Activations::default();
+        (acts.n, acts.logits) = (n, logits);
         let s = net.stats(&acts, &Targets::labels(&labels));
         assert_eq!((s.images, s.correct), (n as u64, 3));
         let loss: u64 = (0..n)

@@ -16,7 +16,13 @@
 //! `[k4][block][16 oc][4]` i8, where `k4 = (tap, channel / 4)` in OHWI order. Channels past
 //! `in_c` and output channels past `out_c` are zero weights, so they add nothing. The bias
 //! is folded to `bias - input_zp * sum(w)` so the kernels multiply raw codes.
+//!
+//! A residual add that follows a convolution can be fused into its store
+//! ([`Plan::run_residual`]): each output code is added to the code at the same position of
+//! the other operand right after requantization, so the convolution's own output never goes
+//! to memory and the add needs no pass of its own.
 
+use super::eltwise::NarrowAdd;
 use super::{ConvGeom, KernelPath, OutputStage};
 
 /// Output channels per block: one 512-bit vector of i32.
@@ -133,17 +139,50 @@ impl Plan {
 
     /// Runs the convolution on one of the blocked paths (not `Reference`).
     pub(super) fn run(&self, path: KernelPath, input: &[u8], n: usize, dst: Dst) {
+        self.run_inner(path, input, n, dst, None);
+    }
+
+    /// Runs the convolution with `stage` and the residual add `add` fused into its store:
+    /// `out[i] = add(code[i], residual[i])`, where `code` is what [`Plan::run`] would write.
+    /// `residual` is as long as `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_residual(
+        &self,
+        path: KernelPath,
+        input: &[u8],
+        n: usize,
+        stage: &OutputStage,
+        out: &mut [u8],
+        residual: &[u8],
+        add: &NarrowAdd,
+    ) {
+        assert_eq!(residual.len(), out.len(), "residual length");
+        let residual = Residual {
+            codes: residual,
+            add,
+        };
+        self.run_inner(path, input, n, Dst::Codes(out, stage), Some(residual));
+    }
+
+    fn run_inner(
+        &self,
+        path: KernelPath,
+        input: &[u8],
+        n: usize,
+        dst: Dst,
+        residual: Option<Residual>,
+    ) {
         assert!(
             path.is_available(),
             "kernel path {path} is not available on this CPU"
         );
         match path {
             KernelPath::Reference => unreachable!("the reference path does not use the plan"),
-            KernelPath::Portable => self.drive::<Portable>(input, n, dst),
+            KernelPath::Portable => self.drive::<Portable>(input, n, dst, residual),
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx2 => self.drive::<super::x86::Avx2>(input, n, dst),
+            KernelPath::Avx2 => self.drive::<super::x86::Avx2>(input, n, dst, residual),
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Vnni => self.drive::<super::x86::Vnni>(input, n, dst),
+            KernelPath::Vnni => self.drive::<super::x86::Vnni>(input, n, dst, residual),
             #[cfg(not(target_arch = "x86_64"))]
             KernelPath::Avx2 | KernelPath::Vnni => {
                 unreachable!("x86 paths are never available here")
@@ -151,7 +190,7 @@ impl Plan {
         }
     }
 
-    fn drive<K: MicroKernel>(&self, input: &[u8], n: usize, dst: Dst) {
+    fn drive<K: MicroKernel>(&self, input: &[u8], n: usize, dst: Dst, residual: Option<Residual>) {
         let g = &self.geom;
         let (out_h, out_w) = (g.out_h(), g.out_w());
         let (out_c, out_len) = (g.out_c, g.out_len());
@@ -163,8 +202,11 @@ impl Plan {
             Dst::Codes(_, stage) => Some(Stage::new(stage, out_c)),
         };
         let mut out = match dst {
-            Dst::Acc(out) => Out::Acc(out),
-            Dst::Codes(out, _) => Out::Codes(out, stage.as_ref().expect("built above")),
+            Dst::Acc(out) => {
+                assert!(residual.is_none(), "a residual add needs an output stage");
+                Out::Acc(out)
+            }
+            Dst::Codes(out, _) => Out::Codes(out, stage.as_ref().expect("built above"), residual),
         };
         let mut scratch = Vec::new();
 
@@ -264,13 +306,22 @@ impl Plan {
                 // padded width since `out_w >= 1`); weights and bias are
                 // the group's `blocks` blocks; groups hold `width.div_ceil(16)` blocks
                 // (`Plan::new`); the output slice is `out_at..out_end`, exactly
-                // `(pixels - 1) * out_c + width` long.
+                // `(pixels - 1) * out_c + width` long, and so is a residual's slice (cut at
+                // the same range of a slice as long as the output, `run_residual`).
                 unsafe {
                     match out {
                         Out::Acc(o) => K::tile(&tile, TileOut::Acc(&mut o[out_at..out_end])),
-                        Out::Codes(o, stage) => K::tile(
+                        Out::Codes(o, stage, residual) => K::tile(
                             &tile,
-                            TileOut::Codes(&mut o[out_at..out_end], stage, grp.oc0),
+                            TileOut::Codes {
+                                out: &mut o[out_at..out_end],
+                                stage,
+                                oc0: grp.oc0,
+                                residual: residual.as_ref().map(|r| TileResidual {
+                                    codes: &r.codes[out_at..out_end],
+                                    add: r.add,
+                                }),
+                            },
                         ),
                     }
                 }
@@ -323,7 +374,13 @@ pub(super) enum Dst<'a> {
 
 enum Out<'a> {
     Acc(&'a mut [i32]),
-    Codes(&'a mut [u8], &'a Stage<'a>),
+    Codes(&'a mut [u8], &'a Stage<'a>, Option<Residual<'a>>),
+}
+
+/// The other operand of a residual add fused into the store, as long as the output.
+struct Residual<'a> {
+    codes: &'a [u8],
+    add: &'a NarrowAdd,
 }
 
 /// One tile: `pixels` output pixels x one group of output channels.
@@ -368,8 +425,22 @@ pub(super) struct TileKind {
 /// out_stride + width` elements.
 pub(super) enum TileOut<'a> {
     Acc(&'a mut [i32]),
-    /// Codes, the prepared output stage, and the group's first output channel.
-    Codes(&'a mut [u8], &'a Stage<'a>, usize),
+    Codes {
+        out: &'a mut [u8],
+        /// The prepared output stage.
+        stage: &'a Stage<'a>,
+        /// The group's first output channel.
+        oc0: usize,
+        /// A residual add fused into the store: the other operand's codes at the same
+        /// positions as `out` (as long), and the add (the convolution's code is its `a`).
+        residual: Option<TileResidual<'a>>,
+    },
+}
+
+/// A tile's part of a fused residual add.
+pub(super) struct TileResidual<'a> {
+    pub codes: &'a [u8],
+    pub add: &'a NarrowAdd,
 }
 
 /// A micro-kernel: computes one [`Tile`].
@@ -382,8 +453,8 @@ pub(super) trait MicroKernel {
     /// max_pixels(t.kind)`; `t.x` ends where the last pixel's last (largest) tap ends;
     /// `t.weights` and `t.bias` hold exactly `t.kind.blocks` blocks of the group, whose
     /// `t.width` channels leave no block empty; `out` holds `(pixels - 1) * out_stride +
-    /// width` elements. The SIMD kernels read and write through raw pointers on that
-    /// basis.
+    /// width` elements, and so does a residual's `codes`. The SIMD kernels read and write
+    /// through raw pointers on that basis.
     unsafe fn tile(t: &Tile, out: TileOut);
 }
 
@@ -518,9 +589,19 @@ fn portable_tile<const P: usize>(t: &Tile, out: &mut TileOut) {
             let at = p * t.out_stride + block * LANES;
             match out {
                 TileOut::Acc(o) => o[at..at + lanes].copy_from_slice(&a[..lanes]),
-                TileOut::Codes(o, stage, oc0) => {
+                TileOut::Codes {
+                    out: o,
+                    stage,
+                    oc0,
+                    residual,
+                } => {
                     for (lane, (o, &a)) in o[at..at + lanes].iter_mut().zip(a).enumerate() {
                         *o = stage.stage.code(*oc0 + block * LANES + lane, a);
+                    }
+                    if let Some(r) = residual {
+                        for (o, &b) in o[at..at + lanes].iter_mut().zip(&r.codes[at..]) {
+                            *o = r.add.apply(*o, b);
+                        }
                     }
                 }
             }

@@ -7,14 +7,16 @@ use super::AddParams;
 
 /// [`AddParams`] with the zero points and the rounding term folded into one offset:
 /// `out = clamp(((a * a_mult + b * b_mult + offset) >> shift) + out_zp, min, max)`.
-struct NarrowAdd {
-    a_mult: i32,
-    b_mult: i32,
-    offset: i32,
-    shift: u32,
-    out_zp: i32,
-    min: i32,
-    max: i32,
+/// Also the residual add fused into a convolution's store ([`super::blocked`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NarrowAdd {
+    pub a_mult: i32,
+    pub b_mult: i32,
+    pub offset: i32,
+    pub shift: u32,
+    pub out_zp: i32,
+    pub min: i32,
+    pub max: i32,
 }
 
 impl NarrowAdd {
@@ -22,7 +24,7 @@ impl NarrowAdd {
     /// `out_zp` fit in i32. The sum is computed with wrapping i32 operations: they are exact
     /// modulo 2^32, so a final value inside the i32 range is the true one even if `offset`
     /// or a product wrapped on the way.
-    fn new(p: &AddParams) -> Option<NarrowAdd> {
+    pub(super) fn new(p: &AddParams) -> Option<NarrowAdd> {
         let (a_mult, b_mult) = (i64::from(p.a_mult), i64::from(p.b_mult));
         let offset =
             (1i64 << (p.shift - 1)) - i64::from(p.a_zp) * a_mult - i64::from(p.b_zp) * b_mult;
@@ -47,7 +49,7 @@ impl NarrowAdd {
     }
 
     #[inline(always)]
-    fn apply(&self, a: u8, b: u8) -> u8 {
+    pub(super) fn apply(&self, a: u8, b: u8) -> u8 {
         let v = i32::from(a)
             .wrapping_mul(self.a_mult)
             .wrapping_add(i32::from(b).wrapping_mul(self.b_mult))

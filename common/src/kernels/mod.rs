@@ -293,6 +293,15 @@ pub(super) fn folded_bias(row: &[i8], bias: i32, input_zp: u8) -> i32 {
     (i64::from(bias) - i64::from(input_zp) * sum) as i32
 }
 
+/// Panics unless `stage` has one valid [`Requant`] per output channel.
+fn check_stage(stage: &OutputStage, out_c: usize) {
+    assert_eq!(stage.requant.len(), out_c, "one requant per output channel");
+    assert!(
+        stage.requant.iter().all(|r| r.is_valid()),
+        "invalid requant in {stage:?}"
+    );
+}
+
 /// What the non-reference paths run.
 #[derive(Debug, Clone)]
 enum Fast {
@@ -404,15 +413,7 @@ impl PackedConv {
         out: &mut [u8],
     ) {
         self.check_lengths(input.len(), n, out.len());
-        assert_eq!(
-            stage.requant.len(),
-            self.geom.out_c,
-            "one requant per output channel"
-        );
-        assert!(
-            stage.requant.iter().all(|r| r.is_valid()),
-            "invalid requant in {stage:?}"
-        );
+        check_stage(stage, self.geom.out_c);
         match path {
             KernelPath::Reference => {
                 reference::conv(
@@ -427,6 +428,62 @@ impl PackedConv {
                 );
             }
             _ => self.run_fast(path, input, n, blocked::Dst::Codes(out, stage)),
+        }
+    }
+
+    /// [`PackedConv::run`] with a residual add fused into its store:
+    /// `out[i] = add.apply(code[i], residual[i])`, `code` being what `run` would write. For
+    /// a convolution followed by a residual add (the convolution's output is the add's
+    /// `a`, see [`AddParams::swapped`]) this is the add's output, without the
+    /// convolution's own output ever going to memory.
+    pub fn run_residual(
+        &self,
+        stage: &OutputStage,
+        input: &[u8],
+        n: usize,
+        residual: &[u8],
+        add: &AddParams,
+        out: &mut [u8],
+    ) {
+        self.run_residual_with(kernel_path(), stage, input, n, residual, add, out);
+    }
+
+    /// [`PackedConv::run_residual`] on an explicit path. The blocked paths fuse the add
+    /// into their store when its arithmetic fits i32 (as for every add
+    /// [`AddParams::new`] makes with 8-bit zero points); the reference path, grouped
+    /// convolutions and other adds run the convolution, then the add in place. Panics as
+    /// [`PackedConv::run_with`] does, if `residual` and `out` differ in length, or if `add`
+    /// is not [valid](AddParams::is_valid).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_residual_with(
+        &self,
+        path: KernelPath,
+        stage: &OutputStage,
+        input: &[u8],
+        n: usize,
+        residual: &[u8],
+        add: &AddParams,
+        out: &mut [u8],
+    ) {
+        assert_eq!(residual.len(), out.len(), "residual length");
+        assert!(add.is_valid(), "invalid {add:?}");
+        let narrow = eltwise::NarrowAdd::new(add);
+        match (&self.fast, narrow) {
+            (Fast::Dense(plan), Some(k)) if path != KernelPath::Reference => {
+                self.check_lengths(input.len(), n, out.len());
+                check_stage(stage, self.geom.out_c);
+                assert!(
+                    path.is_available(),
+                    "kernel path {path} is not available on this CPU"
+                );
+                plan.run_residual(path, input, n, stage, out, residual, &k);
+            }
+            _ => {
+                self.run_with(path, stage, input, n, out);
+                for (o, &b) in out.iter_mut().zip(residual) {
+                    *o = add.apply(*o, b);
+                }
+            }
         }
     }
 
@@ -528,6 +585,17 @@ impl AddParams {
         (1..=62).contains(&self.shift)
             && i64::from(self.a_mult).abs() <= limit
             && i64::from(self.b_mult).abs() <= limit
+    }
+
+    /// The same add with its operands swapped: `swapped().apply(b, a) == apply(a, b)`.
+    pub fn swapped(&self) -> AddParams {
+        AddParams {
+            a_zp: self.b_zp,
+            a_mult: self.b_mult,
+            b_zp: self.a_zp,
+            b_mult: self.a_mult,
+            ..*self
+        }
     }
 
     /// The output code for one pair of input codes.

@@ -465,6 +465,97 @@ fn every_path_matches_reference_on_dense_three_tap_rows() {
     }
 }
 
+/// A random add: mostly as [`AddParams::new`] makes them from scales (the i32 route the
+/// blocked paths fuse), else raw fields, many of which need i64 (run unfused).
+fn random_add(rng: &mut ChaCha8Rng) -> AddParams {
+    if rng.random_range(0..3) > 0 {
+        let s = |rng: &mut ChaCha8Rng| 2f64.powf(rng.random_range(-12.0..4.0));
+        let (s_a, s_b, s_out) = (s(rng), s(rng), s(rng));
+        let (lo, hi) = (code(rng), code(rng));
+        AddParams::new(
+            s_a,
+            code(rng).into(),
+            s_b,
+            code(rng).into(),
+            s_out,
+            code(rng).into(),
+            lo.min(hi),
+            lo.max(hi),
+        )
+    } else {
+        AddParams {
+            a_zp: rng.random_range(-300..300),
+            a_mult: rng.random_range(-(1 << 30)..=(1 << 30)),
+            b_zp: rng.random_range(0..256),
+            b_mult: rng.random_range(-(1 << 30)..=(1 << 30)),
+            shift: rng.random_range(1..=62),
+            out_zp: rng.random_range(-1000..1000),
+            min: code(rng),
+            max: code(rng),
+        }
+    }
+}
+
+/// A residual add fused into the convolution's store gives, on every path, exactly the
+/// reference convolution followed by the reference add.
+fn residual_matches_conv_then_add(seed: u64, geom: fn(&mut ChaCha8Rng) -> ConvGeom) {
+    let mut rng = rng(seed);
+    let mut narrow = 0;
+    for case in 0..150 {
+        let g = geom(&mut rng);
+        let c = ConvCase::random(&mut rng, g);
+        let stage = random_stage(&mut rng, g.out_c);
+        let add = random_add(&mut rng);
+        narrow += usize::from(eltwise::is_narrow(&add));
+        let residual: Vec<u8> = (0..c.n * g.out_len()).map(|_| code(&mut rng)).collect();
+        let codes = c.codes(KernelPath::Reference, &stage);
+        let mut want = vec![0; codes.len()];
+        reference::add(&add, &codes, &residual, &mut want);
+        let packed = c.packed();
+        for path in KernelPath::available() {
+            let mut got = vec![0; want.len()];
+            packed.run_residual_with(path, &stage, &c.input, c.n, &residual, &add, &mut got);
+            assert_eq!(got, want, "case {case}, {path}, {g:?} {stage:?} {add:?}");
+        }
+    }
+    assert!(narrow > 50, "{narrow} fused cases of 150");
+}
+
+#[test]
+fn residual_add_in_the_store_matches_conv_then_add() {
+    residual_matches_conv_then_add(21, random_geom);
+    residual_matches_conv_then_add(22, random_grouped_geom);
+    residual_matches_conv_then_add(23, |rng| {
+        // ResNet shapes: 3x3 convolutions over 16-64 channels, the three-tap row kernel's
+        // territory, plus 1x1 downsampling shortcuts.
+        let c = [16, 32, 64][rng.random_range(0..3)];
+        let (k, pad) = if rng.random_range(0..4) == 0 {
+            (1, 0)
+        } else {
+            (3, 1)
+        };
+        let hw = rng.random_range(1..=12);
+        geom(
+            (hw, hw),
+            c,
+            c * rng.random_range(1..=2),
+            (k, k),
+            rng.random_range(1..=2),
+            pad,
+        )
+    });
+}
+
+#[test]
+fn swapped_add_is_the_same_add() {
+    let mut rng = rng(24);
+    for _ in 0..200 {
+        let p = random_add(&mut rng);
+        let (a, b) = (code(&mut rng), code(&mut rng));
+        assert_eq!(p.swapped().apply(b, a), p.apply(a, b), "{p:?}");
+    }
+}
+
 #[test]
 fn empty_batch_writes_nothing() {
     let mut rng = rng(4);

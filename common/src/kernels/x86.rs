@@ -12,10 +12,13 @@
 //!
 //! The fused output stage computes the i64 products of the fixed-point multiplier on even
 //! and odd lanes separately (`VPMULDQ` multiplies the low 32 bits of each 64-bit lane).
+//! A residual add fused into the store runs on the codes while they are still in
+//! registers, in i32 as [`NarrowAdd`] defines it.
 
 use std::arch::x86_64::*;
 
 use super::blocked::{MicroKernel, Stage, StageBlock, Tile, TileKind, TileOut, LANES};
+use super::eltwise::NarrowAdd;
 use super::AddParams;
 
 pub(super) fn has_avx2() -> bool {
@@ -263,23 +266,37 @@ unsafe fn vnni_store<const P: usize, const J: usize>(
                 }
             }
         }
-        TileOut::Codes(o, stage, oc0) => {
+        TileOut::Codes {
+            out: o,
+            stage,
+            oc0,
+            residual,
+        } => {
             debug_assert!(o.len() >= (P - 1) * t.out_stride + t.width);
             // SAFETY: AVX-512 F by the contract, the one feature `new` enables.
             let consts = unsafe { ClampConsts::new(stage) };
+            // SAFETY: as above.
+            let add = residual.as_ref().map(|r| unsafe { VnniAdd::new(r.add) });
             for j in 0..J {
                 // SAFETY: AVX-512 F by the contract, the one feature `load` enables.
                 let block = unsafe { VnniBlock::load(&stage.blocks[oc0 / LANES + j]) };
                 let mask = lane_mask(block_lanes(t.width, j));
                 for (p, row) in sums.iter().enumerate() {
-                    // SAFETY: AVX-512 F and BW by the contract (`requant`, the byte store);
-                    // the load reads one parked block (16 i32), unaligned; the masked store
-                    // is inside `o` as shown above.
+                    let at = p * t.out_stride + j * LANES;
+                    // SAFETY: AVX-512 F and BW by the contract (`requant`, `VnniAdd::apply`,
+                    // the byte store); the load reads one parked block (16 i32), unaligned;
+                    // the masked store is inside `o` as shown above, and the residual's
+                    // masked load reads the same positions of `r.codes`, which is as long
+                    // as `o` (`TileOut::Codes`).
                     unsafe {
-                        let codes =
+                        let mut codes =
                             block.requant(_mm512_loadu_si512(row[j].as_ptr().cast()), &consts);
+                        if let (Some(r), Some(add)) = (&residual, &add) {
+                            debug_assert!(r.codes.len() == o.len());
+                            codes = add.apply(codes, r.codes.as_ptr().add(at), mask);
+                        }
                         _mm512_mask_cvtepi32_storeu_epi8(
-                            o.as_mut_ptr().add(p * t.out_stride + j * LANES).cast(),
+                            o.as_mut_ptr().add(at).cast(),
                             mask,
                             codes,
                         );
@@ -347,6 +364,59 @@ impl VnniBlock {
         let clamp = |v| _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(v, c.zp), c.lo), c.hi);
         // Both halves are now in [0, 255]: put the odd lanes' results in the high dwords.
         _mm512_mask_blend_epi32(0xAAAA, clamp(even), _mm512_slli_epi64::<32>(clamp(odd)))
+    }
+}
+
+/// A [`NarrowAdd`] broadcast to 16 i32 lanes.
+struct VnniAdd {
+    a_mult: __m512i,
+    b_mult: __m512i,
+    offset: __m512i,
+    shift: __m128i,
+    out_zp: __m512i,
+    min: __m512i,
+    max: __m512i,
+}
+
+impl VnniAdd {
+    #[target_feature(enable = "avx512f")]
+    fn new(k: &NarrowAdd) -> VnniAdd {
+        VnniAdd {
+            a_mult: _mm512_set1_epi32(k.a_mult),
+            b_mult: _mm512_set1_epi32(k.b_mult),
+            offset: _mm512_set1_epi32(k.offset),
+            shift: _mm_cvtsi32_si128(k.shift as i32),
+            out_zp: _mm512_set1_epi32(k.out_zp),
+            min: _mm512_set1_epi32(k.min),
+            max: _mm512_set1_epi32(k.max),
+        }
+    }
+
+    /// [`NarrowAdd::apply`] of 16 codes `a` (i32 lanes, as `VnniBlock::requant` gives
+    /// them) and the 16 bytes at `b`, of which only the lanes in `mask` are read. Wrapping
+    /// i32 multiplies and adds, an arithmetic shift, the clamp: the scalar arithmetic lane
+    /// by lane.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BW; the bytes at `b + i` for every lane `i` in `mask` are
+    /// readable.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn apply(&self, a: __m512i, b: *const u8, mask: u16) -> __m512i {
+        // SAFETY: a masked load reads (and may fault on) only the bytes in its mask: `b + i`
+        // for `i` in `mask` (< 16), readable by the contract. The 512-bit form needs only
+        // AVX-512 BW (the 128-bit one needs VL, which the tiles calling this don't enable,
+        // so it could not be inlined into them).
+        let b = unsafe { _mm512_maskz_loadu_epi8(u64::from(mask), b.cast()) };
+        let b = _mm512_cvtepu8_epi32(_mm512_castsi512_si128(b));
+        let v = _mm512_add_epi32(
+            _mm512_add_epi32(
+                _mm512_mullo_epi32(a, self.a_mult),
+                _mm512_mullo_epi32(b, self.b_mult),
+            ),
+            self.offset,
+        );
+        let v = _mm512_add_epi32(_mm512_sra_epi32(v, self.shift), self.out_zp);
+        _mm512_min_epi32(_mm512_max_epi32(v, self.min), self.max)
     }
 }
 
@@ -459,7 +529,12 @@ unsafe fn avx2_tile<const P: usize>(t: &Tile, mut out: TileOut) {
                     }
                     o[at..at + lanes].copy_from_slice(&tmp[..lanes]);
                 }
-                TileOut::Codes(o, stage, oc0) => {
+                TileOut::Codes {
+                    out: o,
+                    stage,
+                    oc0,
+                    residual,
+                } => {
                     let sb = &stage.blocks[*oc0 / LANES + block];
                     for (half, &s) in sums.iter().enumerate() {
                         let codes = avx2_requant(s, sb, half, stage);
@@ -471,6 +546,11 @@ unsafe fn avx2_tile<const P: usize>(t: &Tile, mut out: TileOut) {
                     }
                     for (o, &v) in o[at..at + lanes].iter_mut().zip(&tmp) {
                         *o = v as u8;
+                    }
+                    if let Some(r) = residual {
+                        for (o, &b) in o[at..at + lanes].iter_mut().zip(&r.codes[at..]) {
+                            *o = r.add.apply(*o, b);
+                        }
                     }
                 }
             }
