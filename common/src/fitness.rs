@@ -112,6 +112,12 @@ pub fn evaluate_candidates_with(
 /// restore per output position of each touched channel; the full layer costs a fixed
 /// amount per output plus one per multiply-accumulate.
 pub fn delta_pays_off(g: &ConvGeom, changes: &[WeightChange]) -> bool {
+    let (delta, full) = delta_pays_off_costs(g, changes);
+    delta < full
+}
+
+/// Per image, the sparse delta's and the full recompute's cost for one candidate.
+fn delta_pays_off_costs(g: &ConvGeom, changes: &[WeightChange]) -> (usize, usize) {
     let positions = g.out_h() * g.out_w();
     let touched = 1 + changes.windows(2).filter(|w| w[0].oc != w[1].oc).count();
     let per_change = if g.stride_h == 1 && g.stride_w == 1 {
@@ -121,16 +127,54 @@ pub fn delta_pays_off(g: &ConvGeom, changes: &[WeightChange]) -> bool {
     };
     let delta = changes.len() * positions * per_change + touched * positions * DELTA_CHANNEL_COST;
     let full = g.out_len() * (FULL_OUTPUT_COST + g.k_len() * FULL_MAC_COST);
-    delta < full
+    (delta, full)
 }
 
-// The weights of `delta_pays_off`, in picoseconds per image on the machine the table was
-// measured on (only their ratios matter).
+/// Whether the candidates of one job that [`delta_pays_off`] picks (`changes`: each
+/// distinct candidate's changes to the layer, sorted by output channel) are cheaper by
+/// the sparse delta than by recomputing the layer once the job's one-off cost is
+/// counted: [`DeltaBase`] copies the layer's input into padded planes and, for a
+/// stride-1 layer, computes the base accumulators of every channel a candidate touches,
+/// one pass over a whole input plane per weight of the channel. Past a few channels that
+/// costs more than the whole convolution: a search's groups are spread over a layer's
+/// channels (ResNet-20's last layers: a group of 128 touches about 21 of 64 channels per
+/// candidate and all of them over a generation), so there the job recomputes instead.
+pub fn delta_pays_off_for_job(g: &ConvGeom, changes: &[Vec<WeightChange>]) -> bool {
+    let picked: Vec<&Vec<WeightChange>> = (changes.iter())
+        .filter(|c| !c.is_empty() && delta_pays_off(g, c))
+        .collect();
+    let mut touched: Vec<usize> = picked.iter().flat_map(|c| c.iter().map(|w| w.oc)).collect();
+    touched.sort_unstable();
+    touched.dedup();
+    let padded = (g.in_h + g.pad_t + g.pad_b) * (g.in_w + g.pad_l + g.pad_r);
+    let base = if g.stride_h == 1 && g.stride_w == 1 {
+        touched.len() * g.k_len() * padded * DELTA_BASE_CELL_COST
+    } else {
+        // Strided layers take every channel from one full run, rearranged into planes.
+        g.out_len() * (g.k_len() * FULL_MAC_COST + DELTA_ACC_PLANE_COST)
+    };
+    let setup = g.in_c * padded * DELTA_INPUT_CELL_COST + base;
+    let (delta, full) = picked
+        .iter()
+        .map(|c| delta_pays_off_costs(g, c))
+        .fold((setup, 0), |(d, f), (cd, cf)| (d + cd, f + cf));
+    !picked.is_empty() && delta < full
+}
+
+// The weights of `delta_pays_off` and `delta_pays_off_for_job`, in picoseconds per image
+// on the machine the tables were measured on (only their ratios matter). The last three:
+// 2-core Intel Xeon (AVX-512 VNNI), 2026-12-06, ResNet-20 W4A8, 256 images.
 const DELTA_MAC_COST: usize = 125;
 const DELTA_STRIDED_FACTOR: usize = 5;
 const DELTA_CHANNEL_COST: usize = 2300;
 const FULL_OUTPUT_COST: usize = 190;
 const FULL_MAC_COST: usize = 3;
+/// Copying one padded input cell into the planes.
+const DELTA_INPUT_CELL_COST: usize = 2000;
+/// One weight's pass over one padded cell when a channel's base accumulators are built.
+const DELTA_BASE_CELL_COST: usize = 105;
+/// A strided layer's accumulator, rearranged into its plane.
+const DELTA_ACC_PLANE_COST: usize = 4500;
 
 /// What to run for one candidate.
 enum Plan {
@@ -190,6 +234,13 @@ fn build_plans(
         .map(|&l| base.layers[l].node)
         .min()
         .unwrap_or(0);
+    let job = JobChanges {
+        first,
+        group_vars,
+        layer_of: &layer_of,
+        base_codes: &base_codes,
+    };
+    let job_delta = delta_pays_off_in_job(base, strategy, &job, candidates);
     let mut plans = Vec::with_capacity(candidates.len());
     for (ci, cand) in candidates.iter().enumerate() {
         if cand.len() != group_vars.len() {
@@ -227,13 +278,13 @@ fn build_plans(
             }
         }
         let delta = match strategy {
-            Strategy::Delta | Strategy::DeltaAlways => {
+            Strategy::Delta | Strategy::DeltaAlways if job_delta => {
                 let changes = first_layer_changes(base, first, group_vars, &layer_of, cand);
                 let geom = &base.conv(first).geom;
                 (strategy == Strategy::DeltaAlways || delta_pays_off(geom, &changes))
                     .then_some(changes)
             }
-            Strategy::Naive | Strategy::Prefix => None,
+            _ => None,
         };
         let skip = delta.as_ref().map(|_| first);
         let mut layers: Vec<(usize, QConv)> = Vec::new();
@@ -268,6 +319,49 @@ fn build_plans(
         });
     }
     Ok(plans)
+}
+
+/// What [`delta_pays_off_in_job`] needs of a job besides its candidates.
+struct JobChanges<'a> {
+    /// The group's first layer (node).
+    first: usize,
+    group_vars: &'a [u32],
+    layer_of: &'a [usize],
+    base_codes: &'a [i8],
+}
+
+/// Whether a job's candidates may take the sparse delta at all: always under
+/// [`Strategy::DeltaAlways`], never without a delta strategy, and under
+/// [`Strategy::Delta`] when [`delta_pays_off_for_job`] says so for its distinct
+/// candidates other than the base.
+fn delta_pays_off_in_job(
+    base: &QNetwork,
+    strategy: Strategy,
+    job: &JobChanges,
+    candidates: &[Vec<i8>],
+) -> bool {
+    match strategy {
+        Strategy::DeltaAlways => true,
+        Strategy::Naive | Strategy::Prefix => false,
+        Strategy::Delta => {
+            let mut distinct: Vec<&Vec<i8>> = Vec::new();
+            for c in candidates {
+                if c.len() == job.group_vars.len()
+                    && c[..] != *job.base_codes
+                    && !distinct.contains(&c)
+                {
+                    distinct.push(c);
+                }
+            }
+            if distinct.is_empty() {
+                return false;
+            }
+            let changes: Vec<Vec<WeightChange>> = (distinct.iter())
+                .map(|c| first_layer_changes(base, job.first, job.group_vars, job.layer_of, c))
+                .collect();
+            delta_pays_off_for_job(&base.conv(job.first).geom, &changes)
+        }
+    }
 }
 
 /// The weights of node `first` that `cand` changes, sorted by output channel.
@@ -777,6 +871,26 @@ mod tests {
             .map(|i| change(i / g.k_len()))
             .collect();
         assert!(!delta_pays_off(&g, &all));
+
+        // A job whose candidates stay in two channels pays for the delta's set-up; one
+        // whose candidates each touch 21 channels (a search group spread over the layer,
+        // all 64 channels over the job) does not, though each candidate alone would.
+        let clustered = vec![few.clone(); 15];
+        assert!(delta_pays_off_for_job(&g, &clustered));
+        let spread: Vec<Vec<WeightChange>> = (0..15)
+            .map(|c| {
+                (0..21)
+                    .map(|i| change((c * 21 + i) % 64))
+                    .collect::<Vec<_>>()
+            })
+            .map(|mut v| {
+                v.sort_by_key(|w| w.oc);
+                v
+            })
+            .collect();
+        assert!(spread.iter().all(|c| delta_pays_off(&g, c)));
+        assert!(!delta_pays_off_for_job(&g, &spread));
+        assert!(!delta_pays_off_for_job(&g, &[]), "no candidate, no delta");
     }
 
     /// With a teacher the loss is the distillation loss — zero against the network's
