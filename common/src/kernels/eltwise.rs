@@ -74,6 +74,23 @@ pub(super) fn add(p: &AddParams, a: &[u8], b: &[u8], out: &mut [u8]) {
     }
 }
 
+/// [`add`] over its first operand: `a[i] = add(a[i], b[i])`.
+#[inline(always)]
+pub(super) fn add_in_place(p: &AddParams, a: &mut [u8], b: &[u8]) {
+    match NarrowAdd::new(p) {
+        Some(k) => {
+            for (x, &y) in a.iter_mut().zip(b) {
+                *x = k.apply(*x, y);
+            }
+        }
+        None => {
+            for (x, &y) in a.iter_mut().zip(b) {
+                *x = p.apply(*x, y);
+            }
+        }
+    }
+}
+
 /// Whether `p` takes the i32 route (for tests that must cover both).
 #[cfg(test)]
 pub(super) fn is_narrow(p: &AddParams) -> bool {

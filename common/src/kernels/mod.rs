@@ -448,10 +448,12 @@ impl PackedConv {
         self.run_residual_with(kernel_path(), stage, input, n, residual, add, out);
     }
 
-    /// [`PackedConv::run_residual`] on an explicit path. The blocked paths fuse the add
-    /// into their store when its arithmetic fits i32 (as for every add
-    /// [`AddParams::new`] makes with 8-bit zero points); the reference path, grouped
-    /// convolutions and other adds run the convolution, then the add in place. Panics as
+    /// [`PackedConv::run_residual`] on an explicit path. The VNNI path fuses the add into
+    /// its store, in registers, when its arithmetic fits i32 (as for every add
+    /// [`AddParams::new`] makes with 8-bit zero points); every other path, grouped
+    /// convolutions and other adds run the convolution, then the add in place, vectorised
+    /// as [`add_with`] is (lane by lane in the AVX2 or portable store the add cost more
+    /// than that pass: a ResNet-20 forward on AVX2 ran 6.5 % slower). Panics as
     /// [`PackedConv::run_with`] does, if `residual` and `out` differ in length, or if `add`
     /// is not [valid](AddParams::is_valid).
     #[allow(clippy::too_many_arguments)]
@@ -469,7 +471,7 @@ impl PackedConv {
         assert!(add.is_valid(), "invalid {add:?}");
         let narrow = eltwise::NarrowAdd::new(add);
         match (&self.fast, narrow) {
-            (Fast::Dense(plan), Some(k)) if path != KernelPath::Reference => {
+            (Fast::Dense(plan), Some(k)) if path == KernelPath::Vnni => {
                 self.check_lengths(input.len(), n, out.len());
                 check_stage(stage, self.geom.out_c);
                 assert!(
@@ -480,9 +482,7 @@ impl PackedConv {
             }
             _ => {
                 self.run_with(path, stage, input, n, out);
-                for (o, &b) in out.iter_mut().zip(residual) {
-                    *o = add.apply(*o, b);
-                }
+                add_in_place_with(path, add, out, residual);
             }
         }
     }
@@ -645,7 +645,28 @@ pub fn add_with(path: KernelPath, p: &AddParams, a: &[u8], b: &[u8], out: &mut [
     }
 }
 
-/// A pooling window over an NHWC image.
+/// [`add_with`] over its first operand: `a[i] = add(a[i], b[i])`, on the same route.
+fn add_in_place_with(path: KernelPath, p: &AddParams, a: &mut [u8], b: &[u8]) {
+    match path {
+        KernelPath::Reference => {
+            for (x, &y) in a.iter_mut().zip(b) {
+                *x = p.apply(*x, y);
+            }
+        }
+        KernelPath::Portable => eltwise::add_in_place(p, a, b),
+        // SAFETY: the caller ran a convolution on `path`, which asserted
+        // `path.is_available()`: `has_avx2()`, the feature `add_in_place_avx2` enables.
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 => unsafe { x86::add_in_place_avx2(p, a, b) },
+        // SAFETY: as above, `has_vnni()`, which includes the AVX-512 F/BW/DQ/VL that
+        // `add_in_place_avx512` enables.
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Vnni => unsafe { x86::add_in_place_avx512(p, a, b) },
+        #[cfg(not(target_arch = "x86_64"))]
+        KernelPath::Avx2 | KernelPath::Vnni => unreachable!("x86 paths are never available here"),
+    }
+}
+
 /// Elementwise product of two quantized values (a squeeze-excitation block's scaling):
 /// `out = clamp(out_zp + requant((a - a_zp) * (b - b_zp)), min, max)`. With u8 zero
 /// points the product is below 2^16 in magnitude, so one i32 and one [`Requant`] are exact.
@@ -752,6 +773,7 @@ pub fn concat(inputs: &[(&[u8], &[u8; 256])], channels: &[usize], out: &mut Vec<
     }
 }
 
+/// A pooling window over an NHWC image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolGeom {
     pub in_h: usize,

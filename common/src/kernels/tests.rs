@@ -496,7 +496,8 @@ fn random_add(rng: &mut ChaCha8Rng) -> AddParams {
     }
 }
 
-/// A residual add fused into the convolution's store gives, on every path, exactly the
+/// `run_residual` (the add fused into the VNNI store, elsewhere a pass after the convolution)
+/// gives, on every path, exactly the
 /// reference convolution followed by the reference add.
 fn residual_matches_conv_then_add(seed: u64, geom: fn(&mut ChaCha8Rng) -> ConvGeom) {
     let mut rng = rng(seed);

@@ -547,11 +547,9 @@ unsafe fn avx2_tile<const P: usize>(t: &Tile, mut out: TileOut) {
                     for (o, &v) in o[at..at + lanes].iter_mut().zip(&tmp) {
                         *o = v as u8;
                     }
-                    if let Some(r) = residual {
-                        for (o, &b) in o[at..at + lanes].iter_mut().zip(&r.codes[at..]) {
-                            *o = r.add.apply(*o, b);
-                        }
-                    }
+                    // Lane by lane the add would cost more here than the vectorised pass
+                    // after the convolution (`PackedConv::run_residual_with`).
+                    assert!(residual.is_none(), "the AVX2 store fuses no residual add");
                 }
             }
         }
@@ -605,6 +603,24 @@ fn avx2_requant(acc: __m256i, b: &StageBlock, half: usize, stage: &Stage) -> __m
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn add_avx2(p: &AddParams, a: &[u8], b: &[u8], out: &mut [u8]) {
     super::eltwise::add(p, a, b, out);
+}
+
+/// [`super::eltwise::add_in_place`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU supports AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn add_in_place_avx2(p: &AddParams, a: &mut [u8], b: &[u8]) {
+    super::eltwise::add_in_place(p, a, b);
+}
+
+/// [`super::eltwise::add_in_place`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU supports the enabled features.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn add_in_place_avx512(p: &AddParams, a: &mut [u8], b: &[u8]) {
+    super::eltwise::add_in_place(p, a, b);
 }
 
 /// [`super::eltwise::add`] compiled for AVX-512.
