@@ -318,7 +318,7 @@ impl Plan {
                                 out: &mut o[out_at..out_end],
                                 stage,
                                 oc0: grp.oc0,
-                                residual: residual.as_ref().map(|r| TileResidual {
+                                residual: residual.as_ref().map(|r| Residual {
                                     codes: &r.codes[out_at..out_end],
                                     add: r.add,
                                 }),
@@ -378,10 +378,12 @@ enum Out<'a> {
     Codes(&'a mut [u8], &'a Stage<'a>, Option<Residual<'a>>),
 }
 
-/// The other operand of a residual add fused into the store, as long as the output.
-struct Residual<'a> {
-    codes: &'a [u8],
-    add: &'a NarrowAdd,
+/// The other operand of a residual add fused into a store: its codes at the same positions
+/// as the output (and as long: the whole output's, or a tile's part), and the add, whose
+/// `a` is the convolution's code.
+pub(super) struct Residual<'a> {
+    pub codes: &'a [u8],
+    pub add: &'a NarrowAdd,
 }
 
 /// One tile: `pixels` output pixels x one group of output channels.
@@ -432,16 +434,9 @@ pub(super) enum TileOut<'a> {
         stage: &'a Stage<'a>,
         /// The group's first output channel.
         oc0: usize,
-        /// A residual add fused into the store: the other operand's codes at the same
-        /// positions as `out` (as long), and the add (the convolution's code is its `a`).
-        residual: Option<TileResidual<'a>>,
+        /// A residual add fused into the store, cut like `out`.
+        residual: Option<Residual<'a>>,
     },
-}
-
-/// A tile's part of a fused residual add.
-pub(super) struct TileResidual<'a> {
-    pub codes: &'a [u8],
-    pub add: &'a NarrowAdd,
 }
 
 /// A micro-kernel: computes one [`Tile`].
