@@ -84,6 +84,10 @@ struct ScaleArgs {
     /// Search seconds per case.
     #[arg(long, default_value_t = 40.0)]
     seconds: f64,
+    /// Threads of the emulated coordinator (`coordinator run --threads`); also the cores
+    /// of the simulated one.
+    #[arg(long, default_value_t = 1)]
+    coordinator_threads: usize,
     /// Training images per calibration job.
     #[arg(long, default_value_t = 256)]
     calibration_images: usize,
@@ -145,6 +149,11 @@ struct RunArgs {
     /// Threads per local worker.
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
+    /// Threads serving workers and running the search loop (import, calibration,
+    /// references and checkpoints run on a pool of their own). One costs the least CPU
+    /// per evaluation; more let the gRPC work use more cores, at more CPU per evaluation.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Cluster token that workers must present (required to listen beyond loopback).
     #[arg(long, env = "CCQ_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -282,7 +291,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 insecure: a.insecure,
                 resume: a.resume.is_some(),
             };
-            let rt = tokio::runtime::Runtime::new()?;
+            // Two threads woken by turns cost more CPU per request than one doing
+            // everything: 55 against 49 µs per evaluation at 128 emulated workers.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(a.threads.max(1))
+                .enable_all()
+                .build()?;
             let result = rt.block_on(async {
                 let addr = &opts.config.cluster.listen;
                 let listener = tokio::net::TcpListener::bind(addr)
@@ -344,6 +358,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 replicas: a.replicas,
                 window: a.window,
                 seconds: a.seconds,
+                coordinator_threads: a.coordinator_threads.max(1),
                 calibration_images: a.calibration_images,
                 scratch: std::env::temp_dir().join(format!("ccq-scale-{}", std::process::id())),
                 simulate: a.simulate.into_iter().filter(|&w| w > 0).collect(),

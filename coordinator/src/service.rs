@@ -14,15 +14,17 @@ use ccq_common::qnet::EvalStats;
 use ccq_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use ccq_proto::v1::monitor_server::{Monitor, MonitorServer};
 use ccq_proto::v1::{
-    measure, poll_job_response, CandidateResult, Done, HeartbeatRequest, HeartbeatResponse, Idle,
-    Job, Measure, PollJobRequest, PollJobResponse, RegisterRequest, RegisterResponse,
-    StatusRequest, StatusResponse, SubmitResultRequest, SubmitResultResponse, SyncNetworkRequest,
-    SyncNetworkResponse, Unknown, VarChange, WorkerStatus,
+    measure, poll_job_response, work_request, work_response, CandidateResult, Done,
+    HeartbeatRequest, HeartbeatResponse, Idle, Job, Measure, PollJobResponse, RegisterRequest,
+    RegisterResponse, StatusRequest, StatusResponse, SubmitResultRequest, SubmitResultResponse,
+    SyncNetworkRequest, SyncNetworkResponse, Unknown, VarChange, WorkRequest, WorkResponse,
+    WorkerStatus,
 };
 use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::state::{
     EvalSplit, Event, JobSpec, NetworkUpdate, PollReply, Refusal, RegisterWorker, Registration,
@@ -128,15 +130,53 @@ impl CoordinatorService {
             .send(Event::Poll { worker, reply: tx })
             .await
             .map_err(|_| shutting_down())?;
-        let reply = match tokio::time::timeout(POLL_WAIT, rx).await {
-            Ok(Ok(PollReply::Job(job))) => poll_job_response::Reply::Job(job_to_proto(&job)),
-            Ok(Ok(PollReply::Done)) => poll_job_response::Reply::Done(Done {}),
-            Ok(Ok(PollReply::Unknown)) => poll_job_response::Reply::Unknown(Unknown {}),
-            Ok(Err(_)) => return Err(shutting_down()),
-            Err(_) => poll_job_response::Reply::Idle(Idle {}),
-        };
-        Ok(PollJobResponse { reply: Some(reply) })
+        poll_answer(rx).await
     }
+
+    /// A job's results, and with `take_next` the next job's poll answer: one event for
+    /// both, so the loop is woken once per job.
+    async fn submit(&self, req: SubmitResultRequest) -> Result<SubmitResultResponse, Status> {
+        let submission = Submission {
+            worker: req.worker_id,
+            job: req.job_id,
+            results: req.results.iter().map(result_from_proto).collect(),
+            eval_micros: req.eval_micros,
+        };
+        let (reply, accepted) = oneshot::channel();
+        let (then_poll, next) = match req.take_next {
+            true => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        self.events
+            .send(Event::Submit {
+                submission,
+                reply,
+                then_poll,
+            })
+            .await
+            .map_err(|_| shutting_down())?;
+        let accepted = accepted.await.map_err(|_| shutting_down())?;
+        let next = match next {
+            Some(rx) => Some(poll_answer(rx).await?),
+            None => None,
+        };
+        Ok(SubmitResultResponse { accepted, next })
+    }
+}
+
+/// Waits for the loop's answer to a poll: a job, or "idle" after [`POLL_WAIT`].
+async fn poll_answer(rx: oneshot::Receiver<PollReply>) -> Result<PollJobResponse, Status> {
+    let reply = match tokio::time::timeout(POLL_WAIT, rx).await {
+        Ok(Ok(PollReply::Job(job))) => poll_job_response::Reply::Job(job_to_proto(&job)),
+        Ok(Ok(PollReply::Done)) => poll_job_response::Reply::Done(Done {}),
+        Ok(Ok(PollReply::Unknown)) => poll_job_response::Reply::Unknown(Unknown {}),
+        Ok(Err(_)) => return Err(shutting_down()),
+        Err(_) => poll_job_response::Reply::Idle(Idle {}),
+    };
+    Ok(PollJobResponse { reply: Some(reply) })
 }
 
 #[tonic::async_trait]
@@ -185,31 +225,53 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn poll_job(
-        &self,
-        req: Request<PollJobRequest>,
-    ) -> Result<Response<PollJobResponse>, Status> {
-        let worker = req.into_inner().worker_id;
-        Ok(Response::new(self.poll(worker).await?))
-    }
+    type WorkStream = ReceiverStream<Result<WorkResponse, Status>>;
 
-    async fn submit_result(
+    async fn work(
         &self,
-        req: Request<SubmitResultRequest>,
-    ) -> Result<Response<SubmitResultResponse>, Status> {
-        let req = req.into_inner();
-        let submission = Submission {
-            worker: req.worker_id,
-            job: req.job_id,
-            results: req.results.iter().map(result_from_proto).collect(),
-            eval_micros: req.eval_micros,
+        req: Request<Streaming<WorkRequest>>,
+    ) -> Result<Response<Self::WorkStream>, Status> {
+        let mut requests = req.into_inner();
+        // Lock-step: a worker sends its next request only after this one's answer.
+        let (tx, rx) = mpsc::channel(1);
+        let this = CoordinatorService {
+            events: self.events.clone(),
         };
-        let accepted = ask(&self.events, |reply| Event::Submit { submission, reply }).await?;
-        let next = match req.take_next {
-            true => Some(self.poll(req.worker_id).await?),
-            false => None,
-        };
-        Ok(Response::new(SubmitResultResponse { accepted, next }))
+        // One task per stream (not per job) answers its requests in order and ends with it.
+        tokio::spawn(async move {
+            loop {
+                let request = match requests.message().await {
+                    Ok(Some(WorkRequest { request: Some(r) })) => r,
+                    Ok(Some(WorkRequest { request: None })) => {
+                        let empty = Status::invalid_argument("an empty job stream request");
+                        let _ = tx.send(Err(empty)).await;
+                        return;
+                    }
+                    // The worker closed the stream.
+                    Ok(None) => return,
+                    // Something undecodable or too large (or the connection broke): say
+                    // so, if anyone is still listening, and end the stream.
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let reply = match request {
+                    work_request::Request::Poll(p) => {
+                        this.poll(p.worker_id).await.map(work_response::Reply::Poll)
+                    }
+                    work_request::Request::Submit(s) => {
+                        this.submit(s).await.map(work_response::Reply::Submit)
+                    }
+                };
+                let failed = reply.is_err();
+                let reply = reply.map(|r| WorkResponse { reply: Some(r) });
+                if tx.send(reply).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn sync_network(

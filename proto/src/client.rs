@@ -1,6 +1,7 @@
 //! What every client of the coordinator needs to reach it: the endpoint for a URL (plain
-//! or TLS), the interceptor that presents the cluster token, and readable transport
-//! errors. Workers and `coordinator status` both dial the coordinator with these.
+//! or TLS), the interceptor that presents the cluster token, the worker's job stream, and
+//! readable transport errors. Workers and `coordinator status` both dial the coordinator
+//! with these.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::v1::coordinator_client::CoordinatorClient;
+use crate::v1::{
+    work_request, work_response, PollJobRequest, PollJobResponse, SubmitResultRequest,
+    SubmitResultResponse, WorkRequest, WorkResponse,
+};
 
 /// Why a client could not be set up (before any connection is tried).
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +88,78 @@ impl tonic::service::Interceptor for Auth {
 
 /// A coordinator client that presents the cluster token.
 pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
+
+/// A worker's side of the job stream (`Coordinator.Work`): one request, then its one
+/// response, for as long as the worker serves. Any error ends the stream; the caller opens
+/// a new one (the coordinator re-queues a job whose worker polls again).
+pub struct JobStream {
+    requests: tokio::sync::mpsc::Sender<WorkRequest>,
+    responses: tonic::Streaming<WorkResponse>,
+}
+
+impl JobStream {
+    /// Opens the stream (one round trip: the coordinator answers with its headers).
+    pub async fn open(client: &mut Client) -> Result<JobStream, tonic::Status> {
+        // Lock-step: at most one request is ever waiting to be sent.
+        let (requests, rx) = tokio::sync::mpsc::channel(1);
+        let responses = client
+            .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(JobStream {
+            requests,
+            responses,
+        })
+    }
+
+    /// The next job, `idle` after the coordinator's poll wait, `done`, or `unknown`.
+    pub async fn poll(&mut self, worker_id: u64) -> Result<PollJobResponse, tonic::Status> {
+        match self
+            .call(work_request::Request::Poll(PollJobRequest { worker_id }))
+            .await?
+        {
+            work_response::Reply::Poll(p) => Ok(p),
+            work_response::Reply::Submit(_) => Err(out_of_step("a poll")),
+        }
+    }
+
+    /// A job's results (with `take_next`, the next job's answer comes back with them).
+    pub async fn submit(
+        &mut self,
+        req: SubmitResultRequest,
+    ) -> Result<SubmitResultResponse, tonic::Status> {
+        match self.call(work_request::Request::Submit(req)).await? {
+            work_response::Reply::Submit(r) => Ok(r),
+            work_response::Reply::Poll(_) => Err(out_of_step("results")),
+        }
+    }
+
+    async fn call(
+        &mut self,
+        request: work_request::Request,
+    ) -> Result<work_response::Reply, tonic::Status> {
+        let closed = || tonic::Status::unavailable("the coordinator closed the job stream");
+        self.requests
+            .send(WorkRequest {
+                request: Some(request),
+            })
+            .await
+            .map_err(|_| closed())?;
+        match self.responses.message().await? {
+            Some(WorkResponse { reply: Some(r) }) => Ok(r),
+            Some(WorkResponse { reply: None }) => Err(tonic::Status::internal(
+                "the coordinator sent an empty job stream response",
+            )),
+            None => Err(closed()),
+        }
+    }
+}
+
+fn out_of_step(what: &str) -> tonic::Status {
+    tonic::Status::internal(format!(
+        "the coordinator answered {what} with another kind of response"
+    ))
+}
 
 /// An error with its causes: tonic's transport errors say little at the top level
 /// ("transport error") and the reason (refused, TLS handshake failure) below.

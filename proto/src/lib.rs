@@ -20,7 +20,9 @@ pub mod process;
 /// (`SyncNetworkRequest.want_version`); change lists may go back as well as forward.
 /// 6: `CandidateResult.paired_sq` (`search.margin`): a worker that left it 0 would make
 /// every gain look noise-free, silently.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: the job loop is one stream (`Work`) instead of a `PollJob` / `SubmitResult` call
+/// per job.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Request metadata key carrying the cluster token, as `Bearer <token>`.
 pub const TOKEN_METADATA: &str = "authorization";

@@ -5,11 +5,12 @@
 
 use std::path::Path;
 
+use ccq_proto::client::{Auth, Client, JobStream};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::monitor_client::MonitorClient;
 use ccq_proto::v1::{
-    poll_job_response, CandidateResult, PollJobRequest, RegisterRequest, StatusRequest,
-    SubmitResultRequest,
+    poll_job_response, work_request, work_response, CandidateResult, RegisterRequest,
+    StatusRequest, SubmitResultRequest, WorkRequest, WorkResponse,
 };
 use ccq_tests::{spawn_cluster, tiny_config, write_tiny_mnist};
 use rand::{Rng, SeedableRng};
@@ -45,7 +46,7 @@ async fn connect(addr: std::net::SocketAddr) -> Channel {
 }
 
 /// Registers `client` as a worker, retrying while the coordinator is still setting up.
-async fn register(client: &mut CoordinatorClient<Channel>) -> Option<u64> {
+async fn register(client: &mut Client) -> Option<u64> {
     for _ in 0..500 {
         let r = client
             .register(RegisterRequest {
@@ -79,15 +80,19 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
 
     let out = dir.path().join("disturbed");
     let cluster = spawn_cluster(tiny_config(dir.path(), &out, EVALUATIONS), 2).await;
-    let mut client = CoordinatorClient::new(connect(cluster.addr).await);
+    let mut client =
+        CoordinatorClient::with_interceptor(connect(cluster.addr).await, Auth::new(None).unwrap());
     let (mut not_held, mut malformed) = (0u32, 0u32);
     let mut kind = 0usize;
     'rogue: while let Some(id) = register(&mut client).await {
+        let Ok(mut jobs) = JobStream::open(&mut client).await else {
+            break 'rogue;
+        };
         loop {
-            let Ok(poll) = client.poll_job(PollJobRequest { worker_id: id }).await else {
+            let Ok(poll) = jobs.poll(id).await else {
                 break 'rogue;
             };
-            let job = match poll.into_inner().reply {
+            let job = match poll.reply {
                 Some(poll_job_response::Reply::Job(job)) => job,
                 Some(poll_job_response::Reply::Idle(_)) | None => continue,
                 Some(poll_job_response::Reply::Unknown(_)) => break, // dropped: register again
@@ -106,8 +111,8 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
                 paired_sq: 0,
             };
             // First a perfect-looking answer to a job this client does not hold.
-            let accepted = client
-                .submit_result(SubmitResultRequest {
+            let accepted = jobs
+                .submit(SubmitResultRequest {
                     worker_id: id,
                     job_id: job.job_id + 1_000_000,
                     results: vec![good; count],
@@ -116,7 +121,6 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
                 })
                 .await
                 .unwrap()
-                .into_inner()
                 .accepted;
             assert!(!accepted, "a result for a job not held was accepted");
             not_held += 1;
@@ -161,8 +165,8 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
                 }
             };
             kind += 1;
-            let accepted = client
-                .submit_result(SubmitResultRequest {
+            let accepted = jobs
+                .submit(SubmitResultRequest {
                     worker_id: id,
                     job_id: job.job_id,
                     results,
@@ -171,7 +175,6 @@ async fn results_for_jobs_not_held_and_malformed_results_change_nothing() {
                 })
                 .await
                 .unwrap()
-                .into_inner()
                 .accepted;
             assert!(!accepted, "a malformed result was accepted");
             malformed += 1;
@@ -242,6 +245,28 @@ async fn raw_call(
         .map(|r| r.into_inner())
 }
 
+/// Sends raw bytes as the one message of a streaming call and returns the first answer.
+async fn raw_stream_call(
+    channel: Channel,
+    method: &'static str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(64 << 20);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    let requests = tokio_stream::iter(vec![body]);
+    let mut answers = grpc
+        .streaming(tonic::Request::new(requests), path, RawCodec)
+        .await?
+        .into_inner();
+    answers
+        .message()
+        .await?
+        .ok_or_else(|| Status::unknown("the stream ended without an answer"))
+}
+
 /// Property: random bytes sent where each request message belongs — including well-formed
 /// protobuf with random field values, which decodes — get an error or a refusal, never a
 /// crash, and the run's result is untouched. A message over the size limit is refused
@@ -281,11 +306,10 @@ async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let methods = [
-        "/ccq.v1.Coordinator/SubmitResult",
+        "/ccq.v1.Coordinator/Work",
         "/ccq.v1.Coordinator/Register",
         "/ccq.v1.Coordinator/Heartbeat",
         "/ccq.v1.Coordinator/SyncNetwork",
-        "/ccq.v1.Coordinator/PollJob",
     ];
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let (mut refused, mut answered) = (0, 0);
@@ -294,9 +318,9 @@ async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
         let body: Vec<u8> = if i % 2 == 0 {
             (0..len).map(|_| rng.random()).collect()
         } else {
-            // A SubmitResultRequest-shaped message with random ids and counts.
+            // A job stream's results message with random ids and counts.
             use prost::Message;
-            SubmitResultRequest {
+            let submit = SubmitResultRequest {
                 worker_id: rng.random_range(0..4),
                 job_id: rng.random_range(0..64),
                 results: (0..rng.random_range(0..20))
@@ -309,11 +333,19 @@ async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
                     .collect(),
                 eval_micros: rng.random(),
                 take_next: rng.random(),
+            };
+            WorkRequest {
+                request: Some(work_request::Request::Submit(submit)),
             }
             .encode_to_vec()
         };
-        let method = methods[i % methods.len()];
-        match raw_call(channel.clone(), method, body).await {
+        // Every method gets both kinds of body.
+        let method = methods[(i / 2) % methods.len()];
+        let answer = match method.ends_with("Work") {
+            true => raw_stream_call(channel.clone(), method, body).await,
+            false => raw_call(channel.clone(), method, body).await,
+        };
+        match answer {
             Err(s) => {
                 assert!(
                     matches!(
@@ -325,10 +357,12 @@ async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
                 refused += 1;
             }
             Ok(reply) => {
-                if method.ends_with("SubmitResult") {
+                if method.ends_with("Work") {
                     use prost::Message;
-                    let r = ccq_proto::v1::SubmitResultResponse::decode(reply.as_slice()).unwrap();
-                    assert!(!r.accepted, "a random result was accepted");
+                    let r = WorkResponse::decode(reply.as_slice()).unwrap();
+                    if let Some(work_response::Reply::Submit(r)) = r.reply {
+                        assert!(!r.accepted, "a random result was accepted");
+                    }
                 }
                 answered += 1;
             }
@@ -341,9 +375,9 @@ async fn random_bytes_and_oversized_messages_are_refused_and_change_nothing() {
     assert_eq!(phase().await, "training", "the traffic must hit a live run");
 
     let limit = ccq_coordinator::run::MAX_REQUEST_BYTES;
-    let e = raw_call(
+    let e = raw_stream_call(
         channel.clone(),
-        "/ccq.v1.Coordinator/SubmitResult",
+        "/ccq.v1.Coordinator/Work",
         vec![0u8; limit + 1],
     )
     .await

@@ -19,12 +19,11 @@ use std::time::{Duration, Instant};
 use ccq_common::data::{self, DataSource, Dataset, Shard, Split};
 use ccq_common::fitness;
 use ccq_common::qnet::{EvalStats, QNetwork, Targets, Teacher};
-use ccq_proto::client::{self, endpoint, error_chain, Auth, Client};
+use ccq_proto::client::{self, endpoint, error_chain, Auth, Client, JobStream};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
-    measure, poll_job_response, CandidateResult, HeartbeatRequest, Job, Measure, PollJobRequest,
-    PollJobResponse, RegisterRequest, RegisterResponse, SubmitResultRequest, SyncNetworkRequest,
-    VarChange,
+    measure, poll_job_response, CandidateResult, HeartbeatRequest, Job, Measure, PollJobResponse,
+    RegisterRequest, RegisterResponse, SubmitResultRequest, SyncNetworkRequest, VarChange,
 };
 use tracing::{debug, info, warn};
 
@@ -318,15 +317,16 @@ async fn serve(
     }
 
     async {
-        // The next job comes with the previous result's acknowledgement (one round trip
-        // per job); a poll only when there was none (the first, after idle or a skipped
-        // job, or from a coordinator that does not send one).
+        // Jobs come on one stream. The next job comes with the previous result's
+        // acknowledgement (one round trip per job); a poll only when there was none (the
+        // first, after idle or a skipped job).
+        let mut jobs = JobStream::open(client).await?;
         let mut next: Option<PollJobResponse> = None;
         loop {
             let poll = match next.take() {
                 Some(p) => p,
                 None => tokio::select! {
-                    p = client.poll_job(PollJobRequest { worker_id: reg.worker_id }) => p?.into_inner(),
+                    p = jobs.poll(reg.worker_id) => p?,
                     Ok(s) = &mut hb_rx => return Ok(s),
                 },
             };
@@ -339,16 +339,15 @@ async fn serve(
                         continue;
                     };
                     // Waits at most a poll's wait for the next job.
-                    let submitted = client
-                        .submit_result(SubmitResultRequest {
+                    let submitted = jobs
+                        .submit(SubmitResultRequest {
                             worker_id: reg.worker_id,
                             job_id,
                             results,
                             eval_micros: micros,
                             take_next: true,
                         })
-                        .await?
-                        .into_inner();
+                        .await?;
                     next = submitted.next;
                 }
                 Some(poll_job_response::Reply::Idle(_)) | None => {}

@@ -33,10 +33,11 @@ use ccq_common::data::DataSource;
 use ccq_common::model::{Graph, Linear, Node, Normalization, Op, Shape};
 use ccq_common::qnet::{EvalStats, QNetwork};
 use ccq_common::quant::{self, QuantConfig};
+use ccq_proto::client::{Auth, Client, JobStream};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
-    poll_job_response, CandidateResult, PollJobRequest, PollJobResponse, RegisterRequest,
-    SubmitResultRequest, SyncNetworkRequest,
+    poll_job_response, CandidateResult, PollJobResponse, RegisterRequest, SubmitResultRequest,
+    SyncNetworkRequest,
 };
 use ccq_search::eda::{EdaParams, EdaState, Variable};
 use prost::Message;
@@ -779,7 +780,9 @@ async fn noop_serve(
 /// A protocol client of the bench's workers: connected and registered, re-registering
 /// when the coordinator has forgotten it.
 struct Session {
-    client: CoordinatorClient<tonic::transport::Channel>,
+    client: Client,
+    /// The job stream, as real workers take their jobs.
+    jobs: JobStream,
     worker_id: u64,
     name: String,
     give_up: Instant,
@@ -797,7 +800,13 @@ impl Session {
         let give_up = Instant::now() + patience;
         let mut client = loop {
             match endpoint.connect().await {
-                Ok(ch) => break CoordinatorClient::new(ch).max_decoding_message_size(256 << 20),
+                Ok(ch) => {
+                    break CoordinatorClient::with_interceptor(
+                        ch,
+                        Auth::new(None).expect("no token"),
+                    )
+                    .max_decoding_message_size(256 << 20)
+                }
                 Err(e) if Instant::now() > give_up => {
                     return Err(tonic::Status::unavailable(e.to_string()))
                 }
@@ -805,8 +814,10 @@ impl Session {
             }
         };
         let worker_id = register(&mut client, name, give_up).await?;
+        let jobs = JobStream::open(&mut client).await?;
         Ok(Session {
             client,
+            jobs,
             worker_id,
             name: name.to_string(),
             give_up,
@@ -819,7 +830,7 @@ impl Session {
     /// do (one round trip per job). True when the results were accepted.
     async fn submit(&mut self, mut req: SubmitResultRequest) -> Result<bool, tonic::Status> {
         req.take_next = true;
-        let r = self.client.submit_result(req).await?.into_inner();
+        let r = self.jobs.submit(req).await?;
         self.next = r.next;
         Ok(r.accepted)
     }
@@ -832,12 +843,7 @@ impl Session {
                 Some(p) => p,
                 None => {
                     self.polls += 1;
-                    self.client
-                        .poll_job(PollJobRequest {
-                            worker_id: self.worker_id,
-                        })
-                        .await?
-                        .into_inner()
+                    self.jobs.poll(self.worker_id).await?
                 }
             };
             match poll.reply {
@@ -898,11 +904,7 @@ async fn answer_measurement(
         .await
 }
 
-async fn register(
-    client: &mut CoordinatorClient<tonic::transport::Channel>,
-    name: &str,
-    give_up: Instant,
-) -> Result<u64, tonic::Status> {
+async fn register(client: &mut Client, name: &str, give_up: Instant) -> Result<u64, tonic::Status> {
     loop {
         let req = RegisterRequest {
             protocol_version: ccq_proto::PROTOCOL_VERSION,

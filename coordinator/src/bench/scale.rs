@@ -65,6 +65,9 @@ pub struct ScaleOptions {
     pub window: usize,
     /// Search seconds per case (the run's wall-time budget).
     pub seconds: f64,
+    /// Threads of the coordinator's runtime (`coordinator run --threads`), and the cores
+    /// of the simulated coordinator.
+    pub coordinator_threads: usize,
     /// Training images each calibration job evaluates.
     pub calibration_images: usize,
     /// Where the runs write their outputs (removed afterwards).
@@ -255,7 +258,7 @@ async fn simulate_cases(
         workers: 0,
         round_trip_secs: opts.round_trip_secs,
         coordinator_secs_per_request: per_request,
-        coordinator_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        coordinator_cores: opts.coordinator_threads.max(1),
     };
     let evaluations_of = |w: usize| {
         emulated
@@ -586,6 +589,7 @@ async fn scale_case(
     let shards = (workers / opts.replicas.max(1)).max(1);
     let config = scale_config(&opts.model, shards, opts.window, opts.seconds, out.clone());
     let coordinator = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.coordinator_threads.max(1))
         .thread_name("ccq-coordinator")
         .enable_all()
         .build()
@@ -774,7 +778,9 @@ async fn emulated_serve(
                 .sync_network(SyncNetworkRequest {
                     worker_id: session.worker_id,
                     have_version: have,
-                    want_version: None,
+                    // The generation's own network, as the real worker asks: with a
+                    // window it is older than the latest.
+                    want_version: Some(job.network_version),
                 })
                 .await?
                 .into_inner();

@@ -120,6 +120,7 @@ fn tiny_scale_emulation_reports_consistent_shares() {
         // Generations in flight: the emulated workers take jobs of several at once.
         window: 4,
         seconds: 3.0,
+        coordinator_threads: 1,
         calibration_images: 64,
         scratch: scratch.path().to_path_buf(),
         simulate: vec![1, 3, 64],

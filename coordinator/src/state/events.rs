@@ -93,6 +93,9 @@ pub enum Event {
     Submit {
         submission: Submission,
         reply: oneshot::Sender<bool>,
+        /// The worker's next poll, handled right after the results (one event per job,
+        /// not two).
+        then_poll: Option<oneshot::Sender<PollReply>>,
     },
     Sync {
         /// The network version the worker holds, if any.
@@ -248,8 +251,13 @@ pub fn answer_during_setup(ev: Event, run_id: &str, phase: &str, elapsed_secs: f
         Event::Poll { reply, .. } => {
             let _ = reply.send(PollReply::Unknown);
         }
-        Event::Submit { reply, .. } => {
+        Event::Submit {
+            reply, then_poll, ..
+        } => {
             let _ = reply.send(false);
+            if let Some(poll) = then_poll {
+                let _ = poll.send(PollReply::Unknown);
+            }
         }
         Event::Sync { reply, .. } => {
             let _ = reply.send(Err(later()));

@@ -229,7 +229,13 @@ impl Virtual {
                     results,
                     eval_micros: 100,
                 };
-                return self.ask(|reply| Event::Submit { submission, reply }).await;
+                return self
+                    .ask(|reply| Event::Submit {
+                        submission,
+                        reply,
+                        then_poll: None,
+                    })
+                    .await;
             }
         };
         let n = images.len() as u64;
@@ -255,7 +261,12 @@ impl Virtual {
                 .collect(),
             eval_micros: 100,
         };
-        self.ask(|reply| Event::Submit { submission, reply }).await
+        self.ask(|reply| Event::Submit {
+            submission,
+            reply,
+            then_poll: None,
+        })
+        .await
     }
 
     /// A worker's `SyncNetwork`: from `have` to `want` (None: the latest).

@@ -265,9 +265,17 @@ impl State {
                 }
             }
             Event::Poll { worker, reply } => self.poll(worker, reply),
-            Event::Submit { submission, reply } => {
+            Event::Submit {
+                submission,
+                reply,
+                then_poll,
+            } => {
+                let worker = submission.worker;
                 let accepted = self.submit(submission)?;
                 let _ = reply.send(accepted);
+                if let Some(poll) = then_poll {
+                    self.poll(worker, poll);
+                }
             }
             Event::Sync {
                 have_version,

@@ -599,9 +599,11 @@ fn start_job(
             want: Some(version),
         }
     } else {
+        // The generation's own network, as a real worker asks (older than the latest
+        // with a window).
         Request::Sync {
             have: worker.have,
-            want: None,
+            want: Some(version),
         }
     })
 }
