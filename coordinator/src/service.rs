@@ -14,11 +14,10 @@ use ccq_common::qnet::EvalStats;
 use ccq_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use ccq_proto::v1::monitor_server::{Monitor, MonitorServer};
 use ccq_proto::v1::{
-    measure, poll_job_response, work_request, work_response, CandidateResult, Done,
+    measure, poll_job_response, work_request, work_response, CandidateResult, Changes, Done,
     HeartbeatRequest, HeartbeatResponse, Idle, Job, Measure, PollJobResponse, RegisterRequest,
     RegisterResponse, StatusRequest, StatusResponse, SubmitResultRequest, SubmitResultResponse,
-    SyncNetworkRequest, SyncNetworkResponse, Unknown, VarChange, WorkRequest, WorkResponse,
-    WorkerStatus,
+    SyncNetworkRequest, SyncNetworkResponse, Unknown, WorkRequest, WorkResponse, WorkerStatus,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -291,18 +290,12 @@ impl Coordinator for CoordinatorService {
             NetworkUpdate::Changes { version, changes } => SyncNetworkResponse {
                 version,
                 full: Vec::new(),
-                changes: changes
-                    .into_iter()
-                    .map(|(var, code)| VarChange {
-                        var,
-                        code: code.into(),
-                    })
-                    .collect(),
+                changes: Some(Changes::from_pairs(&changes)),
             },
             NetworkUpdate::Full { version, network } => SyncNetworkResponse {
                 version,
                 full: network,
-                changes: Vec::new(),
+                changes: None,
             },
         }))
     }
@@ -367,14 +360,7 @@ fn job_to_proto(j: &JobSpec) -> Job {
             temperature: teacher.as_ref().map_or(0.0, |t| t.temperature),
             measure: None,
             changes_from: j.changes.as_ref().map(|(from, _)| *from),
-            changes: j.changes.as_ref().map_or_else(Vec::new, |(_, c)| {
-                c.iter()
-                    .map(|&(var, code)| VarChange {
-                        var,
-                        code: code.into(),
-                    })
-                    .collect()
-            }),
+            changes: j.changes.as_ref().map(|(_, c)| Changes::from_pairs(c)),
         },
         Work::Measure(b) => Job {
             job_id: j.job_id,

@@ -22,8 +22,8 @@ use ccq_common::qnet::{EvalStats, QNetwork, Targets, Teacher};
 use ccq_proto::client::{self, endpoint, error_chain, Auth, Client, JobStream};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
-    measure, poll_job_response, CandidateResult, HeartbeatRequest, Job, Measure, PollJobResponse,
-    RegisterRequest, RegisterResponse, SubmitResultRequest, SyncNetworkRequest, VarChange,
+    measure, poll_job_response, CandidateResult, Changes, HeartbeatRequest, Job, Measure,
+    PollJobResponse, RegisterRequest, RegisterResponse, SubmitResultRequest, SyncNetworkRequest,
 };
 use tracing::{debug, info, warn};
 
@@ -419,7 +419,8 @@ async fn evaluate(
     // The job may carry the changes from the version of our previous job: no round trip.
     if let (Some(from), Some((have, net))) = (job.changes_from, local.net.as_mut()) {
         if *have == from && from != job.network_version {
-            net.apply_changes(&wire_changes(&job.changes))
+            wire_changes(job.changes.as_ref())
+                .and_then(|c| net.apply_changes(&c).map_err(|e| e.to_string()))
                 .map_err(|e| Error::BadJob {
                     job: job.job_id,
                     reason: format!("its network changes: {e}"),
@@ -603,19 +604,21 @@ async fn sync_network(
             job: 0,
             reason: "coordinator sent changes but this worker holds no network".into(),
         })?;
-        net.apply_changes(&wire_changes(&r.changes))?;
+        let changes = wire_changes(r.changes.as_ref()).map_err(|reason| Error::BadJob {
+            job: 0,
+            reason: format!("the network changes of version {}: {reason}", r.version),
+        })?;
+        net.apply_changes(&changes)?;
         *v = r.version;
     }
     Ok(slot.as_ref().map(|(v, _)| *v) == Some(want))
 }
 
-/// Variable changes as the wire carries them, codes clamped to i8 (a code out of the
-/// variable's range is refused by `apply_changes`).
-fn wire_changes(changes: &[VarChange]) -> Vec<(u32, i8)> {
-    changes
-        .iter()
-        .map(|c| (c.var, c.code.clamp(i8::MIN as i32, i8::MAX as i32) as i8))
-        .collect()
+/// Variable changes as the wire carries them (none when absent); arrays of different
+/// lengths are an error (a code out of the variable's range is refused by
+/// `apply_changes`).
+fn wire_changes(changes: Option<&Changes>) -> Result<Vec<(u32, i8)>, String> {
+    changes.map_or(Ok(Vec::new()), Changes::to_pairs)
 }
 
 /// Exponential backoff from 50 ms to 2 s.

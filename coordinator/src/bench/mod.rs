@@ -727,7 +727,7 @@ async fn noop_serve(
         }
         if job.changes_from.is_some() && job.changes_from == have {
             w.jobs_with_changes += 1;
-            w.changes += job.changes.len() as u64;
+            w.changes += job.changes.as_ref().map_or(0, |c| c.len()) as u64;
             have = Some(job.network_version);
         } else if have == Some(job.network_version) {
             w.jobs_without_sync += 1;
@@ -745,7 +745,7 @@ async fn noop_serve(
             if r.full.is_empty() {
                 w.change_syncs += 1;
                 w.change_sync_bytes += len;
-                w.changes += r.changes.len() as u64;
+                w.changes += r.changes.as_ref().map_or(0, |c| c.len()) as u64;
             } else {
                 w.full_syncs += 1;
                 w.full_sync_bytes += len;
