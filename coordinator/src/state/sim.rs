@@ -593,18 +593,14 @@ fn start_job(
         compute(worker, cost, batch, at, q, index);
         return None;
     }
-    Some(if measure {
-        Request::Sync {
-            have: worker.measured.filter(|&v| v <= version),
-            want: Some(version),
-        }
-    } else {
-        // The generation's own network, as a real worker asks (older than the latest
-        // with a window).
-        Request::Sync {
-            have: worker.have,
-            want: Some(version),
-        }
+    // The job's own network, as a real worker asks (a generation's is older than the
+    // latest with a window; the measured copy only moves forward).
+    Some(Request::Sync {
+        have: match measure {
+            true => worker.measured.filter(|&v| v <= version),
+            false => worker.have,
+        },
+        want: Some(version),
     })
 }
 
