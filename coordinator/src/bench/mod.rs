@@ -732,15 +732,7 @@ async fn noop_serve(
         } else if have == Some(job.network_version) {
             w.jobs_without_sync += 1;
         } else {
-            let r = session
-                .client
-                .sync_network(SyncNetworkRequest {
-                    worker_id: session.worker_id,
-                    have_version: have,
-                    want_version: None,
-                })
-                .await?
-                .into_inner();
+            let r = session.sync(have, job.network_version).await?;
             let len = r.encoded_len() as u64;
             if r.full.is_empty() {
                 w.change_syncs += 1;
@@ -835,6 +827,21 @@ impl Session {
         Ok(r.accepted)
     }
 
+    /// `SyncNetwork` from `have` to `want`, as a real worker asks: the job's own version
+    /// (with a window older than the latest), or a measurement's.
+    async fn sync(
+        &mut self,
+        have: Option<u64>,
+        want: u64,
+    ) -> Result<ccq_proto::v1::SyncNetworkResponse, tonic::Status> {
+        let req = SyncNetworkRequest {
+            worker_id: self.worker_id,
+            have_version: have,
+            want_version: Some(want),
+        };
+        Ok(self.client.sync_network(req).await?.into_inner())
+    }
+
     /// The next job, polling through idle answers and registering again when told to;
     /// `None` once the run is done.
     async fn next_job(&mut self) -> Result<Option<ccq_proto::v1::Job>, tonic::Status> {
@@ -872,15 +879,7 @@ async fn answer_measurement(
     };
     if *measured != Some(job.network_version) {
         let have = measured.filter(|&v| v <= job.network_version);
-        let r = session
-            .client
-            .sync_network(SyncNetworkRequest {
-                worker_id: session.worker_id,
-                have_version: have,
-                want_version: Some(job.network_version),
-            })
-            .await?
-            .into_inner();
+        let r = session.sync(have, job.network_version).await?;
         *measured = Some(r.version);
         if r.version != job.network_version {
             return Ok(false); // the measurement is over

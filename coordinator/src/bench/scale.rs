@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use ccq_common::data::{self, Split};
 use ccq_common::fitness;
 use ccq_common::qnet::Targets;
-use ccq_proto::v1::{CandidateResult, SubmitResultRequest, SyncNetworkRequest};
+use ccq_proto::v1::{CandidateResult, SubmitResultRequest};
 use ccq_search::config::SearchConfig;
 use ccq_search::eda::EdaParams;
 use rand::{Rng, SeedableRng};
@@ -773,17 +773,7 @@ async fn emulated_serve(
             have = Some(job.network_version);
         }
         if have != Some(job.network_version) {
-            let r = session
-                .client
-                .sync_network(SyncNetworkRequest {
-                    worker_id: session.worker_id,
-                    have_version: have,
-                    // The generation's own network, as the real worker asks: with a
-                    // window it is older than the latest.
-                    want_version: Some(job.network_version),
-                })
-                .await?
-                .into_inner();
+            let r = session.sync(have, job.network_version).await?;
             have = Some(r.version);
             if have != Some(job.network_version) {
                 continue; // a stale job: the real worker skips it too
