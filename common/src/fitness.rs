@@ -13,7 +13,7 @@
 //! side by side so that tests and the `candidates` benchmark can compare them.
 
 use crate::kernels::{ConvGeom, DeltaBase, WeightChange};
-use crate::qnet::{Activations, EvalStats, QConv, QNetwork, Targets};
+use crate::qnet::{Activations, EvalStats, QConv, QNetwork, Targets, VarKind};
 use crate::{Error, Result};
 
 /// How [`evaluate_candidates_with`] computes each candidate. All give the same bits.
@@ -225,7 +225,7 @@ fn build_plans(
         .zip(&layer_of)
         .map(|(&v, &l)| {
             let lv = &base.layers[l];
-            base.conv(lv.node).codes[v as usize - lv.offset]
+            base.conv(lv.node).var_code(lv.kind, v as usize - lv.offset)
         })
         .collect();
     // Every candidate sets the same variables, so all share the first layer they touch.
@@ -240,7 +240,13 @@ fn build_plans(
         layer_of: &layer_of,
         base_codes: &base_codes,
     };
-    let job_delta = delta_pays_off_in_job(base, strategy, &job, candidates);
+    // A scale change of the first layer changes its output stage, which the sparse delta
+    // (of weights, at the base stage) does not see: such jobs recompute the layer.
+    let scales_first = layer_of.iter().any(|&l| {
+        let lv = &base.layers[l];
+        lv.node == first && lv.kind == VarKind::Scales
+    });
+    let job_delta = !scales_first && delta_pays_off_in_job(base, strategy, &job, candidates);
     let mut plans = Vec::with_capacity(candidates.len());
     for (ci, cand) in candidates.iter().enumerate() {
         if cand.len() != group_vars.len() {
@@ -288,6 +294,7 @@ fn build_plans(
         };
         let skip = delta.as_ref().map(|_| first);
         let mut layers: Vec<(usize, QConv)> = Vec::new();
+        let mut repack = Vec::new();
         for ((&v, &li), &code) in group_vars.iter().zip(&layer_of).zip(cand) {
             let lv = &base.layers[li];
             if Some(lv.node) == skip {
@@ -300,10 +307,16 @@ fn build_plans(
                     layers.len() - 1
                 }
             };
-            layers[slot].1.codes[v as usize - lv.offset] = code;
+            layers[slot]
+                .1
+                .set_var(lv.kind, v as usize - lv.offset, code);
+            if lv.kind == VarKind::Weights && !repack.contains(&slot) {
+                repack.push(slot);
+            }
         }
-        for (_, conv) in &mut layers {
-            conv.repack();
+        // Scale codes changed the stages already; only changed weights need packing.
+        for slot in repack {
+            layers[slot].1.repack();
         }
         plans.push(match (strategy, delta) {
             (Strategy::Naive, _) => Plan::Full {
@@ -377,7 +390,7 @@ fn first_layer_changes(
     let mut changes = Vec::new();
     for ((&v, &li), &code) in group_vars.iter().zip(layer_of).zip(cand) {
         let lv = &base.layers[li];
-        if lv.node != first {
+        if lv.node != first || lv.kind != VarKind::Weights {
             continue;
         }
         let i = v as usize - lv.offset;
@@ -566,6 +579,7 @@ mod tests {
             rounding: Rounding::Nearest,
             bias_correction: false,
             first_last_bits: None,
+            channel_scale_step: None,
         };
         let net = quantize(
             &graph,
@@ -832,6 +846,42 @@ mod tests {
                 .into_iter()
                 .collect();
             for vars in [block, scattered] {
+                for p_change in [0.1, 1.0] {
+                    let candidates = candidates_for(&net, &vars, 4, p_change, &mut rng);
+                    assert_all_strategies_exact(&net, &pixels, &labels, &vars, &candidates);
+                }
+            }
+        }
+    }
+
+    /// With channel scales, every layer's candidates — scale groups, weight groups (whose
+    /// sparse delta must use the stage at the base's scale codes) and joint groups of both
+    /// — score exactly as the whole patched network, in a residual network and from a
+    /// base whose scale codes are not all 0.
+    #[test]
+    fn candidates_over_channel_scales_match_full_evaluation() {
+        for (name, channels, hw) in [("tiny_resnet", 3, 16), ("mnist_cnn", 1, 28)] {
+            let (mut net, pixels, labels) = fixture(name, channels, hw, 3);
+            let weights = net.num_vars();
+            net.add_channel_scales(0.125).unwrap();
+            assert!(net.num_vars() > weights, "{name}: scale variables added");
+            let mut rng = ChaCha8Rng::seed_from_u64(12);
+            let moved: Vec<(u32, i8)> = (weights..net.num_vars())
+                .step_by(3)
+                .map(|v| {
+                    let info = net.var_info(v).unwrap();
+                    (v as u32, rng.random_range(info.lo..=info.hi))
+                })
+                .collect();
+            net.apply_changes(&moved).unwrap();
+            for l in net.layers.clone() {
+                let (lo, len) = (l.offset as u32, l.len as u32);
+                let mut vars: Vec<u32> = (lo..lo + len.min(24)).collect();
+                if l.kind == VarKind::Scales {
+                    // The same layer's weights beside its scales: one joint group.
+                    let w = net.layers.iter().find(|w| w.node == l.node).unwrap();
+                    vars.splice(0..0, w.offset as u32..w.offset as u32 + 6);
+                }
                 for p_change in [0.1, 1.0] {
                     let candidates = candidates_for(&net, &vars, 4, p_change, &mut rng);
                     assert_all_strategies_exact(&net, &pixels, &labels, &vars, &candidates);

@@ -12,6 +12,11 @@
 //! ([`QNetwork::codes`], [`QNetwork::layers`]): layer by layer in graph order, each layer's
 //! codes in OHWI order (`[out][kh][kw][in]`), the layout the kernels read.
 //!
+//! With channel scales ([`QNetwork::add_channel_scales`]) the vector goes on, after every
+//! weight code, with one scale code per output channel of each hidden layer
+//! ([`VarKind::Scales`]): a multiplier `1 + k * step` on that channel's weight scale,
+//! applied exactly by recomputing the channel's fixed-point requantization.
+//!
 //! Forward passes keep every intermediate value ([`Activations`]) so that a candidate that
 //! differs from the base network only from layer L on can be evaluated from L
 //! ([`QNetwork::forward_from`]) — the reuse cooperative coevolution relies on.
@@ -68,10 +73,56 @@ pub struct QConv {
     /// Metadata only (reports, export): the float weight scale of each output channel.
     pub w_scale: Vec<f64>,
     /// How accumulators become output codes; `None` for the logits layer, whose output
-    /// is i32 (see [`QNetwork::logit_requant`]).
+    /// is i32 (see [`QNetwork::logit_requant`]). With [`QConv::scales`] this is the stage
+    /// at the current scale codes (what the kernels run).
     pub stage: Option<OutputStage>,
+    /// Searched per-channel scale multipliers, when the network has them.
+    #[serde(default)]
+    pub scales: Option<ChannelScales>,
     #[serde(skip)]
     packed: Option<PackedConv>,
+}
+
+/// Per-output-channel multipliers of a layer's weight scales, searched like codes: channel
+/// `oc` at code `k` has weight scale `w_scale[oc] * (1 + k * step)`, its bias codes
+/// unchanged (they are at scale `s_in * weight scale`), so its whole pre-activation is
+/// multiplied by `1 + k * step`. Only the requantization changes; accumulators do not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelScales {
+    pub step: f64,
+    /// Per output channel, the requantization at code 0 (as quantized).
+    pub base: Vec<Requant>,
+    /// Per output channel, the scale code `k`.
+    pub codes: Vec<i8>,
+}
+
+impl ChannelScales {
+    /// The largest scale code; the smallest is its negative unless that would make the multiplier
+    /// zero or negative.
+    pub const MAX_CODE: i8 = 7;
+
+    /// Whether `step` can define scale codes: finite, in `(0, 0.5]`.
+    pub fn valid_step(step: f64) -> bool {
+        step > 0.0 && step <= 0.5
+    }
+
+    /// The code range for `step`: `[-min(7, ceil(1/step) - 1), 7]`, so every multiplier is
+    /// positive.
+    pub fn code_range(step: f64) -> (i8, i8) {
+        let below = ((1.0 / step).ceil() - 1.0).min(f64::from(Self::MAX_CODE));
+        (-(below as i8), Self::MAX_CODE)
+    }
+
+    /// The multiplier of code `k`: `1 + k * step` (IEEE arithmetic, the same bits everywhere).
+    pub fn multiplier(&self, k: i8) -> f64 {
+        1.0 + f64::from(k) * self.step
+    }
+
+    /// Channel `oc`'s requantization at code `k`: the base multiplier times `1 + k * step`,
+    /// represented again by [`Requant::from_real`] (exact inputs, one rounding).
+    pub fn requant(&self, oc: usize, k: i8) -> Requant {
+        Requant::from_real(self.base[oc].to_real() * self.multiplier(k))
+    }
 }
 
 impl QConv {
@@ -93,6 +144,7 @@ impl QConv {
             input_zp,
             w_scale,
             stage,
+            scales: None,
             packed: None,
         };
         conv.repack();
@@ -127,6 +179,70 @@ impl QConv {
     pub fn code_range(&self) -> (i8, i8) {
         code_range(self.weight_bits)
     }
+
+    /// Each output channel's weight scale as the network runs it: `w_scale` times the
+    /// channel's scale multiplier, if it has one.
+    pub fn weight_scales(&self) -> Vec<f64> {
+        match &self.scales {
+            None => self.w_scale.clone(),
+            Some(s) => (self.w_scale.iter().zip(&s.codes))
+                .map(|(&w, &k)| w * s.multiplier(k))
+                .collect(),
+        }
+    }
+
+    /// The code of variable `i` of this layer's `kind`.
+    pub fn var_code(&self, kind: VarKind, i: usize) -> i8 {
+        match kind {
+            VarKind::Weights => self.codes[i],
+            VarKind::Scales => self.scales.as_ref().map_or(0, |s| s.codes[i]),
+        }
+    }
+
+    /// Sets variable `i` of this layer's `kind`. A weight code leaves the packed kernel
+    /// weights stale until [`QConv::repack`]; a scale code updates the output stage at once.
+    /// The caller has checked the code against the variable's range.
+    pub fn set_var(&mut self, kind: VarKind, i: usize, code: i8) {
+        match kind {
+            VarKind::Weights => self.codes[i] = code,
+            VarKind::Scales => {
+                let (Some(s), Some(stage)) = (&mut self.scales, &mut self.stage) else {
+                    unreachable!("scale variables exist only on layers with scales and a stage")
+                };
+                s.codes[i] = code;
+                stage.requant[i] = s.requant(i, code);
+            }
+        }
+    }
+}
+
+/// A layer's [`ChannelScales`] against the layer: one per output channel, codes in range,
+/// and the output stage exactly what the base requantization and the codes give.
+fn validate_scales(sc: &ChannelScales, c: &QConv) -> std::result::Result<(), String> {
+    if !ChannelScales::valid_step(sc.step) {
+        return Err(format!("step {} outside (0, 0.5]", sc.step));
+    }
+    let out_c = c.geom.out_c;
+    if sc.base.len() != out_c || sc.codes.len() != out_c {
+        return Err(format!(
+            "{} bases and {} codes for {out_c} channels",
+            sc.base.len(),
+            sc.codes.len()
+        ));
+    }
+    let (lo, hi) = ChannelScales::code_range(sc.step);
+    if sc.codes.iter().any(|&k| k < lo || k > hi) || sc.base.iter().any(|r| !r.is_valid()) {
+        return Err(format!(
+            "a code outside [{lo}, {hi}] or an invalid base requantization"
+        ));
+    }
+    let Some(stage) = &c.stage else {
+        return Err("a layer without an output stage cannot have scales".into());
+    };
+    if (0..out_c).any(|oc| stage.requant[oc] != sc.requant(oc, sc.codes[oc])) {
+        return Err("the output stage does not match the scale codes".into());
+    }
+    Ok(())
 }
 
 /// Signed code range of a `bits`-bit weight: `[-2^(b-1), 2^(b-1) - 1]`.
@@ -197,18 +313,32 @@ pub struct QNode {
     pub out: QValue,
 }
 
+/// What the variables of one [`LayerVars`] entry set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VarKind {
+    /// The layer's weight codes, OHWI.
+    #[default]
+    Weights,
+    /// One scale code per output channel ([`ChannelScales`]).
+    Scales,
+}
+
 /// Where one layer's codes sit in the flat decision vector.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerVars {
     /// Index into [`QNetwork::nodes`].
     pub node: usize,
+    /// What the variables set; entries of [`VarKind::Scales`] follow every weight entry.
+    #[serde(default)]
+    pub kind: VarKind,
     pub name: String,
     /// First variable of this layer in the flat vector.
     pub offset: usize,
     pub len: usize,
     pub lo: i8,
     pub hi: i8,
-    /// `[out, kh, kw, in]`.
+    /// `[out, kh, kw, in]` (`[out, 1, 1, 1]` for scales).
     pub dims: [usize; 4],
 }
 
@@ -217,6 +347,7 @@ pub struct LayerVars {
 pub struct VarInfo {
     /// Index into [`QNetwork::layers`].
     pub layer: usize,
+    pub kind: VarKind,
     /// `(out_channel, kh, kw, in_channel)`.
     pub position: [usize; 4],
     pub lo: i8,
@@ -557,31 +688,42 @@ impl QNetwork {
     pub fn weight_heap_bytes(&self) -> usize {
         self.layers
             .iter()
+            .filter(|l| l.kind == VarKind::Weights)
             .map(|l| self.conv(l.node).heap_bytes())
             .sum()
     }
 
-    /// The flat decision vector: all layers' weight codes in order.
+    /// The flat decision vector: all layers' weight codes in order, then their scale
+    /// codes if the network has channel scales.
     pub fn codes(&self) -> Vec<i8> {
         let mut out = Vec::with_capacity(self.num_vars());
         for l in &self.layers {
-            out.extend_from_slice(&self.conv(l.node).codes);
+            let conv = self.conv(l.node);
+            match l.kind {
+                VarKind::Weights => out.extend_from_slice(&conv.codes),
+                VarKind::Scales => (0..l.len).for_each(|i| out.push(conv.var_code(l.kind, i))),
+            }
         }
         out
     }
 
-    /// Replaces every weight code; `codes.len()` must equal [`QNetwork::num_vars`] and every
+    /// The code of variable `var` (which must exist).
+    pub fn var_code(&self, var: usize) -> i8 {
+        let l = &self.layers[self.layer_of(var)];
+        self.conv(l.node).var_code(l.kind, var - l.offset)
+    }
+
+    /// Replaces every variable; `codes.len()` must equal [`QNetwork::num_vars`] and every
     /// code must lie in its layer's range.
     pub fn set_codes(&mut self, codes: &[i8]) -> Result<()> {
         if codes.len() != self.num_vars() {
             return Err(Error::setting(
                 "codes",
                 codes.len(),
-                format!("the network has {} weight codes", self.num_vars()),
+                format!("the network has {} variables", self.num_vars()),
             ));
         }
-        for li in 0..self.layers.len() {
-            let l = self.layers[li].clone();
+        for l in &self.layers {
             let slice = &codes[l.offset..l.offset + l.len];
             if let Some(pos) = slice.iter().position(|&c| c < l.lo || c > l.hi) {
                 return Err(Error::setting(
@@ -596,17 +738,29 @@ impl QNetwork {
                     ),
                 ));
             }
+        }
+        for li in 0..self.layers.len() {
+            let l = self.layers[li].clone();
+            let slice = &codes[l.offset..l.offset + l.len];
             let conv = self.conv_mut(l.node);
-            if conv.codes != slice {
-                conv.codes.copy_from_slice(slice);
-                conv.repack();
+            match l.kind {
+                VarKind::Weights if conv.codes != slice => {
+                    conv.codes.copy_from_slice(slice);
+                    conv.repack();
+                }
+                VarKind::Weights => {}
+                VarKind::Scales => {
+                    for (i, &c) in slice.iter().enumerate() {
+                        conv.set_var(l.kind, i, c);
+                    }
+                }
             }
         }
         Ok(())
     }
 
     /// Sets individual variables (e.g. a search's adopted changes) and repacks the layers
-    /// they touch. Checks every index and code before changing anything.
+    /// whose weights they touch. Checks every index and code before changing anything.
     pub fn apply_changes(&mut self, changes: &[(u32, i8)]) -> Result<()> {
         let n = self.num_vars();
         for &(var, code) in changes {
@@ -628,15 +782,67 @@ impl QNetwork {
         let mut touched = vec![false; self.layers.len()];
         for &(var, code) in changes {
             let li = self.layer_of(var as usize);
-            let (node, offset) = (self.layers[li].node, self.layers[li].offset);
-            self.conv_mut(node).codes[var as usize - offset] = code;
-            touched[li] = true;
+            let (node, offset, kind) = (
+                self.layers[li].node,
+                self.layers[li].offset,
+                self.layers[li].kind,
+            );
+            self.conv_mut(node)
+                .set_var(kind, var as usize - offset, code);
+            if kind == VarKind::Weights {
+                touched[li] = true;
+            }
         }
         for (li, t) in touched.into_iter().enumerate() {
             if t {
                 let node = self.layers[li].node;
                 self.conv_mut(node).repack();
             }
+        }
+        Ok(())
+    }
+
+    /// Adds a searched scale multiplier per output channel of every hidden weight layer
+    /// (not the logits layer, whose output is not requantized): one more [`LayerVars`] of
+    /// [`VarKind::Scales`] per layer, after all weight codes, every code 0 (the network
+    /// computes exactly what it did). `step` is the multiplier's step, in `(0, 0.5]`.
+    pub fn add_channel_scales(&mut self, step: f64) -> Result<()> {
+        if !ChannelScales::valid_step(step) {
+            return Err(Error::setting(
+                "channel_scale_step",
+                step,
+                "must lie in (0, 0.5]",
+            ));
+        }
+        if self.layers.iter().any(|l| l.kind == VarKind::Scales) {
+            return Err(Error::setting(
+                "channel_scale_step",
+                step,
+                "the network already has channel scales",
+            ));
+        }
+        let (lo, hi) = ChannelScales::code_range(step);
+        let weights = self.layers.clone();
+        for l in weights {
+            let conv = self.conv_mut(l.node);
+            let Some(stage) = &conv.stage else { continue };
+            let out_c = conv.geom.out_c;
+            conv.scales = Some(ChannelScales {
+                step,
+                base: stage.requant.clone(),
+                codes: vec![0; out_c],
+            });
+            let offset = self.layers.last().map_or(0, |l| l.offset + l.len);
+            self.layers.push(LayerVars {
+                node: l.node,
+                kind: VarKind::Scales,
+                name: format!("{}.scale", l.name),
+                offset,
+                len: out_c,
+                lo,
+                hi,
+                dims: [out_c, 1, 1, 1],
+            });
         }
         Ok(())
     }
@@ -659,6 +865,7 @@ impl QNetwork {
         let o = r / kh;
         Some(VarInfo {
             layer,
+            kind: l.kind,
             position: [o, y, x, i],
             lo: l.lo,
             hi: l.hi,
@@ -693,6 +900,7 @@ impl QNetwork {
     pub fn layer_bits(&self) -> Vec<u8> {
         self.layers
             .iter()
+            .filter(|l| l.kind == VarKind::Weights)
             .map(|l| self.conv(l.node).weight_bits)
             .collect()
     }
@@ -1085,11 +1293,15 @@ impl QNetwork {
                     return Err(bad(format!("layer '{}' has no output stage", node.name)));
                 }
                 let (lo, hi) = code_range(c.weight_bits.clamp(2, 8));
-                if c.codes.iter().any(|&x| x < lo || x > hi) {
+                if !(2..=8).contains(&c.weight_bits) || c.codes.iter().any(|&x| x < lo || x > hi) {
                     return Err(bad(format!(
                         "layer '{}' has codes outside [{lo}, {hi}]",
                         node.name
                     )));
+                }
+                if let Some(sc) = &c.scales {
+                    validate_scales(sc, c)
+                        .map_err(|why| bad(format!("layer '{}' scales: {why}", node.name)))?;
                 }
             }
         }
@@ -1104,13 +1316,45 @@ impl QNetwork {
                     l.name
                 )));
             }
-            if self.conv(l.node).codes.len() != l.len {
+            let conv = self.conv(l.node);
+            let (len, range) = match (l.kind, &conv.scales) {
+                (VarKind::Weights, _) => {
+                    (conv.codes.len(), code_range(conv.weight_bits.clamp(2, 8)))
+                }
+                (VarKind::Scales, Some(sc)) => (sc.codes.len(), ChannelScales::code_range(sc.step)),
+                (VarKind::Scales, None) => (usize::MAX, (0, 0)),
+            };
+            if len != l.len || (l.lo, l.hi) != range {
                 return Err(bad(format!(
-                    "variable map entry '{}' has the wrong length",
+                    "variable map entry '{}' has the wrong length or code range",
                     l.name
                 )));
             }
             offset += l.len;
+        }
+        // Weight entries first (the flat vector's documented order), and every layer with
+        // scales has exactly one scale entry, so `codes()` covers every scale code.
+        let kinds: Vec<VarKind> = self.layers.iter().map(|l| l.kind).collect();
+        if kinds
+            .windows(2)
+            .any(|w| w == [VarKind::Scales, VarKind::Weights])
+        {
+            return Err(bad(
+                "scale entries before weight entries in the variable map".into(),
+            ));
+        }
+        let scaled = (0..self.nodes.len())
+            .filter(|&i| matches!(&self.nodes[i].op, QOp::Conv(c) if c.scales.is_some()));
+        for node in scaled {
+            let entries = (self.layers.iter())
+                .filter(|l| l.node == node && l.kind == VarKind::Scales)
+                .count();
+            if entries != 1 {
+                return Err(bad(format!(
+                    "layer '{}' has scales but {entries} scale entries in the variable map",
+                    self.nodes[node].name
+                )));
+            }
         }
         Ok(())
     }

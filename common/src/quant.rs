@@ -23,7 +23,10 @@
 use crate::float;
 use crate::kernels::{AddParams, ConvGeom, MulParams, OutputStage, PoolGeom, Requant};
 use crate::model::{Graph, Normalization, Op, Pool, Shape};
-use crate::qnet::{self, code_range, InputQuant, LayerVars, QConv, QNetwork, QNode, QOp, QValue};
+use crate::qnet::{
+    self, code_range, ChannelScales, InputQuant, LayerVars, QConv, QNetwork, QNode, QOp, QValue,
+    VarKind,
+};
 use crate::rounding;
 use crate::{Error, Result};
 
@@ -127,6 +130,9 @@ pub struct QuantConfig {
     /// `weight_bits` (mixed precision as commonly practised: the first convolution and the
     /// classifier are small and sensitive, so they are often kept at 8 bits).
     pub first_last_bits: Option<u8>,
+    /// Searched per-channel weight-scale multipliers `1 + k * step` on every hidden
+    /// layer ([`QNetwork::add_channel_scales`]), when set.
+    pub channel_scale_step: Option<f64>,
 }
 
 impl QuantConfig {
@@ -141,6 +147,7 @@ impl QuantConfig {
             rounding: Rounding::Nearest,
             bias_correction: false,
             first_last_bits: None,
+            channel_scale_step: None,
         }
     }
 
@@ -157,6 +164,16 @@ impl QuantConfig {
         }
         if let Some(b) = self.first_last_bits.filter(|b| !(2..=8).contains(b)) {
             return Err(Error::setting("first_last_bits", b, "must be 2..=8"));
+        }
+        if let Some(s) = self
+            .channel_scale_step
+            .filter(|&s| !ChannelScales::valid_step(s))
+        {
+            return Err(Error::setting(
+                "channel_scale_step",
+                s,
+                "must lie in (0, 0.5]",
+            ));
         }
         Ok(())
     }
@@ -571,6 +588,7 @@ pub fn quantize(
             let (lo, hi) = code_range(c.weight_bits);
             let g = c.geom;
             layers.push(LayerVars {
+                kind: VarKind::Weights,
                 node: nodes.len(),
                 name: node.name.clone(),
                 offset: layers.last().map_or(0, |l: &LayerVars| l.offset + l.len),
@@ -637,6 +655,9 @@ pub fn quantize(
     };
     if cfg.bias_correction {
         correct_biases(&mut net, graph, norm, calib, n, &pre_act);
+    }
+    if let Some(step) = cfg.channel_scale_step {
+        net.add_channel_scales(step)?;
     }
     net.validate("<quantizer output>")?;
     Ok(net)
@@ -1166,6 +1187,100 @@ mod tests {
         assert!(bad.validate().is_err());
     }
 
+    /// Channel scales add one variable per output channel of every hidden layer, after the
+    /// weight codes, all at code 0 (the network computes what it did). A scale code moves
+    /// exactly its channel's requantization by `1 + k * step` and nothing else; files keep
+    /// it, and a stage that disagrees with the codes is refused.
+    #[test]
+    fn channel_scales_move_one_channel_requantization_exactly() {
+        let g = fixture();
+        let plain = quantize(&g, &norm(), &images(64, 1), 64, &cfg(3, 8)).unwrap();
+        let scaled_cfg = QuantConfig {
+            channel_scale_step: Some(0.125),
+            ..cfg(3, 8)
+        };
+        let mut net = quantize(&g, &norm(), &images(64, 1), 64, &scaled_cfg).unwrap();
+        let hidden: Vec<&LayerVars> = (plain.layers.iter())
+            .filter(|l| plain.conv(l.node).stage.is_some())
+            .collect();
+        let extra: usize = hidden.iter().map(|l| l.dims[0]).sum();
+        assert!(extra > 0);
+        assert_eq!(net.num_vars(), plain.num_vars() + extra);
+        let weights = plain.num_vars();
+        assert_eq!(net.codes()[..weights], plain.codes()[..]);
+        assert!(net.codes()[weights..].iter().all(|&k| k == 0));
+        let scale_layers: Vec<LayerVars> = net.layers[plain.layers.len()..].to_vec();
+        assert!(scale_layers
+            .iter()
+            .all(|l| l.kind == VarKind::Scales && (l.lo, l.hi) == (-7, 7)));
+        let (mut a, mut b) = (Activations::default(), Activations::default());
+        let test = images(16, 2);
+        plain.forward(&test, 16, &mut a);
+        net.forward(&test, 16, &mut b);
+        assert_eq!(a.logits, b.logits, "code 0 changes nothing");
+
+        // Channel 1 of the first layer up by 2 steps: x1.25.
+        let first = &scale_layers[0];
+        let before = net.conv(first.node).stage.clone().unwrap();
+        net.apply_changes(&[(first.offset as u32 + 1, 2)]).unwrap();
+        let conv = net.conv(first.node);
+        let after = conv.stage.as_ref().unwrap();
+        assert_eq!(
+            after.requant[1],
+            Requant::from_real(before.requant[1].to_real() * 1.25)
+        );
+        for oc in (0..after.requant.len()).filter(|&oc| oc != 1) {
+            assert_eq!(after.requant[oc], before.requant[oc], "channel {oc}");
+        }
+        let w = conv.weight_scales();
+        assert_eq!(w[1], conv.w_scale[1] * 1.25);
+        assert_eq!(w[0], conv.w_scale[0]);
+        assert_eq!(net.var_code(first.offset + 1), 2);
+        net.forward(&test, 16, &mut b);
+        let (oc_of, out_c) = (|i: usize| i % first.dims[0], first.dims[0]);
+        let first_out = &b.values[first.node + 1];
+        let plain_out = &a.values[first.node + 1];
+        assert_eq!(first_out.len(), plain_out.len());
+        let differ: Vec<usize> = (0..first_out.len())
+            .filter(|&i| first_out[i] != plain_out[i])
+            .map(oc_of)
+            .collect();
+        assert!(
+            !differ.is_empty() && differ.iter().all(|&oc| oc == 1),
+            "{out_c} channels"
+        );
+
+        // Out-of-range scale codes are refused before anything changes.
+        assert!(net.apply_changes(&[(first.offset as u32, 8)]).is_err());
+        assert_eq!(net.var_code(first.offset), 0);
+        // Both file forms keep the scales; a stage that disagrees with them is refused.
+        let back = QNetwork::from_json(&net.to_json(), "scaled.ccq").unwrap();
+        assert_eq!((back.codes(), &back.layers), (net.codes(), &net.layers));
+        let back = QNetwork::from_bytes(&net.to_bytes(), "scaled").unwrap();
+        assert_eq!(back.codes(), net.codes());
+        let mut broken = net.clone();
+        broken.conv_mut(first.node).stage.as_mut().unwrap().requant[1] = before.requant[1];
+        let err = broken.validate("broken.ccq").unwrap_err().to_string();
+        assert!(err.contains("scales"), "{err}");
+        // set_codes reaches the scales too.
+        let mut codes = net.codes();
+        codes[first.offset + 1] = -3;
+        net.set_codes(&codes).unwrap();
+        assert_eq!(net.var_code(first.offset + 1), -3);
+        net.validate("after set_codes").unwrap();
+
+        assert_eq!(ChannelScales::code_range(0.0625), (-7, 7));
+        assert_eq!(ChannelScales::code_range(0.25), (-3, 7));
+        assert_eq!(ChannelScales::code_range(0.5), (-1, 7));
+        for bad in [0.0, -0.1, 0.75, f64::NAN] {
+            let q = QuantConfig {
+                channel_scale_step: Some(bad),
+                ..cfg(3, 8)
+            };
+            assert!(q.validate().is_err(), "step {bad}");
+        }
+    }
+
     #[test]
     fn weight_codes_are_round_to_nearest_within_range() {
         let g = fixture();
@@ -1586,7 +1701,16 @@ mod tests {
     #[test]
     fn damaged_binary_networks_never_panic() {
         let g = fixture();
-        let net = quantize(&g, &norm(), &images(16, 1), 16, &cfg(3, 8)).unwrap();
+        let scaled = QuantConfig {
+            channel_scale_step: Some(0.25),
+            ..cfg(3, 8)
+        };
+        for q in [cfg(3, 8), scaled] {
+            damaged_network_never_panics(&quantize(&g, &norm(), &images(16, 1), 16, &q).unwrap());
+        }
+    }
+
+    fn damaged_network_never_panics(net: &QNetwork) {
         let bytes = net.to_bytes();
         for cut in 0..bytes.len() {
             assert!(

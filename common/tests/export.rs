@@ -14,7 +14,7 @@ use ccq_common::export::{self, Format};
 use ccq_common::model::Normalization;
 use ccq_common::onnx::proto::{self, ModelProto};
 use ccq_common::onnx::{self as onnx_import, qdq};
-use ccq_common::qnet::{Activations, QNetwork, QOp};
+use ccq_common::qnet::{Activations, QNetwork, QOp, VarKind};
 use ccq_common::quant::{quantize, QuantConfig};
 use ccq_common::Error;
 use prost::Message;
@@ -192,6 +192,54 @@ fn qdq_export_reimports_as_the_same_integer_network() {
             "{name} {q:?}: arg-max agrees on {agree}/{n}"
         );
     }
+}
+
+/// A network with searched channel scales exports its weight scales as it runs them
+/// (bias codes unchanged, at `s_in` times those scales): the file reimports as a plain
+/// network (no scale variables) with those scales and the same integer parameters.
+#[test]
+fn channel_scales_export_as_the_weight_scales_they_run() {
+    let q = QuantConfig {
+        channel_scale_step: Some(0.125),
+        ..cfg(4, 8)
+    };
+    let mut net = fixture_net("tiny_resnet", &q);
+    let weights: usize = (net.layers.iter())
+        .filter(|l| l.kind == VarKind::Weights)
+        .map(|l| l.len)
+        .sum();
+    let moves: Vec<(u32, i8)> = (weights..net.num_vars())
+        .map(|v| (v as u32, [-2i8, 0, 1, 3][v % 4]))
+        .collect();
+    net.apply_changes(&moves).unwrap();
+    let back = reimport(&export::to_onnx_qdq(&net).unwrap().bytes, None).unwrap();
+    assert_eq!(
+        back.num_vars(),
+        weights,
+        "the file holds no scale variables"
+    );
+    assert_eq!(back.codes()[..], net.codes()[..weights]);
+    for l in back.layers.iter() {
+        let (a, b) = (net.conv(l.node), back.conv(l.node));
+        assert_eq!(a.bias, b.bias, "{}", l.name);
+        for (x, y) in a.weight_scales().iter().zip(&b.w_scale) {
+            assert!(((x - y) / x).abs() < 1e-6, "{}: {x} vs {y}", l.name);
+        }
+        if let (Some(s), Some(t)) = (&a.stage, &b.stage) {
+            for (r, u) in s.requant.iter().zip(&t.requant) {
+                let (r, u) = (r.to_real(), u.to_real());
+                assert!(((r - u) / r).abs() < 1e-6, "{}: {r} vs {u}", l.name);
+            }
+        }
+    }
+    let n = 200;
+    let images = random_images(net.image_len(), n, 11);
+    let (a, b) = (logits(&net, &images, n), logits(&back, &images, n));
+    let k = net.num_classes;
+    let agree = (0..n)
+        .filter(|&i| argmax(&a[i * k..(i + 1) * k]) == argmax(&b[i * k..(i + 1) * k]))
+        .count();
+    assert!(agree >= n - 2, "arg-max agrees on {agree}/{n}");
 }
 
 #[test]
@@ -541,6 +589,21 @@ fn onnx_runtime_agrees_on_residual_networks() {
         first_index: 0,
     };
     assert_runtimes_agree("tiny_resnet w4a8", &net, &data, true);
+    // With searched channel scales moved off 1: the file runs them as ccq does.
+    let q = QuantConfig {
+        channel_scale_step: Some(0.125),
+        ..cfg(4, 8)
+    };
+    let mut scaled = fixture_net("tiny_resnet", &q);
+    let first_scale = (scaled.layers.iter())
+        .find(|l| l.kind == VarKind::Scales)
+        .map(|l| l.offset)
+        .unwrap();
+    let moves: Vec<(u32, i8)> = (first_scale..scaled.num_vars())
+        .map(|v| (v as u32, [-2i8, 0, 1, 3][v % 4]))
+        .collect();
+    scaled.apply_changes(&moves).unwrap();
+    assert_runtimes_agree("tiny_resnet w4a8 with channel scales", &scaled, &data, true);
 }
 
 #[test]

@@ -139,6 +139,12 @@ pub struct QuantSection {
     /// should differ from `weight_bits`: mixed precision as commonly practised. Unset:
     /// every layer has `weight_bits`.
     pub first_last_bits: Option<u8>,
+    /// Search a weight-scale multiplier per output channel of every hidden layer (not the
+    /// logits layer) besides the codes: channel scale times `1 + k * channel_scale_step`
+    /// for an integer `k` from -7 to 7 that starts at 0 and is searched like a code (at
+    /// most `eda.radius` from 0, further only over restarts). In (0, 0.5], e.g. 0.0625.
+    /// Unset: scales stay as quantized.
+    pub channel_scale_step: Option<f64>,
 }
 
 impl Default for QuantSection {
@@ -152,6 +158,7 @@ impl Default for QuantSection {
             rounding: "nearest".into(),
             bias_correction: false,
             first_last_bits: None,
+            channel_scale_step: None,
         }
     }
 }
@@ -354,6 +361,7 @@ impl RunConfig {
                 .map_err(in_quant_section)?,
             bias_correction: self.quant.bias_correction,
             first_last_bits: self.quant.first_last_bits,
+            channel_scale_step: self.quant.channel_scale_step,
         };
         q.validate().map_err(in_quant_section)?;
         Ok(q)

@@ -358,6 +358,7 @@ impl QuantArgs {
             rounding: self.rounding.parse::<Rounding>()?,
             bias_correction: self.bias_correction,
             first_last_bits: self.first_last_bits,
+            channel_scale_step: None,
         };
         q.validate()?;
         Ok(Some(q))
@@ -425,6 +426,7 @@ mod tests {
                 rounding: Rounding::Nearest,
                 bias_correction,
                 first_last_bits: None,
+                channel_scale_step: None,
             }),
             calib_images: 256,
             threads: 1,

@@ -22,7 +22,9 @@ pub mod process;
 /// every gain look noise-free, silently.
 /// 7: the job loop is one stream (`Work`) instead of a `PollJob` / `SubmitResult` call
 /// per job; network changes are two parallel arrays (`Changes`), not a message each.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: the network's binary form carries channel scales (`QConv.scales`, `LayerVars.kind`);
+/// an older worker could not decode it.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Request metadata key carrying the cluster token, as `Bearer <token>`.
 pub const TOKEN_METADATA: &str = "authorization";

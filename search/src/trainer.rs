@@ -775,11 +775,15 @@ mod tests {
     use super::*;
     use ccq_common::fitness::evaluate_candidates;
     use ccq_common::model::Normalization;
-    use ccq_common::qnet::Targets;
+    use ccq_common::qnet::{Targets, VarKind};
     use ccq_common::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
     use rand::Rng;
 
     fn setup() -> (QNetwork, Vec<u8>, Vec<u8>) {
+        setup_with(None)
+    }
+
+    fn setup_with(channel_scale_step: Option<f64>) -> (QNetwork, Vec<u8>, Vec<u8>) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../common/tests/fixtures/mnist_cnn.onnx");
         let graph = ccq_common::onnx::load_onnx(&path).unwrap();
@@ -795,6 +799,7 @@ mod tests {
             rounding: Rounding::Nearest,
             bias_correction: false,
             first_last_bits: None,
+            channel_scale_step,
         };
         let net = quantize(&graph, &Normalization::identity(1), &pixels, n, &q).unwrap();
         (net, pixels, labels)
@@ -882,6 +887,65 @@ mod tests {
     }
 
     /// Same seed, same sequence of batches and candidates.
+    /// Channel scale variables are grouped per layer like codes, searched, and adopted;
+    /// the network stays consistent (its stages follow its scale codes) and a snapshot
+    /// restores the scales with everything else.
+    #[test]
+    fn channel_scales_are_searched_and_adopted() {
+        let (net, pixels, labels) = setup_with(Some(0.125));
+        let first_scale = (net.layers.iter())
+            .find(|l| l.kind == VarKind::Scales)
+            .map(|l| l.offset)
+            .unwrap();
+        let eda = EdaParams {
+            population: 8,
+            top_k: 2,
+            group_size: 64,
+            ..EdaParams::default()
+        };
+        let search = SearchConfig {
+            generations_per_group: 2,
+            batch_size: 48,
+            ..SearchConfig::default()
+        };
+        let mut t = Trainer::new(net, eda.clone(), search.clone(), 3, labels.len()).unwrap();
+        let (mut scale_generations, mut moved) = (0, false);
+        for _ in 0..400 {
+            let g = t.next_generation().unwrap().unwrap();
+            scale_generations += usize::from(g.vars[0] as usize >= first_scale);
+            let il = 784;
+            let px: Vec<u8> = (g.images.iter())
+                .flat_map(|&i| pixels[i as usize * il..(i as usize + 1) * il].to_vec())
+                .collect();
+            let lb: Vec<u8> = g.images.iter().map(|&i| labels[i as usize]).collect();
+            let stats = evaluate_candidates(
+                t.network(),
+                &px,
+                &Targets::labels(&lb),
+                &g.vars,
+                &g.candidates,
+                1,
+            )
+            .unwrap();
+            t.complete(&g, &stats).unwrap();
+            moved |= t.network().codes()[first_scale..].iter().any(|&k| k != 0);
+            if moved && scale_generations >= 4 {
+                break;
+            }
+        }
+        assert!(
+            scale_generations >= 4,
+            "{scale_generations} generations on scales"
+        );
+        assert!(moved, "no scale change adopted");
+        t.network().validate("searched").unwrap();
+        let snap = t.snapshot();
+        let (fresh, _, _) = setup_with(Some(0.125));
+        let back = Trainer::restore(fresh, search, 3, labels.len(), snap, "snapshot").unwrap();
+        assert_eq!(back.network().codes(), t.network().codes());
+        back.network().validate("restored").unwrap();
+    }
+
     #[test]
     fn generations_are_reproducible() {
         let (net, _, labels) = setup();

@@ -212,6 +212,13 @@ pub fn to_json(net: &QNetwork) -> Vec<u8> {
         scale: iv.scale,
         zero_point: iv.zp,
     }];
+    // Weight scales as the network runs them (with its searched channel scales, if any).
+    let weight_scales: Vec<Vec<f64>> = (net.nodes.iter())
+        .map(|n| match &n.op {
+            QOp::Conv(c) => c.weight_scales(),
+            _ => Vec::new(),
+        })
+        .collect();
     let mut nodes = Vec::with_capacity(net.nodes.len());
     for (i, n) in net.nodes.iter().enumerate() {
         let (name, input, output) = (n.name.as_str(), n.inputs[0], i + 1);
@@ -243,7 +250,7 @@ pub fn to_json(net: &QNetwork) -> Vec<u8> {
                     weights: &c.codes,
                     bias: &c.bias,
                     input_zero_point: c.input_zp,
-                    weight_scale: &c.w_scale,
+                    weight_scale: &weight_scales[i],
                     requant,
                     output_zero_point,
                     clamp_min,

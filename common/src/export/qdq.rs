@@ -614,7 +614,10 @@ impl Builder {
             &dims,
             codes.iter().map(|&x| x as u8).collect(),
         );
-        let w_scales: Vec<f32> = c.w_scale.iter().map(|&s| s as f32).collect();
+        // As the network runs them: with its searched channel scales, if any; the bias
+        // codes are at `s_in` times these.
+        let run_scales = c.weight_scales();
+        let w_scales: Vec<f32> = run_scales.iter().map(|&s| s as f32).collect();
         let w_scale = self.f32s(&format!("{label}.weight.scale"), &[o], &w_scales);
         let w_zp = self.tensor(
             &format!("{label}.weight.zero_point"),
@@ -630,9 +633,7 @@ impl Builder {
             axis0(),
         );
         let b_codes = self.i32s(&format!("{label}.bias.codes"), &[o], &c.bias);
-        let b_scales: Vec<f32> = c
-            .w_scale
-            .iter()
+        let b_scales: Vec<f32> = (run_scales.iter())
             .map(|&s| (src_q.scale * s) as f32)
             .collect();
         let b_scale = self.f32s(&format!("{label}.bias.scale"), &[o], &b_scales);

@@ -31,7 +31,9 @@ use super::tensor::Tensor;
 use crate::export::onnx_quantize;
 use crate::kernels::{AddParams, ConvGeom, OutputStage, PoolGeom, Requant};
 use crate::model::{window_out, Normalization};
-use crate::qnet::{code_range, InputQuant, LayerVars, QConv, QNetwork, QNode, QOp, QValue};
+use crate::qnet::{
+    code_range, InputQuant, LayerVars, QConv, QNetwork, QNode, QOp, QValue, VarKind,
+};
 use crate::{Error, Result};
 
 /// Whether the model holds any QuantizeLinear node, i.e. is meant for [`import_qdq`]
@@ -1142,6 +1144,7 @@ impl Importer {
                 let (lo, hi) = code_range(c.weight_bits);
                 let g = c.geom;
                 layers.push(LayerVars {
+                    kind: VarKind::Weights,
                     node: i,
                     name: node.name.clone(),
                     offset: layers.last().map_or(0, |l| l.offset + l.len),
