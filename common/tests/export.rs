@@ -92,6 +92,17 @@ fn argmax(row: &[f64]) -> usize {
 
 /// Everything integer survives exactly; scales survive to f32 precision; requantization
 /// multipliers are recomputed from those scales, so they may move in their last bits only.
+/// On how many of 200 random images the two networks' arg-max classes agree.
+fn argmax_agreement(a: &QNetwork, b: &QNetwork) -> usize {
+    let n = 200;
+    let images = random_images(a.image_len(), n, 11);
+    let (x, y) = (logits(a, &images, n), logits(b, &images, n));
+    let k = a.num_classes;
+    (0..n)
+        .filter(|&i| argmax(&x[i * k..(i + 1) * k]) == argmax(&y[i * k..(i + 1) * k]))
+        .count()
+}
+
 fn assert_same_network(a: &QNetwork, b: &QNetwork) {
     let close = |x: f64, y: f64| ((x - y) / x).abs() < 1e-6;
     assert_eq!(a.nodes.len(), b.nodes.len());
@@ -180,13 +191,7 @@ fn qdq_export_reimports_as_the_same_integer_network() {
         assert_eq!(ranges(&back), ranges(&net), "{name} {q:?}: variable ranges");
 
         // The networks compute the same thing up to the recomputed multipliers.
-        let n = 200;
-        let images = random_images(net.image_len(), n, 11);
-        let (a, b) = (logits(&net, &images, n), logits(&back, &images, n));
-        let k = net.num_classes;
-        let agree = (0..n)
-            .filter(|&i| argmax(&a[i * k..(i + 1) * k]) == argmax(&b[i * k..(i + 1) * k]))
-            .count();
+        let (agree, n) = (argmax_agreement(&net, &back), 200);
         assert!(
             agree >= n - 2,
             "{name} {q:?}: arg-max agrees on {agree}/{n}"
@@ -194,11 +199,9 @@ fn qdq_export_reimports_as_the_same_integer_network() {
     }
 }
 
-/// A network with searched channel scales exports its weight scales as it runs them
-/// (bias codes unchanged, at `s_in` times those scales): the file reimports as a plain
-/// network (no scale variables) with those scales and the same integer parameters.
-#[test]
-fn channel_scales_export_as_the_weight_scales_they_run() {
+/// tiny_resnet W4A8 with channel scales (step 1/8), its scale codes moved to -2, 0, 1
+/// and 3 in turn; and its number of weight codes (where the scale codes start).
+fn scaled_tiny_resnet() -> (QNetwork, usize) {
     let q = QuantConfig {
         channel_scale_step: Some(0.125),
         ..cfg(4, 8)
@@ -212,6 +215,15 @@ fn channel_scales_export_as_the_weight_scales_they_run() {
         .map(|v| (v as u32, [-2i8, 0, 1, 3][v % 4]))
         .collect();
     net.apply_changes(&moves).unwrap();
+    (net, weights)
+}
+
+/// A network with searched channel scales exports its weight scales as it runs them
+/// (bias codes unchanged, at `s_in` times those scales): the file reimports as a plain
+/// network (no scale variables) with those scales and the same integer parameters.
+#[test]
+fn channel_scales_export_as_the_weight_scales_they_run() {
+    let (net, weights) = scaled_tiny_resnet();
     let back = reimport(&export::to_onnx_qdq(&net).unwrap().bytes, None).unwrap();
     assert_eq!(
         back.num_vars(),
@@ -232,14 +244,8 @@ fn channel_scales_export_as_the_weight_scales_they_run() {
             }
         }
     }
-    let n = 200;
-    let images = random_images(net.image_len(), n, 11);
-    let (a, b) = (logits(&net, &images, n), logits(&back, &images, n));
-    let k = net.num_classes;
-    let agree = (0..n)
-        .filter(|&i| argmax(&a[i * k..(i + 1) * k]) == argmax(&b[i * k..(i + 1) * k]))
-        .count();
-    assert!(agree >= n - 2, "arg-max agrees on {agree}/{n}");
+    let agree = argmax_agreement(&net, &back);
+    assert!(agree >= 198, "arg-max agrees on {agree}/200");
 }
 
 #[test]
@@ -590,19 +596,7 @@ fn onnx_runtime_agrees_on_residual_networks() {
     };
     assert_runtimes_agree("tiny_resnet w4a8", &net, &data, true);
     // With searched channel scales moved off 1: the file runs them as ccq does.
-    let q = QuantConfig {
-        channel_scale_step: Some(0.125),
-        ..cfg(4, 8)
-    };
-    let mut scaled = fixture_net("tiny_resnet", &q);
-    let first_scale = (scaled.layers.iter())
-        .find(|l| l.kind == VarKind::Scales)
-        .map(|l| l.offset)
-        .unwrap();
-    let moves: Vec<(u32, i8)> = (first_scale..scaled.num_vars())
-        .map(|v| (v as u32, [-2i8, 0, 1, 3][v % 4]))
-        .collect();
-    scaled.apply_changes(&moves).unwrap();
+    let (scaled, _) = scaled_tiny_resnet();
     assert_runtimes_agree("tiny_resnet w4a8 with channel scales", &scaled, &data, true);
 }
 

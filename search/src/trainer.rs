@@ -908,26 +908,11 @@ mod tests {
             batch_size: 48,
             ..SearchConfig::default()
         };
-        let mut t = Trainer::new(net, eda.clone(), search.clone(), 3, labels.len()).unwrap();
+        let mut t = Trainer::new(net, eda, search.clone(), 3, labels.len()).unwrap();
         let (mut scale_generations, mut moved) = (0, false);
         for _ in 0..400 {
-            let g = t.next_generation().unwrap().unwrap();
+            let (g, _) = run_one(&mut t, &pixels, &labels).unwrap();
             scale_generations += usize::from(g.vars[0] as usize >= first_scale);
-            let il = 784;
-            let px: Vec<u8> = (g.images.iter())
-                .flat_map(|&i| pixels[i as usize * il..(i as usize + 1) * il].to_vec())
-                .collect();
-            let lb: Vec<u8> = g.images.iter().map(|&i| labels[i as usize]).collect();
-            let stats = evaluate_candidates(
-                t.network(),
-                &px,
-                &Targets::labels(&lb),
-                &g.vars,
-                &g.candidates,
-                1,
-            )
-            .unwrap();
-            t.complete(&g, &stats).unwrap();
             moved |= t.network().codes()[first_scale..].iter().any(|&k| k != 0);
             if moved && scale_generations >= 4 {
                 break;
