@@ -13,7 +13,7 @@
 //! side by side so that tests and the `candidates` benchmark can compare them.
 
 use crate::kernels::{ConvGeom, DeltaBase, WeightChange};
-use crate::qnet::{Activations, EvalStats, QConv, QNetwork, Targets, VarKind};
+use crate::qnet::{Activations, EvalStats, QNetwork, QOp, Targets, VarKind};
 use crate::{Error, Result};
 
 /// How [`evaluate_candidates_with`] computes each candidate. All give the same bits.
@@ -184,21 +184,21 @@ enum Plan {
     SameAs(usize),
     /// Full forward pass with these layers replaced ([`Strategy::Naive`]).
     Full {
-        layers: Vec<(usize, QConv)>,
+        layers: Vec<(usize, QOp)>,
         /// The candidate's codes are the base network's.
         is_base: bool,
     },
     /// Recompute from node `first` with these layers replaced.
     Patched {
         first: usize,
-        layers: Vec<(usize, QConv)>,
+        layers: Vec<(usize, QOp)>,
     },
     /// Node `first` by the sparse delta `changes` from the base; then recompute from
     /// `first + 1` with these (other) layers replaced.
     Delta {
         first: usize,
         changes: Vec<WeightChange>,
-        layers: Vec<(usize, QConv)>,
+        layers: Vec<(usize, QOp)>,
     },
 }
 
@@ -222,16 +222,12 @@ fn build_plans(
         .collect();
     let base_codes: Vec<i8> = group_vars
         .iter()
-        .zip(&layer_of)
-        .map(|(&v, &l)| {
-            let lv = &base.layers[l];
-            base.conv(lv.node).var_code(lv.kind, v as usize - lv.offset)
-        })
+        .map(|&v| base.var_code(v as usize))
         .collect();
-    // Every candidate sets the same variables, so all share the first layer they touch.
-    let first = layer_of
+    // Every candidate sets the same variables, so all share the first node they touch.
+    let first = group_vars
         .iter()
-        .map(|&l| base.layers[l].node)
+        .map(|&v| base.first_node(v as usize))
         .min()
         .unwrap_or(0);
     let job = JobChanges {
@@ -240,13 +236,10 @@ fn build_plans(
         layer_of: &layer_of,
         base_codes: &base_codes,
     };
-    // A scale change of the first layer changes its output stage, which the sparse delta
-    // (of weights, at the base stage) does not see: such jobs recompute the layer.
-    let scales_first = layer_of.iter().any(|&l| {
-        let lv = &base.layers[l];
-        lv.node == first && lv.kind == VarKind::Scales
-    });
-    let job_delta = !scales_first && delta_pays_off_in_job(base, strategy, &job, candidates);
+    // Scale and clip changes move stages and biases, which the sparse delta (of weights,
+    // at the base stage) does not see: jobs with them recompute from their first node.
+    let weights_only = (layer_of.iter()).all(|&l| base.layers[l].kind == VarKind::Weights);
+    let job_delta = weights_only && delta_pays_off_in_job(base, strategy, &job, candidates);
     let mut plans = Vec::with_capacity(candidates.len());
     for (ci, cand) in candidates.iter().enumerate() {
         if cand.len() != group_vars.len() {
@@ -293,27 +286,39 @@ fn build_plans(
             _ => None,
         };
         let skip = delta.as_ref().map(|_| first);
-        let mut layers: Vec<(usize, QConv)> = Vec::new();
+        let mut layers: Vec<(usize, QOp)> = Vec::new();
+        let mut clips = Vec::new();
         for ((&v, &li), &code) in group_vars.iter().zip(&layer_of).zip(cand) {
             let lv = &base.layers[li];
+            let i = v as usize - lv.offset;
+            if lv.kind == VarKind::Clip {
+                if base.clips[i].code != code {
+                    clips.push((i, code));
+                }
+                continue;
+            }
             if Some(lv.node) == skip {
                 continue;
             }
             let slot = match layers.iter().position(|(node, _)| *node == lv.node) {
                 Some(s) => s,
                 None => {
-                    layers.push((lv.node, base.conv(lv.node).clone()));
+                    layers.push((lv.node, base.nodes[lv.node].op.clone()));
                     layers.len() - 1
                 }
             };
-            layers[slot]
-                .1
-                .set_var(lv.kind, v as usize - lv.offset, code);
+            if let QOp::Conv(c) = &mut layers[slot].1 {
+                c.set_var(lv.kind, i, code);
+            }
         }
-        // Also a layer whose scales alone changed (its packed weights are the base's):
-        // scale groups are a few of a cycle's, and one rule is simpler than two.
-        for (_, conv) in &mut layers {
-            conv.repack();
+        base.patch_clips(&clips, &mut layers);
+        // Also a layer whose scales or clips alone changed (its packed weights are the
+        // base's but for a clip's bias): such groups are a few of a cycle's, and one rule
+        // is simpler than two.
+        for (_, op) in &mut layers {
+            if let QOp::Conv(c) = op {
+                c.repack();
+            }
         }
         plans.push(match (strategy, delta) {
             (Strategy::Naive, _) => Plan::Full {
@@ -577,6 +582,7 @@ mod tests {
             bias_correction: false,
             first_last_bits: None,
             channel_scale_step: None,
+            act_clip_step: None,
         };
         let net = quantize(
             &graph,
@@ -885,6 +891,55 @@ mod tests {
                         let candidates = candidates_for(&net, &vars, 4, p_change, &mut rng);
                         assert_all_strategies_exact(&net, &pixels, &labels, &vars, &candidates);
                     }
+                }
+            }
+        }
+    }
+
+    /// With activation clips (and channel scales), candidates that move clips alone, with
+    /// the weights of the clip's producer, or with scales score exactly as the whole
+    /// network with the candidate's codes written in: producers, readers, residual adds
+    /// and fused convolutions all follow. From a base whose clips are not all at 0.
+    #[test]
+    fn candidates_over_activation_clips_match_full_evaluation() {
+        for (name, channels, hw) in [("tiny_resnet", 3, 16), ("mnist_cnn", 1, 28)] {
+            let (mut net, pixels, labels) = fixture(name, channels, hw, 3);
+            let weights = net.num_vars();
+            net.add_channel_scales(0.125).unwrap();
+            let scales = net.num_vars();
+            net.add_act_clips(0.0625).unwrap();
+            let clips = net.clips.len();
+            assert!(clips > 0, "{name}: clips added");
+            let moved: Vec<(u32, i8)> = (scales..net.num_vars())
+                .step_by(2)
+                .map(|v| (v as u32, [3i8, -2][v % 2]))
+                .collect();
+            net.apply_changes(&moved).unwrap();
+            let clip_vars: Vec<u32> = (scales as u32..net.num_vars() as u32).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(14);
+            let mut groups = vec![clip_vars.clone()];
+            for (i, &v) in clip_vars.iter().enumerate() {
+                let producer = net.clips[i].producer();
+                let layer = net.layers.iter().find(|l| l.node == producer);
+                let mut g: Vec<u32> = vec![v];
+                if let Some(l) = layer {
+                    // The producer's own weights and scales beside its clip.
+                    g.extend(l.offset as u32..l.offset as u32 + 5);
+                    let s = (net.layers.iter())
+                        .find(|s| s.node == producer && s.kind == VarKind::Scales)
+                        .unwrap();
+                    g.extend(s.offset as u32..s.offset as u32 + 2);
+                }
+                // And a weight of a later layer.
+                g.push(rng.random_range(0..weights as u32));
+                g.sort_unstable();
+                g.dedup();
+                groups.push(g);
+            }
+            for vars in groups {
+                for p_change in [0.3, 1.0] {
+                    let candidates = candidates_for(&net, &vars, 4, p_change, &mut rng);
+                    assert_all_strategies_exact(&net, &pixels, &labels, &vars, &candidates);
                 }
             }
         }

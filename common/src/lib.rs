@@ -9,10 +9,11 @@
 //! - [`quant`]: post-training quantization of a float graph into a [`qnet::QNetwork`]
 //!   (`rounding`: its error-feedback rounding of a layer's codes);
 //! - [`qnet`]: the integer-only network and its engine, with the weight codes exposed as
-//!   one flat vector of decision variables;
+//!   one flat vector of decision variables ([`actclip`]: its searched activation clips);
 //! - [`data`]: CIFAR-10 / MNIST readers and deterministic sharding;
 //! - [`export`]: writing an integer network out as QDQ ONNX or plain arrays.
 
+pub mod actclip;
 pub mod data;
 pub mod error;
 pub mod export;

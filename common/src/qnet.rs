@@ -79,6 +79,11 @@ pub struct QConv {
     /// Searched per-channel scale multipliers, when the network has them.
     #[serde(default)]
     pub scales: Option<ChannelScales>,
+    /// Where the layer reads or writes an activation with a searched clipping level
+    /// ([`crate::actclip`]): its stage and bias at every clip code 0, and the multipliers
+    /// of its input's and output's scales.
+    #[serde(default)]
+    pub clip: Option<ConvClip>,
     #[serde(skip)]
     packed: Option<PackedConv>,
 }
@@ -145,6 +150,7 @@ impl QConv {
             w_scale,
             stage,
             scales: None,
+            clip: None,
             packed: None,
         };
         conv.repack();
@@ -196,6 +202,7 @@ impl QConv {
         match kind {
             VarKind::Weights => self.codes[i],
             VarKind::Scales => self.scales.as_ref().map_or(0, |s| s.codes[i]),
+            VarKind::Clip => unreachable!("clip variables belong to the network, not a layer"),
         }
     }
 
@@ -206,14 +213,70 @@ impl QConv {
         match kind {
             VarKind::Weights => self.codes[i] = code,
             VarKind::Scales => {
-                let (Some(s), Some(stage)) = (&mut self.scales, &mut self.stage) else {
-                    unreachable!("scale variables exist only on layers with scales and a stage")
+                let Some(s) = &mut self.scales else {
+                    unreachable!("scale variables exist only on layers with scales")
                 };
                 s.codes[i] = code;
-                stage.requant[i] = s.requant(i, code);
+                self.restage_channel(i);
             }
+            VarKind::Clip => unreachable!("clip variables belong to the network, not a layer"),
         }
     }
+
+    /// Output channel `oc`'s requantization as its searched multipliers make it, or `None`
+    /// when the layer has none (its stage is what quantization made). Channel scales
+    /// alone: the base times `1 + k * step`; with clips also times the input's and divided
+    /// by the output's scale multiplier. Exact inputs, one rounding, the same bits
+    /// everywhere.
+    pub fn rescaled_requant(&self, oc: usize) -> Option<Requant> {
+        let base = match (&self.clip, &self.scales) {
+            (Some(c), _) => c.base_requant[oc],
+            (None, Some(s)) => return Some(s.requant(oc, s.codes[oc])),
+            (None, None) => return None,
+        };
+        let mut m = base.to_real();
+        if let Some(s) = &self.scales {
+            m *= s.multiplier(s.codes[oc]);
+        }
+        if let Some(c) = &self.clip {
+            m = m * c.input / c.output;
+        }
+        Some(Requant::from_real(m))
+    }
+
+    /// Output channel `oc`'s bias codes as the input's clip multiplier makes them (its
+    /// accumulator scale is the input's): `base / input`, rounded.
+    pub fn rescaled_bias(&self, oc: usize) -> i32 {
+        match &self.clip {
+            None => self.bias[oc],
+            Some(c) => (f64::from(c.base_bias[oc]) / c.input)
+                .round()
+                .clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32,
+        }
+    }
+
+    /// Recomputes channel `oc`'s stage (and, under clips, its bias; the packed weights
+    /// hold the bias, so a bias change needs [`QConv::repack`]) from the multipliers.
+    pub(crate) fn restage_channel(&mut self, oc: usize) {
+        if let (Some(rq), Some(stage)) = (self.rescaled_requant(oc), &mut self.stage) {
+            stage.requant[oc] = rq;
+        }
+        self.bias[oc] = self.rescaled_bias(oc);
+    }
+}
+
+/// How a layer's stage and bias follow the searched clipping levels of its input and
+/// output ([`crate::actclip::ActClip`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConvClip {
+    /// Per output channel, the requantization with every channel-scale and clip code 0.
+    pub base_requant: Vec<Requant>,
+    /// Per output channel, the bias codes at the input's base scale.
+    pub base_bias: Vec<i32>,
+    /// Multiplier of the input's scale (1 unless the input has a clip).
+    pub input: f64,
+    /// Multiplier of the output's scale (1 unless the output has a clip).
+    pub output: f64,
 }
 
 /// A layer's [`ChannelScales`] against the layer: one per output channel, codes in range,
@@ -239,7 +302,7 @@ fn validate_scales(sc: &ChannelScales, c: &QConv) -> std::result::Result<(), Str
     let Some(stage) = &c.stage else {
         return Err("a layer without an output stage cannot have scales".into());
     };
-    if (0..out_c).any(|oc| stage.requant[oc] != sc.requant(oc, sc.codes[oc])) {
+    if (0..out_c).any(|oc| Some(stage.requant[oc]) != c.rescaled_requant(oc)) {
         return Err("the output stage does not match the scale codes".into());
     }
     Ok(())
@@ -322,6 +385,9 @@ pub enum VarKind {
     Weights,
     /// One scale code per output channel ([`ChannelScales`]).
     Scales,
+    /// One clipping code per searched activation ([`crate::actclip::ActClip`]); one
+    /// entry, the last, whose `node` is the first clip's producer.
+    Clip,
 }
 
 /// Where one layer's codes sit in the flat decision vector.
@@ -370,6 +436,9 @@ pub struct QNetwork {
     pub weight_bits: u8,
     pub act_bits: u8,
     pub layers: Vec<LayerVars>,
+    /// Searched activation clipping levels, in network order ([`crate::actclip`]).
+    #[serde(default)]
+    pub clips: Vec<crate::actclip::ActClip>,
 }
 
 /// Per-batch fitness statistics, exact and order-independent: the loss is summed in fixed
@@ -698,10 +767,13 @@ impl QNetwork {
     pub fn codes(&self) -> Vec<i8> {
         let mut out = Vec::with_capacity(self.num_vars());
         for l in &self.layers {
-            let conv = self.conv(l.node);
             match l.kind {
-                VarKind::Weights => out.extend_from_slice(&conv.codes),
-                VarKind::Scales => (0..l.len).for_each(|i| out.push(conv.var_code(l.kind, i))),
+                VarKind::Weights => out.extend_from_slice(&self.conv(l.node).codes),
+                VarKind::Scales => {
+                    let conv = self.conv(l.node);
+                    (0..l.len).for_each(|i| out.push(conv.var_code(l.kind, i)))
+                }
+                VarKind::Clip => out.extend(self.clips.iter().map(|c| c.code)),
             }
         }
         out
@@ -710,7 +782,20 @@ impl QNetwork {
     /// The code of variable `var` (which must exist).
     pub fn var_code(&self, var: usize) -> i8 {
         let l = &self.layers[self.layer_of(var)];
-        self.conv(l.node).var_code(l.kind, var - l.offset)
+        match l.kind {
+            VarKind::Clip => self.clips[var - l.offset].code,
+            kind => self.conv(l.node).var_code(kind, var - l.offset),
+        }
+    }
+
+    /// The first node whose computation variable `var` (which must exist) enters: its
+    /// layer, or for a clip its producer. A candidate is recomputed from there.
+    pub fn first_node(&self, var: usize) -> usize {
+        let l = &self.layers[self.layer_of(var)];
+        match l.kind {
+            VarKind::Clip => self.clips[var - l.offset].producer(),
+            _ => l.node,
+        }
     }
 
     /// Replaces every variable; `codes.len()` must equal [`QNetwork::num_vars`] and every
@@ -742,13 +827,18 @@ impl QNetwork {
         for li in 0..self.layers.len() {
             let l = self.layers[li].clone();
             let slice = &codes[l.offset..l.offset + l.len];
+            if l.kind == VarKind::Clip {
+                let changes: Vec<(usize, i8)> = slice.iter().copied().enumerate().collect();
+                self.set_clips(&changes);
+                continue;
+            }
             let conv = self.conv_mut(l.node);
             match l.kind {
                 VarKind::Weights if conv.codes != slice => {
                     conv.codes.copy_from_slice(slice);
                     conv.repack();
                 }
-                VarKind::Weights => {}
+                VarKind::Weights | VarKind::Clip => {}
                 VarKind::Scales => {
                     for (i, &c) in slice.iter().enumerate() {
                         conv.set_var(l.kind, i, c);
@@ -780,6 +870,7 @@ impl QNetwork {
             }
         }
         let mut touched = vec![false; self.layers.len()];
+        let mut clips = Vec::new();
         for &(var, code) in changes {
             let li = self.layer_of(var as usize);
             let (node, offset, kind) = (
@@ -787,6 +878,10 @@ impl QNetwork {
                 self.layers[li].offset,
                 self.layers[li].kind,
             );
+            if kind == VarKind::Clip {
+                clips.push((var as usize - offset, code));
+                continue;
+            }
             self.conv_mut(node)
                 .set_var(kind, var as usize - offset, code);
             if kind == VarKind::Weights {
@@ -799,6 +894,7 @@ impl QNetwork {
                 self.conv_mut(node).repack();
             }
         }
+        self.set_clips(&clips);
         Ok(())
     }
 
@@ -946,13 +1042,13 @@ impl QNetwork {
         self.forward_patched(pixels, n, &[], acts);
     }
 
-    /// [`QNetwork::forward`] with the layers named in `patches` (node index, replacement)
-    /// swapped in.
+    /// [`QNetwork::forward`] with the nodes named in `patches` (node index, replacement
+    /// op of the same kind and shape) swapped in.
     pub fn forward_patched(
         &self,
         pixels: &[u8],
         n: usize,
-        patches: &[(usize, QConv)],
+        patches: &[(usize, QOp)],
         acts: &mut Activations,
     ) {
         acts.n = n;
@@ -964,18 +1060,18 @@ impl QNetwork {
     }
 
     /// Recomputes nodes `first..` of `acts` (which must hold a forward pass of the same
-    /// images), with the layers named in `patches` (node index, replacement) swapped in.
+    /// images), with the nodes named in `patches` (node index, replacement op) swapped in.
     /// Values computed before node `first` are reused untouched.
-    pub fn forward_from(&self, first: usize, patches: &[(usize, QConv)], acts: &mut Activations) {
+    pub fn forward_from(&self, first: usize, patches: &[(usize, QOp)], acts: &mut Activations) {
         self.run_nodes(first, patches, acts);
     }
 
     /// The convolution whose store add node `add` can take over: the add reads a hidden
     /// convolution's output, which nothing else reads, and another value. Returns the
-    /// convolution's node, the other value, and the add with the convolution's output as
-    /// its `a`.
-    fn fusable_conv(&self, add: usize) -> Option<(usize, usize, AddParams)> {
-        let QOp::Add(p) = &self.nodes[add].op else {
+    /// convolution's node, the other value, and whether the convolution's output is the
+    /// add's `b` (so its parameters are used [`AddParams::swapped`]).
+    fn fusable_conv(&self, add: usize) -> Option<(usize, usize, bool)> {
+        let QOp::Add(_) = &self.nodes[add].op else {
             return None;
         };
         let [a, b] = self.nodes[add].inputs[..] else {
@@ -990,26 +1086,34 @@ impl QNetwork {
                 .filter(|&&x| x == v)
                 .count()
         };
-        [(a, b, *p), (b, a, p.swapped())]
+        [(a, b, false), (b, a, true)]
             .into_iter()
             .find(|&(c, other, _)| c != other && hidden_conv(c) && readers(c) == 1)
-            .map(|(c, other, add)| (c - 1, other, add))
+            .map(|(c, other, swapped)| (c - 1, other, swapped))
     }
 
-    /// The layer node `idx` runs: its patch if it has one.
-    fn conv_at<'a>(&'a self, idx: usize, patches: &'a [(usize, QConv)]) -> &'a QConv {
+    /// The op node `idx` runs: its patch if it has one.
+    fn op_at<'a>(&'a self, idx: usize, patches: &'a [(usize, QOp)]) -> &'a QOp {
         match patches.iter().find(|(p, _)| *p == idx) {
-            Some((_, c)) => c,
-            None => self.conv(idx),
+            Some((_, op)) => op,
+            None => &self.nodes[idx].op,
         }
     }
 
-    fn run_nodes(&self, first: usize, patches: &[(usize, QConv)], acts: &mut Activations) {
+    /// The layer node `idx` runs: its patch if it has one.
+    fn conv_at<'a>(&'a self, idx: usize, patches: &'a [(usize, QOp)]) -> &'a QConv {
+        match self.op_at(idx, patches) {
+            QOp::Conv(c) => c,
+            _ => unreachable!("a convolution is patched by a convolution"),
+        }
+    }
+
+    fn run_nodes(&self, first: usize, patches: &[(usize, QOp)], acts: &mut Activations) {
         let n = acts.n;
         // Per add node, the convolution fused into it. That convolution is skipped where
         // it stands and run by the add, so it runs even when `first` lies between the
         // two (its input is earlier still, so it is there).
-        let fused: Vec<Option<(usize, usize, AddParams)>> = match &acts.fusion {
+        let fused: Vec<Option<(usize, usize, bool)>> = match &acts.fusion {
             None => Vec::new(),
             Some(keep) => (0..self.nodes.len())
                 .map(|j| self.fusable_conv(j).filter(|(c, ..)| !keep.contains(c)))
@@ -1025,7 +1129,11 @@ impl QNetwork {
                 acts.values[idx + 1] = out;
                 continue;
             }
-            if let Some(&Some((c, other, add))) = fused.get(idx) {
+            if let Some(&Some((c, other, swapped))) = fused.get(idx) {
+                let QOp::Add(p) = self.op_at(idx, patches) else {
+                    unreachable!("an add is patched by an add")
+                };
+                let add = if swapped { p.swapped() } else { *p };
                 let conv = self.conv_at(c, patches);
                 let stage = (conv.stage.as_ref()).expect("hidden layers have an output stage");
                 out.resize(n * node.out.len(), 0);
@@ -1035,9 +1143,8 @@ impl QNetwork {
                 acts.values[idx + 1] = out;
                 continue;
             }
-            match &node.op {
-                QOp::Conv(_) => {
-                    let conv = self.conv_at(idx, patches);
+            match self.op_at(idx, patches) {
+                QOp::Conv(conv) => {
                     let input = &acts.values[node.inputs[0]];
                     if is_logits {
                         acts.logits.resize(n * self.num_classes, 0);
@@ -1307,6 +1414,17 @@ impl QNetwork {
         }
         let mut offset = 0;
         for l in &self.layers {
+            if l.kind == VarKind::Clip {
+                // Checked against the clips by `validate_clips`.
+                if l.offset != offset {
+                    return Err(bad(format!(
+                        "variable map entry '{}' is inconsistent",
+                        l.name
+                    )));
+                }
+                offset += l.len;
+                continue;
+            }
             if l.node >= self.nodes.len()
                 || !matches!(self.nodes[l.node].op, QOp::Conv(_))
                 || l.offset != offset
@@ -1322,7 +1440,7 @@ impl QNetwork {
                     (conv.codes.len(), code_range(conv.weight_bits.clamp(2, 8)))
                 }
                 (VarKind::Scales, Some(sc)) => (sc.codes.len(), ChannelScales::code_range(sc.step)),
-                (VarKind::Scales, None) => (usize::MAX, (0, 0)),
+                (VarKind::Scales, None) | (VarKind::Clip, _) => (usize::MAX, (0, 0)),
             };
             if len != l.len || (l.lo, l.hi) != range {
                 return Err(bad(format!(
@@ -1337,12 +1455,13 @@ impl QNetwork {
         let kinds: Vec<VarKind> = self.layers.iter().map(|l| l.kind).collect();
         if kinds
             .windows(2)
-            .any(|w| w == [VarKind::Scales, VarKind::Weights])
+            .any(|w| w == [VarKind::Scales, VarKind::Weights] || w[0] == VarKind::Clip)
         {
             return Err(bad(
-                "scale entries before weight entries in the variable map".into(),
+                "variable map entries out of order (weights, then scales, then clips)".into(),
             ));
         }
+        self.validate_clips().map_err(bad)?;
         let scaled = (0..self.nodes.len())
             .filter(|&i| matches!(&self.nodes[i].op, QOp::Conv(c) if c.scales.is_some()));
         for node in scaled {
@@ -1577,7 +1696,8 @@ const FORMAT_TAG: &str = "ccq-network";
 const FORMAT_VERSION: u32 = 1;
 /// Version of the binary form ([`QNetwork::to_bytes`]); independent of the JSON's.
 /// 2: convolutions carry `groups` (postcard has no defaults, so version 1 cannot be read).
-const BINARY_VERSION: u32 = 2;
+/// 3: channel scales and activation clips (`QConv.scales`, `QConv.clip`, `QNetwork.clips`).
+const BINARY_VERSION: u32 = 3;
 
 #[derive(Deserialize)]
 struct NetworkFile {

@@ -133,6 +133,9 @@ pub struct QuantConfig {
     /// Searched per-channel weight-scale multipliers `1 + k * step` on every hidden
     /// layer ([`QNetwork::add_channel_scales`]), when set.
     pub channel_scale_step: Option<f64>,
+    /// Searched clipping levels, scale times `1 + k * step`, of every activation that can
+    /// carry one ([`QNetwork::add_act_clips`]), when set.
+    pub act_clip_step: Option<f64>,
 }
 
 impl QuantConfig {
@@ -148,6 +151,7 @@ impl QuantConfig {
             bias_correction: false,
             first_last_bits: None,
             channel_scale_step: None,
+            act_clip_step: None,
         }
     }
 
@@ -174,6 +178,12 @@ impl QuantConfig {
                 s,
                 "must lie in (0, 0.5]",
             ));
+        }
+        if let Some(s) = self
+            .act_clip_step
+            .filter(|&s| !ChannelScales::valid_step(s))
+        {
+            return Err(Error::setting("act_clip_step", s, "must lie in (0, 0.5]"));
         }
         Ok(())
     }
@@ -652,12 +662,16 @@ pub fn quantize(
         weight_bits: cfg.weight_bits,
         act_bits: cfg.act_bits,
         layers,
+        clips: Vec::new(),
     };
     if cfg.bias_correction {
         correct_biases(&mut net, graph, norm, calib, n, &pre_act);
     }
     if let Some(step) = cfg.channel_scale_step {
         net.add_channel_scales(step)?;
+    }
+    if let Some(step) = cfg.act_clip_step {
+        net.add_act_clips(step)?;
     }
     net.validate("<quantizer output>")?;
     Ok(net)
@@ -1197,6 +1211,7 @@ mod tests {
         let plain = quantize(&g, &norm(), &images(64, 1), 64, &cfg(3, 8)).unwrap();
         let scaled_cfg = QuantConfig {
             channel_scale_step: Some(0.125),
+            act_clip_step: None,
             ..cfg(3, 8)
         };
         let mut net = quantize(&g, &norm(), &images(64, 1), 64, &scaled_cfg).unwrap();
@@ -1275,6 +1290,7 @@ mod tests {
         for bad in [0.0, -0.1, 0.75, f64::NAN] {
             let q = QuantConfig {
                 channel_scale_step: Some(bad),
+                act_clip_step: None,
                 ..cfg(3, 8)
             };
             assert!(q.validate().is_err(), "step {bad}");
@@ -1685,7 +1701,7 @@ mod tests {
         // Another version of the binary form is refused before its body is read.
         let mut v1 = bytes.clone();
         let tag_len = 1 + "ccq-network".len();
-        assert_eq!(v1[tag_len], 2, "the version follows the tag");
+        assert_eq!(v1[tag_len], 3, "the version follows the tag");
         v1[tag_len] = 1;
         let e = QNetwork::from_bytes(&v1, "sync").unwrap_err().to_string();
         assert!(e.contains("format version 1"), "{e}");
@@ -1703,6 +1719,7 @@ mod tests {
         let g = fixture();
         let scaled = QuantConfig {
             channel_scale_step: Some(0.25),
+            act_clip_step: None,
             ..cfg(3, 8)
         };
         for q in [cfg(3, 8), scaled] {

@@ -199,11 +199,12 @@ fn qdq_export_reimports_as_the_same_integer_network() {
     }
 }
 
-/// tiny_resnet W4A8 with channel scales (step 1/8), its scale codes moved to -2, 0, 1
-/// and 3 in turn; and its number of weight codes (where the scale codes start).
+/// tiny_resnet W4A8 with channel scales and activation clips (step 1/8), their codes
+/// moved to -2, 0, 1 and 3 in turn; and its number of weight codes (where they start).
 fn scaled_tiny_resnet() -> (QNetwork, usize) {
     let q = QuantConfig {
         channel_scale_step: Some(0.125),
+        act_clip_step: Some(0.125),
         ..cfg(4, 8)
     };
     let mut net = fixture_net("tiny_resnet", &q);
@@ -218,9 +219,10 @@ fn scaled_tiny_resnet() -> (QNetwork, usize) {
     (net, weights)
 }
 
-/// A network with searched channel scales exports its weight scales as it runs them
-/// (bias codes unchanged, at `s_in` times those scales): the file reimports as a plain
-/// network (no scale variables) with those scales and the same integer parameters.
+/// A network with searched channel scales and activation clips exports the weight and
+/// activation scales it runs (bias codes as the clips made them, at `s_in` times those
+/// scales): the file reimports as a plain network (no scale or clip variables) with
+/// those scales and the same integer parameters.
 #[test]
 fn channel_scales_export_as_the_weight_scales_they_run() {
     let (net, weights) = scaled_tiny_resnet();
@@ -595,9 +597,16 @@ fn onnx_runtime_agrees_on_residual_networks() {
         first_index: 0,
     };
     assert_runtimes_agree("tiny_resnet w4a8", &net, &data, true);
-    // With searched channel scales moved off 1: the file runs them as ccq does.
+    // With searched channel scales and activation clips moved off 1: the file runs them
+    // as ccq does.
     let (scaled, _) = scaled_tiny_resnet();
-    assert_runtimes_agree("tiny_resnet w4a8 with channel scales", &scaled, &data, true);
+    assert!(scaled.clips.iter().any(|c| c.code != 0));
+    assert_runtimes_agree(
+        "tiny_resnet w4a8 with scales and clips",
+        &scaled,
+        &data,
+        true,
+    );
 }
 
 #[test]

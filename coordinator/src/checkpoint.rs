@@ -45,8 +45,8 @@ pub const FILE_NAME: &str = "checkpoint.ccqck";
 /// field moves every byte after it). 5: `search.window`: the trainer holds every
 /// generation in flight, the loop their networks' versions and the changes since. 6: the
 /// run config's quant section has `rounding`. 7: the search section has `margin`. 8: the
-/// quant section has `channel_scale_step`.
-pub const FORMAT_VERSION: u32 = 8;
+/// quant section has `channel_scale_step`. 9: and `act_clip_step`; networks carry clips.
+pub const FORMAT_VERSION: u32 = 9;
 const MAGIC: &str = "ccq-checkpoint";
 /// Room for the header line: `MAGIC`, the format, 20 digits of length, 8 of CRC.
 const MAX_HEADER: usize = 128;
@@ -604,6 +604,7 @@ mod tests {
             bias_correction: false,
             first_last_bits: None,
             channel_scale_step: None,
+            act_clip_step: None,
         };
         quantize(&graph, &Normalization::identity(1), &pixels, 64, &q).unwrap()
     }

@@ -145,6 +145,11 @@ pub struct QuantSection {
     /// most `eda.radius` from 0, further only over restarts). In (0, 0.5], e.g. 0.0625.
     /// Unset: scales stay as quantized.
     pub channel_scale_step: Option<f64>,
+    /// Search a clipping level for every activation whose readers can follow a new scale
+    /// (written by a hidden layer or a residual add, read by hidden layers or adds):
+    /// its scale times `1 + k * act_clip_step`, `k` from -7 to 7, starting at 0, searched
+    /// like a code. In (0, 0.5], e.g. 0.0625. Unset: activation scales stay as calibrated.
+    pub act_clip_step: Option<f64>,
 }
 
 impl Default for QuantSection {
@@ -159,6 +164,7 @@ impl Default for QuantSection {
             bias_correction: false,
             first_last_bits: None,
             channel_scale_step: None,
+            act_clip_step: None,
         }
     }
 }
@@ -362,6 +368,7 @@ impl RunConfig {
             bias_correction: self.quant.bias_correction,
             first_last_bits: self.quant.first_last_bits,
             channel_scale_step: self.quant.channel_scale_step,
+            act_clip_step: self.quant.act_clip_step,
         };
         q.validate().map_err(in_quant_section)?;
         Ok(q)

@@ -359,6 +359,7 @@ impl QuantArgs {
             bias_correction: self.bias_correction,
             first_last_bits: self.first_last_bits,
             channel_scale_step: None,
+            act_clip_step: None,
         };
         q.validate()?;
         Ok(Some(q))
@@ -427,6 +428,7 @@ mod tests {
                 bias_correction,
                 first_last_bits: None,
                 channel_scale_step: None,
+                act_clip_step: None,
             }),
             calib_images: 256,
             threads: 1,

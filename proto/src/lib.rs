@@ -24,7 +24,8 @@ pub mod process;
 /// per job; network changes are two parallel arrays (`Changes`), not a message each.
 /// 8: the network's binary form carries channel scales (`QConv.scales`, `LayerVars.kind`);
 /// an older worker could not decode it.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 9: and activation clips (`QNetwork.clips`, `QConv.clip`).
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Request metadata key carrying the cluster token, as `Bearer <token>`.
 pub const TOKEN_METADATA: &str = "authorization";

@@ -780,10 +780,13 @@ mod tests {
     use rand::Rng;
 
     fn setup() -> (QNetwork, Vec<u8>, Vec<u8>) {
-        setup_with(None)
+        setup_with(None, None)
     }
 
-    fn setup_with(channel_scale_step: Option<f64>) -> (QNetwork, Vec<u8>, Vec<u8>) {
+    fn setup_with(
+        channel_scale_step: Option<f64>,
+        act_clip_step: Option<f64>,
+    ) -> (QNetwork, Vec<u8>, Vec<u8>) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../common/tests/fixtures/mnist_cnn.onnx");
         let graph = ccq_common::onnx::load_onnx(&path).unwrap();
@@ -800,6 +803,7 @@ mod tests {
             bias_correction: false,
             first_last_bits: None,
             channel_scale_step,
+            act_clip_step,
         };
         let net = quantize(&graph, &Normalization::identity(1), &pixels, n, &q).unwrap();
         (net, pixels, labels)
@@ -892,7 +896,7 @@ mod tests {
     /// restores the scales with everything else.
     #[test]
     fn channel_scales_are_searched_and_adopted() {
-        let (net, pixels, labels) = setup_with(Some(0.125));
+        let (net, pixels, labels) = setup_with(Some(0.125), None);
         let first_scale = (net.layers.iter())
             .find(|l| l.kind == VarKind::Scales)
             .map(|l| l.offset)
@@ -925,9 +929,56 @@ mod tests {
         assert!(moved, "no scale change adopted");
         t.network().validate("searched").unwrap();
         let snap = t.snapshot();
-        let (fresh, _, _) = setup_with(Some(0.125));
+        let (fresh, _, _) = setup_with(Some(0.125), None);
         let back = Trainer::restore(fresh, search, 3, labels.len(), snap, "snapshot").unwrap();
         assert_eq!(back.network().codes(), t.network().codes());
+        back.network().validate("restored").unwrap();
+    }
+
+    /// Activation clips are searched like codes: generations draw them into groups, a
+    /// moved clip is adopted, the network stays consistent (stages, biases and adds follow
+    /// the scales) and a snapshot restores the clips with everything else.
+    #[test]
+    fn activation_clips_are_searched_and_adopted() {
+        let (net, pixels, labels) = setup_with(None, Some(0.125));
+        let clip_layer = net.layers.last().unwrap().clone();
+        assert_eq!(clip_layer.kind, VarKind::Clip);
+        let first_clip = clip_layer.offset;
+        let eda = EdaParams {
+            population: 8,
+            top_k: 2,
+            group_size: 8,
+            p0: 0.5,
+            ..EdaParams::default()
+        };
+        let search = SearchConfig {
+            generations_per_group: 2,
+            batch_size: 48,
+            ..SearchConfig::default()
+        };
+        let mut t = Trainer::new(net, eda, search.clone(), 3, labels.len()).unwrap();
+        let (mut clip_generations, mut moved) = (0, false);
+        for _ in 0..2000 {
+            let Some((g, _)) = run_one(&mut t, &pixels, &labels) else {
+                break;
+            };
+            clip_generations += usize::from(g.vars.iter().any(|&v| v as usize >= first_clip));
+            moved |= t.network().clips.iter().any(|c| c.code != 0);
+            if moved && clip_generations >= 2 {
+                break;
+            }
+        }
+        assert!(
+            clip_generations >= 2,
+            "{clip_generations} generations on clips"
+        );
+        assert!(moved, "no clip change adopted");
+        t.network().validate("searched").unwrap();
+        let snap = t.snapshot();
+        let (fresh, _, _) = setup_with(None, Some(0.125));
+        let back = Trainer::restore(fresh, search, 3, labels.len(), snap, "snapshot").unwrap();
+        assert_eq!(back.network().codes(), t.network().codes());
+        assert_eq!(back.network().clips, t.network().clips);
         back.network().validate("restored").unwrap();
     }
 

@@ -1174,6 +1174,7 @@ impl Importer {
             weight_bits,
             act_bits,
             layers,
+            clips: Vec::new(),
         };
         net.validate(origin)?;
         Ok(net)
