@@ -198,7 +198,8 @@ impl QNetwork {
     /// alter, merged into `patches` (node, replacement op; a node already there is
     /// changed in place): producing and reading convolutions get the new multipliers,
     /// stages and biases (their packed weights are left for the caller to rebuild), adds
-    /// their parameters from the new scales. Indices and codes must have been checked.
+    /// their parameters from the new scales. Indices and codes must have been checked,
+    /// and each clip named at most once.
     pub(crate) fn patch_clips(&self, changes: &[(usize, i8)], patches: &mut Vec<(usize, QOp)>) {
         let scale_of = |v: usize| {
             (changes.iter())
@@ -265,8 +266,18 @@ impl QNetwork {
         &mut patches[slot].1
     }
 
-    /// Moves clips to new codes in place (clip index, code; checked by the caller).
+    /// Moves clips to new codes in place (clip index, code; checked by the caller). A clip
+    /// named more than once ends at its last code, as a variable set twice in turn would:
+    /// change lists that span several network versions (a worker catching up, a
+    /// measurement undoing changes) name one clip once per version that moved it.
     pub(crate) fn set_clips(&mut self, changes: &[(usize, i8)]) {
+        let mut last: Vec<(usize, i8)> = Vec::with_capacity(changes.len());
+        for &(ci, k) in changes.iter().rev() {
+            if !last.iter().any(|&(c, _)| c == ci) {
+                last.push((ci, k));
+            }
+        }
+        let changes = &last[..];
         if changes.is_empty() {
             return;
         }
@@ -596,6 +607,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Change lists that span several versions name a clip once per version that moved
+    /// it: applied at once they give exactly the network that applying them one by one
+    /// gives (a worker catching up, a measurement rebuilt by undoing changes), with
+    /// weight and clip changes interleaved.
+    #[test]
+    fn a_clip_named_twice_ends_at_its_last_code() {
+        let (net, images) = fixture("tiny_resnet", 3, 16, true);
+        let (a, b) = (clip_var(&net, 3), clip_var(&net, 5));
+        let steps: Vec<Vec<(u32, i8)>> = vec![
+            vec![(a, 2), (7, 1)],
+            vec![(b, -1), (a, -3)],
+            vec![(7, -2), (a, 1), (b, 4)],
+        ];
+        let mut one_by_one = net.clone();
+        for s in &steps {
+            one_by_one.apply_changes(s).unwrap();
+        }
+        let mut at_once = net.clone();
+        at_once.apply_changes(&steps.concat()).unwrap();
+        at_once.validate("at once").unwrap();
+        assert_eq!(at_once.codes(), one_by_one.codes());
+        assert_eq!(at_once.clips, one_by_one.clips);
+        for (x, y) in at_once.nodes.iter().zip(&one_by_one.nodes) {
+            assert_eq!(x.out, y.out);
+            match (&x.op, &y.op) {
+                (QOp::Conv(p), QOp::Conv(q)) => {
+                    assert_eq!((&p.bias, &p.stage, &p.clip), (&q.bias, &q.stage, &q.clip))
+                }
+                (QOp::Add(p), QOp::Add(q)) => assert_eq!(p, q),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            run(&at_once, &images).logits,
+            run(&one_by_one, &images).logits
+        );
     }
 
     /// A damaged clip is refused by name when a network is loaded.
