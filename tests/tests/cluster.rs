@@ -67,7 +67,7 @@ async fn one_and_three_workers_train_the_identical_network() {
 /// single-process evaluation of the same candidates on the whole batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_fitness_equals_single_process_evaluation() {
-    cluster_matches_replay(Fitness::Loss).await;
+    cluster_matches_replay(Fitness::Loss, false).await;
 }
 
 /// The same with the distillation fitness: the teacher logits the jobs carry are the
@@ -75,16 +75,27 @@ async fn cluster_fitness_equals_single_process_evaluation() {
 /// computes them in this process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_distillation_equals_single_process_evaluation() {
-    cluster_matches_replay(Fitness::Distill).await;
+    cluster_matches_replay(Fitness::Distill, false).await;
 }
 
-async fn cluster_matches_replay(kind: Fitness) {
+/// With searched channel scales and activation clips: workers that catch up on several
+/// versions' changes at once hold the coordinator's network exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_with_scales_and_clips_equals_single_process_evaluation() {
+    cluster_matches_replay(Fitness::Loss, true).await;
+}
+
+async fn cluster_matches_replay(kind: Fitness, scales_and_clips: bool) {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_mnist(dir.path(), 700, 120, 2);
     let out = dir.path().join("run");
     let mut cfg = tiny_config(dir.path(), &out, 160);
     cfg.search.fitness = kind;
     cfg.search.temperature = 2.0;
+    if scales_and_clips {
+        cfg.quant.channel_scale_step = Some(0.25);
+        cfg.quant.act_clip_step = Some(0.25);
+    }
     let report = spawn_cluster(cfg.clone(), 2).await.finish().await;
 
     // Replay the run in this process: the same trainer, candidates evaluated locally.
