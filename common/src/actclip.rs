@@ -654,25 +654,25 @@ mod tests {
         net.apply_changes(&[(clip_var(&net, 1), -3), (clip_var(&net, 2), 4)])
             .unwrap();
         net.validate("ok").unwrap();
-        let damage: Vec<Box<dyn Fn(&mut QNetwork)>> = vec![
-            Box::new(|n| n.clips[1].code = 9),
-            Box::new(|n| n.clips[1].code = 0),
-            Box::new(|n| n.clips[2].base_scale *= 1.5),
-            Box::new(|n| n.clips[0].step = 0.25),
-            Box::new(|n| n.clips[0].values.push(1)),
-            Box::new(|n| {
+        let damage: Vec<fn(&mut QNetwork)> = vec![
+            |n| n.clips[1].code = 9,
+            |n| n.clips[1].code = 0,
+            |n| n.clips[2].base_scale *= 1.5,
+            |n| n.clips[0].step = 0.25,
+            |n| n.clips[0].values.push(1),
+            |n| {
                 let v = n.clips[1].values[0];
                 n.nodes[v - 1].out.scale *= 1.01;
-            }),
-            Box::new(|n| {
+            },
+            |n| {
                 let j = (n.nodes.iter())
                     .position(|x| matches!(x.op, QOp::Add(_)))
                     .unwrap();
                 if let QOp::Add(p) = &mut n.nodes[j].op {
                     p.a_mult += 1;
                 }
-            }),
-            Box::new(|n| {
+            },
+            |n| {
                 let p = n.clips[2].producer();
                 let j = if matches!(n.nodes[p].op, QOp::Conv(_)) {
                     p
@@ -682,8 +682,8 @@ mod tests {
                 if let QOp::Conv(c) = &mut n.nodes[j].op {
                     c.bias[0] += 1;
                 }
-            }),
-            Box::new(|n| n.layers.last_mut().unwrap().len -= 1),
+            },
+            |n| n.layers.last_mut().unwrap().len -= 1,
         ];
         for (i, hurt) in damage.iter().enumerate() {
             let mut bad = net.clone();
