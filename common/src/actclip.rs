@@ -107,13 +107,11 @@ impl QNetwork {
 
     /// The nodes that read clip `clip`'s tensor (other than scale-preserving ops).
     pub fn clip_readers(&self, clip: &ActClip) -> Vec<usize> {
-        let mut readers: Vec<usize> = (self.nodes.iter().enumerate())
+        (self.nodes.iter().enumerate())
             .filter(|(_, n)| n.inputs.iter().any(|v| clip.values.contains(v)))
             .filter(|(_, n)| !passes_scale(&n.op))
             .map(|(j, _)| j)
-            .collect();
-        readers.dedup();
-        readers
+            .collect()
     }
 
     /// Adds a searched clipping level to every tensor that can carry one (see the module
@@ -596,15 +594,21 @@ mod tests {
             let restored = run(&back, &images);
             assert_eq!(restored.values, before.values, "clip {i} back at 0");
             assert_eq!(restored.logits, before.logits);
-            for (a, b) in back.nodes.iter().zip(&net.nodes) {
-                assert_eq!(a.out, b.out);
-                match (&a.op, &b.op) {
-                    (QOp::Conv(x), QOp::Conv(y)) => {
-                        assert_eq!((&x.bias, &x.stage, &x.clip), (&y.bias, &y.stage, &y.clip))
-                    }
-                    (QOp::Add(x), QOp::Add(y)) => assert_eq!(x, y),
-                    _ => {}
+            assert_same_rescaling(&back, &net);
+        }
+    }
+
+    /// Every value's quantization, every layer's bias, stage and clip multipliers and
+    /// every add's parameters are the same in `a` and `b`.
+    fn assert_same_rescaling(a: &QNetwork, b: &QNetwork) {
+        for (x, y) in a.nodes.iter().zip(&b.nodes) {
+            assert_eq!(x.out, y.out, "{}", x.name);
+            match (&x.op, &y.op) {
+                (QOp::Conv(p), QOp::Conv(q)) => {
+                    assert_eq!((&p.bias, &p.stage, &p.clip), (&q.bias, &q.stage, &q.clip))
                 }
+                (QOp::Add(p), QOp::Add(q)) => assert_eq!(p, q),
+                _ => {}
             }
         }
     }
@@ -631,16 +635,7 @@ mod tests {
         at_once.validate("at once").unwrap();
         assert_eq!(at_once.codes(), one_by_one.codes());
         assert_eq!(at_once.clips, one_by_one.clips);
-        for (x, y) in at_once.nodes.iter().zip(&one_by_one.nodes) {
-            assert_eq!(x.out, y.out);
-            match (&x.op, &y.op) {
-                (QOp::Conv(p), QOp::Conv(q)) => {
-                    assert_eq!((&p.bias, &p.stage, &p.clip), (&q.bias, &q.stage, &q.clip))
-                }
-                (QOp::Add(p), QOp::Add(q)) => assert_eq!(p, q),
-                _ => {}
-            }
-        }
+        assert_same_rescaling(&at_once, &one_by_one);
         assert_eq!(
             run(&at_once, &images).logits,
             run(&one_by_one, &images).logits
