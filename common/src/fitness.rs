@@ -77,6 +77,22 @@ pub fn evaluate_candidates_with(
         ));
     }
     let plans = build_plans(base, group_vars, candidates, strategy)?;
+    if let Some(b) = &targets.block {
+        let mut last = 0;
+        for &v in group_vars {
+            let l = &base.layers[base.layer_of(v as usize)];
+            if l.kind == VarKind::Clip {
+                // Moving a clip rescales its readers, which may lie past the block.
+                return Err(Error::setting(
+                    "group_vars",
+                    v,
+                    "is an activation clip, which a block-local fitness cannot score",
+                ));
+            }
+            last = last.max(l.node);
+        }
+        base.check_block(b, n, last)?;
+    }
     let threads = threads.clamp(1, n.max(1));
     let per = n.div_ceil(threads).max(1);
     let mut totals = vec![EvalStats::default(); candidates.len()];
@@ -435,6 +451,7 @@ fn eval_chunk(base: &QNetwork, pixels: &[u8], targets: &Targets, plans: &[Plan])
         })
         .collect();
     let mut acts = Activations::fused(keep);
+    acts.stop_after = targets.block.map(|b| b.node);
     let mut out: Vec<EvalStats> = Vec::with_capacity(plans.len());
     if plans.iter().all(|p| matches!(p, Plan::Full { .. })) {
         let mut results = Vec::with_capacity(plans.len());
@@ -544,7 +561,7 @@ fn eval_chunk(base: &QNetwork, pixels: &[u8], targets: &Targets, plans: &[Plan])
 mod tests {
     use super::*;
     use crate::model::Normalization;
-    use crate::qnet::{QOp, Teacher};
+    use crate::qnet::{BlockTarget, QOp, Teacher};
     use crate::quant::{quantize, Calibration, QuantConfig, Rounding, WeightScale};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -651,13 +668,36 @@ mod tests {
             .map(|_| rng.random_range(-6.0..6.0))
             .collect();
         let distill = Targets {
+            block: None,
             labels,
             teacher: Some(Teacher {
                 logits: &logits,
                 temperature: 2.0,
             }),
         };
-        for targets in [Targets::labels(labels), distill] {
+        // Block-local: the end of the block holding the group's last layer, against
+        // random codes, where the group lies before the last block (and moves no clip,
+        // which a block cannot score).
+        let last = (vars.iter())
+            .map(|&v| net.layers[net.layer_of(v as usize)].node)
+            .max()
+            .unwrap_or(0);
+        let clips =
+            (vars.iter()).any(|&v| net.layers[net.layer_of(v as usize)].kind == VarKind::Clip);
+        let end = net.block_end(last).filter(|_| !clips);
+        let codes: Vec<u8> = end.map_or(Vec::new(), |e| {
+            (0..labels.len() * net.nodes[e].out.len())
+                .map(|_| rng.random())
+                .collect()
+        });
+        let block = end.map(|node| Targets {
+            block: Some(BlockTarget {
+                node,
+                codes: &codes,
+            }),
+            ..Targets::labels(labels)
+        });
+        for targets in [Targets::labels(labels), distill].into_iter().chain(block) {
             let context = net.codes();
             let mut acts = Activations::default();
             net.forward(pixels, labels.len(), &mut acts);
@@ -698,8 +738,9 @@ mod tests {
                     assert_eq!(
                         got,
                         want,
-                        "{strategy:?}, threads {threads}, vars {vars:?}, teacher {}",
-                        targets.teacher.is_some()
+                        "{strategy:?}, threads {threads}, vars {vars:?}, teacher {}, block {:?}",
+                        targets.teacher.is_some(),
+                        targets.block.map(|b| b.node)
                     );
                     let got = evaluate_candidates_with(
                         net,
@@ -1013,6 +1054,7 @@ mod tests {
             .collect();
         let by_labels = net.stats(&acts, &Targets::labels(&labels));
         let teacher = |logits| Targets {
+            block: None,
             labels: &labels,
             teacher: Some(Teacher {
                 logits,
@@ -1090,6 +1132,7 @@ mod tests {
             (&good[..], f32::INFINITY, "temperature"),
         ] {
             let t = Targets {
+                block: None,
                 labels: &labels,
                 teacher: Some(Teacher {
                     logits,

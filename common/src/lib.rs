@@ -14,6 +14,7 @@
 //! - [`export`]: writing an integer network out as QDQ ONNX or plain arrays.
 
 pub mod actclip;
+pub mod blocks;
 pub mod data;
 pub mod error;
 pub mod export;

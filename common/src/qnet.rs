@@ -579,6 +579,20 @@ fn paired_term(loss: u64, base: u64) -> u64 {
     (d * d) as u64
 }
 
+/// One image's block-local loss in [`EvalStats::loss_fixed`] units: the mean squared
+/// difference between its block output codes `q` and the target codes `t` (same length,
+/// not empty), rounded down. At most 255^2 per image, far below [`MAX_IMAGE_LOSS`].
+pub fn block_loss(q: &[u8], t: &[u8]) -> u64 {
+    let sse: u64 = (q.iter().zip(t))
+        .map(|(&a, &b)| {
+            let d = i64::from(a) - i64::from(b);
+            (d * d) as u64
+        })
+        .sum();
+    // sse <= 65,025 * len, so the shifted sum fits a u128 for any length.
+    (((sse as u128) << LOSS_FRAC_BITS) / t.len().max(1) as u128) as u64
+}
+
 /// Cross-entropy of one image's integer logits (real value `logit * scale`), rounded to
 /// fixed point; and whether the arg-max (first maximum) is the label.
 pub fn image_loss(logits: &[i32], scale: f64, label: u8) -> (u64, bool) {
@@ -643,11 +657,25 @@ pub fn distillation(logits: &[f64], teacher: &[f32], temperature: f64) -> u64 {
 }
 
 /// What a batch's images are scored against: their labels, and, for distillation, the
-/// float model's logits on the same images.
+/// float model's logits on the same images, or, for block-local fitness, the float
+/// model's output of one block.
 #[derive(Debug, Clone, Copy)]
 pub struct Targets<'a> {
     pub labels: &'a [u8],
     pub teacher: Option<Teacher<'a>>,
+    pub block: Option<BlockTarget<'a>>,
+}
+
+/// The float model's output of one block, quantized as the integer network quantizes
+/// its value there (`crate::blocks`): with one, a forward pass stops at `node` and an
+/// image's loss is the mean squared difference of the codes, in code units; no image
+/// counts as correct. Integer throughout, so the sums stay exact.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockTarget<'a> {
+    /// The node whose output ends the block.
+    pub node: usize,
+    /// That output's codes (NHWC) for every image, image by image.
+    pub codes: &'a [u8],
 }
 
 /// The float model's outputs a distillation fitness compares against.
@@ -665,6 +693,7 @@ impl<'a> Targets<'a> {
         Targets {
             labels,
             teacher: None,
+            block: None,
         }
     }
 
@@ -681,12 +710,33 @@ impl<'a> Targets<'a> {
                 logits: &t.logits[lo * classes..hi * classes],
                 temperature: t.temperature,
             }),
+            block: self.block.map(|b| {
+                let per = b.codes.len() / self.labels.len().max(1);
+                BlockTarget {
+                    node: b.node,
+                    codes: &b.codes[lo * per..hi * per],
+                }
+            }),
         }
     }
 
     /// Checks that the teacher (if any) has `classes` finite logits per image and a
     /// positive finite temperature: they may come from the network.
     pub fn check(&self, classes: usize) -> Result<()> {
+        if let Some(b) = &self.block {
+            // Whole images only, so slicing keeps every image's codes together; their
+            // number per image is checked against the network (`QNetwork::check_block`).
+            if b.codes.len() % self.labels.len().max(1) != 0 {
+                return Err(Error::setting(
+                    "block targets",
+                    b.codes.len(),
+                    format!(
+                        "is not a whole number of codes for {} images",
+                        self.labels.len()
+                    ),
+                ));
+            }
+        }
         let Some(t) = &self.teacher else {
             return Ok(());
         };
@@ -727,6 +777,9 @@ pub struct Activations {
     /// Residual fusion: `None` keeps every value; `Some(keep)` fuses every residual add
     /// into the convolution before it except after the convolution nodes in `keep`.
     fusion: Option<Vec<usize>>,
+    /// Forward passes run no node after this one (block-local fitness reads the
+    /// block's output only); later values and the logits are left as they were.
+    pub stop_after: Option<usize>,
 }
 
 impl Activations {
@@ -786,6 +839,51 @@ impl QNetwork {
             VarKind::Clip => self.clips[var - l.offset].code,
             kind => self.conv(l.node).var_code(kind, var - l.offset),
         }
+    }
+
+    /// The nodes after which the network has one value live, its own output: the ends of
+    /// its blocks, where a prefix of the network can be compared with the float model's
+    /// (a residual block's add; every layer of a plain chain). The logits node is not one.
+    pub fn block_ends(&self) -> Vec<usize> {
+        let last_read: Vec<usize> = (0..=self.nodes.len())
+            .map(|v| (self.nodes.iter().rposition(|n| n.inputs.contains(&v))).unwrap_or(0))
+            .collect();
+        (0..self.nodes.len().saturating_sub(1))
+            .filter(|&i| {
+                // Values 0..=i+1 exist after node i; only its own may be read later.
+                (0..=i).all(|v| last_read[v] <= i) && last_read[i + 1] > i
+            })
+            .collect()
+    }
+
+    /// The end of the block holding node `node`: the first of [`QNetwork::block_ends`] at
+    /// or after it, or `None` for nodes in the last block (which ends at the logits).
+    pub fn block_end(&self, node: usize) -> Option<usize> {
+        self.block_ends().into_iter().find(|&e| e >= node)
+    }
+
+    /// Checks a block target against this network: a hidden node at or after `last`
+    /// (the last node a candidate changes), and one output's codes per image of `n`.
+    pub fn check_block(&self, b: &BlockTarget, n: usize, last: usize) -> Result<()> {
+        if b.node + 1 >= self.nodes.len() || b.node < last {
+            return Err(Error::setting(
+                "block end",
+                b.node,
+                format!(
+                    "must be a hidden node at or after node {last}, the last the group changes ({} nodes)",
+                    self.nodes.len()
+                ),
+            ));
+        }
+        let per = self.nodes[b.node].out.len();
+        if b.codes.len() != n * per {
+            return Err(Error::setting(
+                "block targets",
+                b.codes.len(),
+                format!("expected {n} images x {per} codes of node {}", b.node),
+            ));
+        }
+        Ok(())
     }
 
     /// The first node whose computation variable `var` (which must exist) enters: its
@@ -1119,7 +1217,8 @@ impl QNetwork {
                 .map(|j| self.fusable_conv(j).filter(|(c, ..)| !keep.contains(c)))
                 .collect(),
         };
-        for (idx, node) in self.nodes.iter().enumerate().skip(first) {
+        let end = acts.stop_after.map_or(self.nodes.len(), |s| s + 1);
+        for (idx, node) in self.nodes.iter().enumerate().take(end).skip(first) {
             // Take the output buffer out so inputs (strictly earlier values) can be borrowed.
             let mut out = std::mem::take(&mut acts.values[idx + 1]);
             let is_logits = idx + 1 == self.nodes.len();
@@ -1283,6 +1382,13 @@ impl QNetwork {
     /// Per image of `acts`, in order: its loss (as [`QNetwork::stats`] sums it) and
     /// whether its arg-max is the label.
     pub fn image_results(&self, acts: &Activations, targets: &Targets) -> Vec<(u64, bool)> {
+        if let Some(b) = &targets.block {
+            let codes = &acts.values[b.node + 1];
+            let per = self.nodes[b.node].out.len();
+            return (codes.chunks_exact(per).zip(b.codes.chunks_exact(per)))
+                .map(|(q, t)| (block_loss(q, t), false))
+                .collect();
+        }
         let rows = acts.logits.chunks_exact(self.num_classes);
         let mut out = Vec::with_capacity(targets.labels.len());
         for (i, (row, &label)) in rows.zip(targets.labels).enumerate() {

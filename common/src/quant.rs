@@ -1448,6 +1448,7 @@ mod tests {
         assert_eq!(s.loss_fixed, loss);
         let teacher = vec![0f32; n * c];
         let targets = Targets {
+            block: None,
             labels: &labels,
             teacher: Some(Teacher {
                 logits: &teacher,

@@ -287,6 +287,14 @@ impl RunConfig {
             );
         }
         self.search.validate()?;
+        if self.search.local_evaluations > 0 && self.quant.act_clip_step.is_some() {
+            // A clip rescales its readers, which may lie past the block that scores it.
+            return bad(
+                "search.local_evaluations",
+                self.search.local_evaluations.to_string(),
+                "cannot go with quant.act_clip_step (a block cannot score an activation clip)",
+            );
+        }
         if self.eval.every_generations == 0 {
             return bad("eval.every_generations", "0".into(), "must be at least 1");
         }

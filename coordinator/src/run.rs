@@ -22,7 +22,9 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::RunConfig;
 use crate::eval::{float_evaluate, float_logits, quantize_from_train};
 pub use crate::report::{Accuracy, RunReport};
-use crate::state::{answer_during_setup, Event, Setup, State, TeacherLogits, Telemetry};
+use crate::state::{
+    answer_during_setup, BlockTargets, Event, Setup, State, TeacherLogits, Telemetry,
+};
 use crate::Error;
 use ccq_search::config::Fitness;
 use ccq_search::trainer::Trainer;
@@ -236,6 +238,38 @@ pub async fn run(
         let shards = cfg.cluster.shards.unwrap_or(opts.local_workers.max(1));
         let resumed_from_generation = resumed.as_ref().map(|ck| ck.trainer.progress.generations);
         let network_fingerprint = checkpoint::network_fingerprint(&net);
+        // Block-local phase: the float model's codes at every block end for the local
+        // pool, unless a resumed run is past the phase. Recomputed on resume: the float
+        // engine gives the same bits on the same kind of CPU.
+        let local_left = resumed
+            .as_ref()
+            .map_or(0, |ck| ck.trainer.progress.evaluations)
+            < cfg.search.local_evaluations;
+        let blocks = match local_left {
+            false => None,
+            true => {
+                phase.send_replace("computing block targets");
+                let (g, n, src, net, search) = (
+                    graph.clone(),
+                    norm.clone(),
+                    source.clone(),
+                    net.clone(),
+                    cfg.search.clone(),
+                );
+                let b = tokio::task::spawn_blocking(move || {
+                    block_targets(&g, &n, &src, &net, &search, search_len, eval_threads)
+                })
+                .await
+                .expect("block targets panicked")?;
+                info!(
+                    "block-local phase: {} blocks, targets for {} images ({:.1} MB)",
+                    b.ends.len(),
+                    b.pool.len(),
+                    b.ends.iter().map(|e| e.2.len()).sum::<usize>() as f64 / 1e6
+                );
+                Some(std::sync::Arc::new(b))
+            }
+        };
         let (trainer, restored) = match resumed {
             Some(ck) => {
                 ck.check_network(&network_fingerprint, search_len, &ck_origin)?;
@@ -315,6 +349,7 @@ pub async fn run(
             search_seconds_before: restored.as_ref().map_or(0.0, |(_, secs)| *secs),
             instance: format!("{:016x}", rand::random::<u64>()),
             teacher,
+            blocks,
         };
         let mut state = State::new(setup, trainer, telemetry.clone());
         if let Some((snap, _)) = restored {
@@ -405,6 +440,57 @@ pub async fn run(
 
 /// The checkpoint to continue from, if resuming and there is one; refuses to start a
 /// new run over an unfinished one's checkpoint.
+/// The block-local phase's targets: the float model's codes at every block end of `net`
+/// for the images of the local pool, computed on `threads` threads.
+fn block_targets(
+    graph: &ccq_common::model::Graph,
+    norm: &ccq_common::model::Normalization,
+    source: &data::DataSource,
+    net: &ccq_common::qnet::QNetwork,
+    search: &ccq_search::config::SearchConfig,
+    search_len: usize,
+    threads: usize,
+) -> Result<BlockTargets, Error> {
+    let pool = search.local_pool(search_len);
+    let ends = net.block_ends();
+    let d = data::load(source, Split::Train, Some(0..search_len))?;
+    let il = d.image_len();
+    let pixels: Vec<u8> = (pool.iter())
+        .flat_map(|&i| &d.images[i as usize * il..(i as usize + 1) * il])
+        .copied()
+        .collect();
+    drop(d);
+    let per = pool.len().div_ceil(threads.max(1)).max(1);
+    let parts = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..pool.len().div_ceil(per))
+            .map(|t| {
+                let (lo, hi) = (t * per, ((t + 1) * per).min(pool.len()));
+                let (pixels, ends) = (&pixels[lo * il..hi * il], &ends);
+                scope.spawn(move || {
+                    ccq_common::blocks::targets(graph, norm, net, ends, pixels, hi - lo)
+                })
+            })
+            .collect();
+        (handles.into_iter())
+            .map(|h| h.join().expect("block targets thread panicked"))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    let ends: Vec<(u32, usize, Vec<u8>)> = (ends.iter().enumerate())
+        .map(|(k, &e)| {
+            let codes = parts.iter().flat_map(|p| &p[k]).copied().collect();
+            (e as u32, net.nodes[e].out.len(), codes)
+        })
+        .collect();
+    let end_of_layer = (net.layers.iter())
+        .map(|l| net.block_end(l.node).map(|e| e as u32))
+        .collect();
+    Ok(BlockTargets {
+        pool,
+        ends,
+        end_of_layer,
+    })
+}
+
 fn open_checkpoint(cfg: &RunConfig, resume: bool) -> Result<Option<Checkpoint>, Error> {
     let path = checkpoint::path(&cfg.out);
     let origin = path.display().to_string();

@@ -346,6 +346,7 @@ fn job_to_proto(j: &JobSpec) -> Job {
             first,
             count,
             teacher,
+            block,
         } => Job {
             job_id: j.job_id,
             network_version: j.network_version,
@@ -361,6 +362,10 @@ fn job_to_proto(j: &JobSpec) -> Job {
             measure: None,
             changes_from: j.changes.as_ref().map(|(from, _)| *from),
             changes: j.changes.as_ref().map(|(_, c)| Changes::from_pairs(c)),
+            block_end: block.as_ref().map(|(end, _)| *end),
+            block_targets: block
+                .as_ref()
+                .map_or_else(Vec::new, |(end, t)| t.rows(*end, images)),
         },
         Work::Measure(b) => Job {
             job_id: j.job_id,
@@ -478,9 +483,10 @@ mod tests {
             candidates: vec![vec![0, 0], vec![-1, 1], vec![-2, 2]],
             images: vec![5, 6, 7],
             layer: 0,
+            local: false,
         };
         let generation = Arc::new(generation);
-        let spec = |images: Vec<u64>, teacher| JobSpec {
+        let spec = |images: Vec<u64>, teacher, block| JobSpec {
             job_id: 9,
             network_version: 2,
             work: Work::Candidates {
@@ -489,10 +495,11 @@ mod tests {
                 first: 1,
                 count: 2,
                 teacher,
+                block,
             },
             changes: None,
         };
-        let j = job_to_proto(&spec(vec![6, 7], None));
+        let j = job_to_proto(&spec(vec![6, 7], None, None));
         assert_eq!(j.candidates, [vec![0xff, 1], vec![0xfe, 2]]);
         assert_eq!((j.job_id, j.network_version, j.first_candidate), (9, 2, 1));
         assert_eq!((j.group_vars, j.images), (vec![10, 11], vec![6, 7]));
@@ -504,9 +511,20 @@ mod tests {
             classes: 2,
             temperature: 3.0,
         });
-        let j = job_to_proto(&spec(vec![7, 6], Some(teacher)));
+        let j = job_to_proto(&spec(vec![7, 6], Some(teacher), None));
         assert_eq!(j.teacher_logits, [14.0, 15.0, 12.0, 13.0]);
         assert_eq!(j.temperature, 3.0);
+        assert_eq!((j.block_end, j.block_targets.len()), (None, 0));
+        // Block-local fitness: the block's end and its codes for the job's images, in
+        // the job's order (pool images 2, 6, 7; three codes each at node 5).
+        let blocks = Arc::new(crate::state::BlockTargets {
+            pool: vec![2, 6, 7],
+            ends: vec![(1, 2, vec![0; 6]), (5, 3, (10..19).collect())],
+            end_of_layer: vec![Some(5)],
+        });
+        let j = job_to_proto(&spec(vec![7, 6], None, Some((5, blocks))));
+        assert_eq!(j.block_end, Some(5));
+        assert_eq!(j.block_targets, [16, 17, 18, 13, 14, 15]);
     }
 
     /// A measurement block on the wire: its split and range, no candidates.

@@ -25,7 +25,9 @@ pub mod process;
 /// 8: the network's binary form carries channel scales (`QConv.scales`, `LayerVars.kind`);
 /// an older worker could not decode it.
 /// 9: and activation clips (`QNetwork.clips`, `QConv.clip`).
-pub const PROTOCOL_VERSION: u32 = 9;
+/// 10: `Job.block_end` / `Job.block_targets` (block-local fitness): an older worker would
+/// ignore them and score the logits instead, silently.
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Request metadata key carrying the cluster token, as `Bearer <token>`.
 pub const TOKEN_METADATA: &str = "authorization";

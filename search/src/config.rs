@@ -142,6 +142,19 @@ pub struct SearchConfig {
     /// group against a network that misses up to `window - 1` other groups' latest
     /// merges.
     pub window: usize,
+    /// A block-local phase first: while fewer than this many evaluations are done, a
+    /// generation scores its group by the group's block alone — the mean squared
+    /// difference between the integer network's codes where the block ends and the
+    /// float model's output there, quantized the same way — running the network only up
+    /// to that point. Groups in the network's last block (which ends at the logits) keep
+    /// `fitness`. Batches of the phase come from `local_images` fixed training images,
+    /// whose block outputs the coordinator computes once at setup (one byte per value:
+    /// about 100 KB per image for ResNet-20) and sends with each job. 0: no local phase.
+    /// Group strategies only (`eda-cc`, `cc-random`, `cc-layer`).
+    pub local_evaluations: u64,
+    /// Training images the block-local phase draws its batches from, spread evenly over
+    /// the search part of the training split (at most all of it).
+    pub local_images: usize,
 }
 
 impl Default for SearchConfig {
@@ -157,6 +170,8 @@ impl Default for SearchConfig {
             margin: 0.0,
             restarts: false,
             window: 1,
+            local_evaluations: 0,
+            local_images: 1024,
         }
     }
 }
@@ -214,7 +229,40 @@ impl SearchConfig {
                  the generation before it)",
             ));
         }
+        if self.local_images == 0 {
+            return Err(Error::setting(
+                "search.local_images",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if self.local_evaluations > 0
+            && !matches!(
+                self.strategy,
+                Strategy::EdaCc | Strategy::CcRandom | Strategy::CcLayer
+            )
+        {
+            return Err(Error::setting(
+                "search.local_evaluations",
+                self.local_evaluations,
+                format!(
+                    "needs a strategy whose groups stay in one layer (eda-cc, cc-random, \
+                     cc-layer), not {}",
+                    self.strategy.name()
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// The training images (indices into the search part, `0..search_len`) the
+    /// block-local phase draws its batches from: `local_images` of them, evenly spaced,
+    /// so every shard holds its share.
+    pub fn local_pool(&self, search_len: usize) -> Vec<u64> {
+        let p = self.local_images.clamp(1, search_len.max(1));
+        (0..p as u64)
+            .map(|i| i * search_len as u64 / p as u64)
+            .collect()
     }
 }
 
@@ -354,9 +402,41 @@ mod tests {
                     ..one.clone()
                 },
             ),
+            (
+                "search.local_images",
+                SearchConfig {
+                    local_images: 0,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.local_evaluations",
+                SearchConfig {
+                    local_evaluations: 100,
+                    strategy: Strategy::Hill,
+                    ..one.clone()
+                },
+            ),
         ] {
             assert_eq!(field_of(cfg.validate()), field);
         }
+    }
+
+    /// The local pool spreads evenly over the search split, every index in range and
+    /// distinct; asked for more images than there are, it takes them all.
+    #[test]
+    fn the_local_pool_spreads_over_the_search_split() {
+        let cfg = SearchConfig {
+            local_images: 4,
+            ..SearchConfig::default()
+        };
+        assert_eq!(cfg.local_pool(100), vec![0, 25, 50, 75]);
+        assert_eq!(cfg.local_pool(3), vec![0, 1, 2]);
+        let pool = SearchConfig::default().local_pool(45_000);
+        assert_eq!(pool.len(), 1024);
+        assert!(pool.windows(2).all(|w| w[0] < w[1]) && *pool.last().unwrap() < 45_000);
+        // Two shards of 22,500 hold half each.
+        assert_eq!(pool.iter().filter(|&&i| i < 22_500).count(), 512);
     }
 
     /// The names are the config's spelling: reports and grid file names use them.

@@ -43,6 +43,10 @@ pub struct Generation {
     pub candidates: Vec<Vec<i8>>,
     /// Index into the network's layer list: the (first) layer the group touches.
     pub layer: u32,
+    /// Scored by the group's block alone (`search.local_evaluations`); its batch comes
+    /// from the local pool ([`SearchConfig::local_pool`]).
+    #[serde(default)]
+    pub local: bool,
 }
 
 /// What one completed generation changed.
@@ -441,19 +445,21 @@ impl Trainer {
             // while this generation is out resumes into the same decision.
             let context = p.vars.iter().map(|&v| self.codes[v as usize]).collect();
             let (vars, codes, layer) = (p.vars.clone(), p.codes.clone(), p.layer);
-            let images = self.draw_batch();
+            let local = self.local();
+            let images = self.draw_batch(local);
             return Ok(Some(Generation {
                 id,
                 images,
                 vars,
                 candidates: vec![context, codes],
                 layer,
+                local,
             }));
         }
         match self.search.strategy {
             Strategy::Rtn => return Ok(None),
             Strategy::Hill => {
-                let images = self.draw_batch();
+                let images = self.draw_batch(false);
                 let (group, candidates) = self.eda.local_moves(
                     &self.codes,
                     self.eda.params().population,
@@ -466,6 +472,7 @@ impl Trainer {
                     vars: group.vars,
                     candidates,
                     layer: group.layer,
+                    local: false,
                 }));
             }
             Strategy::EdaCc | Strategy::CcRandom | Strategy::CcLayer | Strategy::Eda => {}
@@ -505,7 +512,8 @@ impl Trainer {
             });
             self.active.len() - 1
         };
-        let images = self.draw_batch();
+        let local = self.local();
+        let images = self.draw_batch(local);
         let a = &mut self.active[slot];
         let candidates = self
             .eda
@@ -518,6 +526,7 @@ impl Trainer {
             vars: a.group.vars.clone(),
             candidates,
             layer: a.group.layer,
+            local,
         }))
     }
 
@@ -538,14 +547,21 @@ impl Trainer {
         }
     }
 
-    /// A fresh batch from the search part of the training split, ascending.
-    fn draw_batch(&mut self) -> Vec<u64> {
-        let batch = self.search.batch_size.min(self.search_len);
-        let mut images: Vec<u64> =
-            rand::seq::index::sample(&mut self.batch_rng, self.search_len, batch)
-                .into_iter()
-                .map(|i| i as u64)
-                .collect();
+    /// Whether the next generation belongs to the block-local phase.
+    fn local(&self) -> bool {
+        self.progress.evaluations < self.search.local_evaluations
+    }
+
+    /// A fresh batch from the search part of the training split (from the local pool in
+    /// the block-local phase), ascending.
+    fn draw_batch(&mut self, local: bool) -> Vec<u64> {
+        let pool = local.then(|| self.search.local_pool(self.search_len));
+        let from = pool.as_ref().map_or(self.search_len, Vec::len);
+        let batch = self.search.batch_size.min(from);
+        let mut images: Vec<u64> = rand::seq::index::sample(&mut self.batch_rng, from, batch)
+            .into_iter()
+            .map(|i| pool.as_ref().map_or(i as u64, |p| p[i]))
+            .collect();
         images.sort_unstable();
         images
     }

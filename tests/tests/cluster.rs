@@ -140,6 +140,7 @@ async fn cluster_matches_replay(kind: Fitness, scales_and_clips: bool) {
             .flat_map(|&i| teacher[i as usize * classes..(i as usize + 1) * classes].to_vec())
             .collect();
         let targets = Targets {
+            block: None,
             labels: &labels,
             teacher: (kind == Fitness::Distill).then_some(Teacher {
                 logits: &rows,

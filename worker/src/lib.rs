@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use ccq_common::data::{self, DataSource, Dataset, Shard, Split};
 use ccq_common::fitness;
-use ccq_common::qnet::{EvalStats, QNetwork, Targets, Teacher};
+use ccq_common::qnet::{BlockTarget, EvalStats, QNetwork, Targets, Teacher};
 use ccq_proto::client::{self, endpoint, error_chain, Auth, Client, JobStream};
 use ccq_proto::v1::coordinator_client::CoordinatorClient;
 use ccq_proto::v1::{
@@ -463,9 +463,16 @@ async fn evaluate(
     // `evaluate_candidates`: a malformed teacher is a bad job, not a panic).
     let teacher = std::mem::take(&mut job.teacher_logits);
     let temperature = job.temperature;
+    // Block-local fitness: likewise its targets (checked against the network there).
+    let block_codes = std::mem::take(&mut job.block_targets);
+    let block_end = job.block_end;
     let started = Instant::now();
     let (net, res) = tokio::task::spawn_blocking(move || {
         let targets = Targets {
+            block: block_end.map(|node| BlockTarget {
+                node: node as usize,
+                codes: &block_codes,
+            }),
             labels: &labels,
             teacher: (!teacher.is_empty()).then_some(Teacher {
                 logits: &teacher,

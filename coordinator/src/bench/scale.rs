@@ -368,6 +368,7 @@ impl SimSetup {
             search_seconds_before: 0.0,
             instance: "simulated".into(),
             teacher: None,
+            blocks: None,
             config,
         };
         Ok((setup, trainer))
@@ -413,12 +414,14 @@ pub fn calibrate(
     let n = images.max(8);
     let d = data::load(&source, Split::Train, Some(0..n))?;
     let targets = Targets {
+        block: None,
         labels: &d.labels,
         teacher: None,
     };
     let quarter = n / 4;
     let time = |pixels: &[u8], labels: &[u8], vars: &[u32], cands: &[Vec<i8>]| {
         let t = Targets {
+            block: None,
             labels,
             teacher: None,
         };

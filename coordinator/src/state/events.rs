@@ -36,6 +36,8 @@ pub struct Setup {
     pub instance: String,
     /// The float model's logits on the search images (`search.fitness = "distill"`).
     pub teacher: Option<Arc<TeacherLogits>>,
+    /// The block-local phase's targets (`search.local_evaluations`).
+    pub blocks: Option<Arc<BlockTargets>>,
 }
 
 /// The float model's logits on every image of the search part of the training split,
@@ -57,6 +59,52 @@ impl TeacherLogits {
             .flat_map(|&i| &self.logits[i as usize * c..(i as usize + 1) * c])
             .copied()
             .collect()
+    }
+}
+
+/// The block-local phase's targets (`search.local_evaluations`): at the end of every
+/// block, the float model's codes ([`ccq_common::blocks::targets`]) for every image of
+/// the local pool, computed once at setup; a local generation's jobs carry their
+/// images' rows at the end of its group's block.
+#[derive(Debug)]
+pub struct BlockTargets {
+    /// The pool: training indices, ascending ([`ccq_search::SearchConfig::local_pool`]).
+    pub pool: Vec<u64>,
+    /// Per block end: its node, its codes per image, and the pool's codes image by image.
+    pub ends: Vec<(u32, usize, Vec<u8>)>,
+    /// Per entry of the network's layer list: the end of its block, `None` in the last
+    /// block (scored by the run's fitness).
+    pub end_of_layer: Vec<Option<u32>>,
+}
+
+impl BlockTargets {
+    /// The block end a generation is scored at: `None` outside the local phase and for
+    /// groups in the last block.
+    pub fn end_for(&self, generation: &Generation) -> Option<u32> {
+        if !generation.local {
+            return None;
+        }
+        self.end_of_layer
+            .get(generation.layer as usize)
+            .copied()
+            .flatten()
+    }
+
+    /// The codes of `images` (pool members) at block end `node`, image by image.
+    pub fn rows(&self, node: u32, images: &[u64]) -> Vec<u8> {
+        let Some((_, per, codes)) = self.ends.iter().find(|(e, ..)| *e == node) else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(images.len() * per);
+        for i in images {
+            // A local generation's batch is drawn from the pool (and a restored one is
+            // checked against it), so a miss is a bug: the job goes out short and the
+            // worker refuses it by name rather than scoring the wrong images.
+            if let Ok(k) = self.pool.binary_search(i) {
+                out.extend_from_slice(&codes[k * per..(k + 1) * per]);
+            }
+        }
+        out
     }
 }
 
@@ -186,6 +234,8 @@ pub enum Work {
         count: usize,
         /// Shared, not copied: the handler encodes the rows of `images`.
         teacher: Option<Arc<TeacherLogits>>,
+        /// A local generation's block and its targets; the handler encodes the rows.
+        block: Option<(u32, Arc<BlockTargets>)>,
     },
     /// A block of a validation/test measurement: one result, the network's sums on it.
     Measure(MeasureBlock),

@@ -115,6 +115,7 @@ pub(super) fn virtual_setup(
         search_seconds_before: 0.0,
         instance: "i".into(),
         teacher: None,
+        blocks: None,
     };
     (setup, trainer, out)
 }

@@ -21,7 +21,9 @@ use ccq_search::trainer::Generation;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::events::{EvalSplit, JobSpec, MeasureBlock, PollReply, Submission, TeacherLogits, Work};
+use super::events::{
+    BlockTargets, EvalSplit, JobSpec, MeasureBlock, PollReply, Submission, TeacherLogits, Work,
+};
 
 #[derive(Debug, Clone)]
 enum Task {
@@ -110,6 +112,8 @@ pub struct JobQueue {
     parked: Vec<(u64, oneshot::Sender<PollReply>)>,
     /// Every job carries its images' teacher logits (distillation fitness).
     teacher: Option<Arc<TeacherLogits>>,
+    /// Local generations' jobs carry their block targets (`search.local_evaluations`).
+    blocks: Option<Arc<BlockTargets>>,
     /// Generations in flight at once (`search.window`): how many jobs a generation
     /// needs to keep the workers busy.
     window: usize,
@@ -130,6 +134,7 @@ impl JobQueue {
             measuring: BTreeMap::new(),
             parked: Vec::new(),
             teacher: None,
+            blocks: None,
             window: 1,
         }
     }
@@ -143,6 +148,12 @@ impl JobQueue {
     /// Jobs carry the teacher's logits of their images (distillation fitness).
     pub fn with_teacher(mut self, teacher: Option<Arc<TeacherLogits>>) -> JobQueue {
         self.teacher = teacher;
+        self
+    }
+
+    /// Local generations' jobs carry their block's targets (block-local fitness).
+    pub fn with_blocks(mut self, blocks: Option<Arc<BlockTargets>>) -> JobQueue {
+        self.blocks = blocks;
         self
     }
 
@@ -395,6 +406,8 @@ impl JobQueue {
                         first: *first,
                         count: *count,
                         teacher: self.teacher.clone(),
+                        block: (self.blocks.as_ref())
+                            .and_then(|b| b.end_for(&c.generation).map(|end| (end, Arc::clone(b)))),
                     },
                     changes: None,
                 }
@@ -597,6 +610,7 @@ mod tests {
             candidates: (0..candidates).map(|c| vec![c as i8, 0]).collect(),
             images,
             layer: 0,
+            local: false,
         }
     }
 

@@ -46,9 +46,9 @@ use tracing::{debug, error, info, warn};
 use self::changelog::{Change, ChangeLog};
 use self::checkpointer::Checkpointer;
 pub use self::events::{
-    answer_during_setup, EvalSplit, Event, Finished, HeartbeatReply, JobSpec, MeasureBlock,
-    NetworkUpdate, PollReply, Refusal, RegisterWorker, Registration, Setup, Submission,
-    TeacherLogits, Work,
+    answer_during_setup, BlockTargets, EvalSplit, Event, Finished, HeartbeatReply, JobSpec,
+    MeasureBlock, NetworkUpdate, PollReply, Refusal, RegisterWorker, Registration, Setup,
+    Submission, TeacherLogits, Work,
 };
 use self::jobs::{Accepted, Completed, JobQueue};
 use self::measure::Measurements;
@@ -107,6 +107,7 @@ impl State {
             workers: WorkerRegistry::new(setup.shards),
             jobs: JobQueue::new(setup.shards)
                 .with_teacher(setup.teacher.clone())
+                .with_blocks(setup.blocks.clone())
                 .with_window(setup.config.search.window),
             log: ChangeLog::default(),
             history: History::default(),
