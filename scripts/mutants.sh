@@ -68,7 +68,8 @@ esac
 
 # One scope per package, so that each mutant runs only the tests that can see it: the
 # search crate's unit and behaviour tests; the library unit tests of common (fitness sums,
-# requantization) and of the coordinator (checkpoint restore checks). fitness.rs's
+# requantization, block-local targets and losses) and of the coordinator (checkpoint
+# restore checks). fitness.rs's
 # delta_pays_off is a cost model that only picks the faster of bit-identical paths, so its
 # mutants change speed, never results: left out. Doc tests and the
 # slow process tests are left out on purpose: they take minutes and guard other things.
@@ -78,7 +79,7 @@ esac
 # non-test library (twice the build time for common, four times for the coordinator).
 scopes=(
   "search|-p ccq-search --cargo-arg=--lib --cargo-arg=--tests"
-  "common|-p ccq-common -f common/src/fitness.rs -f common/src/qnet.rs -f common/src/kernels/mod.rs --re fitness\.rs|EvalStats::|image_loss|paired_term|cross_entropy|distillation|log_softmax|argmax|Targets<|QNetwork::stats|QNetwork::image_results|Requant:: -E delta_pays_off|slice_value|pad_value --cargo-arg=--lib"
+  "common|-p ccq-common -f common/src/fitness.rs -f common/src/qnet.rs -f common/src/kernels/mod.rs -f common/src/blocks.rs --re fitness\.rs|EvalStats::|image_loss|paired_term|cross_entropy|distillation|log_softmax|argmax|block_loss|Targets<|QNetwork::stats|QNetwork::image_results|QNetwork::block_end|QNetwork::check_block|blocks\.rs|Requant:: -E delta_pays_off|slice_value|pad_value --cargo-arg=--lib"
   "coordinator|-p ccq-coordinator -f coordinator/src/checkpoint.rs --cargo-arg=--lib"
 )
 

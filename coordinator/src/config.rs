@@ -509,6 +509,16 @@ mod tests {
                 "[search]\nstrategy = \"cc\"\n[budget]",
                 "unknown variant `cc`",
             ),
+            (
+                "weight_bits = 4",
+                "weight_bits = 4\nact_clip_step = 0.0625\n[search]\nlocal_evaluations = 100",
+                "search.local_evaluations = 100: cannot go with quant.act_clip_step",
+            ),
+            (
+                "[budget]",
+                "[search]\nlocal_evaluations = 100\nstrategy = \"eda\"\n[budget]",
+                "search.local_evaluations = 100: needs a strategy whose groups stay in one layer",
+            ),
         ] {
             let err = load(&VALID.replace(from, to)).unwrap_err().to_string();
             assert!(err.contains(says), "{to}: {err}");

@@ -149,8 +149,10 @@ pub struct SearchConfig {
     /// to that point. Groups in the network's last block (which ends at the logits) keep
     /// `fitness`. Batches of the phase come from `local_images` fixed training images,
     /// whose block outputs the coordinator computes once at setup (one byte per value:
-    /// about 100 KB per image for ResNet-20) and sends with each job. 0: no local phase.
-    /// Group strategies only (`eda-cc`, `cc-random`, `cc-layer`).
+    /// about 100 KB per image for ResNet-20) and sends with each job. A run's history
+    /// shows that block error as the phase's best fitness. 0: no local phase. Group
+    /// strategies only (`eda-cc`, `cc-random`, `cc-layer`); not with
+    /// `quant.act_clip_step`.
     pub local_evaluations: u64,
     /// Training images the block-local phase draws its batches from, spread evenly over
     /// the search part of the training split (at most all of it).

@@ -341,6 +341,22 @@ impl Trainer {
                     format!("names image {i} of the {search_len} searched"),
                 ));
             }
+            if g.local {
+                // Its jobs carry the pool's block targets, so its images must be there.
+                let pool = search.local_pool(search_len);
+                if search.local_evaluations == 0 {
+                    return Err(bad(
+                        &field,
+                        "is block-local in a run without that phase".into(),
+                    ));
+                }
+                if let Some(&i) = g.images.iter().find(|i| pool.binary_search(i).is_err()) {
+                    return Err(bad(
+                        &field,
+                        format!("is block-local but names image {i}, not in the local pool"),
+                    ));
+                }
+            }
             for c in &g.candidates {
                 if c.len() != g.vars.len() {
                     return Err(bad(
@@ -1289,5 +1305,141 @@ mod tests {
                 run_one(&mut b, &pixels, &labels)
             );
         }
+    }
+
+    /// The block-local phase: its generations draw their batches from the local pool and
+    /// say so until the phase's evaluations are spent, then the search goes on over the
+    /// whole split. Scored against the float model's block outputs, it lowers the first
+    /// block's reconstruction error on the pool (a batch is the whole pool, so every
+    /// adoption there lowers it). A snapshot resumes it identically, and one whose local
+    /// generation names an image outside the pool is refused.
+    #[test]
+    fn the_block_local_phase_lowers_block_error_on_its_pool() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../common/tests/fixtures/mnist_cnn.onnx");
+        let graph = ccq_common::onnx::load_onnx(&path).unwrap();
+        let (net, pixels, labels) = setup();
+        let norm = Normalization::identity(1);
+        let ends = net.block_ends();
+        let all =
+            ccq_common::blocks::targets(&graph, &norm, &net, &ends, &pixels, labels.len()).unwrap();
+        let (mut eda, mut search) = small_search(Strategy::EdaCc);
+        eda.population = 8;
+        search.local_evaluations = 400;
+        search.local_images = 24;
+        search.batch_size = 24;
+        let pool = search.local_pool(labels.len());
+        let rows = |end: usize, images: &[u64]| -> Vec<u8> {
+            let k = ends.iter().position(|&e| e == end).unwrap();
+            let per = net.nodes[end].out.len();
+            (images.iter())
+                .flat_map(|&i| all[k][i as usize * per..(i as usize + 1) * per].to_vec())
+                .collect()
+        };
+        let step = |t: &mut Trainer| -> (Generation, Outcome) {
+            let g = t.next_generation().unwrap().unwrap();
+            let px: Vec<u8> = (g.images.iter())
+                .flat_map(|&i| pixels[i as usize * 784..(i as usize + 1) * 784].to_vec())
+                .collect();
+            let lb: Vec<u8> = g.images.iter().map(|&i| labels[i as usize]).collect();
+            let node = t.network().layers[g.layer as usize].node;
+            let end = g.local.then(|| t.network().block_end(node)).flatten();
+            let codes = end.map_or(Vec::new(), |e| rows(e, &g.images));
+            let targets = Targets {
+                block: end.map(|node| ccq_common::qnet::BlockTarget {
+                    node,
+                    codes: &codes,
+                }),
+                ..Targets::labels(&lb)
+            };
+            let stats =
+                evaluate_candidates(t.network(), &px, &targets, &g.vars, &g.candidates, 1).unwrap();
+            let out = t.complete(&g, &stats).unwrap();
+            (g, out)
+        };
+        let first_block_error = |net: &QNetwork| -> u64 {
+            let px: Vec<u8> = (pool.iter())
+                .flat_map(|&i| pixels[i as usize * 784..(i as usize + 1) * 784].to_vec())
+                .collect();
+            let mut acts = ccq_common::qnet::Activations::default();
+            net.forward(&px, pool.len(), &mut acts);
+            let per = net.nodes[ends[0]].out.len();
+            let codes = rows(ends[0], &pool);
+            (acts.values[ends[0] + 1].chunks_exact(per))
+                .zip(codes.chunks_exact(per))
+                .map(|(a, b)| ccq_common::qnet::block_loss(a, b))
+                .sum()
+        };
+        let start = first_block_error(&net);
+        let mut t = Trainer::new(net.clone(), eda, search.clone(), 8, labels.len()).unwrap();
+        let (mut local, mut first_layer_adoptions) = (0, 0);
+        let mut snap = None;
+        while t.progress().evaluations < search.local_evaluations {
+            if local == 5 {
+                snap = Some(t.snapshot());
+            }
+            let (g, out) = step(&mut t);
+            assert!(g.local, "generation {} is in the phase", g.id);
+            assert!(g.images.iter().all(|i| pool.contains(i)), "from the pool");
+            local += 1;
+            first_layer_adoptions += usize::from(out.adopted && g.layer == 0);
+        }
+        assert!(
+            first_layer_adoptions > 0,
+            "the test must adopt in the first block"
+        );
+        let end = first_block_error(t.network());
+        assert!(end < start, "first block error {start} -> {end}");
+        let outside = (0..20)
+            .map(|_| step(&mut t).0)
+            .inspect(|g| assert!(!g.local))
+            .any(|g| g.images.iter().any(|i| !pool.contains(i)));
+        assert!(outside, "after the phase batches come from the whole split");
+
+        // Resumed from inside the phase: the same generations and outcomes.
+        let snap = snap.unwrap();
+        let mut b = Trainer::restore(
+            net.clone(),
+            search.clone(),
+            8,
+            labels.len(),
+            snap.clone(),
+            "t",
+        )
+        .unwrap();
+        let mut c = Trainer::new(
+            net.clone(),
+            t.eda().params().clone(),
+            search.clone(),
+            8,
+            labels.len(),
+        )
+        .unwrap();
+        for _ in 0..5 {
+            step(&mut c);
+        }
+        for k in 0..8 {
+            assert_eq!(step(&mut b), step(&mut c), "step {k} after resume");
+        }
+        // A local generation in flight that names an image outside the pool.
+        let mut bad = Trainer::new(
+            net.clone(),
+            t.eda().params().clone(),
+            search.clone(),
+            8,
+            labels.len(),
+        )
+        .unwrap();
+        bad.next_generation().unwrap().unwrap();
+        let mut snap = bad.snapshot();
+        let outside = (0..labels.len() as u64)
+            .find(|i| !pool.contains(i))
+            .unwrap();
+        snap.in_flight[0].images[0] = outside;
+        snap.in_flight[0].images.sort_unstable();
+        let err = Trainer::restore(net, search, 8, labels.len(), snap, "t")
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("local pool"), "{err}");
     }
 }

@@ -2,7 +2,7 @@
 
 use ccq_common::data::{self, DataSource, Split};
 use ccq_common::fitness;
-use ccq_common::qnet::{QNetwork, Targets, Teacher};
+use ccq_common::qnet::{BlockTarget, QNetwork, Targets, Teacher};
 use ccq_coordinator::eval::{float_logits, quantize_from_train};
 use ccq_search::config::Fitness;
 use ccq_search::trainer::Trainer;
@@ -67,7 +67,7 @@ async fn one_and_three_workers_train_the_identical_network() {
 /// single-process evaluation of the same candidates on the whole batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_fitness_equals_single_process_evaluation() {
-    cluster_matches_replay(Fitness::Loss, false).await;
+    cluster_matches_replay(Fitness::Loss, false, false).await;
 }
 
 /// The same with the distillation fitness: the teacher logits the jobs carry are the
@@ -75,17 +75,25 @@ async fn cluster_fitness_equals_single_process_evaluation() {
 /// computes them in this process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_distillation_equals_single_process_evaluation() {
-    cluster_matches_replay(Fitness::Distill, false).await;
+    cluster_matches_replay(Fitness::Distill, false, false).await;
 }
 
 /// With searched channel scales and activation clips: workers that catch up on several
 /// versions' changes at once hold the coordinator's network exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_with_scales_and_clips_equals_single_process_evaluation() {
-    cluster_matches_replay(Fitness::Loss, true).await;
+    cluster_matches_replay(Fitness::Loss, true, false).await;
 }
 
-async fn cluster_matches_replay(kind: Fitness, scales_and_clips: bool) {
+/// With a block-local phase (the first half of the run): the block targets the jobs
+/// carry are the float model's codes at the end of each generation's block for the
+/// job's images, on two shards, and the phase hands over to the labels on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_block_local_phase_equals_single_process_evaluation() {
+    cluster_matches_replay(Fitness::Loss, false, true).await;
+}
+
+async fn cluster_matches_replay(kind: Fitness, scales_and_clips: bool, block_local: bool) {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_mnist(dir.path(), 700, 120, 2);
     let out = dir.path().join("run");
@@ -95,6 +103,10 @@ async fn cluster_matches_replay(kind: Fitness, scales_and_clips: bool) {
     if scales_and_clips {
         cfg.quant.channel_scale_step = Some(0.25);
         cfg.quant.act_clip_step = Some(0.25);
+    }
+    if block_local {
+        cfg.search.local_evaluations = 80;
+        cfg.search.local_images = 64;
     }
     let report = spawn_cluster(cfg.clone(), 2).await.finish().await;
 
@@ -113,6 +125,21 @@ async fn cluster_matches_replay(kind: Fitness, scales_and_clips: bool) {
     let search_len = train.len() - cfg.data.validation;
     let classes = graph.num_classes();
     let teacher = float_logits(&graph, &cfg.normalization(), &train, 1);
+    let (pool, ends) = (cfg.search.local_pool(search_len), net.block_ends());
+    let il = train.image_len();
+    let pool_pixels: Vec<u8> = (pool.iter())
+        .flat_map(|&i| train.images[i as usize * il..(i as usize + 1) * il].to_vec())
+        .collect();
+    let blocks = ccq_common::blocks::targets(
+        &graph,
+        &cfg.normalization(),
+        &net,
+        &ends,
+        &pool_pixels,
+        pool.len(),
+    )
+    .unwrap();
+    let mut phases = (0, 0);
     let mut trainer = Trainer::new(
         net,
         cfg.eda.clone(),
@@ -139,8 +166,30 @@ async fn cluster_matches_replay(kind: Fitness, scales_and_clips: bool) {
             .iter()
             .flat_map(|&i| teacher[i as usize * classes..(i as usize + 1) * classes].to_vec())
             .collect();
+        let node = trainer.network().layers[g.layer as usize].node;
+        let end = g.local.then(|| trainer.network().block_end(node)).flatten();
+        let codes: Vec<u8> = end.map_or(Vec::new(), |e| {
+            let (k, per) = (
+                ends.iter().position(|&x| x == e).unwrap(),
+                trainer.network().nodes[e].out.len(),
+            );
+            (g.images.iter())
+                .flat_map(|i| {
+                    let at = pool.binary_search(i).unwrap();
+                    blocks[k][at * per..(at + 1) * per].to_vec()
+                })
+                .collect()
+        });
+        if g.local {
+            phases.0 += 1;
+        } else {
+            phases.1 += 1;
+        }
         let targets = Targets {
-            block: None,
+            block: end.map(|node| BlockTarget {
+                node,
+                codes: &codes,
+            }),
             labels: &labels,
             teacher: (kind == Fitness::Distill).then_some(Teacher {
                 logits: &rows,
@@ -168,6 +217,9 @@ async fn cluster_matches_replay(kind: Fitness, scales_and_clips: bool) {
     // History holds one row per generation (every_generations = 1) plus the final row.
     assert!(cluster.len() >= local.len());
     assert_eq!(&cluster[..local.len()], &local[..]);
+    if block_local {
+        assert!(phases.0 > 0 && phases.1 > 0, "both phases ran: {phases:?}");
+    }
     // And the network the run wrote is the one the replay's validation would select.
     let written = QNetwork::load(&out.join("model.ccq")).unwrap();
     assert_eq!(written.num_vars(), trainer.network().num_vars());
