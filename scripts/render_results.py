@@ -111,6 +111,11 @@ def load_cells():
             if local % 1000 or cfg.get("search", {}).get("local_images", 1024) != 1024:
                 raise SystemExit(f"{path}: search.local_evaluations {local}: grid cells use thousands and 1,024 images")
             strategy = f"{strategy}-local{local // 1000}k"
+        # The start is named in the precision ("gq": GPTQ rounding); every cell names its
+        # rounding, since the config's default changed from round to nearest to GPTQ.
+        rounding = cfg.get("quant", {}).get("rounding")
+        if rounding != ("gptq" if "gq" in m["prec"] else "nearest"):
+            raise SystemExit(f"{path}: precision {m['prec']} but quant.rounding = {rounding!r}")
         if strategy != m["strategy"]:
             raise SystemExit(f"{path}: name says {m['strategy']}, search.strategy/fitness/acceptance say {strategy}")
         cells[path.stem] = {

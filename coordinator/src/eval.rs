@@ -324,9 +324,10 @@ pub struct QuantArgs {
     /// clipped) or `mse` (least squared rounding and clipping error).
     #[arg(long, default_value = "max")]
     pub weight_scale: String,
-    /// How weights are rounded to codes: `nearest` or `gptq` (error feedback that keeps
-    /// each layer's output on the calibration images close to the float layer's).
-    #[arg(long, default_value = "nearest")]
+    /// How weights are rounded to codes: `gptq` (error feedback that keeps each layer's
+    /// output on the calibration images close to the float layer's; the default, as in
+    /// a run config) or `nearest`.
+    #[arg(long, default_value = "gptq")]
     pub rounding: String,
     /// Correct the integer biases so that each layer's mean pre-activation matches the
     /// float model's on the calibration images.

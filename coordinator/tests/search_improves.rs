@@ -26,7 +26,7 @@ fn a_short_run_on_mnist_beats_round_to_nearest_and_outputs_its_best_network() {
             "seed = 1\nout = \"{}\"\n\
              [model]\nonnx = \"{}\"\nmean = [0.1307]\nstd = [0.3081]\n\
              [data]\nsource = \"mnist:{}\"\nvalidation = 1000\n\
-             [quant]\nweight_bits = 2\nact_bits = 8\ncalib_images = 512\n\
+             [quant]\nweight_bits = 2\nact_bits = 8\ncalib_images = 512\nrounding = \"nearest\"\n\
              [eda]\npopulation = 16\ntop_k = 4\ngroup_size = 64\n\
              [search]\ngenerations_per_group = 4\nbatch_size = 256\n\
              [budget]\nevaluations = 6000\n[eval]\nevery_generations = 25\n",
