@@ -11,22 +11,23 @@
 //! once per run with the float engine; workers receive a job's rows with the job, so
 //! their inference stays integer-only.
 
-use crate::model::{Graph, Normalization, Op};
+use crate::model::{Graph, Normalization};
 use crate::qnet::QNetwork;
 use crate::quant::normalize;
 use crate::{float, Error, Result};
 
 /// The float graph's value that integer node `node` quantizes: the output of the float
-/// node of the same name or, where quantization fused a ReLU/Clip into it, of that
-/// activation. Its shape must match.
+/// node of the same name, whose shape must match. Where quantization fused a ReLU or Clip
+/// into that node, the integer value's codes cover only the activation's range, so
+/// quantizing the output before the activation clamps it to the activation's codes.
 pub fn float_value(graph: &Graph, net: &QNetwork, node: usize) -> Result<usize> {
     let q = net
         .nodes
         .get(node)
         .ok_or_else(|| Error::setting("block end", node, "no such node"))?;
     let mut named = (graph.nodes.iter().enumerate()).filter(|(_, n)| n.name == q.name);
-    let (i, f) = match (named.next(), named.next()) {
-        (Some(found), None) => found,
+    let v = match (named.next(), named.next()) {
+        (Some((i, _)), None) => i + 1,
         _ => {
             return Err(Error::setting(
                 "block end",
@@ -34,19 +35,6 @@ pub fn float_value(graph: &Graph, net: &QNetwork, node: usize) -> Result<usize> 
                 "is not exactly one node of the float graph",
             ))
         }
-    };
-    let readers: Vec<usize> = (graph.nodes.iter().enumerate())
-        .filter(|(_, n)| n.inputs.contains(&(i + 1)))
-        .map(|(j, _)| j)
-        .collect();
-    // The quantizer's rule: a Conv/Linear/Add whose only reader is a ReLU/Clip carries it.
-    let v = match readers[..] {
-        [a] if matches!(f.op, Op::Conv(_) | Op::Linear(_) | Op::Add)
-            && matches!(graph.nodes[a].op, Op::Relu | Op::Clip { .. }) =>
-        {
-            a + 1
-        }
-        _ => i + 1,
     };
     let (s, o) = (graph.shape(v), &q.out);
     if (s.c, s.h, s.w) != (o.c, o.h, o.w) {
@@ -232,6 +220,44 @@ mod tests {
                 "2-bit weights, end {}: {b:.3} vs {a:.3}",
                 ends[k]
             );
+        }
+    }
+
+    /// Where a block ends on a value with a zero point (no ReLU after it: a mobile
+    /// network's linear bottleneck) and with 4-bit activations, the targets still track
+    /// the network's own codes and stay inside the activation's codes.
+    #[test]
+    fn targets_follow_zero_points_and_activation_bits() {
+        let (g, norm, pixels) = fixture("mobile17", 3, 16);
+        // Calibrated on 8 of the 40 images, so the others overshoot some ranges.
+        let calib = &pixels[..8 * 3 * 16 * 16];
+        for act_bits in [8, 4] {
+            let net = quantize(&g, &norm, calib, 8, &QuantConfig::new(8, act_bits)).unwrap();
+            let ends = net.block_ends();
+            assert!(
+                ends.iter().any(|&e| net.nodes[e].out.zp != 0),
+                "a block ends on an affine value: {ends:?}"
+            );
+            let t = targets(&g, &norm, &net, &ends, &pixels, 40).unwrap();
+            let mut acts = Activations::default();
+            net.forward(&pixels, 40, &mut acts);
+            let top = ((1u32 << act_bits) - 1) as u8;
+            let maxima: Vec<u8> = t.iter().map(|c| *c.iter().max().unwrap()).collect();
+            assert!(
+                maxima.iter().all(|&m| m <= top),
+                "{act_bits}-bit: {maxima:?}"
+            );
+            assert!(maxima.contains(&top), "some end saturates: {maxima:?}");
+            for (&e, codes) in ends.iter().zip(&t) {
+                let mean = (acts.values[e + 1].iter().zip(codes))
+                    .map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs())
+                    .sum::<f64>()
+                    / codes.len() as f64;
+                assert!(
+                    mean < 1.0,
+                    "{act_bits}-bit, end {e}: mean |code diff| {mean:.3}"
+                );
+            }
         }
     }
 

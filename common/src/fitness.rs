@@ -1142,5 +1142,35 @@ mod tests {
             let e = evaluate_candidates(&net, &pixels, &t, &[0], &[vec![0]], 1).unwrap_err();
             assert!(e.to_string().contains(says), "{e}");
         }
+        // Block targets from the network: a block that ends at the logits or before the
+        // group's layer, codes of another length per image or not whole images.
+        let n = labels.len();
+        let (first, second) = (net.layers[0].node, net.layers[1].node);
+        let per = |node: usize| net.nodes[node].out.len();
+        let codes = vec![0u8; n * per(second) + n * per(first)];
+        let in_second = net.layers[1].offset as u32;
+        for (node, len, var, says) in [
+            (second, n * per(second), 0, ""),
+            (net.nodes.len() - 1, n * per(second), 0, "block end"),
+            (first, n * per(first), in_second, "block end"),
+            (first, n * per(second), 0, "block targets"),
+            (second, n * per(second) + 1, 0, "block targets"),
+        ] {
+            let t = Targets {
+                block: Some(BlockTarget {
+                    node,
+                    codes: &codes[..len],
+                }),
+                ..Targets::labels(&labels)
+            };
+            let r = evaluate_candidates(&net, &pixels, &t, &[var], &[vec![0]], 1);
+            match says {
+                "" => assert!(r.is_ok(), "a later block end scores: {r:?}"),
+                _ => assert!(
+                    r.unwrap_err().to_string().contains(says),
+                    "node {node}, {len}"
+                ),
+            }
+        }
     }
 }

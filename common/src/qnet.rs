@@ -845,13 +845,14 @@ impl QNetwork {
     /// its blocks, where a prefix of the network can be compared with the float model's
     /// (a residual block's add; every layer of a plain chain). The logits node is not one.
     pub fn block_ends(&self) -> Vec<usize> {
-        let last_read: Vec<usize> = (0..=self.nodes.len())
-            .map(|v| (self.nodes.iter().rposition(|n| n.inputs.contains(&v))).unwrap_or(0))
+        // Per value, the last node that reads it (None: no node does).
+        let last_read: Vec<Option<usize>> = (0..=self.nodes.len())
+            .map(|v| self.nodes.iter().rposition(|n| n.inputs.contains(&v)))
             .collect();
         (0..self.nodes.len().saturating_sub(1))
             .filter(|&i| {
                 // Values 0..=i+1 exist after node i; only its own may be read later.
-                (0..=i).all(|v| last_read[v] <= i) && last_read[i + 1] > i
+                last_read[i + 1].is_some() && (0..=i).all(|v| last_read[v].is_none_or(|r| r <= i))
             })
             .collect()
     }

@@ -317,6 +317,15 @@ mod tests {
             };
             assert!(cfg.validate().is_ok(), "margin {margin}, {fitness:?}");
         }
+        // A block-local phase with a group strategy; any strategy without one.
+        for (local_evaluations, strategy) in [(100, Strategy::EdaCc), (0, Strategy::Hill)] {
+            let cfg = SearchConfig {
+                local_evaluations,
+                strategy,
+                ..one.clone()
+            };
+            assert!(cfg.validate().is_ok(), "{local_evaluations}, {strategy:?}");
+        }
         for (field, cfg) in [
             (
                 "search.generations_per_group",
