@@ -849,11 +849,10 @@ impl QNetwork {
         let last_read: Vec<Option<usize>> = (0..=self.nodes.len())
             .map(|v| self.nodes.iter().rposition(|n| n.inputs.contains(&v)))
             .collect();
+        // After node i every value before its own is done with. Then node i + 1 can read
+        // only node i's output, so that value is live (and the only one).
         (0..self.nodes.len().saturating_sub(1))
-            .filter(|&i| {
-                // Values 0..=i+1 exist after node i; only its own may be read later.
-                last_read[i + 1].is_some() && (0..=i).all(|v| last_read[v].is_none_or(|r| r <= i))
-            })
+            .filter(|&i| (0..=i).all(|v| last_read[v].is_none_or(|r| r <= i)))
             .collect()
     }
 
