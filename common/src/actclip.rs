@@ -466,10 +466,7 @@ mod tests {
     /// Fixture `name` (`channels` x `hw` x `hw` inputs) quantized at W4A8 on random
     /// images, with clips of step 1/8 unless `clips` is false; and 32 other images.
     fn fixture(name: &str, channels: usize, hw: usize, clips: bool) -> (QNetwork, Vec<u8>) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(format!("{name}.onnx"));
-        let graph = crate::onnx::load_onnx(&path).unwrap();
+        let graph = crate::testutil::fixture_graph(name);
         let mut rng = ChaCha8Rng::seed_from_u64(21);
         let il = channels * hw * hw;
         let calib: Vec<u8> = (0..48 * il).map(|_| rng.random()).collect();
@@ -578,12 +575,7 @@ mod tests {
             }
             for j in net.clip_readers(&clip) {
                 let (x, y) = (&before.values[j + 1], &after.values[j + 1]);
-                let mean_diff = x
-                    .iter()
-                    .zip(y)
-                    .map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs())
-                    .sum::<f64>()
-                    / x.len() as f64;
+                let mean_diff = crate::testutil::mean_code_diff(x, y);
                 assert!(
                     mean_diff < 1.0,
                     "clip {i}, reader {j}: mean code change {mean_diff}"

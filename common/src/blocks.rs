@@ -115,10 +115,7 @@ mod tests {
     /// A fixture graph (`name`.onnx, `channels` x `hw` x `hw`), its normalization, and
     /// random images.
     fn fixture(name: &str, channels: usize, hw: usize) -> (Graph, Normalization, Vec<u8>) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(format!("{name}.onnx"));
-        let graph = crate::onnx::load_onnx(&path).unwrap();
+        let graph = crate::testutil::fixture_graph(name);
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let pixels = (0..40 * channels * hw * hw).map(|_| rng.random()).collect();
         let norm = Normalization {
@@ -249,10 +246,7 @@ mod tests {
             );
             assert!(maxima.contains(&top), "some end saturates: {maxima:?}");
             for (&e, codes) in ends.iter().zip(&t) {
-                let mean = (acts.values[e + 1].iter().zip(codes))
-                    .map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs())
-                    .sum::<f64>()
-                    / codes.len() as f64;
+                let mean = crate::testutil::mean_code_diff(&acts.values[e + 1], codes);
                 assert!(
                     mean < 1.0,
                     "{act_bits}-bit, end {e}: mean |code diff| {mean:.3}"

@@ -581,10 +581,7 @@ mod tests {
         hw: usize,
         weight_bits: u8,
     ) -> (QNetwork, Vec<u8>, Vec<u8>) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(format!("{name}.onnx"));
-        let graph = crate::onnx::load_onnx(&path).unwrap();
+        let graph = crate::testutil::fixture_graph(name);
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let n = 40;
         let il = channels * hw * hw;

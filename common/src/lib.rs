@@ -26,5 +26,7 @@ pub mod onnx;
 pub mod qnet;
 pub mod quant;
 mod rounding;
+#[cfg(test)]
+mod testutil;
 
 pub use error::{Error, Result};

@@ -265,7 +265,7 @@ pub async fn run(
                     "block-local phase: {} blocks, targets for {} images ({:.1} MB)",
                     b.ends.len(),
                     b.pool.len(),
-                    b.ends.iter().map(|e| e.2.len()).sum::<usize>() as f64 / 1e6
+                    b.ends.iter().map(|e| e.1.len()).sum::<usize>() as f64 / 1e6
                 );
                 Some(std::sync::Arc::new(b))
             }
@@ -475,10 +475,10 @@ fn block_targets(
             .map(|h| h.join().expect("block targets thread panicked"))
             .collect::<Result<Vec<_>, _>>()
     })?;
-    let ends: Vec<(u32, usize, Vec<u8>)> = (ends.iter().enumerate())
+    let ends: Vec<(u32, Vec<u8>)> = (ends.iter().enumerate())
         .map(|(k, &e)| {
             let codes = parts.iter().flat_map(|p| &p[k]).copied().collect();
-            (e as u32, net.nodes[e].out.len(), codes)
+            (e as u32, codes)
         })
         .collect();
     let end_of_layer = (net.layers.iter())

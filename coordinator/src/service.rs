@@ -519,7 +519,7 @@ mod tests {
         // the job's order (pool images 2, 6, 7; three codes each at node 5).
         let blocks = Arc::new(crate::state::BlockTargets {
             pool: vec![2, 6, 7],
-            ends: vec![(1, 2, vec![0; 6]), (5, 3, (10..19).collect())],
+            ends: vec![(1, vec![0; 6]), (5, (10..19).collect())],
             end_of_layer: vec![Some(5)],
         });
         let j = job_to_proto(&spec(vec![7, 6], None, Some((5, blocks))));

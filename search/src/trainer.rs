@@ -1397,24 +1397,14 @@ mod tests {
         assert!(outside, "after the phase batches come from the whole split");
 
         // Resumed from inside the phase: the same generations and outcomes.
+        let fresh = || {
+            let eda = t.eda().params().clone();
+            Trainer::new(net.clone(), eda, search.clone(), 8, labels.len()).unwrap()
+        };
         let snap = snap.unwrap();
-        let mut b = Trainer::restore(
-            net.clone(),
-            search.clone(),
-            8,
-            labels.len(),
-            snap.clone(),
-            "t",
-        )
-        .unwrap();
-        let mut c = Trainer::new(
-            net.clone(),
-            t.eda().params().clone(),
-            search.clone(),
-            8,
-            labels.len(),
-        )
-        .unwrap();
+        let mut b =
+            Trainer::restore(net.clone(), search.clone(), 8, labels.len(), snap, "t").unwrap();
+        let mut c = fresh();
         for _ in 0..5 {
             step(&mut c);
         }
@@ -1422,14 +1412,7 @@ mod tests {
             assert_eq!(step(&mut b), step(&mut c), "step {k} after resume");
         }
         // A local generation in flight that names an image outside the pool.
-        let mut bad = Trainer::new(
-            net.clone(),
-            t.eda().params().clone(),
-            search.clone(),
-            8,
-            labels.len(),
-        )
-        .unwrap();
+        let mut bad = fresh();
         bad.next_generation().unwrap().unwrap();
         let mut snap = bad.snapshot();
         let outside = (0..labels.len() as u64)

@@ -70,8 +70,8 @@ impl TeacherLogits {
 pub struct BlockTargets {
     /// The pool: training indices, ascending ([`ccq_search::SearchConfig::local_pool`]).
     pub pool: Vec<u64>,
-    /// Per block end: its node, its codes per image, and the pool's codes image by image.
-    pub ends: Vec<(u32, usize, Vec<u8>)>,
+    /// Per block end: its node and the pool's codes there, image by image.
+    pub ends: Vec<(u32, Vec<u8>)>,
     /// Per entry of the network's layer list: the end of its block, `None` in the last
     /// block (scored by the run's fitness).
     pub end_of_layer: Vec<Option<u32>>,
@@ -92,9 +92,10 @@ impl BlockTargets {
 
     /// The codes of `images` (pool members) at block end `node`, image by image.
     pub fn rows(&self, node: u32, images: &[u64]) -> Vec<u8> {
-        let Some((_, per, codes)) = self.ends.iter().find(|(e, ..)| *e == node) else {
+        let Some((_, codes)) = self.ends.iter().find(|(e, _)| *e == node) else {
             return Vec::new();
         };
+        let per = codes.len() / self.pool.len().max(1);
         let mut out = Vec::with_capacity(images.len() * per);
         for i in images {
             // A local generation's batch is drawn from the pool (and a restored one is
