@@ -11,11 +11,13 @@
 //! - [`metrics`]: the Prometheus endpoint; [`progress`]: the progress bar or log lines;
 //! - [`report`]: `report.json`, the charts and `report.html` written at the end of a run;
 //! - [`status`]: `coordinator status` — a running coordinator's state, once or watched;
-//! - [`teacher`]: the float teacher's logits of a distillation run, kept for `--resume`.
+//! - [`artifact`]: float-engine setup results (a distillation run's teacher logits, the
+//!   block-local phase's targets) kept beside the checkpoint for `--resume`.
 //!
 //! `coordinator bench` (dispatch rate, wire bytes and memory of the coordinator) is not
 //! here: it drives this library from outside, so it lives in the binary (`src/bench/`).
 
+pub mod artifact;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
@@ -28,7 +30,6 @@ pub mod run;
 pub mod service;
 pub mod state;
 pub mod status;
-pub mod teacher;
 
 /// Where `coordinator run` listens and `coordinator status` looks by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";

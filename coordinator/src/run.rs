@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tracing::info;
 
+use crate::artifact;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::RunConfig;
 use crate::eval::{float_evaluate, float_logits, quantize_from_train};
@@ -239,8 +240,8 @@ pub async fn run(
         let resumed_from_generation = resumed.as_ref().map(|ck| ck.trainer.progress.generations);
         let network_fingerprint = checkpoint::network_fingerprint(&net);
         // Block-local phase: the float model's codes at every block end for the local
-        // pool, unless a resumed run is past the phase. Recomputed on resume: the float
-        // engine gives the same bits on the same kind of CPU.
+        // pool, unless a resumed run is past the phase. A resumed run reads back the bits
+        // it searched with (crate::artifact).
         let local_left = resumed
             .as_ref()
             .map_or(0, |ck| ck.trainer.progress.evaluations)
@@ -249,15 +250,22 @@ pub async fn run(
             false => None,
             true => {
                 phase.send_replace("computing block targets");
-                let (g, n, src, net, search) = (
+                let (g, n, src, net, search, dir) = (
                     graph.clone(),
                     norm.clone(),
                     source.clone(),
                     net.clone(),
                     cfg.search.clone(),
+                    out_dir.clone(),
                 );
                 let b = tokio::task::spawn_blocking(move || {
-                    block_targets(&g, &n, &src, &net, &search, search_len, eval_threads)
+                    let float = FloatSetup {
+                        graph: &g,
+                        norm: &n,
+                        source: &src,
+                        threads: eval_threads,
+                    };
+                    block_targets(&float, &net, &search, search_len, &dir, resuming)
                 })
                 .await
                 .expect("block targets panicked")?;
@@ -300,12 +308,12 @@ pub async fn run(
                 // A resumed run reads back the bits it searched with (crate::teacher).
                 let classes = graph.num_classes();
                 let saved = match resuming {
-                    true => crate::teacher::load(&out_dir, search_len, classes)?,
+                    true => artifact::load_teacher(&out_dir, search_len, classes)?,
                     false => None,
                 };
                 let logits = match saved {
                     Some(l) => {
-                        let file = crate::teacher::path(&out_dir);
+                        let file = artifact::TEACHER.path(&out_dir);
                         info!(
                             "distillation: teacher logits read back from {}",
                             file.display()
@@ -322,7 +330,7 @@ pub async fn run(
                         })
                         .await
                         .expect("teacher logits panicked")?;
-                        crate::teacher::save(&out_dir, &logits, classes)?;
+                        artifact::save_teacher(&out_dir, &logits, classes)?;
                         logits
                     }
                 };
@@ -428,7 +436,8 @@ pub async fn run(
     };
     crate::report::write(&report, &out_dir)?;
     if finished.complete {
-        crate::teacher::remove(&out_dir);
+        artifact::TEACHER.remove(&out_dir);
+        artifact::BLOCKS.remove(&out_dir);
         // The outputs are final: nothing is left to resume.
         let ck = checkpoint::path(&out_dir);
         if ck.exists() {
@@ -438,36 +447,81 @@ pub async fn run(
     Ok(report)
 }
 
-/// The checkpoint to continue from, if resuming and there is one; refuses to start a
-/// new run over an unfinished one's checkpoint.
-/// The block-local phase's targets: the float model's codes at every block end of `net`
-/// for the images of the local pool, computed on `threads` threads.
+/// What computes the float model's outputs at setup: its graph, the input normalisation,
+/// the data and the threads to use.
+struct FloatSetup<'a> {
+    graph: &'a ccq_common::model::Graph,
+    norm: &'a ccq_common::model::Normalization,
+    source: &'a data::DataSource,
+    threads: usize,
+}
+
+/// The block-local phase's targets: read back from `dir` when `resuming` and they are
+/// there, otherwise computed with the float model and saved there.
 fn block_targets(
-    graph: &ccq_common::model::Graph,
-    norm: &ccq_common::model::Normalization,
-    source: &data::DataSource,
+    float: &FloatSetup,
     net: &ccq_common::qnet::QNetwork,
     search: &ccq_search::config::SearchConfig,
     search_len: usize,
-    threads: usize,
+    dir: &std::path::Path,
+    resuming: bool,
 ) -> Result<BlockTargets, Error> {
     let pool = search.local_pool(search_len);
     let ends = net.block_ends();
-    let d = data::load(source, Split::Train, Some(0..search_len))?;
+    let per_image: Vec<usize> = ends.iter().map(|&e| net.nodes[e].out.len()).collect();
+    let saved = match resuming {
+        true => artifact::load_blocks(dir, pool.len(), &per_image)?,
+        false => None,
+    };
+    let codes = match saved {
+        Some(codes) => {
+            info!(
+                "block-local phase: targets read back from {}",
+                artifact::BLOCKS.path(dir).display()
+            );
+            codes
+        }
+        None => {
+            let codes = float_block_codes(float, net, &ends, &pool, search_len)?;
+            let rows: Vec<&[u8]> = codes.iter().map(Vec::as_slice).collect();
+            artifact::save_blocks(dir, pool.len(), &rows)?;
+            codes
+        }
+    };
+    let end_of_layer = (net.layers.iter())
+        .map(|l| net.block_end(l.node).map(|e| e as u32))
+        .collect();
+    Ok(BlockTargets {
+        pool,
+        ends: ends.iter().map(|&e| e as u32).zip(codes).collect(),
+        end_of_layer,
+    })
+}
+
+/// The float model's codes at each of `ends` for the training images `pool`, per end,
+/// image by image, on `float.threads` threads.
+fn float_block_codes(
+    float: &FloatSetup,
+    net: &ccq_common::qnet::QNetwork,
+    ends: &[usize],
+    pool: &[u64],
+    search_len: usize,
+) -> Result<Vec<Vec<u8>>, Error> {
+    let d = data::load(float.source, Split::Train, Some(0..search_len))?;
     let il = d.image_len();
     let pixels: Vec<u8> = (pool.iter())
         .flat_map(|&i| &d.images[i as usize * il..(i as usize + 1) * il])
         .copied()
         .collect();
     drop(d);
-    let per = pool.len().div_ceil(threads.max(1)).max(1);
+    let per = pool.len().div_ceil(float.threads.max(1)).max(1);
     let parts = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..pool.len().div_ceil(per))
             .map(|t| {
                 let (lo, hi) = (t * per, ((t + 1) * per).min(pool.len()));
-                let (pixels, ends) = (&pixels[lo * il..hi * il], &ends);
+                let pixels = &pixels[lo * il..hi * il];
                 scope.spawn(move || {
-                    ccq_common::blocks::targets(graph, norm, net, ends, pixels, hi - lo)
+                    ccq_common::blocks::targets(float.graph, float.norm, net, ends, pixels, hi - lo)
                 })
             })
             .collect();
@@ -475,22 +529,13 @@ fn block_targets(
             .map(|h| h.join().expect("block targets thread panicked"))
             .collect::<Result<Vec<_>, _>>()
     })?;
-    let ends: Vec<(u32, Vec<u8>)> = (ends.iter().enumerate())
-        .map(|(k, &e)| {
-            let codes = parts.iter().flat_map(|p| &p[k]).copied().collect();
-            (e as u32, codes)
-        })
-        .collect();
-    let end_of_layer = (net.layers.iter())
-        .map(|l| net.block_end(l.node).map(|e| e as u32))
-        .collect();
-    Ok(BlockTargets {
-        pool,
-        ends,
-        end_of_layer,
-    })
+    Ok((0..ends.len())
+        .map(|k| parts.iter().flat_map(|p| &p[k]).copied().collect())
+        .collect())
 }
 
+/// The checkpoint to continue from, if resuming and there is one; refuses to start a
+/// new run over an unfinished one's checkpoint.
 fn open_checkpoint(cfg: &RunConfig, resume: bool) -> Result<Option<Checkpoint>, Error> {
     let path = checkpoint::path(&cfg.out);
     let origin = path.display().to_string();

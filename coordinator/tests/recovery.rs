@@ -17,17 +17,11 @@ use support::{
 /// 750 generations of 8 candidates over 2 shards, measured every 25 generations and
 /// checkpointed every 10: long enough to be interrupted many times.
 fn write_config(dir: &Path, name: &str, model: &Path) -> PathBuf {
-    write_config_with(dir, name, model, "loss", 1)
+    write_config_with(dir, name, model, "")
 }
 
-/// [`write_config`] with `search.fitness = fitness` and `search.window = window`.
-fn write_config_with(
-    dir: &Path,
-    name: &str,
-    model: &Path,
-    fitness: &str,
-    window: usize,
-) -> PathBuf {
+/// [`write_config`] with `search` (TOML lines) added to its `[search]` section.
+fn write_config_with(dir: &Path, name: &str, model: &Path, search: &str) -> PathBuf {
     let config = dir.join(name);
     std::fs::write(
         &config,
@@ -35,7 +29,7 @@ fn write_config_with(
             "seed = 5\nout = \"{}\"\n[model]\nonnx = \"{}\"\nmean = [0.13]\nstd = [0.31]\n\
              [data]\nsource = \"mnist:{}\"\nvalidation = 100\n[quant]\nweight_bits = 2\n\
              calib_images = 64\n[eda]\npopulation = 8\ngroup_size = 32\n\
-             [search]\nbatch_size = 64\nfitness = \"{fitness}\"\nwindow = {window}\n[budget]\nevaluations = 6000\n\
+             [search]\nbatch_size = 64\n{search}[budget]\nevaluations = 6000\n\
              [eval]\nevery_generations = 25\nthreads = 1\n\
              [cluster]\nshards = 2\nheartbeat_ms = 100\n\
              [checkpoint]\nevery_generations = 10\nevery_secs = 0\n",
@@ -88,26 +82,35 @@ fn outcome(out: &Path) -> Outcome {
 /// The undisturbed run (two in-process workers), computed once per test binary.
 fn reference() -> &'static Outcome {
     static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
-    &REF.get_or_init(|| undisturbed("loss", 1)).1
+    &REF.get_or_init(|| undisturbed("")).1
 }
 
 /// The undisturbed run with the distillation fitness.
 fn reference_distill() -> &'static Outcome {
     static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
-    &REF.get_or_init(|| undisturbed("distill", 1)).1
+    &REF.get_or_init(|| undisturbed(DISTILL)).1
 }
 
 /// The undisturbed run with eight generations in flight (`search.window = 8`).
 fn reference_windowed() -> &'static Outcome {
     static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
-    &REF.get_or_init(|| undisturbed("loss", WINDOW)).1
+    &REF.get_or_init(|| undisturbed(WINDOWED)).1
+}
+
+/// The undisturbed run with a block-local phase over the first half of the budget.
+fn reference_local() -> &'static Outcome {
+    static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
+    &REF.get_or_init(|| undisturbed(LOCAL)).1
 }
 
 const WINDOW: usize = 8;
+const WINDOWED: &str = "window = 8\n";
+const DISTILL: &str = "fitness = \"distill\"\n";
+const LOCAL: &str = "local_evaluations = 3000\nlocal_images = 128\n";
 
-fn undisturbed(fitness: &str, window: usize) -> (tempfile::TempDir, Outcome) {
+fn undisturbed(search: &str) -> (tempfile::TempDir, Outcome) {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with(dir.path(), "ref.toml", &fixture_model(), fitness, window);
+    let config = write_config_with(dir.path(), "ref.toml", &fixture_model(), search);
     let out = dir.path().join("ref");
     let o = Command::new(coordinator())
         .args(["run", "--config"])
@@ -126,10 +129,9 @@ fn undisturbed(fitness: &str, window: usize) -> (tempfile::TempDir, Outcome) {
         !out.join("checkpoint.ccqck").exists(),
         "a finished run leaves no checkpoint to resume"
     );
-    assert!(
-        !out.join("teacher.bin").exists(),
-        "a finished run leaves no teacher logits"
-    );
+    for kept in ["teacher.bin", "blocks.bin"] {
+        assert!(!out.join(kept).exists(), "a finished run leaves no {kept}");
+    }
     let r = outcome(&out);
     assert_eq!(r.evaluations, 6_000);
     (dir, r)
@@ -167,7 +169,7 @@ fn a_windowed_run_with_workers_killed_changes_nothing() {
         "a window searches differently"
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), "loss", WINDOW);
+    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), WINDOWED);
     kill_workers_at_random_moments(expected, &config, &dir.path().join("run"));
 }
 
@@ -317,7 +319,7 @@ fn a_distillation_run_killed_and_resumed_ends_identical() {
         "the distillation fitness searches differently"
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), "distill", 1);
+    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), DISTILL);
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap().to_string();
     let addr = free_addr().to_string();
@@ -332,6 +334,51 @@ fn a_distillation_run_killed_and_resumed_ends_identical() {
     assert!(teacher.starts_with(b"ccq-teacher 1 "));
 }
 
+/// Block-local phase: the resumed coordinator reads back the block targets the run started
+/// with (blocks.bin beside the checkpoint; a damaged file is refused, naming it, not
+/// silently recomputed) and ends exactly as the undisturbed run.
+#[test]
+fn a_block_local_run_killed_and_resumed_ends_identical() {
+    let expected = reference_local();
+    assert_ne!(
+        expected.history,
+        reference().history,
+        "the block-local phase searches differently"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), LOCAL);
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap().to_string();
+    let addr = free_addr().to_string();
+    let workers = start_and_kill_mid_run(&config, &out_s, &addr);
+    let file = out.join("blocks.bin");
+    let blocks = std::fs::read(&file).expect("block targets kept for resume");
+    assert!(blocks.starts_with(b"ccq-blocks 1 128 "));
+
+    let mut damaged = blocks.clone();
+    *damaged.last_mut().unwrap() ^= 1;
+    std::fs::write(&file, &damaged).unwrap();
+    let o = Command::new(coordinator())
+        .args([
+            "run",
+            "--resume",
+            &out_s,
+            "--listen",
+            &free_addr().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("blocks.bin") && err.contains("corrupted"),
+        "{err}"
+    );
+
+    std::fs::write(&file, &blocks).unwrap();
+    resume_to_the_end(&out, &addr, workers, expected);
+    assert!(!file.exists(), "removed with the checkpoint at the end");
+}
+
 /// A windowed run: the coordinator is killed with generations in flight, and the resumed
 /// one evaluates them again on the networks they were sampled against (rebuilt from the
 /// checkpoint's recent changes) and ends exactly as the undisturbed run.
@@ -339,7 +386,7 @@ fn a_distillation_run_killed_and_resumed_ends_identical() {
 fn a_windowed_run_killed_and_resumed_ends_identical() {
     let expected = reference_windowed();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), "loss", WINDOW);
+    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), WINDOWED);
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap().to_string();
     let addr = free_addr().to_string();
