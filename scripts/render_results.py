@@ -40,6 +40,7 @@ METHODS = {
     "eda-cc-window16": "EDA+CC, 16 generations in flight (window)",
     "eda-cc-window32": "EDA+CC, 32 generations in flight (window)",
     "eda-cc-confirm-b1024-p95": "EDA+CC, confirmed adoption, 1,024-image batches, p0 = 0.95 (a quarter of the evaluations)",
+    "eda-cc-confirm-restarts-b1024-p95": "EDA+CC, confirmed adoption, 1,024-image batches, p0 = 0.95, restarts (a quarter of the evaluations)",
     "eda-cc-margin1": "EDA+CC, adoption by a margin of 1 standard error",
     "eda-cc-margin2": "EDA+CC, adoption by a margin of 2 standard errors",
     "eda-cc-margin2-b1024-p95": "EDA+CC, adoption by a margin of 2 standard errors, 1,024-image batches, p0 = 0.95 (a quarter of the evaluations)",
@@ -52,8 +53,8 @@ METHODS = {
 }
 MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)",
           "mobilenet": "MobileNetV3-style model of the worked example (examples/mnist/mobilenet.onnx, 2,000 test digits)",
-          "mnist100k": "MNIST quickstart CNN, 100,000 evaluations per run (five times the budget above)", "resnet20x10": "ResNet-20, CIFAR-10 JPEG q75 copy, ten times the W3A8 recipe's budget (50,000 evaluations of 1,024 images)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
-COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "eda-cc-confirm-b1024-p95": "#000000", "eda-cc-margin1": "#aec7e8", "eda-cc-margin2": "#393b79", "eda-cc-margin2-b1024-p95": "#637939", "eda-cc-scales": "#8c6d31", "eda-cc-confirm-scales": "#e7969c", "eda-cc-confirm-b1024-p95-scales": "#843c39", "eda-cc-clips": "#5254a3", "eda-cc-local10k": "#7b4173", "rtn": "#7f7f7f"}
+          "mnist100k": "MNIST quickstart CNN, 100,000 evaluations per run (five times the budget above)", "mnistx10": "MNIST quickstart CNN, ten times the quickstart search's budget (50,000 evaluations of 1,024 images)", "resnet20x10": "ResNet-20, CIFAR-10 JPEG q75 copy, ten times the W3A8 recipe's budget (50,000 evaluations of 1,024 images)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
+COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "eda-cc-confirm-b1024-p95": "#000000", "eda-cc-confirm-restarts-b1024-p95": "#9edae5", "eda-cc-margin1": "#aec7e8", "eda-cc-margin2": "#393b79", "eda-cc-margin2-b1024-p95": "#637939", "eda-cc-scales": "#8c6d31", "eda-cc-confirm-scales": "#e7969c", "eda-cc-confirm-b1024-p95-scales": "#843c39", "eda-cc-clips": "#5254a3", "eda-cc-local10k": "#7b4173", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN; "ws": weight scales
 # chosen by the least squared error ([quant] weight_scale = "mse") instead of max-abs;
