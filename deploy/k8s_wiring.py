@@ -467,7 +467,7 @@ MUTATIONS = {
     ),
     "budget drifts from the quickstart": (
         lambda m: m.get("ConfigMap", "ccq-run-config")["data"].update(
-            {"run.toml": m.get("ConfigMap", "ccq-run-config")["data"]["run.toml"].replace("evaluations = 20000", "evaluations = 2000")}
+            {"run.toml": m.get("ConfigMap", "ccq-run-config")["data"]["run.toml"].replace("\nevaluations = ", "\nevaluations = 1")}
         ),
         "check_same_run_as_quickstart",
     ),
