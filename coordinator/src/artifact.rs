@@ -179,7 +179,7 @@ pub fn load_teacher(dir: &Path, images: usize, classes: usize) -> Result<Option<
 
 /// Saves the block targets: `ends[k]` holds `images` rows of `ends[k].len() / images`
 /// codes each.
-pub fn save_blocks(dir: &Path, images: usize, ends: &[&[u8]]) -> Result<(), Error> {
+pub fn save_blocks(dir: &Path, images: usize, ends: &[Vec<u8>]) -> Result<(), Error> {
     let body: Vec<u8> = ends.concat();
     let per_image = body.len() / images.max(1);
     BLOCKS.save(dir, &[images, per_image], &body)
@@ -234,7 +234,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(load_blocks(dir.path(), 2, &[3, 1]).unwrap().is_none());
         let (a, b) = ([1u8, 2, 3, 4, 5, 6], [7u8, 8]);
-        save_blocks(dir.path(), 2, &[&a, &b]).unwrap();
+        save_blocks(dir.path(), 2, &[a.to_vec(), b.to_vec()]).unwrap();
         let back = load_blocks(dir.path(), 2, &[3, 1]).unwrap().unwrap();
         assert_eq!(back, vec![a.to_vec(), b.to_vec()]);
         let err = load_blocks(dir.path(), 2, &[1, 1]).unwrap_err().to_string();

@@ -305,7 +305,7 @@ pub async fn run(
 
         let teacher = match cfg.search.fitness {
             Fitness::Distill => {
-                // A resumed run reads back the bits it searched with (crate::teacher).
+                // A resumed run reads back the bits it searched with (crate::artifact).
                 let classes = graph.num_classes();
                 let saved = match resuming {
                     true => artifact::load_teacher(&out_dir, search_len, classes)?,
@@ -483,8 +483,7 @@ fn block_targets(
         }
         None => {
             let codes = float_block_codes(float, net, &ends, &pool, search_len)?;
-            let rows: Vec<&[u8]> = codes.iter().map(Vec::as_slice).collect();
-            artifact::save_blocks(dir, pool.len(), &rows)?;
+            artifact::save_blocks(dir, pool.len(), &codes)?;
             codes
         }
     };

@@ -318,12 +318,12 @@ fn a_distillation_run_killed_and_resumed_ends_identical() {
         reference().history,
         "the distillation fitness searches differently"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), DISTILL);
-    let out = dir.path().join("run");
-    let out_s = out.to_str().unwrap().to_string();
-    let addr = free_addr().to_string();
-    let workers = start_and_kill_mid_run(&config, &out_s, &addr);
+    let KilledRun {
+        dir: _dir,
+        out,
+        addr,
+        workers,
+    } = killed_mid_run(DISTILL);
     let teacher = std::fs::read(out.join("teacher.bin")).expect("teacher logits kept for resume");
 
     resume_to_the_end(&out, &addr, workers, expected);
@@ -345,12 +345,12 @@ fn a_block_local_run_killed_and_resumed_ends_identical() {
         reference().history,
         "the block-local phase searches differently"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), LOCAL);
-    let out = dir.path().join("run");
-    let out_s = out.to_str().unwrap().to_string();
-    let addr = free_addr().to_string();
-    let workers = start_and_kill_mid_run(&config, &out_s, &addr);
+    let KilledRun {
+        dir: _dir,
+        out,
+        addr,
+        workers,
+    } = killed_mid_run(LOCAL);
     let file = out.join("blocks.bin");
     let blocks = std::fs::read(&file).expect("block targets kept for resume");
     assert!(blocks.starts_with(b"ccq-blocks 1 128 "));
@@ -362,7 +362,7 @@ fn a_block_local_run_killed_and_resumed_ends_identical() {
         .args([
             "run",
             "--resume",
-            &out_s,
+            out.to_str().unwrap(),
             "--listen",
             &free_addr().to_string(),
         ])
@@ -385,12 +385,12 @@ fn a_block_local_run_killed_and_resumed_ends_identical() {
 #[test]
 fn a_windowed_run_killed_and_resumed_ends_identical() {
     let expected = reference_windowed();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), WINDOWED);
-    let out = dir.path().join("run");
-    let out_s = out.to_str().unwrap().to_string();
-    let addr = free_addr().to_string();
-    let workers = start_and_kill_mid_run(&config, &out_s, &addr);
+    let KilledRun {
+        dir: _dir,
+        out,
+        addr,
+        workers,
+    } = killed_mid_run(WINDOWED);
     let ck = ccq_coordinator::checkpoint::Checkpoint::load(&out).unwrap();
     let in_flight = ck.trainer.in_flight.len();
     assert!(
@@ -400,6 +400,29 @@ fn a_windowed_run_killed_and_resumed_ends_identical() {
     assert_eq!(ck.state.in_flight_versions.len(), in_flight);
 
     resume_to_the_end(&out, &addr, workers, expected);
+}
+
+/// A run with `search` in its config (as [`write_config_with`]), its coordinator killed
+/// after generation 200 ([`start_and_kill_mid_run`]).
+struct KilledRun {
+    dir: tempfile::TempDir,
+    out: PathBuf,
+    addr: String,
+    workers: Vec<Killed>,
+}
+
+fn killed_mid_run(search: &str) -> KilledRun {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(dir.path(), "run.toml", &fixture_model(), search);
+    let out = dir.path().join("run");
+    let addr = free_addr().to_string();
+    let workers = start_and_kill_mid_run(&config, out.to_str().unwrap(), &addr);
+    KilledRun {
+        dir,
+        out,
+        addr,
+        workers,
+    }
 }
 
 /// Resumes the run in `out` (its checkpoint carries the config), waits for it to finish
