@@ -27,7 +27,7 @@ CONTROLS = ROOT / "docs" / "results" / "control"
 
 # Display order and names; the keys are the configs' `search.strategy` values.
 METHODS = {
-    "eda-cc": "EDA+CC, confidence groups (ccq)",
+    "eda-cc": "EDA+CC, confidence groups, one generation at a time (ccq)",
     "cc-random": "CC, random groups",
     "cc-layer": "CC, layer-by-layer groups",
     "eda": "EDA without CC",
@@ -41,6 +41,7 @@ METHODS = {
     "eda-cc-window32": "EDA+CC, 32 generations in flight (window)",
     "eda-cc-confirm-b1024-p95": "EDA+CC, confirmed adoption, 1,024-image batches, p0 = 0.95 (a quarter of the evaluations)",
     "eda-cc-confirm-restarts-b1024-p95": "EDA+CC, confirmed adoption, 1,024-image batches, p0 = 0.95, restarts (a quarter of the evaluations)",
+    "eda-cc-confirm-margin2-restarts-b1024-p95": "EDA+CC, confirmed adoption by a margin of 2 standard errors, 1,024-image batches, p0 = 0.95, restarts (a quarter of the evaluations)",
     "eda-cc-margin1": "EDA+CC, adoption by a margin of 1 standard error",
     "eda-cc-margin2": "EDA+CC, adoption by a margin of 2 standard errors",
     "eda-cc-margin2-b1024-p95": "EDA+CC, adoption by a margin of 2 standard errors, 1,024-image batches, p0 = 0.95 (a quarter of the evaluations)",
@@ -54,7 +55,7 @@ METHODS = {
 MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)",
           "mobilenet": "MobileNetV3-style model of the worked example (examples/mnist/mobilenet.onnx, 2,000 test digits)",
           "mnist100k": "MNIST quickstart CNN, 100,000 evaluations per run (five times the budget above)", "mnistx10": "MNIST quickstart CNN, ten times the quickstart search's budget (50,000 evaluations of 1,024 images)", "resnet20x10": "ResNet-20, CIFAR-10 JPEG q75 copy, ten times the W3A8 recipe's budget (50,000 evaluations of 1,024 images)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
-COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "eda-cc-confirm-b1024-p95": "#000000", "eda-cc-confirm-restarts-b1024-p95": "#9edae5", "eda-cc-margin1": "#aec7e8", "eda-cc-margin2": "#393b79", "eda-cc-margin2-b1024-p95": "#637939", "eda-cc-scales": "#8c6d31", "eda-cc-confirm-scales": "#e7969c", "eda-cc-confirm-b1024-p95-scales": "#843c39", "eda-cc-clips": "#5254a3", "eda-cc-local10k": "#7b4173", "rtn": "#7f7f7f"}
+COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "eda-cc-confirm-b1024-p95": "#000000", "eda-cc-confirm-restarts-b1024-p95": "#9edae5", "eda-cc-confirm-margin2-restarts-b1024-p95": "#dbdb8d", "eda-cc-margin1": "#aec7e8", "eda-cc-margin2": "#393b79", "eda-cc-margin2-b1024-p95": "#637939", "eda-cc-scales": "#8c6d31", "eda-cc-confirm-scales": "#e7969c", "eda-cc-confirm-b1024-p95-scales": "#843c39", "eda-cc-clips": "#5254a3", "eda-cc-local10k": "#7b4173", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN; "ws": weight scales
 # chosen by the least squared error ([quant] weight_scale = "mse") instead of max-abs;
@@ -88,7 +89,13 @@ def load_cells():
             strategy = f"{strategy}-margin{int(margin)}"
         if cfg.get("search", {}).get("restarts", False):
             strategy = f"{strategy}-restarts"
-        window = cfg.get("search", {}).get("window", 1)
+        # Unset, the window follows the network with batch acceptance (search.window), so
+        # a cell that adopts by batch states it; confirmation runs one at a time.
+        window = cfg.get("search", {}).get("window")
+        if window is None:
+            if acceptance == "batch":
+                raise SystemExit(f"{path}: grid cells adopting by batch set search.window")
+            window = 1
         if window != 1:
             strategy = f"{strategy}-window{window}"
         batch = cfg.get("search", {}).get("batch_size", 256)
@@ -374,6 +381,10 @@ def main():
           "its mean loss on the batch is lower by more than Z standard errors of the per-image paired loss "
           "difference (`[search] margin = Z`; no extra evaluations), `-restarts` = when every variable has frozen, the distributions are "
           "re-centred on the current codes and the search goes on (`[search] restarts = true`), "
+          "`-windowL` = L generations in flight, each sampled against the network as it was when the "
+          "generation L before it merged (`[search] window = L`; unset, one group in 64 of the network's "
+          "with batch acceptance, at most 32: 32 for ResNet-20, 1 for the MNIST CNN); "
+          "every cell without it runs one generation at a time (`window = 1`, set in its config), "
           "`-b1024` = 1,024-image batches (`[search] batch_size = 1024`; such cells get a quarter of the evaluations, "
           "so that every cell scores the same number of images), `-p95` = each variable starts with probability 0.95 "
           "on its current code instead of 0.8 (`[eda] p0 = 0.95`: smaller steps), "

@@ -78,8 +78,8 @@ struct ScaleArgs {
     /// Workers per shard: W workers serve W / R shards.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
-    /// Generations in flight (`search.window`).
-    #[arg(long, default_value_t = 1)]
+    /// Generations in flight (`search.window`; the run default with batch acceptance).
+    #[arg(long, default_value_t = ccq_search::config::DEFAULT_WINDOW)]
     window: usize,
     /// Search seconds per case.
     #[arg(long, default_value_t = 40.0)]

@@ -206,7 +206,19 @@ pub struct Trainer {
     in_flight: VecDeque<Generation>,
 }
 
+/// `search` with its window written down: an unset one becomes the default for this
+/// network (`SearchConfig::window_for`).
+fn resolve_window(mut search: SearchConfig, net: &QNetwork, eda: &EdaParams) -> SearchConfig {
+    search.window = Some(search.window_for(net.num_vars(), eda.group_size));
+    search
+}
+
 impl Trainer {
+    /// Generations in flight at once (`search.window`, resolved for this network).
+    pub fn window(&self) -> usize {
+        self.search.window.unwrap_or(1)
+    }
+
     pub fn new(
         net: QNetwork,
         eda: EdaParams,
@@ -222,6 +234,7 @@ impl Trainer {
             ));
         }
         let codes = net.codes();
+        let search = resolve_window(search, &net, &eda);
         let eda = EdaState::new(eda, variables(&net, &codes))?;
         Ok(Trainer {
             search,
@@ -403,6 +416,7 @@ impl Trainer {
         }
         let mut net = net;
         net.set_codes(&snap.codes)?;
+        let search = resolve_window(search, &net, snap.eda.params());
         Ok(Trainer {
             search,
             net,
@@ -443,7 +457,7 @@ impl Trainer {
     /// there is nothing left to search (every variable is frozen, or the strategy is
     /// `rtn`). The generation is in flight until [`Trainer::complete`] merges it.
     pub fn next_generation(&mut self) -> Result<Option<Generation>, Error> {
-        if self.in_flight.len() >= self.search.window {
+        if self.in_flight.len() >= self.window() {
             return Ok(None);
         }
         let generation = self.draw_generation()?;
@@ -805,6 +819,7 @@ fn group_rng(seed: u64) -> ChaCha8Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{DEFAULT_WINDOW, WINDOW_SHARE};
     use ccq_common::fitness::evaluate_candidates;
     use ccq_common::model::Normalization;
     use ccq_common::qnet::{Targets, VarKind};
@@ -858,6 +873,7 @@ mod tests {
         let search = SearchConfig {
             generations_per_group: 2,
             batch_size: 48,
+            window: Some(1),
             fitness: Fitness::Loss,
             ..SearchConfig::default()
         };
@@ -942,6 +958,7 @@ mod tests {
         let search = SearchConfig {
             generations_per_group: 2,
             batch_size: 48,
+            window: Some(1),
             ..SearchConfig::default()
         };
         let mut t = Trainer::new(net, eda, search.clone(), 3, labels.len()).unwrap();
@@ -986,6 +1003,7 @@ mod tests {
         let search = SearchConfig {
             generations_per_group: 2,
             batch_size: 48,
+            window: Some(1),
             ..SearchConfig::default()
         };
         let mut t = Trainer::new(net, eda, search.clone(), 3, labels.len()).unwrap();
@@ -1045,6 +1063,47 @@ mod tests {
         );
     }
 
+    /// An unset window is resolved from the network when the trainer is built, and again
+    /// identically when it is restored; a set one is kept.
+    #[test]
+    fn an_unset_window_is_sized_to_the_network() {
+        let (net, _, labels) = setup();
+        let n = net.num_vars();
+        let mk = |eda: EdaParams, search: SearchConfig| {
+            Trainer::new(net.clone(), eda, search, 3, labels.len()).unwrap()
+        };
+        let groups = |group_size| EdaParams {
+            group_size,
+            ..EdaParams::default()
+        };
+        // One group in 64 of the network's: groups of one variable give n / 64 of them.
+        let t = mk(groups(1), SearchConfig::default());
+        assert_eq!(t.window(), (n / WINDOW_SHARE).clamp(1, DEFAULT_WINDOW));
+        assert!(t.window() > 1, "{n} variables give a window");
+        let back = Trainer::restore(
+            net.clone(),
+            SearchConfig::default(),
+            3,
+            labels.len(),
+            t.snapshot(),
+            "snapshot",
+        )
+        .unwrap();
+        assert_eq!(back.window(), t.window());
+        // Fewer than 64 groups: one generation at a time.
+        assert_eq!(mk(groups(n), SearchConfig::default()).window(), 1);
+        let confirm = SearchConfig {
+            acceptance: Acceptance::Confirm,
+            ..SearchConfig::default()
+        };
+        assert_eq!(mk(groups(1), confirm).window(), 1);
+        let set = SearchConfig {
+            window: Some(3),
+            ..SearchConfig::default()
+        };
+        assert_eq!(mk(groups(1), set).window(), 3);
+    }
+
     const STRATEGIES: [Strategy; 5] = [
         Strategy::EdaCc,
         Strategy::CcRandom,
@@ -1066,6 +1125,7 @@ mod tests {
             strategy,
             generations_per_group: 2,
             batch_size: 48,
+            window: Some(1),
             hill_flips: 3,
             ..SearchConfig::default()
         };
@@ -1158,7 +1218,7 @@ mod tests {
         let groups = |seed| {
             let (eda, mut search) = small_search(Strategy::CcRandom);
             // Eight generations handed out without results.
-            search.window = 8;
+            search.window = Some(8);
             let mut t = Trainer::new(net.clone(), eda, search, seed, labels.len()).unwrap();
             (0..8)
                 .map(|_| t.next_generation().unwrap().unwrap().vars)

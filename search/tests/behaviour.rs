@@ -159,6 +159,8 @@ fn search(strategy: Strategy) -> SearchConfig {
         batch_size: BATCH,
         fitness: Fitness::Loss,
         hill_flips: 1,
+        // The sequential algorithm these tests pin down; windows have their own.
+        window: Some(1),
         ..SearchConfig::default()
     }
 }
@@ -1137,7 +1139,7 @@ fn restarts_search_past_the_first_radius() {
 /// A trainer with `search.window = window`.
 fn windowed(strategy: Strategy, eda: EdaParams, seed: u64, window: usize) -> Trainer {
     let s = SearchConfig {
-        window,
+        window: Some(window),
         ..search(strategy)
     };
     Trainer::new(tiny_network(), eda, s, seed, SEARCH_LEN).unwrap()
@@ -1297,7 +1299,7 @@ fn a_snapshot_with_a_full_window_resumes_identically() {
     let snap = t.snapshot();
     assert_eq!(snap.in_flight.len(), window, "taken with a full window");
     let s = SearchConfig {
-        window,
+        window: Some(window),
         ..search(Strategy::EdaCc)
     };
     let mut r =

@@ -530,7 +530,7 @@ fn scale_config(
         // for the whole budget instead of ending a case early.
         search: SearchConfig {
             restarts: true,
-            window,
+            window: Some(window),
             ..SearchConfig::default()
         },
         budget: BudgetConfig {

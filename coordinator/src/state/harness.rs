@@ -91,7 +91,7 @@ pub(super) fn virtual_setup(
     config.cluster.job_timeout_secs = JOB_TIMEOUT.as_secs_f64();
     config.budget.evaluations = Some(evaluations);
     config.search.batch_size = 8;
-    config.search.window = window;
+    config.search.window = Some(window);
     config.eval.every_generations = every;
     let trainer = Trainer::new(
         network(),

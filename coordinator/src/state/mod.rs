@@ -100,6 +100,8 @@ impl State {
         telemetry: watch::Sender<Option<Telemetry>>,
     ) -> State {
         let now = Instant::now();
+        let window = trainer.window();
+        info!("{window} generation(s) in flight (search.window)");
         State {
             trainer,
             started: now,
@@ -108,7 +110,7 @@ impl State {
             jobs: JobQueue::new(setup.shards)
                 .with_teacher(setup.teacher.clone())
                 .with_blocks(setup.blocks.clone())
-                .with_window(setup.config.search.window),
+                .with_window(window),
             log: ChangeLog::default(),
             history: History::default(),
             measurements: Measurements::default(),
