@@ -845,15 +845,29 @@ impl QNetwork {
     /// its blocks, where a prefix of the network can be compared with the float model's
     /// (a residual block's add; every layer of a plain chain). The logits node is not one.
     pub fn block_ends(&self) -> Vec<usize> {
-        // Per value, the last node that reads it (None: no node does).
-        let last_read: Vec<Option<usize>> = (0..=self.nodes.len())
-            .map(|v| self.nodes.iter().rposition(|n| n.inputs.contains(&v)))
-            .collect();
-        // After node i every value before its own is done with. Then node i + 1 can read
-        // only node i's output, so that value is live (and the only one).
-        (0..self.nodes.len().saturating_sub(1))
-            .filter(|&i| (0..=i).all(|v| last_read[v].is_none_or(|r| r <= i)))
-            .collect()
+        // Per value, the last node that reads it (None: no node does). One pass, so that
+        // `block_end`, asked per job, stays linear in the nodes.
+        let mut last_read: Vec<Option<usize>> = vec![None; self.nodes.len() + 1];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &v in &n.inputs {
+                if let Some(r) = last_read.get_mut(v) {
+                    *r = Some(i);
+                }
+            }
+        }
+        // After node i every value before its own is done with when the furthest read of
+        // any of them is node i at the latest. Then node i + 1 can read only node i's
+        // output, so that value is live (and the only one).
+        let mut furthest = 0;
+        let mut ends = Vec::new();
+        let hidden = self.nodes.len().saturating_sub(1);
+        for (i, read) in last_read.iter().take(hidden).enumerate() {
+            furthest = furthest.max(read.unwrap_or(0));
+            if furthest <= i {
+                ends.push(i);
+            }
+        }
+        ends
     }
 
     /// The end of the block holding node `node`: the first of [`QNetwork::block_ends`] at
