@@ -307,19 +307,11 @@ pub async fn run(
             Fitness::Distill => {
                 // A resumed run reads back the bits it searched with (crate::artifact).
                 let classes = graph.num_classes();
-                let saved = match resuming {
-                    true => artifact::load_teacher(&out_dir, search_len, classes)?,
-                    false => None,
-                };
+                let saved = read_back(resuming, &artifact::TEACHER, &out_dir, || {
+                    artifact::load_teacher(&out_dir, search_len, classes)
+                })?;
                 let logits = match saved {
-                    Some(l) => {
-                        let file = artifact::TEACHER.path(&out_dir);
-                        info!(
-                            "distillation: teacher logits read back from {}",
-                            file.display()
-                        );
-                        l
-                    }
+                    Some(l) => l,
                     None => {
                         phase.send_replace("computing teacher logits");
                         info!("distillation: the float model's logits on the {search_len} search images");
@@ -456,6 +448,27 @@ struct FloatSetup<'a> {
     threads: usize,
 }
 
+/// A setup artifact a resumed run reads back instead of recomputing (the float engine's
+/// last bits depend on the CPU): `load`ed from `dir` when `resuming` and it is there.
+fn read_back<T>(
+    resuming: bool,
+    what: &artifact::Artifact,
+    dir: &std::path::Path,
+    load: impl FnOnce() -> Result<Option<T>, Error>,
+) -> Result<Option<T>, Error> {
+    if !resuming {
+        return Ok(None);
+    }
+    let saved = load()?;
+    if saved.is_some() {
+        info!(
+            "resuming: read back {}, as the run computed it",
+            what.path(dir).display()
+        );
+    }
+    Ok(saved)
+}
+
 /// The block-local phase's targets: read back from `dir` when `resuming` and they are
 /// there, otherwise computed with the float model and saved there.
 fn block_targets(
@@ -469,18 +482,11 @@ fn block_targets(
     let pool = search.local_pool(search_len);
     let ends = net.block_ends();
     let per_image: Vec<usize> = ends.iter().map(|&e| net.nodes[e].out.len()).collect();
-    let saved = match resuming {
-        true => artifact::load_blocks(dir, pool.len(), &per_image)?,
-        false => None,
-    };
+    let saved = read_back(resuming, &artifact::BLOCKS, dir, || {
+        artifact::load_blocks(dir, pool.len(), &per_image)
+    })?;
     let codes = match saved {
-        Some(codes) => {
-            info!(
-                "block-local phase: targets read back from {}",
-                artifact::BLOCKS.path(dir).display()
-            );
-            codes
-        }
+        Some(codes) => codes,
         None => {
             let codes = float_block_codes(float, net, &ends, &pool, search_len)?;
             artifact::save_blocks(dir, pool.len(), &codes)?;
