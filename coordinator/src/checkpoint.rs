@@ -47,8 +47,7 @@ pub const FILE_NAME: &str = "checkpoint.ccqck";
 /// run config's quant section has `rounding`. 7: the search section has `margin`. 8: the
 /// quant section has `channel_scale_step`. 9: and `act_clip_step`; networks carry clips.
 /// 10: the search section has `local_evaluations` and `local_images`; a generation in
-/// flight carries `local`. 11: `search.window` is optional (unset: the acceptance rule's
-/// default).
+/// flight carries `local`. 11: `search.window` is optional (unset: sized to the network).
 pub const FORMAT_VERSION: u32 = 11;
 const MAGIC: &str = "ccq-checkpoint";
 /// Room for the header line: `MAGIC`, the format, 20 digits of length, 8 of CRC.

@@ -78,7 +78,7 @@ struct ScaleArgs {
     /// Workers per shard: W workers serve W / R shards.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
-    /// Generations in flight (`search.window`; the run default with batch acceptance).
+    /// Generations in flight (`search.window`; 32 is what a run gives ResNet-20 unset).
     #[arg(long, default_value_t = ccq_search::config::DEFAULT_WINDOW)]
     window: usize,
     /// Search seconds per case.

@@ -221,21 +221,22 @@ impl SearchConfig {
                  differences)",
             ));
         }
-        let window = self.window.unwrap_or(1);
-        if !(1..=MAX_WINDOW).contains(&window) {
-            return Err(Error::setting(
-                "search.window",
-                window,
-                format!("must be between 1 and {MAX_WINDOW}"),
-            ));
-        }
-        if window > 1 && self.acceptance == Acceptance::Confirm {
-            return Err(Error::setting(
-                "search.window",
-                window,
-                "must be 1 with search.acceptance = \"confirm\" (a confirmation waits for \
-                 the generation before it)",
-            ));
+        if let Some(window) = self.window {
+            if !(1..=MAX_WINDOW).contains(&window) {
+                return Err(Error::setting(
+                    "search.window",
+                    window,
+                    format!("must be between 1 and {MAX_WINDOW}"),
+                ));
+            }
+            if window > 1 && self.acceptance == Acceptance::Confirm {
+                return Err(Error::setting(
+                    "search.window",
+                    window,
+                    "must be 1 with search.acceptance = \"confirm\" (a confirmation waits \
+                     for the generation before it)",
+                ));
+            }
         }
         if self.local_images == 0 {
             return Err(Error::setting(

@@ -202,21 +202,17 @@ pub struct Trainer {
     progress: Progress,
     /// The candidate the next generation confirms or rejects.
     pending: Option<Pending>,
-    /// Generations handed out and not merged yet, oldest first: at most `search.window`.
+    /// Generations handed out and not merged yet, oldest first: at most `window`.
     in_flight: VecDeque<Generation>,
-}
-
-/// `search` with its window written down: an unset one becomes the default for this
-/// network (`SearchConfig::window_for`).
-fn resolve_window(mut search: SearchConfig, net: &QNetwork, eda: &EdaParams) -> SearchConfig {
-    search.window = Some(search.window_for(net.num_vars(), eda.group_size));
-    search
+    /// Generations in flight at once, resolved from the config and the network.
+    window: usize,
 }
 
 impl Trainer {
-    /// Generations in flight at once (`search.window`, resolved for this network).
+    /// Generations in flight at once (`search.window`, or its default for this network:
+    /// `SearchConfig::window_for`).
     pub fn window(&self) -> usize {
-        self.search.window.unwrap_or(1)
+        self.window
     }
 
     pub fn new(
@@ -234,7 +230,7 @@ impl Trainer {
             ));
         }
         let codes = net.codes();
-        let search = resolve_window(search, &net, &eda);
+        let window = search.window_for(net.num_vars(), eda.group_size);
         let eda = EdaState::new(eda, variables(&net, &codes))?;
         Ok(Trainer {
             search,
@@ -250,6 +246,7 @@ impl Trainer {
             progress: Progress::default(),
             pending: None,
             in_flight: VecDeque::new(),
+            window,
         })
     }
 
@@ -416,7 +413,7 @@ impl Trainer {
         }
         let mut net = net;
         net.set_codes(&snap.codes)?;
-        let search = resolve_window(search, &net, snap.eda.params());
+        let window = search.window_for(net.num_vars(), snap.eda.params().group_size);
         Ok(Trainer {
             search,
             net,
@@ -431,6 +428,7 @@ impl Trainer {
             progress: snap.progress,
             pending: snap.pending,
             in_flight: snap.in_flight.into(),
+            window,
         })
     }
 
@@ -457,7 +455,7 @@ impl Trainer {
     /// there is nothing left to search (every variable is frozen, or the strategy is
     /// `rtn`). The generation is in flight until [`Trainer::complete`] merges it.
     pub fn next_generation(&mut self) -> Result<Option<Generation>, Error> {
-        if self.in_flight.len() >= self.window() {
+        if self.in_flight.len() >= self.window {
             return Ok(None);
         }
         let generation = self.draw_generation()?;
