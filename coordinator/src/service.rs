@@ -419,6 +419,8 @@ fn status_to_proto(s: RunStatus) -> StatusResponse {
         train_measured_secs: s.train_measured_secs,
         test_measured_secs: s.test_measured_secs,
         waiting_for_workers: s.waiting_for_workers,
+        window: s.window,
+        generations_in_flight: s.generations_in_flight,
     }
 }
 

@@ -126,6 +126,8 @@ pub fn to_json(s: &StatusResponse) -> serde_json::Value {
         "mean_confidence": s.mean_confidence,
         "eta_secs": s.eta_secs,
         "network_version": s.network_version,
+        "window": s.window,
+        "generations_in_flight": s.generations_in_flight,
         "waiting_for_workers": s.waiting_for_workers,
         "workers": s.workers.iter().map(|w| json!({
             "id": w.id,
@@ -156,12 +158,17 @@ pub fn render(s: &StatusResponse) -> String {
         out += &format!("WAITING: {}\n", s.waiting_for_workers);
     }
     out += &format!(
-        "cycle {}  group {}  generation {}  layer {}\n",
+        "cycle {}  group {}  generation {}  layer {}",
         s.cycle,
         s.group,
         s.generation,
         if s.layer.is_empty() { "-" } else { &s.layer }
     );
+    // Before the run starts (or from an old coordinator) the window is unknown: 0.
+    if s.window > 0 {
+        out += &format!("  in flight {}/{}", s.generations_in_flight, s.window);
+    }
+    out += "\n";
     out += &format!(
         "evaluations {} ({:.1}/s)  best fitness {:.4}\n",
         s.evaluations, s.evaluations_per_sec, s.best_fitness
@@ -202,4 +209,30 @@ pub fn render(s: &StatusResponse) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status line says how many generations are in flight out of the window, and
+    /// says nothing of a window it does not know (a run not started yet).
+    #[test]
+    fn render_shows_the_window_when_known() {
+        let mut s = StatusResponse {
+            generation: 120,
+            window: 32,
+            generations_in_flight: 7,
+            ..Default::default()
+        };
+        assert!(
+            render(&s).contains("generation 120  layer -  in flight 7/32\n"),
+            "{}",
+            render(&s)
+        );
+        assert_eq!(to_json(&s)["window"], 32);
+        assert_eq!(to_json(&s)["generations_in_flight"], 7);
+        s.window = 0;
+        assert!(!render(&s).contains("in flight"), "{}", render(&s));
+    }
 }

@@ -77,9 +77,15 @@ fn coordinator_and_worker_processes_train_and_finish() {
         "test_top1",
         "frozen_variables",
         "free_variables",
+        "generations_in_flight",
     ] {
         assert!(v.get(key).is_some(), "status lacks {key}: {v}");
     }
+    // The run's window, resolved from the network when the config leaves it unset.
+    assert!(
+        v["window"].as_u64().is_some_and(|w| w >= 1),
+        "status window: {v}"
+    );
     let shards: Vec<u64> = v["workers"]
         .as_array()
         .unwrap()

@@ -12,8 +12,11 @@
 //! tables: the time of the delta against recomputing the layer on each layer shape (the
 //! measurement behind `fitness::delta_pays_off`), and, per thread count, candidates per
 //! second over one group of every layer weighted by how many groups that layer has in a
-//! cycle (the mix the search actually runs), with the ratio to naive. Pass `-- table` to
-//! skip criterion. Skipped with a message when `../shared` is absent.
+//! cycle (the mix the search actually runs), with the ratio to naive and the bound any
+//! evaluation that recomputes the layers after the changed one must stay under. Pass
+//! `-- table` to skip criterion, `-- sparsity` for the table of how much of each later
+//! layer's input a candidate changes (what a sparse suffix evaluation would work on)
+//! instead of the others. Skipped with a message when `../shared` is absent.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -23,7 +26,7 @@ use ccq_common::data::{self, DataFormat, DataSource, Split};
 use ccq_common::fitness::{evaluate_candidates_with, Strategy};
 use ccq_common::kernels::{DeltaBase, WeightChange};
 use ccq_common::model::Normalization;
-use ccq_common::qnet::{Activations, QNetwork};
+use ccq_common::qnet::{Activations, QNetwork, QOp};
 use ccq_common::quant::{quantize, QuantConfig};
 use ccq_search::eda::{EdaParams, EdaState, Group, Variable};
 use criterion::{BenchmarkId, Criterion, Throughput};
@@ -263,18 +266,8 @@ fn delta_table(s: &Setup) {
 fn cycle_table(s: &Setup) {
     let cycle_groups: usize = s.layers.iter().map(|j| j.groups_in_cycle).sum();
     let population = s.layers[0].candidates.len();
-    let distinct: usize = s
-        .layers
-        .iter()
-        .map(|j| {
-            let mut seen: Vec<&Vec<i8>> = vec![&j.candidates[0]];
-            for c in &j.candidates[1..] {
-                if !seen.contains(&c) {
-                    seen.push(c);
-                }
-            }
-            (seen.len() - 1) * j.groups_in_cycle
-        })
+    let distinct: usize = (s.layers.iter())
+        .map(|j| (distinct_candidates(j) - 1) * j.groups_in_cycle)
         .sum();
     println!(
         "\nOne cycle of a fresh EDA state: {cycle_groups} groups of up to {} variables, \
@@ -282,6 +275,32 @@ fn cycle_table(s: &Setup) {
          (the rest equal the context or an earlier candidate).",
         EdaParams::default().group_size,
         100.0 * distinct as f64 / (cycle_groups * population) as f64
+    );
+    // A job runs the context network once (it is candidate 0, and the other candidates
+    // reuse its prefix) and every further distinct candidate from its group's layer on.
+    // However fast each layer, a strategy that recomputes the layers after the changed
+    // one in full costs at least that many multiply-accumulates per job, against the
+    // population's worth of whole networks for naive.
+    let macs: Vec<usize> = (s.net.nodes.iter())
+        .map(|n| match &n.op {
+            QOp::Conv(c) => c.geom.macs(),
+            _ => 0,
+        })
+        .collect();
+    let total: usize = macs.iter().sum();
+    let (mut naive_macs, mut bound_macs) = (0.0, 0.0);
+    for (l, j) in s.net.layers.iter().zip(&s.layers) {
+        let suffix: usize = macs[l.node + 1..].iter().sum();
+        let distinct = distinct_candidates(j) - 1;
+        let w = j.groups_in_cycle as f64;
+        naive_macs += w * (j.candidates.len() * total) as f64;
+        bound_macs += w * (total + distinct * suffix) as f64;
+    }
+    println!(
+        "Dense-suffix bound: recomputing every layer after the changed one (the changed layer \
+         itself free), a cycle costs {:.2}x fewer multiply-accumulates than naive; no strategy \
+         that recomputes the suffix densely can beat naive by more.",
+        naive_macs / bound_macs
     );
     for threads in thread_counts() {
         println!(
@@ -323,6 +342,98 @@ fn cycle_table(s: &Setup) {
     }
 }
 
+/// How many of a job's candidates differ from each other (the context, candidate 0, among
+/// them).
+fn distinct_candidates(j: &LayerJob) -> usize {
+    let mut seen: Vec<&Vec<i8>> = Vec::new();
+    for c in &j.candidates {
+        if !seen.contains(&c) {
+            seen.push(c);
+        }
+    }
+    seen.len()
+}
+
+/// Per group layer: how much of each later convolution's input a candidate changes, on
+/// 64 images, over the job's first 6 distinct candidates. `positions`: the share of input
+/// pixels (image, y, x) where some channel differs from the context's; `elements`: the
+/// share of input codes that differ. A sparse update of a convolution touches, per changed
+/// code, every output channel at every tap (as many multiply-accumulates as the code has in
+/// the dense convolution, but without VPDPBUSD's four-per-lane packing), so its work is
+/// about `elements` times the dense layer's, several times less efficiently done.
+fn sparsity_table(s: &Setup) {
+    let n = 64;
+    let pixels = &s.pixels[..n * s.net.image_len()];
+    let mut base = Activations::default();
+    s.net.forward(pixels, n, &mut base);
+    let codes = s.net.codes();
+    println!(
+        "\nShare of each later convolution's input that a candidate changes (positions / \
+         codes, %), {n} images, up to 6 distinct candidates per layer's group; 'next' is the \
+         first convolution after the group's layer, 'suffix' all later ones weighted by \
+         their multiply-accumulates:"
+    );
+    for (l, job) in s.net.layers.iter().zip(&s.layers) {
+        let mut distinct: Vec<&Vec<i8>> = vec![&job.candidates[0]];
+        for c in &job.candidates[1..] {
+            if !distinct.contains(&c) && distinct.len() < 7 {
+                distinct.push(c);
+            }
+        }
+        let convs: Vec<usize> = (l.node + 1..s.net.nodes.len())
+            .filter(|&i| matches!(s.net.nodes[i].op, QOp::Conv(_)))
+            .collect();
+        if convs.is_empty() || distinct.len() < 2 {
+            continue;
+        }
+        // Per later convolution: summed position and code shares over the candidates.
+        let mut shares = vec![(0.0, 0.0); convs.len()];
+        let mut acts = Activations::default();
+        for cand in &distinct[1..] {
+            let mut c = codes.clone();
+            for (&v, &x) in job.vars.iter().zip(cand.iter()) {
+                c[v as usize] = x;
+            }
+            let mut net = s.net.clone();
+            net.set_codes(&c).expect("candidate codes are in range");
+            net.forward(pixels, n, &mut acts);
+            for (share, &i) in shares.iter_mut().zip(&convs) {
+                let input = s.net.nodes[i].inputs[0];
+                let (a, b) = (&base.values[input], &acts.values[input]);
+                let ch = if input == 0 {
+                    s.net.input_channels()
+                } else {
+                    s.net.nodes[input - 1].out.c
+                };
+                let (mut pos, mut elems) = (0usize, 0usize);
+                for (pa, pb) in a.chunks_exact(ch).zip(b.chunks_exact(ch)) {
+                    let d = pa.iter().zip(pb).filter(|(x, y)| x != y).count();
+                    elems += d;
+                    pos += usize::from(d > 0);
+                }
+                share.0 += pos as f64 / (a.len() / ch) as f64;
+                share.1 += elems as f64 / a.len() as f64;
+            }
+        }
+        let runs = (distinct.len() - 1) as f64;
+        let weights: Vec<f64> = (convs.iter())
+            .map(|&i| s.net.conv(i).geom.macs() as f64)
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let (sp, se) = (shares.iter().zip(&weights))
+            .fold((0.0, 0.0), |(p, e), (sh, w)| (p + sh.0 * w, e + sh.1 * w));
+        println!(
+            "  {:<24} ({:>3} groups) next {:5.1} / {:4.1}   suffix {:5.1} / {:4.1}",
+            l.name,
+            job.groups_in_cycle,
+            100.0 * shares[0].0 / runs,
+            100.0 * shares[0].1 / runs,
+            100.0 * sp / total / runs,
+            100.0 * se / total / runs
+        );
+    }
+}
+
 fn main() {
     let Some(shared) = shared() else {
         println!(
@@ -332,6 +443,10 @@ fn main() {
         return;
     };
     let s = setup(&shared);
+    if std::env::args().any(|a| a == "sparsity") {
+        sparsity_table(&s);
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     bench_candidates(&mut c, &s);
     c.final_summary();

@@ -332,6 +332,11 @@ async fn a_silent_worker_is_reaped_and_its_job_reassigned() {
     v.stay_alive(&[b], HB * 5).await;
     let s = v.status().await;
     assert_eq!(s.workers.iter().map(|w| w.id).collect::<Vec<_>>(), [b]);
+    assert_eq!(
+        (s.window, s.generations_in_flight),
+        (1, 1),
+        "status shows the window and the generation waiting on the reaped job"
+    );
     assert!(!v.heartbeat(a).await.known, "a must register again");
     let again = v.job(b).await;
     assert_eq!(

@@ -170,6 +170,9 @@ impl State {
                 })
                 .collect(),
             network_version: self.version(),
+            window: u32::try_from(self.trainer.window()).unwrap_or(u32::MAX),
+            generations_in_flight: u32::try_from(self.trainer.in_flight().len())
+                .unwrap_or(u32::MAX),
             train_measured_secs: self.last.train_secs,
             test_measured_secs: latest.map(|h| h.wall_seconds),
         }

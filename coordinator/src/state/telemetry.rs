@@ -68,6 +68,9 @@ pub struct RunStatus {
     pub test_measured_secs: Option<f64>,
     /// What is wrong and how to fix it while work waits with no worker; empty otherwise.
     pub waiting_for_workers: String,
+    /// The search window (`search.window`, resolved) and the generations in flight now.
+    pub window: u32,
+    pub generations_in_flight: u32,
 }
 
 /// One worker in [`RunStatus`].
