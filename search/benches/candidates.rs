@@ -266,15 +266,15 @@ fn delta_table(s: &Setup) {
 fn cycle_table(s: &Setup) {
     let cycle_groups: usize = s.layers.iter().map(|j| j.groups_in_cycle).sum();
     let population = s.layers[0].candidates.len();
-    let distinct: usize = (s.layers.iter())
-        .map(|j| (distinct_candidates(j) - 1) * j.groups_in_cycle)
+    let to_evaluate: usize = (s.layers.iter())
+        .map(|j| (distinct(j).len() - 1) * j.groups_in_cycle)
         .sum();
     println!(
         "\nOne cycle of a fresh EDA state: {cycle_groups} groups of up to {} variables, \
          population {population}, batch {BATCH}; {:.1} % of candidates need evaluating \
          (the rest equal the context or an earlier candidate).",
         EdaParams::default().group_size,
-        100.0 * distinct as f64 / (cycle_groups * population) as f64
+        100.0 * to_evaluate as f64 / (cycle_groups * population) as f64
     );
     // A job runs the context network once (it is candidate 0, and the other candidates
     // reuse its prefix) and every further distinct candidate from its group's layer on.
@@ -291,10 +291,10 @@ fn cycle_table(s: &Setup) {
     let (mut naive_macs, mut bound_macs) = (0.0, 0.0);
     for (l, j) in s.net.layers.iter().zip(&s.layers) {
         let suffix: usize = macs[l.node + 1..].iter().sum();
-        let distinct = distinct_candidates(j) - 1;
+        let others = distinct(j).len() - 1;
         let w = j.groups_in_cycle as f64;
         naive_macs += w * (j.candidates.len() * total) as f64;
-        bound_macs += w * (total + distinct * suffix) as f64;
+        bound_macs += w * (total + others * suffix) as f64;
     }
     println!(
         "Dense-suffix bound: recomputing every layer after the changed one (the changed layer \
@@ -342,25 +342,24 @@ fn cycle_table(s: &Setup) {
     }
 }
 
-/// How many of a job's candidates differ from each other (the context, candidate 0, among
-/// them).
-fn distinct_candidates(j: &LayerJob) -> usize {
+/// A job's candidates without repeats, in order (the context, candidate 0, first).
+fn distinct(j: &LayerJob) -> Vec<&Vec<i8>> {
     let mut seen: Vec<&Vec<i8>> = Vec::new();
     for c in &j.candidates {
         if !seen.contains(&c) {
             seen.push(c);
         }
     }
-    seen.len()
+    seen
 }
 
 /// Per group layer: how much of each later convolution's input a candidate changes, on
-/// 64 images, over the job's first 6 distinct candidates. `positions`: the share of input
-/// pixels (image, y, x) where some channel differs from the context's; `elements`: the
-/// share of input codes that differ. A sparse update of a convolution touches, per changed
-/// code, every output channel at every tap (as many multiply-accumulates as the code has in
-/// the dense convolution, but without VPDPBUSD's four-per-lane packing), so its work is
-/// about `elements` times the dense layer's, several times less efficiently done.
+/// 64 images, over the job's first 6 distinct candidates besides the context: the share of
+/// input pixels (image, y, x) where some channel differs from the context's, and the share
+/// of input codes that differ. A sparse update of a convolution touches, per changed code,
+/// every output channel at every tap (as many multiply-accumulates as the code has in the
+/// dense convolution, but without VPDPBUSD's four-per-lane packing), so its work is about
+/// the code share times the dense layer's, several times less efficiently done.
 fn sparsity_table(s: &Setup) {
     let n = 64;
     let pixels = &s.pixels[..n * s.net.image_len()];
@@ -374,22 +373,17 @@ fn sparsity_table(s: &Setup) {
          their multiply-accumulates:"
     );
     for (l, job) in s.net.layers.iter().zip(&s.layers) {
-        let mut distinct: Vec<&Vec<i8>> = vec![&job.candidates[0]];
-        for c in &job.candidates[1..] {
-            if !distinct.contains(&c) && distinct.len() < 7 {
-                distinct.push(c);
-            }
-        }
+        let picked: Vec<&Vec<i8>> = distinct(job).into_iter().take(7).collect();
         let convs: Vec<usize> = (l.node + 1..s.net.nodes.len())
             .filter(|&i| matches!(s.net.nodes[i].op, QOp::Conv(_)))
             .collect();
-        if convs.is_empty() || distinct.len() < 2 {
+        if convs.is_empty() || picked.len() < 2 {
             continue;
         }
         // Per later convolution: summed position and code shares over the candidates.
         let mut shares = vec![(0.0, 0.0); convs.len()];
         let mut acts = Activations::default();
-        for cand in &distinct[1..] {
+        for cand in &picked[1..] {
             let mut c = codes.clone();
             for (&v, &x) in job.vars.iter().zip(cand.iter()) {
                 c[v as usize] = x;
@@ -400,11 +394,7 @@ fn sparsity_table(s: &Setup) {
             for (share, &i) in shares.iter_mut().zip(&convs) {
                 let input = s.net.nodes[i].inputs[0];
                 let (a, b) = (&base.values[input], &acts.values[input]);
-                let ch = if input == 0 {
-                    s.net.input_channels()
-                } else {
-                    s.net.nodes[input - 1].out.c
-                };
+                let ch = s.net.value(input).c;
                 let (mut pos, mut elems) = (0usize, 0usize);
                 for (pa, pb) in a.chunks_exact(ch).zip(b.chunks_exact(ch)) {
                     let d = pa.iter().zip(pb).filter(|(x, y)| x != y).count();
@@ -415,7 +405,7 @@ fn sparsity_table(s: &Setup) {
                 share.1 += elems as f64 / a.len() as f64;
             }
         }
-        let runs = (distinct.len() - 1) as f64;
+        let runs = (picked.len() - 1) as f64;
         let weights: Vec<f64> = (convs.iter())
             .map(|&i| s.net.conv(i).geom.macs() as f64)
             .collect();
