@@ -42,6 +42,8 @@ METHODS = {
     "eda-cc-confirm-b1024-p95": "EDA+CC, confirmed adoption, 1,024-image batches, p0 = 0.95 (a quarter of the evaluations)",
     "eda-cc-confirm-restarts-b1024-p95": "EDA+CC, confirmed adoption, 1,024-image batches, p0 = 0.95, restarts (a quarter of the evaluations)",
     "eda-cc-confirm-margin2-restarts-b1024-p95": "EDA+CC, confirmed adoption by a margin of 2 standard errors, 1,024-image batches, p0 = 0.95, restarts (a quarter of the evaluations)",
+    "eda-cc-confirm-rollback-b1024-p95": "EDA+CC, confirmed adoption, 1,024-image batches, p0 = 0.95, back to the best network 0.3 validation points below it (a quarter of the evaluations)",
+    "eda-cc-confirm-margin2-restarts-rollback-b1024-p95": "EDA+CC, confirmed adoption by a margin of 2 standard errors, 1,024-image batches, p0 = 0.95, restarts, back to the best network 0.3 validation points below it (a quarter of the evaluations)",
     "eda-cc-margin1": "EDA+CC, adoption by a margin of 1 standard error",
     "eda-cc-margin2": "EDA+CC, adoption by a margin of 2 standard errors",
     "eda-cc-margin2-b1024-p95": "EDA+CC, adoption by a margin of 2 standard errors, 1,024-image batches, p0 = 0.95 (a quarter of the evaluations)",
@@ -55,7 +57,7 @@ METHODS = {
 MODELS = {"mnist": "MNIST quickstart CNN (2,000 test digits)",
           "mobilenet": "MobileNetV3-style model of the worked example (examples/mnist/mobilenet.onnx, 2,000 test digits)",
           "mnist100k": "MNIST quickstart CNN, 100,000 evaluations per run (five times the budget above)", "mnistx10": "MNIST quickstart CNN, ten times the quickstart search's budget (50,000 evaluations of 1,024 images)", "resnet20x10": "ResNet-20, CIFAR-10 JPEG q75 copy, ten times the W3A8 recipe's budget (50,000 evaluations of 1,024 images)", "resnet20": "ResNet-20, CIFAR-10 JPEG q75 copy (10,000 test images)"}
-COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "eda-cc-confirm-b1024-p95": "#000000", "eda-cc-confirm-restarts-b1024-p95": "#9edae5", "eda-cc-confirm-margin2-restarts-b1024-p95": "#dbdb8d", "eda-cc-margin1": "#aec7e8", "eda-cc-margin2": "#393b79", "eda-cc-margin2-b1024-p95": "#637939", "eda-cc-scales": "#8c6d31", "eda-cc-confirm-scales": "#e7969c", "eda-cc-confirm-b1024-p95-scales": "#843c39", "eda-cc-clips": "#5254a3", "eda-cc-local10k": "#7b4173", "rtn": "#7f7f7f"}
+COLORS = {"eda-cc": "#d62728", "cc-random": "#1f77b4", "cc-layer": "#2ca02c", "eda": "#9467bd", "hill": "#ff7f0e", "eda-cc-distill": "#8c564b", "eda-cc-confirm": "#e377c2", "eda-cc-restarts": "#17becf", "eda-cc-confirm-restarts": "#bcbd22", "eda-cc-window4": "#ff9896", "eda-cc-window16": "#c5b0d5", "eda-cc-window32": "#c49c94", "eda-cc-confirm-b1024-p95": "#000000", "eda-cc-confirm-restarts-b1024-p95": "#9edae5", "eda-cc-confirm-margin2-restarts-b1024-p95": "#dbdb8d", "eda-cc-margin1": "#aec7e8", "eda-cc-margin2": "#393b79", "eda-cc-margin2-b1024-p95": "#637939", "eda-cc-scales": "#8c6d31", "eda-cc-confirm-scales": "#e7969c", "eda-cc-confirm-b1024-p95-scales": "#843c39", "eda-cc-clips": "#5254a3", "eda-cc-local10k": "#7b4173", "eda-cc-confirm-rollback-b1024-p95": "#e6550d", "eda-cc-confirm-margin2-restarts-rollback-b1024-p95": "#31a354", "rtn": "#7f7f7f"}
 # A precision may carry the suffix "bc": the searches start from the bias-corrected RTN
 # network ([quant] bias_correction = true) instead of plain RTN; "ws": weight scales
 # chosen by the least squared error ([quant] weight_scale = "mse") instead of max-abs;
@@ -89,6 +91,11 @@ def load_cells():
             strategy = f"{strategy}-margin{int(margin)}"
         if cfg.get("search", {}).get("restarts", False):
             strategy = f"{strategy}-restarts"
+        rollback = cfg.get("search", {}).get("rollback")
+        if rollback is not None:
+            if rollback != 0.3:
+                raise SystemExit(f"{path}: search.rollback {rollback}: grid cells use 0.3")
+            strategy = f"{strategy}-rollback"
         # Unset, the window follows the network with batch acceptance (search.window), so
         # a cell that adopts by batch states it; confirmation runs one at a time.
         window = cfg.get("search", {}).get("window")
@@ -381,6 +388,9 @@ def main():
           "its mean loss on the batch is lower by more than Z standard errors of the per-image paired loss "
           "difference (`[search] margin = Z`; no extra evaluations), `-restarts` = when every variable has frozen, the distributions are "
           "re-centred on the current codes and the search goes on (`[search] restarts = true`), "
+          "`-rollback` = at each measurement of the global network the search waits for its result and, "
+          "when it reads more than 0.3 validation points below the run's best, goes back to the best network "
+          "and re-centres the distributions there (`[search] rollback = 0.3`), "
           "`-windowL` = L generations in flight, each sampled against the network as it was when the "
           "generation L before it merged (`[search] window = L`; unset, one group in 64 of the network's "
           "with batch acceptance, at most 32: 32 for ResNet-20, 1 for the MNIST CNN); "

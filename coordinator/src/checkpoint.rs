@@ -48,7 +48,8 @@ pub const FILE_NAME: &str = "checkpoint.ccqck";
 /// quant section has `channel_scale_step`. 9: and `act_clip_step`; networks carry clips.
 /// 10: the search section has `local_evaluations` and `local_images`; a generation in
 /// flight carries `local`. 11: `search.window` is optional (unset: sized to the network).
-pub const FORMAT_VERSION: u32 = 11;
+/// 12: the search section has `rollback`; the trainer's progress counts `rollbacks`.
+pub const FORMAT_VERSION: u32 = 12;
 const MAGIC: &str = "ccq-checkpoint";
 /// Room for the header line: `MAGIC`, the format, 20 digits of length, 8 of CRC.
 const MAX_HEADER: usize = 128;

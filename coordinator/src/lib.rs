@@ -67,6 +67,10 @@ pub enum Error {
     /// Workers returned something that cannot belong to the job they were given.
     #[error("protocol violation: {0}")]
     Protocol(String),
+
+    /// The search could not go back to its best network (`search.rollback`).
+    #[error("cannot go back to the best network: {0}")]
+    Rollback(String),
 }
 
 /// The search's errors keep their meaning here: a snapshot that does not fit is a bad
@@ -89,6 +93,7 @@ impl From<ccq_search::Error> for Error {
                 reason,
             },
             ccq_search::Error::Results(why) => Error::Protocol(why),
+            ccq_search::Error::Rollback(why) => Error::Rollback(why),
             ccq_search::Error::Network(e) => Error::Common(e),
         }
     }

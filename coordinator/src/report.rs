@@ -51,6 +51,8 @@ pub struct RunReport {
     /// Times the distributions were re-centred after every variable froze
     /// (`search.restarts`).
     pub restarts: u64,
+    /// Times the search went back to its best network (`search.rollback`).
+    pub rollbacks: u64,
     pub wall_seconds: f64,
     pub search_seconds: f64,
     pub stop_reason: String,
@@ -749,10 +751,10 @@ fn html(r: &RunReport, charts: &[(&str, String)]) -> String {
             ),
         ),
         (
-            "evaluations / generations / adoptions / cycles / restarts",
+            "evaluations / generations / adoptions / cycles / restarts / rollbacks",
             format!(
-                "{} / {} / {} / {} / {}",
-                r.evaluations, r.generations, r.adoptions, r.cycles, r.restarts
+                "{} / {} / {} / {} / {} / {}",
+                r.evaluations, r.generations, r.adoptions, r.cycles, r.restarts, r.rollbacks
             ),
         ),
         (
@@ -961,6 +963,7 @@ mod tests {
             adoptions: 150,
             cycles: 1,
             restarts: 0,
+            rollbacks: 0,
             wall_seconds: 812.0,
             search_seconds: 800.0,
             stop_reason: "evaluation budget spent".into(),

@@ -413,6 +413,7 @@ pub async fn run(
         adoptions: finished.progress.adoptions,
         cycles: finished.progress.cycles,
         restarts: finished.progress.restarts,
+        rollbacks: finished.progress.rollbacks,
         wall_seconds: t0.elapsed().as_secs_f64(),
         search_seconds,
         stop_reason: finished.stop_reason,

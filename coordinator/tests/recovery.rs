@@ -97,6 +97,13 @@ fn reference_windowed() -> &'static Outcome {
     &REF.get_or_init(|| undisturbed(WINDOWED)).1
 }
 
+/// The undisturbed run going back to its best network whenever a measurement reads below
+/// it, with eight generations in flight.
+fn reference_rollback() -> &'static (tempfile::TempDir, Outcome) {
+    static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
+    REF.get_or_init(|| undisturbed(ROLLBACK))
+}
+
 /// The undisturbed run with a block-local phase over the first half of the budget.
 fn reference_local() -> &'static Outcome {
     static REF: OnceLock<(tempfile::TempDir, Outcome)> = OnceLock::new();
@@ -107,6 +114,7 @@ const WINDOW: usize = 8;
 const WINDOWED: &str = "window = 8\n";
 const DISTILL: &str = "fitness = \"distill\"\n";
 const LOCAL: &str = "local_evaluations = 3000\nlocal_images = 128\n";
+const ROLLBACK: &str = "window = 8\nrollback = 0.0\n";
 
 fn undisturbed(search: &str) -> (tempfile::TempDir, Outcome) {
     let dir = tempfile::tempdir().unwrap();
@@ -400,6 +408,33 @@ fn a_windowed_run_killed_and_resumed_ends_identical() {
     assert_eq!(ck.state.in_flight_versions.len(), in_flight);
 
     resume_to_the_end(&out, &addr, workers, expected);
+}
+
+/// `search.rollback`: the search waits at each measured generation for its measurement
+/// and may go back to the best network there; the resumed coordinator (killed wherever it
+/// was, a measurement it waited for included) ends exactly as the undisturbed run.
+#[test]
+fn a_rollback_run_killed_and_resumed_ends_identical() {
+    let (dir, expected) = reference_rollback();
+    let report = read_report(&dir.path().join("ref"));
+    let rollbacks = report["rollbacks"].as_u64().unwrap();
+    assert!(
+        rollbacks > 0,
+        "the reference run went back to its best network"
+    );
+    assert_ne!(expected.history, reference_windowed().history);
+    let KilledRun {
+        dir: _dir,
+        out,
+        addr,
+        workers,
+    } = killed_mid_run(ROLLBACK);
+    let got = resume_to_the_end(&out, &addr, workers, expected);
+    assert_eq!(
+        read_report(&out)["rollbacks"].as_u64(),
+        Some(rollbacks),
+        "{got:?}"
+    );
 }
 
 /// A run with `search` in its config (as [`write_config_with`]), its coordinator killed

@@ -130,6 +130,15 @@ pub struct SearchConfig {
     /// code range) and search on, instead of ending the search. Over restarts a code can
     /// move further than `eda.radius` from round-to-nearest.
     pub restarts: bool,
+    /// Go back to the best network when the search has drifted below it: when a
+    /// measurement of the global network (every `eval.every_generations`) scores more
+    /// than this many points of validation top-1 below the run's best, the global
+    /// network is set to that best network and every distribution re-centred on its
+    /// codes (as a restart does), and the search goes on from there. Each such
+    /// measurement holds the search at its generation until it is in (generations in
+    /// flight finish first), so where the search turns back depends on the config and
+    /// the seed alone. Unset: never (the measurements run beside the search).
+    pub rollback: Option<f64>,
     /// Generations in flight at once (windowed cooperative coevolution): up to `window`
     /// groups are searched side by side, one generation of each in flight, so a group's
     /// generations still run one after another (each samples from the distribution its
@@ -176,6 +185,7 @@ impl Default for SearchConfig {
             acceptance: Acceptance::Batch,
             margin: 0.0,
             restarts: false,
+            rollback: None,
             window: None,
             local_evaluations: 0,
             local_images: 1024,
@@ -220,6 +230,15 @@ impl SearchConfig {
                 "must be 0 with search.fitness = \"error\" (the margin weighs loss \
                  differences)",
             ));
+        }
+        if let Some(r) = self.rollback {
+            if !(r.is_finite() && (0.0..=100.0).contains(&r)) {
+                return Err(Error::setting(
+                    "search.rollback",
+                    r,
+                    "must be a number of validation points between 0 and 100",
+                ));
+            }
         }
         if let Some(window) = self.window {
             if !(1..=MAX_WINDOW).contains(&window) {
@@ -445,6 +464,20 @@ mod tests {
                 SearchConfig {
                     window: Some(2),
                     acceptance: Acceptance::Confirm,
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.rollback",
+                SearchConfig {
+                    rollback: Some(-0.1),
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.rollback",
+                SearchConfig {
+                    rollback: Some(f64::INFINITY),
                     ..one.clone()
                 },
             ),

@@ -39,6 +39,11 @@ pub enum Error {
     #[error("protocol violation: {0}")]
     Results(String),
 
+    /// A rollback asked of a trainer that cannot take it now (generations in flight) or
+    /// with codes that do not fit its network.
+    #[error("cannot go back to the best network: {0}")]
+    Rollback(String),
+
     /// The network refused a change of codes.
     #[error(transparent)]
     Network(#[from] ccq_common::Error),

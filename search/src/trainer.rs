@@ -65,6 +65,15 @@ pub struct Outcome {
     pub best_top1: f64,
 }
 
+/// What [`Trainer::roll_back`] changed in the global network.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Rollback {
+    /// Variables set, and their new codes.
+    pub changes: Vec<(u32, i8)>,
+    /// The code each of `changes` replaced, in the same order.
+    pub replaced: Vec<i8>,
+}
+
 /// Counters that reports and budgets read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
@@ -78,6 +87,9 @@ pub struct Progress {
     /// (`search.restarts`).
     #[serde(default)]
     pub restarts: u64,
+    /// Times the search went back to the best network (`search.rollback`).
+    #[serde(default)]
+    pub rollbacks: u64,
 }
 
 /// Everything a [`Trainer`] needs to continue exactly where it was, apart from the
@@ -556,6 +568,56 @@ impl Trainer {
             layer: a.group.layer,
             local,
         }))
+    }
+
+    /// Sets the global network to `codes` (the best network a validation measurement
+    /// found, `search.rollback`) and re-centres every distribution on them, as a restart
+    /// does; the cycle in progress ends, along with any candidate awaiting its
+    /// confirmation. Only between generations: with any in flight it is refused and
+    /// nothing changes.
+    pub fn roll_back(&mut self, codes: &[i8]) -> Result<Rollback, Error> {
+        if !self.in_flight.is_empty() {
+            return Err(Error::Rollback(format!(
+                "{} generation(s) in flight",
+                self.in_flight.len()
+            )));
+        }
+        if codes.len() != self.codes.len() {
+            return Err(Error::Rollback(format!(
+                "{} codes for a network of {} variables",
+                codes.len(),
+                self.codes.len()
+            )));
+        }
+        // Within each layer's code range (not the distributions' current range: the
+        // best network may predate a restart that moved them).
+        if let Some((i, v)) = (variables(&self.net, codes).enumerate())
+            .find(|(_, v)| !(v.lo..=v.hi).contains(&v.initial))
+        {
+            return Err(Error::Rollback(format!(
+                "variable {i} has code {}, outside its layer's range {}..={}",
+                v.initial, v.lo, v.hi
+            )));
+        }
+        let mut out = Rollback::default();
+        for (i, (&new, old)) in codes.iter().zip(self.codes.iter_mut()).enumerate() {
+            if new != *old {
+                out.changes.push((i as u32, new));
+                out.replaced.push(*old);
+                *old = new;
+            }
+        }
+        if !out.changes.is_empty() {
+            self.net.apply_changes(&out.changes)?;
+        }
+        let params = self.eda.params().clone();
+        self.eda = EdaState::new(params, variables(&self.net, &self.codes))?;
+        // The groups left were formed from the old distributions: a new cycle starts.
+        self.queue = GroupQueue::default();
+        self.active.clear();
+        self.pending = None;
+        self.progress.rollbacks += 1;
+        Ok(out)
     }
 
     /// Whether `candidate`'s gain over `context` on the same images clears
@@ -1150,6 +1212,87 @@ mod tests {
         .unwrap();
         let out = t.complete(&g, &stats).unwrap();
         Some((g, out))
+    }
+
+    /// Going back to an earlier network sets exactly its codes, reports what it changed
+    /// (the way back to the network before), re-centres every distribution there and
+    /// starts a new cycle; it waits for generations in flight, and a snapshot taken after
+    /// it resumes identically.
+    #[test]
+    fn a_rollback_returns_to_the_given_network_and_searches_on_from_it() {
+        let (net, pixels, labels) = setup();
+        let (eda, mut search) = small_search(Strategy::EdaCc);
+        search.acceptance = Acceptance::Confirm;
+        let mut t = Trainer::new(net.clone(), eda, search.clone(), 9, labels.len()).unwrap();
+        let start = t.network().codes();
+        let mut steps = 0;
+        while t.progress().adoptions < 2 {
+            run_one(&mut t, &pixels, &labels).expect("the search adopts before it ends");
+            steps += 1;
+            assert!(steps < 400, "no adoptions to roll back");
+        }
+        // Stop inside a group, with a generation in flight: refused, nothing changes.
+        let g = t.next_generation().unwrap().unwrap();
+        let before = t.snapshot();
+        assert!(matches!(t.roll_back(&start), Err(Error::Rollback(_))));
+        assert_eq!(t.snapshot(), before);
+        let stats = vec![
+            EvalStats {
+                images: g.images.len() as u64,
+                ..EvalStats::default()
+            };
+            g.candidates.len()
+        ];
+        t.complete(&g, &stats).unwrap();
+        assert!(
+            t.roll_back(&start[1..]).is_err(),
+            "a short code vector is refused"
+        );
+
+        let moved = t.network().codes();
+        assert_ne!(moved, start);
+        let r = t.roll_back(&start).unwrap();
+        assert_eq!(t.network().codes(), start);
+        assert_eq!(t.snapshot().codes, start);
+        assert_eq!(t.progress().rollbacks, 1);
+        // The changes and the codes they replaced lead from `moved` to `start` and back.
+        let mut back = moved.clone();
+        for (&(v, c), &old) in r.changes.iter().zip(&r.replaced) {
+            assert_eq!(back[v as usize], old);
+            back[v as usize] = c;
+        }
+        assert_eq!(back, start);
+        assert_eq!(
+            r.changes.len(),
+            (moved.iter().zip(&start)).filter(|(a, b)| a != b).count()
+        );
+        // Every variable is free again and centred on its restored code.
+        assert_eq!(t.eda().frozen_count(), 0);
+        for (i, &c) in start.iter().enumerate() {
+            assert_eq!(t.eda().mode(i), c, "variable {i}");
+        }
+        let snap = t.snapshot();
+        assert!(snap.active.is_empty() && snap.queue.is_empty() && snap.pending.is_none());
+
+        let json = serde_json::to_string(&snap).unwrap();
+        let mut u = Trainer::restore(
+            net,
+            search,
+            9,
+            labels.len(),
+            serde_json::from_str(&json).unwrap(),
+            "t",
+        )
+        .unwrap();
+        for step in 0..10 {
+            let a = run_one(&mut t, &pixels, &labels);
+            assert!(a.is_some(), "the search goes on after a rollback");
+            assert_eq!(
+                a,
+                run_one(&mut u, &pixels, &labels),
+                "step {step} after resume differs"
+            );
+        }
     }
 
     /// A trainer restored from a snapshot taken mid-run (after a JSON round trip, as a

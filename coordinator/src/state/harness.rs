@@ -67,6 +67,9 @@ struct Virtual {
     stop: Option<oneshot::Sender<()>>,
     /// What the metrics endpoint and the progress display would see.
     telemetry: watch::Receiver<Option<Telemetry>>,
+    /// Measurement blocks are answered from the measured network's codes
+    /// ([`validation_correct`]) instead of a fixed half.
+    measure_codes: bool,
     _out: tempfile::TempDir,
 }
 
@@ -137,6 +140,10 @@ impl Virtual {
         every: u64,
     ) -> Virtual {
         let (setup, trainer, out) = virtual_setup(shards, evaluations, validation, test, every, 1);
+        Virtual::start_from(setup, trainer, out)
+    }
+
+    fn start_from(setup: Setup, trainer: Trainer, out: tempfile::TempDir) -> Virtual {
         let (tx, rx) = mpsc::channel(64);
         let (telemetry, watched) = watch::channel(None);
         let state = State::new(setup, trainer, telemetry);
@@ -149,6 +156,7 @@ impl Virtual {
             run,
             stop: Some(stop),
             telemetry: watched,
+            measure_codes: false,
             _out: out,
         }
     }
@@ -218,9 +226,18 @@ impl Virtual {
             } => (images, generation, *first, *count),
             Work::Measure(b) => {
                 let n = b.count;
+                let correct = match self.measure_codes {
+                    true => {
+                        let net = self.sync(None, Some(job.network_version)).await.unwrap();
+                        let (version, c) = codes(net);
+                        assert_eq!(version, job.network_version);
+                        validation_correct(&c, n)
+                    }
+                    false => n / 2,
+                };
                 let results = vec![EvalStats {
                     loss_fixed: n * 1000,
-                    correct: n / 2,
+                    correct,
                     images: n,
                     paired_sq: 0,
                 }];
@@ -250,7 +267,7 @@ impl Virtual {
                         .vars
                         .iter()
                         .zip(codes)
-                        .map(|(&v, &c)| (c as i64 - (v % 3) as i64 + 1).unsigned_abs().pow(2))
+                        .map(|(&v, &c)| (c - trained_code(v as usize)).unsigned_abs().pow(2) as u64)
                         .sum();
                     EvalStats {
                         loss_fixed: n * (1000 + distance),
@@ -299,6 +316,21 @@ impl Virtual {
         let _ = self.stop.take().unwrap().send(());
         self.run.await.unwrap()
     }
+}
+
+/// The code the virtual workers' training loss pulls variable `v` towards.
+fn trained_code(v: usize) -> i8 {
+    (v % 3) as i8 - 1
+}
+
+/// Correct answers of a measurement block of `n` images on a network with `codes`, when
+/// held-out data disagrees with the training loss: the more codes sit where training
+/// pulls them, the fewer are right, so searching lowers validation.
+fn validation_correct(codes: &[i8], n: u64) -> u64 {
+    let trained = (codes.iter().enumerate())
+        .filter(|&(v, &c)| c == trained_code(v))
+        .count() as u64;
+    n * (codes.len() as u64 - trained) / codes.len() as u64
 }
 
 /// The (version, codes) of a whole-network answer to a sync.
@@ -682,5 +714,108 @@ async fn jobs_carry_the_changes_since_the_workers_previous_job() {
     }
     assert!(carried > 0, "the network moved and the jobs carried it");
     v.stop().await.unwrap();
+    assert_fast(real);
+}
+
+/// `search.rollback`: when held-out data disagrees with the training loss, validation
+/// falls as the search goes on, and each measurement that reads more than the allowed
+/// points below the best sends the search back to the best network. The search waits at
+/// each measured generation for its measurement, so the same runs with one worker or
+/// three (answering in turn, in alternating order) and with two generations in flight
+/// decide the same and end identical; jobs after a rollback carry the changes that bring
+/// a worker to the network they name.
+#[tokio::test(start_paused = true)]
+async fn a_rollback_run_returns_to_its_best_network_whatever_the_workers() {
+    let real = std::time::Instant::now();
+    const ALLOWED: f64 = 2.0;
+    let mut ends = Vec::new();
+    for n in [1, 3] {
+        let (mut setup, _, out) = virtual_setup(1, 16 * 120, 256, 16, 5, 2);
+        setup.config.search.rollback = Some(ALLOWED);
+        // Every batch is the whole search range, and a measurement block all 256
+        // validation images: validation moves by 1/64 per trained code.
+        setup.config.search.batch_size = 256;
+        let trainer = Trainer::new(
+            network(),
+            EdaParams::default(),
+            setup.config.search.clone(),
+            7,
+            SEARCH_LEN,
+        )
+        .unwrap();
+        let mut v = Virtual::start_from(setup, trainer, out);
+        v.measure_codes = true;
+        let mut ids = Vec::new();
+        for i in 0..n {
+            ids.push(v.register(&format!("w{i}"), None).await.0);
+        }
+        // What each worker holds: (version, codes), kept up by the jobs' changes.
+        let mut held: std::collections::BTreeMap<u64, (u64, Vec<i8>)> = Default::default();
+        'run: for round in 0.. {
+            let mut order = ids.clone();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for &w in &order {
+                match v.poll(w).await {
+                    Some(PollReply::Job(j)) => {
+                        if let Work::Candidates { .. } = j.work {
+                            let latest =
+                                codes(v.sync(None, Some(j.network_version)).await.unwrap());
+                            match (&j.changes, held.get_mut(&w)) {
+                                (Some((from, changes)), Some((version, c))) => {
+                                    assert_eq!(from, version);
+                                    for &(var, code) in changes {
+                                        c[var as usize] = code;
+                                    }
+                                    *version = j.network_version;
+                                }
+                                _ => {
+                                    held.insert(w, latest.clone());
+                                }
+                            }
+                            assert_eq!(held[&w], latest, "worker {w} is where its job says");
+                        }
+                        assert!(v.submit(w, &j).await);
+                    }
+                    Some(PollReply::Done) => break 'run,
+                    Some(PollReply::Unknown) => panic!("worker {w} was dropped"),
+                    None => {}
+                }
+            }
+        }
+        let f = v.stop().await.unwrap();
+        assert!(f.complete, "{}", f.stop_reason);
+        // Every measurement during the search more than ALLOWED below the best before it
+        // (and itself) sent the search back, and nothing else did: not the start's, and
+        // not those where the search ended (the final one, and one due there).
+        let end = f.history.last().unwrap().generation;
+        let mut best = f64::MIN;
+        let mut expected = 0;
+        for p in &f.history {
+            best = best.max(p.val_top1);
+            if p.generation > 0 && p.generation < end && best - p.val_top1 > ALLOWED {
+                expected += 1;
+            }
+        }
+        assert!(
+            expected > 1,
+            "validation fell during the search: {:?}",
+            f.history
+        );
+        assert_eq!(f.progress.rollbacks, expected);
+        let history: Vec<_> = (f.history.iter())
+            .map(|p| {
+                (
+                    p.generation,
+                    p.val_top1.to_bits(),
+                    p.network_version,
+                    p.is_final,
+                )
+            })
+            .collect();
+        ends.push((history, f.progress, f.best.0.codes()));
+    }
+    assert_eq!(ends[0], ends[1], "one worker and three decide the same");
     assert_fast(real);
 }

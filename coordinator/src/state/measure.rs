@@ -74,6 +74,13 @@ impl Measurements {
             .map(|p| p.codes.as_slice())
     }
 
+    /// Whether a measurement of the network at generation `generation` is running.
+    pub fn running_at(&self, generation: u64) -> bool {
+        self.running
+            .values()
+            .any(|p| p.point.generation == generation)
+    }
+
     /// The generation the oldest running measurement was started at.
     pub fn oldest_generation(&self) -> Option<u64> {
         self.running.values().next().map(|p| p.point.generation)
@@ -82,7 +89,7 @@ impl Measurements {
 
 impl State {
     /// Measures the current global network on validation and test data, as jobs.
-    pub(super) fn schedule_eval(&mut self, is_final: bool) {
+    pub(super) fn schedule_eval(&mut self, is_final: bool) -> Result<(), crate::Error> {
         let p = self.trainer.progress();
         let point = EvalPoint {
             generation: p.generations,
@@ -97,11 +104,16 @@ impl State {
             is_final,
         };
         let codes = self.trainer.network().codes();
-        self.launch_measurement(point, is_final, codes);
+        self.launch_measurement(point, is_final, codes)
     }
 
     /// Queues the blocks of a measurement of `codes`.
-    pub(super) fn launch_measurement(&mut self, point: EvalPoint, is_final: bool, codes: Vec<i8>) {
+    pub(super) fn launch_measurement(
+        &mut self,
+        point: EvalPoint,
+        is_final: bool,
+        codes: Vec<i8>,
+    ) -> Result<(), crate::Error> {
         let version = point.network_version;
         let id = self.measurements.start(point, is_final, codes);
         let first = self.setup.search_len as u64;
@@ -116,9 +128,62 @@ impl State {
             .jobs
             .launch_measurement(id, version, validation, test, block)
         {
-            self.eval_done(id, validation, test);
+            self.eval_done(id, validation, test)?;
         }
         self.dispatch();
+        Ok(())
+    }
+
+    /// Whether the search waits for a measurement before it goes on (`search.rollback`):
+    /// no generation starts past the next measured one, and none at all while that
+    /// measurement runs, so each decision to go back to the best network is taken at
+    /// the same point of the search whatever the workers' speed. Derived from what is
+    /// running, so a resumed run waits for the same measurement.
+    pub(super) fn held_for_measurement(&self) -> bool {
+        if self.setup.config.search.rollback.is_none() {
+            return false;
+        }
+        let every = self.setup.config.eval.every_generations.max(1);
+        let done = self.trainer.progress().generations;
+        let next = done + self.trainer.in_flight().len() as u64;
+        next >= (done / every + 1) * every
+            || (self.rollback_point(done) && self.measurements.running_at(done))
+    }
+
+    /// Whether a measurement of generation `generation` is one the search waits for
+    /// while it runs: with `search.rollback`, during the search, and never the start's
+    /// (there is nothing to go back to).
+    fn rollback_point(&self, generation: u64) -> bool {
+        generation > 0
+            && self.phase == Phase::Training
+            && self.setup.config.search.rollback.is_some()
+    }
+
+    /// With `search.rollback`, after the measurement the search waited for: when it
+    /// scored more than the allowed points below the best, the search goes back to the
+    /// best network; then it goes on.
+    fn after_held_measurement(&mut self, point: &EvalPoint) -> Result<(), crate::Error> {
+        let Some(allowed) = self.setup.config.search.rollback else {
+            return Ok(());
+        };
+        let Some((codes, best)) = self.history.best() else {
+            return Ok(());
+        };
+        if best.val_top1 - point.val_top1 > allowed {
+            let (codes, best) = (codes.clone(), best.clone());
+            let r = self.trainer.roll_back(&codes)?;
+            info!(
+                generation = point.generation,
+                "val top-1 {:.2} % is more than {allowed} points below the best, {:.2} % at \
+                 generation {}: back to that network ({} codes differ)",
+                point.val_top1,
+                best.val_top1,
+                best.generation,
+                r.changes.len()
+            );
+            self.record_changes(&r.changes, &r.replaced);
+        }
+        self.start_generation()
     }
 
     /// Whether a measurement has waited long enough to go before training: for half the
@@ -146,10 +211,21 @@ impl State {
         Some(net)
     }
 
-    pub(super) fn eval_done(&mut self, id: u64, validation: EvalStats, test: EvalStats) {
+    pub(super) fn eval_done(
+        &mut self,
+        id: u64,
+        validation: EvalStats,
+        test: EvalStats,
+    ) -> Result<(), crate::Error> {
         let Some(pending) = self.measurements.finish(id) else {
-            return;
+            return Ok(());
         };
+        // Whether the search is waiting for it: then nothing has moved since it started.
+        let g = pending.point.generation;
+        let held = !pending.is_final
+            && self.rollback_point(g)
+            && g == self.trainer.progress().generations
+            && self.trainer.in_flight().is_empty();
         if matches!(&self.older_whole, Some((v, _)) if *v == pending.point.network_version) {
             self.older_whole = None;
         }
@@ -179,7 +255,10 @@ impl State {
             self.setup.ptq_top1 = Some(point.test_top1);
         }
         let is_final = point.is_final;
-        self.history.record(point, pending.codes);
+        self.history.record(point.clone(), pending.codes);
+        if held {
+            return self.after_held_measurement(&point);
+        }
         // The run is over once the final measurement and any earlier ones are in.
         let finishing = is_final || self.phase == Phase::Evaluating;
         if finishing && self.measurements.is_empty() {
@@ -191,5 +270,6 @@ impl State {
                 self.workers.remove(w);
             }
         }
+        Ok(())
     }
 }

@@ -192,7 +192,7 @@ impl State {
                 for e in evals {
                     // The checkpoint's codes must fit this network before workers get them.
                     self.trainer.network().clone().set_codes(&e.codes)?;
-                    self.launch_measurement(e.point, e.is_final, e.codes);
+                    self.launch_measurement(e.point, e.is_final, e.codes)?;
                 }
                 // The generations in flight, evaluated again on the networks they were
                 // sampled against.
@@ -202,7 +202,7 @@ impl State {
                 }
                 self.start_generation()?;
                 if self.phase == Phase::Evaluating && self.measurements.is_empty() {
-                    self.schedule_eval(true);
+                    self.schedule_eval(true)?;
                 }
                 info!(
                     generation = self.trainer.progress().generations,
@@ -211,7 +211,7 @@ impl State {
             }
             None => {
                 // The PTQ network, measured before any search, is history's first row.
-                self.schedule_eval(false);
+                self.schedule_eval(false)?;
                 self.start_generation()?;
             }
         }
@@ -429,7 +429,7 @@ impl State {
                         id,
                         validation,
                         test,
-                    } => self.eval_done(id, validation, test),
+                    } => self.eval_done(id, validation, test)?,
                 }
                 Ok(true)
             }
@@ -459,15 +459,7 @@ impl State {
         sums: Vec<ccq_common::qnet::EvalStats>,
     ) -> Result<(), crate::Error> {
         let outcome = self.trainer.complete(&generation, &sums)?;
-        if !outcome.changes.is_empty() {
-            let limit = self.full_sync_threshold();
-            let changes = (outcome.changes.iter().zip(&outcome.replaced))
-                .map(|(&(var, new), &old)| Change { var, old, new })
-                .collect();
-            // The networks of generations still in flight stay in the log.
-            let keep = self.jobs.oldest_version().unwrap_or(u64::MAX);
-            self.log.push(changes, limit, keep);
-        }
+        self.record_changes(&outcome.changes, &outcome.replaced);
         self.last = LastGeneration {
             best_loss: Some(outcome.best_loss),
             train_top1: Some(outcome.best_top1),
@@ -478,9 +470,24 @@ impl State {
         if p.generations
             .is_multiple_of(self.setup.config.eval.every_generations)
         {
-            self.schedule_eval(false);
+            self.schedule_eval(false)?;
         }
         self.start_generation()
+    }
+
+    /// A new network version when the trainer changed codes (`changes`, and the codes
+    /// they `replaced`), for workers' syncs.
+    fn record_changes(&mut self, changes: &[(u32, i8)], replaced: &[i8]) {
+        if changes.is_empty() {
+            return;
+        }
+        let limit = self.full_sync_threshold();
+        let changes = (changes.iter().zip(replaced))
+            .map(|(&(var, new), &old)| Change { var, old, new })
+            .collect();
+        // The networks of generations still in flight stay in the log.
+        let keep = self.jobs.oldest_version().unwrap_or(u64::MAX);
+        self.log.push(changes, limit, keep);
     }
 
     /// Fills the window with new generations; when none can start and none is in flight,
@@ -489,8 +496,11 @@ impl State {
         while self.phase == Phase::Training {
             if let Some(reason) = self.budget_spent() {
                 if self.trainer.in_flight().is_empty() {
-                    self.finish(reason);
+                    self.finish(reason)?;
                 }
+                return Ok(());
+            }
+            if self.held_for_measurement() {
                 return Ok(());
             }
             let Some(generation) = self.trainer.next_generation()? else {
@@ -499,7 +509,7 @@ impl State {
                         ccq_search::config::Strategy::Rtn => "strategy rtn: no search",
                         _ => "every variable is frozen",
                     };
-                    self.finish(reason.into());
+                    self.finish(reason.into())?;
                 }
                 return Ok(());
             };
@@ -551,11 +561,11 @@ impl State {
         None
     }
 
-    fn finish(&mut self, reason: String) {
+    fn finish(&mut self, reason: String) -> Result<(), crate::Error> {
         info!("search finished: {reason}");
         self.stop_reason = Some(reason);
         self.phase = Phase::Evaluating;
-        self.schedule_eval(true);
+        self.schedule_eval(true)
     }
 
     /// A change list this long or longer is replaced by the whole network.
