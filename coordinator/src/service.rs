@@ -421,6 +421,8 @@ fn status_to_proto(s: RunStatus) -> StatusResponse {
         waiting_for_workers: s.waiting_for_workers,
         window: s.window,
         generations_in_flight: s.generations_in_flight,
+        waiting_for_measurement: s.waiting_for_measurement,
+        rollbacks: s.rollbacks,
     }
 }
 

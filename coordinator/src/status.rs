@@ -128,6 +128,8 @@ pub fn to_json(s: &StatusResponse) -> serde_json::Value {
         "network_version": s.network_version,
         "window": s.window,
         "generations_in_flight": s.generations_in_flight,
+        "waiting_for_measurement": s.waiting_for_measurement,
+        "rollbacks": s.rollbacks,
         "waiting_for_workers": s.waiting_for_workers,
         "workers": s.workers.iter().map(|w| json!({
             "id": w.id,
@@ -168,11 +170,18 @@ pub fn render(s: &StatusResponse) -> String {
     if s.window > 0 {
         out += &format!("  in flight {}/{}", s.generations_in_flight, s.window);
     }
+    if s.waiting_for_measurement {
+        out += "  (waiting for its measurement)";
+    }
     out += "\n";
     out += &format!(
-        "evaluations {} ({:.1}/s)  best fitness {:.4}\n",
+        "evaluations {} ({:.1}/s)  best fitness {:.4}",
         s.evaluations, s.evaluations_per_sec, s.best_fitness
     );
+    if s.rollbacks > 0 {
+        out += &format!("  back to the best network {} time(s)", s.rollbacks);
+    }
+    out += "\n";
     let at = |t: Option<f64>| t.map_or(String::new(), |t| format!(" (at {t:.0} s)"));
     out += &format!(
         "top-1: float {:.2} %  ptq {:.2} %  batch {}{}\n       val {}  test {}{}\n",
@@ -234,5 +243,34 @@ mod tests {
         assert_eq!(to_json(&s)["generations_in_flight"], 7);
         s.window = 0;
         assert!(!render(&s).contains("in flight"), "{}", render(&s));
+    }
+
+    /// With `search.rollback` the status says when the search waits for a measurement
+    /// and how often it went back to its best network; without, neither.
+    #[test]
+    fn render_shows_the_wait_for_a_measurement_and_the_rollbacks() {
+        let mut s = StatusResponse {
+            generation: 64,
+            window: 1,
+            ..Default::default()
+        };
+        let plain = render(&s);
+        assert!(
+            !plain.contains("waiting") && !plain.contains("back to"),
+            "{plain}"
+        );
+        s.waiting_for_measurement = true;
+        s.rollbacks = 3;
+        let shown = render(&s);
+        assert!(
+            shown.contains("in flight 0/1  (waiting for its measurement)\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("back to the best network 3 time(s)\n"),
+            "{shown}"
+        );
+        assert_eq!(to_json(&s)["waiting_for_measurement"], true);
+        assert_eq!(to_json(&s)["rollbacks"], 3);
     }
 }

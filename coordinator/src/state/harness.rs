@@ -751,6 +751,8 @@ async fn a_rollback_run_returns_to_its_best_network_whatever_the_workers() {
         }
         // What each worker holds: (version, codes), kept up by the jobs' changes.
         let mut held: std::collections::BTreeMap<u64, (u64, Vec<i8>)> = Default::default();
+        // Measurement blocks handed out while the status said the search waits for them.
+        let mut waited = 0;
         'run: for round in 0.. {
             let mut order = ids.clone();
             if round % 2 == 1 {
@@ -775,6 +777,13 @@ async fn a_rollback_run_returns_to_its_best_network_whatever_the_workers() {
                                 }
                             }
                             assert_eq!(held[&w], latest, "worker {w} is where its job says");
+                        } else {
+                            let st = v.status().await;
+                            if st.waiting_for_measurement {
+                                assert_eq!(st.generations_in_flight, 0);
+                                assert_eq!(st.generation % 5, 0, "at a measured generation");
+                                waited += 1;
+                            }
                         }
                         assert!(v.submit(w, &j).await);
                     }
@@ -786,6 +795,10 @@ async fn a_rollback_run_returns_to_its_best_network_whatever_the_workers() {
         }
         let f = v.stop().await.unwrap();
         assert!(f.complete, "{}", f.stop_reason);
+        assert!(
+            waited > 0,
+            "status showed the search waiting for a measurement"
+        );
         // Every measurement during the search more than ALLOWED below the best before it
         // (and itself) sent the search back, and nothing else did: not the start's, and
         // not those where the search ended (the final one, and one due there).

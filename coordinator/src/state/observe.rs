@@ -173,6 +173,10 @@ impl State {
             window: u32::try_from(self.trainer.window()).unwrap_or(u32::MAX),
             generations_in_flight: u32::try_from(self.trainer.in_flight().len())
                 .unwrap_or(u32::MAX),
+            waiting_for_measurement: self.phase == Phase::Training
+                && self.trainer.in_flight().is_empty()
+                && self.held_for_measurement(),
+            rollbacks: self.trainer.progress().rollbacks,
             train_measured_secs: self.last.train_secs,
             test_measured_secs: latest.map(|h| h.wall_seconds),
         }

@@ -71,6 +71,10 @@ pub struct RunStatus {
     /// The search window (`search.window`, resolved) and the generations in flight now.
     pub window: u32,
     pub generations_in_flight: u32,
+    /// The search waits for a measurement before it goes on (`search.rollback`), and
+    /// the times it went back to its best network.
+    pub waiting_for_measurement: bool,
+    pub rollbacks: u64,
 }
 
 /// One worker in [`RunStatus`].
