@@ -1244,10 +1244,24 @@ mod tests {
             g.candidates.len()
         ];
         t.complete(&g, &stats).unwrap();
+        // Between generations, with a candidate awaiting its confirmation.
+        while t.snapshot().pending.is_none() {
+            run_one(&mut t, &pixels, &labels).expect("the search goes on");
+            steps += 1;
+            assert!(steps < 800, "no candidate to confirm");
+        }
+        let before = t.snapshot();
         assert!(
             t.roll_back(&start[1..]).is_err(),
             "a short code vector is refused"
         );
+        let mut outside = start.clone();
+        outside[3] = 100;
+        assert!(
+            matches!(t.roll_back(&outside), Err(Error::Rollback(e)) if e.contains("variable 3")),
+            "a code outside its layer's range is refused"
+        );
+        assert_eq!(t.snapshot(), before, "refusals change nothing");
 
         let moved = t.network().codes();
         assert_ne!(moved, start);
