@@ -400,6 +400,13 @@ mod tests {
             };
             assert!(cfg.validate().is_ok(), "margin {margin}, {fitness:?}");
         }
+        for rollback in [0.0, 0.3, 100.0] {
+            let cfg = SearchConfig {
+                rollback: Some(rollback),
+                ..one.clone()
+            };
+            assert!(cfg.validate().is_ok(), "rollback {rollback}");
+        }
         // A block-local phase with a group strategy; any strategy without one.
         for (local_evaluations, strategy) in [(100, Strategy::EdaCc), (0, Strategy::Hill)] {
             let cfg = SearchConfig {
@@ -478,6 +485,13 @@ mod tests {
                 "search.rollback",
                 SearchConfig {
                     rollback: Some(f64::INFINITY),
+                    ..one.clone()
+                },
+            ),
+            (
+                "search.rollback",
+                SearchConfig {
+                    rollback: Some(100.5),
                     ..one.clone()
                 },
             ),
