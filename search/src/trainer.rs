@@ -535,8 +535,7 @@ impl Trainer {
                 if self.queue.is_empty() && self.search.restarts {
                     // Every variable has frozen: re-centre each distribution on the
                     // variable's current code and search on from there.
-                    let params = self.eda.params().clone();
-                    self.eda = EdaState::new(params, variables(&self.net, &self.codes))?;
+                    self.recentre()?;
                     self.progress.restarts += 1;
                     self.queue = self.groups().into();
                 }
@@ -610,14 +609,21 @@ impl Trainer {
         if !out.changes.is_empty() {
             self.net.apply_changes(&out.changes)?;
         }
-        let params = self.eda.params().clone();
-        self.eda = EdaState::new(params, variables(&self.net, &self.codes))?;
+        self.recentre()?;
         // The groups left were formed from the old distributions: a new cycle starts.
         self.queue = GroupQueue::default();
         self.active.clear();
         self.pending = None;
         self.progress.rollbacks += 1;
         Ok(out)
+    }
+
+    /// Fresh distributions, each centred on its variable's current code (a restart, and
+    /// a rollback once the codes are set).
+    fn recentre(&mut self) -> Result<(), Error> {
+        let params = self.eda.params().clone();
+        self.eda = EdaState::new(params, variables(&self.net, &self.codes))?;
+        Ok(())
     }
 
     /// Whether `candidate`'s gain over `context` on the same images clears
