@@ -137,7 +137,10 @@ pub struct SearchConfig {
     /// codes (as a restart does), and the search goes on from there. Each such
     /// measurement holds the search at its generation until it is in (generations in
     /// flight finish first), so where the search turns back depends on the config and
-    /// the seed alone. Unset: never (the measurements run beside the search).
+    /// the seed alone. The final measurement, when the search ends, is one too: a search
+    /// that drifted more than this after its last measurement ends on the best network,
+    /// measured again as the final. Unset: never (the measurements run beside the
+    /// search).
     pub rollback: Option<f64>,
     /// Generations in flight at once (windowed cooperative coevolution): up to `window`
     /// groups are searched side by side, one generation of each in flight, so a group's

@@ -163,27 +163,53 @@ impl State {
     /// scored more than the allowed points below the best, the search goes back to the
     /// best network; then it goes on.
     fn after_held_measurement(&mut self, point: &EvalPoint) -> Result<(), crate::Error> {
+        if self.below_best(point) {
+            self.roll_back_to_best(point)?;
+        }
+        self.start_generation()
+    }
+
+    /// Whether `point` scored more than `search.rollback` points of validation top-1
+    /// below the best measurement recorded so far.
+    fn below_best(&self, point: &EvalPoint) -> bool {
         let Some(allowed) = self.setup.config.search.rollback else {
-            return Ok(());
+            return false;
         };
+        self.history
+            .best()
+            .is_some_and(|(_, best)| best.val_top1 - point.val_top1 > allowed)
+    }
+
+    /// With `search.rollback`, whether the final measurement, `point`, found the search
+    /// drifted below its best after the last measurement it waited for: then the run
+    /// ends on its best network rather than on the drifted one. The search ended with
+    /// nothing in flight and the network has not moved since: checked all the same, so
+    /// that only the network the run ends with is ever replaced.
+    fn ends_below_best(&self, point: &EvalPoint) -> bool {
+        self.below_best(point)
+            && self.trainer.in_flight().is_empty()
+            && point.network_version == self.version()
+    }
+
+    /// Sets the global network to the best one measured, re-centring the search on it.
+    fn roll_back_to_best(&mut self, point: &EvalPoint) -> Result<(), crate::Error> {
         let Some((codes, best)) = self.history.best() else {
             return Ok(());
         };
-        if best.val_top1 - point.val_top1 > allowed {
-            let (codes, best) = (codes.clone(), best.clone());
-            let r = self.trainer.roll_back(&codes)?;
-            info!(
-                generation = point.generation,
-                "val top-1 {:.2} % is more than {allowed} points below the best, {:.2} % at \
-                 generation {}: back to that network ({} codes differ)",
-                point.val_top1,
-                best.val_top1,
-                best.generation,
-                r.changes.len()
-            );
-            self.record_changes(&r.changes, &r.replaced);
-        }
-        self.start_generation()
+        let (codes, best) = (codes.clone(), best.clone());
+        let r = self.trainer.roll_back(&codes)?;
+        info!(
+            generation = point.generation,
+            "val top-1 {:.2} % is more than {} points below the best, {:.2} % at \
+             generation {}: back to that network ({} codes differ)",
+            point.val_top1,
+            self.setup.config.search.rollback.unwrap_or_default(),
+            best.val_top1,
+            best.generation,
+            r.changes.len()
+        );
+        self.record_changes(&r.changes, &r.replaced);
+        Ok(())
     }
 
     /// Whether a measurement has waited long enough to go before training: for half the
@@ -255,6 +281,19 @@ impl State {
             self.setup.ptq_top1 = Some(point.test_top1);
         }
         let is_final = point.is_final;
+        if is_final && self.ends_below_best(&point) {
+            // Not the network the run ends with after all: recorded as a measurement
+            // during the search, and the network it goes back to measured as the final.
+            self.history.record(
+                EvalPoint {
+                    is_final: false,
+                    ..point.clone()
+                },
+                pending.codes,
+            );
+            self.roll_back_to_best(&point)?;
+            return self.schedule_eval(true);
+        }
         self.history.record(point.clone(), pending.codes);
         if held {
             return self.after_held_measurement(&point);
