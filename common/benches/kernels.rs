@@ -5,7 +5,8 @@
 //! per-path table of each layer's best-of-20 throughput (robust to other load on the
 //! machine) and the resulting conv-only ResNet-20 images/s. The reference path runs at
 //! batch 4 (it is ~100x slower). Pass `-- vnni` etc. to filter the criterion benchmarks,
-//! `-- table` (matching none) to print only the table.
+//! `-- table` (matching none) to print only the table, `-- peak` to print only the
+//! machine's `VPDPBUSD` peak (the roof for every fraction of peak quoted).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -135,9 +136,17 @@ struct Prepared {
     input: Vec<u8>,
 }
 
+/// A layer of `g` with 4-bit weight codes.
 fn prepare(g: ConvGeom, batch: usize, rng: &mut ChaCha8Rng) -> Prepared {
+    prepare_bits(g, batch, 4, rng)
+}
+
+/// A layer of `g` with weight codes of `bits` bits (the AVX2 path runs 8-bit weights on
+/// its wide tile, fewer bits on its narrow one).
+fn prepare_bits(g: ConvGeom, batch: usize, bits: u32, rng: &mut ChaCha8Rng) -> Prepared {
+    let half = 1i16 << (bits - 1);
     let weights: Vec<i8> = (0..g.out_c * g.k_len())
-        .map(|_| rng.random_range(-8..8))
+        .map(|_| rng.random_range(-half..half) as i8)
         .collect();
     let bias: Vec<i32> = (0..g.out_c)
         .map(|_| rng.random_range(-1000..1000))
@@ -244,16 +253,22 @@ fn bench_add(c: &mut Criterion) {
 fn network_estimate() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     println!(
-        "\nBest of 20 runs, one thread, batch {BATCH} (reference: batch 4), fused output stage:"
+        "\nBest of 20 runs, one thread, batch {BATCH} (reference: batch 4), fused output stage, \
+         4-bit weights (and 8-bit where the path has a tile for each):"
     );
-    for path in KernelPath::available() {
+    let runs_of = |path| {
+        [(path, 4), (path, 8)]
+            .into_iter()
+            .take(1 + usize::from(path == KernelPath::Avx2))
+    };
+    for (path, bits) in KernelPath::available().into_iter().flat_map(runs_of) {
         let batch = batch_for(path);
         let runs = if path == KernelPath::Reference { 3 } else { 20 };
         let mut seconds_per_image = 0.0;
         let mut macs_per_image = 0;
         let mut per_layer = Vec::new();
         for layer in layers() {
-            let p = prepare(layer.geom, batch, &mut rng);
+            let p = prepare_bits(layer.geom, batch, bits, &mut rng);
             let mut out = vec![0u8; batch * layer.geom.out_len()];
             let best = (0..runs)
                 .map(|_| {
@@ -272,7 +287,8 @@ fn network_estimate() {
             macs_per_image += layer.count * layer.geom.macs();
         }
         println!(
-            "  {path:>9}: ResNet-20 convs {:6.1} GMAC/s = {:6.0} images/s; per layer GMAC/s: {}",
+            "  {:>9}: ResNet-20 convs {:6.1} GMAC/s = {:6.0} images/s; per layer GMAC/s: {}",
+            format!("{path} w{bits}"),
             macs_per_image as f64 / seconds_per_image / 1e9,
             1.0 / seconds_per_image,
             per_layer.join(", ")
@@ -280,7 +296,100 @@ fn network_estimate() {
     }
 }
 
+/// The machine's multiply-accumulate peak on the VNNI instruction, the roof every fraction
+/// of peak in docs/PERFORMANCE.md is taken against: `VPDPBUSD` on 24 independent
+/// accumulators (enough to cover its latency on every core measured), registers only, one
+/// thread, best of 20 runs; on zmm (16 lanes x 4 products) and on ymm (8 x 4), since a
+/// core that splits 512-bit operations in two may reach the same rate on either.
+#[cfg(target_arch = "x86_64")]
+mod peak {
+    use std::arch::x86_64::*;
+    use std::hint::black_box;
+    use std::time::Instant;
+
+    const ACCUMULATORS: usize = 24;
+    const ITERATIONS: usize = 1 << 20;
+
+    /// `ITERATIONS x ACCUMULATORS` zmm `VPDPBUSD`s.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and VNNI.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn zmm() -> i32 {
+        // Inputs the compiler cannot see, so nothing is folded away.
+        let a = _mm512_set1_epi32(black_box(0x0101_0101));
+        let b = _mm512_set1_epi32(black_box(0x0102_0304));
+        let mut acc = [_mm512_setzero_si512(); ACCUMULATORS];
+        for _ in 0..ITERATIONS {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbusd_epi32(*x, a, b);
+            }
+        }
+        let sum = acc
+            .iter()
+            .fold(_mm512_setzero_si512(), |s, &x| _mm512_add_epi32(s, x));
+        _mm512_reduce_add_epi32(sum)
+    }
+
+    /// `ITERATIONS x ACCUMULATORS` ymm `VPDPBUSD`s.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 VL and VNNI.
+    #[target_feature(enable = "avx512f,avx512vl,avx512vnni")]
+    unsafe fn ymm() -> i32 {
+        let a = _mm256_set1_epi32(black_box(0x0101_0101));
+        let b = _mm256_set1_epi32(black_box(0x0102_0304));
+        let mut acc = [_mm256_setzero_si256(); ACCUMULATORS];
+        for _ in 0..ITERATIONS {
+            for x in acc.iter_mut() {
+                *x = _mm256_dpbusd_epi32(*x, a, b);
+            }
+        }
+        let sum = acc
+            .iter()
+            .fold(_mm256_setzero_si256(), |s, &x| _mm256_add_epi32(s, x));
+        _mm512_reduce_add_epi32(_mm512_zextsi256_si512(sum))
+    }
+
+    /// Best-of-20 GMAC/s of `f`, which does `macs` multiply-accumulates.
+    fn best(f: impl Fn() -> i32, macs: f64) -> f64 {
+        (0..20)
+            .map(|_| {
+                let start = Instant::now();
+                black_box(f());
+                macs / start.elapsed().as_secs_f64() / 1e9
+            })
+            .fold(0.0, f64::max)
+    }
+
+    pub fn report() {
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni");
+        if !avx512 {
+            println!("\nVPDPBUSD peak: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        let instructions = (ITERATIONS * ACCUMULATORS) as f64;
+        // SAFETY: the features both functions need were detected just above.
+        let z = best(|| unsafe { zmm() }, instructions * 64.0);
+        // SAFETY: as above.
+        let y = best(|| unsafe { ymm() }, instructions * 32.0);
+        println!(
+            "\nVPDPBUSD peak, one thread, {ACCUMULATORS} accumulators, best of 20: \
+             zmm {z:.1} GMAC/s, ymm {y:.1} GMAC/s (one instruction is 64 and 32 \
+             multiply-accumulates)"
+        );
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "peak") {
+        // `cargo bench -p ccq-common --bench kernels -- peak`: the roof alone.
+        #[cfg(target_arch = "x86_64")]
+        peak::report();
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     bench_convs(&mut c);
     bench_pack(&mut c);
@@ -288,6 +397,8 @@ fn main() {
     c.final_summary();
     // Only under `cargo bench` (which passes --bench), not `cargo test --benches`.
     if std::env::args().any(|a| a == "--bench") {
+        #[cfg(target_arch = "x86_64")]
+        peak::report();
         network_estimate();
     }
 }

@@ -59,6 +59,28 @@ pub(super) struct Plan {
     weights: Vec<i8>,
     /// `bias - input_zp * sum(w)` per output channel, zero-padded to whole blocks.
     bias: Vec<i32>,
+    /// [`narrow_steps`] of the weights.
+    narrow_steps: usize,
+}
+
+/// How many 4-channel steps of pairwise u8 x i8 products (`VPMADDUBSW`: `x0 w0 + x1 w1`
+/// per i16 lane) can be summed in i16 lanes without leaving the i16 range, for any u8
+/// inputs: each pair sum is at most `2 * 255 * max|w|` in magnitude. 0 when even one pair
+/// sum may not fit (`max|w| > 64`, 8-bit weights), where a kernel must widen first; low-bit
+/// weights give many (4-bit codes, `max|w| = 8`: 8 steps; 2-bit: 32). Capped at `k4`, the
+/// steps there are, and at least 1 when the weights fit.
+pub(super) fn narrow_steps(weights: &[i8], k4: usize) -> usize {
+    let max = weights
+        .iter()
+        .map(|w| w.unsigned_abs() as usize)
+        .max()
+        .unwrap_or(0);
+    let pair = 2 * 255 * max;
+    match pair {
+        0 => k4.max(1),
+        p if p > i16::MAX as usize => 0,
+        p => (i16::MAX as usize / p).min(k4.max(1)),
+    }
 }
 
 impl Plan {
@@ -132,6 +154,7 @@ impl Plan {
             pad_len,
             taps,
             groups,
+            narrow_steps: narrow_steps(weights, k4),
             weights: packed,
             bias: folded,
         }
@@ -272,6 +295,7 @@ impl Plan {
                 blocks: grp.blocks,
                 k_w: self.geom.k_w,
                 dense_rows: step == self.c4 && self.geom.dil_w == 1,
+                narrow_steps: self.narrow_steps,
             };
             // Even tiles: 32 pixels with at most 12 per tile run as 11 + 11 + 10, not
             // 12 + 12 + 8, so no tile runs with few accumulators.
@@ -422,6 +446,9 @@ pub(super) struct TileKind {
     /// apart (stride and dilation 1 along the row): then pixel `p`'s tap `kx` reads what
     /// pixel `p + 1`'s tap `kx - 1` reads.
     pub dense_rows: bool,
+    /// [`narrow_steps`] of the layer's weights: 4-channel steps whose pairwise products
+    /// may be summed in i16 lanes (0: none, the weights are too wide).
+    pub narrow_steps: usize,
 }
 
 /// A tile's output, starting at its first pixel's first channel: `(pixels - 1) *

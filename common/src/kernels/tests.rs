@@ -28,6 +28,24 @@ fn weight(rng: &mut ChaCha8Rng) -> i8 {
     }
 }
 
+/// `len` weights: i8 codes half the time, otherwise codes of 1 to 7 bits, the low-bit
+/// weights the narrow AVX2 tile takes (up to `max|w| = 64`), at an extreme a quarter of
+/// the time.
+fn weights(rng: &mut ChaCha8Rng, len: usize) -> Vec<i8> {
+    if rng.random() {
+        return (0..len).map(|_| weight(rng)).collect();
+    }
+    let bits = rng.random_range(1..=7u32);
+    let (lo, hi) = (-(1i8 << (bits - 1)), ((1i16 << (bits - 1)) - 1) as i8);
+    (0..len)
+        .map(|_| match rng.random_range(0..8) {
+            0 => lo,
+            1 => hi,
+            _ => rng.random_range(lo..=hi),
+        })
+        .collect()
+}
+
 fn geom(
     in_hw: (usize, usize),
     in_c: usize,
@@ -153,9 +171,7 @@ impl ConvCase {
         };
         let n = rng.random_range(1..=3);
         ConvCase {
-            weights: (0..geom.out_c * geom.k_len())
-                .map(|_| weight(rng))
-                .collect(),
+            weights: weights(rng, geom.out_c * geom.k_len()),
             bias: (0..geom.out_c)
                 .map(|_| rng.random_range(-bias_range..bias_range))
                 .collect(),
@@ -397,6 +413,67 @@ fn every_path_matches_reference_on_random_convs() {
 #[test]
 fn every_path_matches_reference_on_random_grouped_convs() {
     every_path_matches_reference(4, random_grouped_geom);
+}
+
+#[test]
+fn narrow_steps_keep_every_i16_sum_in_range() {
+    use super::blocked::narrow_steps;
+    // 2 * 255 * max|w| per pair sum; i16::MAX / that many steps.
+    assert_eq!(narrow_steps(&[1, -2, 0], 1000), 32767 / (510 * 2));
+    assert_eq!(narrow_steps(&[-8, 7], 1000), 8);
+    assert_eq!(narrow_steps(&[4, -3], 1000), 16);
+    assert_eq!(narrow_steps(&[64, -64], 1000), 1);
+    assert_eq!(narrow_steps(&[65], 1000), 0);
+    assert_eq!(narrow_steps(&[-128, 0], 1000), 0);
+    assert_eq!(narrow_steps(&[127], 1000), 0);
+    // Never more steps than there are, and all of them when every weight is 0.
+    assert_eq!(narrow_steps(&[1], 5), 5);
+    assert_eq!(narrow_steps(&[0, 0], 7), 7);
+    assert_eq!(narrow_steps(&[], 0), 1);
+}
+
+/// The narrow AVX2 tile sums pairwise products in i16 lanes for as many steps as the
+/// weights allow: at that bound, with every input 255 and every weight at the extreme of
+/// its range (both signs), each i16 sum comes as close to the i16 range as it can. Every
+/// path must still give the reference's accumulators and codes, for weight ranges on
+/// both sides of each bound, over a reduction long enough (64 channels, 3 x 3 taps: 144
+/// steps) to flush many times.
+#[test]
+fn every_path_matches_reference_at_the_narrow_sums_bound() {
+    let g = geom((5, 6), 64, 20, (3, 3), 1, 1);
+    let mut rng = rng(12);
+    for max in [1i16, 2, 3, 8, 9, 16, 32, 33, 63, 64, 65, 127, 128] {
+        for sign in [-1i16, 1] {
+            let w = (sign * max).clamp(-128, 127) as i8;
+            for (zp, mixed) in [(0u8, false), (255, false), (0, true)] {
+                let c = ConvCase {
+                    geom: g,
+                    // All at the extreme, or some of the other sign so sums cancel.
+                    weights: (0..g.out_c * g.k_len())
+                        .map(|i| match mixed && i % 7 == 3 {
+                            true => w.saturating_neg(),
+                            false => w,
+                        })
+                        .collect(),
+                    bias: (0..g.out_c)
+                        .map(|_| rng.random_range(-1000..1000))
+                        .collect(),
+                    zp,
+                    n: 2,
+                    input: vec![255; 2 * g.in_len()],
+                };
+                let stage = random_stage(&mut rng, g.out_c);
+                let (acc, codes) = (
+                    c.acc(KernelPath::Reference),
+                    c.codes(KernelPath::Reference, &stage),
+                );
+                for path in KernelPath::available().into_iter().skip(1) {
+                    assert_eq!(c.acc(path), acc, "{path}, weights {w}, zp {zp}");
+                    assert_eq!(c.codes(path, &stage), codes, "{path}, weights {w}, zp {zp}");
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -7,8 +7,11 @@
 //!   every accumulator here). A tile holds `P x J` zmm accumulators (pixels x blocks of
 //!   16 output channels); VPDPBUSD has a latency of about 5 cycles and two issue ports,
 //!   so a tile needs at least ~10 independent accumulators to keep both busy.
-//! - [`Avx2`]: `VPMADDWD` on values widened to i16, also exact (`VPMADDUBSW`, the u8 x i8
-//!   instruction, saturates its i16 pair sums and is therefore not used).
+//! - [`Avx2`]: for weights of at most 7 bits (`max|w| <= 64`), `VPMADDUBSW`, the u8 x i8
+//!   instruction, whose i16 pair sums then cannot saturate, summed in i16 for as many
+//!   steps as the weights' range allows and widened once ([`avx2_narrow_tile`]); for
+//!   wider weights, where `VPMADDUBSW` would saturate, `VPMADDWD` on values widened to i16
+//!   ([`avx2_tile`]). Both exact.
 //!
 //! The fused output stage computes the i64 products of the fixed-point multiplier on even
 //! and odd lanes separately (`VPMULDQ` multiplies the low 32 bits of each 64-bit lane).
@@ -423,19 +426,40 @@ impl VnniAdd {
 pub(super) struct Avx2;
 
 impl MicroKernel for Avx2 {
-    fn max_pixels(_kind: TileKind) -> usize {
-        // 4 accumulators per pixel and block; 16 ymm registers in all.
-        3
+    fn max_pixels(kind: TileKind) -> usize {
+        if kind.narrow_steps > 0 {
+            // 2 i16 partial sums per pixel, 2 weight vectors and a broadcast: 16 ymm
+            // registers in all (the i32 sums wait in memory between flushes).
+            6
+        } else {
+            // 4 accumulators and a broadcast per pixel, a weight vector and a product:
+            // 12 of the 16 ymm registers. Three pixels would need 17, and the spilled
+            // accumulator then went through memory on every step (as much as 1.6 times
+            // slower where the spill slot straddled a cache line), for no fewer
+            // multiplies per product.
+            2
+        }
     }
 
     unsafe fn tile(t: &Tile, out: TileOut) {
         // SAFETY: `MicroKernel::tile`'s contract gives AVX2 (`has_avx2()`) and the tile
-        // geometry `avx2_tile` requires; `P == t.pixels`.
+        // geometry `avx2_tile` and `avx2_narrow_tile` require; `P == t.pixels`, and the
+        // narrow tile runs only when `t.kind.narrow_steps > 0`, as its contract requires.
         unsafe {
+            if t.kind.narrow_steps > 0 {
+                return match t.pixels {
+                    1 => avx2_narrow_tile::<1>(t, out),
+                    2 => avx2_narrow_tile::<2>(t, out),
+                    3 => avx2_narrow_tile::<3>(t, out),
+                    4 => avx2_narrow_tile::<4>(t, out),
+                    5 => avx2_narrow_tile::<5>(t, out),
+                    6 => avx2_narrow_tile::<6>(t, out),
+                    p => unreachable!("no narrow AVX2 tile of {p} pixels"),
+                };
+            }
             match t.pixels {
                 1 => avx2_tile::<1>(t, out),
                 2 => avx2_tile::<2>(t, out),
-                3 => avx2_tile::<3>(t, out),
                 p => unreachable!("no AVX2 tile of {p} pixels"),
             }
         }
@@ -499,58 +523,156 @@ unsafe fn avx2_tile<const P: usize>(t: &Tile, mut out: TileOut) {
                 unsafe { _mm256_storeu_si256(parked[p][q].as_mut_ptr().cast(), acc[p][q]) };
             }
         }
+        let mut sums = [[0i32; LANES]; P];
+        for (parked, sums) in parked.iter().zip(&mut sums) {
+            // SAFETY: each load reads one parked `[i32; 8]`, unaligned; the two stores
+            // fill `sums`' 16 i32.
+            unsafe {
+                let row = parked.map(|v| _mm256_loadu_si256(v.as_ptr().cast()));
+                // hadd gives [oc0 oc1 oc4 oc5 | oc2 oc3 oc6 oc7]; the permute restores
+                // order.
+                let lo =
+                    _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[0], row[1]));
+                let hi =
+                    _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[2], row[3]));
+                _mm256_storeu_si256(sums.as_mut_ptr().cast(), lo);
+                _mm256_storeu_si256(sums.as_mut_ptr().add(8).cast(), hi);
+            }
+        }
+        avx2_store(t, &mut out, block, &sums);
+    }
+}
 
-        let lanes = block_lanes(t.width, block);
-        // SAFETY: `t.bias` holds `blocks * 16` entries; these read the 16 of this block
-        // (8 each, unaligned).
-        let (bias_lo, bias_hi) = unsafe {
+/// One tile of `P` pixels for weights that [`super::blocked::narrow_steps`] allows:
+/// `VPMADDUBSW` multiplies the u8 inputs by the i8 weights and adds adjacent pairs into
+/// i16 lanes (exact, as the weights are narrow enough that no pair sum saturates), and up
+/// to `narrow_steps` 4-channel steps of those are summed in i16 before one `VPMADDWD` by 1
+/// widens them into the i32 sums: half the multiplies of [`avx2_tile`] per product, and no
+/// widening of inputs or weights. The weights are read as the VNNI layout packs them,
+/// `[k4][blocks][16 oc][4]`, 8 output channels to a vector, so each i32 lane ends as one
+/// output channel's sum.
+///
+/// # Safety
+/// As for [`avx2_tile`], with `t.kind.narrow_steps > 0` and every weight within the bound
+/// [`super::blocked::narrow_steps`] computed it for.
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_narrow_tile<const P: usize>(t: &Tile, mut out: TileOut) {
+    debug_assert!(t.kind.narrow_steps > 0);
+    let x = t.x.as_ptr();
+    let block_bytes = 4 * LANES;
+    let ones = _mm256_set1_epi16(1);
+    for block in 0..t.kind.blocks {
+        // The i32 sums in memory, 16 output channels per pixel; the i16 partial sums of
+        // the steps since the last flush in registers.
+        let mut sums = [[0i32; LANES]; P];
+        let mut part = [[_mm256_setzero_si256(); 2]; P];
+        let mut pending = 0;
+        let flush = |sums: &mut [[i32; LANES]; P], part: &mut [[__m256i; 2]; P]| {
+            for (s, part) in sums.iter_mut().zip(part.iter_mut()) {
+                for (h, v) in part.iter_mut().enumerate() {
+                    // SAFETY: `h < 2`: 8 i32 at `8 * h` of the 16 of `s`, unaligned.
+                    unsafe {
+                        let at = s.as_mut_ptr().add(8 * h).cast::<__m256i>();
+                        let wide = _mm256_madd_epi16(*v, ones);
+                        _mm256_storeu_si256(at, _mm256_add_epi32(_mm256_loadu_si256(at), wide));
+                    }
+                    *v = _mm256_setzero_si256();
+                }
+            }
+        };
+        // SAFETY: reads of `t.x` and of the weights exactly as in `avx2_tile` (the same
+        // 64 bytes of the block per step, here as two 32-byte loads). AVX2 by this
+        // function's contract.
+        let w = unsafe {
+            let mut w = t.weights.as_ptr().add(block * block_bytes);
+            for &tap in t.taps {
+                let xt = x.add(tap);
+                let mut c = 0;
+                while c < t.c4 {
+                    let w0 = _mm256_loadu_si256(w.cast());
+                    let w1 = _mm256_loadu_si256(w.add(32).cast());
+                    for (p, part) in part.iter_mut().enumerate() {
+                        let bytes = xt.add(p * t.step + c).cast::<i32>().read_unaligned();
+                        let xb = _mm256_set1_epi32(bytes);
+                        part[0] = _mm256_add_epi16(part[0], _mm256_maddubs_epi16(xb, w0));
+                        part[1] = _mm256_add_epi16(part[1], _mm256_maddubs_epi16(xb, w1));
+                    }
+                    w = w.add(t.kind.blocks * block_bytes);
+                    c += 4;
+                    pending += 1;
+                    if pending == t.kind.narrow_steps {
+                        flush(&mut sums, &mut part);
+                        pending = 0;
+                    }
+                }
+            }
+            w
+        };
+        debug_assert_eq!(
+            w as usize - t.weights.as_ptr() as usize,
+            block * block_bytes + t.taps.len() * t.c4 / 4 * t.kind.blocks * block_bytes
+        );
+        if pending > 0 {
+            flush(&mut sums, &mut part);
+        }
+        avx2_store(t, &mut out, block, &sums);
+    }
+}
+
+/// Adds the bias to one block's i32 sums of `P` pixels (16 output channels each, in
+/// order) and writes them, or their requantized codes, to the tile's output.
+#[target_feature(enable = "avx2")]
+fn avx2_store<const P: usize>(t: &Tile, out: &mut TileOut, block: usize, sums: &[[i32; LANES]; P]) {
+    let lanes = block_lanes(t.width, block);
+    // SAFETY: `t.bias` holds `blocks * 16` entries; these read the 16 of this block
+    // (8 each, unaligned).
+    let (bias_lo, bias_hi) = unsafe {
+        (
+            _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES).cast()),
+            _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES + 8).cast()),
+        )
+    };
+    for (p, s) in sums.iter().enumerate() {
+        // SAFETY: two unaligned 32-byte loads, the 16 i32 of `s`.
+        let (lo, hi) = unsafe {
             (
-                _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES).cast()),
-                _mm256_loadu_si256(t.bias.as_ptr().add(block * LANES + 8).cast()),
+                _mm256_loadu_si256(s.as_ptr().cast()),
+                _mm256_loadu_si256(s.as_ptr().add(8).cast()),
             )
         };
-        for (p, parked) in parked.iter().enumerate() {
-            // SAFETY: each load reads one parked `[i32; 8]`, unaligned.
-            let row = parked.map(|v| unsafe { _mm256_loadu_si256(v.as_ptr().cast()) });
-            // hadd gives [oc0 oc1 oc4 oc5 | oc2 oc3 oc6 oc7]; the permute restores order.
-            let lo = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[0], row[1]));
-            let hi = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(row[2], row[3]));
-            let sums = [_mm256_add_epi32(lo, bias_lo), _mm256_add_epi32(hi, bias_hi)];
-            let at = p * t.out_stride + block * LANES;
-            // The stores below go through `tmp` and checked slices: only the SIMD side
-            // needs pointers.
-            let mut tmp = [0i32; LANES];
-            match &mut out {
-                TileOut::Acc(o) => {
-                    // SAFETY: two unaligned 32-byte stores filling the 16 i32 of `tmp`.
-                    unsafe {
-                        _mm256_storeu_si256(tmp.as_mut_ptr().cast(), sums[0]);
-                        _mm256_storeu_si256(tmp.as_mut_ptr().add(8).cast(), sums[1]);
-                    }
-                    o[at..at + lanes].copy_from_slice(&tmp[..lanes]);
+        let sums = [_mm256_add_epi32(lo, bias_lo), _mm256_add_epi32(hi, bias_hi)];
+        let at = p * t.out_stride + block * LANES;
+        // The stores below go through `tmp` and checked slices: only the SIMD side
+        // needs pointers.
+        let mut tmp = [0i32; LANES];
+        match out {
+            TileOut::Acc(o) => {
+                // SAFETY: two unaligned 32-byte stores filling the 16 i32 of `tmp`.
+                unsafe {
+                    _mm256_storeu_si256(tmp.as_mut_ptr().cast(), sums[0]);
+                    _mm256_storeu_si256(tmp.as_mut_ptr().add(8).cast(), sums[1]);
                 }
-                TileOut::Codes {
-                    out: o,
-                    stage,
-                    oc0,
-                    residual,
-                } => {
-                    let sb = &stage.blocks[*oc0 / LANES + block];
-                    for (half, &s) in sums.iter().enumerate() {
-                        let codes = avx2_requant(s, sb, half, stage);
-                        // SAFETY: `half < 2`: an unaligned 32-byte store into `tmp`'s
-                        // `8 * half ..` half.
-                        unsafe {
-                            _mm256_storeu_si256(tmp.as_mut_ptr().add(half * 8).cast(), codes)
-                        };
-                    }
-                    for (o, &v) in o[at..at + lanes].iter_mut().zip(&tmp) {
-                        *o = v as u8;
-                    }
-                    // Lane by lane the add would cost more here than the vectorised pass
-                    // after the convolution (`PackedConv::run_residual_with`).
-                    assert!(residual.is_none(), "the AVX2 store fuses no residual add");
+                o[at..at + lanes].copy_from_slice(&tmp[..lanes]);
+            }
+            TileOut::Codes {
+                out: o,
+                stage,
+                oc0,
+                residual,
+            } => {
+                let sb = &stage.blocks[*oc0 / LANES + block];
+                for (half, &s) in sums.iter().enumerate() {
+                    let codes = avx2_requant(s, sb, half, stage);
+                    // SAFETY: `half < 2`: an unaligned 32-byte store into `tmp`'s
+                    // `8 * half ..` half.
+                    unsafe { _mm256_storeu_si256(tmp.as_mut_ptr().add(half * 8).cast(), codes) };
                 }
+                for (o, &v) in o[at..at + lanes].iter_mut().zip(&tmp) {
+                    *o = v as u8;
+                }
+                // Lane by lane the add would cost more here than the vectorised pass
+                // after the convolution (`PackedConv::run_residual_with`).
+                assert!(residual.is_none(), "the AVX2 store fuses no residual add");
             }
         }
     }
