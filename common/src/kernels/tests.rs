@@ -193,6 +193,19 @@ impl ConvCase {
         out
     }
 
+    /// Every fast path's accumulators and codes against the reference's, bit for bit;
+    /// `label` says which case failed.
+    fn assert_fast_paths_match(&self, stage: &OutputStage, label: &str) {
+        let (acc, codes) = (
+            self.acc(KernelPath::Reference),
+            self.codes(KernelPath::Reference, stage),
+        );
+        for path in KernelPath::available().into_iter().skip(1) {
+            assert_eq!(self.acc(path), acc, "{label}, {path}, acc");
+            assert_eq!(self.codes(path, stage), codes, "{label}, {path}, codes");
+        }
+    }
+
     fn codes(&self, path: KernelPath, stage: &OutputStage) -> Vec<u8> {
         let mut out = vec![0; self.n * self.geom.out_len()];
         self.packed()
@@ -390,18 +403,7 @@ fn every_path_matches_reference(seed: u64, geom: fn(&mut ChaCha8Rng) -> ConvGeom
         let g = geom(&mut rng);
         let c = ConvCase::random(&mut rng, g);
         let stage = random_stage(&mut rng, g.out_c);
-        let (acc, codes) = (
-            c.acc(KernelPath::Reference),
-            c.codes(KernelPath::Reference, &stage),
-        );
-        for &path in &paths[1..] {
-            assert_eq!(c.acc(path), acc, "case {case}, {path}, acc, {g:?}");
-            assert_eq!(
-                c.codes(path, &stage),
-                codes,
-                "case {case}, {path}, codes, {g:?} {stage:?}"
-            );
-        }
+        c.assert_fast_paths_match(&stage, &format!("case {case}, {g:?} {stage:?}"));
     }
 }
 
@@ -463,14 +465,7 @@ fn every_path_matches_reference_at_the_narrow_sums_bound() {
                     input: vec![255; 2 * g.in_len()],
                 };
                 let stage = random_stage(&mut rng, g.out_c);
-                let (acc, codes) = (
-                    c.acc(KernelPath::Reference),
-                    c.codes(KernelPath::Reference, &stage),
-                );
-                for path in KernelPath::available().into_iter().skip(1) {
-                    assert_eq!(c.acc(path), acc, "{path}, weights {w}, zp {zp}");
-                    assert_eq!(c.codes(path, &stage), codes, "{path}, weights {w}, zp {zp}");
-                }
+                c.assert_fast_paths_match(&stage, &format!("weights {w}, zp {zp}"));
             }
         }
     }
@@ -500,14 +495,7 @@ fn every_path_matches_reference_on_network_shapes() {
         stage.out_zp = rng.random_range(0..=255);
         stage.min = 0;
         stage.max = 255;
-        let (acc, codes) = (
-            c.acc(KernelPath::Reference),
-            c.codes(KernelPath::Reference, &stage),
-        );
-        for path in KernelPath::available().into_iter().skip(1) {
-            assert_eq!(c.acc(path), acc, "{path}, {g:?}");
-            assert_eq!(c.codes(path, &stage), codes, "{path}, {g:?}");
-        }
+        c.assert_fast_paths_match(&stage, &format!("{g:?}"));
     }
 }
 
@@ -527,18 +515,7 @@ fn every_path_matches_reference_on_dense_three_tap_rows() {
         g.in_w = (3usize.saturating_sub(g.pad_l + g.pad_r)).max(1) + rng.random_range(0..40);
         let c = ConvCase::random(&mut rng, g);
         let stage = random_stage(&mut rng, g.out_c);
-        let (acc, codes) = (
-            c.acc(KernelPath::Reference),
-            c.codes(KernelPath::Reference, &stage),
-        );
-        for path in KernelPath::available().into_iter().skip(1) {
-            assert_eq!(c.acc(path), acc, "case {case}, {path}, acc, {g:?}");
-            assert_eq!(
-                c.codes(path, &stage),
-                codes,
-                "case {case}, {path}, codes, {g:?}"
-            );
-        }
+        c.assert_fast_paths_match(&stage, &format!("case {case}, {g:?}"));
     }
 }
 

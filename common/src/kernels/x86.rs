@@ -640,7 +640,7 @@ fn avx2_store<const P: usize>(t: &Tile, out: &mut TileOut, block: usize, sums: &
                 _mm256_loadu_si256(s.as_ptr().add(8).cast()),
             )
         };
-        let sums = [_mm256_add_epi32(lo, bias_lo), _mm256_add_epi32(hi, bias_hi)];
+        let biased = [_mm256_add_epi32(lo, bias_lo), _mm256_add_epi32(hi, bias_hi)];
         let at = p * t.out_stride + block * LANES;
         // The stores below go through `tmp` and checked slices: only the SIMD side
         // needs pointers.
@@ -649,8 +649,8 @@ fn avx2_store<const P: usize>(t: &Tile, out: &mut TileOut, block: usize, sums: &
             TileOut::Acc(o) => {
                 // SAFETY: two unaligned 32-byte stores filling the 16 i32 of `tmp`.
                 unsafe {
-                    _mm256_storeu_si256(tmp.as_mut_ptr().cast(), sums[0]);
-                    _mm256_storeu_si256(tmp.as_mut_ptr().add(8).cast(), sums[1]);
+                    _mm256_storeu_si256(tmp.as_mut_ptr().cast(), biased[0]);
+                    _mm256_storeu_si256(tmp.as_mut_ptr().add(8).cast(), biased[1]);
                 }
                 o[at..at + lanes].copy_from_slice(&tmp[..lanes]);
             }
@@ -661,7 +661,7 @@ fn avx2_store<const P: usize>(t: &Tile, out: &mut TileOut, block: usize, sums: &
                 residual,
             } => {
                 let sb = &stage.blocks[*oc0 / LANES + block];
-                for (half, &s) in sums.iter().enumerate() {
+                for (half, &s) in biased.iter().enumerate() {
                     let codes = avx2_requant(s, sb, half, stage);
                     // SAFETY: `half < 2`: an unaligned 32-byte store into `tmp`'s
                     // `8 * half ..` half.
